@@ -1,0 +1,167 @@
+"""The ``ccdcal`` command: parses arguments, calls the library, prints errors as one line.
+
+Exit codes: 0 all done; 1 internal failure; 2 bad usage or input; 3 ``reduce``
+finished what it could but skipped inputs or groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _pair(kind):
+    def parse(text: str):
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected two numbers like LOW,HIGH, got {text!r}")
+        try:
+            return tuple(kind(p) for p in parts)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected two numbers like LOW,HIGH, got {text!r}") from exc
+
+    return parse
+
+
+# -- scan -----------------------------------------------------------------------------------
+def _add_scan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="files, folders or glob patterns")
+    p.add_argument("--json", action="store_true", help="print the inventory as JSON")
+    p.add_argument("--no-flags", action="store_true", help="skip the pixel checks that flag bad frames")
+
+
+def _run_scan(args) -> int:
+    from .inventory import scan
+    from .ui import print_inventory
+
+    inventory = scan(args.paths, flag=not args.no_flags)
+    if args.json:
+        import json
+
+        print(json.dumps(inventory.to_json(), indent=2))
+    else:
+        print_inventory(inventory)
+    return EXIT_OK
+
+
+# -- reduce ---------------------------------------------------------------------------------
+def _add_reduce(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="raw files, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--config", help="TOML file with any option below (command-line flags win)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--force", action="store_true", help="redo every output, even if up to date")
+    p.add_argument("--strict", action="store_true", help="any skipped input or group is fatal")
+    p.add_argument("--exclude-flagged", action="store_true", default=None,
+                   help="leave out calibration frames flagged as outliers")
+    p.add_argument("--memory", help="memory budget for stacking, e.g. 1GiB")
+    p.add_argument("--combine", dest="combine_method", choices=["median", "mean"], help="master combine method")
+    p.add_argument("--clip-extrema", type=_pair(int), metavar="NLOW,NHIGH")
+    p.add_argument("--sigma-clip", type=_pair(float), metavar="LOW,HIGH")
+    p.add_argument("--no-overscan", dest="overscan", action="store_false", default=None,
+                   help="do not subtract the overscan even where the header has one")
+    p.add_argument("--scale-region", metavar="[x1:x2,y1:y2]", help="region for flat levels")
+    p.add_argument("--temp-tolerance", type=float, help="°C: darks further apart are separate groups")
+    p.add_argument("--no-report", dest="report", action="store_false", default=None,
+                   help="skip the HTML report and previews")
+    p.add_argument("--scheduler", help="dask.distributed scheduler address")
+
+
+def _run_reduce(args) -> int:
+    from .pipeline import ReduceOptions, reduce
+
+    options = ReduceOptions.from_sources(args.config, vars(args))
+    result = reduce(args.paths, args.output, options=options, dry_run=args.dry_run,
+                    force=args.force, progress=True)
+    if result.skipped and options.strict:
+        return EXIT_USAGE
+    return EXIT_PARTIAL if result.skipped else EXIT_OK
+
+
+# -- demo -----------------------------------------------------------------------------------
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", nargs="?", default="demo-night", help="where to write the night (default: demo-night)")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--size", type=int, default=512, help="image width/height in pixels")
+    p.add_argument("--no-reduce", action="store_true", help="only write the raw night")
+
+
+def _run_demo(args) -> int:
+    from pathlib import Path
+
+    from .demo import write_night
+    from .pipeline import ReduceOptions, reduce
+    from .ui import console
+
+    folder = Path(args.folder)
+    raw = write_night(folder / "raw", seed=args.seed, size=args.size)
+    console().print(f"[bold]synthetic night[/] written to {raw} (truth in {folder / 'raw' / 'truth'})")
+    if args.no_reduce:
+        return EXIT_OK
+    result = reduce([raw], folder / "out", options=ReduceOptions(), progress=True)
+    report = folder / "out" / "report.html"
+    console().print(f"[bold green]done.[/] calibrated lights in {folder / 'out' / 'calibrated'}")
+    if report.exists():
+        console().print(f"[bold]report:[/] {report.resolve()}")
+    return EXIT_PARTIAL if result.skipped else EXIT_OK
+
+
+COMMANDS = {
+    "scan": (_add_scan, _run_scan, "list what is in a folder of raw frames"),
+    "reduce": (_add_reduce, _run_reduce, "build masters and calibrate every light"),
+    "demo": (_add_demo, _run_demo, "write a synthetic night with known truth and reduce it"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ccdcal", description="Calibrate astronomical CCD/CMOS frames.")
+    parser.add_argument("--version", action="version", version=f"ccdcal {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (add, _run, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        add(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    from .errors import CcdcalError
+
+    try:
+        return COMMANDS[args.command][1](args)
+    except CcdcalError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback without --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""FITS in and out: finding files, reading image HDUs as float32 (whole or by rows), writing atomically.
+
+Raw files are opened read-only and never written. Uncompressed images are read
+through a raw ``numpy.memmap`` of the data block, so a row range costs only the
+bytes of those rows; compressed (``.fz`` tiles, ``.gz``) images are decompressed
+once per source. Every output is written to a temporary name in the destination
+folder, flushed, fsynced and renamed, so a crash never leaves a half file.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, OutputError
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.fz", ".fits.gz", ".fit.gz", ".fts.gz")
+
+# Keywords that describe the storage of the raw data, not the image: never copied to outputs.
+_STRUCTURAL = {
+    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO", "BSCALE",
+    "BLANK", "CHECKSUM", "DATASUM", "PCOUNT", "GCOUNT", "XTENSION", "ZIMAGE", "ZBITPIX",
+    "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZTILE1", "ZTILE2", "ZCMPTYPE", "ZQUANTIZ", "ZDITHER0",
+    "ZTENSION", "ZPCOUNT", "ZGCOUNT", "ZSIMPLE", "ZEXTEND", "ZBLOCKED", "THEAP", "TFIELDS",
+    "EXTNAME", "EXTVER", "INHERIT",
+}
+
+_BITPIX_DTYPE = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+def is_fits_name(path: Path) -> bool:
+    """True when the file name ends like a FITS file (case-insensitive)."""
+    name = path.name.lower()
+    return any(name.endswith(s) for s in FITS_SUFFIXES)
+
+
+def find_fits(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns into a sorted list of FITS files.
+
+    Raises
+    ------
+    InputError
+        If a path does not exist or matches nothing.
+    """
+    found: dict[Path, None] = {}
+    for item in paths:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            for sub in sorted(path.rglob("*")):
+                if sub.is_file() and is_fits_name(sub) and not sub.name.startswith("."):
+                    found[sub] = None
+        elif path.is_file():
+            found[path] = None
+        elif glob.has_magic(text):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                raise InputError(f"{text}: the pattern matches no file; check the path")
+            for m in files:
+                found[m] = None
+        else:
+            raise InputError(f"{text}: no such file or folder; check the path")
+    return list(found)
+
+
+@dataclass(frozen=True)
+class ImageHDU:
+    """One 2-D image HDU of a file: its index, header (a copy) and shape (ny, nx)."""
+
+    index: int
+    header: Any  # astropy.io.fits.Header
+    shape: tuple[int, int]
+
+
+def _open(path: Path):
+    from astropy.io import fits
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes); remove it or copy it again")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=False)
+    except PermissionError as exc:
+        raise InputError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from exc
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise InputError(f"{path}: not a readable FITS file ({_short(exc)}); remove it from the inputs") from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:120]
+
+
+def _is_compressed(hdu) -> bool:
+    from astropy.io import fits
+
+    return isinstance(hdu, fits.CompImageHDU)
+
+
+def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
+    """List the 2-D image HDUs of a FITS file.
+
+    Returns
+    -------
+    hdus : list of ImageHDU
+        Every HDU with a 2-D image of non-zero size.
+    problems : list of str
+        Why other HDUs that hold data were not usable (3-D cube, zero size, truncated).
+
+    Raises
+    ------
+    InputError
+        If the file is missing, empty or not FITS.
+    """
+    path = Path(path)
+    hdul = _open(path)
+    hdus: list[ImageHDU] = []
+    problems: list[str] = []
+    try:
+        size = path.stat().st_size
+        gz = path.name.lower().endswith(".gz")
+        for index, hdu in enumerate(hdul):
+            header = hdu.header
+            if not (hdu.is_image or _is_compressed(hdu)):
+                continue
+            naxis = int(header.get("NAXIS", 0))
+            if naxis == 0:
+                continue
+            dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
+            if naxis == 2 and 0 in dims:
+                problems.append(f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})")
+                continue
+            if naxis != 2:
+                extra = [d for d in dims[2:] if d != 1]
+                if naxis > 2 and not extra and 0 not in dims:
+                    pass  # a 2-D image with degenerate axes: usable
+                else:
+                    problems.append(
+                        f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
+                        " (split the cube into frames first)"
+                    )
+                    continue
+            if not gz and not _is_compressed(hdu):
+                info = hdul.fileinfo(index)
+                span = abs(int(header["BITPIX"])) // 8 * int(np.prod(dims))
+                if info["datLoc"] + span > size:
+                    problems.append(
+                        f"HDU {index} is truncated (the file holds {size - info['datLoc']} of"
+                        f" {span} data bytes); copy the file again"
+                    )
+                    continue
+            hdus.append(ImageHDU(index, header.copy(), (dims[1], dims[0])))
+    finally:
+        hdul.close()
+    return hdus, problems
+
+
+class FrameSource:
+    """One 2-D image HDU of a FITS file, read as float32 on demand, whole or by rows.
+
+    The file is opened read-only; nothing is loaded until :meth:`read` or
+    :meth:`read_rows` is called. Use as a context manager, or call :meth:`close`.
+
+    Parameters
+    ----------
+    path : path-like
+        The FITS file.
+    hdu : int, optional
+        Index of the image HDU; by default the first HDU that holds a 2-D image.
+    """
+
+    def __init__(self, path: str | os.PathLike, hdu: int | None = None):
+        self.path = Path(path)
+        hdus, problems = image_hdus(self.path)
+        if hdu is None:
+            if not hdus:
+                why = "; ".join(problems) if problems else "no HDU holds image data"
+                raise InputError(f"{self.path}: no 2-D image to read ({why})")
+            chosen = hdus[0]
+        else:
+            matches = [h for h in hdus if h.index == hdu]
+            if not matches:
+                raise InputError(f"{self.path}: HDU {hdu} holds no usable 2-D image")
+            chosen = matches[0]
+        self.hdu = chosen.index
+        self.header = chosen.header
+        self.shape: tuple[int, int] = chosen.shape
+        self._raw: np.ndarray | None = None
+        self._decoded: np.ndarray | None = None
+        self._scale = (1.0, 0.0, None)
+
+    # -- reading --------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        if self._raw is not None or self._decoded is not None:
+            return
+        hdul = _open(self.path)
+        try:
+            hdu = hdul[self.hdu]
+            compressed = _is_compressed(hdu) or self.path.name.lower().endswith(".gz")
+            if compressed:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    data = np.asarray(hdu.data, dtype=np.float32)
+                self._decoded = data.reshape(self.shape)
+                return
+            header = hdu.header
+            bitpix = int(header["BITPIX"])
+            offset = hdul.fileinfo(self.hdu)["datLoc"]
+        finally:
+            hdul.close()
+        self._raw = np.memmap(self.path, dtype=_BITPIX_DTYPE[bitpix], mode="r", offset=offset,
+                              shape=self.shape)
+        blank = header.get("BLANK") if bitpix > 0 else None
+        self._scale = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), blank)
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``y0:y1`` (numpy order, 0-based, end excluded) as a new float32 array."""
+        self._prepare()
+        if self._decoded is not None:
+            return np.array(self._decoded[y0:y1], dtype=np.float32)
+        raw = self._raw[y0:y1]
+        out = raw.astype(np.float32)
+        bscale, bzero, blank = self._scale
+        if bscale != 1.0:
+            out *= np.float32(bscale)
+        if bzero != 0.0:
+            out += np.float32(bzero)
+        if blank is not None:
+            out[raw == blank] = np.nan
+        return out
+
+    def read(self) -> np.ndarray:
+        """The whole image as a new float32 array of shape (ny, nx)."""
+        return self.read_rows(0, self.shape[0])
+
+    def close(self) -> None:
+        self._raw = None
+        self._decoded = None
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FrameSource({str(self.path)!r}, hdu={self.hdu}, shape={self.shape})"
+
+    def __getstate__(self):
+        # Sources travel to worker processes (dask) as path + hdu; each side memmaps its own.
+        state = self.__dict__.copy()
+        state["_raw"] = None
+        state["_decoded"] = None
+        return state
+
+
+def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:
+    """Any supported input as ``(float32 array, header or None)``.
+
+    Accepts a path, a :class:`FrameSource`, an ``astropy.nddata.CCDData`` or an array-like.
+    """
+    from astropy.io import fits
+
+    if isinstance(obj, FrameSource):
+        return obj.read(), obj.header
+    if isinstance(obj, (str, os.PathLike)):
+        with FrameSource(obj, hdu) as src:
+            return src.read(), src.header
+    if hasattr(obj, "data") and hasattr(obj, "header") and hasattr(obj, "unit"):
+        return np.asarray(obj.data, dtype=np.float32), fits.Header(obj.header)
+    arr = np.asarray(obj, dtype=np.float32)
+    if arr.ndim != 2:
+        raise InputError(f"expected a 2-D image, got an array of shape {arr.shape}")
+    return arr, None
+
+
+# -- headers ------------------------------------------------------------------------------
+def clean_header(header: Any) -> Any:
+    """A copy of ``header`` without the keywords that describe the raw storage (BZERO, NAXIS...)."""
+    from astropy.io import fits
+
+    out = fits.Header()
+    if header is None:
+        return out
+    for card in header.cards:
+        if card.keyword in _STRUCTURAL or card.keyword.startswith(("ZNAXIS", "ZTILE", "ZNAME", "ZVAL", "TTYPE", "TFORM")):
+            continue
+        try:
+            out.append(card, end=True)
+        except (ValueError, KeyError):  # a malformed card in a raw header is left behind
+            continue
+    return out
+
+
+def header_value(header: Any, keys: Sequence[str], default: Any = None) -> Any:
+    """The first of ``keys`` present in ``header`` with a non-blank value."""
+    if header is None:
+        return default
+    for key in keys:
+        if key in header:
+            value = header[key]
+            if isinstance(value, str):
+                value = value.strip()
+                if value == "":
+                    continue
+            if value is None or value.__class__.__name__ == "Undefined":
+                continue
+            return value
+    return default
+
+
+# -- writing ------------------------------------------------------------------------------
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: cannot create the output folder ({exc.strerror}); choose another with -o") from exc
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            if exc.errno == errno.ENOSPC:
+                raise OutputError(
+                    f"{path}: the disk filled up while writing; the partial file was removed and"
+                    " earlier outputs are intact: free space and rerun"
+                ) from exc
+            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise OutputError(f"{path.parent}: cannot write there ({exc.strerror}); choose another folder with -o") from exc
+            raise OutputError(f"{path}: writing failed ({exc.strerror or exc}); rerun when fixed") from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_fits(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    header: Any = None,
+    *,
+    uncertainty: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    unit: str | None = None,
+) -> Path:
+    """Write a float32 image (+ optional ``UNCERT`` and ``MASK`` extensions) atomically.
+
+    The result reads back with ``astropy.nddata.CCDData.read(path)``: primary HDU =
+    data with ``BUNIT``, ``UNCERT`` = standard deviation, ``MASK`` = uint8 bitmask
+    (non-zero = bad). CHECKSUM/DATASUM are written on every HDU.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    hdr = clean_header(header)
+    if unit is not None:
+        hdr["BUNIT"] = (unit, "physical unit of the data")
+    hdus = [fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=hdr)]
+    if uncertainty is not None:
+        uh = fits.Header()
+        uh["UTYPE"] = ("StdDevUncertainty", "uncertainty type (astropy.nddata)")
+        if unit is not None:
+            uh["BUNIT"] = unit
+        hdus.append(fits.ImageHDU(np.asarray(uncertainty, dtype=np.float32), header=uh, name="UNCERT"))
+    if mask is not None:
+        hdus.append(fits.ImageHDU(np.asarray(mask, dtype=np.uint8), name="MASK"))
+    hdul = fits.HDUList(hdus)
+    _write_atomic(path, lambda tmp: hdul.writeto(tmp, checksum=True, output_verify="silentfix"))
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    _write_atomic(path, write)
+    return path
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write a binary file atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    _write_atomic(path, lambda tmp: tmp.write_bytes(payload))
+    return path
