@@ -1,0 +1,519 @@
+"""What is in a pile of raw frames: one :class:`FrameInfo` per image HDU, classified from headers.
+
+Real headers lie or say nothing (biases marked DARK with EXPTIME 0, flats labelled
+'Light Frame', sky flats told apart only by OBJECT), so classification combines the
+frame-type keywords, the OBJECT name, the exposure time and words in the file name,
+and records every guess as a warning. Frames that cannot be classified are listed
+as skipped, never guessed silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .frames import find_fits, header_value, image_hdus
+
+
+class FrameKind(str, enum.Enum):
+    BIAS = "bias"
+    DARK = "dark"
+    FLAT = "flat"
+    LIGHT = "light"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TYPE_KEYS = ("IMAGETYP", "IMAGETYPE", "OBSTYPE", "FRAMETYP", "FRAMETYPE", "IMTYPE", "EXPTYPE", "OBSTYP")
+EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME", "EXPTIM", "EXP_TIME", "EXPOSED", "EXPTIMEA")
+DARKTIME_KEYS = ("DARKTIME", "DARK_TIME")
+FILTER_KEYS = ("FILTER", "FILTNAME", "FILTNAM", "INSFLNAM", "FILTER1", "FILTER2", "FILT1", "FILTERID", "WHEEL")
+TEMP_KEYS = ("CCD-TEMP", "CCDTEMP", "CCD_TEMP", "DET-TEMP", "DETTEMP", "TEMPDET", "CCDTEMP1", "DETTEM")
+SETTEMP_KEYS = ("SET-TEMP", "SETTEMP", "SET_TEMP", "CCD-SET", "CCDSETT")
+DATE_KEYS = ("DATE-OBS", "DATE_OBS", "DATEOBS", "DATE-BEG", "DATE")
+EMPTY_FILTERS = {"", "CLEAR", "OPEN", "EMPTY", "NONE", "NO FILTER", "AIR", "N/A", "-"}
+
+# Frame-type words as acquisition software writes them, normalised (upper case, no blanks).
+_TYPE_WORDS: dict[str, FrameKind] = {}
+for _kind, _words in {
+    FrameKind.BIAS: ["BIAS", "ZERO", "BIASFRAME", "ZEROFRAME", "BIASFRAMES", "OFFSET", "OFFSETFRAME", "BIASIMAGE"],
+    FrameKind.DARK: ["DARK", "DARKFRAME", "DARKCURRENT", "DARKIMAGE", "THERMAL"],
+    FrameKind.FLAT: ["FLAT", "FLATFIELD", "FLATFRAME", "SKYFLAT", "DOMEFLAT", "TWIFLAT", "TWILIGHTFLAT",
+                     "LAMPFLAT", "SCREENFLAT", "DFLAT", "SFLAT", "FLATFIELDFRAME", "DOMEFLATFIELD", "TWILIGHT",
+                     "SKYFLATFIELD", "PIXFLAT", "FLATIMAGE"],
+    FrameKind.LIGHT: ["LIGHT", "LIGHTFRAME", "OBJECT", "SCIENCE", "SCI", "TARGET", "EXPOSE", "OBJ",
+                      "STANDARD", "STD", "FOCUS", "LIGHTIMAGE", "SKY"],
+}.items():
+    for _w in _words:
+        _TYPE_WORDS[_w] = _kind
+
+_NAME_WORDS = {
+    FrameKind.BIAS: {"bias", "biases", "zero", "zeros", "offset", "offsets", "masterbias"},
+    FrameKind.DARK: {"dark", "darks", "masterdark", "thermal"},
+    FrameKind.FLAT: {"flat", "flats", "skyflat", "skyflats", "domeflat", "domeflats", "twiflat",
+                     "twiflats", "flatfield", "flatfields", "masterflat", "twilight", "dflat", "sflat"},
+    FrameKind.LIGHT: {"light", "lights", "object", "science", "sci", "target"},
+}
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """One image HDU of a raw file, as the headers (and, failing them, the file name) describe it.
+
+    Attributes
+    ----------
+    path : Path
+        The raw file.
+    hdu : int
+        Index of the image HDU in the file.
+    kind : FrameKind
+        bias, dark, flat, light or unknown.
+    exptime : float or None
+        Exposure time in seconds.
+    filter : str or None
+        Filter name as written in the header (None when no filter keyword, or clear/open).
+    binning : (int, int)
+        (x, y) on-chip binning.
+    shape : (int, int)
+        (ny, nx) of the raw image, numpy order.
+    ccd_temp, set_temp : float or None
+        Measured and set-point detector temperature in deg C.
+    date_obs : str or None
+        Start of the exposure (ISO) when the header gives it.
+    object : str or None
+        OBJECT keyword.
+    biassec, trimsec : str or None
+        Overscan and useful-data sections, IRAF syntax, as found (TRIMSEC, else DATASEC).
+    n_hdus : int
+        How many image HDUs the file has (masters are kept apart per HDU when > 1).
+    warnings : tuple of str
+        Every guess made while classifying, and header problems.
+    flags : tuple of str
+        Reasons the frame looks unlike the rest of its calibration group (empty when clean).
+    metrics : dict or None
+        Pixel QA numbers behind the flags.
+    """
+
+    path: Path
+    hdu: int
+    kind: FrameKind
+    exptime: float | None
+    filter: str | None
+    binning: tuple[int, int]
+    shape: tuple[int, int]
+    ccd_temp: float | None = None
+    set_temp: float | None = None
+    date_obs: str | None = None
+    object: str | None = None
+    biassec: str | None = None
+    trimsec: str | None = None
+    darktime: float | None = None
+    saturate: float | None = None
+    n_hdus: int = 1
+    warnings: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+    metrics: dict[str, float] | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        """File name, with the HDU index when the file has several image HDUs."""
+        return self.path.name if self.n_hdus == 1 else f"{self.path.name}[{self.hdu}]"
+
+    @property
+    def stem(self) -> str:
+        """File name without FITS suffixes (``d1047.fits.fz`` -> ``d1047``), plus ``_hduN`` for MEF."""
+        name = self.path.name
+        for suffix in (".fz", ".gz"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+        base, ext = os.path.splitext(name)
+        if ext.lower() in (".fits", ".fit", ".fts"):
+            name = base
+        return name if self.n_hdus == 1 else f"{name}_hdu{self.hdu}"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["kind"] = self.kind.value
+        out["binning"] = list(self.binning)
+        out["shape"] = list(self.shape)
+        out["warnings"] = list(self.warnings)
+        out["flags"] = list(self.flags)
+        return out
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not used, and why."""
+
+    path: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The classified frames of a scan, and the inputs that were skipped."""
+
+    frames: tuple[FrameInfo, ...]
+    skipped: tuple[Skipped, ...] = ()
+
+    def of_kind(self, kind: FrameKind) -> list[FrameInfo]:
+        return [f for f in self.frames if f.kind == kind]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """A list with one object per frame (skipped inputs have kind 'unknown' and their reason as a flag)."""
+        rows = [f.to_json() for f in self.frames]
+        for s in self.skipped:
+            rows.append({"path": s.path, "hdu": None, "kind": "unknown", "filter": None, "exptime": None,
+                         "shape": None, "flags": [], "warnings": [], "skipped": s.reason})
+        return rows
+
+
+# -- header reading -------------------------------------------------------------------------
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _norm_type(value: Any) -> str:
+    return re.sub(r"[\s_\-]+", "", str(value)).upper()
+
+
+def header_kind(header: Any) -> tuple[FrameKind | None, str | None]:
+    """Frame kind from the type keywords (IMAGETYP, OBSTYPE, ...), and the keyword=value it came from."""
+    for key in TYPE_KEYS:
+        raw = header_value(header, (key,))
+        if raw is None:
+            continue
+        word = _norm_type(raw)
+        if word in _TYPE_WORDS:
+            return _TYPE_WORDS[word], f"{key}={str(raw).strip()!r}"
+        for token, kind in _TYPE_WORDS.items():  # 'MASTER BIAS', 'BIAS_FRAME_2', 'FLAT V'
+            if len(token) >= 4 and token in word:
+                return kind, f"{key}={str(raw).strip()!r}"
+        return FrameKind.UNKNOWN, f"{key}={str(raw).strip()!r}"
+    return None, None
+
+
+def name_kind(text: str) -> FrameKind | None:
+    """Frame kind from words in a file name or OBJECT value ('flat-expos23s', 'sky flat', 'bias_003')."""
+    tokens = [t for t in re.split(r"[^a-z]+", text.lower()) if t]
+    found = {kind for kind, words in _NAME_WORDS.items() for t in tokens if t in words}
+    if len(found) == 1:
+        return found.pop()
+    # More than one word (e.g. 'flat_dark'): a calibration word beats 'light'.
+    found.discard(FrameKind.LIGHT)
+    return found.pop() if len(found) == 1 else None
+
+
+def exposure_time(header: Any) -> float | None:
+    return _number(header_value(header, EXPTIME_KEYS))
+
+
+def filter_name(header: Any) -> str | None:
+    """The filter: FILTER (or its variants); FILTER1+FILTER2 joined when both hold a real filter."""
+    values = []
+    for key in FILTER_KEYS:
+        value = header_value(header, (key,))
+        if value is None:
+            continue
+        text = str(value).strip()
+        if text.upper() in EMPTY_FILTERS:
+            continue
+        if key in ("FILTER1", "FILTER2", "FILT1"):
+            values.append(text)
+            continue
+        return text
+    return "+".join(values) if values else None
+
+
+def binning(header: Any) -> tuple[int, int]:
+    x = _number(header_value(header, ("XBINNING", "BINX", "CCDXBIN", "HBIN", "XBIN")))
+    y = _number(header_value(header, ("YBINNING", "BINY", "CCDYBIN", "VBIN", "YBIN")))
+    if x is None or y is None:
+        ccdsum = header_value(header, ("CCDSUM", "BINNING"))
+        if isinstance(ccdsum, str):
+            parts = re.split(r"[\s,x×]+", ccdsum.strip().lower())
+            if len(parts) == 2 and all(p.isdigit() for p in parts):
+                x, y = float(parts[0]), float(parts[1])
+        elif isinstance(ccdsum, (int, float)):
+            x = y = float(ccdsum)
+    x = x or 1
+    y = y or x
+    return int(x), int(y)
+
+
+def _date(header: Any) -> str | None:
+    value = header_value(header, DATE_KEYS)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    time = header_value(header, ("TIME-OBS", "TIME_OBS", "UT", "UTSTART", "UT-START"))
+    if "T" not in value and isinstance(time, str) and re.match(r"^\d{4}-\d\d-\d\d$", value):
+        value = f"{value}T{time.strip()}"
+    return value
+
+
+# -- classification -------------------------------------------------------------------------
+def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
+    """Decide the kind of a frame from its header and file name; return it with the warnings.
+
+    Rules, in order:
+
+    1. The type keyword (IMAGETYP/OBSTYPE/...) in any common spelling.
+    2. A DARK with zero exposure is a bias (Lick's Nickel camera writes biases so).
+    3. A LIGHT/OBJECT whose OBJECT or file name says flat/bias/dark is that calibration
+       frame (sky flats written as OBJECT; SBIG flats saved as 'Light Frame').
+    4. No type keyword: words in the file name, then in OBJECT.
+    5. Otherwise unknown (the frame is skipped and listed).
+    """
+    warnings: list[str] = []
+    exptime = exposure_time(header)
+    obj = header_value(header, ("OBJECT", "OBJNAME", "TARGET"))
+    obj_kind = name_kind(str(obj)) if obj is not None else None
+    file_kind = name_kind(path.name)
+    kind, source = header_kind(header)
+
+    if kind == FrameKind.DARK and exptime == 0:
+        warnings.append(f"{source} with EXPTIME 0: treated as a bias")
+        return FrameKind.BIAS, warnings
+    if kind == FrameKind.LIGHT:
+        for hint, where in ((obj_kind, f"OBJECT={str(obj).strip()!r}"), (file_kind, "the file name")):
+            if hint in (FrameKind.FLAT, FrameKind.BIAS, FrameKind.DARK):
+                if hint == FrameKind.BIAS and exptime not in (None, 0.0):
+                    continue
+                warnings.append(f"{source} but {where} says {hint.value}: treated as a {hint.value}")
+                return hint, warnings
+        if exptime == 0:
+            warnings.append(f"{source} with EXPTIME 0: treated as a bias")
+            return FrameKind.BIAS, warnings
+        return FrameKind.LIGHT, warnings
+    if kind is not None and kind != FrameKind.UNKNOWN:
+        return kind, warnings
+
+    for hint, where in ((file_kind, "the file name"), (obj_kind, f"OBJECT={str(obj).strip()!r}")):
+        if hint is not None:
+            lead = f"{source} not understood" if source else "no frame-type keyword"
+            warnings.append(f"{lead}; classified as {hint.value} from {where}")
+            return hint, warnings
+    if kind is None and exptime == 0:
+        warnings.append("no frame-type keyword; EXPTIME 0, so treated as a bias")
+        return FrameKind.BIAS, warnings
+    reason = f"{source} is not a frame type ccdcal knows" if source else "no frame-type keyword (IMAGETYP/OBSTYPE)"
+    warnings.append(reason + "; rename the file (bias/dark/flat/light) or fix the header")
+    return FrameKind.UNKNOWN, warnings
+
+
+def _sections(header: Any, shape: tuple[int, int]) -> tuple[str | None, str | None, list[str]]:
+    from .sections import parse_section
+
+    problems = []
+    found: dict[str, str | None] = {}
+    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+        value = header_value(header, (key,))
+        if value is None:
+            found[key] = None
+            continue
+        try:
+            parse_section(str(value)).resolve(shape)
+            found[key] = str(value).strip()
+        except InputError as exc:
+            problems.append(f"{key} ignored: {exc}")
+            found[key] = None
+    trim = found["TRIMSEC"] or found["DATASEC"]
+    return found["BIASSEC"], trim, problems
+
+
+def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus: int = 1) -> FrameInfo:
+    """Describe one image HDU from its (merged primary + extension) header."""
+    kind, warnings = classify(header, path)
+    biassec, trimsec, problems = _sections(header, shape)
+    warnings.extend(problems)
+    exptime = exposure_time(header)
+    if kind in (FrameKind.DARK, FrameKind.FLAT, FrameKind.LIGHT) and exptime is None:
+        warnings.append("no exposure time (EXPTIME/EXPOSURE/ITIME)")
+    obj = header_value(header, ("OBJECT", "OBJNAME"))
+    return FrameInfo(
+        path=path,
+        hdu=hdu,
+        kind=kind,
+        exptime=exptime,
+        filter=filter_name(header) if kind in (FrameKind.FLAT, FrameKind.LIGHT) else None,
+        binning=binning(header),
+        shape=shape,
+        ccd_temp=_number(header_value(header, TEMP_KEYS)),
+        set_temp=_number(header_value(header, SETTEMP_KEYS)),
+        date_obs=_date(header),
+        object=str(obj).strip() if obj is not None else None,
+        biassec=biassec,
+        trimsec=trimsec,
+        darktime=_number(header_value(header, DARKTIME_KEYS)),
+        saturate=_number(header_value(header, ("SATURATE", "DATAMAX", "SATLEVEL", "MAXLIN"))),
+        n_hdus=n_hdus,
+        warnings=tuple(warnings),
+    )
+
+
+def _merged(primary: Any, header: Any) -> Any:
+    if primary is None or primary is header:
+        return header
+    merged = primary.copy()
+    for card in header.cards:
+        if card.keyword in ("COMMENT", "HISTORY", ""):
+            continue
+        try:
+            merged[card.keyword] = (card.value, card.comment)
+        except (ValueError, KeyError):
+            continue
+    return merged
+
+
+def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
+    """Classify every image HDU of one file; problems become :class:`Skipped` entries."""
+    try:
+        hdus, problems = image_hdus(path)
+    except InputError as exc:
+        return [], [Skipped(str(path), str(exc).removeprefix(f"{path}: "))]
+    skipped = [Skipped(str(path), p) for p in problems]
+    if not hdus and not problems:
+        skipped.append(Skipped(str(path), "no image data in any HDU"))
+    primary = None
+    if hdus and hdus[0].index != 0:
+        from astropy.io import fits
+
+        try:
+            primary = fits.getheader(path, 0)
+        except (OSError, ValueError):
+            primary = None
+    infos = []
+    for h in hdus:
+        header = _merged(primary, h.header)
+        infos.append(frame_info(path, h.index, header, h.shape, n_hdus=len(hdus)))
+    return infos, skipped
+
+
+def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: bool = False) -> Inventory:
+    """Find and classify every image HDU under ``paths`` (files, folders, globs).
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+        Files, folders (searched recursively for FITS names) or glob patterns.
+    flag : bool
+        Also read the pixels of calibration frames and flag the ones that look unlike
+        the rest of their group (see :func:`flag_groups`).
+    progress : bool
+        Show a progress bar on the terminal.
+
+    Raises
+    ------
+    InputError
+        If a path does not exist, or nothing FITS-like is found.
+    """
+    files = find_fits(paths)
+    if not files:
+        raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
+    frames: list[FrameInfo] = []
+    skipped: list[Skipped] = []
+    from .ui import track
+
+    for path in track(files, "scanning", enabled=progress):
+        infos, skips = scan_file(path)
+        skipped.extend(skips)
+        for info in infos:
+            if info.kind == FrameKind.UNKNOWN:
+                skipped.append(Skipped(str(path) if info.n_hdus == 1 else f"{path}[{info.hdu}]",
+                                       info.warnings[-1] if info.warnings else "not classified"))
+            else:
+                frames.append(info)
+    inventory = Inventory(tuple(frames), tuple(skipped))
+    if flag:
+        inventory = flag_groups(inventory, progress=progress)
+    return inventory
+
+
+# -- grouping and bad-frame flags ----------------------------------------------------------
+def temperature_groups(values: Sequence[float | None], tolerance: float) -> list[int]:
+    """Cluster temperatures: sorted values further apart than ``tolerance`` start a new group.
+
+    ``None`` (no temperature) joins group 0.
+    """
+    known = sorted({v for v in values if v is not None})
+    labels: dict[float, int] = {}
+    group, last = 0, None
+    for v in known:
+        if last is not None and v - last > tolerance:
+            group += 1
+        labels[v] = group
+        last = v
+    return [0 if v is None else labels[v] for v in values]
+
+
+def frame_temperature(info: FrameInfo) -> float | None:
+    """Set point when the header gives one (stable), else the measured temperature."""
+    return info.set_temp if info.set_temp is not None else info.ccd_temp
+
+
+def calibration_group_key(info: FrameInfo) -> tuple:
+    """Key of the group a calibration frame is compared with for flagging."""
+    base = (info.kind.value, info.binning, info.shape, info.hdu if info.n_hdus > 1 else 0)
+    if info.kind == FrameKind.DARK:
+        return base + (round(info.exptime or 0.0, 3),)
+    if info.kind == FrameKind.FLAT:
+        return base + (info.filter,)
+    return base
+
+
+def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
+    """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
+    saturation, structure), using :func:`ccdcal.stats.flag_outliers`."""
+    from .frames import FrameSource
+    from .stats import flag_outliers, frame_metrics
+    from .ui import track
+
+    groups: dict[tuple, list[int]] = {}
+    for i, info in enumerate(inventory.frames):
+        if info.kind in (FrameKind.BIAS, FrameKind.DARK, FrameKind.FLAT):
+            groups.setdefault(calibration_group_key(info), []).append(i)
+    frames = list(inventory.frames)
+    todo = [i for members in groups.values() for i in members]
+    metrics: dict[int, dict[str, float]] = {}
+    for i in track(todo, "checking frames", enabled=progress):
+        info = frames[i]
+        try:
+            with FrameSource(info.path, info.hdu) as src:
+                data = src.read()
+        except InputError as exc:
+            frames[i] = replace(info, flags=info.flags + (f"unreadable: {exc}",))
+            continue
+        if info.trimsec:
+            from .sections import to_slices
+
+            data = data[to_slices(info.trimsec, data.shape)]
+        metrics[i] = frame_metrics(data, saturation=info.saturate)
+    for members in groups.values():
+        have = [i for i in members if i in metrics]
+        reasons = flag_outliers([metrics[i] for i in have], kind=frames[have[0]].kind.value) if have else []
+        for i, why in zip(have, reasons, strict=True):
+            frames[i] = replace(frames[i], flags=frames[i].flags + tuple(why), metrics=metrics[i])
+    return Inventory(tuple(frames), inventory.skipped)
+
