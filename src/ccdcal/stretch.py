@@ -1,0 +1,286 @@
+"""Display stretches: midtone transfer (notebook and auto-STF), RNC S-curve, asinh, zscale linear.
+
+Every stretch maps an image (any units) to floats in [0, 1] (NaN stays NaN);
+:func:`to_uint8` / :func:`to_uint16` quantise for display and :func:`png_bytes`
+encodes a PNG in memory (writing it is the caller's business).
+
+Definitions
+-----------
+Midtone transfer function (PixInsight HistogramTransformation, Siril MTF)::
+
+    MTF(m, x) = (m - 1) x / ((2m - 1) x - m),   0 < m < 1
+
+MTF(m, 0) = 0, MTF(m, 1) = 1, MTF(m, m) = 1/2, and it is monotone on [0, 1]. Solving
+``MTF(m, b) = t`` for the midtones balance ``m`` gives ``m = (t - 1) b / ((2t - 1) b - t)``,
+which is ``MTF(t, b)``: the same function with its arguments swapped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+
+MAD_TO_SIGMA = 1.482602218505602
+
+METHODS = ("autostf", "mtf", "mtf-rnc", "asinh", "linear")
+
+
+# -- the closed-form curves ----------------------------------------------------------------------
+def mtf(m: float, x: np.ndarray | float) -> np.ndarray:
+    """The midtone transfer function ``(m - 1) x / ((2m - 1) x - m)`` of ``x`` in [0, 1].
+
+    ``m = 0.5`` is the identity; ``m < 0.5`` brightens. Values outside [0, 1] are
+    clipped first, so the result is in [0, 1].
+    """
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    if m == 0.5:
+        return x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = (m - 1.0) * x / ((2.0 * m - 1.0) * x - m)
+    return np.clip(y, 0.0, 1.0)
+
+
+def midtones_balance(background: float, target: float = 0.25) -> float:
+    """The balance ``m`` with ``MTF(m, background) = target`` (both in (0, 1)).
+
+    ``m = (target - 1) b / ((2 target - 1) b - target)``; 0.5 (the identity) when the
+    background is not strictly inside (0, 1), where no stretch can move it.
+    """
+    b = float(background)
+    if not (0.0 < b < 1.0) or not (0.0 < target < 1.0):
+        return 0.5
+    return (target - 1.0) * b / ((2.0 * target - 1.0) * b - target)
+
+
+_RNC_A, _RNC_B, _RNC_C, _RNC_D = 5.0, 5.0, 0.42, 0.58
+
+
+def _rnc_raw(x: np.ndarray | float) -> np.ndarray:
+    return _RNC_A / (1.0 + np.exp(-_RNC_B * (np.asarray(x, dtype=np.float64) - _RNC_C))) - _RNC_D
+
+
+_RNC_0 = float(_rnc_raw(0.0))
+_RNC_1 = float(_rnc_raw(1.0))
+
+
+def rnc_scurve(x: np.ndarray | float) -> np.ndarray:
+    """Roger Clark's RNC S-curve, rescaled so that 0 -> 0 and 1 -> 1.
+
+    ``f(x) = 5 / (1 + exp(-5 (x - 0.42))) - 0.58`` and ``y = (f(x) - f(0)) / (f(1) - f(0))``
+    for ``x`` clipped to [0, 1]. It darkens the sky and lifts the midtones;
+    the notebook applies it twice after the midtone stretch (``method="mtf-rnc"``).
+    """
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    return np.clip((_rnc_raw(x) - _RNC_0) / (_RNC_1 - _RNC_0), 0.0, 1.0)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _finite(data: np.ndarray) -> np.ndarray:
+    values = np.asarray(data, dtype=np.float64).ravel()
+    return values[np.isfinite(values)]
+
+
+def normalize(data: np.ndarray, limits: tuple[float, float] | None = None) -> np.ndarray:
+    """``(data - lo) / (hi - lo)`` as float64, clipped to [0, 1]; min..max by default.
+
+    A constant image maps to zeros; NaN stays NaN.
+    """
+    image = np.asarray(data, dtype=np.float64)
+    if limits is None:
+        values = _finite(image)
+        if values.size == 0:
+            return np.full(image.shape, np.nan)
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        lo, hi = float(limits[0]), float(limits[1])
+    if not hi > lo:
+        return np.where(np.isfinite(image), 0.0, np.nan)
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _rescale_shadows(x: np.ndarray, c0: float) -> np.ndarray:
+    return np.clip((x - c0) / (1.0 - c0), 0.0, 1.0)
+
+
+# -- the stretches -------------------------------------------------------------------------------
+def midtone_stretch(
+    data: np.ndarray,
+    *,
+    low_clip: float = 2.8,
+    bg: float = 0.25,
+    sigma: float = 3.0,
+    maxiters: int = 5,
+) -> np.ndarray:
+    """The notebook's ``midtone_transformation(img, low_clip=2.8, bg=0.25)``.
+
+    1. ``x = (data - min) / (max - min)`` over the finite pixels;
+    2. ``mean, median, std = sigma_clipped_stats(x)`` (astropy: ``sigma`` = 3, 5 iterations);
+    3. shadows ``c0 = max(mean - low_clip * std, 0)``; ``x' = clip((x - c0) / (1 - c0), 0, 1)``;
+    4. ``b = (median - c0) / (1 - c0)`` is where the background lands after step 3, and
+       ``m = midtones_balance(b, bg)``, so that the background maps exactly to ``bg``;
+    5. ``y = MTF(m, x')``.
+
+    Returns
+    -------
+    ndarray, float64, same shape, values in [0, 1] (NaN where the input is not finite).
+    """
+    from astropy.stats import sigma_clipped_stats
+
+    x = normalize(data)
+    values = x[np.isfinite(x)]
+    if values.size == 0:
+        return x
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mean, median, std = sigma_clipped_stats(values, sigma=sigma, maxiters=maxiters)
+    c0 = min(max(float(mean) - low_clip * float(std), 0.0), 1.0 - 1e-9)
+    background = (float(median) - c0) / (1.0 - c0)
+    return mtf(midtones_balance(background, bg), _rescale_shadows(x, c0))
+
+
+def auto_stf(data: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) -> np.ndarray:
+    """PixInsight/Siril automatic screen transfer function (the auto-stretch).
+
+    ``x`` normalised min..max; ``c0 = clip(median - shadows * 1.4826 * MAD, 0, 1)``
+    (PixInsight's AutoSTF: shadows clipping -2.8 "normalised MAD" units, target
+    background 0.25; Siril's autostretch uses the same defaults); ``x' = (x - c0) / (1 - c0)``;
+    ``m`` such that ``MTF(m, (median - c0) / (1 - c0)) = target``; ``y = MTF(m, x')``.
+
+    PixInsight computes ``m = MTF(target, median - c0)``, i.e. without the ``1 - c0``
+    rescaling it applies to the pixels, so its background lands slightly above the
+    target; here the background lands exactly on ``target``. The inverted branch
+    (median above 0.5: clip highlights instead) is not implemented: calibration
+    frames are never negatives.
+    """
+    x = normalize(data)
+    values = x[np.isfinite(x)]
+    if values.size == 0:
+        return x
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    c0 = min(max(median - shadows * MAD_TO_SIGMA * mad, 0.0), 1.0 - 1e-9)
+    background = (median - c0) / (1.0 - c0)
+    return mtf(midtones_balance(background, target), _rescale_shadows(x, c0))
+
+
+def zscale_limits(
+    data: np.ndarray, *, contrast: float = 0.25, nsamples: int = 1000
+) -> tuple[float, float]:
+    """IRAF ``zscale`` display limits (astropy's ``ZScaleInterval`` implementation).
+
+    About ``nsamples`` pixels are sampled on a regular grid, a line is fitted to their
+    sorted values with iterative rejection, and the limits are the median -/+ the
+    slope / ``contrast`` around it, bounded by the sample's min and max.
+    """
+    from astropy.visualization import ZScaleInterval
+
+    values = _finite(data)
+    if values.size == 0:
+        return 0.0, 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lo, hi = ZScaleInterval(n_samples=nsamples, contrast=contrast).get_limits(values)
+    return float(lo), float(hi)
+
+
+def linear_stretch(data: np.ndarray, *, limits: tuple[float, float] | None = None) -> np.ndarray:
+    """``clip((data - lo) / (hi - lo), 0, 1)`` with zscale limits unless ``limits`` is given."""
+    return normalize(data, limits if limits is not None else zscale_limits(data))
+
+
+def asinh_stretch(
+    data: np.ndarray, *, softening: float = 0.1, limits: tuple[float, float] | None = None
+) -> np.ndarray:
+    """Lupton et al. (1999) asinh stretch: ``y = asinh(x / a) / asinh(1 / a)``.
+
+    ``x = clip((data - lo) / (hi - lo), 0, 1)`` with ``lo`` the zscale lower limit and
+    ``hi`` the 99.9th percentile (so a few hot pixels do not set the scale) unless
+    ``limits`` is given; ``a`` (``softening``) is where the
+    curve turns from linear to logarithmic, as a fraction of the range (astropy's
+    ``AsinhStretch`` uses the same form with ``a = 0.1``).
+    """
+    if limits is None:
+        values = _finite(data)
+        hi = float(np.percentile(values, 99.9)) if values.size else 1.0
+        limits = (zscale_limits(data)[0], hi)
+    x = normalize(data, limits)
+    a = float(softening)
+    if a <= 0:
+        raise ValueError("softening must be positive")
+    return np.arcsinh(x / a) / math.asinh(1.0 / a)
+
+
+def stretch(data: np.ndarray, method: str = "autostf", **options) -> np.ndarray:
+    """Stretch ``data`` to [0, 1] by name.
+
+    Methods: ``autostf`` (:func:`auto_stf`), ``mtf`` (:func:`midtone_stretch`),
+    ``mtf-rnc`` (midtone stretch, then :func:`rnc_scurve` twice, as the notebook does),
+    ``asinh`` (:func:`asinh_stretch`), ``linear`` (:func:`linear_stretch`, zscale).
+    ``options`` go to the chosen function.
+    """
+    if method == "autostf":
+        return auto_stf(data, **options)
+    if method == "mtf":
+        return midtone_stretch(data, **options)
+    if method == "mtf-rnc":
+        return rnc_scurve(rnc_scurve(midtone_stretch(data, **options)))
+    if method == "asinh":
+        return asinh_stretch(data, **options)
+    if method == "linear":
+        return linear_stretch(data, **options)
+    raise ValueError(f"unknown stretch method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+# -- display ------------------------------------------------------------------------------------
+def downsample(data: np.ndarray, max_size: int) -> np.ndarray:
+    """Block-average ``data`` by the smallest integer factor that makes both sides <= max_size.
+
+    NaN pixels are ignored within a block (a block of only NaN stays NaN). Returns the
+    input unchanged (as float32) when it is already small enough.
+    """
+    image = np.asarray(data, dtype=np.float32)
+    factor = max(1, math.ceil(max(image.shape) / max(int(max_size), 1)))
+    if factor == 1:
+        return image
+    ny, nx = image.shape
+    py, px = (-ny) % factor, (-nx) % factor
+    if py or px:
+        image = np.pad(image, ((0, py), (0, px)), constant_values=np.nan)
+    blocks = image.reshape(image.shape[0] // factor, factor, image.shape[1] // factor, factor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(blocks, axis=(1, 3)).astype(np.float32)
+
+
+def to_uint8(y: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 0..255 (rounded; NaN -> 0)."""
+    return np.round(np.nan_to_num(np.clip(y, 0.0, 1.0), nan=0.0) * 255.0).astype(np.uint8)
+
+
+def to_uint16(y: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 0..65535 (rounded; NaN -> 0)."""
+    return np.round(np.nan_to_num(np.clip(y, 0.0, 1.0), nan=0.0) * 65535.0).astype(np.uint16)
+
+
+def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True) -> bytes:
+    """A grayscale PNG of a [0, 1] image, 8 or 16 bits per pixel.
+
+    ``flip`` puts FITS row 1 at the bottom, as image viewers (ds9, IRAF) show it.
+    """
+    from PIL import Image
+
+    image = np.asarray(y)
+    if flip:
+        image = image[::-1]
+    if bits == 8:
+        pil = Image.fromarray(np.ascontiguousarray(to_uint8(image)))  # mode L
+    elif bits == 16:
+        pil = Image.fromarray(np.ascontiguousarray(to_uint16(image)))  # mode I;16
+    else:
+        raise ValueError("bits must be 8 or 16")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
