@@ -273,8 +273,8 @@ def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:
     """
     from astropy.io import fits
 
-    if isinstance(obj, FrameSource):
-        return obj.read(), obj.header
+    if hasattr(obj, "read_rows") and hasattr(obj, "shape"):  # FrameSource or any row source
+        return obj.read_rows(0, obj.shape[0]), getattr(obj, "header", None)
     if isinstance(obj, (str, os.PathLike)):
         with FrameSource(obj, hdu) as src:
             return src.read(), src.header

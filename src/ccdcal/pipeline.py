@@ -1,0 +1,508 @@
+"""``reduce``: scan -> plan -> build masters -> calibrate lights -> manifest and report.
+
+The manifest (OUT/manifest.json) records, per output, a fingerprint of everything
+it was made from (input contents, recipe, options, ccdcal version); a rerun keeps
+outputs whose fingerprint is unchanged and redoes the rest, so an interrupted run
+is finished by running the same command again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .calibrate import CalibratedRows, Recipe, normalise_flat
+from .errors import CcdcalError, ConfigError, InputError, OutputError
+from .frames import FrameSource, clean_header, find_fits, write_fits, write_text
+from .inventory import FrameKind, Inventory, Skipped, scan_file
+from .plan import LightJob, MasterJob, Plan, PlanOptions, build_plan
+
+MASTER_TYPES = {FrameKind.BIAS: "MASTER BIAS", FrameKind.DARK: "MASTER DARK", FrameKind.FLAT: "MASTER FLAT"}
+
+
+@dataclass(frozen=True)
+class ReduceOptions:
+    """Every choice of a reduction. The same names are the keys of a ``--config`` TOML file."""
+
+    memory: str = "1GiB"
+    combine_method: str | None = None          # None: mean (>= 5 frames) or median
+    sigma_clip: tuple[float, float] | None = (3.0, 3.0)
+    clip_extrema: tuple[int, int] | None = None
+    overscan: bool = True
+    overscan_model: str = "legendre"
+    overscan_order: int = 3
+    scale_region: str | None = None
+    temp_tolerance: float = 2.0
+    flat_floor: float = 0.1
+    exclude_flagged: bool = False
+    strict: bool = False
+    report: bool = True
+    scheduler: str | None = None
+    workers: int | None = None
+
+    @classmethod
+    def from_sources(cls, config: str | os.PathLike | None, overrides: dict[str, Any]) -> ReduceOptions:
+        """Options from a TOML file (top level or a ``[reduce]`` table), then non-None overrides."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        if config:
+            import tomllib
+
+            path = Path(config)
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{path}: no such config file") from exc
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+            data = data.get("reduce", data)
+            for key, value in data.items():
+                norm = key.replace("-", "_")
+                if norm not in names:
+                    raise ConfigError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(names))}")
+                values[norm] = value
+        for key, value in overrides.items():
+            if key in names and value is not None:
+                values[key] = value
+        for key in ("sigma_clip", "clip_extrema"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+            if values.get(key) in (False, "none", "None"):
+                values[key] = None
+        try:
+            options = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid options: {exc}") from exc
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        from .combine import parse_memory
+        from .sections import parse_section
+
+        parse_memory(self.memory)
+        if self.combine_method not in (None, "median", "mean"):
+            raise ConfigError(f"combine_method {self.combine_method!r}: use 'median' or 'mean'")
+        if self.scale_region:
+            parse_section(self.scale_region)
+        for key in ("sigma_clip", "clip_extrema"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 2 or any(v < 0 for v in value)):
+                raise ConfigError(f"{key} must be two non-negative numbers, got {value!r}")
+        if not 0 < self.flat_floor < 1:
+            raise ConfigError(f"flat_floor must be between 0 and 1, got {self.flat_floor}")
+
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(
+            overscan=self.overscan, overscan_model=self.overscan_model, overscan_order=self.overscan_order,
+            combine_method=self.combine_method, sigma_clip=self.sigma_clip, clip_extrema=self.clip_extrema,
+            scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
+            exclude_flagged=self.exclude_flagged)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class ReduceResult:
+    """What a reduction did."""
+
+    out_dir: Path
+    plan: Plan
+    masters: list[str] = field(default_factory=list)       # outputs written or kept, relative to out_dir
+    lights: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    reused: int = 0
+    report: Path | None = None
+
+
+# -- fingerprints ------------------------------------------------------------------------------
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _HASH_LOCK:
+        if key in _HASHES:
+            return _HASHES[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _HASH_LOCK:
+        _HASHES[key] = value
+    return value
+
+
+def _input_record(path: Path, hdu: int) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "hdu": hdu, "size": st.st_size, "mtime": st.st_mtime, "sha256": file_sha256(path)}
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _recipe_json(recipe: Recipe) -> dict[str, Any]:
+    return {"overscan": recipe.overscan.describe() if recipe.overscan else None,
+            "trim": str(recipe.trim) if recipe.trim else None, "bias": recipe.bias, "dark": recipe.dark,
+            "dark_scale": recipe.dark_scale, "flat": recipe.flat}
+
+
+# -- the run -----------------------------------------------------------------------------------
+class _Run:
+    def __init__(self, out_dir: Path, options: ReduceOptions, force: bool, progress: bool):
+        self.out_dir = out_dir
+        self.options = options
+        self.force = force
+        self.progress = progress
+        self.masters: dict[str, np.ndarray] = {}
+        self.master_prints: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.old = self._load_manifest()
+        self.outputs: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def _load_manifest(self) -> dict[str, Any]:
+        path = self.out_dir / "manifest.json"
+        if self.force or not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("outputs", {})
+        except (OSError, ValueError):
+            return {}
+
+    def up_to_date(self, rel: str, fingerprint: str) -> bool:
+        entry = self.old.get(rel)
+        path = self.out_dir / rel
+        if not entry or entry.get("fingerprint") != fingerprint or not path.exists():
+            return False
+        return entry.get("sha256") == file_sha256(path)
+
+    def record(self, rel: str, fingerprint: str, inputs: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        with self.lock:
+            self.outputs[rel] = {"fingerprint": fingerprint, "sha256": file_sha256(self.out_dir / rel),
+                                 "inputs": inputs, **extra}
+
+    def missing_master(self, recipe: Recipe) -> str | None:
+        for name in (recipe.bias, recipe.dark, recipe.flat):
+            if name and name in self.failed:
+                return f"its master {name} could not be built ({self.failed[name]})"
+        return None
+
+
+def _master_header(job: MasterJob, result_header: Any, extra: dict[str, Any]) -> Any:
+    header = result_header.copy()
+    header["IMAGETYP"] = (MASTER_TYPES[job.kind], "ccdcal master frame")
+    if job.kind == FrameKind.BIAS:
+        header["EXPTIME"] = (0.0, "[s] bias frames have no exposure")
+    if job.kind == FrameKind.DARK and job.exptime is not None:
+        header["EXPTIME"] = (job.exptime, "[s] exposure of every member dark")
+        header["DARKTIME"] = (job.exptime, "[s] dark time of the master")
+    if job.kind == FrameKind.FLAT and job.filter:
+        header["FILTER"] = (job.filter, "filter of the member flats")
+    header["BUNIT"] = "adu" if job.kind != FrameKind.FLAT else ""
+    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+        header.remove(key, ignore_missing=True, remove_all=True)
+    steps = sorted({r.describe() for r in job.recipes})
+    header["HISTORY"] = f"ccdcal {__version__}: {job.label.split('   ')[0].strip()} from {len(job.members)} frames"
+    for step in steps:
+        header["HISTORY"] = f"each member: {step}"
+    header["HISTORY"] = f"combined: {job.settings.describe()}"
+    for key, value in extra.items():
+        header[key] = value
+    return header
+
+
+def _build_master(run: _Run, job: MasterJob, inputs: list[dict[str, Any]]) -> None:
+    from .combine import combine
+
+    sources = [CalibratedRows(FrameSource(f.path, f.hdu), r, run.masters, flat_floor=run.options.flat_floor)
+               for f, r in zip(job.members, job.recipes, strict=True)]
+    settings = job.settings
+    result = combine(sources, method=settings.method, scale=settings.scale, scale_region=settings.scale_region,
+                     clip_extrema=settings.clip_extrema, sigma_clip=settings.sigma_clip,
+                     memory=run.options.memory)
+    data = result.data
+    uncertainty = result.uncertainty
+    extra: dict[str, Any] = {}
+    mask = result.mask
+    if job.kind == FrameKind.FLAT:
+        region = None
+        if settings.scale_region:
+            from .sections import to_slices
+
+            region = to_slices(settings.scale_region, data.shape)
+        data, level = normalise_flat(data, region)
+        if uncertainty is not None:
+            uncertainty = uncertainty / np.float32(level)
+        bad = ~np.isfinite(data) | (data < run.options.flat_floor)
+        mask = mask | bad
+        data = np.where(np.isfinite(data), data, np.float32(1.0)).astype(np.float32)
+        extra["FLATNORM"] = (level, "[adu] level the flat was divided by")
+        extra["FLATFLOR"] = (run.options.flat_floor, "flat pixels below this are masked")
+    else:
+        data = np.where(np.isfinite(data), data, np.float32(0.0)).astype(np.float32)
+    levels = [s.overscan_level for s in sources if s.overscan_level is not None]
+    if levels:
+        extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
+    header = _master_header(job, result.header, extra)
+    rel = job.output
+    write_fits(run.out_dir / rel, data, header, uncertainty=uncertainty,
+               mask=mask.astype(np.uint8) if mask.any() else None, unit=None if job.kind == FrameKind.FLAT else "adu")
+    for s in sources:
+        s.source.close()
+    run.masters[job.name] = data
+
+
+def _load_master(run: _Run, job: MasterJob) -> None:
+    with FrameSource(run.out_dir / job.output, 0) as src:
+        run.masters[job.name] = src.read()
+
+
+def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, overscan_level: float | None) -> Any:
+    header = clean_header(raw_header)
+    recipe = job.recipe
+    if recipe.trim is not None:
+        # Keep world and physical coordinates right after trimming (IRAF LTV convention).
+        dx, dy = recipe.trim.x1 - 1, recipe.trim.y1 - 1
+        for axis, shift in (("1", dx), ("2", dy)):
+            if shift and f"CRPIX{axis}" in header:
+                header[f"CRPIX{axis}"] = header[f"CRPIX{axis}"] - shift
+            header[f"LTV{axis}"] = (float(header.get(f"LTV{axis}", 0.0)) - shift, "offset of trimmed image")
+    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+        header.remove(key, ignore_missing=True, remove_all=True)
+    header["BUNIT"] = "adu"
+    header["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+    if recipe.overscan is not None:
+        header["HISTORY"] = recipe.overscan.describe()
+        if overscan_level is not None:
+            header["OVSCMEAN"] = (overscan_level, "[adu] mean overscan level subtracted")
+    if recipe.trim is not None:
+        header["HISTORY"] = f"trimmed to {recipe.trim}"
+    for key, name, what in (("CALBIAS", recipe.bias, "master bias"), ("CALDARK", recipe.dark, "master dark"),
+                            ("CALFLAT", recipe.flat, "master flat")):
+        if name:
+            header[key] = (name, f"{what} applied")
+            header[key[:3] + "SUM" + key[3]] = (run.master_prints.get(name, ""), f"DATASUM of the {what}")
+            header["HISTORY"] = f"{what} {name} subtracted" if key != "CALFLAT" else f"divided by master flat {name}"
+    if recipe.dark:
+        header["DARKSCAL"] = (recipe.dark_scale, "master dark multiplied by this (exposure ratio)")
+    return header
+
+
+def _calibrate_light(run: _Run, plan: Plan, job: LightJob) -> tuple[str, str | None]:
+    """Calibrate one light; returns (output, None) or (input path, reason skipped)."""
+    why = run.missing_master(job.recipe)
+    if why:
+        return str(job.frame.path), why
+    inputs = [_input_record(job.frame.path, job.frame.hdu)]
+    fp = _fingerprint(__version__, inputs, _recipe_json(job.recipe), run.options.flat_floor,
+                      [run.master_prints.get(n) for n in (job.recipe.bias, job.recipe.dark, job.recipe.flat)])
+    if run.up_to_date(job.output, fp):
+        run.record(job.output, fp, inputs, {"kind": "light", "reused": True})
+        return job.output, None
+    try:
+        with FrameSource(job.frame.path, job.frame.hdu) as src:
+            rows = CalibratedRows(src, job.recipe, run.masters, flat_floor=run.options.flat_floor)
+            data = rows.read()
+            header = _light_header(job, src.header, plan, run, rows.overscan_level)
+        mask = None
+        if job.recipe.flat:
+            low = run.masters[job.recipe.flat] < run.options.flat_floor
+            if low.any():
+                mask = low.astype(np.uint8)
+        write_fits(run.out_dir / job.output, data, header, mask=mask, unit="adu")
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return str(job.frame.path), str(exc)
+    run.record(job.output, fp, inputs, {"kind": "light"})
+    return job.output, None
+
+
+def _datasum(path: Path) -> str:
+    from astropy.io import fits
+
+    return str(fits.getheader(path, 0).get("DATASUM", ""))
+
+
+def _scan(paths: list[Any], out_dir: Path, progress: bool) -> Inventory:
+    from .inventory import flag_groups
+    from .ui import track
+
+    out_resolved = out_dir.resolve()
+    files = [p for p in find_fits(paths) if out_resolved not in p.resolve().parents]
+    if not files:
+        raise InputError("no FITS files found in the inputs (.fits, .fit, .fts, .fz, .gz); check the path")
+    frames, skipped = [], []
+    for path in track(files, "scanning", enabled=progress):
+        infos, skips = scan_file(path)
+        skipped.extend(skips)
+        for info in infos:
+            if info.kind == FrameKind.UNKNOWN:
+                skipped.append(Skipped(str(path), info.warnings[-1] if info.warnings else "not classified"))
+            else:
+                frames.append(info)
+    return flag_groups(Inventory(tuple(frames), tuple(skipped)), progress=progress)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror}); choose another with -o") from exc
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"{out_dir}: the output folder is not writable; choose another with -o")
+    for stale in list(out_dir.glob(".*.partial")) + list(out_dir.glob("*/.*.partial")):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
+def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | None = None,
+           dry_run: bool = False, force: bool = False, progress: bool = False) -> ReduceResult:
+    """Reduce a night: build every master and calibrate every light found under ``paths``.
+
+    Parameters
+    ----------
+    paths : path-like or sequence of path-like
+        Raw files, folders or glob patterns.
+    out_dir : path-like
+        Output folder: ``masters/``, ``calibrated/``, ``previews/``, ``report.html``, ``manifest.json``.
+    options : ReduceOptions, optional
+        Every choice; the defaults reduce a typical night correctly.
+    dry_run : bool
+        Build and print the plan only.
+    force : bool
+        Redo every output even when the manifest says it is up to date.
+    progress : bool
+        Progress bars and tables on the terminal.
+
+    Returns
+    -------
+    ReduceResult
+    """
+    from .ui import print_plan, print_summary, track, warn
+
+    options = options or ReduceOptions()
+    options.validate()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out_dir = Path(out_dir)
+    inventory = _scan(list(paths), out_dir, progress)
+    plan = build_plan(inventory, options.plan_options())
+    if dry_run:
+        if progress:
+            print_plan(plan)
+        return ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped))
+    _check_out_dir(out_dir)
+    if progress:
+        for w in plan.warnings:
+            warn(w)
+        for f in inventory.frames:
+            for flag in f.flags:
+                warn(f"{f.name}: {flag}" + ("" if options.exclude_flagged else " (kept; --exclude-flagged drops it)"))
+    if options.strict and plan.skipped:
+        s = plan.skipped[0]
+        raise InputError(f"{s.path}: {s.reason} (--strict: {len(plan.skipped)} input(s) would be skipped)")
+
+    run = _Run(out_dir, options, force, progress)
+    result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped))
+    for job in track(plan.masters, "building masters", enabled=progress):
+        why = next((run.missing_master(r) for r in job.recipes if run.missing_master(r)), None)
+        if why:
+            run.failed[job.name] = why
+            result.skipped.append(Skipped(job.label.split("   ")[0].strip(), why))
+            continue
+        inputs = [_input_record(f.path, f.hdu) for f in job.members]
+        fp = _fingerprint(__version__, inputs, [_recipe_json(r) for r in job.recipes],
+                          dataclasses.asdict(job.settings), options.flat_floor, options.memory,
+                          sorted(run.master_prints.get(n) for n in job.depends_on))
+        try:
+            if run.up_to_date(job.output, fp):
+                _load_master(run, job)
+                result.reused += 1
+            else:
+                _build_master(run, job, inputs)
+        except OutputError:
+            raise
+        except CcdcalError as exc:
+            if options.strict:
+                raise
+            run.failed[job.name] = str(exc)
+            result.skipped.append(Skipped(job.label.split("   ")[0].strip(), str(exc)))
+            continue
+        run.master_prints[job.name] = _datasum(out_dir / job.output)
+        run.record(job.output, fp, inputs, {"kind": job.kind.value})
+        result.masters.append(job.output)
+        _write_manifest(run, inventory, plan, result)
+
+    from .executor import make_executor
+
+    executor = make_executor(None, options.workers)  # lights share this process's masters
+    try:
+        outcomes = executor.map(lambda job: _calibrate_light(run, plan, job), plan.lights)
+        for output, reason in track(outcomes, "calibrating lights", enabled=progress, total=len(plan.lights)):
+            if reason is None:
+                result.lights.append(output)
+            else:
+                if options.strict:
+                    raise InputError(f"{output}: {reason}")
+                result.skipped.append(Skipped(output, reason))
+    finally:
+        executor.close()
+    result.reused += sum(1 for v in run.outputs.values() if v.get("reused"))
+    _write_manifest(run, inventory, plan, result)
+    if options.report:
+        try:
+            from .report import build_report
+        except ImportError:
+            build_report = None
+        if build_report is not None:
+            result.report = build_report(out_dir, _manifest(run, inventory, plan, result))
+    if progress:
+        print_summary(result)
+    return result
+
+
+def _manifest(run: _Run, inventory: Inventory, plan: Plan, result: ReduceResult) -> dict[str, Any]:
+    inputs = []
+    for f in inventory.frames:
+        row = f.to_json()
+        inputs.append(row)
+    data = {
+        "ccdcal_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parameters": run.options.to_json(),
+        "inputs": inputs,
+        "plan_text": plan.describe(),
+        **plan.to_json(),
+        "skipped": [s.to_json() for s in result.skipped],
+        "outputs": dict(sorted(run.outputs.items())),
+    }
+    return data
+
+
+def _write_manifest(run: _Run, inventory: Inventory, plan: Plan, result: ReduceResult) -> None:
+    manifest = _manifest(run, inventory, plan, result)
+    # Outputs of the previous run that this one has not reached yet stay listed, so a
+    # run killed now still knows they are up to date.
+    for rel, entry in run.old.items():
+        manifest["outputs"].setdefault(rel, entry)
+    write_text(run.out_dir / "manifest.json", json.dumps(manifest, indent=1, default=str))

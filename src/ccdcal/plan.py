@@ -1,0 +1,382 @@
+"""The plan of a reduction: which masters are built from which frames, and which masters each
+frame gets, and why. Pure decisions over :class:`~ccdcal.inventory.FrameInfo`; nothing is read.
+
+Matching rules (the same for calibration members and lights):
+
+- geometry first: the same binning, raw shape, image HDU and trim section;
+- bias: the master bias of that geometry;
+- dark: the master dark group nearest in detector temperature, then the shortest
+  exposure at least as long as the frame's (scaling down adds less noise), else the
+  longest; scaled by the exposure ratio (only when a bias exists to remove the
+  bias from the dark, otherwise an exact-exposure dark is used unscaled);
+- flat: the master flat of the same geometry and filter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .calibrate import OverscanSpec, Recipe, dark_scale_for, overscan_geometry
+from .inventory import FrameInfo, FrameKind, Inventory, Skipped, frame_temperature, temperature_groups
+
+KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
+
+
+@dataclass(frozen=True)
+class CombineSettings:
+    """How a master is stacked (see :func:`ccdcal.combine.combine`)."""
+
+    method: str = "median"
+    sigma_clip: tuple[float, float] | None = (3.0, 3.0)
+    clip_extrema: tuple[int, int] | None = None
+    scale: str | None = None
+    scale_region: str | None = None
+
+    def describe(self) -> str:
+        parts = [self.method]
+        if self.clip_extrema:
+            parts.append(f"minmax {self.clip_extrema[0]}/{self.clip_extrema[1]}")
+        if self.sigma_clip:
+            parts.append(f"sigma {self.sigma_clip[0]:g}/{self.sigma_clip[1]:g}")
+        if self.scale:
+            where = f" of {self.scale_region}" if self.scale_region else " of the central half"
+            parts.append(f"scaled by {self.scale}{where}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class MasterJob:
+    """One master frame to build."""
+
+    kind: FrameKind
+    name: str                          # output file name under masters/
+    label: str                         # what the plan prints
+    members: tuple[FrameInfo, ...]
+    recipes: tuple[Recipe, ...]        # one per member: overscan, trim, bias/dark to remove
+    settings: CombineSettings
+    excluded: tuple[FrameInfo, ...] = ()
+    exptime: float | None = None
+    temperature: float | None = None
+    filter: str | None = None
+    geometry: tuple = ()
+
+    @property
+    def output(self) -> str:
+        return f"masters/{self.name}"
+
+    @property
+    def depends_on(self) -> set[str]:
+        return {m for r in self.recipes for m in (r.bias, r.dark) if m}
+
+
+@dataclass(frozen=True)
+class LightJob:
+    """One light to calibrate, with its recipe and the reasons for the choices."""
+
+    frame: FrameInfo
+    output: str                        # calibrated/<stem>.fits
+    recipe: Recipe
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    masters: tuple[MasterJob, ...]
+    lights: tuple[LightJob, ...]
+    skipped: tuple[Skipped, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def master(self, name: str) -> MasterJob:
+        return next(m for m in self.masters if m.name == name)
+
+    def describe(self) -> str:
+        """The plan as lines a person reads (what ``reduce --dry-run`` prints)."""
+        lines = []
+        for job in self.masters:
+            count = f"{len(job.members)} frame" + ("s" if len(job.members) != 1 else "")
+            lines.append(f"{job.label:<44} {count:>10}   {job.settings.describe()}")
+            steps = sorted({r.describe() for r in job.recipes})
+            for step in steps:
+                lines.append(f"    each frame: {step}")
+            if job.excluded:
+                lines.append(f"    excluded (flagged): {', '.join(f.name for f in job.excluded)}")
+            lines.append(f"    -> {job.output}")
+        if not self.lights:
+            lines.append("no lights: building masters only")
+        for light in self.lights:
+            r = light.recipe
+            chosen = []
+            if r.bias:
+                chosen.append("bias")
+            if r.dark:
+                chosen.append(f"dark {self.master(r.dark).exptime:g} s ×{r.dark_scale:.3g}")
+            if r.flat:
+                chosen.append(f"flat {self.master(r.flat).filter or ''}".rstrip())
+            lines.append(f"light {light.frame.name:<36} <- {', '.join(chosen) or 'nothing'}")
+            for note in light.notes:
+                lines.append(f"    note: {note}")
+        for s in self.skipped:
+            lines.append(f"skipped {s.path}: {s.reason}")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "masters": [
+                {"kind": m.kind.value, "label": m.label, "output": m.output,
+                 "members": [str(f.path) for f in m.members],
+                 "excluded": [str(f.path) for f in m.excluded],
+                 "description": m.settings.describe(), "exptime": m.exptime, "filter": m.filter}
+                for m in self.masters
+            ],
+            "lights": [
+                {"input": str(j.frame.path), "hdu": j.frame.hdu, "output": j.output,
+                 "bias": self._out(j.recipe.bias), "dark": self._out(j.recipe.dark),
+                 "dark_scale": j.recipe.dark_scale if j.recipe.dark else None,
+                 "flat": self._out(j.recipe.flat), "notes": list(j.notes)}
+                for j in self.lights
+            ],
+            "skipped": [s.to_json() for s in self.skipped],
+            "warnings": list(self.warnings),
+        }
+
+    @staticmethod
+    def _out(name: str | None) -> str | None:
+        return f"masters/{name}" if name else None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The choices of :func:`build_plan` (a subset of the reduce options)."""
+
+    overscan: bool = True
+    overscan_model: str = "legendre"
+    overscan_order: int = 3
+    combine_method: str | None = None            # None: mean when >= 5 frames, else median
+    sigma_clip: tuple[float, float] | None = (3.0, 3.0)
+    clip_extrema: tuple[int, int] | None = None
+    scale_region: str | None = None
+    temp_tolerance: float = 2.0
+    exclude_flagged: bool = False
+    exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
+    extra: dict = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "none"
+
+
+def geometry(info: FrameInfo) -> tuple:
+    """Frames that can share masters have equal geometry."""
+    return (info.binning, info.shape, info.hdu if info.n_hdus > 1 else 0, info.trimsec, info.biassec)
+
+
+def _geom_text(geom: tuple) -> str:
+    (bx, by), (ny, nx), hdu, _, _ = geom
+    text = f"{bx}x{by}_{nx}x{ny}"
+    return text + (f"_hdu{hdu}" if hdu else "")
+
+
+def _settings(n: int, options: PlanOptions, *, scale: bool) -> CombineSettings:
+    method = options.combine_method or ("mean" if n >= 5 else "median")
+    return CombineSettings(
+        method=method,
+        sigma_clip=options.sigma_clip if n >= 3 else None,
+        clip_extrema=options.clip_extrema if options.clip_extrema and n > sum(options.clip_extrema) else None,
+        scale="median" if scale else None,
+        scale_region=options.scale_region,
+    )
+
+
+def _group_exptime(values: list[float], tolerance: float) -> list[float]:
+    """Representative exposure of each value: values within ``tolerance`` (relative) share one."""
+    reps: list[float] = []
+    out = []
+    for v in values:
+        match = next((r for r in reps if abs(r - v) <= tolerance * max(r, v, 1e-9)), None)
+        if match is None:
+            reps.append(v)
+            match = v
+        out.append(match)
+    return out
+
+
+def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan:
+    """Decide every master and every light's calibration from an inventory."""
+    options = options or PlanOptions()
+    skipped = list(inventory.skipped)
+    warnings: list[str] = []
+    frames = list(inventory.frames)
+
+    overscans: dict[tuple, tuple[OverscanSpec | None, Any]] = {}
+
+    def base_recipe(info: FrameInfo) -> Recipe:
+        geom = geometry(info)
+        if geom not in overscans:
+            spec, trim = overscan_geometry(info.shape, info.biassec, info.trimsec,
+                                           model=options.overscan_model, order=options.overscan_order)
+            overscans[geom] = (spec if options.overscan else None, trim)
+        spec, trim = overscans[geom]
+        return Recipe(overscan=spec, trim=trim)
+
+    # -- group calibration frames ------------------------------------------------------------
+    def usable(members: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo]]:
+        if not options.exclude_flagged:
+            return members, []
+        keep = [f for f in members if not f.flags]
+        drop = [f for f in members if f.flags]
+        if not keep:  # never drop a whole group: say so and keep them
+            warnings.append(f"all {len(members)} frames of a group are flagged; kept them all")
+            return members, []
+        return keep, drop
+
+    biases: dict[tuple, str] = {}
+    darks: dict[tuple, list[tuple[float, float | None, str]]] = {}  # geom -> [(exptime, temp, name)]
+    dark_counts: dict[str, int] = {}
+    flats: dict[tuple, dict[str | None, str]] = {}
+    jobs: list[MasterJob] = []
+    geoms = {geometry(f) for f in frames}
+    many_geoms = len(geoms) > 1
+
+    def master_name(stem: str, geom: tuple) -> str:
+        return f"{stem}_{_geom_text(geom)}.fits" if many_geoms else f"{stem}.fits"
+
+    by_geom: dict[tuple, list[FrameInfo]] = {}
+    for f in frames:
+        by_geom.setdefault(geometry(f), []).append(f)
+
+    for geom, members in by_geom.items():
+        bias_frames = [f for f in members if f.kind == FrameKind.BIAS]
+        if bias_frames:
+            keep, drop = usable(bias_frames)
+            name = master_name("master_bias", geom)
+            biases[geom] = name
+            if len(keep) == 1:
+                warnings.append(f"master bias {_geom_text(geom)} from a single frame ({keep[0].name}): noisy")
+            jobs.append(MasterJob(
+                kind=FrameKind.BIAS, name=name, label=f"master bias   {_geom_text(geom)}",
+                members=tuple(keep), recipes=tuple(base_recipe(f) for f in keep),
+                settings=_settings(len(keep), options, scale=False), excluded=tuple(drop), geometry=geom))
+
+    for geom, members in by_geom.items():
+        dark_frames = [f for f in members if f.kind == FrameKind.DARK]
+        no_time = [f for f in dark_frames if f.exptime is None]
+        for f in no_time:
+            skipped.append(Skipped(str(f.path), "dark without exposure time (EXPTIME/EXPOSURE); fix the header"))
+        dark_frames = [f for f in dark_frames if f.exptime is not None]
+        if not dark_frames:
+            continue
+        temps = temperature_groups([frame_temperature(f) for f in dark_frames], options.temp_tolerance)
+        times = _group_exptime([f.exptime for f in dark_frames], options.exptime_tolerance)
+        groups: dict[tuple[float, int], list[FrameInfo]] = {}
+        for f, t, g in zip(dark_frames, times, temps, strict=True):
+            groups.setdefault((t, g), []).append(f)
+        several_temps = len(set(temps)) > 1
+        for (exptime, tgroup), group in sorted(groups.items()):
+            keep, drop = usable(group)
+            known = [frame_temperature(f) for f in keep if frame_temperature(f) is not None]
+            temp = sum(known) / len(known) if known else None
+            stem = f"master_dark_{exptime:g}s" + (f"_{temp:+.0f}C" if several_temps and temp is not None else "")
+            name = master_name(stem, geom)
+            bias = biases.get(geom)
+            recipes = tuple(Recipe(r.overscan, r.trim, bias=bias) for r in map(base_recipe, keep))
+            if len(keep) == 1:
+                warnings.append(f"master dark {exptime:g} s from a single frame ({keep[0].name}): noisy")
+            label = f"master dark   {exptime:g} s" + (f"  {temp:+.1f} °C" if temp is not None else "")
+            label += "   bias-subtracted" if bias else "   NOT bias-subtracted (no bias frames)"
+            darks.setdefault(geom, []).append((exptime, temp, name))
+            dark_counts[name] = len(keep)
+            jobs.append(MasterJob(
+                kind=FrameKind.DARK, name=name, label=label, members=tuple(keep), recipes=recipes,
+                settings=_settings(len(keep), options, scale=False), excluded=tuple(drop),
+                exptime=exptime, temperature=temp, geometry=geom))
+
+    def choose_dark(info: FrameInfo, geom: tuple) -> tuple[str | None, float, list[str]]:
+        candidates = darks.get(geom, [])
+        notes: list[str] = []
+        if not candidates:
+            return None, 0.0, notes
+        temp = frame_temperature(info)
+        if temp is not None and any(c[1] is not None for c in candidates):
+            nearest = min(abs(c[1] - temp) for c in candidates if c[1] is not None)
+            if nearest > options.temp_tolerance:
+                notes.append(f"nearest master dark is {nearest:.1f} °C away from the frame's {temp:.1f} °C")
+            candidates = [c for c in candidates if c[1] is not None and abs(abs(c[1] - temp) - nearest) < 1e-6]
+        bias = biases.get(geom)
+        t = info.exptime
+        if t is None:
+            notes.append("no exposure time: dark not applied")
+            return None, 0.0, notes
+        exact = [c for c in candidates if abs(c[0] - t) <= options.exptime_tolerance * max(t, 1e-9)]
+        if exact:
+            return exact[0][2], 1.0 if not bias else dark_scale_for(t, exact[0][0]), notes
+        if not bias:
+            notes.append(f"no bias frames, so darks cannot be scaled to {t:g} s; none applied")
+            return None, 0.0, notes
+        # Among darks at least as long (scaling down never amplifies their noise), the one that
+        # adds least noise: scale / sqrt(frames combined). Without any, the longest.
+        longer = sorted((c for c in candidates if c[0] >= t),
+                        key=lambda c: (t / c[0]) / dark_counts[c[2]] ** 0.5)
+        chosen = longer[0] if longer else max(candidates, key=lambda c: c[0])
+        scale = dark_scale_for(t, chosen[0])
+        notes.append(f"no {t:g} s dark: the {chosen[0]:g} s dark is scaled by {scale:.4g}")
+        return chosen[2], scale, notes
+
+    for geom, members in by_geom.items():
+        flat_frames = [f for f in members if f.kind == FrameKind.FLAT]
+        by_filter: dict[str | None, list[FrameInfo]] = {}
+        for f in flat_frames:
+            by_filter.setdefault(f.filter, []).append(f)
+        for filt, group in sorted(by_filter.items(), key=lambda kv: str(kv[0])):
+            keep, drop = usable(group)
+            name = master_name(f"master_flat_{_slug(filt or 'nofilter')}", geom)
+            recipes = []
+            for f in keep:
+                dark, scale, _ = choose_dark(f, geom)
+                r = base_recipe(f)
+                recipes.append(Recipe(r.overscan, r.trim, bias=biases.get(geom), dark=dark, dark_scale=scale))
+            if len(keep) == 1:
+                warnings.append(f"master flat {filt} from a single frame ({keep[0].name}): noisy")
+            flats.setdefault(geom, {})[filt] = name
+            jobs.append(MasterJob(
+                kind=FrameKind.FLAT, name=name, label=f"master flat   {filt or '(no filter)'}",
+                members=tuple(keep), recipes=tuple(recipes),
+                settings=_settings(len(keep), options, scale=True), excluded=tuple(drop),
+                filter=filt, geometry=geom))
+
+    # -- lights -----------------------------------------------------------------------------
+    lights: list[LightJob] = []
+    used_outputs: set[str] = set()
+    for info in sorted((f for f in frames if f.kind == FrameKind.LIGHT), key=lambda f: str(f.path)):
+        geom = geometry(info)
+        notes: list[str] = []
+        bias = biases.get(geom)
+        if bias is None:
+            notes.append("no master bias for this binning/size")
+        dark, scale, dark_notes = choose_dark(info, geom)
+        notes.extend(dark_notes)
+        flat_map = flats.get(geom, {})
+        flat = flat_map.get(info.filter)
+        if flat is None and flat_map:
+            if info.filter is None and len(flat_map) == 1:
+                flat = next(iter(flat_map.values()))
+                notes.append("the light has no filter keyword; the only master flat is used")
+            else:
+                notes.append(f"no master flat for filter {info.filter!r} (have: {', '.join(map(str, flat_map))})")
+        elif flat is None:
+            notes.append("no flat frames for this binning/size: not flat-fielded")
+        out = f"calibrated/{info.stem}.fits"
+        n = 2
+        while out in used_outputs:
+            out = f"calibrated/{info.stem}_{n}.fits"
+            n += 1
+        used_outputs.add(out)
+        base = base_recipe(info)
+        recipe = Recipe(base.overscan, base.trim, bias=bias, dark=dark, dark_scale=scale, flat=flat)
+        lights.append(LightJob(frame=info, output=out, recipe=recipe, notes=tuple(notes)))
+
+    jobs.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
+    return Plan(masters=tuple(jobs), lights=tuple(lights), skipped=tuple(skipped), warnings=tuple(warnings))
