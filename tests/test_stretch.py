@@ -1,0 +1,185 @@
+"""Stretches follow their closed-form definitions: monotone, 0 -> 0, 1 -> 1, background on target."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from astropy.stats import sigma_clipped_stats
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ccdcal import stretch as S
+
+unit = st.floats(min_value=1e-4, max_value=1 - 1e-4)
+
+
+def _closed_mtf(m, x):
+    return (m - 1) * x / ((2 * m - 1) * x - m)
+
+
+@pytest.fixture
+def sky() -> np.ndarray:
+    """A small sky: background 1000 ADU, noise 7, a galaxy-like blob and hot pixels."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:200, 0:240]
+    blob = 3000.0 * np.exp(-(((x - 120) / 15.0) ** 2 + ((y - 100) / 9.0) ** 2))
+    data = rng.normal(1000.0, 7.0, (200, 240)) + blob
+    data[[5, 50, 150], [7, 70, 170]] = 60000.0
+    return data.astype(np.float32)
+
+
+# -- the curves ------------------------------------------------------------------------------------
+@given(m=unit, x=st.floats(min_value=0, max_value=1))
+def test_mtf_equals_closed_form(m, x):
+    expected = 0.0 if x == 0 else _closed_mtf(m, x)
+    assert float(S.mtf(m, x)) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@given(m=unit)
+def test_mtf_fixes_ends_and_maps_m_to_half(m):
+    assert float(S.mtf(m, 0.0)) == 0.0
+    assert float(S.mtf(m, 1.0)) == pytest.approx(1.0, abs=1e-12)
+    assert float(S.mtf(m, m)) == pytest.approx(0.5, abs=1e-9)
+
+
+@given(m=unit)
+def test_mtf_is_monotone(m):
+    y = S.mtf(m, np.linspace(0, 1, 1001))
+    assert np.all(np.diff(y) >= -1e-15)
+
+
+@given(background=unit, target=unit)
+def test_midtones_balance_puts_background_on_target(background, target):
+    m = S.midtones_balance(background, target)
+    assert 0 < m < 1
+    # derived balance: m = (t - 1) b / ((2t - 1) b - t), i.e. MTF with its arguments swapped
+    assert m == pytest.approx(_closed_mtf(target, background), rel=1e-12)
+    assert float(S.mtf(m, background)) == pytest.approx(target, rel=1e-9, abs=1e-12)
+
+
+def test_midtones_balance_is_identity_when_background_is_at_an_end():
+    assert S.midtones_balance(0.0) == 0.5 and S.midtones_balance(1.0) == 0.5
+
+
+def test_rnc_scurve_equals_normalised_closed_form():
+    x = np.linspace(0, 1, 501)
+
+    def f(v):
+        return 5 / (1 + np.exp(-5 * (v - 0.42))) - 0.58
+
+    expected = (f(x) - f(0)) / (f(1) - f(0))
+    y = S.rnc_scurve(x)
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-15)
+    assert y[0] == 0.0 and y[-1] == pytest.approx(1.0, abs=1e-15)
+    assert np.all(np.diff(y) > 0)
+    assert S.rnc_scurve(0.1) < 0.1 and S.rnc_scurve(0.6) > 0.6  # an S: darker shadows, brighter mids
+
+
+# -- image stretches -----------------------------------------------------------------------------
+def _is_monotone(data, stretched):
+    order = np.argsort(data, axis=None, kind="stable")
+    return np.all(np.diff(stretched.ravel()[order]) >= -1e-12)
+
+
+def test_midtone_stretch_reproduces_the_notebook_steps(sky):
+    y = S.midtone_stretch(sky, low_clip=2.8, bg=0.25)
+    d = sky.astype(np.float64)
+    x = (d - d.min()) / (d.max() - d.min())
+    mean, median, std = sigma_clipped_stats(x, sigma=3.0, maxiters=5)
+    c0 = mean - 2.8 * std
+    xp = np.clip((x - c0) / (1 - c0), 0, 1)
+    b = (median - c0) / (1 - c0)
+    m = b * (0.25 - 1) / (2 * b * 0.25 - 0.25 - b)
+    np.testing.assert_allclose(y, _closed_mtf(m, xp), rtol=1e-9, atol=1e-12)
+    assert float(S.mtf(m, b)) == pytest.approx(0.25, abs=1e-12)  # background on target
+    assert y.min() == 0.0 and y.max() == pytest.approx(1.0)
+    assert _is_monotone(sky, y)
+
+
+def test_auto_stf_puts_the_median_on_target(sky):
+    y = S.auto_stf(sky, shadows=2.8, target=0.25)
+    assert np.median(y) == pytest.approx(0.25, abs=1e-6)
+    d = sky.astype(np.float64)
+    x = (d - d.min()) / (d.max() - d.min())
+    med = np.median(x)
+    c0 = med - 2.8 * 1.4826 * np.median(np.abs(x - med))
+    np.testing.assert_allclose(y, S.mtf(S.midtones_balance((med - c0) / (1 - c0)),
+                                        np.clip((x - c0) / (1 - c0), 0, 1)), atol=1e-6)
+    assert _is_monotone(sky, y) and y.min() == 0.0 and y.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.25, 0.4])
+def test_auto_stf_honours_other_targets(sky, target):
+    assert np.median(S.auto_stf(sky, target=target)) == pytest.approx(target, abs=1e-6)
+
+
+def test_mtf_rnc_is_the_s_curve_twice_after_the_midtone_stretch(sky):
+    expected = S.rnc_scurve(S.rnc_scurve(S.midtone_stretch(sky)))
+    np.testing.assert_array_equal(S.stretch(sky, "mtf-rnc"), expected)
+
+
+def test_linear_uses_astropy_zscale_limits(sky):
+    from astropy.visualization import ZScaleInterval
+
+    lo, hi = ZScaleInterval().get_limits(sky.astype(np.float64).ravel())
+    assert S.zscale_limits(sky) == pytest.approx((lo, hi))
+    y = S.linear_stretch(sky)
+    np.testing.assert_allclose(y, np.clip((sky - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert 900 < lo < 1000 < hi < 1100
+
+
+def test_asinh_equals_closed_form():
+    data = np.linspace(-10.0, 110.0, 121).reshape(11, 11)
+    y = S.asinh_stretch(data, softening=0.05, limits=(0.0, 100.0))
+    x = np.clip(data / 100.0, 0, 1)
+    np.testing.assert_allclose(y, np.arcsinh(x / 0.05) / math.asinh(1 / 0.05), rtol=1e-12)
+    assert y.min() == 0.0 and y.max() == pytest.approx(1.0)
+    assert _is_monotone(data, y)
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+def test_every_method_maps_into_unit_interval_and_keeps_nan(sky, method):
+    data = sky.copy()
+    data[0, 0] = np.nan
+    y = S.stretch(data, method)
+    assert y.shape == data.shape and np.isnan(y[0, 0])
+    finite = y[np.isfinite(y)]
+    assert finite.min() >= 0.0 and finite.max() <= 1.0
+
+
+@pytest.mark.parametrize("method", S.METHODS)
+def test_constant_image_does_not_crash(method):
+    y = S.stretch(np.full((8, 8), 5.0), method)
+    assert np.all((y >= 0) & (y <= 1))
+
+
+def test_unknown_method_is_rejected(sky):
+    with pytest.raises(ValueError, match="unknown stretch"):
+        S.stretch(sky, "gamma")
+
+
+# -- display helpers -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("bits", "mode", "top"), [(8, "L", 255), (16, "I;16", 65535)])
+def test_png_roundtrip(bits, mode, top):
+    from PIL import Image
+
+    y = np.linspace(0, 1, 12).reshape(3, 4)
+    png = S.png_bytes(y, bits=bits, flip=False)
+    image = Image.open(io.BytesIO(png))
+    assert image.mode == mode and image.size == (4, 3)
+    pixels = np.asarray(image)
+    assert pixels[0, 0] == 0 and pixels[-1, -1] == top
+    flipped = np.asarray(Image.open(io.BytesIO(S.png_bytes(y, bits=bits))))
+    np.testing.assert_array_equal(flipped, pixels[::-1])
+
+
+def test_downsample_block_averages_and_ignores_nan():
+    data = np.arange(16, dtype=np.float32).reshape(4, 4)
+    data[0, 0] = np.nan
+    small = S.downsample(data, 2)
+    np.testing.assert_allclose(small, [[(1 + 4 + 5) / 3, 4.5], [10.5, 12.5]])
+    assert S.downsample(np.zeros((1001, 333)), 200).shape == (167, 56)
+    assert S.downsample(data, 10) is not None and S.downsample(data, 10).shape == (4, 4)
