@@ -107,7 +107,7 @@ def _run_demo(args) -> int:
 
     folder = Path(args.folder)
     raw = write_night(folder / "raw", seed=args.seed, size=args.size)
-    console().print(f"[bold]synthetic night[/] written to {raw} (truth in {folder / 'raw' / 'truth'})")
+    console().print(f"[bold]synthetic night[/] written to {raw} (truth in {folder / 'truth'})")
     if args.no_reduce:
         return EXIT_OK
     result = reduce([raw], folder / "out", options=ReduceOptions(), progress=True)

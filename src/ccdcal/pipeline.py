@@ -205,6 +205,12 @@ class _Run:
         return None
 
 
+def _ascii(text: str) -> str:
+    """FITS cards hold printable ASCII only."""
+    text = text.replace("×", "x").replace("°C", "C").replace("°", "deg").replace("—", "-").replace("←", "<-")
+    return text.encode("ascii", "replace").decode("ascii")
+
+
 def _master_header(job: MasterJob, result_header: Any, extra: dict[str, Any]) -> Any:
     header = result_header.copy()
     header["IMAGETYP"] = (MASTER_TYPES[job.kind], "ccdcal master frame")
@@ -219,9 +225,9 @@ def _master_header(job: MasterJob, result_header: Any, extra: dict[str, Any]) ->
     for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
         header.remove(key, ignore_missing=True, remove_all=True)
     steps = sorted({r.describe() for r in job.recipes})
-    header["HISTORY"] = f"ccdcal {__version__}: {job.label.split('   ')[0].strip()} from {len(job.members)} frames"
+    header["HISTORY"] = _ascii(f"ccdcal {__version__}: {job.label.split('   ')[0].strip()} from {len(job.members)} frames")
     for step in steps:
-        header["HISTORY"] = f"each member: {step}"
+        header["HISTORY"] = _ascii(f"each member: {step}")
     header["HISTORY"] = f"combined: {job.settings.describe()}"
     for key, value in extra.items():
         header[key] = value
@@ -289,7 +295,7 @@ def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, oversca
     header["BUNIT"] = "adu"
     header["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"
     if recipe.overscan is not None:
-        header["HISTORY"] = recipe.overscan.describe()
+        header["HISTORY"] = _ascii(recipe.overscan.describe())
         if overscan_level is not None:
             header["OVSCMEAN"] = (overscan_level, "[adu] mean overscan level subtracted")
     if recipe.trim is not None:
