@@ -1,0 +1,472 @@
+"""The HTML QA report of a reduction: plan, per-group frame statistics, master and light previews.
+
+:func:`build_report` reads ``OUT/manifest.json`` (or a manifest dict), writes stretched
+PNG previews to ``OUT/previews/`` and one self-contained ``OUT/report.html`` (images
+inline as data URIs, histograms as inline SVG, no script, no network).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CcdcalError, InputError
+from .frames import read_image, write_bytes, write_text
+from .stats import region_stats
+from .stretch import downsample, png_bytes, stretch
+
+PREVIEW_SIZE = 800  # px, longest side of a master or light preview
+THUMB_SIZE = 200  # px, longest side of a light thumbnail
+HIST_BINS = 120
+KINDS = ("bias", "dark", "flat")
+
+
+# -- small pieces ---------------------------------------------------------------------------------
+@dataclass
+class Image:
+    """One preview: the PNG (inline) and where its file is, or why there is none."""
+
+    data_uri: str | None = None
+    file: str | None = None  # relative to the report
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+@dataclass
+class MasterCard:
+    kind: str
+    label: str
+    output: str
+    description: str
+    members: list[str]
+    excluded: list[str]
+    method: str
+    preview: Image
+    histogram_svg: str | None = None
+    stats: dict[str, Any] | None = None
+
+
+@dataclass
+class LightCard:
+    index: int
+    name: str
+    output: str
+    masters: list[str]
+    notes: list[str]
+    flags: list[str]
+    thumb: Image
+    preview: Image
+    stats: dict[str, Any] | None = None
+
+
+@dataclass
+class FrameRow:
+    name: str
+    path: str
+    hdu: int | None
+    exptime: Any
+    filter: Any
+    shape: str
+    metrics: dict[str, Any] | None
+    flags: list[str]
+    warnings: list[str]
+    excluded: bool
+
+
+@dataclass
+class Group:
+    title: str
+    kind: str
+    rows: list[FrameRow] = field(default_factory=list)
+
+    @property
+    def n_flagged(self) -> int:
+        return sum(1 for r in self.rows if r.flags)
+
+    @property
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in ("level", "noise"):
+            values = [r.metrics[key] for r in self.rows
+                      if r.metrics and _finite_number(r.metrics.get(key))]
+            if values:
+                out[key] = float(np.median(values))
+        return out
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _safe_stem(text: str) -> str:
+    stem = Path(text).name
+    for suffix in (".gz", ".fz", ".fits", ".fit", ".fts"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+
+
+def _display_name(path: str) -> str:
+    return Path(path).name if path else "?"
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "—" if math.isnan(value) else ("∞" if value > 0 else "−∞")
+        magnitude = abs(value)
+        if magnitude == 0:
+            return "0"
+        if magnitude >= 10 ** digits or magnitude < 1e-3:
+            return f"{value:.{digits - 1}g}" if magnitude >= 1e6 or magnitude < 1e-3 else f"{value:.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    if not _finite_number(value):
+        return "—"
+    if value == 0:
+        return "0"
+    return f"{100 * value:.2g}%"
+
+
+def _fmt_exptime(value: Any) -> str:
+    return "—" if not _finite_number(value) else f"{value:g} s"
+
+
+# -- histograms -----------------------------------------------------------------------------------
+def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins: int = HIST_BINS,
+                  unit: str = "ADU") -> str:
+    """An inline SVG histogram (log counts) of the finite pixels between the 0.05 and 99.95 percentiles.
+
+    Pixels outside that range are counted in the first/last bin (their share is printed).
+    The median is marked with a vertical line.
+    """
+    values = np.asarray(data, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" class="hist" width="{width}" '
+                f'height="{height}"><text x="10" y="20">no finite pixels</text></svg>')
+    if values.size > 2_000_000:
+        values = values[:: values.size // 1_000_000]
+    lo, hi = np.percentile(values, [0.05, 99.95])
+    if not hi > lo:
+        lo, hi = float(values.min()) - 0.5, float(values.max()) + 0.5
+    below = float(np.mean(values < lo))
+    above = float(np.mean(values > hi))
+    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+    median = float(np.median(values))
+    left, right, top, bottom = 8, 8, 8, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = math.log10(max(int(counts.max()), 1) + 1)
+    bar_w = plot_w / bins
+    rects = []
+    for i, count in enumerate(counts):
+        if count <= 0:
+            continue
+        h = plot_h * math.log10(int(count) + 1) / peak
+        rects.append(
+            f'<rect x="{left + i * bar_w:.2f}" y="{top + plot_h - h:.2f}" '
+            f'width="{max(bar_w - 0.3, 0.5):.2f}" height="{h:.2f}"/>'
+        )
+    mx = left + plot_w * (median - lo) / (hi - lo)
+    label_y = height - 16
+    note = []
+    if below > 0:
+        note.append(f"{_pct(below)} below")
+    if above > 0:
+        note.append(f"{_pct(above)} above")
+    note_text = html.escape(", ".join(note) + " range" if note else "log counts")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="hist" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="histogram of pixel values">'
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>'
+        f'<g fill="#4a6fa5">{"".join(rects)}</g>'
+        f'<line x1="{mx:.2f}" y1="{top}" x2="{mx:.2f}" y2="{top + plot_h}" stroke="#c0392b" '
+        'stroke-width="1.2"/>'
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
+        'stroke="#555" stroke-width="1"/>'
+        f'<text x="{left}" y="{label_y}" font-size="11">{html.escape(_fmt(float(lo)))}</text>'
+        f'<text x="{left + plot_w}" y="{label_y}" font-size="11" text-anchor="end">'
+        f'{html.escape(_fmt(float(hi)))} {html.escape(unit)}</text>'
+        f'<text x="{min(max(mx, left + 40), left + plot_w - 40):.2f}" y="{label_y}" font-size="11" '
+        f'text-anchor="middle" fill="#c0392b">median {html.escape(_fmt(median))}</text>'
+        f'<text x="{left + plot_w / 2:.2f}" y="{height - 3}" font-size="10" text-anchor="middle" '
+        f'fill="#777">{note_text}</text>'
+        "</svg>"
+    )
+
+
+# -- previews -------------------------------------------------------------------------------------
+def _preview(data: np.ndarray, size: int, method: str) -> tuple[bytes, int, int]:
+    small = downsample(data, size)
+    shown = stretch(small, method)
+    return png_bytes(shown), small.shape[1], small.shape[0]
+
+
+def _write_preview(out_dir: Path, name: str, png: bytes, width: int, height: int) -> Image:
+    rel = f"previews/{name}.png"
+    write_bytes(out_dir / rel, png)
+    return Image(_data_uri(png), rel, width, height)
+
+
+def _load(out_dir: Path, rel: str | None) -> tuple[np.ndarray | None, str | None]:
+    """The primary image of an output, or ``None`` and the reason it cannot be shown."""
+    if not rel:
+        return None, "no output file recorded"
+    path = Path(rel) if os.path.isabs(rel) else out_dir / rel
+    if not path.exists():
+        return None, f"{rel} is missing"
+    try:
+        data, _ = read_image(path)
+    except CcdcalError as exc:
+        return None, f"{rel} cannot be read ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a broken output must not stop the report
+        return None, f"{rel} cannot be read ({type(exc).__name__}: {exc})"
+    return data, None
+
+
+def _master_method(kind: str) -> str:
+    # Flats show vignetting and dust best on a linear zscale; bias/dark structure and
+    # hot pixels on the auto-STF.
+    return "linear" if kind == "flat" else "autostf"
+
+
+def _method_text(method: str) -> str:
+    return {"linear": "linear, zscale limits", "autostf": "auto-STF (shadows −2.8σ, background 0.25)",
+            "mtf": "midtone transfer", "mtf-rnc": "midtone + RNC S-curve ×2",
+            "asinh": "asinh"}.get(method, method)
+
+
+# -- assembling the page --------------------------------------------------------------------------
+def _groups(inputs: list[Mapping[str, Any]], excluded: set[str]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for item in inputs:
+        kind = str(item.get("kind") or "unknown")
+        if kind not in KINDS:
+            continue
+        exptime, flt = item.get("exptime"), item.get("filter")
+        if kind == "dark":
+            key, title = (kind, exptime if _finite_number(exptime) else None), f"dark {_fmt_exptime(exptime)}"
+        elif kind == "flat":
+            key, title = (kind, flt), f"flat {flt if flt else '(no filter)'}"
+        else:
+            key, title = (kind,), "bias"
+        group = groups.setdefault(key, Group(title, kind))
+        shape = item.get("shape")
+        path = str(item.get("path") or "")
+        group.rows.append(FrameRow(
+            name=_display_name(path) + (f" [{item['hdu']}]" if item.get("hdu") else ""),
+            path=path,
+            hdu=item.get("hdu"),
+            exptime=exptime,
+            filter=flt,
+            shape="×".join(str(v) for v in reversed(shape)) if shape else "—",
+            metrics=dict(item["metrics"]) if isinstance(item.get("metrics"), Mapping) else None,
+            flags=[str(f) for f in item.get("flags") or []],
+            warnings=[str(w) for w in item.get("warnings") or []],
+            excluded=path in excluded,
+        ))
+    order = {k: i for i, k in enumerate(KINDS)}
+    return sorted(groups.values(), key=lambda g: (order[g.kind], g.title))
+
+
+def _stats_dict(data: np.ndarray) -> dict[str, Any]:
+    small = data if data.size <= 4_000_000 else data[:: 2, :: 2]
+    return region_stats(small).to_dict()
+
+
+def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[MasterCard]:
+    cards = []
+    for item in masters:
+        kind = str(item.get("kind") or "?")
+        output = str(item.get("output") or "")
+        method = _master_method(kind)
+        card = MasterCard(
+            kind=kind,
+            label=str(item.get("label") or _display_name(output)),
+            output=output,
+            description=str(item.get("description") or ""),
+            members=[str(m) for m in item.get("members") or []],
+            excluded=[str(m) for m in item.get("excluded") or []],
+            method=_method_text(method),
+            preview=Image(),
+        )
+        data, error = _load(out_dir, output)
+        if data is None:
+            card.preview.error = error
+        else:
+            png, w, h = _preview(data, PREVIEW_SIZE, method)
+            card.preview = _write_preview(out_dir, f"master-{_safe_stem(output)}", png, w, h)
+            unit = "" if kind == "flat" else "ADU"
+            card.histogram_svg = histogram_svg(data, unit=unit)
+            card.stats = _stats_dict(data)
+        cards.append(card)
+    return cards
+
+
+def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
+            flags_by_path: Mapping[str, list[str]]) -> list[LightCard]:
+    cards = []
+    for index, item in enumerate(lights):
+        source = str(item.get("input") or "")
+        output = str(item.get("output") or "")
+        masters = []
+        for key in ("bias", "dark", "flat"):
+            name = item.get(key)
+            if not name:
+                continue
+            text = f"{key} {_display_name(str(name))}"
+            if key == "dark" and _finite_number(item.get("dark_scale")) and item["dark_scale"] != 1:
+                text += f" ×{item['dark_scale']:.3g}"
+            masters.append(text)
+        card = LightCard(index=index, name=_display_name(output or source), output=output,
+                         masters=masters, notes=[str(n) for n in item.get("notes") or []],
+                         flags=list(flags_by_path.get(source, [])), thumb=Image(), preview=Image())
+        data, error = _load(out_dir, output)
+        if data is None:
+            card.thumb.error = card.preview.error = error
+        else:
+            stem = _safe_stem(output)
+            png, w, h = _preview(data, PREVIEW_SIZE, "autostf")
+            card.preview = _write_preview(out_dir, f"light-{stem}", png, w, h)
+            png, w, h = _preview(data, THUMB_SIZE, "autostf")
+            card.thumb = _write_preview(out_dir, f"light-{stem}-thumb", png, w, h)
+            card.stats = _stats_dict(data)
+        cards.append(card)
+    return cards
+
+
+def _collect_warnings(manifest: Mapping[str, Any]) -> list[str]:
+    warnings = [str(w) for w in manifest.get("warnings") or []]
+    for item in manifest.get("inputs") or []:
+        for w in item.get("warnings") or []:
+            warnings.append(f"{_display_name(str(item.get('path') or ''))}: {w}")
+    return warnings
+
+
+def _parameters(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    params = manifest.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        return [("parameters", json.dumps(params, default=str))]
+    return [(str(k), v if isinstance(v, str) else json.dumps(v, default=str))
+            for k, v in params.items()]
+
+
+def render_report(context: Mapping[str, Any]) -> str:
+    """The report page from its context (see :func:`build_report`), via the Jinja2 template."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("ccdcal", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _fmt
+    env.filters["pct"] = _pct
+    env.filters["exptime"] = _fmt_exptime
+    env.filters["name"] = _display_name
+    return env.get_template("report.html.j2").render(**context)
+
+
+def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """``OUT/manifest.json`` as a dict.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or not JSON.
+    """
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no manifest; run 'ccdcal reduce ... -o {out_dir}' first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable manifest ({exc}); rerun 'ccdcal reduce'") from exc
+
+
+def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> Path:
+    """Write ``OUT/previews/*.png`` and the self-contained ``OUT/report.html``.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        The reduction's output folder; relative paths in the manifest are relative to it.
+    manifest : dict, optional
+        The reduction manifest (schema in the pipeline); read from ``OUT/manifest.json``
+        when omitted.
+
+    Returns
+    -------
+    Path
+        The report file.
+
+    Notes
+    -----
+    Missing pieces (no lights, no flats, an output file that is gone or unreadable) are
+    stated in the page instead of stopping the report. Masters are previewed with the
+    auto-STF (bias, dark) or a zscale linear stretch (flats), lights with the auto-STF;
+    previews are block-averaged to at most 800 px, thumbnails to 200 px.
+    """
+    out_dir = Path(out_dir)
+    if manifest is None:
+        manifest = load_manifest(out_dir)
+    inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]
+    masters_in = [m for m in manifest.get("masters") or [] if isinstance(m, Mapping)]
+    lights_in = [x for x in manifest.get("lights") or [] if isinstance(x, Mapping)]
+    excluded = {str(p) for m in masters_in for p in m.get("excluded") or []}
+    flags_by_path = {str(i.get("path")): [str(f) for f in i.get("flags") or []] for i in inputs}
+
+    groups = _groups(inputs, excluded)
+    masters = _masters(out_dir, masters_in)
+    lights = _lights(out_dir, lights_in, flags_by_path)
+    counts: dict[str, int] = {}
+    for item in inputs:
+        kind = str(item.get("kind") or "unknown")
+        counts[kind] = counts.get(kind, 0) + 1
+    unknown = [i for i in inputs if str(i.get("kind") or "unknown") not in (*KINDS, "light")]
+    context = {
+        "title": f"ccdcal report — {out_dir.resolve().name}",
+        "version": manifest.get("ccdcal_version", "?"),
+        "created": manifest.get("created", "?"),
+        "counts": counts,
+        "n_inputs": len(inputs),
+        "n_flagged": sum(g.n_flagged for g in groups),
+        "n_excluded": len(excluded),
+        "plan_text": str(manifest.get("plan_text") or ""),
+        "groups": groups,
+        "masters": masters,
+        "lights": lights,
+        "unknown": unknown,
+        "skipped": [s for s in manifest.get("skipped") or [] if isinstance(s, Mapping)],
+        "warnings": _collect_warnings(manifest),
+        "parameters": _parameters(manifest),
+        "preview_size": PREVIEW_SIZE,
+    }
+    page = render_report(context)
+    return write_text(out_dir / "report.html", page)
