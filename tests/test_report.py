@@ -224,3 +224,12 @@ def test_histogram_svg_is_well_formed():
     assert root.tag.endswith("svg") and len(root.findall(".//{http://www.w3.org/2000/svg}rect")) > 10
     ET.fromstring(histogram_svg(np.full((4, 4), np.nan)))
     ET.fromstring(histogram_svg(np.full((4, 4), 3.0)))
+
+
+def test_cli_report_rebuilds_the_page(out_dir, capsys):
+    from ccdcal.cli import main
+
+    assert main(["report", str(out_dir)]) == 0
+    assert (out_dir / "report.html").is_file()
+    assert "report:" in capsys.readouterr().out
+    assert main(["report", str(out_dir / "nowhere")]) == 2

@@ -120,3 +120,34 @@ def test_frame_metrics_sees_large_scale_gradient():
     assert frame_metrics(flat)["gradient"] < 10
     assert frame_metrics(ramp)["gradient"] > 70
 
+
+
+# -- command line ----------------------------------------------------------------------------------
+def test_cli_stats_json_has_one_object_per_file_and_region(tmp_path, image, capsys):
+    from ccdcal.cli import main
+    from ccdcal.frames import write_fits
+
+    paths = [write_fits(tmp_path / f"f{i}.fits", image + i) for i in range(2)]
+    rc = main(["stats", *map(str, paths), "--region", "[1:10,1:5]", "--region", "[71:80,51:60]", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["path"], r["region"]) for r in rows] == [
+        (str(p), reg) for p in paths for reg in ("[1:10,1:5]", "[71:80,51:60]")]
+    assert list(rows[0]) == ["path", "region", "npix", "mean", "median", "std", "min", "max",
+                             "clipped_mean", "clipped_median", "clipped_std"]
+    expected = _reference(image[50:60, 70:80] + 1)
+    for key, value in expected.items():
+        assert rows[3][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_cli_stats_csv_and_bad_region(tmp_path, image, capsys):
+    from ccdcal.cli import main
+    from ccdcal.frames import write_fits
+
+    path = write_fits(tmp_path / "f.fits", image)
+    assert main(["stats", str(path), "--csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "path,region,npix,mean,median,std,min,max,clipped_mean,clipped_median,clipped_std"
+    assert len(lines) == 2 and '"[1:80,1:60]"' in lines[1]
+    assert main(["stats", str(path), "--region", "[1:81,1:5]"]) == 2
+    assert "outside the image" in capsys.readouterr().err

@@ -183,3 +183,44 @@ def test_downsample_block_averages_and_ignores_nan():
     np.testing.assert_allclose(small, [[(1 + 4 + 5) / 3, 4.5], [10.5, 12.5]])
     assert S.downsample(np.zeros((1001, 333)), 200).shape == (167, 56)
     assert S.downsample(data, 10) is not None and S.downsample(data, 10).shape == (4, 4)
+
+
+# -- command line ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("args", "mode"), [([], "L"), (["--bits", "16", "--method", "asinh"], "I;16"),
+                                            (["--method", "mtf-rnc"], "L"), (["--method", "linear"], "L")])
+def test_cli_stretch_writes_png(tmp_path, sky, args, mode):
+    from PIL import Image
+
+    from ccdcal.cli import main
+    from ccdcal.frames import write_fits
+
+    src = write_fits(tmp_path / "sky.fits", sky)
+    out = tmp_path / "png" / "sky.png"
+    assert main(["stretch", str(src), "-o", str(out), *args]) == 0
+    with Image.open(out) as image:
+        assert image.mode == mode and image.size == (240, 200)
+
+
+def test_cli_stretch_fits_keeps_the_stretched_image(tmp_path, sky, capsys):
+    from astropy.io import fits
+
+    from ccdcal.cli import main
+    from ccdcal.frames import write_fits
+
+    src = write_fits(tmp_path / "sky.fits", sky)
+    assert main(["stretch", str(src), "-o", str(tmp_path / "view.png"), "--method", "mtf", "--fits"]) == 0
+    kept = fits.getdata(tmp_path / "view.fits")
+    np.testing.assert_allclose(kept, S.midtone_stretch(sky), atol=1e-6)
+    # never over the input
+    assert main(["stretch", str(src), "-o", str(tmp_path / "sky.png"), "--fits"]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    np.testing.assert_array_equal(fits.getdata(src), sky)
+
+
+def test_cli_stretch_rejects_bad_target(tmp_path, sky, capsys):
+    from ccdcal.cli import main
+    from ccdcal.frames import write_fits
+
+    src = write_fits(tmp_path / "sky.fits", sky)
+    assert main(["stretch", str(src), "-o", str(tmp_path / "x.png"), "--target", "1.5"]) == 2
+    assert "--target" in capsys.readouterr().err

@@ -118,10 +118,137 @@ def _run_demo(args) -> int:
     return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 
+# -- stats ----------------------------------------------------------------------------------
+STATS_KEYS = ("path", "region", "npix", "mean", "median", "std", "min", "max",
+              "clipped_mean", "clipped_median", "clipped_std")
+
+
+def _add_stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="FILES", help="FITS files, folders or glob patterns")
+    p.add_argument("--region", action="append", metavar="[x1:x2,y1:y2]",
+                   help="IRAF section, 1-based and inclusive (repeat for several; default: whole frame)")
+    p.add_argument("--sigma", type=float, default=3.0, help="clipping threshold for the clipped values")
+    p.add_argument("--maxiters", type=int, default=5, help="clipping iterations")
+    p.add_argument("--hdu", type=int, help="image HDU index (default: the first image)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print a JSON list, one object per file and region")
+    fmt.add_argument("--csv", action="store_true", help="print CSV with a header row")
+
+
+def _run_stats(args) -> int:
+    import math
+
+    from .frames import find_fits, read_image
+    from .stats import region_stats
+
+    rows = []
+    for path in find_fits(args.paths):
+        data, _ = read_image(path, args.hdu)
+        for region in args.region or [None]:
+            result = region_stats(data, region, sigma=args.sigma, maxiters=args.maxiters)
+            rows.append({"path": str(path), **result.to_dict()})
+    if args.json:
+        import json
+
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in row.items()} for row in rows]
+        print(json.dumps([{k: row[k] for k in STATS_KEYS} for row in clean], indent=2))
+    elif args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=STATS_KEYS, extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        header = ("file", "region", "npix", "mean", "median", "std", "min", "max",
+                  "clip mean", "clip median", "clip std")
+        table = [header] + [
+            (str(r["path"]), r["region"], str(r["npix"]),
+             *(f"{r[k]:.6g}" for k in STATS_KEYS[3:])) for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    return EXIT_OK
+
+
+# -- stretch --------------------------------------------------------------------------------
+def _add_stretch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="FILE", help="FITS image")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG to write")
+    p.add_argument("--method", default="autostf", choices=["autostf", "mtf", "mtf-rnc", "asinh", "linear"],
+                   help="autostf (default): PixInsight/Siril auto-stretch; mtf: the notebook's midtone"
+                        " transformation; mtf-rnc: mtf then the RNC S-curve twice; asinh; linear (zscale)")
+    p.add_argument("--hdu", type=int, help="image HDU index (default: the first image)")
+    p.add_argument("--bits", type=int, choices=[8, 16], default=8, help="PNG bit depth (default 8)")
+    p.add_argument("--fits", action="store_true",
+                   help="also write the stretched float image as OUT.fits next to the PNG")
+    p.add_argument("--shadows", type=float, default=2.8,
+                   help="autostf/mtf: shadows clip, in sigma below the background (default 2.8)")
+    p.add_argument("--target", type=float, default=0.25,
+                   help="autostf/mtf: where the background lands, 0..1 (default 0.25)")
+    p.add_argument("--softening", type=float, default=0.1, help="asinh: softening a, 0..1 (default 0.1)")
+    p.add_argument("--limits", type=_pair(float), metavar="LOW,HIGH",
+                   help="linear/asinh: data values mapped to black and white (default zscale)")
+    p.add_argument("--no-flip", action="store_true", help="keep numpy row 0 at the top of the PNG")
+
+
+def _run_stretch(args) -> int:
+    from pathlib import Path
+
+    from .errors import InputError
+    from .frames import read_image, write_bytes, write_fits
+    from .stretch import png_bytes, stretch
+
+    if not 0.0 < args.target < 1.0:
+        raise InputError(f"--target {args.target}: the background target must be between 0 and 1")
+    if args.softening <= 0:
+        raise InputError(f"--softening {args.softening}: must be positive")
+    data, header = read_image(args.path, args.hdu)
+    options: dict = {}
+    if args.method == "autostf":
+        options = {"shadows": args.shadows, "target": args.target}
+    elif args.method in ("mtf", "mtf-rnc"):
+        options = {"low_clip": args.shadows, "bg": args.target}
+    elif args.method == "asinh":
+        options = {"softening": args.softening, "limits": args.limits}
+    elif args.method == "linear":
+        options = {"limits": args.limits}
+    out = Path(args.output)
+    fits_out = out.with_suffix(".fits")
+    if args.fits and fits_out.resolve() == Path(args.path).resolve():
+        raise InputError(f"{fits_out}: --fits would overwrite the input; choose another -o name")
+    stretched = stretch(data, args.method, **options)
+    write_bytes(out, png_bytes(stretched, bits=args.bits, flip=not args.no_flip))
+    print(f"wrote {out} ({args.method}, {args.bits}-bit)")
+    if args.fits:
+        write_fits(fits_out, stretched.astype("float32"), header)
+        print(f"wrote {fits_out} (stretched values 0..1)")
+    return EXIT_OK
+
+
+# -- report ---------------------------------------------------------------------------------
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", metavar="OUT", help="output folder of 'ccdcal reduce' (with manifest.json)")
+
+
+def _run_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(args.output)
+    print(f"report: {path.resolve()}")
+    return EXIT_OK
+
+
 COMMANDS = {
     "scan": (_add_scan, _run_scan, "list what is in a folder of raw frames"),
     "reduce": (_add_reduce, _run_reduce, "build masters and calibrate every light"),
     "demo": (_add_demo, _run_demo, "write a synthetic night with known truth and reduce it"),
+    "stats": (_add_stats, _run_stats, "region statistics of FITS images (imexamine-style)"),
+    "stretch": (_add_stretch, _run_stretch, "write a stretched PNG preview of a FITS image"),
+    "report": (_add_report, _run_report, "rebuild OUT/report.html from OUT/manifest.json"),
 }
 
 
