@@ -1,0 +1,71 @@
+"""The ccdcal command: scan table and JSON, dry-run plan, one-line errors with the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ccdcal.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ccdcal.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_scan_json_lists_every_frame_with_flags(demo_night, capsys):
+    assert main(["scan", str(demo_night / "raw"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 9 + 10 + 10 + 4
+    for row in rows:
+        assert {"path", "hdu", "kind", "filter", "exptime", "shape", "flags"} <= set(row)
+        assert isinstance(row["flags"], list)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"bias", "dark", "flat", "light"}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(demo_night, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["reduce", str(demo_night / "raw"), "-o", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "master bias" in text and "master flat   V" in text and "master dark   300 s" in text
+    assert "light m51_V_001.fits" in text and "dark 300 s" in text
+    assert not out.exists()
+
+
+def test_masters_only_folder_says_there_were_no_lights(demo_night, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in (demo_night / "raw").glob("bias_*.fits"):
+        (raw / f.name).write_bytes(f.read_bytes())
+    assert main(["reduce", str(raw), "-o", str(tmp_path / "out"), "--no-report"]) == 0
+    assert "no lights" in capsys.readouterr().out
+    assert (tmp_path / "out" / "masters" / "master_bias.fits").exists()
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["scan", "no/such/folder"], 2, "no such file or folder"),
+    (["reduce", "no/such/folder", "-o", "x"], 2, "no such file or folder"),
+    (["reduce", ".", "-o", "x", "--sigma-clip", "a,b"], 2, "LOW,HIGH"),
+])
+def test_bad_usage_is_one_line_and_exit_2(args, code, words):
+    proc = run(*args)
+    assert proc.returncode == code
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_config_file_sets_options_and_rejects_typos(demo_night, tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[reduce]\ncombine_method = "median"\nsigma_clip = [4.0, 3.0]\nreport = false\n')
+    from ccdcal.pipeline import ReduceOptions
+
+    options = ReduceOptions.from_sources(good, {"combine_method": None})
+    assert options.combine_method == "median" and options.sigma_clip == (4.0, 3.0) and not options.report
+    bad = tmp_path / "bad.toml"
+    bad.write_text('sigam_clip = [3, 3]\n')
+    proc = run("reduce", str(demo_night / "raw"), "-o", str(tmp_path / "o"), "--config", str(bad))
+    assert proc.returncode == 2 and "unknown option 'sigam_clip'" in proc.stderr
