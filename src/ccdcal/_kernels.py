@@ -1,0 +1,474 @@
+"""numba kernels of the combine engine: per-pixel scale, reject and combine over a row tile.
+
+Each kernel loops over the pixels of an (n, rows, cols) float32 tile in parallel,
+gathers the n values of one pixel into a small per-thread buffer and works there:
+no temporaries the size of the tile. The definitions are documented in
+:mod:`ccdcal.combine`; ``tests/test_combine_oracle.py`` holds the numpy oracle.
+Only float32 tiles come in, so each kernel compiles once (and is cached on disk).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Codes shared with combine.py (plain ints keep the kernel signatures stable).
+MEDIAN, MEAN, SUM = 0, 1, 2
+REJECT_NONE, SIGMA, MAD, WINSORIZED, PERCENTILE, LINEAR_FIT, CCDCLIP = 0, 1, 2, 3, 4, 5, 6
+CENTER_MEDIAN, CENTER_MEAN = 0, 1
+SPREAD_STD, SPREAD_MAD = 0, 1
+
+MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a normal distribution -> sigma
+MEDIAN_ERROR = 1.2533  # sqrt(pi/2): standard error of a median relative to a mean
+CHUNK = 256  # pixels of one row per parallel job: small tiles still use every core
+
+# Integer parameters (iparams) and float parameters (fparams) of combine_tile.
+I_METHOD, I_NLOW, I_NHIGH, I_REJECT, I_CENTER, I_MAXITERS, I_HAS_VALID, I_HAS_UNC = range(8)
+F_LOW, F_HIGH, F_GAIN, F_RDNOISE, F_SNOISE = range(5)
+
+
+@njit(cache=True, nogil=True)
+def _median_sorted(vals, m):
+    half = m // 2
+    if m % 2 == 1:
+        return vals[half]
+    return (vals[half - 1] + vals[half]) / 2.0
+
+
+@njit(cache=True, nogil=True)
+def _mean(vals, m):
+    total = 0.0
+    for k in range(m):
+        total += vals[k]
+    return total / m
+
+
+@njit(cache=True, nogil=True)
+def _std(vals, m, mean):
+    # population (ddof=0) standard deviation about ``mean``, as astropy's sigma_clip uses
+    acc = 0.0
+    for k in range(m):
+        d = vals[k] - mean
+        acc += d * d
+    return np.sqrt(acc / m)
+
+
+@njit(cache=True, nogil=True)
+def _sort_small(work, m):
+    for k in range(1, m):
+        v = work[k]
+        j = k
+        while j > 0 and work[j - 1] > v:
+            work[j] = work[j - 1]
+            j -= 1
+        work[j] = v
+
+
+@njit(cache=True, nogil=True)
+def _mad_std(vals, m, median, work):
+    for k in range(m):
+        work[k] = abs(vals[k] - median)
+    _sort_small(work, m)
+    return MAD_TO_STD * _median_sorted(work, m)
+
+
+@njit(cache=True, nogil=True)
+def _center(vals, m, center):
+    if center == CENTER_MEAN:
+        return _mean(vals, m)
+    return _median_sorted(vals, m)
+
+
+@njit(cache=True, nogil=True)
+def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, gain, rdnoise, snoise):
+    """One rejection pass over the sorted survivors ``vals[:m]``; compacts them in place.
+
+    Returns (survivors, rejected low, rejected high).
+    """
+    c = 0.0
+    spread = 0.0
+    slope = 0.0
+    if reject == SIGMA:
+        c = _center(vals, m, center)
+        spread = _std(vals, m, _mean(vals, m))
+    elif reject == MAD:
+        c = _center(vals, m, center)
+        spread = _mad_std(vals, m, _median_sorted(vals, m), work)
+    elif reject == WINSORIZED:
+        c = _center(vals, m, center)
+        sigma = _std(vals, m, _mean(vals, m))
+        for _ in range(10):
+            lo_b = c - 1.5 * sigma
+            hi_b = c + 1.5 * sigma
+            for k in range(m):
+                work[k] = min(max(vals[k], lo_b), hi_b)
+            new = 1.134 * _std(work, m, _mean(work, m))
+            done = abs(new - sigma) <= 0.0005 * sigma
+            sigma = new
+            if done:
+                break
+        spread = sigma
+    elif reject == PERCENTILE:
+        c = _median_sorted(vals, m)
+        spread = abs(c)
+    elif reject == LINEAR_FIT:
+        # least-squares line through (rank, value) of the sorted survivors
+        kbar = (m - 1) / 2.0
+        ybar = _mean(vals, m)
+        sxy = 0.0
+        sxx = 0.0
+        for k in range(m):
+            dk = k - kbar
+            sxy += dk * (vals[k] - ybar)
+            sxx += dk * dk
+        slope = sxy / sxx
+        c = ybar - slope * kbar
+        acc = 0.0
+        for k in range(m):
+            acc += abs(vals[k] - (c + slope * k))
+        spread = acc / m
+    elif reject == CCDCLIP:
+        c = _center(vals, m, center)
+    keep = 0
+    nlow = 0
+    nhigh = 0
+    for k in range(m):
+        v = vals[k]
+        if reject == LINEAR_FIT:
+            mid = c + slope * k
+            s = spread
+        elif reject == CCDCLIP:
+            i = idx[k]
+            level = max((c - zeros[i]) / scales[i], 0.0)
+            s = scales[i] * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
+            mid = c
+        else:
+            mid = c
+            s = spread
+        if v < mid - s * low:
+            nlow += 1
+        elif v > mid + s * high:
+            nhigh += 1
+        else:
+            vals[keep] = v
+            idx[keep] = idx[k]
+            keep += 1
+    return keep, nlow, nhigh
+
+
+@njit(parallel=True, cache=True)
+def combine_tile(stack, valid, unc, scales, zeros, weights, iparams, fparams,
+                 out_data, out_err, out_nlow, out_nhigh):
+    """Scale, reject and combine each pixel of ``stack`` (n, rows, cols) float32.
+
+    ``valid`` (uint8, same shape, or a 1x1x1 dummy) marks usable values when
+    ``iparams[I_HAS_VALID]``; ``unc`` holds input standard deviations when
+    ``iparams[I_HAS_UNC]``. Results go to the (rows, cols) ``out_*`` arrays.
+    """
+    n, rows, cols = stack.shape
+    method = iparams[I_METHOD]
+    nlow_req = iparams[I_NLOW]
+    nhigh_req = iparams[I_NHIGH]
+    reject = iparams[I_REJECT]
+    center = iparams[I_CENTER]
+    maxiters = iparams[I_MAXITERS]
+    has_valid = iparams[I_HAS_VALID] != 0
+    has_unc = iparams[I_HAS_UNC] != 0
+    low = fparams[F_LOW]
+    high = fparams[F_HIGH]
+    gain = fparams[F_GAIN]
+    rdnoise = fparams[F_RDNOISE]
+    snoise = fparams[F_SNOISE]
+    nchunks = (cols + CHUNK - 1) // CHUNK
+    for job in prange(rows * nchunks):
+        r = job // nchunks
+        x0 = (job % nchunks) * CHUNK
+        vals = np.empty(n, np.float64)
+        idx = np.empty(n, np.int64)
+        work = np.empty(n, np.float64)
+        for x in range(x0, min(cols, x0 + CHUNK)):
+            m = 0
+            for i in range(n):
+                v = stack[i, r, x]
+                if not np.isfinite(v):
+                    continue
+                if has_valid and valid[i, r, x] == 0:
+                    continue
+                s = v * scales[i] + zeros[i]
+                j = m
+                while j > 0 and vals[j - 1] > s:  # insertion keeps ties in frame order
+                    vals[j] = vals[j - 1]
+                    idx[j] = idx[j - 1]
+                    j -= 1
+                vals[j] = s
+                idx[j] = i
+                m += 1
+            nlow = 0
+            nhigh = 0
+            if nlow_req + nhigh_req > 0 and m > nlow_req + nhigh_req:
+                keep = m - nlow_req - nhigh_req
+                if nlow_req > 0:
+                    for k in range(keep):
+                        vals[k] = vals[k + nlow_req]
+                        idx[k] = idx[k + nlow_req]
+                m = keep
+                nlow = nlow_req
+                nhigh = nhigh_req
+            if reject != REJECT_NONE:
+                it = 0
+                while m >= 3 and (maxiters <= 0 or it < maxiters):
+                    it += 1
+                    keep, dl, dh = _reject_pass(vals, idx, m, reject, center, low, high, work,
+                                                scales, zeros, gain, rdnoise, snoise)
+                    nlow += dl
+                    nhigh += dh
+                    if keep == m:
+                        break
+                    m = keep
+                    if reject == PERCENTILE:
+                        break
+            out_nlow[r, x] = nlow
+            out_nhigh[r, x] = nhigh
+            if m == 0:
+                out_data[r, x] = np.nan
+                out_err[r, x] = np.nan
+                continue
+            if method == MEDIAN:
+                result = _median_sorted(vals, m)
+            else:
+                swx = 0.0
+                sw = 0.0
+                for k in range(m):
+                    w = weights[idx[k]]
+                    swx += w * vals[k]
+                    sw += w
+                result = swx / sw
+                if method == SUM:
+                    result *= n
+            # standard error of the result
+            if has_unc:
+                acc = 0.0
+                sw = 0.0
+                for k in range(m):
+                    i = idx[k]
+                    w = 1.0 if method == MEDIAN else weights[i]
+                    e = w * scales[i] * unc[i, r, x]
+                    acc += e * e
+                    sw += w
+                err = np.sqrt(acc) / sw
+            elif m > 1:
+                mean = _mean(vals, m)
+                acc = 0.0
+                for k in range(m):
+                    d = vals[k] - mean
+                    acc += d * d
+                std = np.sqrt(acc / (m - 1))
+                if method == MEDIAN:
+                    err = std / np.sqrt(m)
+                else:
+                    sw = 0.0
+                    sw2 = 0.0
+                    for k in range(m):
+                        w = weights[idx[k]]
+                        sw += w
+                        sw2 += w * w
+                    err = std * np.sqrt(sw2) / sw
+            else:
+                err = 0.0
+            if method == MEDIAN:
+                err *= MEDIAN_ERROR
+            elif method == SUM:
+                err *= n
+            out_data[r, x] = result
+            out_err[r, x] = err
+
+
+@njit(parallel=True, cache=True)
+def combine_tile_ccdproc(stack, valid, scales, weights, iparams, fparams,
+                         out_data, out_err, out_nlow, out_nhigh):
+    """``ccdproc.combine`` semantics on a float32 tile (see ``compat="ccdproc"`` in combine.py).
+
+    iparams: method, nlow, nhigh, do_extrema, do_sigma, center, spread, has_valid,
+    has_weights; fparams: low, high. ``scales`` multiply the values only when combining.
+    """
+    n, rows, cols = stack.shape
+    method = iparams[0]
+    nlow_req = iparams[1]
+    nhigh_req = iparams[2]
+    do_extrema = iparams[3] != 0
+    do_sigma = iparams[4] != 0
+    center = iparams[5]
+    spread_kind = iparams[6]
+    has_valid = iparams[7] != 0
+    has_weights = iparams[8] != 0
+    low = fparams[0]
+    high = fparams[1]
+    total_weight = 0.0
+    for i in range(n):
+        total_weight += weights[i]
+    nchunks = (cols + CHUNK - 1) // CHUNK
+    for job in prange(rows * nchunks):
+        r = job // nchunks
+        x0 = (job % nchunks) * CHUNK
+        raw = np.empty(n, np.float64)
+        use = np.empty(n, np.bool_)
+        order = np.empty(n, np.int64)
+        vals = np.empty(n, np.float64)
+        work = np.empty(n, np.float64)
+        for x in range(x0, min(cols, x0 + CHUNK)):
+            finite = True
+            for i in range(n):
+                v = np.float64(stack[i, r, x])
+                raw[i] = v
+                use[i] = not (has_valid and valid[i, r, x] == 0)
+                if not np.isfinite(v):
+                    finite = False
+            nlow = 0
+            nhigh = 0
+            if do_extrema:
+                # rank all values, NaN last and ties in frame order, as numpy's argsort of the raw data
+                for i in range(n):
+                    v = raw[i]
+                    j = i
+                    while j > 0:
+                        u = raw[order[j - 1]]
+                        if (np.isnan(u) and not np.isnan(v)) or u > v:
+                            order[j] = order[j - 1]
+                            j -= 1
+                        else:
+                            break
+                    order[j] = i
+                for k in range(n):
+                    is_low = k < nlow_req
+                    is_high = k >= n - nhigh_req
+                    if is_low or is_high:
+                        i = order[k]
+                        if use[i] and np.isfinite(raw[i]):
+                            if is_low:
+                                nlow += 1
+                            else:
+                                nhigh += 1
+                        use[i] = False
+            if do_sigma and finite:
+                # one pass over ALL raw values (earlier rejections and masks included); a NaN
+                # anywhere in the pixel makes the centre NaN and rejects nothing
+                mean = 0.0
+                for i in range(n):
+                    mean += raw[i]
+                mean /= n
+                if center == CENTER_MEAN:
+                    c = mean
+                else:
+                    for i in range(n):
+                        vals[i] = raw[i]
+                    _sort_small(vals, n)
+                    c = _median_sorted(vals, n)
+                if spread_kind == SPREAD_STD:
+                    s = _std(raw, n, mean)
+                else:
+                    for i in range(n):
+                        vals[i] = raw[i]
+                    _sort_small(vals, n)
+                    s = _mad_std(vals, n, _median_sorted(vals, n), work)
+                lower = c - s * low
+                upper = c + s * high
+                for i in range(n):
+                    if raw[i] < lower or raw[i] > upper:
+                        if use[i]:
+                            if raw[i] < lower:
+                                nlow += 1
+                            else:
+                                nhigh += 1
+                        use[i] = False
+            m = 0
+            total = 0.0
+            wtotal = 0.0
+            for i in range(n):
+                v = raw[i] * scales[i]
+                if use[i] and np.isfinite(v):
+                    vals[m] = v
+                    total += v
+                    wtotal += v * weights[i]
+                    m += 1
+            out_nlow[r, x] = nlow
+            out_nhigh[r, x] = nhigh
+            if m == 0:
+                if method == SUM:
+                    out_data[r, x] = 0.0
+                elif method == MEAN and has_weights:
+                    out_data[r, x] = 0.0
+                else:
+                    out_data[r, x] = np.nan
+                out_err[r, x] = np.nan
+                continue
+            mean = total / m
+            if method == MEDIAN:
+                for k in range(m):
+                    work[k] = vals[k]
+                _sort_small(work, m)
+                med = _median_sorted(work, m)
+                out_data[r, x] = med
+                out_err[r, x] = _mad_std(work, m, med, vals) / np.sqrt(m)
+                continue
+            acc = 0.0
+            for k in range(m):
+                d = vals[k] - mean
+                acc += d * d
+            std = np.sqrt(acc / m)
+            if method == MEAN:
+                out_data[r, x] = wtotal / total_weight if has_weights else mean
+                out_err[r, x] = std / np.sqrt(m)
+            else:
+                out_data[r, x] = wtotal if has_weights else total
+                out_err[r, x] = std / np.sqrt(m) * m
+
+
+@njit(parallel=True, cache=True)
+def decode_be16(raw, bscale, bzero, has_blank, blank, out):
+    """Big-endian 16-bit FITS integers (bytes) -> float32 ``raw*bscale + bzero``; BLANK -> NaN."""
+    count = out.size
+    flat = out.reshape(count)
+    chunk = 65536
+    for c in prange((count + chunk - 1) // chunk):
+        start = c * chunk
+        stop = min(start + chunk, count)
+        for k in range(start, stop):
+            u = (np.int32(raw[2 * k]) << 8) | np.int32(raw[2 * k + 1])
+            if u >= 32768:
+                u -= 65536
+            if has_blank and u == blank:
+                flat[k] = np.nan
+            else:
+                flat[k] = np.float32(u) * bscale + bzero
+
+
+@njit(cache=True, nogil=True)
+def finite_values(data):
+    """The finite values of a 2-D float32 array, as a new 1-D float64 array."""
+    out = np.empty(data.size, np.float64)
+    m = 0
+    for v in data.ravel():
+        if np.isfinite(v):
+            out[m] = v
+            m += 1
+    return out[:m]
+
+
+@njit(cache=True, nogil=True)
+def frame_level(data, how):
+    """Median (0), mean (1) or 3-sigma clipped mean (2, median centre, 5 iterations) of finite values."""
+    values = finite_values(data)
+    if values.size == 0:
+        return np.nan
+    if how == 0:
+        return np.median(values)
+    if how == 1:
+        return np.mean(values)
+    for _ in range(5):
+        med = np.median(values)
+        std = np.std(values)
+        keep = np.abs(values - med) <= 3.0 * std
+        if keep.all():
+            break
+        values = values[keep]
+    return np.mean(values)
