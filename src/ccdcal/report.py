@@ -56,6 +56,12 @@ class MasterCard:
     histogram_svg: str | None = None
     stats: dict[str, Any] | None = None
 
+    @property
+    def title(self) -> str:
+        if self.label.lower().startswith("master"):
+            return self.label
+        return f"master {self.kind} — {self.label}"
+
 
 @dataclass
 class LightCard:
@@ -451,7 +457,7 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
         counts[kind] = counts.get(kind, 0) + 1
     unknown = [i for i in inputs if str(i.get("kind") or "unknown") not in (*KINDS, "light")]
     context = {
-        "title": f"ccdcal report — {out_dir.resolve().name}",
+        "title": f"ccdcal report — {out_dir.resolve().parent.name}/{out_dir.resolve().name}",
         "version": manifest.get("ccdcal_version", "?"),
         "created": manifest.get("created", "?"),
         "counts": counts,

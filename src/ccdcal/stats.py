@@ -164,7 +164,7 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[
     Returns
     -------
     dict of str to float
-        ``level`` (median, ADU), ``noise`` (1.4826 x MAD, ADU), ``zero_frac`` (fraction
+        ``level`` (median, ADU), ``noise`` (3-sigma clipped std, ADU), ``zero_frac`` (fraction
         of pixels exactly 0), ``saturated_frac``, ``gradient`` (range of the medians of
         8 x 8 blocks, ADU: large-scale structure), ``column_pattern`` (robust spread of
         the column medians, ADU), ``nonfinite_frac`` and the :class:`RegionStats`
@@ -201,10 +201,14 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[
     sample = np.asarray(image[::step, ::step], dtype=np.float64)
     flat = sample[np.isfinite(sample)] if nonfinite else sample.ravel()
     level = float(np.median(flat))
-    noise = MAD_TO_SIGMA * float(np.median(np.abs(flat - level)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cmean, cmedian, cstd = sigma_clipped_stats(flat, sigma=3.0, maxiters=5)
+    # The clipped std, not 1.4826 x MAD: raw frames are integers, and the MAD of a
+    # 5-ADU noise quantises to whole ADU (every bias of a night shows 4.448).
+    noise = float(cstd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         blocks = _block_medians(sample)
         gradient = float(np.nanmax(blocks) - np.nanmin(blocks))
         columns = np.nanmedian(sample, axis=0)
@@ -291,7 +295,7 @@ def flag_outliers(metrics: Sequence[Mapping[str, float]], *, kind: str) -> list[
     ``z = (x - median) / (1.4826 MAD)`` over the group, flagged when ``|z| > 5`` *and*
     the deviation is large in absolute terms:
 
-    - level: bias/dark by more than 2 x the group's per-pixel noise; flat by more
+    - level: bias/dark by more than 3 x the group's per-pixel noise; flat by more
       than 30 % of the group level (twilight flats spread widely and are scaled anyway).
     - noise: bias/dark noise, flat noise relative to its level; off by more than 30 %.
     - structure: large-scale gradient and column pattern, in units of the noise for
@@ -353,7 +357,7 @@ def flag_outliers(metrics: Sequence[Mapping[str, float]], *, kind: str) -> list[
               lambda v, c, z: f"level {_fmt(v)} ADU vs group {_fmt(c)} ({(v - c) / c:+.0%}, robust z={z:+.0f})")
     else:
         check(level, "level", 0.05 * group_noise,
-              lambda v, c: abs(v - c) > 2.0 * group_noise,
+              lambda v, c: abs(v - c) > 3.0 * group_noise,
               lambda v, c, z: f"level {_fmt(v)} ADU vs group {_fmt(c)} ({v - c:+.1f} ADU, robust z={z:+.0f})")
 
     # noise
