@@ -198,6 +198,7 @@ def test_flagged_frames_are_highlighted_and_warnings_listed(out_dir):
     assert len(flagged_rows) == 1 and "bias_4.fits" in flagged_rows[0]
     assert "robust z=+171" in flagged_rows[0] and "excluded" in flagged_rows[0]
     assert "1 of 5 bias frames flagged and excluded" in text
+    assert "bias_4.fits flagged (excluded): level 1060 ADU" in text
     assert "not a readable FITS file" in text
     assert "&lt;order&gt; unknown" in text  # escaped, not markup
     assert "IMAGETYP &#39;focus&#39;" in text or "IMAGETYP &#x27;focus&#x27;" in text

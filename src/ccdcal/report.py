@@ -165,10 +165,12 @@ def _fmt_exptime(value: Any) -> str:
 # -- histograms -----------------------------------------------------------------------------------
 def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins: int = HIST_BINS,
                   unit: str = "ADU") -> str:
-    """An inline SVG histogram (log counts) of the finite pixels between the 0.05 and 99.95 percentiles.
+    """An inline SVG histogram (log counts) of the finite pixels.
 
-    Pixels outside that range are counted in the first/last bin (their share is printed).
-    The median is marked with a vertical line.
+    The range is the 0.5-99.5 percentile span widened by a quarter on each side (and
+    kept inside min..max), so a bad column or a few hot pixels do not squash the
+    histogram into one bin; pixels outside are counted in the first/last bin and their
+    share is printed. The median is marked with a red line.
     """
     values = np.asarray(data, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
@@ -177,7 +179,10 @@ def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins
                 f'height="{height}"><text x="10" y="20">no finite pixels</text></svg>')
     if values.size > 2_000_000:
         values = values[:: values.size // 1_000_000]
-    lo, hi = np.percentile(values, [0.05, 99.95])
+    p_lo, p_hi = np.percentile(values, [0.5, 99.5])
+    pad = 0.25 * (p_hi - p_lo)
+    lo = max(float(p_lo - pad), float(values.min()))
+    hi = min(float(p_hi + pad), float(values.max()))
     if not hi > lo:
         lo, hi = float(values.min()) - 0.5, float(values.max()) + 0.5
     below = float(np.mean(values < lo))
@@ -199,6 +204,8 @@ def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins
         )
     mx = left + plot_w * (median - lo) / (hi - lo)
     label_y = height - 16
+    # the median's label goes to the emptier half of the plot, away from its line
+    label_x, label_anchor = (left + 4, "start") if mx > left + plot_w / 2 else (left + plot_w - 4, "end")
     note = []
     if below > 0:
         note.append(f"{_pct(below)} below")
@@ -217,8 +224,8 @@ def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins
         f'<text x="{left}" y="{label_y}" font-size="11">{html.escape(_fmt(float(lo)))}</text>'
         f'<text x="{left + plot_w}" y="{label_y}" font-size="11" text-anchor="end">'
         f'{html.escape(_fmt(float(hi)))} {html.escape(unit)}</text>'
-        f'<text x="{min(max(mx, left + 40), left + plot_w - 40):.2f}" y="{label_y}" font-size="11" '
-        f'text-anchor="middle" fill="#c0392b">median {html.escape(_fmt(median))}</text>'
+        f'<text x="{label_x:.2f}" y="{top + 11}" font-size="11" '
+        f'text-anchor="{label_anchor}" fill="#c0392b">median {html.escape(_fmt(median))}</text>'
         f'<text x="{left + plot_w / 2:.2f}" y="{height - 3}" font-size="10" text-anchor="middle" '
         f'fill="#777">{note_text}</text>'
         "</svg>"
@@ -365,9 +372,15 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
     return cards
 
 
-def _collect_warnings(manifest: Mapping[str, Any]) -> list[str]:
+def _collect_warnings(manifest: Mapping[str, Any], excluded: set[str]) -> list[str]:
     warnings = [str(w) for w in manifest.get("warnings") or []]
-    for item in manifest.get("inputs") or []:
+    inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]
+    for item in inputs:
+        path = str(item.get("path") or "")
+        if item.get("flags") and str(item.get("kind")) in KINDS:
+            fate = "excluded" if path in excluded else "kept"
+            warnings.append(f"{_display_name(path)} flagged ({fate}): {'; '.join(map(str, item['flags']))}")
+    for item in inputs:
         for w in item.get("warnings") or []:
             warnings.append(f"{_display_name(str(item.get('path') or ''))}: {w}")
     return warnings
@@ -470,7 +483,7 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
         "lights": lights,
         "unknown": unknown,
         "skipped": [s for s in manifest.get("skipped") or [] if isinstance(s, Mapping)],
-        "warnings": _collect_warnings(manifest),
+        "warnings": _collect_warnings(manifest, excluded),
         "parameters": _parameters(manifest),
         "preview_size": PREVIEW_SIZE,
     }
