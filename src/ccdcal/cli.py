@@ -242,13 +242,81 @@ def _run_report(args) -> int:
     return EXIT_OK
 
 
+# -- verify ---------------------------------------------------------------------------------
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="an output folder of ccdcal reduce")
+
+
+def _run_verify(args) -> int:
+    from .pipeline import verify
+    from .ui import console, warn
+
+    result = verify(args.folder)
+    for rel, why in result.stale:
+        warn(f"{rel}: stale, its inputs changed since ({why}); rerun reduce")
+    for rel, why in result.problems:
+        console().print(f"[red]BAD[/] {rel}: {why}")
+    console().print(f"{len(result.ok)} outputs verified, {len(result.problems)} bad, {len(result.stale)} stale")
+    return EXIT_FAILURE if result.problems else EXIT_OK
+
+
+# -- combine --------------------------------------------------------------------------------
+def _add_combine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="FILES", help="FITS files, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True, help="the combined FITS file to write")
+    p.add_argument("--method", choices=["median", "mean", "sum"], default="median")
+    p.add_argument("--clip-extrema", type=_pair(int), metavar="NLOW,NHIGH",
+                   help="reject the NLOW lowest and NHIGH highest values of each pixel")
+    p.add_argument("--sigma-clip", type=_pair(float), metavar="LOW,HIGH",
+                   help="rejection thresholds (turns on --reject sigma)")
+    p.add_argument("--reject", choices=["sigma", "mad", "winsorized", "percentile", "linear-fit",
+                                        "ccdclip", "none"], help="rejection algorithm")
+    p.add_argument("--center", choices=["median", "mean"], help="centre of the rejection (default median)")
+    p.add_argument("--maxiters", type=int, help="most rejection passes (default: until none rejected)")
+    p.add_argument("--scale", choices=["median", "mean", "clipped-mean", "none"],
+                   help="scale every frame to the mean level (flats: median)")
+    p.add_argument("--zero", choices=["median", "mean", "clipped-mean", "none"],
+                   help="offset every frame to the mean level")
+    p.add_argument("--scale-region", metavar="[x1:x2,y1:y2]", help="where levels are measured")
+    p.add_argument("--weights", type=lambda t: [float(v) for v in t.split(",") if v.strip()],
+                   metavar="W1,W2,...", help="per-frame weights of a mean or sum")
+    p.add_argument("--gain", type=float, help="e-/ADU for --reject ccdclip (default: header GAIN)")
+    p.add_argument("--read-noise", type=float, help="e- for --reject ccdclip (default: header RDNOISE)")
+    p.add_argument("--sensitivity-noise", type=float, default=0.0, help="fraction, for --reject ccdclip")
+    p.add_argument("--compat", choices=["ccdproc"], help="reproduce ccdproc.combine exactly")
+    p.add_argument("--memory", default="1GiB", help="memory budget, e.g. 256MiB (default 1GiB)")
+
+
+def _run_combine(args) -> int:
+    from .combine import combine
+    from .frames import find_fits, header_value, write_fits
+
+    paths = find_fits(args.paths)
+    result = combine(paths, method=args.method, scale=args.scale, zero=args.zero,
+                     scale_region=args.scale_region, clip_extrema=args.clip_extrema,
+                     sigma_clip=args.sigma_clip, reject=args.reject, center=args.center,
+                     maxiters=args.maxiters, weights=args.weights, gain=args.gain,
+                     read_noise=args.read_noise, sensitivity_noise=args.sensitivity_noise,
+                     memory=args.memory, compat=args.compat)
+    unit = header_value(result.header, ("BUNIT",))
+    out = write_fits(args.output, result.data, result.header, uncertainty=result.uncertainty,
+                     mask=result.mask if result.mask.any() else None,
+                     unit=unit if isinstance(unit, str) else None)
+    rejected = int(result.nlow_rejected.sum()) + int(result.nhigh_rejected.sum())
+    print(f"{out}: {len(paths)} frames, {args.method}; {rejected} values rejected,"
+          f" {int(result.mask.sum())} pixels masked")
+    return EXIT_OK
+
+
 COMMANDS = {
     "scan": (_add_scan, _run_scan, "list what is in a folder of raw frames"),
     "reduce": (_add_reduce, _run_reduce, "build masters and calibrate every light"),
     "demo": (_add_demo, _run_demo, "write a synthetic night with known truth and reduce it"),
+    "verify": (_add_verify, _run_verify, "check a reduce output folder against its manifest and checksums"),
     "stats": (_add_stats, _run_stats, "region statistics of FITS images (imexamine-style)"),
     "stretch": (_add_stretch, _run_stretch, "write a stretched PNG preview of a FITS image"),
     "report": (_add_report, _run_report, "rebuild OUT/report.html from OUT/manifest.json"),
+    "combine": (_add_combine, _run_combine, "stack FITS frames (median/mean/sum with rejection) into one"),
 }
 
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import InputError
 from .frames import find_fits, header_value, image_hdus
 
@@ -257,9 +259,13 @@ def binning(header: Any) -> tuple[int, int]:
                 x, y = float(parts[0]), float(parts[1])
         elif isinstance(ccdsum, (int, float)):
             x = y = float(ccdsum)
-    x = x or 1
-    y = y or x
-    return int(x), int(y)
+
+    def valid(v: float | None) -> int | None:  # binning is a small positive integer; anything else is noise
+        return int(v) if v is not None and np.isfinite(v) and 1 <= v <= 64 and float(v).is_integer() else None
+
+    bx, by = valid(x), valid(y)
+    bx = bx or by or 1
+    return bx, by or bx
 
 
 def _date(header: Any) -> str | None:

@@ -371,9 +371,9 @@ def _check_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{out_dir}: cannot create the output folder ({exc.strerror}); choose another with -o") from exc
+        raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror}); choose another with -o") from exc
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"{out_dir}: the output folder is not writable; choose another with -o")
+        raise InputError(f"{out_dir}: the output folder is not writable; choose another with -o")
     for stale in list(out_dir.glob(".*.partial")) + list(out_dir.glob("*/.*.partial")):
         try:
             stale.unlink()
@@ -512,3 +512,62 @@ def _write_manifest(run: _Run, inventory: Inventory, plan: Plan, result: ReduceR
     for rel, entry in run.old.items():
         manifest["outputs"].setdefault(rel, entry)
     write_text(run.out_dir / "manifest.json", json.dumps(manifest, indent=1, default=str))
+
+
+@dataclass
+class VerifyResult:
+    """What :func:`verify` found: outputs that check out, and problems (path, reason)."""
+
+    ok: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    stale: list[tuple[str, str]] = field(default_factory=list)
+
+
+def verify(out_dir: str | os.PathLike) -> VerifyResult:
+    """Check every output listed in OUT/manifest.json: present, same SHA-256 as recorded, and
+    FITS CHECKSUM/DATASUM valid; outputs whose inputs changed since are reported as stale."""
+    import warnings
+
+    from astropy.io import fits
+
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        raise InputError(f"{out_dir}: no manifest.json here; is this a ccdcal reduce output folder?")
+    try:
+        outputs = json.loads(path.read_text(encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc}); rerun reduce to rewrite it") from exc
+    result = VerifyResult()
+    for rel, entry in sorted(outputs.items()):
+        target = out_dir / rel
+        if not target.exists():
+            result.problems.append((rel, "missing"))
+            continue
+        if file_sha256(target) != entry.get("sha256"):
+            result.problems.append((rel, "content differs from the manifest (modified or corrupted)"))
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with fits.open(target, checksum=True) as hdul:
+                    for hdu in hdul:
+                        _ = hdu.data
+            except (OSError, ValueError) as exc:
+                result.problems.append((rel, f"unreadable FITS ({exc})"))
+                continue
+        bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower() or "datasum" in str(w.message).lower()]
+        if bad:
+            result.problems.append((rel, f"CHECKSUM/DATASUM mismatch: {bad[0]}"))
+            continue
+        changed = []
+        for record in entry.get("inputs", []):
+            src = Path(record["path"])
+            if not src.exists():
+                changed.append(f"{src.name} is gone")
+            elif file_sha256(src) != record.get("sha256"):
+                changed.append(f"{src.name} changed")
+        if changed:
+            result.stale.append((rel, "; ".join(changed)))
+        result.ok.append(rel)
+    return result

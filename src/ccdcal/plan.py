@@ -353,6 +353,10 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
     for info in sorted((f for f in frames if f.kind == FrameKind.LIGHT), key=lambda f: str(f.path)):
         geom = geometry(info)
         notes: list[str] = []
+        if info.exptime is None and darks.get(geom):
+            skipped.append(Skipped(str(info.path), "no exposure time (EXPTIME/EXPOSURE/ITIME), so the master"
+                                   " dark cannot be scaled to it; add the keyword to the header"))
+            continue
         bias = biases.get(geom)
         if bias is None:
             notes.append("no master bias for this binning/size")
@@ -368,6 +372,11 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
                 notes.append(f"no master flat for filter {info.filter!r} (have: {', '.join(map(str, flat_map))})")
         elif flat is None:
             notes.append("no flat frames for this binning/size: not flat-fielded")
+        if not (bias or dark or flat):
+            size = f"{info.shape[1]}x{info.shape[0]} binned {info.binning[0]}x{info.binning[1]}"
+            skipped.append(Skipped(str(info.path), f"no master bias, dark or flat matches its geometry ({size});"
+                                   " add calibration frames taken the same way"))
+            continue
         out = f"calibrated/{info.stem}.fits"
         n = 2
         while out in used_outputs:

@@ -85,9 +85,9 @@ def print_summary(result) -> None:
                   if result.lights else "no lights in the inputs: masters only")
     if result.reused:
         table.add_row("up to date (kept)", str(result.reused), "rerun with --force to redo")
-    table.add_row("skipped", str(len(result.skipped)),
-                  "\n".join(f"{s.path}: {s.reason}" for s in result.skipped[:8])
-                  + ("\n…" if len(result.skipped) > 8 else ""))
+    table.add_row("skipped", str(len(result.skipped)), "listed below" if result.skipped else "")
     console().print(table)
+    for s in result.skipped:  # one unwrapped line each, so scripts and people can grep them
+        console().print(f"skipped {s.path}: {s.reason}", soft_wrap=True, markup=False)
     if result.report:
         console().print(f"report: {result.report}")

@@ -1,0 +1,274 @@
+"""Never lose or corrupt data: a corpus of bad inputs, a full disk, SIGKILL and resume, fuzzed headers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ccdcal.errors import CcdcalError, InputError, OutputError
+
+
+def ccdcal(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ccdcal.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def stray_partials(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".partial")]
+
+
+def make_bad_corpus(folder: Path) -> dict[str, str]:
+    """One bad file per case; returns name -> words the error message must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "not_fits.fits").write_text("SIMPLE? no, this is a text file\n" * 200)
+    (folder / "empty.fits").write_bytes(b"")
+    good = fits.PrimaryHDU(np.ones((64, 64), dtype=np.uint16))
+    good.header["IMAGETYP"] = "LIGHT"
+    good.writeto(folder / "whole.fits")
+    data = (folder / "whole.fits").read_bytes()
+    (folder / "truncated.fits").write_bytes(data[: len(data) // 2 + 100])
+    (folder / "whole.fits").unlink()
+    fits.PrimaryHDU(header=fits.Header([("IMAGETYP", "LIGHT")])).writeto(folder / "nodata.fits")
+    fits.PrimaryHDU(np.zeros((3, 16, 16), dtype=np.float32)).writeto(folder / "cube.fits")
+    return {
+        "not_fits.fits": "not a readable FITS file",
+        "empty.fits": "empty",
+        "truncated.fits": "truncated",
+        "nodata.fits": "no 2-D image",
+        "cube.fits": "3-D",
+    }
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    expected = make_bad_corpus(tmp_path / "bad")
+    return tmp_path / "bad", expected
+
+
+def test_each_bad_file_gives_one_line_exit_2_naming_the_file(corpus):
+    folder, expected = corpus
+    before = digest(folder)
+    for name, words in expected.items():
+        proc = ccdcal("stats", folder / name)
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert name in proc.stderr and words in proc.stderr, (name, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert digest(folder) == before, "raw files must never change"
+
+
+def test_reduce_skips_bad_files_reduces_the_rest_and_exits_3(corpus, demo_night, tmp_path):
+    folder, expected = corpus
+    for f in sorted((demo_night / "raw").glob("*_00[12].fits")):
+        shutil.copy(f, folder / f.name)
+    before = digest(folder)
+    out = tmp_path / "out"
+    proc = ccdcal("reduce", folder, "-o", out, "--no-report")
+    assert proc.returncode == 3, proc.stderr
+    for name in expected:
+        assert name in proc.stdout.replace("\n", "")
+    assert (out / "calibrated" / "m51_V_001.fits").exists()
+    assert digest(folder) == before
+    assert not stray_partials(out)
+    assert "Traceback" not in proc.stderr
+
+
+def test_strict_makes_a_skipped_input_fatal(corpus, demo_night, tmp_path):
+    folder, _ = corpus
+    for f in sorted((demo_night / "raw").glob("bias_00[12].fits")):
+        shutil.copy(f, folder / f.name)
+    proc = ccdcal("reduce", folder, "-o", tmp_path / "out", "--strict", "--no-report")
+    assert proc.returncode == 2 and "--strict" in proc.stderr
+    assert not (tmp_path / "out" / "masters").exists()
+
+
+def test_light_without_exposure_time_is_skipped_when_a_dark_must_be_scaled(demo_night, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for pattern in ("bias_00[1-3].fits", "dark_300s_00[1-3].fits", "m51_V_001.fits"):
+        for f in (demo_night / "raw").glob(pattern):
+            shutil.copy(f, raw / f.name)
+    with fits.open(raw / "m51_V_001.fits", mode="update") as hdul:
+        del hdul[0].header["EXPTIME"]
+        del hdul[0].header["EXPOSURE"]
+    proc = ccdcal("reduce", raw, "-o", tmp_path / "out", "--no-report")
+    assert proc.returncode == 3
+    assert "m51_V_001.fits" in proc.stdout and "exposure time" in proc.stdout.replace("\n", " ")
+    assert (tmp_path / "out" / "masters" / "master_dark_300s.fits").exists()
+
+
+def test_mixed_sizes_are_reduced_as_separate_groups(demo_night, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in (demo_night / "raw").glob("bias_00[1-3].fits"):
+        shutil.copy(f, raw / f.name)
+    for i in range(3):
+        hdu = fits.PrimaryHDU(np.full((32, 48), 1000 + i, dtype=np.uint16))
+        hdu.header["IMAGETYP"] = "Bias Frame"
+        hdu.header["XBINNING"] = hdu.header["YBINNING"] = 2
+        hdu.writeto(raw / f"small_bias_{i}.fits")
+    proc = ccdcal("reduce", raw, "-o", tmp_path / "out", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    masters = sorted(p.name for p in (tmp_path / "out" / "masters").iterdir())
+    assert len(masters) == 2 and all(m.startswith("master_bias_") for m in masters)
+
+
+def test_unwritable_output_folder_is_exit_2(demo_night, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = ccdcal("reduce", demo_night / "raw", "-o", blocker / "out", "--no-report")
+    assert proc.returncode == 2 and "output folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night, tmp_path, monkeypatch):
+    from ccdcal.pipeline import ReduceOptions, reduce, verify
+
+    real_writeto = fits.HDUList.writeto
+    calls = {"n": 0}
+
+    def writeto(self, name, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third FITS output: write half of it, then the disk is full
+            Path(name).write_bytes(b"\0" * 5000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_writeto(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(fits.HDUList, "writeto", writeto)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="disk filled up"):
+        reduce([demo_night / "raw"], out, options=ReduceOptions(report=False))
+    assert not stray_partials(out)
+    written = sorted((out / "masters").iterdir())
+    assert len(written) == 2
+    monkeypatch.setattr(fits.HDUList, "writeto", real_writeto)
+    check = verify(out)
+    assert not check.problems and len(check.ok) == 2
+
+
+def test_disk_full_on_the_cli_is_exit_1_without_traceback(demo_night, tmp_path):
+    script = (
+        "import errno, sys\n"
+        "from astropy.io import fits\n"
+        "def boom(self, name, *a, **k):\n"
+        "    open(name, 'wb').write(b'x' * 100)\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "fits.HDUList.writeto = boom\n"
+        "from ccdcal.cli import main\n"
+        f"sys.exit(main(['reduce', {str(demo_night / 'raw')!r}, '-o', {str(tmp_path / 'out')!r}, '--no-report']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "disk filled up" in proc.stderr and "Traceback" not in proc.stderr
+    assert not stray_partials(tmp_path / "out")
+
+
+def _fits_data(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): fits.getdata(p).tobytes()
+            for p in sorted(folder.rglob("*.fits"))}
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_rerun_equals_a_clean_run(tmp_path):
+    from ccdcal.demo import write_night
+
+    raw = tmp_path / "raw"
+    write_night(raw, size=192, seed=3)
+    clean = tmp_path / "clean"
+    assert ccdcal("reduce", raw, "-o", clean, "--no-report").returncode == 0
+    expected = _fits_data(clean)
+    for delay in (0.8, 1.6, 2.4, 3.2):
+        out = tmp_path / f"killed_{delay}"
+        proc = subprocess.Popen([sys.executable, "-m", "ccdcal.cli", "reduce", str(raw), "-o", str(out), "--no-report"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rerun = ccdcal("reduce", raw, "-o", out, "--no-report")
+        assert rerun.returncode == 0, rerun.stderr
+        assert _fits_data(out) == expected, f"killed after {delay}s: rerun differs from a clean run"
+        assert not stray_partials(out)
+        check = ccdcal("verify", out)
+        assert check.returncode == 0, check.stdout
+
+
+def test_verify_catches_a_modified_output(demo_night, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(demo_night / "out", out)
+    assert ccdcal("verify", out).returncode == 0
+    target = out / "calibrated" / "m51_R_001.fits"
+    blob = bytearray(target.read_bytes())
+    blob[-100] ^= 0xFF
+    target.write_bytes(bytes(blob))
+    proc = ccdcal("verify", out)
+    assert proc.returncode == 1 and "m51_R_001.fits" in proc.stdout
+
+
+# -- fuzzing ---------------------------------------------------------------------------------
+printable = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
+header_values = st.one_of(printable, st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False,
+                                                                          width=32), st.booleans())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(imagetyp=header_values, exptime=header_values, filt=header_values, biassec=printable, trimsec=printable,
+       ccdsum=header_values)
+def test_fuzzed_headers_never_crash_classification(imagetyp, exptime, filt, biassec, trimsec, ccdsum):
+    from ccdcal.inventory import FrameKind, frame_info
+
+    h = fits.Header()
+    for key, value in (("IMAGETYP", imagetyp), ("EXPTIME", exptime), ("FILTER", filt), ("BIASSEC", biassec),
+                       ("TRIMSEC", trimsec), ("CCDSUM", ccdsum)):
+        try:
+            h[key] = value
+        except ValueError:
+            continue
+    info = frame_info(Path("x.fits"), 0, h, (40, 50))
+    assert info.kind in FrameKind
+    assert info.binning[0] >= 1 and info.binning[1] >= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(biassec=st.one_of(st.none(), printable, st.from_regex(r"\[\d{1,2}:\d{1,2},\d{1,2}:\d{1,2}\]", fullmatch=True)),
+       trimsec=st.one_of(st.none(), printable, st.from_regex(r"\[\d{1,2}:\d{1,2},\d{1,2}:\d{1,2}\]", fullmatch=True)))
+def test_fuzzed_sections_raise_only_input_errors(biassec, trimsec):
+    from ccdcal.calibrate import overscan_geometry
+
+    try:
+        spec, trim = overscan_geometry((40, 50), biassec, trimsec)
+    except CcdcalError as exc:
+        assert isinstance(exc, InputError) and "\n" not in str(exc)
+        return
+    if trim is not None:
+        assert trim.resolve((40, 50)) == trim
+    if spec is not None:
+        assert spec.region.resolve((40, 50)) == spec.region
+
+
+def test_raw_file_is_opened_read_only(demo_night):
+    from ccdcal.frames import FrameSource
+
+    path = demo_night / "raw" / "bias_001.fits"
+    before = path.read_bytes()
+    mtime = os.stat(path).st_mtime_ns
+    with FrameSource(path) as src:
+        rows = src.read_rows(0, 4)
+        with pytest.raises(ValueError):
+            src._raw[0, 0] = 0  # the memmap is read-only
+        rows[:] = 0
+    assert path.read_bytes() == before and os.stat(path).st_mtime_ns == mtime
