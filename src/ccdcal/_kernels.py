@@ -349,6 +349,11 @@ def combine_tile_ccdproc(stack, valid, scales, weights, iparams, fparams,
                             else:
                                 nhigh += 1
                         use[i] = False
+            if do_sigma and not finite and spread_kind == SPREAD_STD:
+                # ccdproc's numpy.ma.std turns the NaN bounds into masked ones, and astropy then
+                # rejects every value of the pixel
+                for i in range(n):
+                    use[i] = False
             if do_sigma and finite:
                 # one pass over ALL raw values (earlier rejections and masks included); a NaN
                 # anywhere in the pixel makes the centre NaN and rejects nothing

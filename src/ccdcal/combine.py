@@ -329,25 +329,20 @@ def frame_levels(stack: np.ndarray, how: str, region: tuple[slice, slice] | None
 
 def _region_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[str],
                    region: tuple[slice, slice], budget: int) -> dict[str, np.ndarray]:
-    """Levels of ``region`` of every source, one source at a time (a small first read)."""
+    """Levels of ``region`` of every source, one source at a time (a small first read).
+
+    The region of one frame is held at a time (it may exceed a budget smaller than a frame);
+    it is read in row chunks so that the rows around it cost no more than a third of the budget.
+    """
     rows, cols = region
-    ny = rows.stop - rows.start
-    nx_full = sources[0].shape[1]
-    # Keep the region read (float32 rows + a copy of the values) within a third of the budget:
-    # a region too large for it is measured on every k-th row.
-    per_row = nx_full * 4 + (cols.stop - cols.start) * 8
-    stride = max(1, math.ceil(ny * per_row / max(budget // 3, 1)))
-    chunk = max(1, min(ny, (budget // 3) // max(per_row, 1)))
+    width = cols.stop - cols.start
+    chunk = max(1, (budget // 3) // max(sources[0].shape[1] * 4, 1))
+    values = np.empty((rows.stop - rows.start, width), np.float32)
     levels = {how: np.empty(len(sources)) for how in hows}
     for i, (source, name) in enumerate(zip(sources, names, strict=True)):
-        pieces = []
-        y = rows.start
-        while y < rows.stop:
-            y1 = min(rows.stop, y + chunk * stride)
-            block = source.read_rows(y, y1)
-            pieces.append(np.array(block[::stride, cols], dtype=np.float32))
-            y = y1
-        values = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        for y in range(rows.start, rows.stop, chunk):
+            y1 = min(rows.stop, y + chunk)
+            values[y - rows.start: y1 - rows.start] = source.read_rows(y, y1)[:, cols]
         for how in hows:
             levels[how][i] = _level(values, how)
         if not np.isfinite(levels[hows[0]][i]):
@@ -532,7 +527,8 @@ def combine(
         Reproduce ``ccdproc.combine``: extrema rejection ranks the raw (unscaled) values
         of all frames, NaN last and masked ones included; one sigma-clipping pass over
         all raw values of the pixel (earlier rejections included; ``center`` default
-        mean, spread std or MAD-std; nothing clipped where any value is NaN); then the
+        mean, spread std or MAD-std; where any value is NaN ccdproc rejects the whole
+        pixel with std, and nothing with MAD-std, and so does compat); then the
         scaled survivors are combined with ccdproc's statistics (median uncertainty =
         MAD-std/sqrt(n), mean/sum with the population std; weighted mean divided by
         the sum of all weights; an empty sum is 0).
