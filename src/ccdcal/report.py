@@ -95,6 +95,7 @@ class Group:
     title: str
     kind: str
     rows: list[FrameRow] = field(default_factory=list)
+    order: tuple = ()
 
     @property
     def n_flagged(self) -> int:
@@ -287,7 +288,8 @@ def _groups(inputs: list[Mapping[str, Any]], excluded: set[str]) -> list[Group]:
             key, title = (kind, flt), f"flat {flt if flt else '(no filter)'}"
         else:
             key, title = (kind,), "bias"
-        group = groups.setdefault(key, Group(title, kind))
+        order = (exptime if _finite_number(exptime) else -1.0, str(flt or ""))
+        group = groups.setdefault(key, Group(title, kind, order=order))
         shape = item.get("shape")
         path = str(item.get("path") or "")
         group.rows.append(FrameRow(
@@ -303,7 +305,7 @@ def _groups(inputs: list[Mapping[str, Any]], excluded: set[str]) -> list[Group]:
             excluded=path in excluded,
         ))
     order = {k: i for i, k in enumerate(KINDS)}
-    return sorted(groups.values(), key=lambda g: (order[g.kind], g.title))
+    return sorted(groups.values(), key=lambda g: (order[g.kind], g.order, g.title))
 
 
 def _stats_dict(data: np.ndarray) -> dict[str, Any]:
