@@ -76,7 +76,6 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp-tolerance", type=float, help="°C: darks further apart are separate groups")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the HTML report and previews")
-    p.add_argument("--scheduler", help="dask.distributed scheduler address")
 
 
 def _run_reduce(args) -> int:

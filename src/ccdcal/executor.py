@@ -1,7 +1,8 @@
-"""Where per-frame work runs: a local thread pool (default) or a dask.distributed cluster.
+"""Where per-frame work runs: a local thread pool.
 
-Both executors offer one method, :meth:`map`, returning results in input order, so
-results are identical whichever runs them. Dask workers must see the same paths.
+An executor offers one method, :meth:`map`, returning results in input order, so
+results do not depend on how many workers ran them. A dask.distributed executor
+with the same interface is planned (workers would need the same paths).
 """
 
 from __future__ import annotations
@@ -30,30 +31,6 @@ class LocalExecutor:
         pass
 
 
-class DaskExecutor:
-    """Tasks on a dask.distributed scheduler at ``address`` (``tcp://host:8786``)."""
-
-    def __init__(self, address: str):
-        from .errors import ConfigError
-
-        try:
-            from distributed import Client
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ConfigError("--scheduler needs dask.distributed: pip install 'ccdcal[dask]'") from exc
-        try:
-            self.client = Client(address, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the dask scheduler at {address} ({exc}); check the address") from exc
-
-    def map(self, fn: Callable[..., Any], items: Iterable[Any]) -> Iterator[Any]:
-        futures = self.client.map(fn, list(items), pure=False)
-        for future in futures:
-            yield future.result()
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def make_executor(scheduler: str | None = None, workers: int | None = None):
-    """The executor for ``scheduler`` (a dask address) or a local one."""
-    return DaskExecutor(scheduler) if scheduler else LocalExecutor(workers)
+def make_executor(workers: int | None = None) -> LocalExecutor:
+    """The executor for per-frame work (a dask.distributed one will plug in here)."""
+    return LocalExecutor(workers)

@@ -23,7 +23,7 @@ from .errors import InputError
 from .frames import find_fits, header_value, image_hdus
 
 
-class FrameKind(str, enum.Enum):
+class FrameKind(enum.StrEnum):
     BIAS = "bias"
     DARK = "dark"
     FLAT = "flat"

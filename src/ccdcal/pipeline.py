@@ -47,8 +47,18 @@ class ReduceOptions:
     exclude_flagged: bool = False
     strict: bool = False
     report: bool = True
-    scheduler: str | None = None
     workers: int | None = None
+    # calibration physics (issue 4); gain in e-/ADU, read noise in e-, saturation in raw ADU
+    gain: float | None = None                  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
+    read_noise: float | None = None            # None: RDNOISE, else measured from the biases (or overscan)
+    saturation: float | None = None            # None: SATURATE/DATAMAX of the frame
+    to_electrons: bool = False
+    uncertainty: bool = True
+    dark_optimize: bool = False
+    cosmic_rays: bool = False
+    bad_pixel_map: str | None = None
+    hot_sigma: float = 5.0
+    flat_norm: str = "median"
 
     @classmethod
     def from_sources(cls, config: str | os.PathLike | None, overrides: dict[str, Any]) -> ReduceOptions:
@@ -461,7 +471,7 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
 
     from .executor import make_executor
 
-    executor = make_executor(None, options.workers)  # lights share this process's masters
+    executor = make_executor(options.workers)  # lights share this process's masters
     try:
         outcomes = executor.map(lambda job: _calibrate_light(run, plan, job), plan.lights)
         for output, reason in track(outcomes, "calibrating lights", enabled=progress, total=len(plan.lights)):

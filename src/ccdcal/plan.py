@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calibrate import OverscanSpec, Recipe, dark_scale_for, overscan_geometry
-from .inventory import FrameInfo, FrameKind, Inventory, Skipped, frame_temperature, temperature_groups
+from .inventory import (
+    FrameInfo,
+    FrameKind,
+    Inventory,
+    Skipped,
+    frame_temperature,
+    temperature_groups,
+)
 
 KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
 
@@ -275,7 +282,7 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         for f, t, g in zip(dark_frames, times, temps, strict=True):
             groups.setdefault((t, g), []).append(f)
         several_temps = len(set(temps)) > 1
-        for (exptime, tgroup), group in sorted(groups.items()):
+        for (exptime, _tgroup), group in sorted(groups.items()):
             keep, drop = usable(group)
             known = [frame_temperature(f) for f in keep if frame_temperature(f) is not None]
             temp = sum(known) / len(known) if known else None
