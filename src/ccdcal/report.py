@@ -308,9 +308,10 @@ def _groups(inputs: list[Mapping[str, Any]], excluded: set[str]) -> list[Group]:
     return sorted(groups.values(), key=lambda g: (order[g.kind], g.order, g.title))
 
 
-def _stats_dict(data: np.ndarray) -> dict[str, Any]:
-    small = data if data.size <= 4_000_000 else data[:: 2, :: 2]
-    return region_stats(small).to_dict()
+def _stats_dict(data: np.ndarray, max_pixels: int = 4_200_000) -> dict[str, Any]:
+    """Region statistics of the whole frame, on a regular subsample above ``max_pixels``."""
+    step = max(1, math.ceil(math.sqrt(data.size / max_pixels)))
+    return region_stats(data[::step, ::step] if step > 1 else data).to_dict()
 
 
 def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[MasterCard]:
@@ -369,7 +370,7 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
             card.preview = _write_preview(out_dir, f"light-{stem}", png, w, h)
             png, w, h = _preview(data, THUMB_SIZE, "autostf")
             card.thumb = _write_preview(out_dir, f"light-{stem}-thumb", png, w, h)
-            card.stats = _stats_dict(data)
+            card.stats = _stats_dict(data, max_pixels=1_100_000)
         cards.append(card)
     return cards
 
