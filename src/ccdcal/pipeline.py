@@ -231,8 +231,12 @@ def _master_header(job: MasterJob, result_header: Any, extra: dict[str, Any]) ->
         header["DARKTIME"] = (job.exptime, "[s] dark time of the master")
     if job.kind == FrameKind.FLAT and job.filter:
         header["FILTER"] = (job.filter, "filter of the member flats")
-    header["BUNIT"] = "adu" if job.kind != FrameKind.FLAT else ""
-    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+    if "MJD-AVG" in header:
+        # The epoch of a master is the members' mean mid-exposure.
+        header["MJD-OBS"] = (header["MJD-AVG"], "[d] mean mid-exposure of the members")
+        header["DATE-OBS"] = (header.get("DATE-AVG", ""), "mean mid-exposure of the members (UTC)")
+    header["BUNIT"] = "adu" if job.kind != FrameKind.FLAT else "adu/adu"
+    for key in ("BIASSEC", "TRIMSEC", "DATASEC", "CHECKSUM", "DATASUM"):
         header.remove(key, ignore_missing=True, remove_all=True)
     steps = sorted({r.describe() for r in job.recipes})
     header["HISTORY"] = _ascii(f"ccdcal {__version__}: {job.label.split('   ')[0].strip()} from {len(job.members)} frames")
@@ -240,11 +244,79 @@ def _master_header(job: MasterJob, result_header: Any, extra: dict[str, Any]) ->
         header["HISTORY"] = _ascii(f"each member: {step}")
     header["HISTORY"] = f"combined: {job.settings.describe()}"
     for key, value in extra.items():
-        header[key] = value
+        if key == "HISTORY":
+            for line in value:
+                header["HISTORY"] = _ascii(line)
+        else:
+            header[key] = value
     return header
 
 
+def _option_gain(run: _Run, header: Any) -> tuple[float | None, str]:
+    """Gain (e-/ADU) from the options, else from what the header states in e-/ADU."""
+    from .calibrate import header_gain
+
+    if run.options.gain:
+        return float(run.options.gain), "option"
+    return header_gain(header)
+
+
+def _master_file(run: _Run, name: str | None) -> Any:
+    """A master as :class:`ccdcal.calibrate.Master` (data, UNCERT, MASK, header facts), cached per run."""
+    from astropy.io import fits
+
+    from .calibrate import Master
+
+    if not name:
+        return None
+    cache = run.__dict__.setdefault("_calibration_masters", {})
+    with run.lock:
+        if name in cache:
+            return cache[name]
+    path = run.out_dir / "masters" / name
+    with fits.open(path, memmap=False) as hdul:
+        header = hdul[0].header
+        unc = hdul["UNCERT"].data.astype(np.float32) if "UNCERT" in hdul else None
+        mask = hdul["MASK"].data.astype(np.uint8) if "MASK" in hdul else None
+        master = Master(data=run.masters[name], uncertainty=unc, mask=mask, name=name,
+                        datasum=str(header.get("DATASUM", run.master_prints.get(name, ""))),
+                        exptime=header.get("DARKTIME", header.get("EXPTIME")),
+                        level=header.get("FLATNORM"))
+        facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
+    with run.lock:
+        cache[name] = master
+        run.__dict__.setdefault("_calibration_facts", {})[name] = facts
+    return master
+
+
+def _master_fact(run: _Run, name: str | None, key: str) -> Any:
+    if not name:
+        return None
+    _master_file(run, name)
+    return run.__dict__.get("_calibration_facts", {}).get(name, {}).get(key)
+
+
+def _pair_by_level(scales: np.ndarray) -> tuple[int, int]:
+    """The two members whose levels (∝ 1/scale) are closest."""
+    logs = -np.log(np.asarray(scales, dtype=np.float64))
+    best, pair = np.inf, (0, 1)
+    for i in range(len(logs)):
+        for j in range(i + 1, len(logs)):
+            if abs(logs[i] - logs[j]) < best:
+                best, pair = abs(logs[i] - logs[j]), (i, j)
+    return pair
+
+
 def _build_master(run: _Run, job: MasterJob, inputs: list[dict[str, Any]]) -> None:
+    from .calibrate import (
+        MASK_HOT,
+        MASK_LOW_FLAT,
+        MASK_NO_DATA,
+        gain_from_flat_pair,
+        hot_pixel_mask,
+        low_flat_mask,
+        read_noise_from_pair,
+    )
     from .combine import combine
 
     sources = [CalibratedRows(FrameSource(f.path, f.hdu), r, run.masters, flat_floor=run.options.flat_floor)
@@ -256,33 +328,61 @@ def _build_master(run: _Run, job: MasterJob, inputs: list[dict[str, Any]]) -> No
     data = result.data
     uncertainty = result.uncertainty
     extra: dict[str, Any] = {}
-    mask = result.mask
+    history: list[str] = []
+    nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(data)
+    mask = np.where(nodata, np.uint8(MASK_NO_DATA), np.uint8(0))
+    gain, gain_source = _option_gain(run, sources[0].header)
     if job.kind == FrameKind.FLAT:
         region = None
         if settings.scale_region:
             from .sections import to_slices
 
             region = to_slices(settings.scale_region, data.shape)
-        data, level = normalise_flat(data, region)
+        data, level = normalise_flat(data, region, method=run.options.flat_norm)
         if uncertainty is not None:
             uncertainty = uncertainty / np.float32(level)
-        bad = ~np.isfinite(data) | (data < run.options.flat_floor)
-        mask = mask | bad
+        mask[low_flat_mask(data, run.options.flat_floor) & ~nodata] |= MASK_LOW_FLAT
         data = np.where(np.isfinite(data), data, np.float32(1.0)).astype(np.float32)
-        extra["FLATNORM"] = (level, "[adu] level the flat was divided by")
+        extra["FLATNORM"] = (level, f"[adu] level the flat was divided by ({run.options.flat_norm})")
         extra["FLATFLOR"] = (run.options.flat_floor, "flat pixels below this are masked")
+        history.append(f"normalised by the {run.options.flat_norm} of "
+                       f"{settings.scale_region or 'the central half'}: {level:.6g} adu")
+        rn = _master_fact(run, job.recipes[0].bias, "RDNADU")
+        if len(sources) >= 2 and rn is not None and len(result.scales) == len(sources):
+            i, j = _pair_by_level(result.scales)
+            measured = gain_from_flat_pair(sources[i].read(), sources[j].read(), read_noise=float(rn))
+            if np.isfinite(measured) and measured > 0:
+                extra["GAINMEAS"] = (round(measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
+                history.append(f"gain measured from {job.members[i].name} and {job.members[j].name}: "
+                               f"{measured:.3f} e-/adu")
     else:
         data = np.where(np.isfinite(data), data, np.float32(0.0)).astype(np.float32)
+    if job.kind == FrameKind.BIAS and len(sources) >= 2:
+        rn = read_noise_from_pair(sources[0].read(), sources[1].read())
+        if np.isfinite(rn) and rn > 0:
+            extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
+            if gain is not None:
+                extra["RDNOISE"] = (round(rn * gain, 4), f"[e-] read noise (gain {gain:g} from {gain_source})")
+            history.append(f"read noise from {job.members[0].name} - {job.members[1].name}: {rn:.3f} adu")
+    if job.kind == FrameKind.DARK:
+        hot = hot_pixel_mask(data, sigma=run.options.hot_sigma) & ~nodata
+        mask[hot] |= MASK_HOT
+        extra["NHOTPIX"] = (int(hot.sum()), f"hot pixels (> {run.options.hot_sigma:g} sigma), MASK bit 2")
+    if uncertainty is not None:
+        uncertainty = np.where(np.isfinite(uncertainty), uncertainty, np.float32(0.0)).astype(np.float32)
     levels = [s.overscan_level for s in sources if s.overscan_level is not None]
     if levels:
         extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
+    extra["NNODATA"] = (int(nodata.sum()), "pixels without a valid value, MASK bit 32")
+    extra["HISTORY"] = history
     header = _master_header(job, result.header, extra)
     rel = job.output
-    write_fits(run.out_dir / rel, data, header, uncertainty=uncertainty,
-               mask=mask.astype(np.uint8) if mask.any() else None, unit=None if job.kind == FrameKind.FLAT else "adu")
+    write_fits(run.out_dir / rel, data, header, uncertainty=uncertainty, mask=mask,
+               unit="adu/adu" if job.kind == FrameKind.FLAT else "adu")
     for s in sources:
         s.source.close()
     run.masters[job.name] = data
+    run.__dict__.get("_calibration_masters", {}).pop(job.name, None)
 
 
 def _load_master(run: _Run, job: MasterJob) -> None:
@@ -290,7 +390,10 @@ def _load_master(run: _Run, job: MasterJob) -> None:
         run.masters[job.name] = src.read()
 
 
-def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, overscan_level: float | None) -> Any:
+def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, overscan_level: float | None,
+                  *, result: Any = None, masters: dict[str, Any] | None = None, gain_source: str | None = None) -> Any:
+    from .calibrate import describe_calibration
+
     header = clean_header(raw_header)
     recipe = job.recipe
     if recipe.trim is not None:
@@ -302,8 +405,17 @@ def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, oversca
             header[f"LTV{axis}"] = (float(header.get(f"LTV{axis}", 0.0)) - shift, "offset of trimmed image")
     for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
         header.remove(key, ignore_missing=True, remove_all=True)
+    _time_keywords(header)
     header["BUNIT"] = "adu"
     header["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+    if result is not None:
+        masters = masters or {}
+        describe_calibration(header, result, bias=masters.get("bias"), dark=masters.get("dark"),
+                             flat=masters.get("flat"), flat_floor=run.options.flat_floor, gain_source=gain_source)
+        if recipe.dark and result.dark_scale is not None:
+            dark_job = plan.master(recipe.dark)
+            header["CALDARKT"] = (dark_job.exptime, "[s] exposure of the master dark applied")
+        return header
     if recipe.overscan is not None:
         header["HISTORY"] = _ascii(recipe.overscan.describe())
         if overscan_level is not None:
@@ -321,28 +433,98 @@ def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, oversca
     return header
 
 
+def _time_keywords(header: Any) -> None:
+    """MJD-OBS from DATE-OBS when missing, and MJD-AVG/DATE-AVG (mid-exposure) of a light."""
+    from astropy.time import Time
+
+    from .calibrate import exposure_of
+    from .frames import header_value
+
+    mjd = header_value(header, ("MJD-OBS", "MJD_OBS"))
+    if not isinstance(mjd, (int, float)) or isinstance(mjd, bool):
+        date = header_value(header, ("DATE-OBS", "DATE_OBS"))
+        if not isinstance(date, str):
+            return
+        try:
+            mjd = Time(date.replace(" ", "T"), format="isot", scale="utc").mjd
+        except ValueError:
+            return
+        header["MJD-OBS"] = (mjd, "[d] start of exposure, from DATE-OBS")
+    exptime = exposure_of(header)
+    if exptime is not None and "MJD-AVG" not in header:
+        mid = float(mjd) + exptime / 86400.0 / 2.0
+        header["MJD-AVG"] = (mid, "[d] mid-exposure")
+        header["DATE-AVG"] = (Time(mid, format="mjd", scale="utc").isot, "mid-exposure (UTC)")
+
+
+def _bad_pixel_map(run: _Run) -> np.ndarray | None:
+    path = run.options.bad_pixel_map
+    if not path:
+        return None
+    cache = run.__dict__.setdefault("_calibration_bpm", {})
+    with run.lock:
+        if path not in cache:
+            with FrameSource(path) as src:
+                cache[path] = src.read() != 0
+        return cache[path]
+
+
+def _adc_maximum(header: Any) -> float | None:
+    """The largest raw value an integer image can hold (65535 for unsigned 16-bit): saturated there."""
+    bitpix = header.get("BITPIX") if header is not None else None
+    if bitpix not in (8, 16, 32) or float(header.get("BSCALE", 1.0)) != 1.0:
+        return None
+    bzero = float(header.get("BZERO", 0.0))
+    return float(2 ** (bitpix - 1) - 1 + bzero) if bitpix != 8 else 255.0 + bzero
+
+
 def _calibrate_light(run: _Run, plan: Plan, job: LightJob) -> tuple[str, str | None]:
     """Calibrate one light; returns (output, None) or (input path, reason skipped)."""
+    from .calibrate import calibrate_frame, header_read_noise
+
     why = run.missing_master(job.recipe)
     if why:
         return str(job.frame.path), why
+    options = run.options
     inputs = [_input_record(job.frame.path, job.frame.hdu)]
-    fp = _fingerprint(__version__, inputs, _recipe_json(job.recipe), run.options.flat_floor,
+    physics = {k: getattr(options, k) for k in ("gain", "read_noise", "saturation", "to_electrons", "uncertainty",
+                                                "dark_optimize", "cosmic_rays", "bad_pixel_map", "hot_sigma")}
+    fp = _fingerprint(__version__, inputs, _recipe_json(job.recipe), options.flat_floor, physics,
                       [run.master_prints.get(n) for n in (job.recipe.bias, job.recipe.dark, job.recipe.flat)])
     if run.up_to_date(job.output, fp):
         run.record(job.output, fp, inputs, {"kind": "light", "reused": True})
         return job.output, None
+    recipe = job.recipe
     try:
         with FrameSource(job.frame.path, job.frame.hdu) as src:
-            rows = CalibratedRows(src, job.recipe, run.masters, flat_floor=run.options.flat_floor)
-            data = rows.read()
-            header = _light_header(job, src.header, plan, run, rows.overscan_level)
-        mask = None
-        if job.recipe.flat:
-            low = run.masters[job.recipe.flat] < run.options.flat_floor
-            if low.any():
-                mask = low.astype(np.uint8)
-        write_fits(run.out_dir / job.output, data, header, mask=mask, unit="adu")
+            raw = src.read()
+            raw_header = src.header
+        masters = {"bias": _master_file(run, recipe.bias), "dark": _master_file(run, recipe.dark),
+                   "flat": _master_file(run, recipe.flat)}
+        gain, gain_source = _option_gain(run, raw_header)
+        if gain is None:
+            measured = _master_fact(run, recipe.flat, "GAINMEAS")
+            if measured:
+                gain, gain_source = float(measured), f"photon transfer of {recipe.flat}"
+        rn_e = options.read_noise or header_read_noise(raw_header)
+        if rn_e and gain:
+            read_noise = rn_e / gain
+        else:
+            read_noise = _master_fact(run, recipe.bias, "RDNADU")
+        saturation = options.saturation if options.saturation is not None else job.frame.saturate
+        if saturation is None:
+            saturation = _adc_maximum(raw_header)
+        result = calibrate_frame(
+            raw, overscan=recipe.overscan, trim=recipe.trim, bias=masters["bias"], dark=masters["dark"],
+            dark_scale=recipe.dark_scale, dark_optimize=options.dark_optimize, flat=masters["flat"],
+            flat_floor=options.flat_floor, gain=gain, read_noise=read_noise, saturation=saturation,
+            cosmic_rays=options.cosmic_rays, bad_pixels=_bad_pixel_map(run), hot_sigma=options.hot_sigma,
+            to_electrons=options.to_electrons, uncertainty=options.uncertainty)
+        level = result.overscan.level if result.overscan is not None else None
+        header = _light_header(job, raw_header, plan, run, level, result=result, masters=masters,
+                               gain_source=gain_source)
+        write_fits(run.out_dir / job.output, result.data, header, uncertainty=result.uncertainty,
+                   mask=result.mask, unit=result.unit)
     except OutputError:
         raise
     except CcdcalError as exc:
