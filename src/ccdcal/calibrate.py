@@ -64,6 +64,30 @@ def robust_std(values: np.ndarray) -> float:
     return float(MAD_TO_STD * np.median(np.abs(values - np.median(values))))
 
 
+def clipped_std(values: np.ndarray, *, sigma: float = 4.0, maxiters: int = 5) -> float:
+    """Standard deviation after iterative ``sigma`` clipping about the median (finite values only).
+
+    Unlike the MAD, it is not biased by integer-quantised data (raw ADU differences).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return float("nan")
+    centre, spread = float(np.median(values)), robust_std(values)
+    if not spread > 0:
+        spread = float(np.std(values))
+    kept = values
+    for _ in range(maxiters):
+        new = values[np.abs(values - centre) <= sigma * spread]
+        if new.size < 2:
+            break
+        centre, spread = float(np.mean(new)), float(np.std(new, ddof=1))
+        if new.size == kept.size:
+            break
+        kept = new
+    return spread
+
+
 # -- overscan --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OverscanSpec:
@@ -497,11 +521,11 @@ def hot_pixel_mask(dark: np.ndarray, *, sigma: float = 5.0, uncertainty: np.ndar
 def read_noise_from_pair(first: np.ndarray, second: np.ndarray) -> float:
     """Read noise (ADU) of one frame from two bias frames: robust std of their difference / sqrt(2).
 
-    Fixed structure (bias pattern, hot pixels) cancels in the difference; the MAD
-    ignores the few pixels that do not (cosmic rays, a drifting column).
+    Fixed structure (bias pattern, hot pixels) cancels in the difference; a 4-sigma
+    clipped standard deviation ignores the few pixels that do not (cosmic rays).
     """
     diff = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
-    return robust_std(diff - np.nanmedian(diff)) / np.sqrt(2.0)
+    return clipped_std(diff) / np.sqrt(2.0)
 
 
 def gain_from_flat_pair(first: np.ndarray, second: np.ndarray, *, read_noise: float,
@@ -510,7 +534,7 @@ def gain_from_flat_pair(first: np.ndarray, second: np.ndarray, *, read_noise: fl
 
     With r = S1/S2 (levels S), ``var(F1 − r·F2) = (1 + r)·S1/g + (1 + r²)·rn²`` in
     ADU², so ``g = (1 + r)·S1 / (var − (1 + r²)·rn²)``; the flat pattern cancels in
-    the difference. The variance is 1.4826 × MAD squared over ``region`` (central half).
+    the difference. The variance is a 4-sigma clipped one over ``region`` (central half).
     """
     region = region if region is not None else central_region(first.shape)
     a = np.asarray(first[region], dtype=np.float64)
@@ -519,7 +543,7 @@ def gain_from_flat_pair(first: np.ndarray, second: np.ndarray, *, read_noise: fl
     if not (s1 > 0 and s2 > 0):
         return float("nan")
     r = s1 / s2
-    var = robust_std(a - r * b) ** 2 - (1.0 + r * r) * read_noise**2
+    var = clipped_std(a - r * b) ** 2 - (1.0 + r * r) * read_noise**2
     return float((1.0 + r) * s1 / var) if var > 0 else float("nan")
 
 
@@ -982,7 +1006,7 @@ def describe_calibration(header: Any, result: CalibratedFrame, *, bias: Master |
         if key == "CALBIAS":
             header["HISTORY"] = f"subtracted master bias {master.name or ''}".rstrip()
     if dark is not None:
-        header["DARKSCAL"] = (result.dark_scale, "master dark multiplied by this before subtraction")
+        header["DARKSCAL"] = (result.dark_scale, "master dark x this was subtracted")
         header["DARKEXPR"] = (result.dark_scale_exposure, "exposure ratio t_frame / t_dark")
         header["DARKOPT"] = (result.dark_optimized, "DARKSCAL optimised to minimise the noise")
         if result.dark_optimized:
@@ -1000,7 +1024,9 @@ def describe_calibration(header: Any, result: CalibratedFrame, *, bias: Master |
             header["GAINORIG"] = (result.gain, "[e-/adu] gain used for the conversion")
             header["HISTORY"] = f"multiplied by the gain {result.gain:.4g} e-/adu: data in electrons"
         else:
-            header["GAIN"] = (result.gain, "[e-/adu] gain" + (f" (from {gain_source})" if gain_source else ""))
+            header["GAIN"] = (result.gain, "[e-/adu] gain, source in GAINSRC")
+        if gain_source:
+            header["GAINSRC"] = (_ascii(gain_source)[:68], "where the gain came from")
     if result.read_noise is not None:
         if result.gain is not None:
             header["RDNOISE"] = (result.read_noise * result.gain, "[e-] read noise")
