@@ -110,10 +110,8 @@ def _run_demo(args) -> int:
     if args.no_reduce:
         return EXIT_OK
     result = reduce([raw], folder / "out", options=ReduceOptions(), progress=True)
-    report = folder / "out" / "report.html"
-    console().print(f"[bold green]done.[/] calibrated lights in {folder / 'out' / 'calibrated'}")
-    if report.exists():
-        console().print(f"[bold]report:[/] {report.resolve()}")
+    console().print(f"[bold green]done.[/] calibrated lights in {folder / 'out' / 'calibrated'};"
+                    f" open {(folder / 'out' / 'report.html').resolve()} in a browser")
     return EXIT_PARTIAL if result.skipped else EXIT_OK
 
 

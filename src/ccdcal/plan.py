@@ -53,6 +53,24 @@ class CombineSettings:
         return ", ".join(parts)
 
 
+def member_steps(recipes: tuple[Recipe, ...]) -> list[str]:
+    """The distinct recipes of a master's members, dark scales shown as one range."""
+    from dataclasses import replace
+
+    groups: dict[Recipe, list[float]] = {}
+    for r in recipes:
+        groups.setdefault(replace(r, dark_scale=1.0), []).append(r.dark_scale)
+    steps = []
+    for base, scales in groups.items():
+        text = base.describe()
+        if base.dark:
+            lo, hi = min(scales), max(scales)
+            span = f"×{lo:.3g}" if lo == hi else f"×{lo:.3g}–{hi:.3g}"
+            text = text.replace("dark ×1", f"dark {span}")
+        steps.append(text)
+    return sorted(steps)
+
+
 @dataclass(frozen=True)
 class MasterJob:
     """One master frame to build."""
@@ -104,8 +122,7 @@ class Plan:
         for job in self.masters:
             count = f"{len(job.members)} frame" + ("s" if len(job.members) != 1 else "")
             lines.append(f"{job.label:<44} {count:>10}   {job.settings.describe()}")
-            steps = sorted({r.describe() for r in job.recipes})
-            for step in steps:
+            for step in member_steps(job.recipes):
                 lines.append(f"    each frame: {step}")
             if job.excluded:
                 lines.append(f"    excluded (flagged): {', '.join(f.name for f in job.excluded)}")

@@ -70,7 +70,7 @@ def print_inventory(inventory) -> None:
 
 
 def print_plan(plan) -> None:
-    console().print(plan.describe())
+    console().print(plan.describe(), soft_wrap=True, markup=False, highlight=False)
 
 
 def print_summary(result) -> None:
