@@ -81,7 +81,7 @@ class ImageHDU:
     shape: tuple[int, int]
 
 
-def _open(path: Path):
+def _open(path: Path, memmap: bool = True):
     from astropy.io import fits
 
     if not path.exists():
@@ -91,7 +91,7 @@ def _open(path: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=False)
+            return fits.open(path, mode="readonly", memmap=memmap, lazy_load_hdus=False)
     except PermissionError as exc:
         raise InputError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from exc
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -209,11 +209,8 @@ class FrameSource:
         try:
             hdu = hdul[self.hdu]
             compressed = _is_compressed(hdu) or self.path.name.lower().endswith(".gz")
-            if compressed:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    data = np.asarray(hdu.data, dtype=np.float32)
-                self._decoded = data.reshape(self.shape)
+            if compressed:  # decompress once; scaled (BZERO) tiles cannot be memory-mapped
+                self._decoded = self._decompress()
                 return
             header = hdu.header
             bitpix = int(header["BITPIX"])
@@ -224,6 +221,18 @@ class FrameSource:
                               shape=self.shape)
         blank = header.get("BLANK") if bitpix > 0 else None
         self._scale = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), blank)
+
+    def _decompress(self) -> np.ndarray:
+        hdul = _open(self.path, memmap=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = np.asarray(hdul[self.hdu].data, dtype=np.float32)
+        except (OSError, ValueError, TypeError) as exc:
+            raise InputError(f"{self.path}: cannot decompress HDU {self.hdu} ({_short(exc)}); copy the file again") from exc
+        finally:
+            hdul.close()
+        return data.reshape(self.shape)
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``y0:y1`` (numpy order, 0-based, end excluded) as a new float32 array."""
