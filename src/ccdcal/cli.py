@@ -76,6 +76,7 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp-tolerance", type=float, help="°C: darks further apart are separate groups")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the HTML report and previews")
+    _add_calibration_flags(p)
 
 
 def _run_reduce(args) -> int:
@@ -305,6 +306,162 @@ def _run_combine(args) -> int:
     return EXIT_OK
 
 
+# -- calibrate ------------------------------------------------------------------------------
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``reduce`` and ``calibrate``; their names are ReduceOptions fields."""
+    p.add_argument("--gain", type=float, help="e-/ADU (default: EGAIN, or GAIN when stated in e-/ADU;"
+                   " reduce also measures it from two flats)")
+    p.add_argument("--read-noise", type=float, help="e- (default: RDNOISE, else measured from two biases)")
+    p.add_argument("--saturation", type=float, help="raw ADU (default: SATURATE/DATAMAX, else the ADC maximum)")
+    p.add_argument("--electrons", dest="to_electrons", action="store_true", default=None,
+                   help="convert the calibrated data to electrons (needs the gain)")
+    p.add_argument("--no-uncertainty", dest="uncertainty", action="store_false", default=None,
+                   help="do not write the UNCERT extension")
+    p.add_argument("--dark-optimize", action="store_true", default=None,
+                   help="scale the dark to minimise the noise of the result (factor in DARKSCAL)")
+    p.add_argument("--cosmic-rays", action="store_true", default=None,
+                   help="flag cosmic rays (astroscrappy) in MASK bit 8")
+    p.add_argument("--bad-pixel-map", metavar="FITS", help="non-zero pixels are bad (MASK bit 16)")
+    p.add_argument("--hot-sigma", type=float, help="hot pixel threshold in the master dark (default 5)")
+    p.add_argument("--flat-norm", choices=["median", "clipped-mean"], help="level a master flat is divided by")
+    p.add_argument("--flat-floor", type=float, help="flat pixels below this are masked (default 0.1)")
+
+
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="raw frames, folders or glob patterns")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--bias", help="master bias FITS")
+    p.add_argument("--dark", nargs="+", help="bias-subtracted master dark(s); the nearest exposure is used,"
+                   " preferring longer")
+    p.add_argument("--flat", help="master flat FITS (normalised here when it has no FLATNORM)")
+    p.add_argument("--biassec", metavar="[x1:x2,y1:y2]", help="overscan region (default: BIASSEC)")
+    p.add_argument("--trimsec", metavar="[x1:x2,y1:y2]", help="region kept (default: TRIMSEC or DATASEC)")
+    p.add_argument("--no-overscan", dest="overscan", action="store_false", default=True)
+    p.add_argument("--overscan-model", default="legendre",
+                   choices=["mean", "median", "legendre", "chebyshev", "spline"])
+    p.add_argument("--overscan-order", type=int, default=3, help="polynomial order or spline pieces")
+    p.add_argument("--overscan-axis", choices=["row", "column"],
+                   help="one overscan value per row or per column (default: from the region's shape)")
+    _add_calibration_flags(p)
+
+
+def _load_master(path: str, *, flat: bool = False, flat_norm: str = "median"):
+    import warnings
+
+    import numpy as np
+    from astropy.io import fits
+
+    from .calibrate import Master, exposure_of, normalise_flat
+    from .errors import InputError
+    from .frames import FrameSource
+
+    with FrameSource(path) as src:
+        data, header = src.read(), src.header
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fits.open(path) as hdul:
+            unc = hdul["UNCERT"].data.astype(np.float32) if "UNCERT" in hdul else None
+            mask = hdul["MASK"].data if "MASK" in hdul else None
+            datasum = header.get("DATASUM") or hdul[src.hdu]._calculate_datasum()
+    if mask is not None:
+        mask = mask.astype(np.uint8) if mask.dtype != bool else mask
+    level = header.get("FLATNORM")
+    if flat and level is None:
+        data, level = normalise_flat(data, method=flat_norm)
+        unc = None if unc is None else unc / np.float32(level)
+    if data.ndim != 2:
+        raise InputError(f"{path}: a master frame must be a 2-D image")
+    from pathlib import Path
+
+    return Master(data=data, uncertainty=unc, mask=mask, name=Path(path).name, datasum=str(datasum),
+                  exptime=exposure_of(header, dark=True), level=level), header
+
+
+def _run_calibrate(args) -> int:
+    from pathlib import Path
+
+    from .calibrate import (
+        calibrate_frame,
+        choose_dark,
+        dark_scale_for,
+        describe_calibration,
+        exposure_of,
+        header_gain,
+        header_read_noise,
+        overscan_geometry,
+    )
+    from .errors import CcdcalError
+    from .frames import FrameSource, clean_header, find_fits, header_value, write_fits
+    from .pipeline import _adc_maximum, _time_keywords
+    from .ui import console, warn
+
+    flat_floor = args.flat_floor if args.flat_floor is not None else 0.1
+    bias, bias_header = _load_master(args.bias) if args.bias else (None, None)
+    darks = {Path(d).name: _load_master(d)[0] for d in (args.dark or [])}
+    flat = _load_master(args.flat, flat=True, flat_norm=args.flat_norm or "median")[0] if args.flat else None
+    out_dir = Path(args.output)
+    done, failed = 0, 0
+    for path in find_fits(args.paths):
+        try:
+            with FrameSource(path) as src:
+                raw, header = src.read(), src.header
+            axis = {"row": 1, "column": 0}.get(args.overscan_axis or "")
+            spec, trim = overscan_geometry(
+                raw.shape, args.biassec or header_value(header, ("BIASSEC",)),
+                args.trimsec or header_value(header, ("TRIMSEC", "DATASEC")),
+                model=args.overscan_model, order=args.overscan_order, axis=axis)
+            if not args.overscan:
+                spec = None
+            exptime = exposure_of(header, dark=True)
+            dark_name = choose_dark(exptime, {n: m.exptime for n, m in darks.items()})
+            dark = darks.get(dark_name) if dark_name else None
+            scale = dark_scale_for(exptime, dark.exptime) if dark is not None else 1.0
+            if dark is not None and bias is None:
+                scale = 1.0  # a dark without a bias still holds the bias: never scale it
+            gain, gain_source = (args.gain, "option") if args.gain else header_gain(header)
+            rn_e = args.read_noise or header_read_noise(header)
+            read_noise = rn_e / gain if (rn_e and gain) else (bias_header.get("RDNADU") if bias_header else None)
+            saturation = args.saturation
+            if saturation is None:
+                saturation = header_value(header, ("SATURATE", "DATAMAX"))
+                saturation = float(saturation) if isinstance(saturation, (int, float)) else _adc_maximum(header)
+            bpm = None
+            if args.bad_pixel_map:
+                with FrameSource(args.bad_pixel_map) as bsrc:
+                    bpm = bsrc.read() != 0
+            result = calibrate_frame(
+                raw, overscan=spec, trim=trim, bias=bias, dark=dark, dark_scale=scale,
+                dark_optimize=bool(args.dark_optimize), flat=flat, flat_floor=flat_floor, gain=gain,
+                read_noise=read_noise, saturation=saturation, cosmic_rays=bool(args.cosmic_rays),
+                bad_pixels=bpm, hot_sigma=args.hot_sigma or 5.0, to_electrons=bool(args.to_electrons),
+                uncertainty=args.uncertainty is not False)
+            out = clean_header(header)
+            for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+                out.remove(key, ignore_missing=True, remove_all=True)
+            if trim is not None:
+                for axis_no, shift in (("1", trim.x1 - 1), ("2", trim.y1 - 1)):
+                    if shift and f"CRPIX{axis_no}" in out:
+                        out[f"CRPIX{axis_no}"] = out[f"CRPIX{axis_no}"] - shift
+                    out[f"LTV{axis_no}"] = (float(out.get(f"LTV{axis_no}", 0.0)) - shift, "offset of trimmed image")
+            _time_keywords(out)
+            out["HISTORY"] = "ccdcal calibrate"
+            describe_calibration(out, result, bias=bias, dark=dark, flat=flat, flat_floor=flat_floor,
+                                 gain_source=gain_source)
+            name = path.name
+            for suffix in (".fz", ".gz"):
+                name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+            target = out_dir / (Path(name).stem + ".fits")
+            write_fits(target, result.data, out, uncertainty=result.uncertainty, mask=result.mask, unit=result.unit)
+            done += 1
+        except CcdcalError as exc:
+            warn(f"{path}: {exc}")
+            failed += 1
+    console().print(f"calibrated {done} frame(s) into {out_dir}" + (f"; {failed} failed" if failed else ""))
+    if done == 0:
+        return EXIT_USAGE
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
 COMMANDS = {
     "scan": (_add_scan, _run_scan, "list what is in a folder of raw frames"),
     "reduce": (_add_reduce, _run_reduce, "build masters and calibrate every light"),
@@ -314,6 +471,7 @@ COMMANDS = {
     "stretch": (_add_stretch, _run_stretch, "write a stretched PNG preview of a FITS image"),
     "report": (_add_report, _run_report, "rebuild OUT/report.html from OUT/manifest.json"),
     "combine": (_add_combine, _run_combine, "stack FITS frames (median/mean/sum with rejection) into one"),
+    "calibrate": (_add_calibrate, _run_calibrate, "calibrate frames with given masters (overscan, bias, dark, flat)"),
 }
 
 
