@@ -20,10 +20,35 @@ SPREAD_STD, SPREAD_MAD = 0, 1
 
 MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a normal distribution -> sigma
 MEDIAN_ERROR = 1.2533  # sqrt(pi/2): standard error of a median relative to a mean
-CHUNK = 256  # pixels of one row per parallel job: small tiles still use every core
+CHUNK = 64  # pixels of one row per parallel job: small tiles still use every core
+
+
+def sorting_network(n: int) -> np.ndarray:
+    """Comparator pairs (i < j) of Batcher's odd-even merge sort for ``n`` values, as (k, 2) int64.
+
+    Built for the next power of two; comparators that touch the padding (which holds +inf
+    and never moves) are dropped.
+    """
+    size = 1
+    while size < n:
+        size *= 2
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            j = k % p
+            while j <= size - 1 - k:
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+                j += 2 * k
+            k //= 2
+        p *= 2
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 # Integer parameters (iparams) and float parameters (fparams) of combine_tile.
-I_METHOD, I_NLOW, I_NHIGH, I_REJECT, I_CENTER, I_MAXITERS, I_HAS_VALID, I_HAS_UNC = range(8)
+I_METHOD, I_NLOW, I_NHIGH, I_REJECT, I_CENTER, I_MAXITERS, I_HAS_VALID, I_HAS_UNC, I_NEED_INDEX = range(9)
 F_LOW, F_HIGH, F_GAIN, F_RDNOISE, F_SNOISE = range(5)
 
 
@@ -157,13 +182,16 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
 
 
 @njit(parallel=True, cache=True)
-def combine_tile(stack, valid, unc, scales, zeros, weights, iparams, fparams,
+def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fparams,
                  out_data, out_err, out_nlow, out_nhigh):
     """Scale, reject and combine each pixel of ``stack`` (n, rows, cols) float32.
 
     ``valid`` (uint8, same shape, or a 1x1x1 dummy) marks usable values when
     ``iparams[I_HAS_VALID]``; ``unc`` holds input standard deviations when
-    ``iparams[I_HAS_UNC]``. Results go to the (rows, cols) ``out_*`` arrays.
+    ``iparams[I_HAS_UNC]``. ``pairs`` (k, 2) is a sorting network for n values
+    (:func:`sorting_network`); frame indices follow the values when ``iparams[I_NEED_INDEX]``
+    (weights, ccdclip, input uncertainties), else only the values are sorted.
+    Results go to the (rows, cols) ``out_*`` arrays.
     """
     n, rows, cols = stack.shape
     method = iparams[I_METHOD]
@@ -179,30 +207,65 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, iparams, fparams,
     gain = fparams[F_GAIN]
     rdnoise = fparams[F_RDNOISE]
     snoise = fparams[F_SNOISE]
+    need_index = iparams[I_NEED_INDEX] != 0
+    npairs = pairs.shape[0]
     nchunks = (cols + CHUNK - 1) // CHUNK
     for job in prange(rows * nchunks):
         r = job // nchunks
         x0 = (job % nchunks) * CHUNK
+        width = min(cols, x0 + CHUNK) - x0
         vals = np.empty(n, np.float64)
         idx = np.empty(n, np.int64)
         work = np.empty(n, np.float64)
-        for x in range(x0, min(cols, x0 + CHUNK)):
-            m = 0
-            for i in range(n):
-                v = stack[i, r, x]
-                if not np.isfinite(v):
-                    continue
-                if has_valid and valid[i, r, x] == 0:
-                    continue
-                s = v * scales[i] + zeros[i]
-                j = m
-                while j > 0 and vals[j - 1] > s:  # insertion keeps ties in frame order
-                    vals[j] = vals[j - 1]
-                    idx[j] = idx[j - 1]
-                    j -= 1
-                vals[j] = s
-                idx[j] = i
-                m += 1
+        # Gather the chunk's values frame by frame (invalid ones as +inf, so they sort last),
+        # then sort every pixel at once with a sorting network: the comparators run across
+        # the pixels of the chunk, branch-free and vectorised.
+        buf = np.empty((n, CHUNK), np.float64)
+        ibuf = np.empty((n, CHUNK), np.int64)
+        count = np.zeros(CHUNK, np.int64)
+        for i in range(n):
+            si = scales[i]
+            zi = zeros[i]
+            for c in range(width):
+                v = stack[i, r, x0 + c]
+                ok = np.isfinite(v)
+                if has_valid:
+                    ok = ok and valid[i, r, x0 + c] != 0
+                if ok:
+                    buf[i, c] = v * si + zi
+                    count[c] += 1
+                else:
+                    buf[i, c] = np.inf
+                ibuf[i, c] = i
+        if need_index:
+            for p in range(npairs):
+                a = pairs[p, 0]
+                b = pairs[p, 1]
+                for c in range(width):
+                    va = buf[a, c]
+                    vb = buf[b, c]
+                    ia = ibuf[a, c]
+                    ib = ibuf[b, c]
+                    swap = vb < va or (vb == va and ib < ia)  # ties in frame order
+                    buf[a, c] = vb if swap else va
+                    buf[b, c] = va if swap else vb
+                    ibuf[a, c] = ib if swap else ia
+                    ibuf[b, c] = ia if swap else ib
+        else:
+            for p in range(npairs):
+                a = pairs[p, 0]
+                b = pairs[p, 1]
+                for c in range(width):
+                    va = buf[a, c]
+                    vb = buf[b, c]
+                    buf[a, c] = min(va, vb)
+                    buf[b, c] = max(va, vb)
+        for c in range(width):
+            x = x0 + c
+            m = count[c]
+            for k in range(m):
+                vals[k] = buf[k, c]
+                idx[k] = ibuf[k, c]
             nlow = 0
             nhigh = 0
             if nlow_req + nhigh_req > 0 and m > nlow_req + nhigh_req:

@@ -631,7 +631,8 @@ def _combine_sources(sources, frames, _kernels, to_slices, *, method, scale, zer
     else:
         iparams = np.array([_method_code(opts.method), opts.nlow, opts.nhigh,
                             _REJECT_CODES[opts.reject], int(opts.center == "mean"), opts.maxiters,
-                            int(has_valid), int(has_unc)], np.int64)
+                            int(has_valid), int(has_unc),
+                            int(weights is not None or has_unc or opts.reject == "ccdclip")], np.int64)
         fparams = np.array([opts.low, opts.high, opts.gain, opts.read_noise,
                             opts.sensitivity_noise], np.float64)
 
@@ -667,7 +668,8 @@ def _run_kernel(_kernels, opts, tile, vtile, unc, has_unc, h, scales, zeros, wei
                                       data, err, nlow, nhigh)
     else:
         utile = unc[:, :h] if has_unc else unc
-        _kernels.combine_tile(tile, vtile, utile, scales, zeros, weight_values, iparams, fparams,
+        _kernels.combine_tile(tile, vtile, utile, scales, zeros, weight_values,
+                              _kernels.sorting_network(tile.shape[0]), iparams, fparams,
                               data, err, nlow, nhigh)
 
 
