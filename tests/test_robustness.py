@@ -272,3 +272,28 @@ def test_raw_file_is_opened_read_only(demo_night):
             src._raw[0, 0] = 0  # the memmap is read-only
         rows[:] = 0
     assert path.read_bytes() == before and os.stat(path).st_mtime_ns == mtime
+
+
+def test_unusable_frames_are_left_out_and_the_rest_reduced(demo_night, tmp_path):
+    """A flat of zeros, a flat below the bias and an all-NaN light: each skipped with its reason."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for pattern in ("bias_00[1-3].fits", "flat_V_00[1-3].fits", "m51_V_001.fits"):
+        for f in (demo_night / "raw").glob(pattern):
+            shutil.copy(f, raw / f.name)
+    header = fits.getheader(raw / "flat_V_001.fits")
+    for key in ("BZERO", "BSCALE"):
+        header.remove(key, ignore_missing=True)
+    fits.PrimaryHDU(np.zeros((256, 288), np.float32), header).writeto(raw / "flat_V_zero.fits")
+    fits.PrimaryHDU(np.full((256, 288), -5.0, np.float32), header).writeto(raw / "flat_V_neg.fits")
+    header["IMAGETYP"] = "Light Frame"
+    fits.PrimaryHDU(np.full((256, 288), np.nan, np.float32), header).writeto(raw / "m51_nan.fits")
+    proc = ccdcal("reduce", raw, "-o", tmp_path / "out", "--no-report")
+    assert proc.returncode == 3, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("skipped")]
+    assert len(lines) == 3
+    assert any("flat_V_zero.fits" in ln and "100% of its pixels are 0" in ln for ln in lines)
+    assert any("flat_V_neg.fits" in ln and "not above the bias" in ln for ln in lines)
+    assert any("m51_nan.fits" in ln and "NaN" in ln for ln in lines)
+    assert fits.getheader(tmp_path / "out" / "masters" / "master_flat_V.fits")["NCOMBINE"] == 3
+    assert (tmp_path / "out" / "calibrated" / "m51_V_001.fits").exists()

@@ -499,6 +499,8 @@ def _calibrate_light(run: _Run, plan: Plan, job: LightJob) -> tuple[str, str | N
         with FrameSource(job.frame.path, job.frame.hdu) as src:
             raw = src.read()
             raw_header = src.header
+        if not np.isfinite(raw).any():
+            return str(job.frame.path), "every pixel is NaN or infinite; remove the file from the inputs"
         masters = {"bias": _master_file(run, recipe.bias), "dark": _master_file(run, recipe.dark),
                    "flat": _master_file(run, recipe.flat)}
         gain, gain_source = _option_gain(run, raw_header)

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .calibrate import OverscanSpec, Recipe, dark_scale_for, overscan_geometry
 from .inventory import (
     FrameInfo,
@@ -246,8 +248,38 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         spec, trim = overscans[geom]
         return Recipe(overscan=spec, trim=trim)
 
+    raw_bias_levels: dict[tuple, list[float]] = {}
+    for f in frames:
+        if f.kind == FrameKind.BIAS and f.metrics and np.isfinite(f.metrics.get("level", np.nan)):
+            raw_bias_levels.setdefault(geometry(f), []).append(f.metrics["level"])
+    bias_levels = {g: float(np.median(v)) for g, v in raw_bias_levels.items()}
+
+    def unusable(info: FrameInfo) -> str | None:
+        """Why a calibration frame cannot go into any master (whatever --exclude-flagged says)."""
+        m = info.metrics
+        if not m:
+            return None
+        if m.get("nonfinite_frac", 0.0) >= 0.5:
+            return f"{m['nonfinite_frac']:.0%} of its pixels are NaN or infinite"
+        if m.get("zero_frac", 0.0) >= 0.5:
+            return f"{m['zero_frac']:.0%} of its pixels are 0"
+        if info.kind == FrameKind.FLAT:
+            level = m.get("level", np.nan)
+            floor = bias_levels.get(geometry(info), 0.0)
+            if not np.isfinite(level) or level <= floor:
+                return f"its level ({level:.6g} ADU) is not above the bias ({floor:.6g} ADU): not a usable flat"
+        return None
+
     # -- group calibration frames ------------------------------------------------------------
     def usable(members: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo]]:
+        good = []
+        for f in members:
+            why = unusable(f)
+            if why:
+                skipped.append(Skipped(str(f.path), f"{f.kind.value} left out of its master: {why}"))
+            else:
+                good.append(f)
+        members = good
         if not options.exclude_flagged:
             return members, []
         keep = [f for f in members if not f.flags]
@@ -276,6 +308,8 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         bias_frames = [f for f in members if f.kind == FrameKind.BIAS]
         if bias_frames:
             keep, drop = usable(bias_frames)
+            if not keep:
+                continue
             name = master_name("master_bias", geom)
             biases[geom] = name
             if len(keep) == 1:
@@ -301,6 +335,8 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         several_temps = len(set(temps)) > 1
         for (exptime, _tgroup), group in sorted(groups.items()):
             keep, drop = usable(group)
+            if not keep:
+                continue
             known = [frame_temperature(f) for f in keep if frame_temperature(f) is not None]
             temp = sum(known) / len(known) if known else None
             stem = f"master_dark_{exptime:g}s" + (f"_{temp:+.0f}C" if several_temps and temp is not None else "")
@@ -356,6 +392,8 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
             by_filter.setdefault(f.filter, []).append(f)
         for filt, group in sorted(by_filter.items(), key=lambda kv: str(kv[0])):
             keep, drop = usable(group)
+            if not keep:
+                continue
             name = master_name(f"master_flat_{_slug(filt or 'nofilter')}", geom)
             recipes = []
             for f in keep:
