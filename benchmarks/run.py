@@ -114,7 +114,7 @@ def scripts(case: Case, paths: list[Path], out: Path) -> dict[str, list[str]]:
 
 
 def siril_command(case: Case, paths: list[Path], work: Path) -> list[str] | None:
-    """A siril-cli script that stacks the frames (average, sigma rejection) or None."""
+    """A siril-cli command that stacks the frames (average, sigma rejection), or None."""
     exe = shutil.which("siril-cli")
     if exe is None:
         return None
@@ -127,7 +127,10 @@ def siril_command(case: Case, paths: list[Path], work: Path) -> list[str] | None
     low, high = (3, 3) if case.kind == "flat" else (4, 3)
     norm = "-norm=mul" if case.kind == "flat" else "-nonorm"
     script = seq / "stack.ssf"
-    script.write_text(f"requires 1.0.0\nstack f_ rej s {low} {high} {norm} -out=master\n")
+    # link makes the sequence of symlinks Siril needs (timed: it is part of using Siril);
+    # Siril stacks average + sigma rejection (its median stack has no rejection)
+    script.write_text(f"requires 1.0.0\nsetext fits\nlink s -out=seq\ncd seq\n"
+                      f"stack s_ rej s {low} {high} {norm} -out=master\n")
     return [exe, "-d", str(seq), "-s", str(script)]
 
 
