@@ -1,0 +1,126 @@
+"""Headers that tell the truth, and outputs that round-trip through CCDData (synthetic night)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.nddata import CCDData, StdDevUncertainty
+from astropy.time import Time
+
+from ccdcal.calibrate import MASK_HOT, MASK_SATURATED, robust_std
+
+
+def _outputs(root):
+    out = root / "out"
+    return sorted((out / "masters").glob("*.fits")) + sorted((out / "calibrated").glob("*.fits"))
+
+
+def test_every_output_round_trips_through_ccddata_with_valid_checksums(demo_night):
+    for path in _outputs(demo_night):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a CHECKSUM/DATASUM mismatch warns
+            with fits.open(path, checksum=True) as hdul:
+                assert [h.name for h in hdul] == ["PRIMARY", "UNCERT", "MASK"]
+                for hdu in hdul:
+                    assert "CHECKSUM" in hdu.header and "DATASUM" in hdu.header
+                data = hdul[0].data
+        ccd = CCDData.read(path)
+        assert isinstance(ccd.uncertainty, StdDevUncertainty) and ccd.uncertainty.array.shape == ccd.shape
+        assert ccd.mask is not None and ccd.mask.shape == ccd.shape
+        np.testing.assert_array_equal(ccd.data, data)
+        assert str(ccd.unit) in ("adu", "")
+        assert fits.getdata(path, "MASK").dtype == np.uint8
+
+
+def test_light_header_records_masters_scale_gain_and_noise(demo_night):
+    out = demo_night / "out"
+    truth = json.loads((demo_night / "truth" / "truth.json").read_text())
+    h = fits.getheader(out / "calibrated" / "m51_V_001.fits")
+    for key, master in (("B", "master_bias.fits"), ("D", "master_dark_300s.fits"), ("F", "master_flat_V.fits")):
+        assert h["CAL" + {"B": "BIAS", "D": "DARK", "F": "FLAT"}[key]] == master
+        assert h["CALSUM" + key] == fits.getheader(out / "masters" / master)["DATASUM"]
+    assert h["DARKSCAL"] == pytest.approx(90.0 / 300.0) and h["DARKEXPR"] == pytest.approx(0.3)
+    assert h["DARKOPT"] is False and h["CALDARKT"] == 300.0
+    assert h["FLATNORM"] == fits.getheader(out / "masters" / "master_flat_V.fits")["FLATNORM"]
+    assert h["GAIN"] == truth["gain"] and h["GAINSRC"] == "EGAIN" and h["BUNIT"] == "adu"
+    assert h["RDNADU"] == pytest.approx(truth["read_noise_adu"], rel=0.05)
+    assert h["RDNOISE"] == pytest.approx(truth["read_noise_adu"] * truth["gain"], rel=0.05)
+    assert h["EXPTIME"] == 90.0 and h["OVSCMOD"] == "legendre" and h["OVSCORD"] == 3 and "OVSCC0" in h
+    assert h["MJD-AVG"] == pytest.approx(h["MJD-OBS"] + 45.0 / 86400.0)
+    assert h["SATRAW"] == 65535.0 and h["NSATUR"] > 0 and h["NHOTPIX"] > 0
+    history = "\n".join(str(x) for x in h["HISTORY"])
+    for step in ("overscan [257:288,1:256]", "median per row, Legendre order 3", "trimmed to [1:256,1:256]",
+                 "subtracted master bias master_bias.fits", "master_dark_300s.fits x 0.3 (exposure ratio)",
+                 "divided by master flat master_flat_V.fits", "UNCERT"):
+        assert step in history
+    assert any("MASK bit 8" in str(c) for c in h["COMMENT"])
+    assert "BIASSEC" not in h and "TRIMSEC" not in h
+
+
+def test_light_mask_and_uncertainty_match_the_truth(demo_night):
+    path = demo_night / "out" / "calibrated" / "m51_V_001.fits"
+    data, sigma, mask = (fits.getdata(path, ext) for ext in (0, "UNCERT", "MASK"))
+    truth = demo_night / "truth"
+    signal = fits.getdata(truth / "signal_m51_V_001.fits")
+    bad = fits.getdata(truth / "bad_m51_V_001.fits").astype(bool)
+    hot = fits.getdata(truth / "hot.fits").astype(bool)
+    raw = fits.getdata(demo_night / "raw" / "m51_V_001.fits")[:, :256]
+    assert (raw >= 65535).sum() > 0
+    np.testing.assert_array_equal(mask & MASK_SATURATED > 0, raw >= 65535)
+    assert np.mean(mask[hot] & MASK_HOT > 0) > 0.9
+    pull = ((data - signal) / sigma)[(mask == 0) & ~bad]
+    assert robust_std(pull) == pytest.approx(1.0, abs=0.05)
+
+
+def test_master_headers(demo_night):
+    masters = demo_night / "out" / "masters"
+    raw = demo_night / "raw"
+    truth = json.loads((demo_night / "truth" / "truth.json").read_text())
+    h = fits.getheader(masters / "master_bias.fits")
+    assert h["IMAGETYP"] == "MASTER BIAS" and h["NCOMBINE"] == 9 and h["EXPTIME"] == 0.0 and h["BUNIT"] == "adu"
+    assert h["RDNADU"] == pytest.approx(truth["read_noise_adu"], rel=0.05)
+    members = sorted(raw.glob("bias_*.fits"))
+    mids = [Time(fits.getheader(m)["DATE-OBS"]).mjd + fits.getheader(m)["EXPTIME"] / 2 / 86400 for m in members]
+    assert h["MJD-OBS"] == pytest.approx(np.mean(mids), abs=1e-7)
+    assert Time(h["DATE-OBS"]).mjd == pytest.approx(np.mean(mids), abs=1e-6)
+
+    d = fits.getheader(masters / "master_dark_300s.fits")
+    assert d["IMAGETYP"] == "MASTER DARK" and d["EXPTIME"] == 300.0 and d["DARKTIME"] == 300.0
+    assert d["NCOMBINE"] == 5 and d["NHOTPIX"] > 0
+    members = sorted(raw.glob("dark_300s_*.fits"))
+    mids = [Time(fits.getheader(m)["DATE-OBS"]).mjd + 150.0 / 86400 for m in members]
+    assert d["MJD-OBS"] == pytest.approx(np.mean(mids), abs=1e-7)
+    hot_truth = fits.getdata(demo_night / "truth" / "hot.fits").astype(bool)
+    dmask = fits.getdata(masters / "master_dark_300s.fits", "MASK")
+    assert np.mean(dmask[hot_truth] & MASK_HOT > 0) > 0.9 and np.mean(dmask[~hot_truth] & MASK_HOT > 0) < 1e-3
+
+    f = fits.getheader(masters / "master_flat_V.fits")
+    assert f["IMAGETYP"] == "MASTER FLAT" and f["NCOMBINE"] == 5 and 15000 < f["FLATNORM"] < 45000
+    assert f["GAINMEAS"] == pytest.approx(truth["gain"], rel=0.05)
+    assert CCDData.read(masters / "master_flat_V.fits").unit.physical_type == "dimensionless"
+
+
+def test_calibrate_command_converts_to_electrons(demo_night, tmp_path):
+    from ccdcal.cli import main
+
+    masters = demo_night / "out" / "masters"
+    code = main(["calibrate", str(demo_night / "raw" / "m51_R_001.fits"), "-o", str(tmp_path),
+                 "--bias", str(masters / "master_bias.fits"), "--dark", str(masters / "master_dark_60s.fits"),
+                 str(masters / "master_dark_300s.fits"), "--flat", str(masters / "master_flat_R.fits"),
+                 "--electrons", "--dark-optimize"])
+    assert code == 0
+    path = tmp_path / "m51_R_001.fits"
+    h = fits.getheader(path)
+    assert h["BUNIT"] == "electron" and h["GAIN"] == 1.0 and h["GAINORIG"] == 1.5
+    assert h["CALDARK"] == "master_dark_300s.fits" and h["DARKOPT"] is True
+    assert h["DARKSCAL"] == pytest.approx(0.3, rel=0.03)
+    ccd = CCDData.read(path)
+    assert str(ccd.unit) == "electron"
+    reduced = fits.getdata(demo_night / "out" / "calibrated" / "m51_R_001.fits")
+    assert np.median(ccd.data / 1.5 - reduced) == pytest.approx(0.0, abs=0.5)
+    ratio = ccd.uncertainty.array / fits.getdata(demo_night / "out" / "calibrated" / "m51_R_001.fits", "UNCERT")
+    assert np.median(ratio) == pytest.approx(1.5, rel=0.01)
