@@ -163,6 +163,16 @@ def _input_record(path: Path, hdu: int) -> dict[str, Any]:
     return {"path": str(path), "hdu": hdu, "size": st.st_size, "mtime": st.st_mtime, "sha256": file_sha256(path)}
 
 
+def _physics(options: ReduceOptions) -> dict[str, Any]:
+    """The options that change output pixels or headers beyond the recipe (part of every fingerprint).
+
+    The memory budget is not among them: results do not depend on the tile size.
+    """
+    names = ("gain", "read_noise", "saturation", "to_electrons", "uncertainty", "dark_optimize", "cosmic_rays",
+             "bad_pixel_map", "hot_sigma", "flat_norm")
+    return {k: getattr(options, k) for k in names}
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -185,6 +195,9 @@ class _Run:
         self.failed: dict[str, str] = {}
         self.old = self._load_manifest()
         self.outputs: dict[str, Any] = {}
+        self.master_files: dict[str, Any] = {}          # name -> calibrate.Master (data, UNCERT, MASK)
+        self.master_facts: dict[str, dict[str, Any]] = {}  # name -> header facts (RDNADU, GAINMEAS, ...)
+        self.bad_pixels: dict[str, np.ndarray] = {}
         self.lock = threading.Lock()
 
     def _load_manifest(self) -> dict[str, Any]:
@@ -269,7 +282,7 @@ def _master_file(run: _Run, name: str | None) -> Any:
 
     if not name:
         return None
-    cache = run.__dict__.setdefault("_calibration_masters", {})
+    cache = run.master_files
     with run.lock:
         if name in cache:
             return cache[name]
@@ -285,7 +298,7 @@ def _master_file(run: _Run, name: str | None) -> Any:
         facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
     with run.lock:
         cache[name] = master
-        run.__dict__.setdefault("_calibration_facts", {})[name] = facts
+        run.master_facts[name] = facts
     return master
 
 
@@ -293,7 +306,7 @@ def _master_fact(run: _Run, name: str | None, key: str) -> Any:
     if not name:
         return None
     _master_file(run, name)
-    return run.__dict__.get("_calibration_facts", {}).get(name, {}).get(key)
+    return run.master_facts.get(name, {}).get(key)
 
 
 def _pair_by_level(scales: np.ndarray) -> tuple[int, int]:
@@ -382,7 +395,7 @@ def _build_master(run: _Run, job: MasterJob, inputs: list[dict[str, Any]]) -> No
     for s in sources:
         s.source.close()
     run.masters[job.name] = data
-    run.__dict__.get("_calibration_masters", {}).pop(job.name, None)
+    run.master_files.pop(job.name, None)
 
 
 def _load_master(run: _Run, job: MasterJob) -> None:
@@ -461,7 +474,7 @@ def _bad_pixel_map(run: _Run) -> np.ndarray | None:
     path = run.options.bad_pixel_map
     if not path:
         return None
-    cache = run.__dict__.setdefault("_calibration_bpm", {})
+    cache = run.bad_pixels
     with run.lock:
         if path not in cache:
             with FrameSource(path) as src:
@@ -487,9 +500,7 @@ def _calibrate_light(run: _Run, plan: Plan, job: LightJob) -> tuple[str, str | N
         return str(job.frame.path), why
     options = run.options
     inputs = [_input_record(job.frame.path, job.frame.hdu)]
-    physics = {k: getattr(options, k) for k in ("gain", "read_noise", "saturation", "to_electrons", "uncertainty",
-                                                "dark_optimize", "cosmic_rays", "bad_pixel_map", "hot_sigma")}
-    fp = _fingerprint(__version__, inputs, _recipe_json(job.recipe), options.flat_floor, physics,
+    fp = _fingerprint(__version__, inputs, _recipe_json(job.recipe), options.flat_floor, _physics(options),
                       [run.master_prints.get(n) for n in (job.recipe.bias, job.recipe.dark, job.recipe.flat)])
     if run.up_to_date(job.output, fp):
         run.record(job.output, fp, inputs, {"kind": "light", "reused": True})
@@ -632,7 +643,7 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
             continue
         inputs = [_input_record(f.path, f.hdu) for f in job.members]
         fp = _fingerprint(__version__, inputs, [_recipe_json(r) for r in job.recipes],
-                          dataclasses.asdict(job.settings), options.flat_floor, options.memory,
+                          dataclasses.asdict(job.settings), options.flat_floor, _physics(options),
                           sorted(run.master_prints.get(n) for n in job.depends_on))
         try:
             if run.up_to_date(job.output, fp):
