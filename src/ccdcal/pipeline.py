@@ -117,7 +117,21 @@ class ReduceOptions:
             overscan=self.overscan, overscan_model=self.overscan_model, overscan_order=self.overscan_order,
             combine_method=self.combine_method, sigma_clip=self.sigma_clip, clip_extrema=self.clip_extrema,
             scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
-            exclude_flagged=self.exclude_flagged)
+            exclude_flagged=self.exclude_flagged, light_steps=self.light_steps())
+
+    def light_steps(self) -> tuple[str, ...]:
+        """What every light gets beyond overscan and masters, as the plan prints it."""
+        steps = ["dark scale optimised (minimum noise)" if self.dark_optimize else "dark scaled by exposure"]
+        masks = ["saturated", f"hot (> {self.hot_sigma:g} sigma in the dark)", f"flat < {self.flat_floor:g}"]
+        if self.cosmic_rays:
+            masks.append("cosmic rays (astroscrappy)")
+        if self.bad_pixel_map:
+            masks.append(f"bad pixels of {Path(self.bad_pixel_map).name}")
+        steps.append("mask: " + ", ".join(masks))
+        if self.uncertainty:
+            steps.append("uncertainty (read + Poisson + masters)")
+        steps.append("converted to electrons" if self.to_electrons else "kept in ADU")
+        return tuple(steps)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -15,7 +15,7 @@ Matching rules (the same for calibration members and lights):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,6 +114,7 @@ class Plan:
     lights: tuple[LightJob, ...]
     skipped: tuple[Skipped, ...] = ()
     warnings: tuple[str, ...] = ()
+    light_steps: tuple[str, ...] = ()
 
     def master(self, name: str) -> MasterJob:
         return next(m for m in self.masters if m.name == name)
@@ -131,6 +132,8 @@ class Plan:
             lines.append(f"    -> {job.output}")
         if not self.lights:
             lines.append("no lights: building masters only")
+        elif self.light_steps:
+            lines.append(f"each light: {', '.join(self.light_steps)}")
         for light in self.lights:
             r = light.recipe
             chosen = []
@@ -188,7 +191,7 @@ class PlanOptions:
     temp_tolerance: float = 2.0
     exclude_flagged: bool = False
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
-    extra: dict = field(default_factory=dict)
+    light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
 
 
 def _slug(text: str) -> str:
@@ -450,4 +453,5 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         lights.append(LightJob(frame=info, output=out, recipe=recipe, notes=tuple(notes)))
 
     jobs.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
-    return Plan(masters=tuple(jobs), lights=tuple(lights), skipped=tuple(skipped), warnings=tuple(warnings))
+    return Plan(masters=tuple(jobs), lights=tuple(lights), skipped=tuple(skipped), warnings=tuple(warnings),
+                light_steps=options.light_steps)
