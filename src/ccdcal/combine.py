@@ -313,7 +313,8 @@ def _fill(source: Any, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray, n
 def _level(values: np.ndarray, how: str) -> float:
     from . import _kernels
 
-    return float(_kernels.frame_level(np.ascontiguousarray(values, dtype=np.float32), _LEVEL_CODES[how]))
+    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return float(_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
 
 
 def frame_levels(stack: np.ndarray, how: str, region: tuple[slice, slice] | None) -> np.ndarray:
