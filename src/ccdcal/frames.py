@@ -1,8 +1,8 @@
 """FITS in and out: finding files, reading image HDUs as float32 (whole or by rows), writing atomically.
 
 Raw files are opened read-only and never written. Uncompressed images are read
-through a raw ``numpy.memmap`` of the data block, so a row range costs only the
-bytes of those rows; compressed (``.fz`` tiles, ``.gz``) images are decompressed
+with positioned reads of the data block, so a row range costs only the bytes of
+those rows and no page stays resident; compressed (``.fz`` tiles, ``.gz``) images are decompressed
 once per source. Every output is written to a temporary name in the destination
 folder, flushed, fsynced and renamed, so a crash never leaves a half file.
 """
@@ -197,13 +197,13 @@ class FrameSource:
         self.hdu = chosen.index
         self.header = chosen.header
         self.shape: tuple[int, int] = chosen.shape
-        self._raw: np.ndarray | None = None
+        self._file = None          # raw file object for positioned reads (uncompressed data)
         self._decoded: np.ndarray | None = None
-        self._scale = (1.0, 0.0, None)
+        self._layout: tuple[int, np.dtype, float, float, Any] | None = None  # offset, dtype, bscale, bzero, blank
 
     # -- reading --------------------------------------------------------------------------
     def _prepare(self) -> None:
-        if self._raw is not None or self._decoded is not None:
+        if self._file is not None or self._decoded is not None:
             return
         hdul = _open(self.path)
         try:
@@ -217,10 +217,12 @@ class FrameSource:
             offset = hdul.fileinfo(self.hdu)["datLoc"]
         finally:
             hdul.close()
-        self._raw = np.memmap(self.path, dtype=_BITPIX_DTYPE[bitpix], mode="r", offset=offset,
-                              shape=self.shape)
         blank = header.get("BLANK") if bitpix > 0 else None
-        self._scale = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), blank)
+        self._layout = (offset, np.dtype(_BITPIX_DTYPE[bitpix]), float(header.get("BSCALE", 1.0)),
+                        float(header.get("BZERO", 0.0)), blank)
+        # Positioned reads, not a memmap: pages read do not stay in this process's memory,
+        # so streaming many large frames keeps RSS within the stacking budget.
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
 
     def _decompress(self) -> np.ndarray:
         hdul = _open(self.path, memmap=False)
@@ -239,9 +241,14 @@ class FrameSource:
         self._prepare()
         if self._decoded is not None:
             return np.array(self._decoded[y0:y1], dtype=np.float32)
-        raw = self._raw[y0:y1]
+        offset, dtype, bscale, bzero, blank = self._layout
+        nx = self.shape[1]
+        buf = bytearray((y1 - y0) * nx * dtype.itemsize)
+        got = os.preadv(self._file.fileno(), [buf], offset + y0 * nx * dtype.itemsize)
+        if got != len(buf):
+            raise InputError(f"{self.path}: the file ended early (rows {y0 + 1}-{y1}); copy it again")
+        raw = np.frombuffer(buf, dtype=dtype).reshape(y1 - y0, nx)
         out = raw.astype(np.float32)
-        bscale, bzero, blank = self._scale
         if bscale != 1.0:
             out *= np.float32(bscale)
         if bzero != 0.0:
@@ -255,7 +262,9 @@ class FrameSource:
         return self.read_rows(0, self.shape[0])
 
     def close(self) -> None:
-        self._raw = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self._decoded = None
 
     def __enter__(self) -> FrameSource:
@@ -270,7 +279,7 @@ class FrameSource:
     def __getstate__(self):
         # Sources travel to worker processes (dask) as path + hdu; each side memmaps its own.
         state = self.__dict__.copy()
-        state["_raw"] = None
+        state["_file"] = None
         state["_decoded"] = None
         return state
 
