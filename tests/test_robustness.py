@@ -47,7 +47,9 @@ def make_bad_corpus(folder: Path) -> dict[str, str]:
     (folder / "whole.fits").unlink()
     fits.PrimaryHDU(header=fits.Header([("IMAGETYP", "LIGHT")])).writeto(folder / "nodata.fits")
     fits.PrimaryHDU(np.zeros((3, 16, 16), dtype=np.float32)).writeto(folder / "cube.fits")
+    fits.PrimaryHDU(np.zeros((0, 16), dtype=np.float32)).writeto(folder / "zerosize.fits")
     return {
+        "zerosize.fits": "zero-size",
         "not_fits.fits": "not a readable FITS file",
         "empty.fits": "empty",
         "truncated.fits": "truncated",
@@ -296,3 +298,15 @@ def test_unusable_frames_are_left_out_and_the_rest_reduced(demo_night, tmp_path)
     assert any("m51_nan.fits" in ln and "NaN" in ln for ln in lines)
     assert fits.getheader(tmp_path / "out" / "masters" / "master_flat_V.fits")["NCOMBINE"] == 3
     assert (tmp_path / "out" / "calibrated" / "m51_V_001.fits").exists()
+
+
+def test_a_group_of_one_frame_is_used_with_a_warning(demo_night, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for pattern in ("bias_00[1-3].fits", "dark_300s_001.fits"):
+        for f in (demo_night / "raw").glob(pattern):
+            shutil.copy(f, raw / f.name)
+    proc = ccdcal("reduce", raw, "-o", tmp_path / "out", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    assert "master dark 300 s from a single frame (dark_300s_001.fits): noisy" in proc.stderr.replace("\n", " ")
+    assert fits.getheader(tmp_path / "out" / "masters" / "master_dark_300s.fits")["NCOMBINE"] == 1
