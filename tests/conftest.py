@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,12 @@ def demo_night(tmp_path_factory) -> Path:
     write_night(root / "raw", size=256, seed=7)
     reduce([root / "raw"], root / "out", options=ReduceOptions(report=False))
     return root
+
+
+def copy_frames(source: Path, target: Path, *patterns: str) -> Path:
+    """Copy the files of ``source`` matching any glob pattern into a new folder ``target``."""
+    target.mkdir(parents=True)
+    for pattern in patterns:
+        for f in sorted(source.glob(pattern)):
+            shutil.copy(f, target / f.name)
+    return target

@@ -285,3 +285,10 @@ def test_nearest_master_dark_prefers_longer():
     assert choose_dark(60.0, darks) == "d60"
     assert choose_dark(90.0, darks) == "d300"
     assert choose_dark(600.0, darks) == "d300"
+    # With frame counts, among the longer darks the one adding least noise (scale/sqrt(N)):
+    # for a 23 s flat, 30 s x1 adds 0.77 sigma, 60 s x11 0.12, 300 s x1 0.077.
+    ladder = {"d30": 30.0, "d60": 60.0}
+    assert choose_dark(23.0, ladder) == "d30"
+    assert choose_dark(23.0, ladder, counts={"d30": 1, "d60": 11}) == "d60"
+    assert choose_dark(23.0, {**ladder, "d300": 300.0}, counts={"d30": 1, "d60": 11, "d300": 1}) == "d300"
+    assert choose_dark(60.0, {**ladder, "d300": 300.0}, counts={"d30": 1, "d60": 11, "d300": 1}) == "d60"

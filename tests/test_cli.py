@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ccdcal.cli import main
+from conftest import copy_frames
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -36,10 +37,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(demo_night, tmp_path, capsys
 
 
 def test_masters_only_folder_says_there_were_no_lights(demo_night, tmp_path, capsys):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for f in (demo_night / "raw").glob("bias_*.fits"):
-        (raw / f.name).write_bytes(f.read_bytes())
+    raw = copy_frames(demo_night / "raw", tmp_path / "raw", "bias_*.fits")
     assert main(["reduce", str(raw), "-o", str(tmp_path / "out"), "--no-report"]) == 0
     assert "no lights" in capsys.readouterr().out
     assert (tmp_path / "out" / "masters" / "master_bias.fits").exists()

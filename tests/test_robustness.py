@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccdcal.errors import CcdcalError, InputError, OutputError
+from conftest import copy_frames
 
 
 def ccdcal(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -102,11 +103,8 @@ def test_strict_makes_a_skipped_input_fatal(corpus, demo_night, tmp_path):
 
 
 def test_light_without_exposure_time_is_skipped_when_a_dark_must_be_scaled(demo_night, tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for pattern in ("bias_00[1-3].fits", "dark_300s_00[1-3].fits", "m51_V_001.fits"):
-        for f in (demo_night / "raw").glob(pattern):
-            shutil.copy(f, raw / f.name)
+    raw = copy_frames(demo_night / "raw", tmp_path / "raw", "bias_00[1-3].fits", "dark_300s_00[1-3].fits",
+                      "m51_V_001.fits")
     with fits.open(raw / "m51_V_001.fits", mode="update") as hdul:
         del hdul[0].header["EXPTIME"]
         del hdul[0].header["EXPOSURE"]
@@ -117,10 +115,7 @@ def test_light_without_exposure_time_is_skipped_when_a_dark_must_be_scaled(demo_
 
 
 def test_mixed_sizes_are_reduced_as_separate_groups(demo_night, tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for f in (demo_night / "raw").glob("bias_00[1-3].fits"):
-        shutil.copy(f, raw / f.name)
+    raw = copy_frames(demo_night / "raw", tmp_path / "raw", "bias_00[1-3].fits")
     for i in range(3):
         hdu = fits.PrimaryHDU(np.full((32, 48), 1000 + i, dtype=np.uint16))
         hdu.header["IMAGETYP"] = "Bias Frame"
@@ -277,11 +272,8 @@ def test_raw_file_is_opened_read_only(demo_night):
 
 def test_unusable_frames_are_left_out_and_the_rest_reduced(demo_night, tmp_path):
     """A flat of zeros, a flat below the bias and an all-NaN light: each skipped with its reason."""
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for pattern in ("bias_00[1-3].fits", "flat_V_00[1-3].fits", "m51_V_001.fits"):
-        for f in (demo_night / "raw").glob(pattern):
-            shutil.copy(f, raw / f.name)
+    raw = copy_frames(demo_night / "raw", tmp_path / "raw", "bias_00[1-3].fits", "flat_V_00[1-3].fits",
+                      "m51_V_001.fits")
     header = fits.getheader(raw / "flat_V_001.fits")
     for key in ("BZERO", "BSCALE"):
         header.remove(key, ignore_missing=True)
@@ -301,11 +293,7 @@ def test_unusable_frames_are_left_out_and_the_rest_reduced(demo_night, tmp_path)
 
 
 def test_a_group_of_one_frame_is_used_with_a_warning(demo_night, tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for pattern in ("bias_00[1-3].fits", "dark_300s_001.fits"):
-        for f in (demo_night / "raw").glob(pattern):
-            shutil.copy(f, raw / f.name)
+    raw = copy_frames(demo_night / "raw", tmp_path / "raw", "bias_00[1-3].fits", "dark_300s_001.fits")
     proc = ccdcal("reduce", raw, "-o", tmp_path / "out", "--no-report")
     assert proc.returncode == 0, proc.stderr
     assert "master dark 300 s from a single frame (dark_300s_001.fits): noisy" in proc.stderr.replace("\n", " ")

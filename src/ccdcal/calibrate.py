@@ -267,14 +267,6 @@ def overscan_fit(strip: np.ndarray, spec: OverscanSpec) -> OverscanFit:
                        noise=noise)
 
 
-def fit_overscan(strip: np.ndarray, spec: OverscanSpec) -> np.ndarray:
-    """The overscan level along the readout direction, from the overscan ``strip``.
-
-    Returns a float64 array with one value per row (``axis=1``) or per column (``axis=0``).
-    """
-    return overscan_fit(strip, spec).model
-
-
 def overscan_image(fit: OverscanFit, spec: OverscanSpec, shape: tuple[int, int]) -> np.ndarray:
     """The fitted overscan as a per-raw-line vector (length ny for ``axis=1``, nx for ``axis=0``).
 
@@ -475,11 +467,14 @@ def dark_scale_for(exptime: float | None, dark_exptime: float | None) -> float:
     return float(exptime) / float(dark_exptime)
 
 
-def choose_dark(exptime: float | None, darks: dict[str, float | None], *, tolerance: float = 0.01) -> str | None:
+def choose_dark(exptime: float | None, darks: dict[str, float | None], *, tolerance: float = 0.01,
+                counts: dict[str, int] | None = None) -> str | None:
     """The master dark (name → exposure in s) for a frame of ``exptime`` seconds.
 
-    An exact exposure (within ``tolerance``, relative) wins; else the shortest dark
-    at least as long (scaling down never amplifies the dark's noise); else the longest.
+    An exact exposure (within ``tolerance``, relative) wins. Else, among the darks at
+    least as long (scaling down never amplifies a dark's noise): with ``counts`` (frames
+    combined per master), the one adding least noise, scale/sqrt(count); without, the
+    shortest. With no longer dark, the longest.
     """
     known = {name: t for name, t in darks.items() if t is not None}
     if not darks:
@@ -490,6 +485,8 @@ def choose_dark(exptime: float | None, darks: dict[str, float | None], *, tolera
     if exact:
         return exact[0]
     longer = [n for n, t in known.items() if t >= exptime]
+    if longer and counts:
+        return min(longer, key=lambda n: (exptime / known[n]) / counts.get(n, 1) ** 0.5)
     if longer:
         return min(longer, key=lambda n: known[n])
     return max(known, key=lambda n: known[n])

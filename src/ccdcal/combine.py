@@ -317,17 +317,6 @@ def _level(values: np.ndarray, how: str) -> float:
     return float(_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
 
 
-def frame_levels(stack: np.ndarray, how: str, region: tuple[slice, slice] | None) -> np.ndarray:
-    """Per-frame level (median, mean or 3-sigma clipped mean) of ``region`` of each frame of ``stack``.
-
-    NaN and infinite values are ignored; a frame without a finite value has level NaN.
-    """
-    if how not in _LEVEL_CODES:
-        raise InputError(f"level {how!r} is not one of {', '.join(_LEVEL_CODES)}")
-    sub = stack if region is None else stack[(slice(None),) + tuple(region)]
-    return np.array([_level(frame, how) for frame in sub])
-
-
 def _region_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[str],
                    region: tuple[slice, slice], budget: int) -> dict[str, np.ndarray]:
     """Levels of ``region`` of every source, one source at a time (a small first read).

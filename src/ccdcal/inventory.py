@@ -417,7 +417,8 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
     return infos, skipped
 
 
-def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: bool = False) -> Inventory:
+def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: bool = False,
+         exclude: str | os.PathLike | None = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
     Parameters
@@ -429,6 +430,8 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: boo
         the rest of their group (see :func:`flag_groups`).
     progress : bool
         Show a progress bar on the terminal.
+    exclude : path-like, optional
+        A folder whose files are never scanned (the output folder of a reduction).
 
     Raises
     ------
@@ -436,6 +439,9 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: boo
         If a path does not exist, or nothing FITS-like is found.
     """
     files = find_fits(paths)
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        files = [p for p in files if skip not in p.resolve().parents]
     if not files:
         raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
     frames: list[FrameInfo] = []

@@ -23,8 +23,8 @@ import numpy as np
 from . import __version__
 from .calibrate import CalibratedRows, Recipe, normalise_flat
 from .errors import CcdcalError, ConfigError, InputError, OutputError
-from .frames import FrameSource, clean_header, find_fits, write_fits, write_text
-from .inventory import FrameKind, Inventory, Skipped, scan_file
+from .frames import FrameSource, clean_header, write_fits, write_text
+from .inventory import FrameKind, Inventory, Skipped, scan
 from .plan import LightJob, MasterJob, Plan, PlanOptions, build_plan
 
 MASTER_TYPES = {FrameKind.BIAS: "MASTER BIAS", FrameKind.DARK: "MASTER DARK", FrameKind.FLAT: "MASTER FLAT"}
@@ -566,26 +566,6 @@ def _datasum(path: Path) -> str:
     return str(fits.getheader(path, 0).get("DATASUM", ""))
 
 
-def _scan(paths: list[Any], out_dir: Path, progress: bool) -> Inventory:
-    from .inventory import flag_groups
-    from .ui import track
-
-    out_resolved = out_dir.resolve()
-    files = [p for p in find_fits(paths) if out_resolved not in p.resolve().parents]
-    if not files:
-        raise InputError("no FITS files found in the inputs (.fits, .fit, .fts, .fz, .gz); check the path")
-    frames, skipped = [], []
-    for path in track(files, "scanning", enabled=progress):
-        infos, skips = scan_file(path)
-        skipped.extend(skips)
-        for info in infos:
-            if info.kind == FrameKind.UNKNOWN:
-                skipped.append(Skipped(str(path), info.warnings[-1] if info.warnings else "not classified"))
-            else:
-                frames.append(info)
-    return flag_groups(Inventory(tuple(frames), tuple(skipped)), progress=progress)
-
-
 def _check_out_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -630,7 +610,7 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out_dir = Path(out_dir)
-    inventory = _scan(list(paths), out_dir, progress)
+    inventory = scan(list(paths), exclude=out_dir, progress=progress)
     plan = build_plan(inventory, options.plan_options())
     if dry_run:
         if progress:

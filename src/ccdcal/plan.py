@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .calibrate import OverscanSpec, Recipe, dark_scale_for, overscan_geometry
+from .calibrate import choose_dark as pick_dark
 from .inventory import (
     FrameInfo,
     FrameKind,
@@ -373,20 +374,17 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         if t is None:
             notes.append("no exposure time: dark not applied")
             return None, 0.0, notes
-        exact = [c for c in candidates if abs(c[0] - t) <= options.exptime_tolerance * max(t, 1e-9)]
-        if exact:
-            return exact[0][2], 1.0 if not bias else dark_scale_for(t, exact[0][0]), notes
+        exposures = {c[2]: c[0] for c in candidates}
+        name = pick_dark(t, exposures, tolerance=options.exptime_tolerance, counts=dark_counts)
+        t_dark = exposures[name]
+        if abs(t_dark - t) <= options.exptime_tolerance * max(t, 1e-9):
+            return name, 1.0 if not bias else dark_scale_for(t, t_dark), notes
         if not bias:
             notes.append(f"no bias frames, so darks cannot be scaled to {t:g} s; none applied")
             return None, 0.0, notes
-        # Among darks at least as long (scaling down never amplifies their noise), the one that
-        # adds least noise: scale / sqrt(frames combined). Without any, the longest.
-        longer = sorted((c for c in candidates if c[0] >= t),
-                        key=lambda c: (t / c[0]) / dark_counts[c[2]] ** 0.5)
-        chosen = longer[0] if longer else max(candidates, key=lambda c: c[0])
-        scale = dark_scale_for(t, chosen[0])
-        notes.append(f"no {t:g} s dark: the {chosen[0]:g} s dark is scaled by {scale:.4g}")
-        return chosen[2], scale, notes
+        scale = dark_scale_for(t, t_dark)
+        notes.append(f"no {t:g} s dark: the {t_dark:g} s dark is scaled by {scale:.4g}")
+        return name, scale, notes
 
     for geom, members in by_geom.items():
         flat_frames = [f for f in members if f.kind == FrameKind.FLAT]
