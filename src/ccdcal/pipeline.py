@@ -25,7 +25,7 @@ from .calibrate import CalibratedRows, Recipe, normalise_flat
 from .errors import CcdcalError, ConfigError, InputError, OutputError
 from .frames import FrameSource, clean_header, write_fits, write_text
 from .inventory import FrameKind, Inventory, Skipped, scan
-from .plan import LightJob, MasterJob, Plan, PlanOptions, build_plan
+from .plan import LightJob, MasterJob, Plan, PlanOptions, build_plan, member_steps
 
 MASTER_TYPES = {FrameKind.BIAS: "MASTER BIAS", FrameKind.DARK: "MASTER DARK", FrameKind.FLAT: "MASTER FLAT"}
 
@@ -244,7 +244,7 @@ class _Run:
 
 def _ascii(text: str) -> str:
     """FITS cards hold printable ASCII only."""
-    text = text.replace("×", "x").replace("°C", "C").replace("°", "deg").replace("—", "-").replace("←", "<-")
+    text = text.replace("×", "x").replace("°C", "C").replace("°", "deg").replace("—", "-").replace("–", "-").replace("←", "<-")
     return text.encode("ascii", "replace").decode("ascii")
 
 
@@ -265,7 +265,7 @@ def _master_header(job: MasterJob, result_header: Any, extra: dict[str, Any]) ->
     header["BUNIT"] = "adu" if job.kind != FrameKind.FLAT else "adu/adu"
     for key in ("BIASSEC", "TRIMSEC", "DATASEC", "CHECKSUM", "DATASUM"):
         header.remove(key, ignore_missing=True, remove_all=True)
-    steps = sorted({r.describe() for r in job.recipes})
+    steps = member_steps(job.recipes)
     header["HISTORY"] = _ascii(f"ccdcal {__version__}: {job.label.split('   ')[0].strip()} from {len(job.members)} frames")
     for step in steps:
         header["HISTORY"] = _ascii(f"each member: {step}")
