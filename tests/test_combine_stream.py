@@ -106,7 +106,7 @@ def test_any_tile_size_gives_the_same_result(rows, method, reject):
     stack = rng.normal(50, 5, (6, 40, 17)).astype(np.float32)
     stack[rng.random(stack.shape) < 0.05] = np.nan
     per_row = 6 * 17 * 4 + 17 * 4
-    outputs = 40 * 17 * 13
+    outputs = 40 * 17 * 11  # data, uncertainty (float32), nlow, nhigh (uint8 below 256 frames), mask
     logs = [[] for _ in range(6)]
     sources = [RecordingRows(stack[i], logs[i]) for i in range(6)]
     kw = dict(method=method, reject=reject, clip_extrema=(1, 0), scale="mean",

@@ -66,7 +66,7 @@ DEFAULT_MEMORY = "1GiB"
 _LEVEL_CODES = {"median": 0, "mean": 1, "clipped-mean": 2}
 _REJECT_CODES = {"none": 0, "sigma": 1, "mad": 2, "winsorized": 3, "percentile": 4,
                  "linear-fit": 5, "ccdclip": 6}
-_OUTPUT_BYTES_PER_PIXEL = 4 + 4 + 2 + 2 + 1  # data, uncertainty, nlow, nhigh, mask
+_TILE_TARGET = int(os.environ.get("CCDCAL_TILE", 16 << 20))  # bytes of one tile's buffers
 # numba's workqueue threading layer must not be entered from two Python threads at once
 # (the pipeline may run several combines in a thread pool): kernels run under this lock.
 _KERNEL_LOCK = threading.Lock()
@@ -82,7 +82,7 @@ class CombineResult:
         The combined image, in the units of the (scaled) inputs.
     uncertainty : ndarray, float32, (ny, nx) or None
         Standard error of the combined value per pixel (NaN where masked).
-    nlow_rejected, nhigh_rejected : ndarray, uint16, (ny, nx)
+    nlow_rejected, nhigh_rejected : ndarray, uint8 (fewer than 256 frames) or uint16, (ny, nx)
         How many values were rejected below / above the centre at each pixel.
     mask : ndarray, bool, (ny, nx)
         True where no value survived (the data there is NaN; 0 for a ccdproc sum).
@@ -233,6 +233,20 @@ class _FitsRows:
     def raw_bytes_per_row(self) -> int:
         return self.shape[1] * self.itemsize if self._file is not None else 0
 
+    @property
+    def raw16(self) -> bool:
+        """True for an uncompressed 16-bit integer image, whose rows :meth:`read_raw` serves."""
+        return self._file is not None and self.bitpix == 16
+
+    def read_raw(self, y0: int, y1: int, out: np.ndarray) -> None:
+        """Read the undecoded bytes of rows ``y0:y1`` of a 16-bit image into ``out``
+        (uint16, (rows, nx), C-contiguous); the kernel swaps and scales them."""
+        nbytes = out.nbytes
+        got = os.preadv(self._file.fileno(), [memoryview(out).cast("B")],
+                        self.offset + y0 * self.shape[1] * 2)
+        if got != nbytes:
+            raise InputError(f"{self.path}: the file ended early (rows {y0}-{y1}); copy it again")
+
     def fill(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray) -> None:
         """Decode rows ``y0:y1`` into the float32 array ``out`` (rows, nx)."""
         if self._file is None:
@@ -251,7 +265,7 @@ class _FitsRows:
             from . import _kernels
 
             blank = 0 if self.blank is None else int(self.blank)
-            _kernels.decode_be16(buf, np.float32(self.bscale), np.float32(self.bzero),
+            _kernels.decode_be16(buf.view(np.uint16), np.float32(self.bscale), np.float32(self.bzero),
                                  self.blank is not None, blank, out)
             return
         raw = buf.view(f">{'u1' if self.bitpix == 8 else ('i' if self.bitpix > 0 else 'f')}{self.itemsize}")
@@ -436,13 +450,18 @@ def _options(n: int, method: str, clip_extrema: Any, sigma_clip: Any, reject: st
                     gain_value, noise_value, float(sensitivity_noise), compat)
 
 
-def _tile_rows(n: int, shape: tuple[int, int], budget: int, extra_per_value: int, raw_per_row: int) -> int:
+def _tile_rows(n: int, shape: tuple[int, int], budget: int, extra_per_value: int, raw_per_row: int,
+               value_bytes: int = 4, count_bytes: int = 2) -> int:
     ny, nx = shape
-    outputs = ny * nx * _OUTPUT_BYTES_PER_PIXEL
-    # per row of a tile: the float32 stack (+ mask/uncertainty), one raw row of a file, and the
-    # float32 row a generic source returns before it is copied
-    per_row = n * nx * (4 + extra_per_value) + raw_per_row + nx * 4
+    outputs = ny * nx * (4 + 4 + 2 * count_bytes + 1)  # data, uncertainty, nlow, nhigh, mask
+    # per row of a tile: the stack (float32, or raw 16-bit values; + mask/uncertainty), one raw
+    # row of a file, and the float32 row a generic source returns before it is copied
+    per_row = n * nx * (value_bytes + extra_per_value) + raw_per_row + nx * 4
     rows = (budget - outputs) // per_row
+    # Tiles far smaller than a generous budget are faster: a tile that stays in the CPU
+    # caches is decoded and combined without a trip to main memory, and fresh pages cost
+    # a fault each (expensive in virtual machines); the buffers are reused for every tile.
+    rows = min(rows, max(8, _TILE_TARGET // per_row))
     return int(max(1, min(ny, rows)))
 
 
@@ -527,7 +546,6 @@ def combine(
     -------
     CombineResult
     """
-    from . import _kernels
     from .sections import to_slices
 
     if isinstance(frames, (str, os.PathLike)) or not isinstance(frames, Sequence):
@@ -537,7 +555,7 @@ def combine(
     budget = parse_memory(memory)
     sources = [_as_source(frame, i) for i, frame in enumerate(frames)]
     try:
-        return _combine_sources(sources, frames, _kernels, to_slices, method=method, scale=scale,
+        return _combine_sources(sources, frames, to_slices, method=method, scale=scale,
                                 zero=zero, scale_region=scale_region, clip_extrema=clip_extrema,
                                 sigma_clip=sigma_clip, reject=reject, center=center,
                                 maxiters=maxiters, weights=weights, gain=gain,
@@ -549,7 +567,7 @@ def combine(
                 source.close()
 
 
-def _combine_sources(sources, frames, _kernels, to_slices, *, method, scale, zero, scale_region,
+def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_region,
                      clip_extrema, sigma_clip, reject, center, maxiters, weights, gain, read_noise,
                      sensitivity_noise, budget, compat) -> CombineResult:
     n = len(sources)
@@ -599,19 +617,38 @@ def _combine_sources(sources, frames, _kernels, to_slices, *, method, scale, zer
         (isinstance(s, _ArrayRows) and s.uncertainty is not None)
         or (not isinstance(s, _ArrayRows) and hasattr(s, "read_uncertainty_rows"))
         for s in sources)
-    raw_per_row = max((s.raw_bytes_per_row for s in sources if isinstance(s, _FitsRows)), default=0)
-    rows = _tile_rows(n, shape, budget, (1 if has_valid else 0) + (4 if has_unc else 0), raw_per_row)
+    need_index = weights is not None or has_unc or opts.reject == "ccdclip"
+    # the vectorised kernel serves the common case; 16-bit files then travel as raw bytes
+    fast = opts.compat is None and opts.reject in ("none", "sigma") and not need_index
+    raw16 = fast and all(isinstance(s, _FitsRows) and s.raw16 for s in sources)
+    raw_per_row = 0 if raw16 else max(
+        (s.raw_bytes_per_row for s in sources if isinstance(s, _FitsRows)), default=0)
+    rows = _tile_rows(n, shape, budget, (1 if has_valid else 0) + (4 if has_unc else 0), raw_per_row,
+                      value_bytes=2 if raw16 else 4, count_bytes=_count_dtype(n).itemsize)
 
     ny, nx = shape
     data = np.empty(shape, np.float32)
     err = np.empty(shape, np.float32)
-    nlow = np.empty(shape, np.uint16)
-    nhigh = np.empty(shape, np.uint16)
+    nlow = np.empty(shape, _count_dtype(n))
+    nhigh = np.empty(shape, _count_dtype(n))
     mask = np.empty(shape, bool)
-    stack = np.empty((n, rows, nx), np.float32)
+    stack = np.empty((n, rows, nx), np.uint16 if raw16 else np.float32)
     valid = np.ones((n, rows, nx) if has_valid else (1, 1, 1), np.uint8)
     unc = np.zeros((n, rows, nx) if has_unc else (1, 1, 1), np.float32)
     scratch = np.empty(rows * raw_per_row, np.uint8)
+    # Fresh pages cost a fault each (dear in virtual machines); touch the result arrays in a
+    # thread (numpy releases the GIL) while this one loads the kernels and reads the first tile.
+    prefault = threading.Thread(target=_touch, args=([data, err, nlow, nhigh, mask],), daemon=True)
+    prefault.start()
+    from . import _kernels
+
+    if raw16:
+        dscale = np.array([s.bscale for s in sources], np.float32)
+        dzero = np.array([s.bzero for s in sources], np.float32)
+        dblank = np.array([_kernels.NO_BLANK if s.blank is None else int(s.blank) for s in sources],
+                          np.int64)
+    else:
+        dscale, dzero, dblank = np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64)
     if opts.compat:
         iparams = np.array([_method_code(opts.method), opts.nlow, opts.nhigh,
                             int(clip_extrema is not None), int(opts.reject != "none"),
@@ -621,26 +658,41 @@ def _combine_sources(sources, frames, _kernels, to_slices, *, method, scale, zer
     else:
         iparams = np.array([_method_code(opts.method), opts.nlow, opts.nhigh,
                             _REJECT_CODES[opts.reject], int(opts.center == "mean"), opts.maxiters,
-                            int(has_valid), int(has_unc),
-                            int(weights is not None or has_unc or opts.reject == "ccdclip")], np.int64)
+                            int(has_valid), int(has_unc), int(need_index)], np.int64)
         fparams = np.array([opts.low, opts.high, opts.gain, opts.read_noise,
                             opts.sensitivity_noise], np.float64)
+    pairs = _kernels.sorting_network(n)
+    # float32 working values when exact (no scaling), else float64
+    proto = np.zeros(1, np.float64 if (np.any(scales != 1.0) or np.any(zeros != 0.0)) else np.float32)
 
     for y0 in range(0, ny, rows):
         y1 = min(ny, y0 + rows)
         h = y1 - y0
         tile = stack[:, :h]
         for i, (source, name) in enumerate(zip(sources, names, strict=True)):
-            _fill(source, y0, y1, tile[i], scratch, name)
+            if raw16:
+                source.read_raw(y0, y1, tile[i])
+            else:
+                _fill(source, y0, y1, tile[i], scratch, name)
             if has_valid:
                 m = getattr(source, "mask", None) if isinstance(source, _ArrayRows) else None
                 valid[i, :h] = 1 if m is None else ~m[y0:y1]
             if has_unc:
                 unc[i, :h] = source.read_uncertainty_rows(y0, y1)
         vtile = valid[:, :h] if has_valid else valid
+        if prefault is not None:
+            prefault.join()
+            prefault = None
+        out = (data[y0:y1], err[y0:y1], nlow[y0:y1], nhigh[y0:y1])
         with _KERNEL_LOCK:
-            _run_kernel(_kernels, opts, tile, vtile, unc, has_unc, h, scales, zeros, weight_values,
-                        iparams, fparams, data[y0:y1], err[y0:y1], nlow[y0:y1], nhigh[y0:y1])
+            if opts.compat:
+                _kernels.combine_tile_ccdproc(tile, vtile, scales, weight_values, iparams, fparams, *out)
+            elif fast:
+                _kernels.combine_tile_sorted(tile, vtile, scales, zeros, pairs, iparams, fparams, proto,
+                                             dscale, dzero, dblank, *out)
+            else:
+                _kernels.combine_tile(tile, vtile, unc[:, :h] if has_unc else unc, scales, zeros,
+                                      weight_values, pairs, iparams, fparams, *out)
         np.isnan(err[y0:y1], out=mask[y0:y1])
     del stack, valid, unc, scratch
 
@@ -651,16 +703,14 @@ def _combine_sources(sources, frames, _kernels, to_slices, *, method, scale, zer
                          mask=mask, header=header, scales=scales, zeros=zeros)
 
 
-def _run_kernel(_kernels, opts, tile, vtile, unc, has_unc, h, scales, zeros, weight_values,
-                iparams, fparams, data, err, nlow, nhigh) -> None:
-    if opts.compat:
-        _kernels.combine_tile_ccdproc(tile, vtile, scales, weight_values, iparams, fparams,
-                                      data, err, nlow, nhigh)
-    else:
-        utile = unc[:, :h] if has_unc else unc
-        _kernels.combine_tile(tile, vtile, utile, scales, zeros, weight_values,
-                              _kernels.sorting_network(tile.shape[0]), iparams, fparams,
-                              data, err, nlow, nhigh)
+def _count_dtype(n: int) -> np.dtype:
+    """The smallest unsigned integer dtype that counts rejections of ``n`` frames."""
+    return np.dtype(np.uint8 if n < 256 else np.uint16)
+
+
+def _touch(arrays: Sequence[np.ndarray]) -> None:
+    for array in arrays:
+        array[...] = 0
 
 
 def _method_code(method: str) -> int:
