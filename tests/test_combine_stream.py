@@ -77,11 +77,18 @@ def _equal(a, b):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_files_stream_bit_identical_to_arrays(frame_files, kind):
+@pytest.mark.parametrize("scale,region", [("median", None), ("mean", None), ("median", "[2:21,4:33]"),
+                                          ("mean", "[1:23,2:2]")])
+def test_files_stream_bit_identical_to_arrays(frame_files, kind, scale, region):
+    # 16-bit files take the raw paths (levels from a histogram of the stored integers, tiles
+    # decoded in the kernel): they must agree bit for bit with the decoded arrays
     paths = frame_files[kind]
-    streamed = combine(paths, memory=37 * 23 * 13 + 3 * 7 * 23 * 4 * 3, **OPTIONS)  # ~3-row tiles
-    in_memory = combine(_in_memory(paths), **OPTIONS)
+    options = dict(OPTIONS, scale=scale, scale_region=region)
+    streamed = combine(paths, memory=37 * 23 * 13 + 3 * 7 * 23 * 4 * 3, **options)  # ~3-row tiles
+    in_memory = combine(_in_memory(paths), **options)
     _equal(streamed, in_memory)
+    np.testing.assert_array_equal(streamed.scales, in_memory.scales)
+    assert len(set(streamed.scales)) == 7  # the frames' levels differ
     assert streamed.header["NCOMBINE"] == 7
 
 

@@ -364,7 +364,7 @@ def _load(row, j, i, dscale, dzero, dblank):
 def _load_impl(row, j, i, dscale, dzero, dblank):
     if isinstance(row.dtype, types.Integer):
         # raw big-endian 16-bit FITS integers viewed as native uint16: swap the bytes and
-        # apply BSCALE/BZERO/BLANK exactly as decode_be16 does
+        # apply BSCALE/BZERO/BLANK in float32 as FrameSource.fill_rows does
         def load_raw(row, j, i, dscale, dzero, dblank):
             w = np.int32(row[j])
             u = ((w & 0xFF) << 8) | (w >> 8)
@@ -717,25 +717,28 @@ def combine_tile_ccdproc(stack, valid, scales, weights, iparams, fparams,
                 out_err[r, x] = std / np.sqrt(m) * m
 
 
-@njit(parallel=True, cache=True)
-def decode_be16(raw, bscale, bzero, has_blank, blank, out):
-    """Big-endian 16-bit FITS integers -> float32 ``raw*bscale + bzero``; BLANK -> NaN.
+HIST16_PARTS = 8  # private histograms of hist_be16 (one per parallel part)
 
-    ``raw`` is the file's bytes viewed as native uint16 (the bytes are swapped here,
-    with shifts that vectorise).
+
+@njit(parallel=True, cache=True)
+def hist_be16(raw, c0, c1, blank, hists):
+    """Add the columns ``c0:c1`` of raw big-endian 16-bit rows to ``hists``.
+
+    ``raw`` is (rows, nx) native uint16 holding the file's bytes; ``hists`` is
+    (HIST16_PARTS, 65536) int64, bin ``u + 32768`` counting the stored integer ``u``;
+    the BLANK value is not counted (pass NO_BLANK when there is none).
     """
-    count = out.size
-    flat = out.reshape(count)
-    chunk = 65536
-    for c in prange((count + chunk - 1) // chunk):
-        start = c * chunk
-        stop = min(start + chunk, count)
-        for k in range(start, stop):
-            w = np.int32(raw[k])
-            u = ((w & 0xFF) << 8) | (w >> 8)
-            u = u - 65536 if u >= 32768 else u
-            v = np.float32(u) * bscale + bzero
-            flat[k] = np.float32(np.nan) if has_blank and u == blank else v
+    rows = raw.shape[0]
+    parts = hists.shape[0]
+    step = (rows + parts - 1) // parts
+    for p in prange(parts):
+        for r in range(p * step, min(rows, (p + 1) * step)):
+            for j in range(c0, c1):
+                w = np.int32(raw[r, j])
+                u = ((w & 0xFF) << 8) | (w >> 8)
+                u = u - 65536 if u >= 32768 else u
+                if u != blank:
+                    hists[p, u + 32768] += 1
 
 
 _HIST_CHUNKS = 8

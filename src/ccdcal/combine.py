@@ -182,122 +182,11 @@ def _std_uncertainty(uncertainty: Any) -> np.ndarray:
     return np.asarray(uncertainty.array)
 
 
-class _FitsRows:
-    """One image HDU of a FITS file, streamed by rows without keeping pages resident.
-
-    Uncompressed data are read with plain file reads into a reusable byte buffer and
-    decoded (byte order, BSCALE/BZERO, BLANK) straight into the tile; tile-compressed
-    (.fz) images are read by section when their tiles are rows; other compressed files
-    fall back to :class:`ccdcal.frames.FrameSource` (decoded once, held in memory).
-    """
-
-    def __init__(self, source: Any):
-        from astropy.io import fits
-
-        from .frames import FrameSource
-
-        frame = source if isinstance(source, FrameSource) else FrameSource(source)
-        self.frame = frame
-        self.path = frame.path
-        self.name = frame.path.name
-        self.header = frame.header
-        self.shape: tuple[int, int] = frame.shape
-        self._file = None
-        self._section = None
-        self._hdul = None
-        self.bitpix = int(self.header.get("BITPIX", -32))
-        self.itemsize = abs(self.bitpix) // 8
-        if frame.path.name.lower().endswith(".gz"):
-            return  # gzip: decoded once by FrameSource
-        hdul = fits.open(frame.path, mode="readonly", memmap=False, lazy_load_hdus=True)
-        hdu = hdul[frame.hdu]
-        if isinstance(hdu, fits.CompImageHDU):
-            tile_rows = int(hdu._header.get("ZTILE2", self.shape[0])) if hasattr(hdu, "_header") else self.shape[0]
-            if tile_rows <= max(16, self.shape[0] // 16):
-                self._hdul = hdul
-                self._section = hdu.section
-            else:
-                hdul.close()
-            return
-        self.offset = int(hdul.fileinfo(frame.hdu)["datLoc"])
-        header = hdu.header
-        self.bitpix = int(header["BITPIX"])
-        self.itemsize = abs(self.bitpix) // 8
-        self.bscale = float(header.get("BSCALE", 1.0))
-        self.bzero = float(header.get("BZERO", 0.0))
-        self.blank = header.get("BLANK") if self.bitpix > 0 else None
-        hdul.close()
-        self._file = open(frame.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-
-    @property
-    def raw_bytes_per_row(self) -> int:
-        return self.shape[1] * self.itemsize if self._file is not None else 0
-
-    @property
-    def raw16(self) -> bool:
-        """True for an uncompressed 16-bit integer image, whose rows :meth:`read_raw` serves."""
-        return self._file is not None and self.bitpix == 16
-
-    def read_raw(self, y0: int, y1: int, out: np.ndarray) -> None:
-        """Read the undecoded bytes of rows ``y0:y1`` of a 16-bit image into ``out``
-        (uint16, (rows, nx), C-contiguous); the kernel swaps and scales them."""
-        nbytes = out.nbytes
-        got = os.preadv(self._file.fileno(), [memoryview(out).cast("B")],
-                        self.offset + y0 * self.shape[1] * 2)
-        if got != nbytes:
-            raise InputError(f"{self.path}: the file ended early (rows {y0}-{y1}); copy it again")
-
-    def fill(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray) -> None:
-        """Decode rows ``y0:y1`` into the float32 array ``out`` (rows, nx)."""
-        if self._file is None:
-            if self._section is not None:
-                out[...] = self._section[y0:y1]
-            else:
-                out[...] = self.frame.read_rows(y0, y1)
-            return
-        nx = self.shape[1]
-        nbytes = (y1 - y0) * nx * self.itemsize
-        buf = scratch[:nbytes]
-        got = os.preadv(self._file.fileno(), [memoryview(buf)], self.offset + y0 * nx * self.itemsize)
-        if got != nbytes:
-            raise InputError(f"{self.path}: the file ended early (rows {y0}-{y1}); copy it again")
-        if self.bitpix == 16:
-            from . import _kernels
-
-            blank = 0 if self.blank is None else int(self.blank)
-            _kernels.decode_be16(buf.view(np.uint16), np.float32(self.bscale), np.float32(self.bzero),
-                                 self.blank is not None, blank, out)
-            return
-        raw = buf.view(f">{'u1' if self.bitpix == 8 else ('i' if self.bitpix > 0 else 'f')}{self.itemsize}")
-        raw = raw.reshape(y1 - y0, nx) if self.bitpix != 8 else buf.reshape(y1 - y0, nx)
-        np.copyto(out, raw, casting="unsafe")
-        if self.bscale != 1.0:
-            out *= np.float32(self.bscale)
-        if self.bzero != 0.0:
-            out += np.float32(self.bzero)
-        if self.blank is not None:
-            out[raw == self.blank] = np.nan
-
-    def read_rows(self, y0: int, y1: int) -> np.ndarray:
-        out = np.empty((y1 - y0, self.shape[1]), np.float32)
-        self.fill(y0, y1, out, np.empty((y1 - y0) * self.raw_bytes_per_row, np.uint8))
-        return out
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._hdul is not None:
-            self._hdul.close()
-            self._hdul = None
-        self.frame.close()
-
-
 def _as_source(frame: Any, index: int) -> Any:
     from .frames import FrameSource
 
-    if isinstance(frame, (str, os.PathLike, FrameSource)):
-        return _FitsRows(frame)
+    if isinstance(frame, (str, os.PathLike)):
+        return FrameSource(frame)
     if hasattr(frame, "read_rows") and hasattr(frame, "shape"):
         return frame
     return _ArrayRows(frame, index)
@@ -314,8 +203,8 @@ def _source_name(source: Any, index: int) -> str:
 
 
 def _fill(source: Any, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray, name: str) -> None:
-    if isinstance(source, _FitsRows):
-        source.fill(y0, y1, out, scratch)
+    if hasattr(source, "fill_rows"):  # FrameSource: decoded straight into the tile
+        source.fill_rows(y0, y1, out, scratch)
         return
     rows = source.read_rows(y0, y1)
     if rows.shape != out.shape:
@@ -338,6 +227,8 @@ def _region_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[
     The region of one frame is held at a time (it may exceed a budget smaller than a frame);
     it is read in row chunks so that the rows around it cost no more than a third of the budget.
     """
+    if _histogram_ready(sources, hows):
+        return _histogram_levels(sources, names, hows, region, budget)
     rows, cols = region
     width = cols.stop - cols.start
     chunk = max(1, (budget // 3) // max(sources[0].shape[1] * 4, 1))
@@ -351,6 +242,56 @@ def _region_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[
             levels[how][i] = _level(values, how)
         if not np.isfinite(levels[hows[0]][i]):
             raise InputError(f"{name}: no valid pixel in the scale region; choose another --scale-region")
+    return levels
+
+
+def _histogram_ready(sources: Sequence[Any], hows: Sequence[str]) -> bool:
+    """Whether :func:`_histogram_levels` can measure ``hows`` of every source."""
+    return all(getattr(s, "integral", False) for s in sources) and set(hows) <= {"median", "mean"}
+
+
+def _histogram_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[str],
+                      region: tuple[slice, slice], budget: int) -> dict[str, np.ndarray]:
+    """Median and mean of ``region`` from a histogram of the raw 16-bit integers.
+
+    For 16-bit images whose values are whole numbers (BSCALE 1, whole BZERO) the
+    65536-bin histogram of the stored integers holds every order statistic, and the
+    float64 sum of whole numbers is exact in any order: the levels are those
+    :func:`_level` computes from the decoded values, bit for bit, for one pass over
+    the raw bytes and no decoded copy of the frame.
+    """
+    from . import _kernels
+
+    rows, cols = region
+    nx = sources[0].shape[1]
+    chunk = int(max(1, min(rows.stop - rows.start, (budget // 3) // (nx * 2), (4 << 20) // (nx * 2))))
+    buf = np.empty((chunk, nx), np.uint16)
+    hists = np.zeros((_kernels.HIST16_PARTS, 65536), np.int64)
+    levels = {how: np.empty(len(sources)) for how in hows}
+    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+        hists[...] = 0
+        blank = _kernels.NO_BLANK if source.blank is None else int(source.blank)
+        for y in range(rows.start, rows.stop, chunk):
+            y1 = min(rows.stop, y + chunk)
+            source.read_raw(y, y1, buf[: y1 - y])
+            _kernels.hist_be16(buf[: y1 - y], cols.start, cols.stop, blank, hists)
+        counts = hists.sum(axis=0)
+        total = int(counts.sum())
+        if total == 0:
+            raise InputError(f"{name}: no valid pixel in the scale region; choose another --scale-region")
+        # the decoded value of every bin, as the float32 decoding gives it
+        values = (np.arange(-32768, 32768, dtype=np.float32) * np.float32(source.bscale)
+                  + np.float32(source.bzero)).astype(np.float64)
+        for how in hows:
+            if how == "mean":
+                levels[how][i] = float(np.dot(counts.astype(np.float64), values)) / total
+                continue
+            cum = np.cumsum(counts)
+            upper = values[int(np.searchsorted(cum, total // 2, side="right"))]
+            if total % 2:
+                levels[how][i] = upper
+            else:
+                levels[how][i] = (values[int(np.searchsorted(cum, total // 2 - 1, side="right"))] + upper) / 2.0
     return levels
 
 
@@ -553,6 +494,8 @@ def combine(
     if len(frames) == 0:
         raise InputError("nothing to combine: no frames given")
     budget = parse_memory(memory)
+    from .frames import FrameSource
+
     sources = [_as_source(frame, i) for i, frame in enumerate(frames)]
     try:
         return _combine_sources(sources, frames, to_slices, method=method, scale=scale,
@@ -563,7 +506,7 @@ def combine(
                                 budget=budget, compat=compat)
     finally:
         for source in sources:
-            if isinstance(source, _FitsRows):
+            if isinstance(source, FrameSource):  # files opened here; a caller's reopen on demand
                 source.close()
 
 
@@ -585,31 +528,41 @@ def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_r
     hows = [h for h in (scale, zero) if isinstance(h, str) and h != "none"]
     for how in hows:
         _check_name(how, SCALES, "scale" if how is scale else "zero")
-    levels: dict[str, np.ndarray] = {}
-    if hows:
-        region = to_slices(scale_region, shape) if scale_region else (slice(0, shape[0]), slice(0, shape[1]))
-        levels = _region_levels(sources, names, list(dict.fromkeys(hows)), region, budget)
-    scale_levels = levels.get(scale) if isinstance(scale, str) else None
-    if scale_levels is not None:
-        if np.any(scale_levels <= 0):
-            bad = names[int(np.argmin(scale_levels))]
-            raise InputError(f"{bad}: its {scale} level is {scale_levels.min():g}, so it cannot be"
-                             " scaled; remove it or drop --scale")
-        scale_levels = scale_levels.mean() / scale_levels
-    scales = _factors(scale, "scale", n, scale_levels)
-    if scales is not None and np.any(scales <= 0):
-        raise InputError("scale factors must be positive")
-    scales = np.ones(n) if scales is None else scales
-    zero_levels = levels.get(zero) if isinstance(zero, str) else None
-    if zero_levels is not None:
-        scaled = scales * zero_levels
-        zero_levels = scaled.mean() - scaled
-    zeros = _factors(zero, "zero", n, zero_levels)
-    zeros = np.zeros(n) if zeros is None else zeros
-    weight_values = _factors(weights, "weights", n, None)
-    if weight_values is not None and np.any(weight_values <= 0):
-        raise InputError("weights must be positive numbers")
-    weight_values = np.ones(n) if weight_values is None else weight_values
+
+    def factors() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        levels: dict[str, np.ndarray] = {}
+        if hows:
+            region = to_slices(scale_region, shape) if scale_region else (slice(0, shape[0]), slice(0, shape[1]))
+            levels = _region_levels(sources, names, list(dict.fromkeys(hows)), region, budget)
+        scale_levels = levels.get(scale) if isinstance(scale, str) else None
+        if scale_levels is not None:
+            if np.any(scale_levels <= 0):
+                bad = names[int(np.argmin(scale_levels))]
+                raise InputError(f"{bad}: its {scale} level is {scale_levels.min():g}, so it cannot be"
+                                 " scaled; remove it or drop --scale")
+            scale_levels = scale_levels.mean() / scale_levels
+        scales = _factors(scale, "scale", n, scale_levels)
+        if scales is not None and np.any(scales <= 0):
+            raise InputError("scale factors must be positive")
+        scales = np.ones(n) if scales is None else scales
+        zero_levels = levels.get(zero) if isinstance(zero, str) else None
+        if zero_levels is not None:
+            scaled = scales * zero_levels
+            zero_levels = scaled.mean() - scaled
+        zeros = _factors(zero, "zero", n, zero_levels)
+        zeros = np.zeros(n) if zeros is None else zeros
+        weight_values = _factors(weights, "weights", n, None)
+        if weight_values is not None and np.any(weight_values <= 0):
+            raise InputError("weights must be positive numbers")
+        weight_values = np.ones(n) if weight_values is None else weight_values
+        return scales, zeros, weight_values
+
+    # levels from raw histograms need almost no memory: measure them while the result's
+    # pages are faulted in (below); other sources are measured first, so that the region
+    # they hold is freed before the result is allocated
+    late = _histogram_ready(sources, hows)
+    if not late:
+        scales, zeros, weight_values = factors()
 
     # which optional planes travel with the tiles
     has_valid = any(getattr(s, "mask", None) is not None for s in sources if isinstance(s, _ArrayRows))
@@ -620,9 +573,9 @@ def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_r
     need_index = weights is not None or has_unc or opts.reject == "ccdclip"
     # the vectorised kernel serves the common case; 16-bit files then travel as raw bytes
     fast = opts.compat is None and opts.reject in ("none", "sigma") and not need_index
-    raw16 = fast and all(isinstance(s, _FitsRows) and s.raw16 for s in sources)
+    raw16 = fast and all(getattr(s, "raw16", False) for s in sources)
     raw_per_row = 0 if raw16 else max(
-        (s.raw_bytes_per_row for s in sources if isinstance(s, _FitsRows)), default=0)
+        (getattr(s, "raw_bytes_per_row", 0) for s in sources), default=0)
     rows = _tile_rows(n, shape, budget, (1 if has_valid else 0) + (4 if has_unc else 0), raw_per_row,
                       value_bytes=2 if raw16 else 4, count_bytes=_count_dtype(n).itemsize)
 
@@ -642,6 +595,12 @@ def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_r
     prefault.start()
     from . import _kernels
 
+    if late:
+        try:
+            scales, zeros, weight_values = factors()
+        except BaseException:
+            prefault.join()
+            raise
     if raw16:
         dscale = np.array([s.bscale for s in sources], np.float32)
         dzero = np.array([s.bzero for s in sources], np.float32)

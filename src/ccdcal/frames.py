@@ -79,6 +79,8 @@ class ImageHDU:
     index: int
     header: Any  # astropy.io.fits.Header
     shape: tuple[int, int]
+    data_offset: int | None = None  # byte offset of the data of an uncompressed HDU
+    tile_rows: int | None = None  # rows per tile of a tile-compressed HDU
 
 
 def _open(path: Path, memmap: bool = True):
@@ -152,6 +154,7 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
                         " (split the cube into frames first)"
                     )
                     continue
+            offset = tile_rows = None
             if not gz and not _is_compressed(hdu):
                 info = hdul.fileinfo(index)
                 span = abs(int(header["BITPIX"])) // 8 * int(np.prod(dims))
@@ -161,7 +164,10 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
                         f" {span} data bytes); copy the file again"
                     )
                     continue
-            hdus.append(ImageHDU(index, header.copy(), (dims[1], dims[0])))
+                offset = int(info["datLoc"])
+            elif _is_compressed(hdu):
+                tile_rows = int(hdu._header.get("ZTILE2", dims[1])) if hasattr(hdu, "_header") else dims[1]
+            hdus.append(ImageHDU(index, header.copy(), (dims[1], dims[0]), offset, tile_rows))
     finally:
         hdul.close()
     return hdus, problems
@@ -170,8 +176,11 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
 class FrameSource:
     """One 2-D image HDU of a FITS file, read as float32 on demand, whole or by rows.
 
-    The file is opened read-only; nothing is loaded until :meth:`read` or
-    :meth:`read_rows` is called. Use as a context manager, or call :meth:`close`.
+    The file is opened read-only; nothing is loaded until rows are read. Uncompressed
+    data are read with positioned reads (no memmap, so pages read do not stay in this
+    process's memory); tile-compressed images whose tiles are rows are read by section;
+    other compressed files (gzip, large tiles) are decoded once and held. Use as a
+    context manager, or call :meth:`close`.
 
     Parameters
     ----------
@@ -183,6 +192,7 @@ class FrameSource:
 
     def __init__(self, path: str | os.PathLike, hdu: int | None = None):
         self.path = Path(path)
+        self.name = self.path.name
         hdus, problems = image_hdus(self.path)
         if hdu is None:
             if not hdus:
@@ -197,32 +207,44 @@ class FrameSource:
         self.hdu = chosen.index
         self.header = chosen.header
         self.shape: tuple[int, int] = chosen.shape
+        self._offset = chosen.data_offset
+        self._tile_rows = chosen.tile_rows
+        self.bitpix = int(self.header.get("BITPIX", -32))
+        self.bscale = float(self.header.get("BSCALE", 1.0))
+        self.bzero = float(self.header.get("BZERO", 0.0))
+        self.blank = self.header.get("BLANK") if self.bitpix > 0 else None
         self._file = None          # raw file object for positioned reads (uncompressed data)
+        self._hdul = None          # open file of a row-tiled compressed image
         self._decoded: np.ndarray | None = None
-        self._layout: tuple[int, np.dtype, float, float, Any] | None = None  # offset, dtype, bscale, bzero, blank
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def raw_bytes_per_row(self) -> int:
+        """Bytes of one stored row (0 when the data are compressed)."""
+        return self.shape[1] * abs(self.bitpix) // 8 if self._offset is not None else 0
+
+    @property
+    def raw16(self) -> bool:
+        """True for an uncompressed 16-bit integer image, whose rows :meth:`read_raw` serves."""
+        return self._offset is not None and self.bitpix == 16
+
+    @property
+    def integral(self) -> bool:
+        """True for a raw 16-bit image whose decoded values are whole numbers."""
+        return self.raw16 and self.bscale == 1.0 and float(self.bzero).is_integer() and abs(self.bzero) <= 2**24
 
     # -- reading --------------------------------------------------------------------------
     def _prepare(self) -> None:
-        if self._file is not None or self._decoded is not None:
+        if self._file is not None or self._decoded is not None or self._hdul is not None:
             return
-        hdul = _open(self.path)
-        try:
-            hdu = hdul[self.hdu]
-            compressed = _is_compressed(hdu) or self.path.name.lower().endswith(".gz")
-            if compressed:  # decompress once; scaled (BZERO) tiles cannot be memory-mapped
-                self._decoded = self._decompress()
-                return
-            header = hdu.header
-            bitpix = int(header["BITPIX"])
-            offset = hdul.fileinfo(self.hdu)["datLoc"]
-        finally:
-            hdul.close()
-        blank = header.get("BLANK") if bitpix > 0 else None
-        self._layout = (offset, np.dtype(_BITPIX_DTYPE[bitpix]), float(header.get("BSCALE", 1.0)),
-                        float(header.get("BZERO", 0.0)), blank)
-        # Positioned reads, not a memmap: pages read do not stay in this process's memory,
-        # so streaming many large frames keeps RSS within the stacking budget.
-        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        if self._offset is not None:
+            self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+            return
+        rows = self._tile_rows
+        if rows is not None and rows <= max(16, self.shape[0] // 16):
+            self._hdul = _open(self.path, memmap=False)  # row tiles: read by section
+            return
+        self._decoded = self._decompress()  # decompress once; scaled (BZERO) tiles cannot be memory-mapped
 
     def _decompress(self) -> np.ndarray:
         hdul = _open(self.path, memmap=False)
@@ -236,25 +258,50 @@ class FrameSource:
             hdul.close()
         return data.reshape(self.shape)
 
-    def read_rows(self, y0: int, y1: int) -> np.ndarray:
-        """Rows ``y0:y1`` (numpy order, 0-based, end excluded) as a new float32 array."""
+    def _pread(self, y0: int, y1: int, buf) -> None:
+        nbytes = memoryview(buf).nbytes
+        got = os.preadv(self._file.fileno(), [buf], self._offset + y0 * self.raw_bytes_per_row)
+        if got != nbytes:
+            raise InputError(f"{self.path}: the file ended early (rows {y0 + 1}-{y1}); copy it again")
+
+    def read_raw(self, y0: int, y1: int, out: np.ndarray) -> None:
+        """Read the undecoded bytes of rows ``y0:y1`` of a 16-bit image (:attr:`raw16`) into
+        ``out`` (uint16, (rows, nx), C-contiguous); BSCALE/BZERO/BLANK are left to the caller."""
+        self._prepare()
+        self._pread(y0, y1, memoryview(out).cast("B"))
+
+    def fill_rows(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        """Decode rows ``y0:y1`` into the float32 array ``out`` (rows, nx).
+
+        ``scratch`` (uint8, at least ``(y1 - y0) * raw_bytes_per_row`` bytes) is reused
+        for the raw bytes of uncompressed data instead of a new buffer.
+        """
         self._prepare()
         if self._decoded is not None:
-            return np.array(self._decoded[y0:y1], dtype=np.float32)
-        offset, dtype, bscale, bzero, blank = self._layout
-        nx = self.shape[1]
-        buf = bytearray((y1 - y0) * nx * dtype.itemsize)
-        got = os.preadv(self._file.fileno(), [buf], offset + y0 * nx * dtype.itemsize)
-        if got != len(buf):
-            raise InputError(f"{self.path}: the file ended early (rows {y0 + 1}-{y1}); copy it again")
-        raw = np.frombuffer(buf, dtype=dtype).reshape(y1 - y0, nx)
-        out = raw.astype(np.float32)
-        if bscale != 1.0:
-            out *= np.float32(bscale)
-        if bzero != 0.0:
-            out += np.float32(bzero)
-        if blank is not None:
-            out[raw == blank] = np.nan
+            out[...] = self._decoded[y0:y1]
+            return
+        if self._hdul is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[...] = self._hdul[self.hdu].section[y0:y1]
+            return
+        nbytes = (y1 - y0) * self.raw_bytes_per_row
+        buf = scratch[:nbytes] if scratch is not None and scratch.size >= nbytes else np.empty(nbytes, np.uint8)
+        self._pread(y0, y1, buf)
+        dtype = np.dtype(_BITPIX_DTYPE[self.bitpix])
+        raw = buf.view(dtype).reshape(y1 - y0, self.shape[1])
+        np.copyto(out, raw, casting="unsafe")
+        if self.bscale != 1.0:
+            out *= np.float32(self.bscale)
+        if self.bzero != 0.0:
+            out += np.float32(self.bzero)
+        if self.blank is not None:
+            out[raw == self.blank] = np.nan
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``y0:y1`` (numpy order, 0-based, end excluded) as a new float32 array."""
+        out = np.empty((y1 - y0, self.shape[1]), np.float32)
+        self.fill_rows(y0, y1, out)
         return out
 
     def read(self) -> np.ndarray:
@@ -265,6 +312,9 @@ class FrameSource:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._hdul is not None:
+            self._hdul.close()
+            self._hdul = None
         self._decoded = None
 
     def __enter__(self) -> FrameSource:
@@ -277,9 +327,10 @@ class FrameSource:
         return f"FrameSource({str(self.path)!r}, hdu={self.hdu}, shape={self.shape})"
 
     def __getstate__(self):
-        # Sources travel to worker processes (dask) as path + hdu; each side memmaps its own.
+        # Sources travel to worker processes as path + hdu; each side opens its own file.
         state = self.__dict__.copy()
         state["_file"] = None
+        state["_hdul"] = None
         state["_decoded"] = None
         return state
 
