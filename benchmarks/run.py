@@ -167,38 +167,51 @@ def run(cases: list[Case], tools: list[str], data_dir: Path, repeat: int) -> lis
             # a first ccdcal run compiles (or loads) the cached kernels; not timed
             subprocess.run(commands["ccdcal"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             for tool in tools:
-                if tool not in commands:
-                    if tool == "siril":
-                        rows.append({"case": case, "tool": tool, "wall": None, "rss": None, "note": "siril-cli not installed"})
-                    continue
-                best = None
-                for _ in range(repeat if tool != "ccdproc" else 1):
+                if tool not in commands and tool == "siril":
+                    rows.append({"case": case, "tool": tool, "wall": None, "rss": None, "times": [],
+                                 "note": "siril-cli not installed"})
+            # Rounds: every tool once per round, so that a slow spell of a shared machine
+            # hits all tools alike; the best and the median of the rounds are reported.
+            runs: dict[str, list[tuple[float, int]]] = {t: [] for t in tools if t in commands}
+            failed: set[str] = set()
+            for round_ in range(repeat):
+                for tool in runs:
+                    if tool in failed or (tool == "ccdproc" and round_ > 0):
+                        continue
                     warm(paths)
                     wall, rss, code = measure(commands[tool])
                     if code != 0:
-                        best = (None, None)
-                        break
-                    best = (wall, rss) if best is None or wall < best[0] else best
-                rows.append({"case": case, "tool": tool, "wall": best[0], "rss": best[1], "note": ""})
-                w = "failed" if best[0] is None else f"{best[0]:.2f} s, {best[1] / 2**30:.2f} GiB"
-                print(f"{case.name:5s} {tool:8s} {w}", file=sys.stderr, flush=True)
+                        failed.add(tool)
+                        continue
+                    runs[tool].append((wall, rss))
+                    print(f"{case.name:5s} {tool:8s} {wall:.2f} s, {rss / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+            for tool, got in runs.items():
+                if tool in failed or not got:
+                    rows.append({"case": case, "tool": tool, "wall": None, "rss": None, "times": [], "note": ""})
+                    continue
+                walls = sorted(w for w, _ in got)
+                rows.append({"case": case, "tool": tool, "wall": walls[0], "median": float(np.median(walls)),
+                             "rss": max(r for _, r in got), "times": walls, "note": ""})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | tool | wall [s] | peak RSS [GiB] | time vs ccdproc | time vs read floor |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | tool | best [s] | median [s] | peak RSS [GiB] | time vs ccdproc | time vs read floor |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for case in dict.fromkeys(r["case"] for r in rows):
         mine = [r for r in rows if r["case"] == case]
         ref = next((r["wall"] for r in mine if r["tool"] == "ccdproc" and r["wall"]), None)
-        floor = next((r["wall"] for r in mine if r["tool"] == "floor" and r["wall"]), None)
+        floor = next((r for r in mine if r["tool"] == "floor" and r["wall"]), None)
         for r in mine:
             if r["wall"] is None:
-                lines.append(f"| {case.title} | {r['tool']} | {r['note'] or 'failed'} | | | |")
+                lines.append(f"| {case.title} | {r['tool']} | {r['note'] or 'failed'} | | | | |")
                 continue
             speed = f"{ref / r['wall']:.1f}× faster" if ref else ""
-            ratio = f"{r['wall'] / floor:.2f}" if floor else ""
-            lines.append(f"| {case.title} | {r['tool']} | {r['wall']:.2f} | {r['rss'] / 2**30:.2f} | {speed} | {ratio} |")
+            # best vs best and median vs median: both tools saw the same rounds
+            ratio = (f"{r['wall'] / floor['wall']:.2f} (median {r['median'] / floor['median']:.2f})"
+                     if floor else "")
+            lines.append(f"| {case.title} | {r['tool']} | {r['wall']:.2f} | {r['median']:.2f} |"
+                         f" {r['rss'] / 2**30:.2f} | {speed} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small frames, a smoke run; RESULTS.md untouched")
     parser.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, from {', '.join(TOOLS)}")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per tool (best kept; ccdproc runs once)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds (every tool once per round; ccdproc runs once)")
     parser.add_argument("--data-dir", type=Path, default=HERE / "_data")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -226,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         header = (f"# Benchmark results\n\nMeasured with `python benchmarks/run.py {' '.join(argv or sys.argv[1:])}`"
                   f" on {os.cpu_count()} cores ({cpu}), Python {platform.python_version()},"
                   f" {time.strftime('%Y-%m-%d')}. Whole process (imports, JIT cache load, reading,"
-                  " writing the output); best of the runs; peak RSS of the process. The read floor"
+                  " writing the output); the best and the median of the rounds (each round runs every tool"
+                  " once, on warm page cache); the largest peak RSS of the process. The read floor"
                   " reads every frame once with astropy and adds it up.\n\n")
         args.output.write_text(header + text + "\n")
     return 0

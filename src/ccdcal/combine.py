@@ -66,7 +66,7 @@ DEFAULT_MEMORY = "1GiB"
 _LEVEL_CODES = {"median": 0, "mean": 1, "clipped-mean": 2}
 _REJECT_CODES = {"none": 0, "sigma": 1, "mad": 2, "winsorized": 3, "percentile": 4,
                  "linear-fit": 5, "ccdclip": 6}
-_TILE_TARGET = int(os.environ.get("CCDCAL_TILE", 16 << 20))  # bytes of one tile's buffers
+_TILE_TARGET = 16 << 20  # bytes of one tile's buffers (see _tile_rows)
 # numba's workqueue threading layer must not be entered from two Python threads at once
 # (the pipeline may run several combines in a thread pool): kernels run under this lock.
 _KERNEL_LOCK = threading.Lock()

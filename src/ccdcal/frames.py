@@ -155,7 +155,9 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
                     )
                     continue
             offset = tile_rows = None
-            if not gz and not _is_compressed(hdu):
+            if gz and not _is_compressed(hdu):
+                offset = int(hdul.fileinfo(index)["datLoc"])  # in the decompressed stream
+            elif not _is_compressed(hdu):
                 info = hdul.fileinfo(index)
                 span = abs(int(header["BITPIX"])) // 8 * int(np.prod(dims))
                 if info["datLoc"] + span > size:
@@ -178,8 +180,9 @@ class FrameSource:
 
     The file is opened read-only; nothing is loaded until rows are read. Uncompressed
     data are read with positioned reads (no memmap, so pages read do not stay in this
-    process's memory); tile-compressed images whose tiles are rows are read by section;
-    other compressed files (gzip, large tiles) are decoded once and held. Use as a
+    process's memory); gzipped files are decompressed once into an anonymous temporary
+    file and read the same way; tile-compressed images whose tiles are rows are read by
+    section; other tile-compressed images (large tiles) are decoded once and held. Use as a
     context manager, or call :meth:`close`.
 
     Parameters
@@ -237,6 +240,9 @@ class FrameSource:
     def _prepare(self) -> None:
         if self._file is not None or self._decoded is not None or self._hdul is not None:
             return
+        if self._offset is not None and self.path.name.lower().endswith(".gz"):
+            self._file = self._gunzip()
+            return
         if self._offset is not None:
             self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
             return
@@ -245,6 +251,35 @@ class FrameSource:
             self._hdul = _open(self.path, memmap=False)  # row tiles: read by section
             return
         self._decoded = self._decompress()  # decompress once; scaled (BZERO) tiles cannot be memory-mapped
+
+    def _gunzip(self):
+        """Decompress a .gz file once into an anonymous temporary file (bounded memory; the
+        file has no name, so it vanishes with the process whatever happens)."""
+        import gzip
+        import shutil
+        import tempfile
+        import zlib
+
+        tmp = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            with gzip.open(self.path, "rb") as src:
+                shutil.copyfileobj(src, tmp, 1 << 20)
+            size = tmp.tell()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            tmp.close()
+            raise InputError(f"{self.path}: cannot decompress ({_short(exc)}); copy the file again") from exc
+        except OSError as exc:
+            tmp.close()
+            if exc.errno == errno.ENOSPC:
+                raise OutputError(f"{self.path}: no space in the temporary folder to decompress it;"
+                                  " free space or set TMPDIR") from exc
+            raise InputError(f"{self.path}: cannot decompress ({_short(exc)}); copy the file again") from exc
+        needed = self._offset + self.shape[0] * self.raw_bytes_per_row
+        if size < needed:
+            tmp.close()
+            raise InputError(f"{self.path}: the file ended early ({size - self._offset} of"
+                             f" {needed - self._offset} data bytes); copy it again")
+        return tmp
 
     def _decompress(self) -> np.ndarray:
         hdul = _open(self.path, memmap=False)
