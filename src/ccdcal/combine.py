@@ -487,8 +487,6 @@ def combine(
     -------
     CombineResult
     """
-    from .sections import to_slices
-
     if isinstance(frames, (str, os.PathLike)) or not isinstance(frames, Sequence):
         frames = list(frames) if not isinstance(frames, (str, os.PathLike)) else [frames]
     if len(frames) == 0:
@@ -498,7 +496,7 @@ def combine(
 
     sources = [_as_source(frame, i) for i, frame in enumerate(frames)]
     try:
-        return _combine_sources(sources, frames, to_slices, method=method, scale=scale,
+        return _combine_sources(sources, frames, method=method, scale=scale,
                                 zero=zero, scale_region=scale_region, clip_extrema=clip_extrema,
                                 sigma_clip=sigma_clip, reject=reject, center=center,
                                 maxiters=maxiters, weights=weights, gain=gain,
@@ -510,7 +508,7 @@ def combine(
                 source.close()
 
 
-def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_region,
+def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
                      clip_extrema, sigma_clip, reject, center, maxiters, weights, gain, read_noise,
                      sensitivity_noise, budget, compat) -> CombineResult:
     n = len(sources)
@@ -529,40 +527,13 @@ def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_r
     for how in hows:
         _check_name(how, SCALES, "scale" if how is scale else "zero")
 
-    def factors() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels: dict[str, np.ndarray] = {}
-        if hows:
-            region = to_slices(scale_region, shape) if scale_region else (slice(0, shape[0]), slice(0, shape[1]))
-            levels = _region_levels(sources, names, list(dict.fromkeys(hows)), region, budget)
-        scale_levels = levels.get(scale) if isinstance(scale, str) else None
-        if scale_levels is not None:
-            if np.any(scale_levels <= 0):
-                bad = names[int(np.argmin(scale_levels))]
-                raise InputError(f"{bad}: its {scale} level is {scale_levels.min():g}, so it cannot be"
-                                 " scaled; remove it or drop --scale")
-            scale_levels = scale_levels.mean() / scale_levels
-        scales = _factors(scale, "scale", n, scale_levels)
-        if scales is not None and np.any(scales <= 0):
-            raise InputError("scale factors must be positive")
-        scales = np.ones(n) if scales is None else scales
-        zero_levels = levels.get(zero) if isinstance(zero, str) else None
-        if zero_levels is not None:
-            scaled = scales * zero_levels
-            zero_levels = scaled.mean() - scaled
-        zeros = _factors(zero, "zero", n, zero_levels)
-        zeros = np.zeros(n) if zeros is None else zeros
-        weight_values = _factors(weights, "weights", n, None)
-        if weight_values is not None and np.any(weight_values <= 0):
-            raise InputError("weights must be positive numbers")
-        weight_values = np.ones(n) if weight_values is None else weight_values
-        return scales, zeros, weight_values
-
     # levels from raw histograms need almost no memory: measure them while the result's
     # pages are faulted in (below); other sources are measured first, so that the region
     # they hold is freed before the result is allocated
     late = _histogram_ready(sources, hows)
     if not late:
-        scales, zeros, weight_values = factors()
+        scales, zeros, weight_values = _frame_factors(sources, names, shape, hows, scale, zero, weights,
+                                                      scale_region, budget)
 
     # which optional planes travel with the tiles
     has_valid = any(getattr(s, "mask", None) is not None for s in sources if isinstance(s, _ArrayRows))
@@ -597,7 +568,8 @@ def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_r
 
     if late:
         try:
-            scales, zeros, weight_values = factors()
+            scales, zeros, weight_values = _frame_factors(sources, names, shape, hows, scale, zero, weights,
+                                                          scale_region, budget)
         except BaseException:
             prefault.join()
             raise
@@ -660,6 +632,41 @@ def _combine_sources(sources, frames, to_slices, *, method, scale, zero, scale_r
     _describe(header, opts, clip_extrema, scale, scale_region)
     return CombineResult(data=data, uncertainty=err, nlow_rejected=nlow, nhigh_rejected=nhigh,
                          mask=mask, header=header, scales=scales, zeros=zeros)
+
+
+def _frame_factors(sources: Sequence[Any], names: Sequence[str], shape: tuple[int, int], hows: Sequence[str],
+                   scale: Any, zero: Any, weights: Any, scale_region: str | None,
+                   budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame (scales, zeros, weights): given, or measured on ``scale_region`` (a first pass)."""
+    from .sections import to_slices
+
+    n = len(sources)
+    levels: dict[str, np.ndarray] = {}
+    if hows:
+        region = to_slices(scale_region, shape) if scale_region else (slice(0, shape[0]), slice(0, shape[1]))
+        levels = _region_levels(sources, names, list(dict.fromkeys(hows)), region, budget)
+    scale_levels = levels.get(scale) if isinstance(scale, str) else None
+    if scale_levels is not None:
+        if np.any(scale_levels <= 0):
+            bad = names[int(np.argmin(scale_levels))]
+            raise InputError(f"{bad}: its {scale} level is {scale_levels.min():g}, so it cannot be"
+                             " scaled; remove it or drop --scale")
+        scale_levels = scale_levels.mean() / scale_levels
+    scales = _factors(scale, "scale", n, scale_levels)
+    if scales is not None and np.any(scales <= 0):
+        raise InputError("scale factors must be positive")
+    scales = np.ones(n) if scales is None else scales
+    zero_levels = levels.get(zero) if isinstance(zero, str) else None
+    if zero_levels is not None:
+        scaled = scales * zero_levels
+        zero_levels = scaled.mean() - scaled
+    zeros = _factors(zero, "zero", n, zero_levels)
+    zeros = np.zeros(n) if zeros is None else zeros
+    weight_values = _factors(weights, "weights", n, None)
+    if weight_values is not None and np.any(weight_values <= 0):
+        raise InputError("weights must be positive numbers")
+    weight_values = np.ones(n) if weight_values is None else weight_values
+    return scales, zeros, weight_values
 
 
 def _count_dtype(n: int) -> np.dtype:
