@@ -54,6 +54,20 @@ F_LOW, F_HIGH, F_GAIN, F_RDNOISE, F_SNOISE = range(5)
 
 
 @njit(cache=True, nogil=True)
+def _sort_lanes(buf, pairs, width):
+    """Sort each of the first ``width`` columns of ``buf`` (n, lanes) with the comparator
+    network ``pairs``: every comparator runs across the lanes at once, branch-free."""
+    for p in range(pairs.shape[0]):
+        a = pairs[p, 0]
+        b = pairs[p, 1]
+        for c in range(width):
+            va = buf[a, c]
+            vb = buf[b, c]
+            buf[a, c] = min(va, vb)
+            buf[b, c] = max(va, vb)
+
+
+@njit(cache=True, nogil=True)
 def _median_sorted(vals, m):
     half = m // 2
     if m % 2 == 1:
@@ -253,14 +267,7 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fpar
                     ibuf[a, c] = ib if swap else ia
                     ibuf[b, c] = ia if swap else ib
         else:
-            for p in range(npairs):
-                a = pairs[p, 0]
-                b = pairs[p, 1]
-                for c in range(width):
-                    va = buf[a, c]
-                    vb = buf[b, c]
-                    buf[a, c] = min(va, vb)
-                    buf[b, c] = max(va, vb)
+            _sort_lanes(buf, pairs, width)
         for c in range(width):
             x = x0 + c
             m = count[c]
@@ -414,7 +421,6 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
     for i in range(n):
         if scales[i] != 1.0 or zeros[i] != 0.0:
             scaled = True
-    npairs = pairs.shape[0]
     nchunks = (cols + CHUNK - 1) // CHUNK
     njobs = rows * nchunks
     passes = maxiters if maxiters > 0 else n + 1  # a pass that changes anything removes a value
@@ -462,14 +468,7 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
                         buf[i, c] = v * si + zi if scaled else v
                     else:
                         buf[i, c] = np.inf
-            for p in range(npairs):
-                a = pairs[p, 0]
-                b = pairs[p, 1]
-                for c in range(CHUNK):
-                    va = buf[a, c]
-                    vb = buf[b, c]
-                    buf[a, c] = min(va, vb)
-                    buf[b, c] = max(va, vb)
+            _sort_lanes(buf, pairs, CHUNK)
             if nlow_req + nhigh_req > 0:
                 for c in range(CHUNK):
                     if hi[c] > nlow_req + nhigh_req:
