@@ -245,6 +245,13 @@ def _region_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[
     return levels
 
 
+def _raw_blank(source: Any) -> int:
+    """The BLANK of a raw 16-bit source as the kernels take it (NO_BLANK when there is none)."""
+    from ._kernels import NO_BLANK
+
+    return NO_BLANK if source.blank is None else int(source.blank)
+
+
 def _histogram_ready(sources: Sequence[Any], hows: Sequence[str]) -> bool:
     """Whether :func:`_histogram_levels` can measure ``hows`` of every source."""
     return all(getattr(s, "integral", False) for s in sources) and set(hows) <= {"median", "mean"}
@@ -270,7 +277,7 @@ def _histogram_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequen
     levels = {how: np.empty(len(sources)) for how in hows}
     for i, (source, name) in enumerate(zip(sources, names, strict=True)):
         hists[...] = 0
-        blank = _kernels.NO_BLANK if source.blank is None else int(source.blank)
+        blank = _raw_blank(source)
         for y in range(rows.start, rows.stop, chunk):
             y1 = min(rows.stop, y + chunk)
             source.read_raw(y, y1, buf[: y1 - y])
@@ -576,8 +583,7 @@ def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
     if raw16:
         dscale = np.array([s.bscale for s in sources], np.float32)
         dzero = np.array([s.bzero for s in sources], np.float32)
-        dblank = np.array([_kernels.NO_BLANK if s.blank is None else int(s.blank) for s in sources],
-                          np.int64)
+        dblank = np.array([_raw_blank(s) for s in sources], np.int64)
     else:
         dscale, dzero, dblank = np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64)
     if opts.compat:
