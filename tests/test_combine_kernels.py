@@ -37,7 +37,7 @@ def _run(fast, stack, valid, scales, zeros, iparams, fparams):
                               np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64), *out)
     else:
         K.combine_tile(stack, valid, np.zeros((1, 1, 1), np.float32), scales, zeros, np.ones(n),
-                       pairs, iparams, fparams, *out)
+                       pairs, iparams, fparams, *out, np.zeros((1, 1, 2), np.int32))
     return out
 
 

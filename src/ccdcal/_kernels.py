@@ -50,7 +50,7 @@ def sorting_network(n: int) -> np.ndarray:
 
 # Integer parameters (iparams) and float parameters (fparams) of combine_tile.
 I_METHOD, I_NLOW, I_NHIGH, I_REJECT, I_CENTER, I_MAXITERS, I_HAS_VALID, I_HAS_UNC, I_NEED_INDEX = range(9)
-F_LOW, F_HIGH, F_GAIN, F_RDNOISE, F_SNOISE = range(5)
+F_LOW, F_HIGH, F_GAIN, F_RDNOISE, F_SNOISE, F_PEDESTAL = range(6)
 
 
 @njit(cache=True, nogil=True)
@@ -120,10 +120,13 @@ def _center(vals, m, center):
 
 
 @njit(cache=True, nogil=True)
-def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, gain, rdnoise, snoise):
+def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, gain, rdnoise, snoise,
+                 pedestal, member, track):
     """One rejection pass over the sorted survivors ``vals[:m]``; compacts them in place.
 
-    Returns (survivors, rejected low, rejected high).
+    With ``track``, ``member[i, 0]`` / ``member[i, 1]`` count the values of frame ``i``
+    rejected low / high (``idx`` holds the frame of each value). Returns (survivors,
+    rejected low, rejected high).
     """
     c = 0.0
     spread = 0.0
@@ -179,7 +182,7 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
             s = spread
         elif reject == CCDCLIP:
             i = idx[k]
-            level = max((c - zeros[i]) / scales[i], 0.0)
+            level = max((c - zeros[i]) / scales[i] - pedestal, 0.0)
             s = scales[i] * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
             mid = c
         else:
@@ -187,8 +190,12 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
             s = spread
         if v < mid - s * low:
             nlow += 1
+            if track:
+                member[idx[k], 0] += 1
         elif v > mid + s * high:
             nhigh += 1
+            if track:
+                member[idx[k], 1] += 1
         else:
             vals[keep] = v
             idx[keep] = idx[k]
@@ -198,7 +205,7 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
 
 @njit(parallel=True, cache=True)
 def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fparams,
-                 out_data, out_err, out_nlow, out_nhigh):
+                 out_data, out_err, out_nlow, out_nhigh, out_member):
     """Scale, reject and combine each pixel of ``stack`` (n, rows, cols) float32.
 
     ``valid`` (uint8, same shape, or a 1x1x1 dummy) marks usable values when
@@ -206,7 +213,10 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fpar
     ``iparams[I_HAS_UNC]``. ``pairs`` (k, 2) is a sorting network for n values
     (:func:`sorting_network`); frame indices follow the values when ``iparams[I_NEED_INDEX]``
     (weights, ccdclip, input uncertainties), else only the values are sorted.
-    Results go to the (rows, cols) ``out_*`` arrays.
+    Results go to the (rows, cols) ``out_*`` arrays. When frame indices follow the values,
+    ``out_member`` (rows * chunks, n, 2) int32 counts the values of each frame rejected
+    low / high by each job (a row's chunk of ``CHUNK`` pixels; zeroed by the caller), so
+    that no two threads write one counter; else it may be a (1, 1, 2) dummy.
     """
     n, rows, cols = stack.shape
     method = iparams[I_METHOD]
@@ -222,7 +232,9 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fpar
     gain = fparams[F_GAIN]
     rdnoise = fparams[F_RDNOISE]
     snoise = fparams[F_SNOISE]
+    pedestal = fparams[F_PEDESTAL] if fparams.shape[0] > F_PEDESTAL else 0.0
     need_index = iparams[I_NEED_INDEX] != 0
+    track = need_index and out_member.shape[0] == rows * ((cols + CHUNK - 1) // CHUNK)
     npairs = pairs.shape[0]
     nchunks = (cols + CHUNK - 1) // CHUNK
     for job in prange(rows * nchunks):
@@ -276,8 +288,14 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fpar
                 idx[k] = ibuf[k, c]
             nlow = 0
             nhigh = 0
+            member = out_member[np.int64(job) if track else np.int64(0)]
             if nlow_req + nhigh_req > 0 and m > nlow_req + nhigh_req:
                 keep = m - nlow_req - nhigh_req
+                if track:
+                    for k in range(nlow_req):
+                        member[idx[k], 0] += 1
+                    for k in range(m - nhigh_req, m):
+                        member[idx[k], 1] += 1
                 if nlow_req > 0:
                     for k in range(keep):
                         vals[k] = vals[k + nlow_req]
@@ -290,7 +308,8 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fpar
                 while m >= 3 and (maxiters <= 0 or it < maxiters):
                     it += 1
                     keep, dl, dh = _reject_pass(vals, idx, m, reject, center, low, high, work,
-                                                scales, zeros, gain, rdnoise, snoise)
+                                                scales, zeros, gain, rdnoise, snoise, pedestal,
+                                                member, track)
                     nlow += dl
                     nhigh += dh
                     if keep == m:

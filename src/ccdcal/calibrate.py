@@ -468,28 +468,51 @@ def dark_scale_for(exptime: float | None, dark_exptime: float | None) -> float:
 
 
 def choose_dark(exptime: float | None, darks: dict[str, float | None], *, tolerance: float = 0.01,
-                counts: dict[str, int] | None = None) -> str | None:
+                counts: dict[str, int] | None = None, temperature: float | None = None,
+                temperatures: dict[str, float | None] | None = None,
+                temp_tolerance: float = 2.0) -> str | None:
     """The master dark (name → exposure in s) for a frame of ``exptime`` seconds.
 
-    An exact exposure (within ``tolerance``, relative) wins. Else, among the darks at
-    least as long (scaling down never amplifies a dark's noise): with ``counts`` (frames
-    combined per master), the one adding least noise, scale/sqrt(count); without, the
-    shortest. With no longer dark, the longest.
+    Temperature first, but only as a tolerance: darks whose temperature is within
+    ``temp_tolerance`` (°C) of the frame's are equivalent (detector temperatures jitter
+    by tenths of a degree; a 0.03 °C closer dark of the wrong exposure is worse). With
+    none within it, the darks within ``temp_tolerance`` of the nearest one are the
+    candidates. Among the candidates an exact exposure (within ``tolerance``, relative)
+    wins; else, among the darks at least as long (scaling down never amplifies a dark's
+    noise): with ``counts`` (frames combined per master), the one adding least noise,
+    scale/sqrt(count); without, the shortest. With no longer dark, the longest. Ties go
+    to the nearest temperature.
     """
-    known = {name: t for name, t in darks.items() if t is not None}
     if not darks:
         return None
+    temps = temperatures or {}
+    candidates = dict(darks)
+    known_t = {n: t for n, t in temps.items() if n in darks and t is not None}
+    if temperature is not None and known_t:
+        distance = {n: abs(t - temperature) for n, t in known_t.items()}
+        closest = min(distance, key=distance.__getitem__)
+        if distance[closest] <= temp_tolerance:
+            candidates = {n: darks[n] for n, d in distance.items() if d <= temp_tolerance}
+        else:
+            t_near = known_t[closest]
+            candidates = {n: darks[n] for n, t in known_t.items() if abs(t - t_near) <= temp_tolerance}
+
+    def off(name: str) -> float:
+        t = temps.get(name)
+        return abs(t - temperature) if (t is not None and temperature is not None) else 0.0
+
+    known = {name: t for name, t in candidates.items() if t is not None}
     if exptime is None or not known:
-        return next(iter(darks))
+        return min(candidates, key=off)
     exact = [n for n, t in known.items() if abs(t - exptime) <= tolerance * max(exptime, 1e-9)]
     if exact:
-        return exact[0]
+        return min(exact, key=off)
     longer = [n for n, t in known.items() if t >= exptime]
     if longer and counts:
-        return min(longer, key=lambda n: (exptime / known[n]) / counts.get(n, 1) ** 0.5)
+        return min(longer, key=lambda n: ((exptime / known[n]) / counts.get(n, 1) ** 0.5, off(n)))
     if longer:
-        return min(longer, key=lambda n: known[n])
-    return max(known, key=lambda n: known[n])
+        return min(longer, key=lambda n: (known[n], off(n)))
+    return max(known, key=lambda n: (known[n], -off(n)))
 
 
 def hot_pixel_mask(dark: np.ndarray, *, sigma: float = 5.0, uncertainty: np.ndarray | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ finished what it could but skipped inputs or groups.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -69,7 +70,14 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="memory budget for stacking, e.g. 1GiB")
     p.add_argument("--combine", dest="combine_method", choices=["median", "mean"], help="master combine method")
     p.add_argument("--clip-extrema", type=_pair(int), metavar="NLOW,NHIGH")
-    p.add_argument("--sigma-clip", type=_pair(float), metavar="LOW,HIGH")
+    p.add_argument("--sigma-clip", type=_pair(float), metavar="LOW,HIGH",
+                   help="rejection thresholds in sigma (default 3,3)")
+    p.add_argument("--reject", choices=["auto", "ccdclip", "mad", "sigma", "winsorized", "percentile",
+                                        "linear-fit", "none"],
+                   help="master rejection (default auto: a noise-model clip from the measured read"
+                        " noise and gain, which rejects cosmic rays at any number of frames)")
+    p.add_argument("--keep-flagged", action="store_true", default=None,
+                   help="keep bias/dark frames whose level is far off their group's in the masters")
     p.add_argument("--no-overscan", dest="overscan", action="store_false", default=None,
                    help="do not subtract the overscan even where the header has one")
     p.add_argument("--scale-region", metavar="[x1:x2,y1:y2]", help="region for flat levels")
@@ -487,6 +495,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _warnings_on_stderr():
+    """Render the library's warnings as one 'warning:' line each (once per message)."""
+    import warnings
+
+    from .errors import CcdcalWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from .ui import warn
+
+        if issubclass(category, CcdcalWarning):
+            warn(str(message))
+        else:
+            warn(f"{category.__name__}: {message}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", CcdcalWarning)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -496,7 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import CcdcalError
 
     try:
-        return COMMANDS[args.command][1](args)
+        with _warnings_on_stderr():
+            return COMMANDS[args.command][1](args)
     except CcdcalError as exc:
         if args.debug:
             raise

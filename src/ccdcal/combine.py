@@ -29,9 +29,14 @@ its scale and zero, all arithmetic in float64, the result stored as float32):
    - ``linear-fit``: least-squares line ``a + b·k`` through the sorted survivors
      against their rank ``k``; centre of value k is the line, σ = mean |residual|
      (Siril's linear fit clipping).
-   - ``ccdclip``: IRAF's noise model; for frame i, with ``level = max((c − z_i)/s_i, 0)``
-     in ADU, σ_i = s_i · sqrt((rdnoise/gain)² + level/gain + (snoise·level)²), gain in
-     e-/ADU, read noise in e-, snoise a fraction.
+   - ``ccdclip``: IRAF's noise model; for frame i, with
+     ``level = max((c − z_i)/s_i − pedestal, 0)`` in ADU, σ_i = s_i · sqrt((rdnoise/gain)² +
+     level/gain + (snoise·level)²), gain in e-/ADU, read noise in e-, snoise a fraction.
+     ``pedestal`` is the part of the level that carries no photon noise (the bias level of
+     raw frames; ``inf`` leaves read noise alone, right for biases). The spread comes from
+     the detector, not from the sample, so one outlier is rejected at any frame count
+     (the sample-σ methods cannot reject one outlier among n ≤ 7 values about the median,
+     n ≤ 10 about the mean, at 3σ: see :func:`sample_sigma_can_reject`).
 4. Combine the survivors: median (mean of the two middle values for an even count),
    weighted mean Σwx/Σw, or sum = N·mean (N = all frames, so rejection leaves no
    holes in a sum). A pixel with no survivor is NaN and masked.
@@ -90,6 +95,10 @@ class CombineResult:
         NCOMBINE, scale factors, members, EXPTIME and MJD-OBS of the result.
     scales, zeros : ndarray, float64, (n,)
         The multiplicative and additive per-frame factors applied before rejection.
+    member_rejected : ndarray, int64, (n, 2) or None
+        Values of each input frame rejected low (column 0) and high (column 1), by
+        extrema and iterative rejection together; None where the vectorised kernel ran
+        (rejection ``none`` or ``sigma`` without weights), which does not track frames.
     """
 
     data: np.ndarray
@@ -100,6 +109,7 @@ class CombineResult:
     header: Any
     scales: np.ndarray = field(default_factory=lambda: np.ones(0))
     zeros: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    member_rejected: np.ndarray | None = None
 
 
 def parse_memory(memory: str | int) -> int:
@@ -330,6 +340,7 @@ class _Options:
     read_noise: float
     sensitivity_noise: float
     compat: str | None
+    pedestal: float = 0.0
 
 
 def _check_name(value: Any, allowed: Sequence[str], what: str) -> str:
@@ -354,7 +365,7 @@ def _pair(value: Any, what: str, kind: type) -> tuple[Any, Any]:
 def _options(n: int, method: str, clip_extrema: Any, sigma_clip: Any, reject: str | None,
              center: str | None, maxiters: int | None, weights: Any, gain: float | None,
              read_noise: float | None, sensitivity_noise: float, zero: Any, compat: str | None,
-             first_header: Any) -> _Options:
+             first_header: Any, pedestal: float = 0.0) -> _Options:
     _check_name(method, METHODS, "method")
     if compat not in (None, "ccdproc"):
         raise InputError(f"compat {compat!r} is not understood; the only choice is 'ccdproc'")
@@ -384,6 +395,8 @@ def _options(n: int, method: str, clip_extrema: Any, sigma_clip: Any, reject: st
         if not isinstance(read_noise, (int, float)) or read_noise < 0:
             raise InputError("ccdclip needs the read noise in e-; pass read_noise= (--read-noise) or set RDNOISE")
         gain_value, noise_value = float(gain), float(read_noise)
+    if math.isnan(pedestal) or pedestal == -math.inf:
+        raise InputError(f"pedestal must be a number of ADU (or inf), got {pedestal!r}")
     if not (sensitivity_noise >= 0 and math.isfinite(sensitivity_noise)):
         raise InputError(f"sensitivity_noise must be 0 or more, got {sensitivity_noise!r}")
     if compat:
@@ -395,7 +408,36 @@ def _options(n: int, method: str, clip_extrema: Any, sigma_clip: Any, reject: st
             raise InputError("compat='ccdproc' has no zero offsets; drop zero")
         maxiters = 1
     return _Options(method, reject, low, high, nlow, nhigh, center, maxiters or 0,
-                    gain_value, noise_value, float(sensitivity_noise), compat)
+                    gain_value, noise_value, float(sensitivity_noise), compat, float(pedestal))
+
+
+def sample_sigma_can_reject(n: int, threshold: float, *, center: str = "median") -> bool:
+    """Whether a clip with σ from the same ``n`` values can ever reject one of them.
+
+    With σ the population std of the sample (Samuelson's inequality), no value lies
+    further than ``√(n−1)`` σ from the mean, and one outlier among ``n`` values no further
+    than ``n/√(n−1)`` σ from the median. So at 3σ a sample-σ clip about the median never
+    fires for n ≤ 7, about the mean for n ≤ 10, whatever the outlier's size.
+    """
+    if n < 3:
+        return False
+    bound = math.sqrt(n - 1) if center == "mean" else n / math.sqrt(n - 1)
+    return bound > threshold
+
+
+def _warn_unable_to_reject(n: int, opts: _Options) -> None:
+    import warnings
+
+    from .errors import CcdcalWarning
+
+    n_left = n - opts.nlow - opts.nhigh if n > opts.nlow + opts.nhigh else n
+    if opts.reject != "sigma" or opts.compat or n_left < 3:
+        return
+    if not sample_sigma_can_reject(n_left, min(opts.low, opts.high), center=opts.center):
+        warnings.warn(
+            f"sigma clipping at {opts.low:g}/{opts.high:g} about the {opts.center} cannot reject any value"
+            f" among {n_left} values per pixel (σ comes from the same values); use reject='ccdclip' with"
+            " the gain and read noise, or reject='mad'", CcdcalWarning, stacklevel=4)
 
 
 def _tile_rows(n: int, shape: tuple[int, int], budget: int, extra_per_value: int, raw_per_row: int,
@@ -430,6 +472,7 @@ def combine(
     gain: float | None = None,
     read_noise: float | None = None,
     sensitivity_noise: float = 0.0,
+    pedestal: float = 0.0,
     memory: str | int = DEFAULT_MEMORY,
     compat: str | None = None,
 ) -> CombineResult:
@@ -478,6 +521,9 @@ def combine(
     gain, read_noise, sensitivity_noise : float, optional
         ``ccdclip`` noise model: e-/ADU, e- and a fraction. Gain and read noise default
         to the first header's GAIN and RDNOISE.
+    pedestal : float
+        ``ccdclip``: ADU of each frame's level that carry no photon noise (the bias level
+        of raw frames); ``math.inf`` for biases, whose noise is read noise alone.
     memory : str or int
         Budget for the engine's own arrays (tiles and result), e.g. ``"256MiB"``.
     compat : {"ccdproc"}, optional
@@ -508,7 +554,7 @@ def combine(
                                 sigma_clip=sigma_clip, reject=reject, center=center,
                                 maxiters=maxiters, weights=weights, gain=gain,
                                 read_noise=read_noise, sensitivity_noise=sensitivity_noise,
-                                budget=budget, compat=compat)
+                                pedestal=pedestal, budget=budget, compat=compat)
     finally:
         for source in sources:
             if isinstance(source, FrameSource):  # files opened here; a caller's reopen on demand
@@ -517,7 +563,7 @@ def combine(
 
 def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
                      clip_extrema, sigma_clip, reject, center, maxiters, weights, gain, read_noise,
-                     sensitivity_noise, budget, compat) -> CombineResult:
+                     sensitivity_noise, pedestal, budget, compat) -> CombineResult:
     n = len(sources)
     names = [_source_name(s, i) for i, s in enumerate(sources)]
     shape = tuple(int(v) for v in sources[0].shape)
@@ -527,7 +573,8 @@ def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
                              f" {shape[1]}x{shape[0]}; combine frames of one size")
     headers = [getattr(s, "header", None) for s in sources]
     opts = _options(n, method, clip_extrema, sigma_clip, reject, center, maxiters, weights, gain,
-                    read_noise, sensitivity_noise, zero, compat, headers[0])
+                    read_noise, sensitivity_noise, zero, compat, headers[0], pedestal)
+    _warn_unable_to_reject(n, opts)
 
     # per-frame factors (a first, small pass over the scale region)
     hows = [h for h in (scale, zero) if isinstance(h, str) and h != "none"]
@@ -551,6 +598,9 @@ def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
     need_index = weights is not None or has_unc or opts.reject == "ccdclip"
     # the vectorised kernel serves the common case; 16-bit files then travel as raw bytes
     fast = opts.compat is None and opts.reject in ("none", "sigma") and not need_index
+    # the general kernel follows frame indices whenever it rejects, to count rejections per member
+    general = opts.compat is None and not fast
+    need_index = need_index or (general and (opts.reject != "none" or opts.nlow + opts.nhigh > 0))
     raw16 = fast and all(getattr(s, "raw16", False) for s in sources)
     raw_per_row = 0 if raw16 else max(
         (getattr(s, "raw_bytes_per_row", 0) for s in sources), default=0)
@@ -597,8 +647,11 @@ def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
                             _REJECT_CODES[opts.reject], int(opts.center == "mean"), opts.maxiters,
                             int(has_valid), int(has_unc), int(need_index)], np.int64)
         fparams = np.array([opts.low, opts.high, opts.gain, opts.read_noise,
-                            opts.sensitivity_noise], np.float64)
+                            opts.sensitivity_noise, opts.pedestal], np.float64)
     pairs = _kernels.sorting_network(n)
+    nchunks = -(-nx // _kernels.CHUNK)
+    member_counts = np.zeros((n, 2), np.int64) if general and need_index else None
+    member_jobs = np.zeros((rows * nchunks, n, 2) if member_counts is not None else (1, 1, 2), np.int32)
     # float32 working values when exact (no scaling), else float64
     proto = np.zeros(1, np.float64 if (np.any(scales != 1.0) or np.any(zeros != 0.0)) else np.float32)
 
@@ -628,8 +681,12 @@ def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
                 _kernels.combine_tile_sorted(tile, vtile, scales, zeros, pairs, iparams, fparams, proto,
                                              dscale, dzero, dblank, *out)
             else:
+                job_counts = member_jobs[: h * nchunks]
+                job_counts[...] = 0
                 _kernels.combine_tile(tile, vtile, unc[:, :h] if has_unc else unc, scales, zeros,
-                                      weight_values, pairs, iparams, fparams, *out)
+                                      weight_values, pairs, iparams, fparams, *out, job_counts)
+                if member_counts is not None:
+                    member_counts += job_counts.sum(axis=0, dtype=np.int64)
         np.isnan(err[y0:y1], out=mask[y0:y1])
     del stack, valid, unc, scratch
 
@@ -637,7 +694,8 @@ def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
                              zeros=zeros, names=names)
     _describe(header, opts, clip_extrema, scale, scale_region)
     return CombineResult(data=data, uncertainty=err, nlow_rejected=nlow, nhigh_rejected=nhigh,
-                         mask=mask, header=header, scales=scales, zeros=zeros)
+                         mask=mask, header=header, scales=scales, zeros=zeros,
+                         member_rejected=member_counts)
 
 
 def _frame_factors(sources: Sequence[Any], names: Sequence[str], shape: tuple[int, int], hows: Sequence[str],

@@ -3,8 +3,9 @@
 uint16 FITS (BZERO 32768), MaxIm-DL-style headers, an overscan strip whose level
 drifts frame to frame, a bias with a fixed column pattern, dark current with hot
 pixels (darks at 60 s and 300 s), twilight flats at 15k–45k ADU with vignetting and
-dust donuts in two filters, and lights (90 s: no dark matches) with sky, stars,
-cosmic rays and a few saturated pixels. The truth is written to ``ROOT/truth``.
+dust donuts in two filters, and lights (90 s: no dark matches) with sky, stars and a
+few saturated pixels. Every frame, calibration frames included, has cosmic rays. The
+truth is written to ``ROOT/truth``.
 """
 
 from __future__ import annotations
@@ -104,9 +105,27 @@ def _stars(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
     return image
 
 
-def _raw(rng, truth: Truth, electrons_adu: np.ndarray, drift: float, size: int) -> np.ndarray:
-    """A raw frame (ny, nx + overscan) in ADU as uint16, from the expected signal in ADU above bias."""
+def _cosmic_rays(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosmic-ray hits of one frame: a mask (short tracks) and their ADU, about one per 10^4 px."""
+    cosmic = np.zeros((size, size), dtype=bool)
+    for _ in range(max(5, size * size // 10000)):
+        cy, cx = rng.integers(2, size - 2, 2)
+        length = rng.integers(1, 5)
+        cosmic[cy, cx: cx + length] = True
+    return cosmic, rng.uniform(300, 3000, cosmic.sum())
+
+
+def _raw(rng, truth: Truth, electrons_adu: np.ndarray, drift: float, size: int,
+         cosmic_rays: bool = True) -> np.ndarray:
+    """A raw frame (ny, nx + overscan) in ADU as uint16, from the expected signal in ADU above bias.
+
+    Every calibration frame gets cosmic rays, as real ones do (lights add their own, recorded
+    in the truth).
+    """
     signal = rng.poisson(np.clip(electrons_adu, 0, None) * GAIN) / GAIN
+    if cosmic_rays:
+        cosmic, adu = _cosmic_rays(rng, size)
+        signal[cosmic] += adu
     frame = np.empty((size, size + OVERSCAN))
     rows = np.arange(size)[:, None]
     level = BIAS_LEVEL + drift + 1.5 * np.sin(rows / size * np.pi)   # overscan level varies along rows
@@ -169,13 +188,9 @@ def write_night(raw_dir: str | Path, *, seed: int = 2024, size: int = 512, n_bia
             sky = SKY * (1.0 + 0.1 * i)
             signal = sky + _stars(rng, size, 60)
             expected = truth.flats[filt] * signal + truth.dark_rate * LIGHT_EXPTIME
-            raw = _raw(rng, truth, expected, next(drifts), size).astype(np.float64)
-            cosmic = np.zeros((size, size), dtype=bool)
-            for _ in range(25):
-                cy, cx = rng.integers(2, size - 2, 2)
-                length = rng.integers(1, 5)
-                cosmic[cy, cx: cx + length] = True
-            raw[:, :size][cosmic] += rng.uniform(300, 3000, cosmic.sum())
+            raw = _raw(rng, truth, expected, next(drifts), size, cosmic_rays=False).astype(np.float64)
+            cosmic, adu = _cosmic_rays(rng, size)
+            raw[:, :size][cosmic] += adu
             saturated = raw[:, :size] >= SATURATION
             raw = np.clip(raw, 0, SATURATION).astype(np.uint16)
             saturated |= raw[:, :size] >= SATURATION

@@ -25,3 +25,11 @@ class OutputError(CcdcalError):
     """Writing an output failed (folder not writable, disk full)."""
 
     exit_code = 1
+
+
+class CcdcalWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it).
+
+    Filter or capture it like any Python warning, e.g.
+    ``warnings.simplefilter("error", ccdcal.errors.CcdcalWarning)``.
+    """

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -35,8 +36,10 @@ class ReduceOptions:
     """Every choice of a reduction. The same names are the keys of a ``--config`` TOML file."""
 
     memory: str = "1GiB"
-    combine_method: str | None = None          # None: mean (>= 5 frames) or median
+    combine_method: str | None = None          # None: mean of the survivors (median of 1-2 frames)
     sigma_clip: tuple[float, float] | None = (3.0, 3.0)
+    reject: str = "auto"                       # auto: noise-model clip (read noise, gain); see plan
+    keep_flagged: bool = False                 # keep even bias/dark frames far off their group's level
     clip_extrema: tuple[int, int] | None = None
     overscan: bool = True
     overscan_model: str = "legendre"
@@ -103,6 +106,14 @@ class ReduceOptions:
         parse_memory(self.memory)
         if self.combine_method not in (None, "median", "mean"):
             raise ConfigError(f"combine_method {self.combine_method!r}: use 'median' or 'mean'")
+        from .combine import REJECTS
+
+        if self.reject not in ("auto", *REJECTS):
+            raise ConfigError(f"reject {self.reject!r}: use auto, {', '.join(REJECTS)}")
+        if self.reject == "ccdclip" and not (self.gain and self.read_noise):
+            raise ConfigError("reject 'ccdclip' needs --gain and --read-noise; 'auto' measures them")
+        if self.keep_flagged and self.exclude_flagged:
+            raise ConfigError("keep_flagged and exclude_flagged contradict each other; choose one")
         if self.scale_region:
             parse_section(self.scale_region)
         for key in ("sigma_clip", "clip_extrema"):
@@ -116,8 +127,9 @@ class ReduceOptions:
         return PlanOptions(
             overscan=self.overscan, overscan_model=self.overscan_model, overscan_order=self.overscan_order,
             combine_method=self.combine_method, sigma_clip=self.sigma_clip, clip_extrema=self.clip_extrema,
-            scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
-            exclude_flagged=self.exclude_flagged, light_steps=self.light_steps())
+            reject=self.reject, scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
+            exclude_flagged=self.exclude_flagged, keep_flagged=self.keep_flagged,
+            light_steps=self.light_steps())
 
     def light_steps(self) -> tuple[str, ...]:
         """What every light gets beyond overscan and masters, as the plan prints it."""
@@ -323,9 +335,48 @@ def _master_fact(run: _Run, name: str | None, key: str) -> Any:
     return run.master_facts.get(name, {}).get(key)
 
 
-def _pair_by_level(scales: np.ndarray) -> tuple[int, int]:
-    """The two members whose levels (∝ 1/scale) are closest."""
-    logs = -np.log(np.asarray(scales, dtype=np.float64))
+#: Pixels of the central band that pair statistics (read noise, gain, noise floor) use: the
+#: relative precision of a clipped std from N pixel differences is about 1/sqrt(2N), 0.07 %.
+PAIR_SAMPLE_PIXELS = 1 << 20
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """How a master's members are clipped: σ of each value from the detector, not the sample.
+
+    ``reject`` is a :func:`ccdcal.combine.combine` algorithm; for ``ccdclip`` the value of
+    frame i at level L (ADU) has σ = sqrt(rn² + max(L − pedestal, 0)/gain) ADU with ``rn =
+    read_noise/gain``; ``pedestal = inf`` keeps read noise alone (biases; darks of unknown gain).
+    """
+
+    reject: str
+    gain: float | None = None            # e-/ADU
+    read_noise: float | None = None      # e-
+    pedestal: float = 0.0                # ADU
+    read_noise_measured: float | None = None   # ADU, from two member biases
+    gain_measured: float | None = None         # e-/ADU, from two member flats
+    history: tuple[str, ...] = ()
+
+    def combine_keywords(self) -> dict[str, Any]:
+        if self.reject == "none":
+            return {}
+        if self.reject != "ccdclip":
+            return {"reject": self.reject}
+        return {"reject": "ccdclip", "gain": self.gain, "read_noise": self.read_noise, "pedestal": self.pedestal}
+
+
+def _central_band(source: Any) -> np.ndarray:
+    """The central rows of a (calibrated) member, about :data:`PAIR_SAMPLE_PIXELS` pixels."""
+    ny, nx = (int(v) for v in source.shape)
+    height = min(ny, max(8, PAIR_SAMPLE_PIXELS // max(nx, 1)))
+    y0 = (ny - height) // 2
+    return np.asarray(source.read_rows(y0, y0 + height), dtype=np.float32)
+
+
+def _closest_pair(job: MasterJob) -> tuple[int, int]:
+    """The two members whose raw levels (scan metrics) are closest."""
+    levels = [f.metrics.get("level", np.nan) if f.metrics else np.nan for f in job.members]
+    logs = np.log(np.clip(np.nan_to_num(np.asarray(levels, dtype=np.float64), nan=1.0), 1e-9, None))
     best, pair = np.inf, (0, 1)
     for i in range(len(logs)):
         for j in range(i + 1, len(logs)):
@@ -334,28 +385,159 @@ def _pair_by_level(scales: np.ndarray) -> tuple[int, int]:
     return pair
 
 
+def _noise_model(run: _Run, job: MasterJob, sources: list[Any]) -> NoiseModel:
+    """Measure what the rejection of one master needs, then :func:`noise_model`."""
+    from .calibrate import gain_from_flat_pair, header_read_noise, read_noise_from_pair
+
+    settings = job.settings
+    if settings.reject != "auto":
+        if settings.reject == "ccdclip":
+            return NoiseModel("ccdclip", gain=run.options.gain, read_noise=run.options.read_noise)
+        return NoiseModel(settings.reject)
+    n = len(sources)
+    gain, gain_source = _option_gain(run, sources[0].header)
+    rn_e = run.options.read_noise or header_read_noise(sources[0].header)
+    pair = (0, 1) if job.kind != FrameKind.FLAT else _closest_pair(job)
+    floor = gain_measured = None
+    history: list[str] = []
+    if n >= 2:
+        a, b = (_central_band(sources[k]) for k in pair)
+        names = f"{job.members[pair[0]].name} - {job.members[pair[1]].name}"
+        floor = read_noise_from_pair(a, b)
+        floor = floor if np.isfinite(floor) and floor > 0 else None
+        if job.kind == FrameKind.BIAS and floor is not None:
+            history.append(f"read noise from {names}: {floor:.3f} adu")
+        if job.kind == FrameKind.DARK and floor is not None:
+            history.append(f"noise floor of {names}: {floor:.3f} adu")
+        if job.kind == FrameKind.FLAT:
+            rn_adu = rn_e / gain if (rn_e and gain) else _master_fact(run, job.recipes[0].bias, "RDNADU")
+            measured = gain_from_flat_pair(a, b, read_noise=float(rn_adu or 0.0))
+            if np.isfinite(measured) and measured > 0:
+                gain_measured = float(measured)
+                history.append(f"gain measured from {names}: {measured:.3f} e-/adu")
+    model = noise_model(job.kind, n=n, gain=gain, gain_source=gain_source, read_noise=rn_e,
+                        bias_read_noise=_master_fact(run, job.recipes[0].bias, "RDNADU"), floor=floor,
+                        gain_measured=gain_measured, bias_subtracted=job.recipes[0].bias is not None,
+                        thresholds=settings.sigma_clip or (3.0, 3.0))
+    return dataclasses.replace(model, history=tuple(history) + model.history)
+
+
+def noise_model(kind: FrameKind, *, n: int, gain: float | None = None, gain_source: str = "",
+                read_noise: float | None = None, bias_read_noise: float | None = None,
+                floor: float | None = None, gain_measured: float | None = None,
+                bias_subtracted: bool = True, thresholds: tuple[float, float] = (3.0, 3.0)) -> NoiseModel:
+    """The default (``auto``) rejection of a master of ``n`` members of ``kind``.
+
+    Parameters
+    ----------
+    kind : FrameKind
+        BIAS, DARK or FLAT.
+    n : int
+        Members; fewer than 3 get no rejection.
+    gain : float, optional
+        e-/ADU from the options or a header that states it in e-/ADU (never a camera setting).
+    read_noise : float, optional
+        e- from the options or the header (used with ``gain``).
+    bias_read_noise : float, optional
+        ADU, measured on the biases (the master bias's RDNADU).
+    floor : float, optional
+        ADU: clipped std of the difference of two members / sqrt(2) (read noise for biases;
+        read noise and typical dark shot noise for darks).
+    gain_measured : float, optional
+        e-/ADU from two member flats (photon transfer).
+    bias_subtracted : bool
+        Whether the members have had a bias removed (else their level holds a pedestal).
+
+    Returns
+    -------
+    NoiseModel
+        Biases: σ = read noise. Darks: σ = sqrt(rn² + dark/gain) with a known gain, else the
+        members' noise floor. Flats (scaled): σ_i = s_i·sqrt(rn² + level_i/gain) with the known
+        or measured gain. MAD clipping where none of that can be had.
+    """
+    low, high = thresholds
+    rn_known = read_noise / gain if (read_noise and gain) else None
+    if n < 3:
+        return NoiseModel("none", read_noise_measured=floor if kind == FrameKind.BIAS else None,
+                          gain_measured=gain_measured)
+    if kind == FrameKind.BIAS:
+        rn = rn_known or floor
+        if rn is None:
+            return NoiseModel("mad", history=("rejection: MAD clip (read noise unknown)",))
+        return NoiseModel("ccdclip", gain=1.0, read_noise=rn, pedestal=math.inf, read_noise_measured=floor,
+                          history=(f"rejection: values beyond {low:g}/{high:g} x the read noise"
+                                   f" ({rn:.3f} adu) from the median",))
+    if gain is None and kind == FrameKind.FLAT and gain_measured:
+        gain, gain_source = gain_measured, "photon transfer of two member flats"
+    rn = rn_known or bias_read_noise
+    if gain is not None and rn is not None and bias_subtracted:
+        return NoiseModel("ccdclip", gain=gain, read_noise=rn * gain, pedestal=0.0, gain_measured=gain_measured,
+                          history=(f"rejection: sigma = sqrt(({rn:.3f} adu)^2 + level/{gain:.4g}) per value"
+                                   f" (gain from {gain_source})",))
+    if kind == FrameKind.DARK and floor is not None:
+        return NoiseModel("ccdclip", gain=1.0, read_noise=floor, pedestal=math.inf,
+                          history=(f"rejection: sigma = the members' noise floor, {floor:.3f} adu (gain unknown)",))
+    return NoiseModel("mad", gain_measured=gain_measured,
+                      history=("rejection: MAD clip (no read noise and gain for a noise model)",))
+
+
+def _rejection_keywords(job: MasterJob, result: Any) -> dict[str, Any]:
+    """How many values of each member the combine rejected, low and high."""
+    counts = result.member_rejected
+    if counts is None:
+        return {}
+    npix = int(np.prod(result.data.shape))
+    low, high = int(counts[:, 0].sum()), int(counts[:, 1].sum())
+    out: dict[str, Any] = {
+        "NREJLO": (low, "values rejected below the centre, all members"),
+        "NREJHI": (high, "values rejected above the centre, all members"),
+    }
+    if len(job.members) <= 999:
+        for i, (lo, hi) in enumerate(counts, start=1):
+            out[f"REJL{i:03d}"] = (int(lo), f"values of IMCMB{i:03d} rejected low ({lo / npix:.3%})")
+            out[f"REJH{i:03d}"] = (int(hi), f"values of IMCMB{i:03d} rejected high ({hi / npix:.3%})")
+    return out
+
+
+def _write_rejection_map(run: _Run, job: MasterJob, result: Any) -> None:
+    """previews/rejection-<master>.png: the fraction of values rejected per pixel, binned.
+
+    Black is nothing rejected; white is as many rejections per pixel as the busiest bin had.
+    """
+    from .frames import write_bytes
+    from .stretch import png_bytes
+
+    if result.member_rejected is None:
+        return
+    counts = result.nlow_rejected.astype(np.float32) + result.nhigh_rejected.astype(np.float32)
+    ny, nx = counts.shape
+    step = max(1, -(-max(ny, nx) // 800))
+    h, w = ny // step, nx // step
+    if h == 0 or w == 0:
+        return
+    binned = counts[: h * step, : w * step].reshape(h, step, w, step).mean(axis=(1, 3))
+    top = float(binned.max())
+    shown = binned / top if top > 0 else binned
+    write_bytes(run.out_dir / "previews" / f"rejection-{Path(job.name).stem}.png", png_bytes(np.sqrt(shown)))
+
+
 def _build_master(run: _Run, job: MasterJob, inputs: list[dict[str, Any]]) -> None:
-    from .calibrate import (
-        MASK_HOT,
-        MASK_LOW_FLAT,
-        MASK_NO_DATA,
-        gain_from_flat_pair,
-        hot_pixel_mask,
-        low_flat_mask,
-        read_noise_from_pair,
-    )
+    from .calibrate import MASK_HOT, MASK_LOW_FLAT, MASK_NO_DATA, hot_pixel_mask, low_flat_mask
     from .combine import combine
 
     sources = [CalibratedRows(FrameSource(f.path, f.hdu), r, run.masters, flat_floor=run.options.flat_floor)
                for f, r in zip(job.members, job.recipes, strict=True)]
     settings = job.settings
+    noise = _noise_model(run, job, sources)
     result = combine(sources, method=settings.method, scale=settings.scale, scale_region=settings.scale_region,
                      clip_extrema=settings.clip_extrema, sigma_clip=settings.sigma_clip,
-                     memory=run.options.memory)
+                     memory=run.options.memory, **noise.combine_keywords())
     data = result.data
     uncertainty = result.uncertainty
     extra: dict[str, Any] = {}
-    history: list[str] = []
+    history: list[str] = list(noise.history)
+    extra.update(_rejection_keywords(job, result))
+    _write_rejection_map(run, job, result)
     nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(data)
     mask = np.where(nodata, np.uint8(MASK_NO_DATA), np.uint8(0))
     gain, gain_source = _option_gain(run, sources[0].header)
@@ -374,23 +556,15 @@ def _build_master(run: _Run, job: MasterJob, inputs: list[dict[str, Any]]) -> No
         extra["FLATFLOR"] = (run.options.flat_floor, "flat pixels below this are masked")
         history.append(f"normalised by the {run.options.flat_norm} of "
                        f"{settings.scale_region or 'the central half'}: {level:.6g} adu")
-        rn = _master_fact(run, job.recipes[0].bias, "RDNADU")
-        if len(sources) >= 2 and rn is not None and len(result.scales) == len(sources):
-            i, j = _pair_by_level(result.scales)
-            measured = gain_from_flat_pair(sources[i].read(), sources[j].read(), read_noise=float(rn))
-            if np.isfinite(measured) and measured > 0:
-                extra["GAINMEAS"] = (round(measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
-                history.append(f"gain measured from {job.members[i].name} and {job.members[j].name}: "
-                               f"{measured:.3f} e-/adu")
+        if noise.gain_measured is not None:
+            extra["GAINMEAS"] = (round(noise.gain_measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
     else:
         data = np.where(np.isfinite(data), data, np.float32(0.0)).astype(np.float32)
-    if job.kind == FrameKind.BIAS and len(sources) >= 2:
-        rn = read_noise_from_pair(sources[0].read(), sources[1].read())
-        if np.isfinite(rn) and rn > 0:
-            extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
-            if gain is not None:
-                extra["RDNOISE"] = (round(rn * gain, 4), f"[e-] read noise (gain {gain:g} from {gain_source})")
-            history.append(f"read noise from {job.members[0].name} - {job.members[1].name}: {rn:.3f} adu")
+    if job.kind == FrameKind.BIAS and noise.read_noise_measured is not None:
+        rn = noise.read_noise_measured
+        extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
+        if gain is not None:
+            extra["RDNOISE"] = (round(rn * gain, 4), f"[e-] read noise (gain {gain:g} from {gain_source})")
     if job.kind == FrameKind.DARK:
         hot = hot_pixel_mask(data, sigma=run.options.hot_sigma) & ~nodata
         mask[hot] |= MASK_HOT

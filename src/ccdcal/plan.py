@@ -4,12 +4,23 @@ frame gets, and why. Pure decisions over :class:`~ccdcal.inventory.FrameInfo`; n
 Matching rules (the same for calibration members and lights):
 
 - geometry first: the same binning, raw shape, image HDU and trim section;
-- bias: the master bias of that geometry;
-- dark: the master dark group nearest in detector temperature, then the shortest
-  exposure at least as long as the frame's (scaling down adds less noise), else the
-  longest; scaled by the exposure ratio (only when a bias exists to remove the
-  bias from the dark, otherwise an exact-exposure dark is used unscaled);
+- temperatures within ``temp_tolerance`` are equal (detectors jitter by tenths of a
+  degree); biases and darks are grouped into temperature clusters;
+- bias: the master bias of that geometry and temperature cluster (a cluster no frame
+  needs, such as one warm bias, is left out with the reason);
+- dark: among the master darks within the tolerance (else those of the nearest
+  temperature, with a note), the exact exposure, else the one adding least noise among
+  the longer ones, else the longest; scaled by the exposure ratio (only when a bias
+  exists to remove the bias from the dark, otherwise an exact-exposure dark is used
+  unscaled); see :func:`ccdcal.calibrate.choose_dark`;
 - flat: the master flat of the same geometry and filter.
+
+Masters are stacked by default with a mean of the values that survive a noise-model clip
+(``reject="auto"``): σ of each value from the detector's read noise and gain, not from the
+same few values, so a cosmic ray is rejected at any group size (a sample-σ clip cannot
+reject one outlier among 7 or fewer values at 3σ). Bias and dark frames whose level is
+off from their group by more than :data:`GROSS_LEVEL_NOISE` times the per-pixel noise are
+left out of the master (``keep_flagged`` keeps them).
 """
 
 from __future__ import annotations
@@ -32,24 +43,29 @@ from .inventory import (
 )
 
 KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
+#: A bias or dark whose median level is off from its group's by more than this many times the
+#: group's per-pixel noise is left out of the master (it would shift every pixel of it).
+GROSS_LEVEL_NOISE = 5.0
 
 
 @dataclass(frozen=True)
 class CombineSettings:
     """How a master is stacked (see :func:`ccdcal.combine.combine`)."""
 
-    method: str = "median"
+    method: str = "mean"
     sigma_clip: tuple[float, float] | None = (3.0, 3.0)
     clip_extrema: tuple[int, int] | None = None
     scale: str | None = None
     scale_region: str | None = None
+    reject: str = "auto"      # "auto": noise-model clip (σ from read noise and gain); or a combine() name
 
     def describe(self) -> str:
         parts = [self.method]
         if self.clip_extrema:
             parts.append(f"minmax {self.clip_extrema[0]}/{self.clip_extrema[1]}")
-        if self.sigma_clip:
-            parts.append(f"sigma {self.sigma_clip[0]:g}/{self.sigma_clip[1]:g}")
+        if self.sigma_clip and self.reject != "none":
+            what = "noise-model clip" if self.reject == "auto" else self.reject
+            parts.append(f"{what} {self.sigma_clip[0]:g}/{self.sigma_clip[1]:g}")
         if self.scale:
             where = f" of {self.scale_region}" if self.scale_region else " of the central half"
             parts.append(f"scaled by {self.scale}{where}")
@@ -85,6 +101,7 @@ class MasterJob:
     recipes: tuple[Recipe, ...]        # one per member: overscan, trim, bias/dark to remove
     settings: CombineSettings
     excluded: tuple[FrameInfo, ...] = ()
+    excluded_reasons: tuple[str, ...] = ()     # one per excluded frame
     exptime: float | None = None
     temperature: float | None = None
     filter: str | None = None
@@ -128,8 +145,9 @@ class Plan:
             lines.append(f"{job.label:<44} {count:>10}   {job.settings.describe()}")
             for step in member_steps(job.recipes):
                 lines.append(f"    each frame: {step}")
-            if job.excluded:
-                lines.append(f"    excluded (flagged): {', '.join(f.name for f in job.excluded)}")
+            for f, why in zip(job.excluded, job.excluded_reasons or ("flagged",) * len(job.excluded),
+                              strict=True):
+                lines.append(f"    left out: {f.name} ({why})")
             lines.append(f"    -> {job.output}")
         if not self.lights:
             lines.append("no lights: building masters only")
@@ -159,6 +177,7 @@ class Plan:
                 {"kind": m.kind.value, "label": m.label, "output": m.output,
                  "members": [str(f.path) for f in m.members],
                  "excluded": [str(f.path) for f in m.excluded],
+                 "excluded_reasons": list(m.excluded_reasons),
                  "description": m.settings.describe(), "exptime": m.exptime, "filter": m.filter}
                 for m in self.masters
             ],
@@ -185,12 +204,14 @@ class PlanOptions:
     overscan: bool = True
     overscan_model: str = "legendre"
     overscan_order: int = 3
-    combine_method: str | None = None            # None: mean when >= 5 frames, else median
+    combine_method: str | None = None            # None: mean of the survivors (median of 1-2 frames)
     sigma_clip: tuple[float, float] | None = (3.0, 3.0)
+    reject: str = "auto"
     clip_extrema: tuple[int, int] | None = None
     scale_region: str | None = None
     temp_tolerance: float = 2.0
     exclude_flagged: bool = False
+    keep_flagged: bool = False                   # keep even gross level outliers in their masters
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
 
@@ -211,10 +232,12 @@ def _geom_text(geom: tuple) -> str:
 
 
 def _settings(n: int, options: PlanOptions, *, scale: bool) -> CombineSettings:
-    method = options.combine_method or ("mean" if n >= 5 else "median")
+    method = options.combine_method or ("mean" if n >= 3 else "median")
+    reject = options.reject if (n >= 3 and options.sigma_clip) else "none"
     return CombineSettings(
         method=method,
-        sigma_clip=options.sigma_clip if n >= 3 else None,
+        reject=reject,
+        sigma_clip=options.sigma_clip if reject != "none" else None,
         clip_extrema=options.clip_extrema if options.clip_extrema and n > sum(options.clip_extrema) else None,
         scale="median" if scale else None,
         scale_region=options.scale_region,
@@ -275,7 +298,21 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         return None
 
     # -- group calibration frames ------------------------------------------------------------
-    def usable(members: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo]]:
+    def gross_outliers(members: list[FrameInfo]) -> dict[int, str]:
+        """Bias/dark frames whose level is far off their group's (index -> reason)."""
+        rows = [(i, f.metrics.get("level", np.nan), f.metrics.get("noise", np.nan))
+                for i, f in enumerate(members) if f.metrics]
+        rows = [r for r in rows if np.isfinite(r[1]) and np.isfinite(r[2]) and r[2] > 0]
+        if len(rows) < 3:
+            return {}
+        level = float(np.median([r[1] for r in rows]))
+        noise = float(np.median([r[2] for r in rows]))
+        far = {i: f"level {lv - level:+.4g} ADU from its group's {level:.6g} ADU, "
+                  f"{abs(lv - level) / noise:.0f}x the per-pixel noise"
+               for i, lv, _ in rows if abs(lv - level) > GROSS_LEVEL_NOISE * noise}
+        return far if len(far) * 2 < len(rows) else {}
+
+    def usable(members: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo], list[str]]:
         good = []
         for f in members:
             why = unusable(f)
@@ -284,16 +321,19 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
             else:
                 good.append(f)
         members = good
-        if not options.exclude_flagged:
-            return members, []
-        keep = [f for f in members if not f.flags]
-        drop = [f for f in members if f.flags]
-        if not keep:  # never drop a whole group: say so and keep them
-            warnings.append(f"all {len(members)} frames of a group are flagged; kept them all")
-            return members, []
-        return keep, drop
+        if options.keep_flagged:
+            return members, [], []
+        far = gross_outliers(members) if members and members[0].kind != FrameKind.FLAT else {}
+        if options.exclude_flagged:
+            flagged = {i: "; ".join(f.flags) for i, f in enumerate(members) if f.flags}
+            far = {**flagged, **far} if len(flagged) < len(members) else far
+            if len(flagged) == len(members) and members:
+                warnings.append(f"all {len(members)} frames of a group are flagged; kept them all")
+        keep = [f for i, f in enumerate(members) if i not in far]
+        drop = [f for i, f in enumerate(members) if i in far]
+        return keep, drop, [far[i] for i in sorted(far)]
 
-    biases: dict[tuple, str] = {}
+    biases: dict[tuple, list[tuple[float | None, str]]] = {}  # geom -> [(temperature, name)]
     darks: dict[tuple, list[tuple[float, float | None, str]]] = {}  # geom -> [(exptime, temp, name)]
     dark_counts: dict[str, int] = {}
     flats: dict[tuple, dict[str | None, str]] = {}
@@ -304,24 +344,77 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
     def master_name(stem: str, geom: tuple) -> str:
         return f"{stem}_{_geom_text(geom)}.fits" if many_geoms else f"{stem}.fits"
 
+    def mean_temperature(group: list[FrameInfo]) -> float | None:
+        known = [t for t in map(frame_temperature, group) if t is not None]
+        return sum(known) / len(known) if known else None
+
+    def nearest_bias(info: FrameInfo, candidates: list[tuple[float | None, str]],
+                     sizes: dict[str, int]) -> tuple[str, str | None]:
+        """The bias cluster for a frame (and a note when it is outside the tolerance)."""
+        temp = frame_temperature(info)
+        known = [c for c in candidates if c[0] is not None]
+        if temp is None or not known:
+            return max(candidates, key=lambda c: sizes.get(c[1], 0))[1], None
+        best = min(known, key=lambda c: (abs(c[0] - temp), -sizes.get(c[1], 0)))
+        off = abs(best[0] - temp)
+        note = (f"nearest master bias is {off:.1f} °C away from the frame's {temp:.1f} °C"
+                if off > options.temp_tolerance else None)
+        return best[1], note
+
     by_geom: dict[tuple, list[FrameInfo]] = {}
     for f in frames:
         by_geom.setdefault(geometry(f), []).append(f)
 
     for geom, members in by_geom.items():
         bias_frames = [f for f in members if f.kind == FrameKind.BIAS]
-        if bias_frames:
-            keep, drop = usable(bias_frames)
+        if not bias_frames:
+            continue
+        labels = temperature_groups([frame_temperature(f) for f in bias_frames], options.temp_tolerance)
+        clusters: dict[int, list[FrameInfo]] = {}
+        for f, label in zip(bias_frames, labels, strict=True):
+            clusters.setdefault(label, []).append(f)
+        # Build the clusters some frame needs (and the largest one); a bias taken at another
+        # temperature than everything else is left out rather than averaged in.
+        trial = [(mean_temperature(g), str(k)) for k, g in clusters.items()]
+        sizes = {str(k): len(g) for k, g in clusters.items()}
+        needed = {max(sizes, key=sizes.__getitem__)}
+        for f in members:
+            if f.kind != FrameKind.BIAS:
+                needed.add(nearest_bias(f, trial, sizes)[0])
+        several = sum(1 for k in clusters if str(k) in needed) > 1
+        for k, group in sorted(clusters.items()):
+            temp = mean_temperature(group)
+            if str(k) not in needed:
+                where = f"{temp:+.1f} °C" if temp is not None else "another temperature"
+                for f in group:
+                    skipped.append(Skipped(str(f.path), f"bias at {where} left out: no frame was taken at"
+                                           " that temperature (within --temp-tolerance)"))
+                continue
+            keep, drop, reasons = usable(group)
             if not keep:
                 continue
-            name = master_name("master_bias", geom)
-            biases[geom] = name
+            stem = "master_bias" + (f"_{temp:+.0f}C" if several and temp is not None else "")
+            name = master_name(stem, geom)
+            biases.setdefault(geom, []).append((temp, name))
             if len(keep) == 1:
                 warnings.append(f"master bias {_geom_text(geom)} from a single frame ({keep[0].name}): noisy")
+            label = f"master bias   {_geom_text(geom)}" + (f"  {temp:+.1f} °C" if several and temp is not None else "")
             jobs.append(MasterJob(
-                kind=FrameKind.BIAS, name=name, label=f"master bias   {_geom_text(geom)}",
+                kind=FrameKind.BIAS, name=name, label=label,
                 members=tuple(keep), recipes=tuple(base_recipe(f) for f in keep),
-                settings=_settings(len(keep), options, scale=False), excluded=tuple(drop), geometry=geom))
+                settings=_settings(len(keep), options, scale=False), excluded=tuple(drop),
+                excluded_reasons=tuple(reasons), temperature=temp, geometry=geom))
+
+    bias_sizes = {j.name: len(j.members) for j in jobs}
+
+    def bias_for(info: FrameInfo, geom: tuple, notes: list[str] | None = None) -> str | None:
+        candidates = biases.get(geom)
+        if not candidates:
+            return None
+        name, note = nearest_bias(info, candidates, bias_sizes)
+        if note and notes is not None:
+            notes.append(note)
+        return name
 
     for geom, members in by_geom.items():
         dark_frames = [f for f in members if f.kind == FrameKind.DARK]
@@ -338,14 +431,13 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
             groups.setdefault((t, g), []).append(f)
         several_temps = len(set(temps)) > 1
         for (exptime, _tgroup), group in sorted(groups.items()):
-            keep, drop = usable(group)
+            keep, drop, reasons = usable(group)
             if not keep:
                 continue
-            known = [frame_temperature(f) for f in keep if frame_temperature(f) is not None]
-            temp = sum(known) / len(known) if known else None
+            temp = mean_temperature(keep)
             stem = f"master_dark_{exptime:g}s" + (f"_{temp:+.0f}C" if several_temps and temp is not None else "")
             name = master_name(stem, geom)
-            bias = biases.get(geom)
+            bias = bias_for(keep[0], geom)
             recipes = tuple(Recipe(r.overscan, r.trim, bias=bias) for r in map(base_recipe, keep))
             if len(keep) == 1:
                 warnings.append(f"master dark {exptime:g} s from a single frame ({keep[0].name}): noisy")
@@ -356,27 +448,27 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
             jobs.append(MasterJob(
                 kind=FrameKind.DARK, name=name, label=label, members=tuple(keep), recipes=recipes,
                 settings=_settings(len(keep), options, scale=False), excluded=tuple(drop),
-                exptime=exptime, temperature=temp, geometry=geom))
+                excluded_reasons=tuple(reasons), exptime=exptime, temperature=temp, geometry=geom))
 
-    def choose_dark(info: FrameInfo, geom: tuple) -> tuple[str | None, float, list[str]]:
+    def choose_dark(info: FrameInfo, geom: tuple, bias: str | None) -> tuple[str | None, float, list[str]]:
         candidates = darks.get(geom, [])
         notes: list[str] = []
         if not candidates:
             return None, 0.0, notes
         temp = frame_temperature(info)
-        if temp is not None and any(c[1] is not None for c in candidates):
-            nearest = min(abs(c[1] - temp) for c in candidates if c[1] is not None)
+        known = [c for c in candidates if c[1] is not None]
+        if temp is not None and known:
+            nearest = min(abs(c[1] - temp) for c in known)
             if nearest > options.temp_tolerance:
                 notes.append(f"nearest master dark is {nearest:.1f} °C away from the frame's {temp:.1f} °C")
-            candidates = [c for c in candidates if c[1] is not None and abs(abs(c[1] - temp) - nearest) < 1e-6]
-        bias = biases.get(geom)
         t = info.exptime
         if t is None:
             notes.append("no exposure time: dark not applied")
             return None, 0.0, notes
-        exposures = {c[2]: c[0] for c in candidates}
-        name = pick_dark(t, exposures, tolerance=options.exptime_tolerance, counts=dark_counts)
-        t_dark = exposures[name]
+        name = pick_dark(t, {c[2]: c[0] for c in candidates}, tolerance=options.exptime_tolerance,
+                         counts=dark_counts, temperature=temp, temperatures={c[2]: c[1] for c in candidates},
+                         temp_tolerance=options.temp_tolerance)
+        t_dark = next(c[0] for c in candidates if c[2] == name)
         if abs(t_dark - t) <= options.exptime_tolerance * max(t, 1e-9):
             return name, 1.0 if not bias else dark_scale_for(t, t_dark), notes
         if not bias:
@@ -392,15 +484,16 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         for f in flat_frames:
             by_filter.setdefault(f.filter, []).append(f)
         for filt, group in sorted(by_filter.items(), key=lambda kv: str(kv[0])):
-            keep, drop = usable(group)
+            keep, drop, reasons = usable(group)
             if not keep:
                 continue
             name = master_name(f"master_flat_{_slug(filt or 'nofilter')}", geom)
             recipes = []
             for f in keep:
-                dark, scale, _ = choose_dark(f, geom)
+                bias = bias_for(f, geom)
+                dark, scale, _ = choose_dark(f, geom, bias)
                 r = base_recipe(f)
-                recipes.append(Recipe(r.overscan, r.trim, bias=biases.get(geom), dark=dark, dark_scale=scale))
+                recipes.append(Recipe(r.overscan, r.trim, bias=bias, dark=dark, dark_scale=scale))
             if len(keep) == 1:
                 warnings.append(f"master flat {filt} from a single frame ({keep[0].name}): noisy")
             flats.setdefault(geom, {})[filt] = name
@@ -408,7 +501,7 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
                 kind=FrameKind.FLAT, name=name, label=f"master flat   {filt or '(no filter)'}",
                 members=tuple(keep), recipes=tuple(recipes),
                 settings=_settings(len(keep), options, scale=True), excluded=tuple(drop),
-                filter=filt, geometry=geom))
+                excluded_reasons=tuple(reasons), filter=filt, geometry=geom))
 
     # -- lights -----------------------------------------------------------------------------
     lights: list[LightJob] = []
@@ -420,10 +513,10 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
             skipped.append(Skipped(str(info.path), "no exposure time (EXPTIME/EXPOSURE/ITIME), so the master"
                                    " dark cannot be scaled to it; add the keyword to the header"))
             continue
-        bias = biases.get(geom)
+        bias = bias_for(info, geom, notes)
         if bias is None:
             notes.append("no master bias for this binning/size")
-        dark, scale, dark_notes = choose_dark(info, geom)
+        dark, scale, dark_notes = choose_dark(info, geom, bias)
         notes.extend(dark_notes)
         flat_map = flats.get(geom, {})
         flat = flat_map.get(info.filter)

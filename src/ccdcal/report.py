@@ -55,6 +55,9 @@ class MasterCard:
     preview: Image
     histogram_svg: str | None = None
     stats: dict[str, Any] | None = None
+    rejection: Image | None = None                  # map of rejected values per pixel
+    rejected: list[tuple[str, int, int, str]] = field(default_factory=list)  # member, low, high, % of pixels
+    excluded_reasons: list[str] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -330,10 +333,21 @@ def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[Master
             method=_method_text(method),
             preview=Image(),
         )
+        reasons = [str(r) for r in item.get("excluded_reasons") or []]
+        card.excluded_reasons = reasons + [""] * (len(card.excluded) - len(reasons))
         data, error = _load(out_dir, output)
+        rejection = out_dir / "previews" / f"rejection-{Path(output).stem}.png"
+        if rejection.exists():
+            png = rejection.read_bytes()
+            from PIL import Image as PILImage
+
+            with PILImage.open(rejection) as im:
+                w, h = im.size
+            card.rejection = Image(_data_uri(png), f"previews/{rejection.name}", w, h)
         if data is None:
             card.preview.error = error
         else:
+            card.rejected = _member_rejections(out_dir / output, card.members, data.size)
             png, w, h = _preview(data, PREVIEW_SIZE, method)
             card.preview = _write_preview(out_dir, f"master-{_safe_stem(output)}", png, w, h)
             unit = "" if kind == "flat" else "ADU"
@@ -341,6 +355,22 @@ def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[Master
             card.stats = _stats_dict(data)
         cards.append(card)
     return cards
+
+
+def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[str, int, int, str]]:
+    """(member, values rejected low, high, % of its pixels) from a master's REJL/REJH keywords."""
+    from astropy.io import fits
+
+    try:
+        header = fits.getheader(path, 0)
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for i, member in enumerate(members, start=1):
+        low, high = header.get(f"REJL{i:03d}"), header.get(f"REJH{i:03d}")
+        if isinstance(low, int) and isinstance(high, int):
+            rows.append((member, low, high, f"{(low + high) / max(npix, 1):.3%}"))
+    return rows
 
 
 def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
