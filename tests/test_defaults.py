@@ -181,7 +181,7 @@ def test_gross_level_outlier_is_left_out_unless_kept():
 
 
 def test_mild_level_differences_stay_in():
-    frames = [_info(f"bias{i}.fits", FrameKind.BIAS, 0.0, -10.0, level=1000.0 + 3.0 * (i % 3)) for i in range(6)]
+    frames = [_info(f"bias{i}.fits", FrameKind.BIAS, 0.0, -10.0, level=1000.0 + 2.0 * (i % 3)) for i in range(6)]
     job = build_plan(Inventory(tuple(frames), ())).masters[0]
     assert len(job.members) == 6 and not job.excluded
 

@@ -172,6 +172,17 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
         spread = acc / m
     elif reject == CCDCLIP:
         c = _center(vals, m, center)
+        # IRAF's nkeep: a pass that would reject every value (an even count whose two middle
+        # values straddle the model's band) rejects none
+        inside = 0
+        for k in range(m):
+            i = idx[k]
+            level = max((c - zeros[i]) / scales[i] - pedestal, 0.0)
+            s = scales[i] * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
+            if c - s * low <= vals[k] <= c + s * high:
+                inside += 1
+        if inside == 0:
+            return m, 0, 0
     keep = 0
     nlow = 0
     nhigh = 0

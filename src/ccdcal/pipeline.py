@@ -40,6 +40,7 @@ class ReduceOptions:
     sigma_clip: tuple[float, float] | None = (3.0, 3.0)
     reject: str = "auto"                       # auto: noise-model clip (read noise, gain); see plan
     keep_flagged: bool = False                 # keep even bias/dark frames far off their group's level
+    allow_uncorrected: bool = False            # calibrate lights that would keep their pedestal
     clip_extrema: tuple[int, int] | None = None
     overscan: bool = True
     overscan_model: str = "legendre"
@@ -129,6 +130,7 @@ class ReduceOptions:
             combine_method=self.combine_method, sigma_clip=self.sigma_clip, clip_extrema=self.clip_extrema,
             reject=self.reject, scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
             exclude_flagged=self.exclude_flagged, keep_flagged=self.keep_flagged,
+            allow_uncorrected=self.allow_uncorrected,
             light_steps=self.light_steps())
 
     def light_steps(self) -> tuple[str, ...]:
@@ -160,6 +162,7 @@ class ReduceResult:
     skipped: list[Skipped] = field(default_factory=list)
     reused: int = 0
     report: Path | None = None
+    warnings: list[str] = field(default_factory=list)      # every warning the library raised in the run
 
 
 # -- fingerprints ------------------------------------------------------------------------------
@@ -353,6 +356,7 @@ class NoiseModel:
     gain: float | None = None            # e-/ADU
     read_noise: float | None = None      # e-
     pedestal: float = 0.0                # ADU
+    sensitivity_noise: float = 0.0       # fraction of the level (darks: temperature jitter)
     read_noise_measured: float | None = None   # ADU, from two member biases
     gain_measured: float | None = None         # e-/ADU, from two member flats
     history: tuple[str, ...] = ()
@@ -362,7 +366,8 @@ class NoiseModel:
             return {}
         if self.reject != "ccdclip":
             return {"reject": self.reject}
-        return {"reject": "ccdclip", "gain": self.gain, "read_noise": self.read_noise, "pedestal": self.pedestal}
+        return {"reject": "ccdclip", "gain": self.gain, "read_noise": self.read_noise, "pedestal": self.pedestal,
+                "sensitivity_noise": self.sensitivity_noise}
 
 
 def _central_band(source: Any) -> np.ndarray:
@@ -399,12 +404,14 @@ def _noise_model(run: _Run, job: MasterJob, sources: list[Any]) -> NoiseModel:
     rn_e = run.options.read_noise or header_read_noise(sources[0].header)
     pair = (0, 1) if job.kind != FrameKind.FLAT else _closest_pair(job)
     floor = gain_measured = None
+    typical = 0.0
     history: list[str] = []
     if n >= 2:
         a, b = (_central_band(sources[k]) for k in pair)
         names = f"{job.members[pair[0]].name} - {job.members[pair[1]].name}"
         floor = read_noise_from_pair(a, b)
         floor = floor if np.isfinite(floor) and floor > 0 else None
+        typical = float(np.nanmedian(a)) if job.kind == FrameKind.DARK else 0.0
         if job.kind == FrameKind.BIAS and floor is not None:
             history.append(f"read noise from {names}: {floor:.3f} adu")
         if job.kind == FrameKind.DARK and floor is not None:
@@ -417,14 +424,21 @@ def _noise_model(run: _Run, job: MasterJob, sources: list[Any]) -> NoiseModel:
                 history.append(f"gain measured from {names}: {measured:.3f} e-/adu")
     model = noise_model(job.kind, n=n, gain=gain, gain_source=gain_source, read_noise=rn_e,
                         bias_read_noise=_master_fact(run, job.recipes[0].bias, "RDNADU"), floor=floor,
+                        typical=typical,
                         gain_measured=gain_measured, bias_subtracted=job.recipes[0].bias is not None,
                         thresholds=settings.sigma_clip or (3.0, 3.0))
     return dataclasses.replace(model, history=tuple(history) + model.history)
 
 
+#: Fraction of a dark's level added to its noise model: dark current changes by ~7 % per °C,
+#: set points jitter by tenths of a degree, and hot pixels flicker, so hot pixels scatter
+#: more than their shot noise (without it, their values would be rejected as outliers).
+DARK_SENSITIVITY_NOISE = 0.05
+
+
 def noise_model(kind: FrameKind, *, n: int, gain: float | None = None, gain_source: str = "",
                 read_noise: float | None = None, bias_read_noise: float | None = None,
-                floor: float | None = None, gain_measured: float | None = None,
+                floor: float | None = None, typical: float = 0.0, gain_measured: float | None = None,
                 bias_subtracted: bool = True, thresholds: tuple[float, float] = (3.0, 3.0)) -> NoiseModel:
     """The default (``auto``) rejection of a master of ``n`` members of ``kind``.
 
@@ -443,6 +457,8 @@ def noise_model(kind: FrameKind, *, n: int, gain: float | None = None, gain_sour
     floor : float, optional
         ADU: clipped std of the difference of two members / sqrt(2) (read noise for biases;
         read noise and typical dark shot noise for darks).
+    typical : float
+        ADU: the members' typical (median) level, where ``floor`` was measured.
     gain_measured : float, optional
         e-/ADU from two member flats (photon transfer).
     bias_subtracted : bool
@@ -451,9 +467,11 @@ def noise_model(kind: FrameKind, *, n: int, gain: float | None = None, gain_sour
     Returns
     -------
     NoiseModel
-        Biases: σ = read noise. Darks: σ = sqrt(rn² + dark/gain) with a known gain, else the
-        members' noise floor. Flats (scaled): σ_i = s_i·sqrt(rn² + level_i/gain) with the known
-        or measured gain. MAD clipping where none of that can be had.
+        Biases: σ = read noise. Darks: σ = sqrt(rn² + dark/gain + (0.05·dark)²) with a known
+        gain, else sqrt(floor² + excess + (0.05·excess)²) for the excess over the typical level
+        (1 e-/ADU assumed); see :data:`DARK_SENSITIVITY_NOISE`. Flats (scaled):
+        σ_i = s_i·sqrt(rn² + level_i/gain) with the known or measured gain. MAD clipping where
+        none of that can be had.
     """
     low, high = thresholds
     rn_known = read_noise / gain if (read_noise and gain) else None
@@ -470,13 +488,17 @@ def noise_model(kind: FrameKind, *, n: int, gain: float | None = None, gain_sour
     if gain is None and kind == FrameKind.FLAT and gain_measured:
         gain, gain_source = gain_measured, "photon transfer of two member flats"
     rn = rn_known or bias_read_noise
+    snoise = DARK_SENSITIVITY_NOISE if kind == FrameKind.DARK else 0.0
+    jitter = f" + ({snoise:g} level)^2" if snoise else ""
     if gain is not None and rn is not None and bias_subtracted:
-        return NoiseModel("ccdclip", gain=gain, read_noise=rn * gain, pedestal=0.0, gain_measured=gain_measured,
-                          history=(f"rejection: sigma = sqrt(({rn:.3f} adu)^2 + level/{gain:.4g}) per value"
-                                   f" (gain from {gain_source})",))
+        return NoiseModel("ccdclip", gain=gain, read_noise=rn * gain, pedestal=0.0, sensitivity_noise=snoise,
+                          gain_measured=gain_measured,
+                          history=(f"rejection: sigma = sqrt(({rn:.3f} adu)^2 + level/{gain:.4g}{jitter}) per"
+                                   f" value (gain from {gain_source})",))
     if kind == FrameKind.DARK and floor is not None:
-        return NoiseModel("ccdclip", gain=1.0, read_noise=floor, pedestal=math.inf,
-                          history=(f"rejection: sigma = the members' noise floor, {floor:.3f} adu (gain unknown)",))
+        return NoiseModel("ccdclip", gain=1.0, read_noise=floor, pedestal=typical, sensitivity_noise=snoise,
+                          history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + excess{jitter}) for the"
+                                   f" excess over the typical {typical:.4g} adu (gain unknown: 1 e-/adu assumed)",))
     return NoiseModel("mad", gain_measured=gain_measured,
                       history=("rejection: MAD clip (no read noise and gain for a noise model)",))
 
@@ -609,6 +631,9 @@ def _light_header(job: LightJob, raw_header: Any, plan: Plan, run: _Run, oversca
     _time_keywords(header)
     header["BUNIT"] = "adu"
     header["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+    if job.uncorrected:
+        header["UNCORR"] = (True, "pedestal NOT removed (--allow-uncorrected)")
+        header["HISTORY"] = _ascii(f"WARNING: {job.uncorrected}; the pedestal stays in")
     if result is not None:
         masters = masters or {}
         describe_calibration(header, result, bias=masters.get("bias"), dark=masters.get("dark"),
@@ -777,6 +802,32 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     -------
     ReduceResult
     """
+    import contextlib
+    import warnings
+
+    caught: list[str] = []
+
+    @contextlib.contextmanager
+    def recorded():
+        # every warning of the run also goes to the manifest and the report
+        with warnings.catch_warnings():
+            previous = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                if str(message) not in caught:
+                    caught.append(str(message))
+                previous(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            yield
+
+    with recorded():
+        return _reduce(paths, out_dir, options=options, dry_run=dry_run, force=force, progress=progress,
+                       caught=caught)
+
+
+def _reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | None, dry_run: bool,
+            force: bool, progress: bool, caught: list[str]) -> ReduceResult:
     from .ui import print_plan, print_summary, track, warn
 
     options = options or ReduceOptions()
@@ -802,7 +853,7 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
         raise InputError(f"{s.path}: {s.reason} (--strict: {len(plan.skipped)} input(s) would be skipped)")
 
     run = _Run(out_dir, options, force, progress)
-    result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped))
+    result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
     for job in track(plan.masters, "building masters", enabled=progress):
         why = next((run.missing_master(r) for r in job.recipes if run.missing_master(r)), None)
         if why:
@@ -873,6 +924,7 @@ def _manifest(run: _Run, inventory: Inventory, plan: Plan, result: ReduceResult)
         "plan_text": plan.describe(),
         **plan.to_json(),
         "skipped": [s.to_json() for s in result.skipped],
+        "run_warnings": list(result.warnings),
         "outputs": dict(sorted(run.outputs.items())),
     }
     return data

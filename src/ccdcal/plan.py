@@ -43,9 +43,13 @@ from .inventory import (
 )
 
 KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
-#: A bias or dark whose median level is off from its group's by more than this many times the
-#: group's per-pixel noise is left out of the master (it would shift every pixel of it).
-GROSS_LEVEL_NOISE = 5.0
+#: A bias or dark without overscan whose median level is off from its group's by more than this
+#: many times the group's per-pixel noise (and by more than 5 robust spreads of the group's
+#: levels) is left out of the master: it would shift every pixel of it. With an overscan the
+#: raw level may drift freely; the overscan takes it out.
+GROSS_LEVEL_NOISE = 2.0
+#: Darks this short (s) carry no measurable dark current: without bias frames they are the zero level.
+ZERO_EXPOSURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class LightJob:
     output: str                        # calibrated/<stem>.fits
     recipe: Recipe
     notes: tuple[str, ...] = ()
+    uncorrected: str | None = None     # why the pedestal stays in (kept only with allow_uncorrected)
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,7 @@ class PlanOptions:
     temp_tolerance: float = 2.0
     exclude_flagged: bool = False
     keep_flagged: bool = False                   # keep even gross level outliers in their masters
+    allow_uncorrected: bool = False              # calibrate lights that keep their pedestal (with a note)
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
 
@@ -257,12 +263,67 @@ def _group_exptime(values: list[float], tolerance: float) -> list[float]:
     return out
 
 
+def _raw_frames(frames: list[FrameInfo], skipped: list[Skipped]) -> list[FrameInfo]:
+    """The frames that are raw: those whose header says they were calibrated are listed as skipped.
+
+    Overscan subtraction and trimming alone (IRAF's OVERSCAN/TRIM) leave a frame usable: its
+    sections say what is left, and no overscan is fitted where none remains.
+    """
+    raw = []
+    for f in frames:
+        done = set(f.calibrated) - {"overscan", "trim"}
+        if not done:
+            raw.append(f)
+            continue
+        what = "a master frame" if "master" in done else f"already calibrated ({', '.join(sorted(done))})"
+        skipped.append(Skipped(str(f.path), f"its header says it is {what}: not calibrated again;"
+                               " give ccdcal the raw frames"))
+    return raw
+
+
+def _zero_level_from_short_darks(frames: list[FrameInfo], warnings: list[str]) -> list[FrameInfo]:
+    """Without bias frames, darks of at most :data:`ZERO_EXPOSURE` s serve as the bias.
+
+    Robotic observatories write biases as 0.1 s darks; their dark current is below the read
+    noise, and without a zero level the longer darks could not be scaled and every light
+    would keep its pedestal.
+    """
+    from dataclasses import replace
+
+    have_bias = {geometry(f) for f in frames if f.kind == FrameKind.BIAS}
+    out = []
+    used: dict[tuple, list[FrameInfo]] = {}
+    for f in frames:
+        geom = geometry(f)
+        if (f.kind == FrameKind.DARK and geom not in have_bias and f.exptime is not None
+                and 0 <= f.exptime <= ZERO_EXPOSURE):
+            note = f"a {f.exptime:g} s dark used as bias (no bias frames; dark current negligible)"
+            f = replace(f, kind=FrameKind.BIAS, warnings=(*f.warnings, note))
+            used.setdefault(geom, []).append(f)
+        out.append(f)
+    for geom, group in used.items():
+        times = sorted({g.exptime for g in group})
+        warnings.append(f"no bias frames for {_geom_text(geom)}: {len(group)} dark(s) of "
+                        f"{', '.join(f'{t:g}' for t in times)} s used as bias: {', '.join(g.name for g in group)}")
+    return out
+
+
+def _pedestal_left(bias: str | None, dark: str | None, flat_job: MasterJob | None) -> str | None:
+    """Why a light would keep its pedestal (None when it is removed)."""
+    if not (bias or dark):
+        return "neither a master bias nor a dark of its exposure applies to it"
+    if flat_job is not None and not any(r.bias or r.dark for r in flat_job.recipes):
+        return f"its flat ({flat_job.name}) could not be bias-corrected, so it is normalised with the pedestal in"
+    return None
+
+
 def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan:
     """Decide every master and every light's calibration from an inventory."""
     options = options or PlanOptions()
     skipped = list(inventory.skipped)
     warnings: list[str] = []
-    frames = list(inventory.frames)
+    frames = _raw_frames(list(inventory.frames), skipped)
+    frames = _zero_level_from_short_darks(frames, warnings)
 
     overscans: dict[tuple, tuple[OverscanSpec | None, Any]] = {}
 
@@ -305,11 +366,15 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         rows = [r for r in rows if np.isfinite(r[1]) and np.isfinite(r[2]) and r[2] > 0]
         if len(rows) < 3:
             return {}
-        level = float(np.median([r[1] for r in rows]))
+        if any(base_recipe(members[i]).overscan is not None for i, _, _ in rows):
+            return {}
+        levels = np.array([r[1] for r in rows])
+        level = float(np.median(levels))
         noise = float(np.median([r[2] for r in rows]))
+        spread = 1.4826 * float(np.median(np.abs(levels - level)))
         far = {i: f"level {lv - level:+.4g} ADU from its group's {level:.6g} ADU, "
-                  f"{abs(lv - level) / noise:.0f}x the per-pixel noise"
-               for i, lv, _ in rows if abs(lv - level) > GROSS_LEVEL_NOISE * noise}
+                  f"{abs(lv - level) / noise:.1f}x the per-pixel noise"
+               for i, lv, _ in rows if abs(lv - level) > max(GROSS_LEVEL_NOISE * noise, 5 * spread)}
         return far if len(far) * 2 < len(rows) else {}
 
     def usable(members: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo], list[str]]:
@@ -533,6 +598,13 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
             skipped.append(Skipped(str(info.path), f"no master bias, dark or flat matches its geometry ({size});"
                                    " add calibration frames taken the same way"))
             continue
+        uncorrected = _pedestal_left(bias, dark, flat and next(j for j in jobs if j.name == flat))
+        if uncorrected and not options.allow_uncorrected:
+            skipped.append(Skipped(str(info.path), f"{uncorrected}, so its pedestal would stay in; add bias"
+                                   " frames (or darks of its exposure), or pass --allow-uncorrected"))
+            continue
+        if uncorrected:
+            notes.append(f"UNCORRECTED: {uncorrected}; the pedestal stays in (--allow-uncorrected)")
         out = f"calibrated/{info.stem}.fits"
         n = 2
         while out in used_outputs:
@@ -541,7 +613,8 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         used_outputs.add(out)
         base = base_recipe(info)
         recipe = Recipe(base.overscan, base.trim, bias=bias, dark=dark, dark_scale=scale, flat=flat)
-        lights.append(LightJob(frame=info, output=out, recipe=recipe, notes=tuple(notes)))
+        lights.append(LightJob(frame=info, output=out, recipe=recipe, notes=tuple(notes),
+                               uncorrected=uncorrected))
 
     jobs.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
     return Plan(masters=tuple(jobs), lights=tuple(lights), skipped=tuple(skipped), warnings=tuple(warnings),
