@@ -236,6 +236,16 @@ class FrameSource:
         """True for a raw 16-bit image whose decoded values are whole numbers."""
         return self.raw16 and self.bscale == 1.0 and float(self.bzero).is_integer() and abs(self.bzero) <= 2**24
 
+    @property
+    def adc_maximum(self) -> float | None:
+        """The largest value the stored integers can hold, decoded (65535 for unsigned 16-bit
+        written as BITPIX 16 + BZERO 32768); None for float data or a BSCALE other than 1."""
+        if self.bitpix not in (8, 16, 32) or self.bscale != 1.0:
+            return None
+        if self.bitpix == 8:
+            return 255.0 + self.bzero
+        return float(2 ** (self.bitpix - 1) - 1) + self.bzero
+
     # -- reading --------------------------------------------------------------------------
     def _prepare(self) -> None:
         if self._file is not None or self._decoded is not None or self._hdul is not None:
@@ -391,8 +401,62 @@ def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:
 
 
 # -- headers ------------------------------------------------------------------------------
+_CARD_LENGTH = 80
+_COMMENTARY = {"COMMENT", "HISTORY", ""}
+
+
+def _truncates(card: Any) -> bool:
+    """True when formatting ``card`` makes astropy cut its comment (a VerifyWarning).
+
+    Cards read from a file keep their 80-character image, so this costs nothing for them;
+    a new card is formatted once, as writing it would (astropy keeps the image).
+    """
+    from astropy.io.fits.verify import VerifyWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        card.image  # noqa: B018 - formatting the card is what may warn
+    return any(issubclass(w.category, VerifyWarning) and "too long" in str(w.message) for w in caught)
+
+
+def fit_card(card: Any) -> Any:
+    """``card``, or a new card with its comment shortened to what fits in 80 characters.
+
+    astropy cuts such comments itself when the header is written, with a "Card is too
+    long, comment will be truncated" VerifyWarning for every card; a long *string value*
+    is continued on CONTINUE cards instead and needs nothing. The value and the card
+    given are never changed (formatting it is all that happens to it).
+    """
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyError
+
+    try:
+        if card.keyword in _COMMENTARY or not card.comment or not _truncates(card):
+            return card
+        keyword = card.keyword
+        if len(keyword) > 8 or " " in keyword:
+            keyword = f"HIERARCH {keyword}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            used = len(fits.Card(keyword, card.value).image.rstrip())
+        # Values end at column 30 at least (fixed format); then " / " and the comment.
+        room = _CARD_LENGTH - max(used, 30) - len(" / ")
+        while room > 0:
+            fitted = fits.Card(keyword, card.value, card.comment[:room].rstrip())
+            if not _truncates(fitted):
+                return fitted
+            room -= 1
+        return fits.Card(keyword, card.value)
+    except (ValueError, KeyError, TypeError, AttributeError, VerifyError):  # cannot rebuild: as read
+        return card
+
+
 def clean_header(header: Any) -> Any:
-    """A copy of ``header`` without the keywords that describe the raw storage (BZERO, NAXIS...)."""
+    """A copy of ``header`` without the keywords that describe the raw storage (BZERO, NAXIS...).
+
+    Comments too long for their card are shortened here (:func:`fit_card`), so that writing
+    the header never makes astropy truncate them with a warning.
+    """
     from astropy.io import fits
 
     out = fits.Header()
@@ -402,7 +466,7 @@ def clean_header(header: Any) -> Any:
         if card.keyword in _STRUCTURAL or card.keyword.startswith(("ZNAXIS", "ZTILE", "ZNAME", "ZVAL", "TTYPE", "TFORM")):
             continue
         try:
-            out.append(card, end=True)
+            out.append(fit_card(card), end=True)
         except (ValueError, KeyError):  # a malformed card in a raw header is left behind
             continue
     return out

@@ -5,6 +5,12 @@ Real headers lie or say nothing (biases marked DARK with EXPTIME 0, flats labell
 frame-type keywords, the OBJECT name, the exposure time and words in the file name,
 and records every guess as a warning. Frames that cannot be classified are listed
 as skipped, never guessed silently.
+
+Header values are evidence, not truth: placeholders (CCD-TEMP = -99, DATAMAX = 0), a
+DARKTIME shorter than the exposure, negative exposure times and section keywords
+written in another convention are ignored, each with a warning; a header that says the
+frame was already calibrated (MaxIm DL's CALSTAT, IRAF's ZEROCOR/DARKCOR/FLATCOR, ccdcal's
+own outputs) is recorded in :attr:`FrameInfo.calibrated`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 
 from .errors import InputError
 from .frames import find_fits, header_value, image_hdus
+from .stats import saturation_problem
 
 
 class FrameKind(enum.StrEnum):
@@ -41,6 +48,14 @@ FILTER_KEYS = ("FILTER", "FILTNAME", "FILTNAM", "INSFLNAM", "FILTER1", "FILTER2"
 TEMP_KEYS = ("CCD-TEMP", "CCDTEMP", "CCD_TEMP", "DET-TEMP", "DETTEMP", "TEMPDET", "CCDTEMP1", "DETTEM")
 SETTEMP_KEYS = ("SET-TEMP", "SETTEMP", "SET_TEMP", "CCD-SET", "CCDSETT")
 DATE_KEYS = ("DATE-OBS", "DATE_OBS", "DATEOBS", "DATE-BEG", "DATE")
+SATURATE_KEYS = ("SATURATE", "DATAMAX", "SATLEVEL", "MAXLIN")
+SECTION_KEYS = ("BIASSEC", "TRIMSEC", "DATASEC")
+# Temperatures written where the camera knows none; anything outside the range too.
+TEMP_PLACEHOLDERS = (-99.0, -100.0, -999.0)
+TEMP_RANGE = (-150.0, 80.0)  # deg C a detector can physically be at
+DARK_BIAS_EXPTIME = 0.1  # s: a frame typed DARK but named bias is a bias up to this exposure
+# Steps a header can say were already applied, in the order they are listed.
+CALIBRATION_STEPS = ("overscan", "trim", "bias", "dark", "flat", "master")
 EMPTY_FILTERS = {"", "CLEAR", "OPEN", "EMPTY", "NONE", "NO FILTER", "AIR", "N/A", "-"}
 
 # Frame-type words as acquisition software writes them, normalised (upper case, no blanks).
@@ -93,7 +108,18 @@ class FrameInfo:
     object : str or None
         OBJECT keyword.
     biassec, trimsec : str or None
-        Overscan and useful-data sections, IRAF syntax, as found (TRIMSEC, else DATASEC).
+        Overscan and useful-data sections, IRAF syntax, as found (TRIMSEC, else DATASEC);
+        None when absent or not a FITS section of this image (with a warning).
+    darktime : float or None
+        DARKTIME in seconds; None when absent, negative or shorter than the exposure.
+    saturate : float or None
+        Saturation level in ADU (SATURATE, DATAMAX, SATLEVEL, MAXLIN); None when absent or
+        a placeholder (0 or negative; below the frame's median once the pixels are read).
+    calibrated : tuple of str
+        Steps the header says were already applied (``"overscan"``, ``"trim"``, ``"bias"``,
+        ``"dark"``, ``"flat"``, ``"master"`` for a combined master), from MaxIm DL's
+        CALSTAT, IRAF's ccdproc keywords, astropy ccdproc's log keywords and ccdcal's own
+        keywords; empty for a raw frame.
     n_hdus : int
         How many image HDUs the file has (masters are kept apart per HDU when > 1).
     warnings : tuple of str
@@ -119,6 +145,7 @@ class FrameInfo:
     trimsec: str | None = None
     darktime: float | None = None
     saturate: float | None = None
+    calibrated: tuple[str, ...] = ()
     n_hdus: int = 1
     warnings: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
@@ -149,6 +176,7 @@ class FrameInfo:
         out["shape"] = list(self.shape)
         out["warnings"] = list(self.warnings)
         out["flags"] = list(self.flags)
+        out["calibrated"] = list(self.calibrated)
         return out
 
 
@@ -178,7 +206,8 @@ class Inventory:
         rows = [f.to_json() for f in self.frames]
         for s in self.skipped:
             rows.append({"path": s.path, "hdu": None, "kind": "unknown", "filter": None, "exptime": None,
-                         "shape": None, "flags": [], "warnings": [], "skipped": s.reason})
+                         "shape": None, "flags": [], "warnings": [], "calibrated": [],
+                         "skipped": s.reason})
         return rows
 
 
@@ -227,8 +256,138 @@ def name_kind(text: str) -> FrameKind | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _g(value: float) -> str:
+    """A header number as people write it (-99, 19.5, 65535)."""
+    return f"{value:g}"
+
+
+def _exposure(header: Any) -> tuple[float | None, str | None, list[str]]:
+    """The exposure time, the keyword it came from, and why other values were ignored."""
+    problems: list[str] = []
+    for key in EXPTIME_KEYS:
+        value = _number(header_value(header, (key,)))
+        if value is None:
+            continue
+        if not np.isfinite(value) or value < 0:
+            problems.append(f"{key} = {_g(value)} is not an exposure time: ignored")
+            continue
+        return value, key, problems
+    return None, None, problems
+
+
 def exposure_time(header: Any) -> float | None:
-    return _number(header_value(header, EXPTIME_KEYS))
+    """Exposure time in seconds (EXPTIME, EXPOSURE, ITIME, ...); negative values are ignored."""
+    return _exposure(header)[0]
+
+
+def _dark_time(header: Any, exptime: float | None, exp_key: str | None) -> tuple[float | None, list[str]]:
+    """DARKTIME, unless negative or shorter than the exposure (a shutter-open time written there)."""
+    for key in DARKTIME_KEYS:
+        value = _number(header_value(header, (key,)))
+        if value is None:
+            continue
+        if not np.isfinite(value) or value < 0:
+            return None, [f"{key} = {_g(value)} is not a dark time: ignored"]
+        if exptime is not None and value < exptime - max(1e-3, 1e-3 * exptime):
+            return None, [f"{key} = {_g(value)} s is shorter than {exp_key} = {_g(exptime)} s"
+                          " (a shutter-open time?): ignored"]
+        return value, []
+    return None, []
+
+
+def _temperature(header: Any, keys: Sequence[str]) -> tuple[float | None, list[str]]:
+    """The first temperature of ``keys`` that is not a placeholder, and the placeholders met."""
+    problems: list[str] = []
+    low, high = TEMP_RANGE
+    for key in keys:
+        value = _number(header_value(header, (key,)))
+        if value is None:
+            continue
+        if not np.isfinite(value) or value in TEMP_PLACEHOLDERS:
+            problems.append(f"{key} = {_g(value)} is a placeholder (unknown): ignored")
+            continue
+        if not low <= value <= high:
+            problems.append(f"{key} = {_g(value)} is outside {_g(low)}..+{_g(high)} °C,"
+                            " a placeholder (unknown): ignored")
+            continue
+        return value, problems
+    return None, problems
+
+
+def _saturation(header: Any) -> tuple[float | None, list[str]]:
+    """The first saturation level of SATURATE/DATAMAX/SATLEVEL/MAXLIN that is not a placeholder."""
+    problems: list[str] = []
+    for key in SATURATE_KEYS:
+        value = _number(header_value(header, (key,)))
+        if value is None:
+            continue
+        why = saturation_problem(value)
+        if why:
+            problems.append(f"{key} = {_g(value)} is a placeholder ({why}): ignored")
+            continue
+        return value, problems
+    return None, problems
+
+
+def _calibration_steps(header: Any) -> tuple[tuple[str, ...], list[str]]:
+    """Steps the header says were already applied, and a warning that says so and where."""
+    steps: set[str] = set()
+    evidence: list[str] = []
+
+    def present(key: str) -> Any:
+        try:
+            return header_value(header, (key,))
+        except (KeyError, ValueError):
+            return None
+
+    calstat = present("CALSTAT")  # MaxIm DL: B, D, F for the steps it applied
+    if calstat is not None:
+        letters = str(calstat).upper()
+        found = [step for letter, step in (("B", "bias"), ("D", "dark"), ("F", "flat")) if letter in letters]
+        if found:
+            steps.update(found)
+            evidence.append(f"CALSTAT = {str(calstat).strip()!r}")
+    pedestal = present("PEDESTAL")  # MaxIm DL adds it when it calibrates
+    pedestal_number = _number(pedestal)
+    pedestal_note = (None if pedestal is None else
+                     f"PEDESTAL = {_g(pedestal_number) if pedestal_number is not None else pedestal}")
+    for key, step in (("OVERSCAN", "overscan"), ("TRIM", "trim"), ("ZEROCOR", "bias"),
+                      ("DARKCOR", "dark"), ("FLATCOR", "flat")):  # IRAF ccdproc: dated text
+        value = present(key)
+        if isinstance(value, str) and (key in ("ZEROCOR", "DARKCOR", "FLATCOR") or step in value.lower()):
+            steps.add(step)
+            evidence.append(key)
+    for key, step in (("SUBTRACT_OVERSCAN", "overscan"), ("TRIM_IMAGE", "trim"), ("SUBTRACT_BIAS", "bias"),
+                      ("SUBTRACT_DARK", "dark"), ("FLAT_CORRECT", "flat")):  # astropy ccdproc's log
+        if present(key) is not None:
+            steps.add(step)
+            evidence.append(key.lower())
+    for key, step in (("OVSCSEC", "overscan"), ("CALBIAS", "bias"), ("CALDARK", "dark"),
+                      ("CALFLAT", "flat")):  # ccdcal's calibrated frames
+        if present(key) is not None:
+            steps.add(step)
+            evidence.append(key)
+    for key in TYPE_KEYS:
+        value = present(key)
+        if value is not None:
+            if _norm_type(value).startswith("MASTER"):
+                steps.add("master")
+                evidence.append(f"{key} = {str(value).strip()!r}")
+            break
+    bunit = present("BUNIT")
+    if isinstance(bunit, str) and bunit.replace(" ", "").lower() == "adu/adu":  # ccdcal's master flat
+        steps.add("master")
+        evidence.append("BUNIT = 'adu/adu'")
+    ordered = tuple(step for step in CALIBRATION_STEPS if step in steps)
+    warnings: list[str] = []
+    if ordered:
+        sources = "; ".join(evidence + ([pedestal_note] if pedestal_note else []))
+        warnings.append(f"the header says this frame was already calibrated ({', '.join(ordered)};"
+                        f" from {sources})")
+    elif pedestal_note:
+        warnings.append(f"{pedestal_note}: MaxIm DL adds a pedestal when it calibrates, but no CALSTAT"
+                        " says which steps were done; treated as raw")
+    return ordered, warnings
 
 
 def filter_name(header: Any) -> str | None:
@@ -286,7 +445,8 @@ def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
     Rules, in order:
 
     1. The type keyword (IMAGETYP/OBSTYPE/...) in any common spelling.
-    2. A DARK with zero exposure is a bias (Lick's Nickel camera writes biases so).
+    2. A DARK with zero exposure is a bias (Lick's Nickel camera writes biases so); so
+       is a DARK whose file name or OBJECT says bias and whose exposure is at most 0.1 s.
     3. A LIGHT/OBJECT whose OBJECT or file name says flat/bias/dark is that calibration
        frame (sky flats written as OBJECT; SBIG flats saved as 'Light Frame').
     4. No type keyword: words in the file name, then in OBJECT.
@@ -302,6 +462,12 @@ def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
     if kind == FrameKind.DARK and exptime == 0:
         warnings.append(f"{source} with EXPTIME 0: treated as a bias")
         return FrameKind.BIAS, warnings
+    if kind == FrameKind.DARK and exptime is not None and exptime <= DARK_BIAS_EXPTIME:
+        for hint, where in ((file_kind, "the file name"), (obj_kind, f"OBJECT={str(obj).strip()!r}")):
+            if hint == FrameKind.BIAS:
+                warnings.append(f"{source} with EXPTIME {_g(exptime)} s but {where} says bias:"
+                                " treated as a bias")
+                return FrameKind.BIAS, warnings
     if kind == FrameKind.LIGHT:
         for hint, where in ((obj_kind, f"OBJECT={str(obj).strip()!r}"), (file_kind, "the file name")):
             if hint in (FrameKind.FLAT, FrameKind.BIAS, FrameKind.DARK):
@@ -330,31 +496,64 @@ def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
 
 
 def _sections(header: Any, shape: tuple[int, int]) -> tuple[str | None, str | None, list[str]]:
+    """BIASSEC and TRIMSEC (else DATASEC) when each is a FITS section inside this image.
+
+    A section written in another convention (``'[0,513:0,1536]'``, detector coordinates
+    of a windowed read-out beyond the array) is ignored whole, with one warning naming
+    what was found and why; it is never half-applied.
+    """
     from .sections import parse_section
 
+    ny, nx = shape
     problems = []
     found: dict[str, str | None] = {}
-    for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
+    for key in SECTION_KEYS:
         value = header_value(header, (key,))
+        found[key] = None
         if value is None:
-            found[key] = None
+            continue
+        text = str(value).strip()
+        try:
+            section = parse_section(text)
+        except InputError as exc:
+            hint = ("0-based pixel numbers? FITS sections start at 1" if "start at 1" in str(exc)
+                    else "written in another convention?")
+            problems.append(f"{key} {text!r} is not a FITS section [x1:x2,y1:y2] of this {nx}x{ny}"
+                            f" image ({hint}): ignored")
             continue
         try:
-            parse_section(str(value)).resolve(shape)
-            found[key] = str(value).strip()
-        except InputError as exc:
-            problems.append(f"{key} ignored: {exc}")
-            found[key] = None
+            section.resolve(shape)
+        except InputError:
+            problems.append(f"{key} {text!r} reaches beyond this {nx}x{ny} image (detector"
+                            " coordinates of a windowed read-out, or another convention?): ignored")
+            continue
+        found[key] = text
     trim = found["TRIMSEC"] or found["DATASEC"]
     return found["BIASSEC"], trim, problems
 
 
 def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus: int = 1) -> FrameInfo:
-    """Describe one image HDU from its (merged primary + extension) header."""
+    """Describe one image HDU from its (merged primary + extension) header.
+
+    Values that cannot be true (placeholders, a dark time shorter than the exposure,
+    sections of another convention) are left out, and each is explained in
+    :attr:`FrameInfo.warnings`.
+    """
     kind, warnings = classify(header, path)
+    exptime, exp_key, problems = _exposure(header)
+    warnings.extend(problems)
+    darktime, problems = _dark_time(header, exptime, exp_key)
+    warnings.extend(problems)
+    ccd_temp, problems = _temperature(header, TEMP_KEYS)
+    warnings.extend(problems)
+    set_temp, problems = _temperature(header, SETTEMP_KEYS)
+    warnings.extend(problems)
+    saturate, problems = _saturation(header)
+    warnings.extend(problems)
     biassec, trimsec, problems = _sections(header, shape)
     warnings.extend(problems)
-    exptime = exposure_time(header)
+    calibrated, problems = _calibration_steps(header)
+    warnings.extend(problems)
     if kind in (FrameKind.DARK, FrameKind.FLAT, FrameKind.LIGHT) and exptime is None:
         warnings.append("no exposure time (EXPTIME/EXPOSURE/ITIME)")
     obj = header_value(header, ("OBJECT", "OBJNAME"))
@@ -366,14 +565,15 @@ def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus
         filter=filter_name(header) if kind in (FrameKind.FLAT, FrameKind.LIGHT) else None,
         binning=binning(header),
         shape=shape,
-        ccd_temp=_number(header_value(header, TEMP_KEYS)),
-        set_temp=_number(header_value(header, SETTEMP_KEYS)),
+        ccd_temp=ccd_temp,
+        set_temp=set_temp,
         date_obs=_date(header),
         object=str(obj).strip() if obj is not None else None,
         biassec=biassec,
         trimsec=trimsec,
-        darktime=_number(header_value(header, DARKTIME_KEYS)),
-        saturate=_number(header_value(header, ("SATURATE", "DATAMAX", "SATLEVEL", "MAXLIN"))),
+        darktime=darktime,
+        saturate=saturate,
+        calibrated=calibrated,
         n_hdus=n_hdus,
         warnings=tuple(warnings),
     )
@@ -393,6 +593,9 @@ def _merged(primary: Any, header: Any) -> Any:
     return merged
 
 
+_CCDDATA_PLANES = {"UNCERT", "MASK"}
+
+
 def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
     """Classify every image HDU of one file; problems become :class:`Skipped` entries."""
     try:
@@ -400,6 +603,11 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
     except InputError as exc:
         return [], [Skipped(str(path), str(exc).removeprefix(f"{path}: "))]
     skipped = [Skipped(str(path), p) for p in problems]
+    if len(hdus) > 1:
+        # The uncertainty and mask planes of a CCDData file (ccdcal's masters and calibrated
+        # frames) are not frames of their own.
+        hdus = [hdus[0]] + [h for h in hdus[1:] if str(h.header.get("EXTNAME", "")).strip().upper()
+                            not in _CCDDATA_PLANES]
     if not hdus and not problems:
         skipped.append(Skipped(str(path), "no image data in any HDU"))
     primary = None
@@ -497,7 +705,12 @@ def calibration_group_key(info: FrameInfo) -> tuple:
 
 def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
     """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
-    saturation, structure), using :func:`ccdcal.stats.flag_outliers`."""
+    saturation, structure), using :func:`ccdcal.stats.flag_outliers`.
+
+    A header saturation level below the frame's own median is a placeholder: it is
+    replaced by None (with a warning), and saturated pixels are counted at the ADC
+    maximum of the raw integers instead.
+    """
     from .frames import FrameSource
     from .stats import flag_outliers, frame_metrics
     from .ui import track
@@ -514,6 +727,7 @@ def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
         try:
             with FrameSource(info.path, info.hdu) as src:
                 data = src.read()
+                adc_maximum = src.adc_maximum
         except InputError as exc:
             frames[i] = replace(info, flags=info.flags + (f"unreadable: {exc}",))
             continue
@@ -521,7 +735,12 @@ def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
             from .sections import to_slices
 
             data = data[to_slices(info.trimsec, data.shape)]
-        metrics[i] = frame_metrics(data, saturation=info.saturate)
+        metrics[i] = frame_metrics(data, saturation=info.saturate, adc_maximum=adc_maximum)
+        why = saturation_problem(info.saturate, metrics[i]["level"])
+        if why:
+            frames[i] = replace(info, saturate=None, warnings=info.warnings + (
+                f"saturation level {_g(info.saturate)} ADU from the header is {why},"
+                " a placeholder: ignored",))
     for members in groups.values():
         have = [i for i in members if i in metrics]
         reasons = flag_outliers([metrics[i] for i in have], kind=frames[have[0]].kind.value) if have else []

@@ -129,10 +129,43 @@ def region_stats(
 
 
 # -- per-frame QA metrics ----------------------------------------------------------------------
-def _default_saturation(data: np.ndarray) -> float:
+def _default_saturation(data: np.ndarray, adc_maximum: float | None = None) -> float:
+    if adc_maximum is not None and math.isfinite(adc_maximum) and adc_maximum > 0:
+        return 0.999 * float(adc_maximum)
     if np.issubdtype(data.dtype, np.integer):
         return 0.999 * float(np.iinfo(data.dtype).max)
     return 0.999 * 65535.0  # float frames read from the usual unsigned 16-bit ADC
+
+
+def saturation_problem(value: float | None, level: float | None = None) -> str | None:
+    """Why a saturation level from a header cannot be the camera's, or None when it can.
+
+    Headers write placeholders where they know nothing (``DATAMAX = 0``); a level at or
+    below 0 ADU, not a finite number, or below the frame's own median level would call
+    most of the frame saturated.
+
+    Parameters
+    ----------
+    value : float or None
+        The saturation level (SATURATE, DATAMAX, ...), ADU. None is not a problem.
+    level : float, optional
+        The median of the frame, when its pixels have been read.
+
+    Returns
+    -------
+    str or None
+        A short reason (``"not a positive number"``, ``"below the frame's median level
+        1500 ADU"``), or None when the level is usable.
+    """
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return "not a finite number"
+    if value <= 0:
+        return "not a positive number"
+    if level is not None and math.isfinite(level) and value < level:
+        return f"below the frame's median level {_fmt(level)} ADU"
+    return None
 
 
 def _block_medians(sample: np.ndarray, blocks: int = 8) -> np.ndarray:
@@ -145,7 +178,8 @@ def _block_medians(sample: np.ndarray, blocks: int = 8) -> np.ndarray:
         return np.nanmedian(trimmed.reshape(nby, nbx, by * bx), axis=2)
 
 
-def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[str, float]:
+def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
+                  adc_maximum: float | None = None) -> dict[str, float]:
     """Cheap QA numbers of one raw frame, used to compare the frames of a calibration group.
 
     Pixel counts (``zero_frac``, ``saturated_frac``, ``min``, ``max``) use every pixel;
@@ -157,9 +191,14 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[
     data : ndarray, (ny, nx)
         The raw frame in ADU.
     saturation : float, optional
-        Pixels at or above this value count as saturated. By default 0.999 x the
-        maximum of the integer dtype, or 0.999 x 65535 for float data (the usual
-        16-bit ADC; pass the camera's SATURATE value when it differs).
+        Pixels at or above this value count as saturated (the camera's SATURATE value).
+        A level that cannot be real (see :func:`saturation_problem`: not positive, or
+        below the frame's median) is a header placeholder and is replaced by the default.
+    adc_maximum : float, optional
+        The largest value the raw integer data can hold (65535 for unsigned 16-bit,
+        known from BITPIX/BZERO when ``data`` has been decoded to float). The default
+        saturation is 0.999 x this, else 0.999 x the maximum of the integer dtype, or
+        0.999 x 65535 for float data (the usual 16-bit ADC).
 
     Returns
     -------
@@ -170,7 +209,8 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[
         the column medians, ADU), ``nonfinite_frac`` and the :class:`RegionStats`
         numbers ``mean``, ``median``, ``std``, ``min``, ``max``, ``clipped_mean``,
         ``clipped_median``, ``clipped_std`` (whole frame, subsampled except min/max),
-        plus ``npix`` (all pixels) and ``saturation`` (the threshold used).
+        plus ``npix`` (all pixels) and ``saturation`` (the threshold used: compare it
+        with ``saturation`` to know whether the given level was rejected).
     """
     from astropy.stats import sigma_clipped_stats
 
@@ -179,18 +219,18 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[
         from .errors import InputError
 
         raise InputError(f"expected a non-empty 2-D image, got an array of shape {image.shape}")
-    sat = float(saturation) if saturation is not None else _default_saturation(image)
+    default_sat = _default_saturation(image, adc_maximum)
     npix = image.size
     finite = np.isfinite(image) if image.dtype.kind == "f" else None
     nonfinite = 0 if finite is None else int(npix - np.count_nonzero(finite))
     zero_frac = np.count_nonzero(image == 0) / npix
-    saturated_frac = np.count_nonzero(image >= sat) / npix
     if nonfinite == npix:
+        sat = default_sat if saturation is None or saturation_problem(float(saturation)) else float(saturation)
         nan = math.nan
         keys = ("level", "noise", "gradient", "column_pattern", "mean", "median", "std",
                 "min", "max", "clipped_mean", "clipped_median", "clipped_std")
         return {**dict.fromkeys(keys, nan), "zero_frac": zero_frac,
-                "saturated_frac": saturated_frac, "nonfinite_frac": 1.0,
+                "saturated_frac": 0.0, "nonfinite_frac": 1.0,
                 "npix": float(npix), "saturation": sat}
     if nonfinite:
         lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
@@ -201,6 +241,13 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None) -> dict[
     sample = np.asarray(image[::step, ::step], dtype=np.float64)
     flat = sample[np.isfinite(sample)] if nonfinite else sample.ravel()
     level = float(np.median(flat))
+    # Only a sane level counts pixels as saturated: a placeholder (DATAMAX = 0) would
+    # call every pixel saturated.
+    if saturation is None or saturation_problem(float(saturation), level):
+        sat = default_sat
+    else:
+        sat = float(saturation)
+    saturated_frac = np.count_nonzero(image >= sat) / npix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cmean, cmedian, cstd = sigma_clipped_stats(flat, sigma=3.0, maxiters=5)

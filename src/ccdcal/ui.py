@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -52,21 +52,129 @@ def _fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
-def print_inventory(inventory) -> None:
+def _cut(text: str, head: int, tail: int) -> str:
+    from rich.cells import cell_len
+
+    start, end = text[:head], text[len(text) - tail:] if tail else ""
+    while cell_len(start) + cell_len(end) > head + tail and (start or end):  # wide characters
+        if cell_len(start) >= cell_len(end):
+            start = start[:-1]
+        else:
+            end = end[1:]
+    return f"{start}…{end}"
+
+
+def shorten_middle(text: str, width: int, head: int | None = None) -> str:
+    """``text`` cut to ``width`` cells by replacing its middle with "…" (start and end kept).
+
+    Parameters
+    ----------
+    text : str
+        What to shorten; returned unchanged when it fits.
+    width : int
+        Cells available, the "…" included.
+    head : int, optional
+        Characters kept at the start; by default half of what fits, the end keeping one
+        more (the frame number, the suffix and an HDU index ``[2]`` are there).
+    """
+    from rich.cells import cell_len
+
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:max(width, 0)]
+    keep = width - 1
+    head = keep // 2 if head is None else min(max(head, 0), keep)
+    return _cut(text, head, keep - head)
+
+
+def shorten_names(names: Sequence[str], width: int) -> list[str]:
+    """File names cut in the middle to ``width`` cells, at the place that keeps them apart.
+
+    Names from one instrument often share a long start and end and differ in the middle
+    or just before the suffix; the cut point (how much of the start is kept) is the one
+    that leaves the most names distinct, the balanced cut when several do as well.
+    """
+    from rich.cells import cell_len
+
+    long = [n for n in names if cell_len(n) > width]
+    if not long or width <= 1:
+        return [shorten_middle(n, width) for n in names]
+    keep = width - 1
+    best_head, best_distinct = keep // 2, -1
+    for head in sorted(range(keep + 1), key=lambda h: (abs(h - keep // 2), h)):
+        distinct = len({shorten_middle(n, width, head) for n in names})
+        if distinct > best_distinct:
+            best_head, best_distinct = head, distinct
+            if distinct == len(set(names)):
+                break
+    return [shorten_middle(n, width, best_head) for n in names]
+
+
+_NOTES_MIN = 30  # cells: narrower than this, the notes go under the table
+_FILE_MIN = 12  # cells a shortened file name keeps, whatever the width
+
+
+def print_inventory(inventory, *, out=None) -> None:
+    """Print the frames of a scan as a table that fits the terminal, then the skipped inputs.
+
+    Long file names (robotic observatories write 80-character names) are shortened in
+    the middle so that every other column keeps its width; when the notes (flags and
+    warnings) do not fit beside the columns, they are printed under the table, one line
+    per note, with the full file name.
+
+    Parameters
+    ----------
+    inventory : Inventory
+        The result of :func:`ccdcal.inventory.scan`.
+    out : rich.console.Console, optional
+        Where to print; the standard-output console by default.
+    """
+    from rich import box
+    from rich.cells import cell_len
     from rich.table import Table
 
-    table = Table(title=f"{len(inventory.frames)} frames", title_justify="left")
-    for col in ("file", "kind", "filter", "exptime s", "bin", "shape", "temp °C", "notes"):
-        table.add_column(col, no_wrap=col != "notes")
-    for f in sorted(inventory.frames, key=lambda f: (f.kind.value, f.filter or "", f.exptime or 0, str(f.path))):
-        notes = "; ".join(list(f.flags) + list(f.warnings))
-        style = "red" if f.flags else None
-        table.add_row(f.name, f.kind.value, _fmt(f.filter), _fmt(f.exptime, "g"),
-                      f"{f.binning[0]}×{f.binning[1]}", f"{f.shape[1]}×{f.shape[0]}",
-                      _fmt(f.ccd_temp, ".1f"), notes, style=style)
-    console().print(table)
+    target = out if out is not None else console()
+    frames = sorted(inventory.frames, key=lambda f: (f.kind.value, f.filter or "", f.exptime or 0, str(f.path)))
+    columns = ("kind", "filter", "exptime s", "bin", "shape", "temp °C")
+    rows = [(f.kind.value, shorten_middle(_fmt(f.filter), 16), _fmt(f.exptime, "g"),
+             f"{f.binning[0]}×{f.binning[1]}", f"{f.shape[1]}×{f.shape[0]}", _fmt(f.ccd_temp, ".1f"))
+            for f in frames]
+    notes = ["; ".join(list(f.flags) + list(f.warnings)) for f in frames]
+    widths = [max([cell_len(c)] + [cell_len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    names = [f.name for f in frames]
+    full = max([cell_len("file")] + [cell_len(n) for n in names])
+
+    def chrome(n_columns: int) -> int:  # separators and padding of box.SIMPLE_HEAD, no outer edge
+        return (n_columns - 1) + 2 * n_columns - 2
+
+    has_notes = any(notes)
+    room = target.width - sum(widths)
+    notes_inside = has_notes and room - chrome(len(columns) + 2) - full >= _NOTES_MIN
+    file_width = room - chrome(len(columns) + (2 if notes_inside else 1))
+    file_width = max(min(full, file_width), _FILE_MIN)
+
+    table = Table(title=f"{len(frames)} frames", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False)
+    table.add_column("file", no_wrap=True, min_width=min(full, file_width), overflow="ellipsis")
+    for col, width in zip(columns, widths, strict=True):
+        table.add_column(col, no_wrap=True, min_width=width,
+                         justify="right" if col in ("exptime s", "temp °C") else "left")
+    if notes_inside:
+        table.add_column("notes", ratio=1)
+    for f, short, row, note in zip(frames, shorten_names(names, file_width), rows, notes, strict=True):
+        cells = [short, *row] + ([note] if notes_inside else [])
+        table.add_row(*cells, style="red" if f.flags else None)
+    target.print(table)
+    if has_notes and not notes_inside:
+        for f, name in zip(frames, names, strict=True):
+            for text, style in [(t, "red") for t in f.flags] + [(t, "yellow") for t in f.warnings]:
+                target.print(f"{name}: {text}", style=style, markup=False, highlight=False, soft_wrap=True)
     for s in inventory.skipped:
-        warn(f"skipped {s.path}: {s.reason}")
+        if out is None:
+            warn(f"skipped {s.path}: {s.reason}")
+        else:
+            target.print(f"skipped {s.path}: {s.reason}", style="yellow", markup=False, soft_wrap=True)
 
 
 def print_plan(plan) -> None:
