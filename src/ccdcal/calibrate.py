@@ -604,15 +604,24 @@ def header_read_noise(header: Any) -> float | None:
 
 
 def exposure_of(header: Any, *, dark: bool = False) -> float | None:
-    """Seconds of exposure from a header: EXPTIME, EXPOSURE, (ITIME); ``dark=True`` prefers DARKTIME."""
+    """Seconds of exposure from a header: EXPTIME, EXPOSURE, (ITIME); ``dark=True`` prefers DARKTIME.
+
+    A DARKTIME shorter than the exposure is a shutter-open time, not the time dark current
+    accumulated (some robotic observatories write one): it is ignored.
+    """
     if header is None:
         return None
-    keys = ("DARKTIME", "EXPTIME", "EXPOSURE", "ITIME") if dark else ("EXPTIME", "EXPOSURE", "ITIME")
-    for key in keys:
+    exposure = None
+    for key in ("EXPTIME", "EXPOSURE", "ITIME"):
         value = header.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            exposure = float(value)
+            break
+    darktime = header.get("DARKTIME")
+    if dark and isinstance(darktime, (int, float)) and not isinstance(darktime, bool):
+        if darktime >= 0 and (exposure is None or darktime >= exposure * (1 - 1e-6)):
+            return float(darktime)
+    return exposure
 
 
 # -- dark optimisation -----------------------------------------------------------------------

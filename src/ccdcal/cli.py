@@ -78,6 +78,8 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
                         " noise and gain, which rejects cosmic rays at any number of frames)")
     p.add_argument("--keep-flagged", action="store_true", default=None,
                    help="keep bias/dark frames whose level is far off their group's in the masters")
+    p.add_argument("--allow-uncorrected", action="store_true", default=None,
+                   help="calibrate lights even when no bias or dark removes their pedestal (marked UNCORR)")
     p.add_argument("--no-overscan", dest="overscan", action="store_false", default=None,
                    help="do not subtract the overscan even where the header has one")
     p.add_argument("--scale-region", metavar="[x1:x2,y1:y2]", help="region for flat levels")

@@ -407,6 +407,7 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
 
 def _collect_warnings(manifest: Mapping[str, Any], excluded: set[str]) -> list[str]:
     warnings = [str(w) for w in manifest.get("warnings") or []]
+    warnings += [str(w) for w in manifest.get("run_warnings") or [] if str(w) not in warnings]
     inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]
     for item in inputs:
         path = str(item.get("path") or "")
