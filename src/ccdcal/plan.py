@@ -308,6 +308,17 @@ def _zero_level_from_short_darks(frames: list[FrameInfo], warnings: list[str]) -
     return out
 
 
+def _ignored_sections(frames: tuple[FrameInfo, ...]) -> list[str]:
+    """One plan warning per distinct section keyword that the scan ignored, with its frame count."""
+    seen: dict[str, list[str]] = {}
+    for f in frames:
+        for w in f.warnings:
+            if w.endswith("ignored") and re.match(r"(BIAS|TRIM|DATA|CCD)SEC ", w):
+                seen.setdefault(w, []).append(f.name)
+    return [f"{w} ({len(names)} frame{'s' if len(names) != 1 else ''}, e.g. {names[0]})"
+            for w, names in seen.items()]
+
+
 def _pedestal_left(bias: str | None, dark: str | None, flat_job: MasterJob | None) -> str | None:
     """Why a light would keep its pedestal (None when it is removed)."""
     if not (bias or dark):
@@ -616,6 +627,7 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
         lights.append(LightJob(frame=info, output=out, recipe=recipe, notes=tuple(notes),
                                uncorrected=uncorrected))
 
+    warnings.extend(_ignored_sections(inventory.frames))
     jobs.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
     return Plan(masters=tuple(jobs), lights=tuple(lights), skipped=tuple(skipped), warnings=tuple(warnings),
                 light_steps=options.light_steps)

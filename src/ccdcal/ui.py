@@ -193,8 +193,20 @@ def print_summary(result) -> None:
                   if result.lights else "no lights in the inputs: masters only")
     if result.reused:
         table.add_row("up to date (kept)", str(result.reused), "rerun with --force to redo")
+    left_out = [(job, f, why) for job in result.plan.masters
+                for f, why in zip(job.excluded, job.excluded_reasons or ("flagged",) * len(job.excluded),
+                                  strict=True)]
+    if left_out:
+        table.add_row("left out of masters", str(len(left_out)), "listed below (--keep-flagged keeps them)")
+    uncorrected = [j for j in result.plan.lights if j.uncorrected]
+    if uncorrected:
+        table.add_row("UNCORRECTED lights", str(len(uncorrected)), "pedestal kept (--allow-uncorrected)")
     table.add_row("skipped", str(len(result.skipped)), "listed below" if result.skipped else "")
     console().print(table)
+    for job, f, why in left_out:
+        console().print(f"left out of {job.name}: {f.name} ({why})", soft_wrap=True, markup=False)
+    for j in uncorrected:
+        console().print(f"uncorrected {j.output}: {j.uncorrected}", soft_wrap=True, markup=False)
     for s in result.skipped:  # one unwrapped line each, so scripts and people can grep them
         console().print(f"skipped {s.path}: {s.reason}", soft_wrap=True, markup=False)
     if result.report:
