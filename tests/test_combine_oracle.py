@@ -84,6 +84,8 @@ def oracle_pixel(values, valid, unc, *, scales, zeros, weights, method, nlow, nh
         is_high = (x > upper) & ~is_low
         if not (is_low.any() or is_high.any()):
             break
+        if reject == "ccdclip" and (is_low | is_high).all():
+            break  # IRAF's nkeep: a pass that would reject every value rejects none
         nl += int(is_low.sum())
         nh += int(is_high.sum())
         keep = ~(is_low | is_high)

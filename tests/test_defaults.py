@@ -13,7 +13,7 @@ import pytest
 from ccdcal.combine import combine, sample_sigma_can_reject
 from ccdcal.errors import CcdcalWarning
 from ccdcal.inventory import FrameInfo, FrameKind, Inventory
-from ccdcal.pipeline import noise_model
+from ccdcal.masters import noise_model
 from ccdcal.plan import PlanOptions, build_plan
 
 RN, GAIN = 6.0, 1.6          # ADU, e-/ADU

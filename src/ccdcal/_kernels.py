@@ -19,7 +19,8 @@ REJECT_NONE, SIGMA, MAD, WINSORIZED, PERCENTILE, LINEAR_FIT, CCDCLIP = 0, 1, 2, 
 CENTER_MEDIAN, CENTER_MEAN = 0, 1
 SPREAD_STD, SPREAD_MAD = 0, 1
 
-MAD_TO_STD = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a normal distribution -> sigma
+from .robust import MAD_TO_STD  # noqa: E402 - numba reads it as a global constant
+
 MEDIAN_ERROR = 1.2533  # sqrt(pi/2): standard error of a median relative to a mean
 CHUNK = 64  # pixels of one row per parallel job: small tiles still use every core
 

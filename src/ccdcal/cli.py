@@ -78,12 +78,9 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
                         " noise and gain, which rejects cosmic rays at any number of frames)")
     p.add_argument("--keep-flagged", action="store_true", default=None,
                    help="keep bias/dark frames whose level is far off their group's in the masters")
-    p.add_argument("--allow-uncorrected", action="store_true", default=None,
-                   help="calibrate lights even when no bias or dark removes their pedestal (marked UNCORR)")
     p.add_argument("--no-overscan", dest="overscan", action="store_false", default=None,
                    help="do not subtract the overscan even where the header has one")
     p.add_argument("--scale-region", metavar="[x1:x2,y1:y2]", help="region for flat levels")
-    p.add_argument("--temp-tolerance", type=float, help="°C: darks further apart are separate groups")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the HTML report and previews")
     _add_calibration_flags(p)
@@ -335,6 +332,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot-sigma", type=float, help="hot pixel threshold in the master dark (default 5)")
     p.add_argument("--flat-norm", choices=["median", "clipped-mean"], help="level a master flat is divided by")
     p.add_argument("--flat-floor", type=float, help="flat pixels below this are masked (default 0.1)")
+    p.add_argument("--allow-uncorrected", action="store_true", default=None,
+                   help="calibrate lights even when no bias or dark removes their pedestal (marked UNCORR)")
+    p.add_argument("--temp-tolerance", type=float, help="°C: temperatures closer than this are equal (default 2)")
 
 
 def _add_calibrate(p: argparse.ArgumentParser) -> None:
@@ -355,116 +355,127 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     _add_calibration_flags(p)
 
 
-def _load_master(path: str, *, flat: bool = False, flat_norm: str = "median"):
+def _master_files(args) -> tuple[dict[str, str], dict[str, str]]:
+    """Name -> path and name -> DATASUM of the masters given on the command line."""
     import warnings
-
-    import numpy as np
-    from astropy.io import fits
-
-    from .calibrate import Master, exposure_of, normalise_flat
-    from .errors import InputError
-    from .frames import FrameSource
-
-    with FrameSource(path) as src:
-        data, header = src.read(), src.header
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with fits.open(path) as hdul:
-            unc = hdul["UNCERT"].data.astype(np.float32) if "UNCERT" in hdul else None
-            mask = hdul["MASK"].data if "MASK" in hdul else None
-            datasum = header.get("DATASUM") or hdul[src.hdu]._calculate_datasum()
-    if mask is not None:
-        mask = mask.astype(np.uint8) if mask.dtype != bool else mask
-    level = header.get("FLATNORM")
-    if flat and level is None:
-        data, level = normalise_flat(data, method=flat_norm)
-        unc = None if unc is None else unc / np.float32(level)
-    if data.ndim != 2:
-        raise InputError(f"{path}: a master frame must be a 2-D image")
     from pathlib import Path
 
-    return Master(data=data, uncertainty=unc, mask=mask, name=Path(path).name, datasum=str(datasum),
-                  exptime=exposure_of(header, dark=True), level=level), header
+    from astropy.io import fits
+
+    from .errors import InputError
+
+    paths, prints = {}, {}
+    for path in [p for p in (args.bias, *(args.dark or ()), args.flat) if p]:
+        name = Path(path).name
+        if name in paths:
+            raise InputError(f"{path}: two masters are named {name}; rename one")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with fits.open(path) as hdul:
+                    if hdul[0].data is None or hdul[0].data.ndim != 2:
+                        raise InputError(f"{path}: a master frame must be a 2-D image in the primary HDU")
+                    prints[name] = str(hdul[0].header.get("DATASUM") or hdul[0]._calculate_datasum())
+        except OSError as exc:
+            raise InputError(f"{path}: not a readable FITS file ({exc})") from exc
+        paths[name] = str(path)
+    return paths, prints
+
+
+def _master_index(info, args, paths: dict[str, str]):
+    """The masters given on the command line as the plan's MasterIndex for this frame's geometry."""
+    from pathlib import Path
+
+    from astropy.io import fits
+
+    from .headers import TEMP_KEYS, _temperature, exposure_of
+    from .plan import BiasMaster, DarkMaster, MasterIndex, geometry
+
+    def facts(path: str):
+        header = fits.getheader(path, 0)
+        return header, _temperature(header, TEMP_KEYS)[0]
+
+    geom = geometry(info)
+    biases, darks, counts = (), (), {}
+    if args.bias:
+        header, temp = facts(args.bias)
+        biases = (BiasMaster(temp, Path(args.bias).name),)
+        counts[Path(args.bias).name] = int(header.get("NCOMBINE", 1))
+    for path in args.dark or ():
+        header, temp = facts(path)
+        exptime = exposure_of(header, dark=True)
+        if exptime is not None:
+            darks += (DarkMaster(exptime, temp, Path(path).name),)
+            counts[Path(path).name] = int(header.get("NCOMBINE", 1))
+    flats = {geom: {info.filter: Path(args.flat).name}} if args.flat else {}
+    return MasterIndex(biases={geom: biases} if biases else {}, darks={geom: darks} if darks else {},
+                       flats=flats, counts=counts, temp_tolerance=args.temp_tolerance or 2.0)
+
+
+def _light_jobs(path, args, paths: dict[str, str]):
+    """LightJobs for the image HDUs of one raw file, with the plan's rules (dark choice, pedestal)."""
+    from pathlib import Path
+
+    from .errors import InputError
+    from .inventory import scan_file
+    from .overscan import overscan_geometry
+    from .plan import LightJob
+    from .recipe import Recipe
+
+    infos, skipped = scan_file(Path(path))
+    if not infos:
+        raise InputError(f"{path}: {skipped[0].reason if skipped else 'no image data'}")
+    jobs = []
+    for info in infos:
+        if set(info.calibrated) - {"overscan", "trim"}:
+            raise InputError(f"{path}: its header says it is already calibrated "
+                             f"({', '.join(info.calibrated)}): not calibrated again")
+        index = _master_index(info, args, paths)
+        axis = {"row": 1, "column": 0}.get(args.overscan_axis or "")
+        spec, trim = overscan_geometry(info.shape, args.biassec or info.biassec, args.trimsec or info.trimsec,
+                                       model=args.overscan_model, order=args.overscan_order, axis=axis)
+        bias, notes = index.bias_for(info)
+        dark, scale, dark_notes = index.dark_for(info, bias)
+        flat, _ = index.flat_for(info)
+        uncorrected = None if (bias or dark) else "neither a master bias nor a dark of its exposure applies to it"
+        if uncorrected and not args.allow_uncorrected:
+            raise InputError(f"{path}: {uncorrected}, so its pedestal would stay in; pass --bias (or a --dark of"
+                             " its exposure), or --allow-uncorrected")
+        name = info.stem if len(infos) == 1 else f"{info.stem}_hdu{info.hdu}"
+        recipe = Recipe(spec if args.overscan else None, trim, bias=bias, dark=dark, dark_scale=scale, flat=flat)
+        jobs.append(LightJob(frame=info, output=f"{name}.fits", recipe=recipe,
+                             notes=tuple(notes) + tuple(dark_notes), uncorrected=uncorrected))
+    return jobs
 
 
 def _run_calibrate(args) -> int:
+    """``ccdcal calibrate``: the task ``reduce`` runs for each light, with the masters given here."""
     from pathlib import Path
 
-    from .calibrate import (
-        calibrate_frame,
-        choose_dark,
-        dark_scale_for,
-        describe_calibration,
-        exposure_of,
-        header_gain,
-        header_read_noise,
-        overscan_geometry,
-    )
     from .errors import CcdcalError
-    from .frames import FrameSource, clean_header, find_fits, header_value, write_fits
-    from .pipeline import _adc_maximum, _time_keywords
+    from .frames import find_fits
+    from .options import ReduceOptions
+    from .tasks import RunContext, calibrate_light
     from .ui import console, warn
 
-    flat_floor = args.flat_floor if args.flat_floor is not None else 0.1
-    bias, bias_header = _load_master(args.bias) if args.bias else (None, None)
-    darks = {Path(d).name: _load_master(d)[0] for d in (args.dark or [])}
-    flat = _load_master(args.flat, flat=True, flat_norm=args.flat_norm or "median")[0] if args.flat else None
+    options = ReduceOptions.from_sources(None, vars(args))
+    paths, prints = _master_files(args)
     out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(out_dir=out_dir, options=options, masters=paths, prints=prints)
     done, failed = 0, 0
     for path in find_fits(args.paths):
         try:
-            with FrameSource(path) as src:
-                raw, header = src.read(), src.header
-            axis = {"row": 1, "column": 0}.get(args.overscan_axis or "")
-            spec, trim = overscan_geometry(
-                raw.shape, args.biassec or header_value(header, ("BIASSEC",)),
-                args.trimsec or header_value(header, ("TRIMSEC", "DATASEC")),
-                model=args.overscan_model, order=args.overscan_order, axis=axis)
-            if not args.overscan:
-                spec = None
-            exptime = exposure_of(header, dark=True)
-            dark_name = choose_dark(exptime, {n: m.exptime for n, m in darks.items()})
-            dark = darks.get(dark_name) if dark_name else None
-            scale = dark_scale_for(exptime, dark.exptime) if dark is not None else 1.0
-            if dark is not None and bias is None:
-                scale = 1.0  # a dark without a bias still holds the bias: never scale it
-            gain, gain_source = (args.gain, "option") if args.gain else header_gain(header)
-            rn_e = args.read_noise or header_read_noise(header)
-            read_noise = rn_e / gain if (rn_e and gain) else (bias_header.get("RDNADU") if bias_header else None)
-            saturation = args.saturation
-            if saturation is None:
-                saturation = header_value(header, ("SATURATE", "DATAMAX"))
-                saturation = float(saturation) if isinstance(saturation, (int, float)) else _adc_maximum(header)
-            bpm = None
-            if args.bad_pixel_map:
-                with FrameSource(args.bad_pixel_map) as bsrc:
-                    bpm = bsrc.read() != 0
-            result = calibrate_frame(
-                raw, overscan=spec, trim=trim, bias=bias, dark=dark, dark_scale=scale,
-                dark_optimize=bool(args.dark_optimize), flat=flat, flat_floor=flat_floor, gain=gain,
-                read_noise=read_noise, saturation=saturation, cosmic_rays=bool(args.cosmic_rays),
-                bad_pixels=bpm, hot_sigma=args.hot_sigma or 5.0, to_electrons=bool(args.to_electrons),
-                uncertainty=args.uncertainty is not False)
-            out = clean_header(header)
-            for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
-                out.remove(key, ignore_missing=True, remove_all=True)
-            if trim is not None:
-                for axis_no, shift in (("1", trim.x1 - 1), ("2", trim.y1 - 1)):
-                    if shift and f"CRPIX{axis_no}" in out:
-                        out[f"CRPIX{axis_no}"] = out[f"CRPIX{axis_no}"] - shift
-                    out[f"LTV{axis_no}"] = (float(out.get(f"LTV{axis_no}", 0.0)) - shift, "offset of trimmed image")
-            _time_keywords(out)
-            out["HISTORY"] = "ccdcal calibrate"
-            describe_calibration(out, result, bias=bias, dark=dark, flat=flat, flat_floor=flat_floor,
-                                 gain_source=gain_source)
-            name = path.name
-            for suffix in (".fz", ".gz"):
-                name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
-            target = out_dir / (Path(name).stem + ".fits")
-            write_fits(target, result.data, out, uncertainty=result.uncertainty, mask=result.mask, unit=result.unit)
-            done += 1
+            for job in _light_jobs(path, args, paths):
+                for note in job.notes:
+                    warn(f"{path.name}: {note}")
+                record = calibrate_light(job, ctx)
+                if record.skipped:
+                    raise CcdcalError(record.skipped)
+                done += 1
         except CcdcalError as exc:
-            warn(f"{path}: {exc}")
+            text = str(exc)
+            warn(text if text.startswith(str(path)) else f"{path}: {text}")
             failed += 1
     console().print(f"calibrated {done} frame(s) into {out_dir}" + (f"; {failed} failed" if failed else ""))
     if done == 0:

@@ -23,11 +23,26 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import InputError
 from .frames import find_fits, header_value, image_hdus
-from .stats import saturation_problem
+from .headers import (
+    SETTEMP_KEYS,
+    TEMP_KEYS,
+    TYPE_KEYS,
+    _calibration_steps,
+    _dark_time,
+    _date,
+    _exposure,
+    _g,
+    _norm_type,
+    _saturation,
+    _sections,
+    _temperature,
+    binning,
+    exposure_time,
+    filter_name,
+    saturation_problem,
+)
 
 
 class FrameKind(enum.StrEnum):
@@ -41,22 +56,7 @@ class FrameKind(enum.StrEnum):
         return self.value
 
 
-TYPE_KEYS = ("IMAGETYP", "IMAGETYPE", "OBSTYPE", "FRAMETYP", "FRAMETYPE", "IMTYPE", "EXPTYPE", "OBSTYP")
-EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME", "EXPTIM", "EXP_TIME", "EXPOSED", "EXPTIMEA")
-DARKTIME_KEYS = ("DARKTIME", "DARK_TIME")
-FILTER_KEYS = ("FILTER", "FILTNAME", "FILTNAM", "INSFLNAM", "FILTER1", "FILTER2", "FILT1", "FILTERID", "WHEEL")
-TEMP_KEYS = ("CCD-TEMP", "CCDTEMP", "CCD_TEMP", "DET-TEMP", "DETTEMP", "TEMPDET", "CCDTEMP1", "DETTEM")
-SETTEMP_KEYS = ("SET-TEMP", "SETTEMP", "SET_TEMP", "CCD-SET", "CCDSETT")
-DATE_KEYS = ("DATE-OBS", "DATE_OBS", "DATEOBS", "DATE-BEG", "DATE")
-SATURATE_KEYS = ("SATURATE", "DATAMAX", "SATLEVEL", "MAXLIN")
-SECTION_KEYS = ("BIASSEC", "TRIMSEC", "DATASEC")
-# Temperatures written where the camera knows none; anything outside the range too.
-TEMP_PLACEHOLDERS = (-99.0, -100.0, -999.0)
-TEMP_RANGE = (-150.0, 80.0)  # deg C a detector can physically be at
 DARK_BIAS_EXPTIME = 0.1  # s: a frame typed DARK but named bias is a bias up to this exposure
-# Steps a header can say were already applied, in the order they are listed.
-CALIBRATION_STEPS = ("overscan", "trim", "bias", "dark", "flat", "master")
-EMPTY_FILTERS = {"", "CLEAR", "OPEN", "EMPTY", "NONE", "NO FILTER", "AIR", "N/A", "-"}
 
 # Frame-type words as acquisition software writes them, normalised (upper case, no blanks).
 _TYPE_WORDS: dict[str, FrameKind] = {}
@@ -212,23 +212,6 @@ class Inventory:
 
 
 # -- header reading -------------------------------------------------------------------------
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _norm_type(value: Any) -> str:
-    return re.sub(r"[\s_\-]+", "", str(value)).upper()
-
-
 def header_kind(header: Any) -> tuple[FrameKind | None, str | None]:
     """Frame kind from the type keywords (IMAGETYP, OBSTYPE, ...), and the keyword=value it came from."""
     for key in TYPE_KEYS:
@@ -256,189 +239,6 @@ def name_kind(text: str) -> FrameKind | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _g(value: float) -> str:
-    """A header number as people write it (-99, 19.5, 65535)."""
-    return f"{value:g}"
-
-
-def _exposure(header: Any) -> tuple[float | None, str | None, list[str]]:
-    """The exposure time, the keyword it came from, and why other values were ignored."""
-    problems: list[str] = []
-    for key in EXPTIME_KEYS:
-        value = _number(header_value(header, (key,)))
-        if value is None:
-            continue
-        if not np.isfinite(value) or value < 0:
-            problems.append(f"{key} = {_g(value)} is not an exposure time: ignored")
-            continue
-        return value, key, problems
-    return None, None, problems
-
-
-def exposure_time(header: Any) -> float | None:
-    """Exposure time in seconds (EXPTIME, EXPOSURE, ITIME, ...); negative values are ignored."""
-    return _exposure(header)[0]
-
-
-def _dark_time(header: Any, exptime: float | None, exp_key: str | None) -> tuple[float | None, list[str]]:
-    """DARKTIME, unless negative or shorter than the exposure (a shutter-open time written there)."""
-    for key in DARKTIME_KEYS:
-        value = _number(header_value(header, (key,)))
-        if value is None:
-            continue
-        if not np.isfinite(value) or value < 0:
-            return None, [f"{key} = {_g(value)} is not a dark time: ignored"]
-        if exptime is not None and value < exptime - max(1e-3, 1e-3 * exptime):
-            return None, [f"{key} = {_g(value)} s is shorter than {exp_key} = {_g(exptime)} s"
-                          " (a shutter-open time?): ignored"]
-        return value, []
-    return None, []
-
-
-def _temperature(header: Any, keys: Sequence[str]) -> tuple[float | None, list[str]]:
-    """The first temperature of ``keys`` that is not a placeholder, and the placeholders met."""
-    problems: list[str] = []
-    low, high = TEMP_RANGE
-    for key in keys:
-        value = _number(header_value(header, (key,)))
-        if value is None:
-            continue
-        if not np.isfinite(value) or value in TEMP_PLACEHOLDERS:
-            problems.append(f"{key} = {_g(value)} is a placeholder (unknown): ignored")
-            continue
-        if not low <= value <= high:
-            problems.append(f"{key} = {_g(value)} is outside {_g(low)}..+{_g(high)} °C,"
-                            " a placeholder (unknown): ignored")
-            continue
-        return value, problems
-    return None, problems
-
-
-def _saturation(header: Any) -> tuple[float | None, list[str]]:
-    """The first saturation level of SATURATE/DATAMAX/SATLEVEL/MAXLIN that is not a placeholder."""
-    problems: list[str] = []
-    for key in SATURATE_KEYS:
-        value = _number(header_value(header, (key,)))
-        if value is None:
-            continue
-        why = saturation_problem(value)
-        if why:
-            problems.append(f"{key} = {_g(value)} is a placeholder ({why}): ignored")
-            continue
-        return value, problems
-    return None, problems
-
-
-def _calibration_steps(header: Any) -> tuple[tuple[str, ...], list[str]]:
-    """Steps the header says were already applied, and a warning that says so and where."""
-    steps: set[str] = set()
-    evidence: list[str] = []
-
-    def present(key: str) -> Any:
-        try:
-            return header_value(header, (key,))
-        except (KeyError, ValueError):
-            return None
-
-    calstat = present("CALSTAT")  # MaxIm DL: B, D, F for the steps it applied
-    if calstat is not None:
-        letters = str(calstat).upper()
-        found = [step for letter, step in (("B", "bias"), ("D", "dark"), ("F", "flat")) if letter in letters]
-        if found:
-            steps.update(found)
-            evidence.append(f"CALSTAT = {str(calstat).strip()!r}")
-    pedestal = present("PEDESTAL")  # MaxIm DL adds it when it calibrates
-    pedestal_number = _number(pedestal)
-    pedestal_note = (None if pedestal is None else
-                     f"PEDESTAL = {_g(pedestal_number) if pedestal_number is not None else pedestal}")
-    for key, step in (("OVERSCAN", "overscan"), ("TRIM", "trim"), ("ZEROCOR", "bias"),
-                      ("DARKCOR", "dark"), ("FLATCOR", "flat")):  # IRAF ccdproc: dated text
-        value = present(key)
-        if isinstance(value, str) and (key in ("ZEROCOR", "DARKCOR", "FLATCOR") or step in value.lower()):
-            steps.add(step)
-            evidence.append(key)
-    for key, step in (("SUBTRACT_OVERSCAN", "overscan"), ("TRIM_IMAGE", "trim"), ("SUBTRACT_BIAS", "bias"),
-                      ("SUBTRACT_DARK", "dark"), ("FLAT_CORRECT", "flat")):  # astropy ccdproc's log
-        if present(key) is not None:
-            steps.add(step)
-            evidence.append(key.lower())
-    for key, step in (("OVSCSEC", "overscan"), ("CALBIAS", "bias"), ("CALDARK", "dark"),
-                      ("CALFLAT", "flat")):  # ccdcal's calibrated frames
-        if present(key) is not None:
-            steps.add(step)
-            evidence.append(key)
-    for key in TYPE_KEYS:
-        value = present(key)
-        if value is not None:
-            if _norm_type(value).startswith("MASTER"):
-                steps.add("master")
-                evidence.append(f"{key} = {str(value).strip()!r}")
-            break
-    bunit = present("BUNIT")
-    if isinstance(bunit, str) and bunit.replace(" ", "").lower() == "adu/adu":  # ccdcal's master flat
-        steps.add("master")
-        evidence.append("BUNIT = 'adu/adu'")
-    ordered = tuple(step for step in CALIBRATION_STEPS if step in steps)
-    warnings: list[str] = []
-    if ordered:
-        sources = "; ".join(evidence + ([pedestal_note] if pedestal_note else []))
-        warnings.append(f"the header says this frame was already calibrated ({', '.join(ordered)};"
-                        f" from {sources})")
-    elif pedestal_note:
-        warnings.append(f"{pedestal_note}: MaxIm DL adds a pedestal when it calibrates, but no CALSTAT"
-                        " says which steps were done; treated as raw")
-    return ordered, warnings
-
-
-def filter_name(header: Any) -> str | None:
-    """The filter: FILTER (or its variants); FILTER1+FILTER2 joined when both hold a real filter."""
-    values = []
-    for key in FILTER_KEYS:
-        value = header_value(header, (key,))
-        if value is None:
-            continue
-        text = str(value).strip()
-        if text.upper() in EMPTY_FILTERS:
-            continue
-        if key in ("FILTER1", "FILTER2", "FILT1"):
-            values.append(text)
-            continue
-        return text
-    return "+".join(values) if values else None
-
-
-def binning(header: Any) -> tuple[int, int]:
-    x = _number(header_value(header, ("XBINNING", "BINX", "CCDXBIN", "HBIN", "XBIN")))
-    y = _number(header_value(header, ("YBINNING", "BINY", "CCDYBIN", "VBIN", "YBIN")))
-    if x is None or y is None:
-        ccdsum = header_value(header, ("CCDSUM", "BINNING"))
-        if isinstance(ccdsum, str):
-            parts = re.split(r"[\s,x×]+", ccdsum.strip().lower())
-            if len(parts) == 2 and all(p.isdigit() for p in parts):
-                x, y = float(parts[0]), float(parts[1])
-        elif isinstance(ccdsum, (int, float)):
-            x = y = float(ccdsum)
-
-    def valid(v: float | None) -> int | None:  # binning is a small positive integer; anything else is noise
-        return int(v) if v is not None and np.isfinite(v) and 1 <= v <= 64 and float(v).is_integer() else None
-
-    bx, by = valid(x), valid(y)
-    bx = bx or by or 1
-    return bx, by or bx
-
-
-def _date(header: Any) -> str | None:
-    value = header_value(header, DATE_KEYS)
-    if not isinstance(value, str):
-        return None
-    value = value.strip()
-    time = header_value(header, ("TIME-OBS", "TIME_OBS", "UT", "UTSTART", "UT-START"))
-    if "T" not in value and isinstance(time, str) and re.match(r"^\d{4}-\d\d-\d\d$", value):
-        value = f"{value}T{time.strip()}"
-    return value
-
-
-# -- classification -------------------------------------------------------------------------
 def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
     """Decide the kind of a frame from its header and file name; return it with the warnings.
 
@@ -493,43 +293,6 @@ def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
     reason = f"{source} is not a frame type ccdcal knows" if source else "no frame-type keyword (IMAGETYP/OBSTYPE)"
     warnings.append(reason + "; rename the file (bias/dark/flat/light) or fix the header")
     return FrameKind.UNKNOWN, warnings
-
-
-def _sections(header: Any, shape: tuple[int, int]) -> tuple[str | None, str | None, list[str]]:
-    """BIASSEC and TRIMSEC (else DATASEC) when each is a FITS section inside this image.
-
-    A section written in another convention (``'[0,513:0,1536]'``, detector coordinates
-    of a windowed read-out beyond the array) is ignored whole, with one warning naming
-    what was found and why; it is never half-applied.
-    """
-    from .sections import parse_section
-
-    ny, nx = shape
-    problems = []
-    found: dict[str, str | None] = {}
-    for key in SECTION_KEYS:
-        value = header_value(header, (key,))
-        found[key] = None
-        if value is None:
-            continue
-        text = str(value).strip()
-        try:
-            section = parse_section(text)
-        except InputError as exc:
-            hint = ("0-based pixel numbers? FITS sections start at 1" if "start at 1" in str(exc)
-                    else "written in another convention?")
-            problems.append(f"{key} {text!r} is not a FITS section [x1:x2,y1:y2] of this {nx}x{ny}"
-                            f" image ({hint}): ignored")
-            continue
-        try:
-            section.resolve(shape)
-        except InputError:
-            problems.append(f"{key} {text!r} reaches beyond this {nx}x{ny} image (detector"
-                            " coordinates of a windowed read-out, or another convention?): ignored")
-            continue
-        found[key] = text
-    trim = found["TRIMSEC"] or found["DATASEC"]
-    return found["BIASSEC"], trim, problems
 
 
 def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus: int = 1) -> FrameInfo:

@@ -12,8 +12,13 @@ Matching rules (the same for calibration members and lights):
   temperature, with a note), the exact exposure, else the one adding least noise among
   the longer ones, else the longest; scaled by the exposure ratio (only when a bias
   exists to remove the bias from the dark, otherwise an exact-exposure dark is used
-  unscaled); see :func:`ccdcal.calibrate.choose_dark`;
+  unscaled); see :func:`ccdcal.masters.choose_dark`;
 - flat: the master flat of the same geometry and filter.
+
+The grouping and matching criteria are data (:data:`CALIBRATION_CRITERIA`). One planner per
+kind applies them, in order: :func:`plan_biases`, :func:`plan_darks`, :func:`plan_flats`, then
+:func:`plan_lights`. Each one extends the :class:`MasterIndex` of the masters planned before
+it, and chooses a frame's masters through that index.
 
 Masters are stacked by default with a mean of the values that survive a noise-model clip
 (``reject="auto"``): σ of each value from the detector's read noise and gain, not from the
@@ -26,13 +31,12 @@ left out of the master (``keep_flagged`` keeps them).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .calibrate import OverscanSpec, Recipe, dark_scale_for, overscan_geometry
-from .calibrate import choose_dark as pick_dark
 from .inventory import (
     FrameInfo,
     FrameKind,
@@ -41,6 +45,10 @@ from .inventory import (
     frame_temperature,
     temperature_groups,
 )
+from .masters import choose_dark, dark_scale_for
+from .overscan import OverscanSpec, overscan_geometry
+from .recipe import Recipe
+from .robust import MAD_TO_STD
 
 KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
 #: A bias or dark without overscan whose median level is off from its group's by more than this
@@ -50,6 +58,22 @@ KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
 GROSS_LEVEL_NOISE = 2.0
 #: Darks this short (s) carry no measurable dark current: without bias frames they are the zero level.
 ZERO_EXPOSURE = 1.0
+
+#: What makes the frames of one kind one master ("group"), what a frame is matched on when its
+#: master of that kind is chosen ("match", see :class:`MasterIndex`), and whether the members
+#: are scaled to a common level before stacking (BANZAI's CALIBRATION_SET_CRITERIA, as data).
+#: Each grouping key labels the frames of one geometry through :data:`GROUP_LABELS`.
+CALIBRATION_CRITERIA: dict[FrameKind, dict[str, Any]] = {
+    FrameKind.BIAS: {"group": ("geometry", "temperature cluster"),
+                     "match": ("geometry", "nearest temperature cluster"),
+                     "scaled": False},
+    FrameKind.DARK: {"group": ("geometry", "exposure", "temperature cluster"),
+                     "match": ("geometry", "temperature within tolerance", "exposure"),
+                     "scaled": False},
+    FrameKind.FLAT: {"group": ("geometry", "filter"),
+                     "match": ("geometry", "filter"),
+                     "scaled": True},
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +102,6 @@ class CombineSettings:
 
 def member_steps(recipes: tuple[Recipe, ...]) -> list[str]:
     """The distinct recipes of a master's members, dark scales shown as one range."""
-    from dataclasses import replace
-
     groups: dict[Recipe, list[float]] = {}
     for r in recipes:
         groups.setdefault(replace(r, dark_scale=1.0), []).append(r.dark_scale)
@@ -263,6 +285,18 @@ def _group_exptime(values: list[float], tolerance: float) -> list[float]:
     return out
 
 
+#: How each grouping key of :data:`CALIBRATION_CRITERIA` labels the frames of one geometry:
+#: frames with equal labels for every key of their kind share a master.
+GROUP_LABELS: dict[str, Callable[[Sequence[FrameInfo], PlanOptions], list[Any]]] = {
+    "geometry": lambda frames, options: [geometry(f) for f in frames],
+    "temperature cluster": lambda frames, options: temperature_groups(
+        [frame_temperature(f) for f in frames], options.temp_tolerance),
+    "exposure": lambda frames, options: _group_exptime(
+        [f.exptime for f in frames], options.exptime_tolerance),
+    "filter": lambda frames, options: [f.filter for f in frames],
+}
+
+
 def _raw_frames(frames: list[FrameInfo], skipped: list[Skipped]) -> list[FrameInfo]:
     """The frames that are raw: those whose header says they were calibrated are listed as skipped.
 
@@ -288,8 +322,6 @@ def _zero_level_from_short_darks(frames: list[FrameInfo], warnings: list[str]) -
     noise, and without a zero level the longer darks could not be scaled and every light
     would keep its pedestal.
     """
-    from dataclasses import replace
-
     have_bias = {geometry(f) for f in frames if f.kind == FrameKind.BIAS}
     out = []
     used: dict[tuple, list[FrameInfo]] = {}
@@ -328,306 +360,456 @@ def _pedestal_left(bias: str | None, dark: str | None, flat_job: MasterJob | Non
     return None
 
 
+def _mean_temperature(group: Sequence[FrameInfo]) -> float | None:
+    known = [t for t in map(frame_temperature, group) if t is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _nearest_bias(temp: float | None, candidates: Sequence[tuple[float | None, Hashable]],
+                  sizes: Mapping[Hashable, int], tolerance: float) -> tuple[Any, str | None]:
+    """The bias (or bias cluster) nearest ``temp``, as ``(temperature, name)`` candidates give it:
+    the largest when either temperature is unknown; ties go to the larger. The note says when
+    it is further than ``tolerance``."""
+    known = [c for c in candidates if c[0] is not None]
+    if temp is None or not known:
+        return max(candidates, key=lambda c: sizes.get(c[1], 0))[1], None
+    best = min(known, key=lambda c: (abs(c[0] - temp), -sizes.get(c[1], 0)))
+    off = abs(best[0] - temp)
+    note = (f"nearest master bias is {off:.1f} °C away from the frame's {temp:.1f} °C"
+            if off > tolerance else None)
+    return best[1], note
+
+
+class BiasMaster(NamedTuple):
+    """A master bias of one geometry."""
+
+    temperature: float | None          # mean of its cluster, °C (None: unknown)
+    name: str
+
+
+class DarkMaster(NamedTuple):
+    """A master dark of one geometry."""
+
+    exptime: float
+    temperature: float | None          # mean of its members, °C (None: unknown)
+    name: str
+
+
+@dataclass(frozen=True)
+class MasterIndex:
+    """The masters a plan builds, per geometry, as matching a frame to them needs them.
+
+    :func:`plan_biases` starts it, :func:`plan_darks` and :func:`plan_flats` return it extended
+    (nothing changes it in place); the ``*_for`` methods make the choices of
+    :data:`CALIBRATION_CRITERIA` ``"match"`` and return them with the notes a light carries.
+    """
+
+    biases: Mapping[tuple, tuple[BiasMaster, ...]] = field(default_factory=dict)
+    darks: Mapping[tuple, tuple[DarkMaster, ...]] = field(default_factory=dict)
+    flats: Mapping[tuple, Mapping[str | None, str]] = field(default_factory=dict)  # filter -> name
+    counts: Mapping[str, int] = field(default_factory=dict)     # master name -> frames combined
+    temp_tolerance: float = 2.0
+    exptime_tolerance: float = 0.01
+
+    def bias_for(self, info: FrameInfo) -> tuple[str | None, tuple[str, ...]]:
+        """The master bias of the frame's geometry whose temperature is nearest the frame's (the
+        one of most frames when a temperature is unknown), and the notes."""
+        candidates = self.biases.get(geometry(info))
+        if not candidates:
+            return None, ("no master bias for this binning/size",)
+        name, note = _nearest_bias(frame_temperature(info), candidates, self.counts,
+                                   self.temp_tolerance)
+        return name, (note,) if note else ()
+
+    def dark_for(self, info: FrameInfo,
+                 bias: str | None) -> tuple[str | None, float, tuple[str, ...]]:
+        """The master dark of the frame's geometry (see :func:`ccdcal.masters.choose_dark`), its
+        scale and the notes. A dark of another exposure is used only when ``bias`` (the frame's
+        master bias) is given: without it the dark's bias level would be scaled too."""
+        candidates = self.darks.get(geometry(info), ())
+        if not candidates:
+            return None, 0.0, ()
+        notes: list[str] = []
+        temp = frame_temperature(info)
+        known = [c for c in candidates if c.temperature is not None]
+        if temp is not None and known:
+            nearest = min(abs(c.temperature - temp) for c in known)
+            if nearest > self.temp_tolerance:
+                notes.append(f"nearest master dark is {nearest:.1f} °C away from the frame's"
+                             f" {temp:.1f} °C")
+        t = info.exptime
+        if t is None:
+            return None, 0.0, (*notes, "no exposure time: dark not applied")
+        name = choose_dark(t, {c.name: c.exptime for c in candidates},
+                           tolerance=self.exptime_tolerance, counts=dict(self.counts),
+                           temperature=temp,
+                           temperatures={c.name: c.temperature for c in candidates},
+                           temp_tolerance=self.temp_tolerance)
+        t_dark = next(c.exptime for c in candidates if c.name == name)
+        if abs(t_dark - t) <= self.exptime_tolerance * max(t, 1e-9):
+            return name, 1.0 if not bias else dark_scale_for(t, t_dark), tuple(notes)
+        if not bias:
+            notes.append(f"no bias frames, so darks cannot be scaled to {t:g} s; none applied")
+            return None, 0.0, tuple(notes)
+        scale = dark_scale_for(t, t_dark)
+        notes.append(f"no {t:g} s dark: the {t_dark:g} s dark is scaled by {scale:.4g}")
+        return name, scale, tuple(notes)
+
+    def flat_for(self, info: FrameInfo) -> tuple[str | None, tuple[str, ...]]:
+        """The master flat of the frame's geometry and filter (the only one when the frame has
+        no filter), and the notes."""
+        by_filter = self.flats.get(geometry(info), {})
+        flat = by_filter.get(info.filter)
+        if flat is not None:
+            return flat, ()
+        if not by_filter:
+            return None, ("no flat frames for this binning/size: not flat-fielded",)
+        if info.filter is None and len(by_filter) == 1:
+            only = next(iter(by_filter.values()))
+            return only, ("the light has no filter keyword; the only master flat is used",)
+        have = ", ".join(map(str, by_filter))
+        return None, (f"no master flat for filter {info.filter!r} (have: {have})",)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What the planners share: the options, and the plan's lists of skipped inputs and of
+    warnings, which each planner extends in its turn (their order is the plan's)."""
+
+    options: PlanOptions
+    many_geometries: bool = False                  # master names then carry the geometry
+    bias_levels: Mapping[tuple, float] = field(default_factory=dict)   # -> median raw bias level
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _overscans: dict[tuple, tuple[OverscanSpec | None, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, frames: Sequence[FrameInfo], options: PlanOptions | None = None, *,
+           skipped: list[Skipped] | None = None, warnings: list[str] | None = None) -> PlanContext:
+        """The context of a plan of ``frames`` (appending to ``skipped`` and ``warnings``)."""
+        levels: dict[tuple, list[float]] = {}
+        for f in frames:
+            level = f.metrics.get("level", np.nan) if f.metrics else np.nan
+            if f.kind == FrameKind.BIAS and np.isfinite(level):
+                levels.setdefault(geometry(f), []).append(level)
+        return cls(options=options or PlanOptions(),
+                   many_geometries=len({geometry(f) for f in frames}) > 1,
+                   bias_levels={g: float(np.median(v)) for g, v in levels.items()},
+                   skipped=[] if skipped is None else skipped,
+                   warnings=[] if warnings is None else warnings)
+
+    def recipe(self, info: FrameInfo) -> Recipe:
+        """The frame's overscan and trim (one fit per geometry), with no master yet."""
+        geom = geometry(info)
+        if geom not in self._overscans:
+            spec, trim = overscan_geometry(info.shape, info.biassec, info.trimsec,
+                                           model=self.options.overscan_model,
+                                           order=self.options.overscan_order)
+            self._overscans[geom] = (spec if self.options.overscan else None, trim)
+        spec, trim = self._overscans[geom]
+        return Recipe(overscan=spec, trim=trim)
+
+    def master_name(self, stem: str, geom: tuple) -> str:
+        return f"{stem}_{_geom_text(geom)}.fits" if self.many_geometries else f"{stem}.fits"
+
+    def skip(self, info: FrameInfo, reason: str) -> None:
+        self.skipped.append(Skipped(str(info.path), reason))
+
+
+# -- which frames go into a master -------------------------------------------------------------
+def _unusable(info: FrameInfo, ctx: PlanContext) -> str | None:
+    """Why a calibration frame cannot go into any master (whatever --exclude-flagged says)."""
+    m = info.metrics
+    if not m:
+        return None
+    if m.get("nonfinite_frac", 0.0) >= 0.5:
+        return f"{m['nonfinite_frac']:.0%} of its pixels are NaN or infinite"
+    if m.get("zero_frac", 0.0) >= 0.5:
+        return f"{m['zero_frac']:.0%} of its pixels are 0"
+    if info.kind == FrameKind.FLAT:
+        level = m.get("level", np.nan)
+        floor = ctx.bias_levels.get(geometry(info), 0.0)
+        if not np.isfinite(level) or level <= floor:
+            return (f"its level ({level:.6g} ADU) is not above the bias ({floor:.6g} ADU):"
+                    " not a usable flat")
+    return None
+
+
+def _gross_outliers(members: list[FrameInfo], ctx: PlanContext) -> dict[int, str]:
+    """Bias/dark frames whose level is far off their group's (index -> reason)."""
+    rows = [(i, f.metrics.get("level", np.nan), f.metrics.get("noise", np.nan))
+            for i, f in enumerate(members) if f.metrics]
+    rows = [r for r in rows if np.isfinite(r[1]) and np.isfinite(r[2]) and r[2] > 0]
+    if len(rows) < 3:
+        return {}
+    if any(ctx.recipe(members[i]).overscan is not None for i, _, _ in rows):
+        return {}
+    levels = np.array([r[1] for r in rows])
+    level = float(np.median(levels))
+    noise = float(np.median([r[2] for r in rows]))
+    spread = MAD_TO_STD * float(np.median(np.abs(levels - level)))
+    far = {i: f"level {lv - level:+.4g} ADU from its group's {level:.6g} ADU, "
+              f"{abs(lv - level) / noise:.1f}x the per-pixel noise"
+           for i, lv, _ in rows if abs(lv - level) > max(GROSS_LEVEL_NOISE * noise, 5 * spread)}
+    return far if len(far) * 2 < len(rows) else {}
+
+
+def _usable(members: list[FrameInfo],
+            ctx: PlanContext) -> tuple[list[FrameInfo], list[FrameInfo], list[str]]:
+    """The members of one master that go in, those left out, and why each is left out.
+
+    Unusable frames are skipped; gross level outliers (not of flats) and, with
+    ``exclude_flagged``, flagged frames are left out, unless ``keep_flagged``.
+    """
+    good = []
+    for f in members:
+        why = _unusable(f, ctx)
+        if why:
+            ctx.skip(f, f"{f.kind.value} left out of its master: {why}")
+        else:
+            good.append(f)
+    members = good
+    if ctx.options.keep_flagged:
+        return members, [], []
+    far = _gross_outliers(members, ctx) if members and members[0].kind != FrameKind.FLAT else {}
+    if ctx.options.exclude_flagged:
+        flagged = {i: "; ".join(f.flags) for i, f in enumerate(members) if f.flags}
+        far = {**flagged, **far} if len(flagged) < len(members) else far
+        if len(flagged) == len(members) and members:
+            ctx.warnings.append(f"all {len(members)} frames of a group are flagged; kept them all")
+    keep = [f for i, f in enumerate(members) if i not in far]
+    drop = [f for i, f in enumerate(members) if i in far]
+    return keep, drop, [far[i] for i in sorted(far)]
+
+
+def _by_geometry(frames: Sequence[FrameInfo]) -> dict[tuple, list[FrameInfo]]:
+    """The frames by :func:`geometry`, geometries in order of first appearance."""
+    out: dict[tuple, list[FrameInfo]] = {}
+    for f in frames:
+        out.setdefault(geometry(f), []).append(f)
+    return out
+
+
+def group_frames(frames: Sequence[FrameInfo], kind: FrameKind,
+                 options: PlanOptions) -> dict[tuple, list[FrameInfo]]:
+    """Frames of one geometry, of ``kind``, grouped by ``CALIBRATION_CRITERIA[kind]["group"]``:
+    key -> frames, keys in order of first appearance (temperature clusters are formed among
+    these frames only)."""
+    columns = [GROUP_LABELS[c](frames, options) for c in CALIBRATION_CRITERIA[kind]["group"]]
+    groups: dict[tuple, list[FrameInfo]] = {}
+    for f, *key in zip(frames, *columns, strict=True):
+        groups.setdefault(tuple(key), []).append(f)
+    return groups
+
+
+def _in_order(groups: dict[tuple, list[FrameInfo]]) -> list[tuple[tuple, list[FrameInfo]]]:
+    """The groups in planning order: by key, filter names (and None) as text."""
+    def sortable(key: tuple) -> tuple:
+        return tuple(str(v) if v is None or isinstance(v, str) else v for v in key)
+    return sorted(groups.items(), key=lambda kv: sortable(kv[0]))
+
+
+def _master_job(kind: FrameKind, name: str, label: str, members: tuple[list, list, list[str]],
+                recipes: list[Recipe], ctx: PlanContext, **extra: Any) -> MasterJob:
+    keep, drop, reasons = members
+    scale = CALIBRATION_CRITERIA[kind]["scaled"]
+    return MasterJob(kind=kind, name=name, label=label, members=tuple(keep), recipes=tuple(recipes),
+                     settings=_settings(len(keep), ctx.options, scale=scale), excluded=tuple(drop),
+                     excluded_reasons=tuple(reasons), **extra)
+
+
+# -- the planners ------------------------------------------------------------------------------
+def _needed_clusters(clusters: dict[tuple, list[FrameInfo]], members: list[FrameInfo],
+                     tolerance: float) -> set[tuple]:
+    """The bias clusters some frame of the geometry (of any other kind) is nearest to, and the
+    largest one."""
+    trial = [(_mean_temperature(g), k) for k, g in clusters.items()]
+    sizes = {k: len(g) for k, g in clusters.items()}
+    needed = {max(sizes, key=sizes.__getitem__)}
+    for f in members:
+        if f.kind != FrameKind.BIAS:
+            needed.add(_nearest_bias(frame_temperature(f), trial, sizes, tolerance)[0])
+    return needed
+
+
+def plan_biases(frames: Sequence[FrameInfo],
+                ctx: PlanContext) -> tuple[list[MasterJob], MasterIndex]:
+    """One master bias per geometry and temperature cluster, and the index that lists them.
+
+    Only the clusters some frame of the geometry needs (and the largest) are built: a bias
+    taken at another temperature than everything else is skipped rather than averaged in.
+    """
+    jobs: list[MasterJob] = []
+    biases: dict[tuple, list[BiasMaster]] = {}
+    for geom, members in _by_geometry(frames).items():
+        bias_frames = [f for f in members if f.kind == FrameKind.BIAS]
+        clusters = group_frames(bias_frames, FrameKind.BIAS, ctx.options)
+        if not clusters:
+            continue
+        needed = _needed_clusters(clusters, members, ctx.options.temp_tolerance)
+        for key, group in _in_order(clusters):
+            temp = _mean_temperature(group)
+            if key not in needed:
+                where = f"{temp:+.1f} °C" if temp is not None else "another temperature"
+                for f in group:
+                    ctx.skip(f, f"bias at {where} left out: no frame was taken at that temperature"
+                                " (within --temp-tolerance)")
+                continue
+            keep, drop, reasons = _usable(group, ctx)
+            if not keep:
+                continue
+            tagged = len(needed) > 1 and temp is not None
+            name = ctx.master_name("master_bias" + (f"_{temp:+.0f}C" if tagged else ""), geom)
+            biases.setdefault(geom, []).append(BiasMaster(temp, name))
+            if len(keep) == 1:
+                ctx.warnings.append(f"master bias {_geom_text(geom)} from a single frame"
+                                    f" ({keep[0].name}): noisy")
+            label = f"master bias   {_geom_text(geom)}" + (f"  {temp:+.1f} °C" if tagged else "")
+            recipes = [ctx.recipe(f) for f in keep]
+            jobs.append(_master_job(FrameKind.BIAS, name, label, (keep, drop, reasons), recipes,
+                                    ctx, temperature=temp, geometry=geom))
+    index = MasterIndex(biases={g: tuple(b) for g, b in biases.items()},
+                        counts={j.name: len(j.members) for j in jobs},
+                        temp_tolerance=ctx.options.temp_tolerance,
+                        exptime_tolerance=ctx.options.exptime_tolerance)
+    return jobs, index
+
+
+def plan_darks(frames: Sequence[FrameInfo], index: MasterIndex,
+               ctx: PlanContext) -> tuple[list[MasterJob], MasterIndex]:
+    """One master dark per geometry, exposure group and temperature cluster, its frames
+    bias-subtracted with the master bias of its first member; and the index with them."""
+    jobs: list[MasterJob] = []
+    darks: dict[tuple, list[DarkMaster]] = {}
+    for geom, members in _by_geometry(frames).items():
+        timed = []
+        for f in (f for f in members if f.kind == FrameKind.DARK):
+            if f.exptime is None:
+                ctx.skip(f, "dark without exposure time (EXPTIME/EXPOSURE); fix the header")
+            else:
+                timed.append(f)
+        groups = group_frames(timed, FrameKind.DARK, ctx.options)
+        several_temps = len({cluster for _, _, cluster in groups}) > 1
+        for (_, exptime, _), group in _in_order(groups):
+            keep, drop, reasons = _usable(group, ctx)
+            if not keep:
+                continue
+            temp = _mean_temperature(keep)
+            tag = f"_{temp:+.0f}C" if several_temps and temp is not None else ""
+            name = ctx.master_name(f"master_dark_{exptime:g}s{tag}", geom)
+            bias, _ = index.bias_for(keep[0])
+            if len(keep) == 1:
+                ctx.warnings.append(f"master dark {exptime:g} s from a single frame"
+                                    f" ({keep[0].name}): noisy")
+            label = f"master dark   {exptime:g} s"
+            label += f"  {temp:+.1f} °C" if temp is not None else ""
+            label += "   bias-subtracted" if bias else "   NOT bias-subtracted (no bias frames)"
+            darks.setdefault(geom, []).append(DarkMaster(exptime, temp, name))
+            recipes = [replace(ctx.recipe(f), bias=bias) for f in keep]
+            jobs.append(_master_job(FrameKind.DARK, name, label, (keep, drop, reasons), recipes,
+                                    ctx, exptime=exptime, temperature=temp, geometry=geom))
+    counts = {**index.counts, **{j.name: len(j.members) for j in jobs}}
+    return jobs, replace(index, darks={g: tuple(d) for g, d in darks.items()}, counts=counts)
+
+
+def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
+               ctx: PlanContext) -> tuple[list[MasterJob], MasterIndex]:
+    """One master flat per geometry and filter, each frame with its own bias and dark; and the
+    index with them."""
+    jobs: list[MasterJob] = []
+    flats: dict[tuple, dict[str | None, str]] = {}
+    for geom, members in _by_geometry(frames).items():
+        groups = group_frames([f for f in members if f.kind == FrameKind.FLAT], FrameKind.FLAT,
+                              ctx.options)
+        for (_, filt), group in _in_order(groups):
+            keep, drop, reasons = _usable(group, ctx)
+            if not keep:
+                continue
+            name = ctx.master_name(f"master_flat_{_slug(filt or 'nofilter')}", geom)
+            recipes = []
+            for f in keep:
+                bias, _ = index.bias_for(f)
+                dark, scale, _ = index.dark_for(f, bias)
+                recipes.append(replace(ctx.recipe(f), bias=bias, dark=dark, dark_scale=scale))
+            if len(keep) == 1:
+                ctx.warnings.append(f"master flat {filt} from a single frame"
+                                    f" ({keep[0].name}): noisy")
+            flats.setdefault(geom, {})[filt] = name
+            label = f"master flat   {filt or '(no filter)'}"
+            jobs.append(_master_job(FrameKind.FLAT, name, label, (keep, drop, reasons), recipes,
+                                    ctx, filter=filt, geometry=geom))
+    return jobs, replace(index, flats=flats)
+
+
+def _light_output(info: FrameInfo, used: set[str]) -> str:
+    """``calibrated/<stem>.fits``, numbered from _2 when another light has that name."""
+    out = f"calibrated/{info.stem}.fits"
+    n = 2
+    while out in used:
+        out = f"calibrated/{info.stem}_{n}.fits"
+        n += 1
+    used.add(out)
+    return out
+
+
+def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequence[MasterJob],
+                ctx: PlanContext) -> list[LightJob]:
+    """Every light (in path order) with the masters the index chooses for it, and the notes.
+
+    A light is skipped, with the reason, when darks exist but its exposure is unknown, when no
+    master matches it, and when its pedestal would stay in (:func:`_pedestal_left`) unless
+    ``allow_uncorrected``.
+    """
+    lights: list[LightJob] = []
+    used: set[str] = set()
+    for info in sorted((f for f in frames if f.kind == FrameKind.LIGHT), key=lambda f: str(f.path)):
+        if info.exptime is None and index.darks.get(geometry(info)):
+            ctx.skip(info, "no exposure time (EXPTIME/EXPOSURE/ITIME), so the master dark cannot be"
+                           " scaled to it; add the keyword to the header")
+            continue
+        bias, bias_notes = index.bias_for(info)
+        dark, scale, dark_notes = index.dark_for(info, bias)
+        flat, flat_notes = index.flat_for(info)
+        notes = [*bias_notes, *dark_notes, *flat_notes]
+        if not (bias or dark or flat):
+            size = f"{info.shape[1]}x{info.shape[0]} binned {info.binning[0]}x{info.binning[1]}"
+            ctx.skip(info, f"no master bias, dark or flat matches its geometry ({size});"
+                           " add calibration frames taken the same way")
+            continue
+        flat_job = next(j for j in masters if j.name == flat) if flat else None
+        uncorrected = _pedestal_left(bias, dark, flat_job)
+        if uncorrected and not ctx.options.allow_uncorrected:
+            ctx.skip(info, f"{uncorrected}, so its pedestal would stay in; add bias frames"
+                           " (or darks of its exposure), or pass --allow-uncorrected")
+            continue
+        if uncorrected:
+            notes.append(f"UNCORRECTED: {uncorrected}; the pedestal stays in (--allow-uncorrected)")
+        recipe = replace(ctx.recipe(info), bias=bias, dark=dark, dark_scale=scale, flat=flat)
+        lights.append(LightJob(frame=info, output=_light_output(info, used), recipe=recipe,
+                               notes=tuple(notes), uncorrected=uncorrected))
+    return lights
+
+
 def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan:
-    """Decide every master and every light's calibration from an inventory."""
+    """Decide every master and every light's calibration from an inventory.
+
+    Frames already calibrated are skipped and short darks stand in for missing biases; then
+    :func:`plan_biases`, :func:`plan_darks`, :func:`plan_flats` and :func:`plan_lights` run in
+    that order, each matching against the masters planned before it.
+    """
     options = options or PlanOptions()
     skipped = list(inventory.skipped)
     warnings: list[str] = []
     frames = _raw_frames(list(inventory.frames), skipped)
     frames = _zero_level_from_short_darks(frames, warnings)
-
-    overscans: dict[tuple, tuple[OverscanSpec | None, Any]] = {}
-
-    def base_recipe(info: FrameInfo) -> Recipe:
-        geom = geometry(info)
-        if geom not in overscans:
-            spec, trim = overscan_geometry(info.shape, info.biassec, info.trimsec,
-                                           model=options.overscan_model, order=options.overscan_order)
-            overscans[geom] = (spec if options.overscan else None, trim)
-        spec, trim = overscans[geom]
-        return Recipe(overscan=spec, trim=trim)
-
-    raw_bias_levels: dict[tuple, list[float]] = {}
-    for f in frames:
-        if f.kind == FrameKind.BIAS and f.metrics and np.isfinite(f.metrics.get("level", np.nan)):
-            raw_bias_levels.setdefault(geometry(f), []).append(f.metrics["level"])
-    bias_levels = {g: float(np.median(v)) for g, v in raw_bias_levels.items()}
-
-    def unusable(info: FrameInfo) -> str | None:
-        """Why a calibration frame cannot go into any master (whatever --exclude-flagged says)."""
-        m = info.metrics
-        if not m:
-            return None
-        if m.get("nonfinite_frac", 0.0) >= 0.5:
-            return f"{m['nonfinite_frac']:.0%} of its pixels are NaN or infinite"
-        if m.get("zero_frac", 0.0) >= 0.5:
-            return f"{m['zero_frac']:.0%} of its pixels are 0"
-        if info.kind == FrameKind.FLAT:
-            level = m.get("level", np.nan)
-            floor = bias_levels.get(geometry(info), 0.0)
-            if not np.isfinite(level) or level <= floor:
-                return f"its level ({level:.6g} ADU) is not above the bias ({floor:.6g} ADU): not a usable flat"
-        return None
-
-    # -- group calibration frames ------------------------------------------------------------
-    def gross_outliers(members: list[FrameInfo]) -> dict[int, str]:
-        """Bias/dark frames whose level is far off their group's (index -> reason)."""
-        rows = [(i, f.metrics.get("level", np.nan), f.metrics.get("noise", np.nan))
-                for i, f in enumerate(members) if f.metrics]
-        rows = [r for r in rows if np.isfinite(r[1]) and np.isfinite(r[2]) and r[2] > 0]
-        if len(rows) < 3:
-            return {}
-        if any(base_recipe(members[i]).overscan is not None for i, _, _ in rows):
-            return {}
-        levels = np.array([r[1] for r in rows])
-        level = float(np.median(levels))
-        noise = float(np.median([r[2] for r in rows]))
-        spread = 1.4826 * float(np.median(np.abs(levels - level)))
-        far = {i: f"level {lv - level:+.4g} ADU from its group's {level:.6g} ADU, "
-                  f"{abs(lv - level) / noise:.1f}x the per-pixel noise"
-               for i, lv, _ in rows if abs(lv - level) > max(GROSS_LEVEL_NOISE * noise, 5 * spread)}
-        return far if len(far) * 2 < len(rows) else {}
-
-    def usable(members: list[FrameInfo]) -> tuple[list[FrameInfo], list[FrameInfo], list[str]]:
-        good = []
-        for f in members:
-            why = unusable(f)
-            if why:
-                skipped.append(Skipped(str(f.path), f"{f.kind.value} left out of its master: {why}"))
-            else:
-                good.append(f)
-        members = good
-        if options.keep_flagged:
-            return members, [], []
-        far = gross_outliers(members) if members and members[0].kind != FrameKind.FLAT else {}
-        if options.exclude_flagged:
-            flagged = {i: "; ".join(f.flags) for i, f in enumerate(members) if f.flags}
-            far = {**flagged, **far} if len(flagged) < len(members) else far
-            if len(flagged) == len(members) and members:
-                warnings.append(f"all {len(members)} frames of a group are flagged; kept them all")
-        keep = [f for i, f in enumerate(members) if i not in far]
-        drop = [f for i, f in enumerate(members) if i in far]
-        return keep, drop, [far[i] for i in sorted(far)]
-
-    biases: dict[tuple, list[tuple[float | None, str]]] = {}  # geom -> [(temperature, name)]
-    darks: dict[tuple, list[tuple[float, float | None, str]]] = {}  # geom -> [(exptime, temp, name)]
-    dark_counts: dict[str, int] = {}
-    flats: dict[tuple, dict[str | None, str]] = {}
-    jobs: list[MasterJob] = []
-    geoms = {geometry(f) for f in frames}
-    many_geoms = len(geoms) > 1
-
-    def master_name(stem: str, geom: tuple) -> str:
-        return f"{stem}_{_geom_text(geom)}.fits" if many_geoms else f"{stem}.fits"
-
-    def mean_temperature(group: list[FrameInfo]) -> float | None:
-        known = [t for t in map(frame_temperature, group) if t is not None]
-        return sum(known) / len(known) if known else None
-
-    def nearest_bias(info: FrameInfo, candidates: list[tuple[float | None, str]],
-                     sizes: dict[str, int]) -> tuple[str, str | None]:
-        """The bias cluster for a frame (and a note when it is outside the tolerance)."""
-        temp = frame_temperature(info)
-        known = [c for c in candidates if c[0] is not None]
-        if temp is None or not known:
-            return max(candidates, key=lambda c: sizes.get(c[1], 0))[1], None
-        best = min(known, key=lambda c: (abs(c[0] - temp), -sizes.get(c[1], 0)))
-        off = abs(best[0] - temp)
-        note = (f"nearest master bias is {off:.1f} °C away from the frame's {temp:.1f} °C"
-                if off > options.temp_tolerance else None)
-        return best[1], note
-
-    by_geom: dict[tuple, list[FrameInfo]] = {}
-    for f in frames:
-        by_geom.setdefault(geometry(f), []).append(f)
-
-    for geom, members in by_geom.items():
-        bias_frames = [f for f in members if f.kind == FrameKind.BIAS]
-        if not bias_frames:
-            continue
-        labels = temperature_groups([frame_temperature(f) for f in bias_frames], options.temp_tolerance)
-        clusters: dict[int, list[FrameInfo]] = {}
-        for f, label in zip(bias_frames, labels, strict=True):
-            clusters.setdefault(label, []).append(f)
-        # Build the clusters some frame needs (and the largest one); a bias taken at another
-        # temperature than everything else is left out rather than averaged in.
-        trial = [(mean_temperature(g), str(k)) for k, g in clusters.items()]
-        sizes = {str(k): len(g) for k, g in clusters.items()}
-        needed = {max(sizes, key=sizes.__getitem__)}
-        for f in members:
-            if f.kind != FrameKind.BIAS:
-                needed.add(nearest_bias(f, trial, sizes)[0])
-        several = sum(1 for k in clusters if str(k) in needed) > 1
-        for k, group in sorted(clusters.items()):
-            temp = mean_temperature(group)
-            if str(k) not in needed:
-                where = f"{temp:+.1f} °C" if temp is not None else "another temperature"
-                for f in group:
-                    skipped.append(Skipped(str(f.path), f"bias at {where} left out: no frame was taken at"
-                                           " that temperature (within --temp-tolerance)"))
-                continue
-            keep, drop, reasons = usable(group)
-            if not keep:
-                continue
-            stem = "master_bias" + (f"_{temp:+.0f}C" if several and temp is not None else "")
-            name = master_name(stem, geom)
-            biases.setdefault(geom, []).append((temp, name))
-            if len(keep) == 1:
-                warnings.append(f"master bias {_geom_text(geom)} from a single frame ({keep[0].name}): noisy")
-            label = f"master bias   {_geom_text(geom)}" + (f"  {temp:+.1f} °C" if several and temp is not None else "")
-            jobs.append(MasterJob(
-                kind=FrameKind.BIAS, name=name, label=label,
-                members=tuple(keep), recipes=tuple(base_recipe(f) for f in keep),
-                settings=_settings(len(keep), options, scale=False), excluded=tuple(drop),
-                excluded_reasons=tuple(reasons), temperature=temp, geometry=geom))
-
-    bias_sizes = {j.name: len(j.members) for j in jobs}
-
-    def bias_for(info: FrameInfo, geom: tuple, notes: list[str] | None = None) -> str | None:
-        candidates = biases.get(geom)
-        if not candidates:
-            return None
-        name, note = nearest_bias(info, candidates, bias_sizes)
-        if note and notes is not None:
-            notes.append(note)
-        return name
-
-    for geom, members in by_geom.items():
-        dark_frames = [f for f in members if f.kind == FrameKind.DARK]
-        no_time = [f for f in dark_frames if f.exptime is None]
-        for f in no_time:
-            skipped.append(Skipped(str(f.path), "dark without exposure time (EXPTIME/EXPOSURE); fix the header"))
-        dark_frames = [f for f in dark_frames if f.exptime is not None]
-        if not dark_frames:
-            continue
-        temps = temperature_groups([frame_temperature(f) for f in dark_frames], options.temp_tolerance)
-        times = _group_exptime([f.exptime for f in dark_frames], options.exptime_tolerance)
-        groups: dict[tuple[float, int], list[FrameInfo]] = {}
-        for f, t, g in zip(dark_frames, times, temps, strict=True):
-            groups.setdefault((t, g), []).append(f)
-        several_temps = len(set(temps)) > 1
-        for (exptime, _tgroup), group in sorted(groups.items()):
-            keep, drop, reasons = usable(group)
-            if not keep:
-                continue
-            temp = mean_temperature(keep)
-            stem = f"master_dark_{exptime:g}s" + (f"_{temp:+.0f}C" if several_temps and temp is not None else "")
-            name = master_name(stem, geom)
-            bias = bias_for(keep[0], geom)
-            recipes = tuple(Recipe(r.overscan, r.trim, bias=bias) for r in map(base_recipe, keep))
-            if len(keep) == 1:
-                warnings.append(f"master dark {exptime:g} s from a single frame ({keep[0].name}): noisy")
-            label = f"master dark   {exptime:g} s" + (f"  {temp:+.1f} °C" if temp is not None else "")
-            label += "   bias-subtracted" if bias else "   NOT bias-subtracted (no bias frames)"
-            darks.setdefault(geom, []).append((exptime, temp, name))
-            dark_counts[name] = len(keep)
-            jobs.append(MasterJob(
-                kind=FrameKind.DARK, name=name, label=label, members=tuple(keep), recipes=recipes,
-                settings=_settings(len(keep), options, scale=False), excluded=tuple(drop),
-                excluded_reasons=tuple(reasons), exptime=exptime, temperature=temp, geometry=geom))
-
-    def choose_dark(info: FrameInfo, geom: tuple, bias: str | None) -> tuple[str | None, float, list[str]]:
-        candidates = darks.get(geom, [])
-        notes: list[str] = []
-        if not candidates:
-            return None, 0.0, notes
-        temp = frame_temperature(info)
-        known = [c for c in candidates if c[1] is not None]
-        if temp is not None and known:
-            nearest = min(abs(c[1] - temp) for c in known)
-            if nearest > options.temp_tolerance:
-                notes.append(f"nearest master dark is {nearest:.1f} °C away from the frame's {temp:.1f} °C")
-        t = info.exptime
-        if t is None:
-            notes.append("no exposure time: dark not applied")
-            return None, 0.0, notes
-        name = pick_dark(t, {c[2]: c[0] for c in candidates}, tolerance=options.exptime_tolerance,
-                         counts=dark_counts, temperature=temp, temperatures={c[2]: c[1] for c in candidates},
-                         temp_tolerance=options.temp_tolerance)
-        t_dark = next(c[0] for c in candidates if c[2] == name)
-        if abs(t_dark - t) <= options.exptime_tolerance * max(t, 1e-9):
-            return name, 1.0 if not bias else dark_scale_for(t, t_dark), notes
-        if not bias:
-            notes.append(f"no bias frames, so darks cannot be scaled to {t:g} s; none applied")
-            return None, 0.0, notes
-        scale = dark_scale_for(t, t_dark)
-        notes.append(f"no {t:g} s dark: the {t_dark:g} s dark is scaled by {scale:.4g}")
-        return name, scale, notes
-
-    for geom, members in by_geom.items():
-        flat_frames = [f for f in members if f.kind == FrameKind.FLAT]
-        by_filter: dict[str | None, list[FrameInfo]] = {}
-        for f in flat_frames:
-            by_filter.setdefault(f.filter, []).append(f)
-        for filt, group in sorted(by_filter.items(), key=lambda kv: str(kv[0])):
-            keep, drop, reasons = usable(group)
-            if not keep:
-                continue
-            name = master_name(f"master_flat_{_slug(filt or 'nofilter')}", geom)
-            recipes = []
-            for f in keep:
-                bias = bias_for(f, geom)
-                dark, scale, _ = choose_dark(f, geom, bias)
-                r = base_recipe(f)
-                recipes.append(Recipe(r.overscan, r.trim, bias=bias, dark=dark, dark_scale=scale))
-            if len(keep) == 1:
-                warnings.append(f"master flat {filt} from a single frame ({keep[0].name}): noisy")
-            flats.setdefault(geom, {})[filt] = name
-            jobs.append(MasterJob(
-                kind=FrameKind.FLAT, name=name, label=f"master flat   {filt or '(no filter)'}",
-                members=tuple(keep), recipes=tuple(recipes),
-                settings=_settings(len(keep), options, scale=True), excluded=tuple(drop),
-                excluded_reasons=tuple(reasons), filter=filt, geometry=geom))
-
-    # -- lights -----------------------------------------------------------------------------
-    lights: list[LightJob] = []
-    used_outputs: set[str] = set()
-    for info in sorted((f for f in frames if f.kind == FrameKind.LIGHT), key=lambda f: str(f.path)):
-        geom = geometry(info)
-        notes: list[str] = []
-        if info.exptime is None and darks.get(geom):
-            skipped.append(Skipped(str(info.path), "no exposure time (EXPTIME/EXPOSURE/ITIME), so the master"
-                                   " dark cannot be scaled to it; add the keyword to the header"))
-            continue
-        bias = bias_for(info, geom, notes)
-        if bias is None:
-            notes.append("no master bias for this binning/size")
-        dark, scale, dark_notes = choose_dark(info, geom, bias)
-        notes.extend(dark_notes)
-        flat_map = flats.get(geom, {})
-        flat = flat_map.get(info.filter)
-        if flat is None and flat_map:
-            if info.filter is None and len(flat_map) == 1:
-                flat = next(iter(flat_map.values()))
-                notes.append("the light has no filter keyword; the only master flat is used")
-            else:
-                notes.append(f"no master flat for filter {info.filter!r} (have: {', '.join(map(str, flat_map))})")
-        elif flat is None:
-            notes.append("no flat frames for this binning/size: not flat-fielded")
-        if not (bias or dark or flat):
-            size = f"{info.shape[1]}x{info.shape[0]} binned {info.binning[0]}x{info.binning[1]}"
-            skipped.append(Skipped(str(info.path), f"no master bias, dark or flat matches its geometry ({size});"
-                                   " add calibration frames taken the same way"))
-            continue
-        uncorrected = _pedestal_left(bias, dark, flat and next(j for j in jobs if j.name == flat))
-        if uncorrected and not options.allow_uncorrected:
-            skipped.append(Skipped(str(info.path), f"{uncorrected}, so its pedestal would stay in; add bias"
-                                   " frames (or darks of its exposure), or pass --allow-uncorrected"))
-            continue
-        if uncorrected:
-            notes.append(f"UNCORRECTED: {uncorrected}; the pedestal stays in (--allow-uncorrected)")
-        out = f"calibrated/{info.stem}.fits"
-        n = 2
-        while out in used_outputs:
-            out = f"calibrated/{info.stem}_{n}.fits"
-            n += 1
-        used_outputs.add(out)
-        base = base_recipe(info)
-        recipe = Recipe(base.overscan, base.trim, bias=bias, dark=dark, dark_scale=scale, flat=flat)
-        lights.append(LightJob(frame=info, output=out, recipe=recipe, notes=tuple(notes),
-                               uncorrected=uncorrected))
-
+    ctx = PlanContext.of(frames, options, skipped=skipped, warnings=warnings)
+    biases, index = plan_biases(frames, ctx)
+    darks, index = plan_darks(frames, index, ctx)
+    flats, index = plan_flats(frames, index, ctx)
+    masters = [*biases, *darks, *flats]
+    lights = plan_lights(frames, index, masters, ctx)
     warnings.extend(_ignored_sections(inventory.frames))
-    jobs.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
-    return Plan(masters=tuple(jobs), lights=tuple(lights), skipped=tuple(skipped), warnings=tuple(warnings),
-                light_steps=options.light_steps)
+    masters.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
+    return Plan(masters=tuple(masters), lights=tuple(lights), skipped=tuple(skipped),
+                warnings=tuple(warnings), light_steps=options.light_steps)

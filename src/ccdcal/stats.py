@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .headers import saturation_problem
+from .robust import MAD_TO_STD
 from .sections import Section, parse_section
-
-MAD_TO_SIGMA = 1.482602218505602  # 1 / Phi^-1(3/4): MAD of a normal distribution -> sigma
 
 # Absolute limits, applied to every frame whatever the size of its group.
 ZERO_FRAC_LIMIT = 1e-4  # raw pixels at exactly 0 ADU: ADC floor or a readout failure
@@ -137,37 +137,6 @@ def _default_saturation(data: np.ndarray, adc_maximum: float | None = None) -> f
     return 0.999 * 65535.0  # float frames read from the usual unsigned 16-bit ADC
 
 
-def saturation_problem(value: float | None, level: float | None = None) -> str | None:
-    """Why a saturation level from a header cannot be the camera's, or None when it can.
-
-    Headers write placeholders where they know nothing (``DATAMAX = 0``); a level at or
-    below 0 ADU, not a finite number, or below the frame's own median level would call
-    most of the frame saturated.
-
-    Parameters
-    ----------
-    value : float or None
-        The saturation level (SATURATE, DATAMAX, ...), ADU. None is not a problem.
-    level : float, optional
-        The median of the frame, when its pixels have been read.
-
-    Returns
-    -------
-    str or None
-        A short reason (``"not a positive number"``, ``"below the frame's median level
-        1500 ADU"``), or None when the level is usable.
-    """
-    if value is None:
-        return None
-    if not math.isfinite(value):
-        return "not a finite number"
-    if value <= 0:
-        return "not a positive number"
-    if level is not None and math.isfinite(level) and value < level:
-        return f"below the frame's median level {_fmt(level)} ADU"
-    return None
-
-
 def _block_medians(sample: np.ndarray, blocks: int = 8) -> np.ndarray:
     ny, nx = sample.shape
     by, bx = max(ny // blocks, 1), max(nx // blocks, 1)
@@ -261,7 +230,7 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
         columns = np.nanmedian(sample, axis=0)
     columns = columns[np.isfinite(columns)]
     col_centre = float(np.median(columns))
-    column_pattern = MAD_TO_SIGMA * float(np.median(np.abs(columns - col_centre)))
+    column_pattern = MAD_TO_STD * float(np.median(np.abs(columns - col_centre)))
     return {
         "level": level,
         "noise": noise,
@@ -286,7 +255,7 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
 # -- flagging ------------------------------------------------------------------------------------
 def _robust_centre_scale(values: np.ndarray) -> tuple[float, float]:
     centre = float(np.median(values))
-    scale = MAD_TO_SIGMA * float(np.median(np.abs(values - centre)))
+    scale = MAD_TO_STD * float(np.median(np.abs(values - centre)))
     return centre, scale
 
 
@@ -352,25 +321,31 @@ def flag_outliers(metrics: Sequence[Mapping[str, float]], *, kind: str) -> list[
       and more than 0.01 % / 0.1 % of the pixels).
     """
     kind = (kind or "").lower()
-    n = len(metrics)
-    reasons: list[list[str]] = [[] for _ in range(n)]
     present = [i for i, m in enumerate(metrics) if m]
-
-    for i in present:
-        m = metrics[i]
-        zero_frac, sat_frac = _get(m, "zero_frac"), _get(m, "saturated_frac")
-        nonfinite = _get(m, "nonfinite_frac")
-        if zero_frac > ZERO_FRAC_LIMIT:
-            reasons[i].append(f"{_pct(zero_frac)} of pixels at 0 ADU")
-        if sat_frac > SATURATED_FRAC_LIMIT:
-            reasons[i].append(
-                f"{_pct(sat_frac)} of pixels saturated (>= {_fmt(_get(m, 'saturation'))} ADU)"
-            )
-        if nonfinite > 0:
-            reasons[i].append(f"{_pct(nonfinite)} of pixels are NaN or infinite")
-
+    reasons: list[list[str]] = [_absolute_reasons(m) if m else [] for m in metrics]
     if len(present) < MIN_GROUP:
         return reasons
+    _group_reasons(metrics, present, reasons, is_flat=kind == "flat")
+    return reasons
+
+
+def _absolute_reasons(m: Mapping[str, float]) -> list[str]:
+    """The checks of one frame alone: zeros, saturation, NaN."""
+    reasons = []
+    zero_frac, sat_frac = _get(m, "zero_frac"), _get(m, "saturated_frac")
+    nonfinite = _get(m, "nonfinite_frac")
+    if zero_frac > ZERO_FRAC_LIMIT:
+        reasons.append(f"{_pct(zero_frac)} of pixels at 0 ADU")
+    if sat_frac > SATURATED_FRAC_LIMIT:
+        reasons.append(f"{_pct(sat_frac)} of pixels saturated (>= {_fmt(_get(m, 'saturation'))} ADU)")
+    if nonfinite > 0:
+        reasons.append(f"{_pct(nonfinite)} of pixels are NaN or infinite")
+    return reasons
+
+
+def _group_reasons(metrics: Sequence[Mapping[str, float]], present: list[int], reasons: list[list[str]], *,
+                   is_flat: bool) -> None:
+    """The checks of a frame against its group (see :func:`flag_outliers`); appends to ``reasons``."""
 
     def column(key: str) -> np.ndarray:
         return np.array([_get(metrics[i], key) for i in present], dtype=np.float64)
@@ -380,8 +355,7 @@ def flag_outliers(metrics: Sequence[Mapping[str, float]], *, kind: str) -> list[
     zeros, saturated = column("zero_frac"), column("saturated_frac")
     ok = np.isfinite(level) & np.isfinite(noise)
     if np.count_nonzero(ok) < MIN_GROUP:
-        return reasons
-    is_flat = kind == "flat"
+        return
     safe_level = np.where(np.abs(level) > 0, np.abs(level), np.nan)
     group_noise = float(np.nanmedian(noise[ok]))
 
@@ -450,4 +424,3 @@ def flag_outliers(metrics: Sequence[Mapping[str, float]], *, kind: str) -> list[
                 reasons[present[j]].append(
                     f"{_pct(value)} of pixels {label} vs group {_pct(centre)}"
                 )
-    return reasons

@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-MAD_TO_SIGMA = 1.482602218505602
+from .robust import MAD_TO_STD
 
 METHODS = ("autostf", "mtf", "mtf-rnc", "asinh", "linear")
 
@@ -161,7 +161,7 @@ def auto_stf(data: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) ->
         return x
     median = float(np.median(values))
     mad = float(np.median(np.abs(values - median)))
-    c0 = min(max(median - shadows * MAD_TO_SIGMA * mad, 0.0), 1.0 - 1e-9)
+    c0 = min(max(median - shadows * MAD_TO_STD * mad, 0.0), 1.0 - 1e-9)
     background = (median - c0) / (1.0 - c0)
     return mtf(midtones_balance(background, target), _rescale_shadows(x, c0))
 

@@ -1,0 +1,184 @@
+"""The manifest of a reduction (OUT/manifest.json): per output, a fingerprint of everything it
+was made from, its SHA-256 and its inputs; a rerun keeps outputs whose fingerprint is unchanged.
+Also :func:`verify`, which checks an output folder against its manifest.
+
+Fingerprints are built from the dataclasses that decide an output (recipe, combine settings,
+the options that change pixels), never from their descriptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .frames import write_text
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _HASH_LOCK:
+        if key in _HASHES:
+            return _HASHES[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _HASH_LOCK:
+        _HASHES[key] = value
+    return value
+
+
+def input_record(path: Path, hdu: int) -> dict[str, Any]:
+    """What a fingerprint knows of one input file."""
+    st = path.stat()
+    return {"path": str(path), "hdu": hdu, "size": st.st_size, "mtime": st.st_mtime, "sha256": file_sha256(path)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of ``parts`` (dataclasses by their fields, anything else by ``str``)."""
+    return hashlib.sha256(json.dumps(_plain(parts), sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """What a task did with one output: made, kept (up to date) or skipped, and why."""
+
+    output: str                               # relative to the output folder, or the input path when skipped
+    kind: str
+    fingerprint: str = ""
+    inputs: tuple[dict[str, Any], ...] = ()
+    reused: bool = False
+    skipped: str | None = None                # the reason, when nothing was written
+    datasum: str = ""                         # DATASUM of a master (its identity for the outputs built on it)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Manifest:
+    """The outputs of this run and of the previous one (kept listed until redone)."""
+
+    def __init__(self, out_dir: Path, *, force: bool = False):
+        self.out_dir = out_dir
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.previous = {} if force else self._load()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        path = self.out_dir / "manifest.json"
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("outputs", {})
+        except (OSError, ValueError):
+            return {}
+
+    def previous_entry(self, rel: str) -> dict[str, Any] | None:
+        return self.previous.get(rel)
+
+    def record(self, record: OutputRecord) -> None:
+        if record.skipped is not None:
+            return
+        self.outputs[record.output] = {
+            "fingerprint": record.fingerprint, "sha256": file_sha256(self.out_dir / record.output),
+            "inputs": list(record.inputs), "kind": record.kind, **({"reused": True} if record.reused else {}),
+            **record.extra}
+
+    def write(self, body: dict[str, Any]) -> None:
+        """Write manifest.json: ``body`` (plan, parameters, inputs...) plus the outputs.
+
+        Outputs of the previous run that this one has not reached yet stay listed, so a run
+        killed now still knows they are up to date.
+        """
+        outputs = dict(sorted(self.outputs.items()))
+        for rel, entry in self.previous.items():
+            outputs.setdefault(rel, entry)
+        write_text(self.out_dir / "manifest.json", json.dumps({**body, "outputs": outputs}, indent=1, default=str))
+
+
+def up_to_date(out_dir: Path, rel: str, fingerprint_value: str, entry: dict[str, Any] | None) -> bool:
+    """Whether ``rel`` exists with the content and fingerprint its manifest entry records."""
+    path = out_dir / rel
+    if not entry or entry.get("fingerprint") != fingerprint_value or not path.exists():
+        return False
+    return entry.get("sha256") == file_sha256(path)
+
+
+@dataclass
+class VerifyResult:
+    """What :func:`verify` found: outputs that check out, and problems (path, reason)."""
+
+    ok: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    stale: list[tuple[str, str]] = field(default_factory=list)
+
+
+def verify(out_dir: str | os.PathLike) -> VerifyResult:
+    """Check every output listed in OUT/manifest.json: present, same SHA-256 as recorded, and
+    FITS CHECKSUM/DATASUM valid; outputs whose inputs changed since are reported as stale."""
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        raise InputError(f"{out_dir}: no manifest.json here; is this a ccdcal reduce output folder?")
+    try:
+        outputs = json.loads(path.read_text(encoding="utf-8"))["outputs"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc}); rerun reduce to rewrite it") from exc
+    result = VerifyResult()
+    for rel, entry in sorted(outputs.items()):
+        problem = _check_output(out_dir / rel, entry)
+        if problem:
+            result.problems.append((rel, problem))
+            continue
+        changed = []
+        for record in entry.get("inputs", []):
+            src = Path(record["path"])
+            if not src.exists():
+                changed.append(f"{src.name} is gone")
+            elif file_sha256(src) != record.get("sha256"):
+                changed.append(f"{src.name} changed")
+        if changed:
+            result.stale.append((rel, "; ".join(changed)))
+        result.ok.append(rel)
+    return result
+
+
+def _check_output(target: Path, entry: dict[str, Any]) -> str | None:
+    import warnings
+
+    from astropy.io import fits
+
+    if not target.exists():
+        return "missing"
+    if file_sha256(target) != entry.get("sha256"):
+        return "content differs from the manifest (modified or corrupted)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with fits.open(target, checksum=True) as hdul:
+                for hdu in hdul:
+                    _ = hdu.data
+        except (OSError, ValueError) as exc:
+            return f"unreadable FITS ({exc})"
+    bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower() or "datasum" in str(w.message).lower()]
+    return f"CHECKSUM/DATASUM mismatch: {bad[0]}" if bad else None

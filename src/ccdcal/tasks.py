@@ -1,0 +1,350 @@
+"""The units of work of a reduction, as module-level functions of small, picklable arguments.
+
+A task gets a job of the plan (:class:`~ccdcal.plan.MasterJob` or :class:`~ccdcal.plan.LightJob`),
+a :class:`RunContext` (the output folder, the options, where each master is and its DATASUM)
+and the previous manifest entry of its output; it reads its inputs and masters from disk,
+writes its output atomically and returns an :class:`~ccdcal.manifest.OutputRecord`. Nothing
+travels but paths and small frozen values, so the same task runs in this process, in a thread
+pool or on another machine that sees the same paths.
+
+``reduce`` and ``ccdcal calibrate`` run the same :func:`calibrate_light`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import CcdcalError, OutputError
+from .manifest import OutputRecord, fingerprint, input_record, up_to_date
+from .options import ReduceOptions
+from .plan import LightJob, MasterJob, member_steps
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every task of a run shares: small and picklable.
+
+    Attributes
+    ----------
+    out_dir : Path
+        The output folder (``masters/``, ``calibrated/``, ``previews/``).
+    options : ReduceOptions
+    masters : dict of str to str
+        Master name -> path of its file, for every master built so far.
+    prints : dict of str to str
+        Master name -> its DATASUM (part of the fingerprints of what is built on it).
+    failed : dict of str to str
+        Master name -> why it could not be built.
+    """
+
+    out_dir: Path
+    options: ReduceOptions
+    masters: dict[str, str] = field(default_factory=dict)
+    prints: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def with_master(self, name: str, path: Path, datasum: str) -> RunContext:
+        return replace(self, masters={**self.masters, name: str(path)}, prints={**self.prints, name: datasum})
+
+    def with_failure(self, name: str, why: str) -> RunContext:
+        return replace(self, failed={**self.failed, name: why})
+
+    def missing(self, names: Any) -> str | None:
+        """Why one of the masters ``names`` cannot be used (None when all can)."""
+        for name in names:
+            if name and name in self.failed:
+                return f"its master {name} could not be built ({self.failed[name]})"
+            if name and name not in self.masters:
+                return f"its master {name} was not built"
+        return None
+
+
+# -- masters read back, cached per process --------------------------------------------------------
+_CACHE: OrderedDict[tuple[str, int, int, bool], Any] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 6
+
+
+def load_master(path: str | Path, name: str | None = None, *, flat: bool = False, flat_norm: str = "median") -> Any:
+    """A master file as :class:`ccdcal.calibrate.Master` (data, UNCERT, MASK, facts), cached.
+
+    A ``flat`` whose header has no FLATNORM (not written by ccdcal) is normalised here with
+    ``flat_norm``, so a flat from elsewhere is used as a normalised flat like ccdcal's own.
+    """
+    from astropy.io import fits
+
+    from .calibrate import Master
+    from .headers import exposure_of
+    from .masters import normalise_flat
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, flat)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    with fits.open(path, memmap=False) as hdul:
+        header = hdul[0].header
+        data = np.asarray(hdul[0].data, dtype=np.float32)
+        unc = hdul["UNCERT"].data.astype(np.float32) if "UNCERT" in hdul else None
+        mask = hdul["MASK"].data.astype(np.uint8) if "MASK" in hdul else None
+        level = header.get("FLATNORM")
+        if flat and level is None:
+            data, level = normalise_flat(data, method=flat_norm)
+            unc = None if unc is None else unc / np.float32(level)
+        facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
+        master = Master(data=data, uncertainty=unc, mask=mask, name=name or path.name,
+                        datasum=str(header.get("DATASUM", "")), exptime=exposure_of(header, dark=True),
+                        level=level, facts=facts)
+    with _CACHE_LOCK:
+        _CACHE[key] = master
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return master
+
+
+def _master(ctx: RunContext, name: str | None, *, flat: bool = False) -> Any:
+    return load_master(ctx.masters[name], name, flat=flat, flat_norm=ctx.options.flat_norm) if name else None
+
+
+def _fact(ctx: RunContext, name: str | None, key: str) -> Any:
+    return _master(ctx, name).facts.get(key) if name else None
+
+
+# -- building a master ------------------------------------------------------------------------------
+def master_fingerprint(job: MasterJob, ctx: RunContext, inputs: list[dict[str, Any]]) -> str:
+    return fingerprint(__version__, inputs, list(job.recipes), job.settings, ctx.options.physics(),
+                       sorted(ctx.prints.get(n, "") for n in job.depends_on))
+
+
+def build_master(job: MasterJob, ctx: RunContext, previous: dict[str, Any] | None = None) -> OutputRecord:
+    """Build (or keep, when up to date) one master; returns what was done.
+
+    A :class:`~ccdcal.errors.CcdcalError` (an unusable member, a failed master it needs)
+    becomes a skipped record with the reason; an :class:`~ccdcal.errors.OutputError` is raised.
+    """
+    title = job.label.split("   ")[0].strip()
+    why = ctx.missing(job.depends_on)
+    if why:
+        return OutputRecord(output=title, kind=job.kind.value, skipped=why)
+    inputs = [input_record(f.path, f.hdu) for f in job.members]
+    fp = master_fingerprint(job, ctx, inputs)
+    if up_to_date(ctx.out_dir, job.output, fp, previous):
+        return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=tuple(inputs),
+                            reused=True, datasum=_datasum(ctx.out_dir / job.output))
+    try:
+        _write_master(job, ctx)
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return OutputRecord(output=title, kind=job.kind.value, skipped=str(exc))
+    return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=tuple(inputs),
+                        datasum=_datasum(ctx.out_dir / job.output))
+
+
+def _member_sources(job: MasterJob, ctx: RunContext) -> list[Any]:
+    from .calibrate import CalibratedRows
+    from .frames import FrameSource
+
+    arrays = {n: _master(ctx, n).data for r in job.recipes for n in (r.bias, r.dark, r.flat) if n}
+    return [CalibratedRows(FrameSource(f.path, f.hdu), r, arrays, flat_floor=ctx.options.flat_floor)
+            for f, r in zip(job.members, job.recipes, strict=True)]
+
+
+def _write_master(job: MasterJob, ctx: RunContext) -> None:
+    from .combine import combine
+    from .frames import write_fits
+    from .headers import master_header, resolve_detector
+    from .masters import finish_master, rejection_keywords
+
+    options, settings = ctx.options, job.settings
+    sources = _member_sources(job, ctx)
+    try:
+        noise = measure_noise_model(job, ctx, sources)
+        result = combine(sources, method=settings.method, scale=settings.scale, scale_region=settings.scale_region,
+                         clip_extrema=settings.clip_extrema, sigma_clip=settings.sigma_clip,
+                         memory=options.memory, **noise.combine_keywords())
+        region = None
+        if settings.scale_region:
+            from .sections import to_slices
+
+            region = to_slices(settings.scale_region, result.data.shape)
+        nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(result.data)
+        done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
+                             flat_floor=options.flat_floor, hot_sigma=options.hot_sigma, region=region,
+                             region_text=settings.scale_region)
+        extra: dict[str, Any] = dict(rejection_keywords(result.member_rejected, result.data.size))
+        extra.update(done.keywords)
+        if noise.gain_measured is not None:
+            extra["GAINMEAS"] = (round(noise.gain_measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
+        if job.kind.value == "bias" and noise.read_noise_measured is not None:
+            rn = noise.read_noise_measured
+            extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
+            det = resolve_detector(sources[0].header, gain=options.gain)
+            if det.gain is not None:
+                extra["RDNOISE"] = (round(rn * det.gain, 4), f"[e-] read noise (gain {det.gain:g} from {det.gain_source})")
+        levels = [s.overscan_level for s in sources if s.overscan_level is not None]
+        if levels:
+            extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
+        extra["HISTORY"] = list(noise.history) + list(done.history)
+        header = master_header(result.header, kind=job.kind.value, title=job.label.split("   ")[0].strip(),
+                               n_members=len(job.members), steps=member_steps(job.recipes),
+                               settings=settings.describe(), exptime=job.exptime, filter_name=job.filter,
+                               extra=extra)
+        write_fits(ctx.out_dir / job.output, done.data, header, uncertainty=done.uncertainty, mask=done.mask,
+                   unit="adu/adu" if job.kind.value == "flat" else "adu")
+        _write_rejection_map(ctx.out_dir, job.name, result)
+    finally:
+        for s in sources:
+            s.source.close()
+
+
+def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> Any:
+    """Measure what the rejection of one master needs (two members' central bands), then
+    :func:`ccdcal.masters.noise_model`."""
+    from .headers import header_read_noise, resolve_detector
+    from .masters import (
+        NoiseModel,
+        central_band,
+        closest_pair,
+        gain_from_flat_pair,
+        noise_model,
+        read_noise_from_pair,
+    )
+
+    settings, options, kind = job.settings, ctx.options, job.kind.value
+    if settings.reject != "auto":
+        if settings.reject == "ccdclip":
+            return NoiseModel("ccdclip", gain=options.gain, read_noise=options.read_noise)
+        return NoiseModel(settings.reject)
+    n = len(sources)
+    det = resolve_detector(sources[0].header, gain=options.gain)
+    gain = det.gain
+    rn_e = options.read_noise or header_read_noise(sources[0].header)
+    bias_rn = _fact(ctx, job.recipes[0].bias, "RDNADU")
+    pair = (0, 1) if kind != "flat" else closest_pair(
+        [f.metrics.get("level", np.nan) if f.metrics else np.nan for f in job.members])
+    floor = gain_measured = None
+    typical = 0.0
+    history: list[str] = []
+    if n >= 2:
+        a, b = (central_band(sources[k]) for k in pair)
+        names = f"{job.members[pair[0]].name} - {job.members[pair[1]].name}"
+        floor = read_noise_from_pair(a, b)
+        floor = floor if np.isfinite(floor) and floor > 0 else None
+        typical = float(np.nanmedian(a)) if kind == "dark" else 0.0
+        if kind in ("bias", "dark") and floor is not None:
+            history.append(f"{'read noise' if kind == 'bias' else 'noise floor'} from {names}: {floor:.3f} adu")
+        if kind == "flat":
+            rn_adu = rn_e / gain if (rn_e and gain) else bias_rn
+            measured = gain_from_flat_pair(a, b, read_noise=float(rn_adu or 0.0))
+            if np.isfinite(measured) and measured > 0:
+                gain_measured = float(measured)
+                history.append(f"gain measured from {names}: {measured:.3f} e-/adu")
+    model = noise_model(kind, n=n, gain=gain, gain_source=det.gain_source, read_noise=rn_e,
+                        bias_read_noise=bias_rn, floor=floor, typical=typical, gain_measured=gain_measured,
+                        bias_subtracted=job.recipes[0].bias is not None,
+                        thresholds=settings.sigma_clip or (3.0, 3.0))
+    return replace(model, history=tuple(history) + model.history)
+
+
+def _write_rejection_map(out_dir: Path, name: str, result: Any) -> None:
+    """previews/rejection-<master>.png: values rejected per pixel (black: none)."""
+    from .frames import write_bytes
+    from .masters import rejection_map
+    from .stretch import png_bytes
+
+    if result.member_rejected is None:
+        return
+    shown = rejection_map(result.nlow_rejected, result.nhigh_rejected)
+    if shown is not None:
+        write_bytes(out_dir / "previews" / f"rejection-{Path(name).stem}.png", png_bytes(shown))
+
+
+def _datasum(path: Path) -> str:
+    from astropy.io import fits
+
+    return str(fits.getheader(path, 0).get("DATASUM", ""))
+
+
+# -- calibrating a light --------------------------------------------------------------------------
+_BAD_PIXELS: dict[str, np.ndarray] = {}
+
+
+def _bad_pixel_map(path: str | None) -> np.ndarray | None:
+    from .frames import FrameSource
+
+    if not path:
+        return None
+    with _CACHE_LOCK:
+        if path not in _BAD_PIXELS:
+            with FrameSource(path) as src:
+                _BAD_PIXELS[path] = src.read() != 0
+        return _BAD_PIXELS[path]
+
+
+def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any]]) -> str:
+    recipe = job.recipe
+    return fingerprint(__version__, inputs, recipe, ctx.options.physics(), job.uncorrected,
+                       [ctx.prints.get(n) for n in (recipe.bias, recipe.dark, recipe.flat)])
+
+
+def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | None = None) -> OutputRecord:
+    """Calibrate one light (or keep it when up to date); a problem with it becomes a skipped record."""
+    recipe = job.recipe
+    source = str(job.frame.path)
+    why = ctx.missing([recipe.bias, recipe.dark, recipe.flat])
+    if why:
+        return OutputRecord(output=source, kind="light", skipped=why)
+    inputs = [input_record(job.frame.path, job.frame.hdu)]
+    fp = light_fingerprint(job, ctx, inputs)
+    if up_to_date(ctx.out_dir, job.output, fp, previous):
+        return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs), reused=True)
+    try:
+        skipped = _write_light(job, ctx)
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return OutputRecord(output=source, kind="light", skipped=str(exc))
+    if skipped:
+        return OutputRecord(output=source, kind="light", skipped=skipped)
+    return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs))
+
+
+def _write_light(job: LightJob, ctx: RunContext) -> str | None:
+    from .calibrate import calibrate_frame
+    from .frames import FrameSource, write_fits
+    from .headers import light_header, resolve_detector
+
+    options, recipe = ctx.options, job.recipe
+    with FrameSource(job.frame.path, job.frame.hdu) as src:
+        raw = src.read()
+        raw_header = src.header
+    if not np.isfinite(raw).any():
+        return "every pixel is NaN or infinite; remove the file from the inputs"
+    bias, dark, flat = _master(ctx, recipe.bias), _master(ctx, recipe.dark), _master(ctx, recipe.flat, flat=True)
+    measured = flat.facts.get("GAINMEAS") if flat is not None else None
+    det = resolve_detector(raw_header, gain=options.gain, read_noise=options.read_noise,
+                           saturation=options.saturation, frame_saturation=job.frame.saturate,
+                           measured_gain=float(measured) if measured else None,
+                           measured_gain_source=f"photon transfer of {recipe.flat}",
+                           bias_read_noise=bias.facts.get("RDNADU") if bias is not None else None)
+    result = calibrate_frame(
+        raw, overscan=recipe.overscan, trim=recipe.trim, bias=bias, dark=dark, dark_scale=recipe.dark_scale,
+        dark_optimize=options.dark_optimize, flat=flat, flat_floor=options.flat_floor, gain=det.gain,
+        read_noise=det.read_noise, saturation=det.saturation, cosmic_rays=options.cosmic_rays,
+        bad_pixels=_bad_pixel_map(options.bad_pixel_map), hot_sigma=options.hot_sigma,
+        to_electrons=options.to_electrons, uncertainty=options.uncertainty)
+    header = light_header(raw_header, result, trim=recipe.trim, uncorrected=job.uncorrected, bias=bias,
+                          dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
+    write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
+               unit=result.unit)
+    return None
