@@ -7,28 +7,25 @@ import warnings
 import numpy as np
 import pytest
 
-from ccdcal.calibrate import (
+from ccdcal.calibrate import CalibratedRows, Master, calibrate_frame, optimize_dark_scale
+from ccdcal.headers import header_gain
+from ccdcal.masks import (
     MASK_COSMIC_RAY,
     MASK_HOT,
     MASK_LOW_FLAT,
     MASK_NO_DATA,
     MASK_SATURATED,
     MASK_USER,
-    CalibratedRows,
-    Master,
-    OverscanSpec,
-    Recipe,
-    calibrate_frame,
+)
+from ccdcal.masters import (
     choose_dark,
     gain_from_flat_pair,
-    header_gain,
     hot_pixel_mask,
     normalise_flat,
-    optimize_dark_scale,
-    overscan_fit,
-    overscan_geometry,
     read_noise_from_pair,
 )
+from ccdcal.overscan import OverscanSpec, overscan_fit, overscan_geometry
+from ccdcal.recipe import Recipe
 from ccdcal.sections import Section
 
 NY, NX, NOVER = 64, 64, 16

@@ -39,8 +39,10 @@ def test_master_bias_minmax_mean_matches_ccdproc(demo_night):
 
 def test_calibrated_light_matches_ccd_process(demo_night):
     """Overscan (median per row), trim, bias, exposure-scaled dark, flat: ours vs ccdproc.ccd_process."""
-    from ccdcal.calibrate import CalibratedRows, Recipe, overscan_geometry
+    from ccdcal.calibrate import CalibratedRows
     from ccdcal.frames import FrameSource
+    from ccdcal.overscan import overscan_geometry
+    from ccdcal.recipe import Recipe
 
     masters = demo_night / "out" / "masters"
     bias = fits.getdata(masters / "master_bias.fits").astype(np.float32)

@@ -63,10 +63,11 @@ def test_nickel_flat_is_normalised_and_flattens_the_sky(nickel):
     h = fits.getheader(out / "masters" / "master_flat_V.fits")
     assert h["NCOMBINE"] == 3 and 30000 < h["FLATNORM"] < 40000
     # Sparse fields: the sky after flat-fielding is flatter than before.
-    from ccdcal.calibrate import CalibratedRows, Recipe
+    from ccdcal.calibrate import CalibratedRows
     from ccdcal.frames import FrameSource
     from ccdcal.inventory import scan
     from ccdcal.plan import build_plan
+    from ccdcal.recipe import Recipe
 
     plan = build_plan(scan([raw], flag=False))
     bias = fits.getdata(out / "masters" / "master_bias.fits")

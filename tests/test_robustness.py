@@ -244,7 +244,7 @@ def test_fuzzed_headers_never_crash_classification(imagetyp, exptime, filt, bias
 @given(biassec=st.one_of(st.none(), printable, st.from_regex(r"\[\d{1,2}:\d{1,2},\d{1,2}:\d{1,2}\]", fullmatch=True)),
        trimsec=st.one_of(st.none(), printable, st.from_regex(r"\[\d{1,2}:\d{1,2},\d{1,2}:\d{1,2}\]", fullmatch=True)))
 def test_fuzzed_sections_raise_only_input_errors(biassec, trimsec):
-    from ccdcal.calibrate import overscan_geometry
+    from ccdcal.overscan import overscan_geometry
 
     try:
         spec, trim = overscan_geometry((40, 50), biassec, trimsec)

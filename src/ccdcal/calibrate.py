@@ -540,17 +540,3 @@ def calibrate_frame(
 
 
 
-
-# Temporary: names that moved to their own modules, until every importer asks there.
-from .headers import exposure_of, header_gain, header_read_noise  # noqa: E402,F401
-from .masters import (  # noqa: E402,F401
-    central_region,
-    choose_dark,
-    dark_scale_for,
-    flat_level,
-    gain_from_flat_pair,
-    normalise_flat,
-    read_noise_from_pair,
-)
-from .overscan import OVERSCAN_MODELS, overscan_geometry  # noqa: E402,F401
-from .robust import MAD_TO_STD, clipped_std  # noqa: E402,F401
