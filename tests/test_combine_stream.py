@@ -271,3 +271,187 @@ def test_truncated_gzip_is_a_one_line_input_error(frame_files, tmp_path):
     with pytest.raises(InputError, match="cut.fits.gz") as info:
         combine([broken] + frame_files["uint16"][1:], **OPTIONS)
     assert "\n" not in str(info.value)
+
+
+# -- the pieces of combine: options, factors once, any band of rows -------------------------------
+def _bands(ny, rng):
+    cuts = sorted(set(rng.choice(np.arange(1, ny), size=min(4, ny - 1), replace=False).tolist()))
+    edges = [0, *cuts, ny]
+    bands = list(zip(edges[:-1], edges[1:], strict=True))
+    rng.shuffle(bands)  # any order: each band stands alone
+    return bands
+
+
+def _masked_ccds(seed, n=6, shape=(29, 83)):
+    from astropy.nddata import CCDData, StdDevUncertainty
+
+    rng = np.random.default_rng(seed)
+    stack = rng.normal(1000, 25, (n, *shape)).astype(np.float32)
+    stack[rng.random(stack.shape) < 0.03] += 3000
+    stack[rng.random(stack.shape) < 0.02] = np.nan
+    masks = rng.random(stack.shape) < 0.1
+    return [CCDData(stack[i] * (1 + 0.05 * i), unit="adu", mask=masks[i],
+                    uncertainty=StdDevUncertainty(np.full(shape, 25.0, np.float32)),
+                    header=fits.Header({"EGAIN": 2.0, "RDNOISE": 8.0})) for i in range(n)]
+
+
+PIECES = {
+    "16-bit files, scaled, extrema and sigma (raw tiles, histogram levels)":
+        ("uint16", dict(method="median", scale="median", scale_region="[2:21,4:33]", clip_extrema=(1, 1),
+                        sigma_clip=(2.5, 2.5))),
+    "float files, scale and zero, winsorized": ("float32", dict(method="mean", scale="mean", zero="median",
+                                                                reject="winsorized")),
+    "masked CCDData with uncertainties, ccdclip, scaled": ("ccd", dict(method="mean", scale="median",
+                                                                       reject="ccdclip", pedestal=900.0)),
+    "masked CCDData, given weights, mad": ("ccd", dict(method="sum", weights=[1, 2, 3, 1, 2, 3], reject="mad",
+                                                       clip_extrema=(0, 1))),
+    "compat ccdproc with masks": ("ccd", dict(method="mean", clip_extrema=(1, 1), sigma_clip=(2, 2),
+                                              scale=[1, 1.1, 0.9, 1, 1.05, 0.95], compat="ccdproc")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIECES))
+def test_factors_once_then_any_band_of_rows_is_bit_identical_to_combine(frame_files, case):
+    import pickle
+
+    from ccdcal.combine import CombineOptions, combine_rows, measure_factors
+
+    kind, kw = PIECES[case]
+    frames = _masked_ccds(3) if kind == "ccd" else frame_files[kind]
+    whole = combine(frames, **kw)
+    header = frames[0].header if kind == "ccd" else None
+    options = CombineOptions.create(len(frames), header=header, **kw)
+    factors = measure_factors(frames, options)
+    # what a worker process receives
+    options, factors = pickle.loads(pickle.dumps((options, factors)))
+    np.testing.assert_array_equal(factors.scales, whole.scales)
+    np.testing.assert_array_equal(factors.zeros, whole.zeros)
+    ny = whole.data.shape[0]
+    planes = {name: np.zeros_like(getattr(whole, name))
+              for name in ("data", "uncertainty", "nlow_rejected", "nhigh_rejected", "mask")}
+    members = None
+    for y0, y1 in _bands(ny, np.random.default_rng(len(case))):
+        tile = combine_rows(frames, factors, options, y0, y1, memory=200_000)  # a few tiles per band
+        assert (tile.y0, tile.y1) == (y0, y1)
+        for name, plane in planes.items():
+            assert getattr(tile, name).dtype == plane.dtype
+            plane[y0:y1] = getattr(tile, name)
+        if tile.member_rejected is not None:
+            members = tile.member_rejected if members is None else members + tile.member_rejected
+    for name, plane in planes.items():
+        np.testing.assert_array_equal(plane, getattr(whole, name), err_msg=name)
+    if whole.member_rejected is None:
+        assert members is None
+    else:
+        np.testing.assert_array_equal(members, whole.member_rejected)
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    dict(method="mean", scale="median", scale_region="[2:21,4:33]", clip_extrema=(1, 1), sigma_clip=(2.5, 2)),
+    dict(method="sum", scale=np.array([1.0, 2.0, 0.5]), zero=[1, 2, 3], weights=(1, 1, 2), reject="percentile"),
+    dict(method="mean", reject="ccdclip", gain=1.5, read_noise=4, sensitivity_noise=0.01, pedestal=np.inf),
+    dict(method="mean", sigma_clip=(3, 3), reject="mad", clip_extrema=(0, 1), compat="ccdproc"),
+    dict(method="median", reject="linear-fit", center="mean", maxiters=np.int64(2)),
+])
+def test_combine_options_pickle_and_compare_equal(kw):
+    import dataclasses
+    import pickle
+
+    from ccdcal.combine import CombineOptions
+
+    options = CombineOptions.create(3, **kw)
+    again = pickle.loads(pickle.dumps(options))
+    assert again == options and hash(again) == hash(options)
+    assert CombineOptions(**dataclasses.asdict(options)) == options  # the fields are the resolved choices
+    for mine, theirs in zip(options.kernel_params(), again.kernel_params(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_combine_options_resolve_the_defaults():
+    from ccdcal.combine import CombineOptions
+
+    options = CombineOptions(sigma_clip=(4, 3))
+    assert (options.reject, options.center, options.sigma_clip, options.maxiters) == ("sigma", "median", (4.0, 3.0), None)
+    assert CombineOptions(reject="percentile").sigma_clip == (0.2, 0.1)
+    compat = CombineOptions(method="mean", compat="ccdproc")
+    assert (compat.center, compat.maxiters, compat.reject, compat.sigma_clip) == ("mean", 1, "none", None)
+    header = fits.Header({"EGAIN": 1.25, "RON": 6.5})
+    ccdclip = CombineOptions.create(4, header=header, reject="ccdclip")
+    assert (ccdclip.gain, ccdclip.read_noise) == (1.25, 6.5)
+    assert CombineOptions(gain=2.0).gain is None  # only ccdclip uses a gain
+    assert CombineOptions(scale="none").scale is None
+
+
+@pytest.mark.parametrize("kw", [
+    {"method": "mode"},
+    {"weights": [1, 2, 3], "method": "median"},
+    {"reject": "ccdclip"},
+    {"reject": "ccdclip", "gain": 2.0},
+    {"sigma_clip": (3, 3), "reject": "none"},
+    {"sigma_clip": (3, -1)},
+    {"clip_extrema": (1,)},
+    {"clip_extrema": (1, -1)},
+    {"center": "mode"},
+    {"maxiters": 0},
+    {"pedestal": float("nan")},
+    {"sensitivity_noise": -0.1},
+    {"scale": "mode"},
+    {"zero": "mode"},
+    {"scale": [1.0, 2.0]},
+    {"scale": [1.0, 0.0, 2.0]},
+    {"zero": [0.0, np.nan, 1.0]},
+    {"weights": [1.0, 1.0, -1.0], "method": "mean"},
+    {"compat": "astropy"},
+    {"compat": "ccdproc", "maxiters": 3},
+    {"compat": "ccdproc", "reject": "winsorized"},
+    {"compat": "ccdproc", "zero": "median"},
+])
+def test_combine_options_refuse_what_combine_refuses_in_the_same_words(kw):
+    from ccdcal.combine import CombineOptions
+
+    frames = [np.ones((4, 5), np.float32)] * 3
+    with pytest.raises(InputError) as from_combine:
+        combine(frames, **kw)
+    with pytest.raises(InputError) as from_options:
+        CombineOptions.create(3, **kw)
+    assert str(from_options.value) == str(from_combine.value)
+    assert "\n" not in str(from_options.value)
+
+
+class MaskedRows:
+    """A row source that serves its own mask (the RowSourceWithPlanes protocol)."""
+
+    def __init__(self, data, mask):
+        self.data, self.mask, self.shape = data, mask, data.shape
+
+    def read_rows(self, y0, y1):
+        return self.data[y0:y1].astype(np.float32)
+
+    def read_mask_rows(self, y0, y1):
+        return self.mask[y0:y1]
+
+
+def test_a_row_source_mask_counts_like_a_masked_array():
+    rng = np.random.default_rng(11)
+    stack = rng.normal(100, 3, (5, 12, 70)).astype(np.float32)
+    masks = rng.random(stack.shape) < 0.2
+    kw = dict(method="mean", clip_extrema=(1, 0), reject="mad")
+    sources = combine([MaskedRows(stack[i], masks[i]) for i in range(5)], **kw)
+    arrays = combine([np.ma.MaskedArray(stack[i], mask=masks[i]) for i in range(5)], **kw)
+    _equal(sources, arrays)
+    unmasked = combine(list(stack), **kw)
+    assert not np.array_equal(sources.data, unmasked.data)
+
+
+def test_combine_rows_refuses_a_band_outside_the_frames():
+    from ccdcal.combine import CombineOptions, combine_rows, measure_factors
+
+    frames = [np.ones((4, 5), np.float32)] * 3
+    options = CombineOptions()
+    factors = measure_factors(frames, options)
+    for y0, y1 in ((0, 5), (2, 2), (-1, 3)):
+        with pytest.raises(InputError, match="not a band"):
+            combine_rows(frames, factors, options, y0, y1)
+    with pytest.raises(InputError, match="factors are for 3 frames"):
+        combine_rows(frames[:2], factors, options, 0, 4)

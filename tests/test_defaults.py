@@ -192,3 +192,22 @@ def test_default_settings_clip_every_master_of_three_or_more():
         assert job.settings.method == "mean"
         assert job.settings.reject == "auto" and job.settings.sigma_clip == (3.0, 3.0)
         assert "noise-model clip" in job.settings.describe()
+
+
+def test_ccdclip_never_takes_a_camera_gain_setting_as_electrons_per_adu():
+    from astropy.io import fits
+    from astropy.nddata import CCDData
+
+    from ccdcal.errors import InputError
+
+    rng = np.random.default_rng(1)
+    frames = []
+    for _ in range(4):
+        header = fits.Header()
+        header["GAIN"] = (120, "ZWO gain setting")
+        frames.append(CCDData(rng.normal(1000, 5, (16, 16)).astype(np.float32), unit="adu", meta=header))
+    with pytest.raises(InputError, match="gain"):
+        combine(frames, reject="ccdclip", read_noise=5.0)
+    for ccd in frames:
+        ccd.header["EGAIN"] = (1.5, "electrons per ADU")
+    assert combine(frames, reject="ccdclip", read_noise=5.0).data.shape == (16, 16)

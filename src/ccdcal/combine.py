@@ -3,6 +3,10 @@
 The engine streams row tiles under a memory budget: every input is read once (plus a
 small first pass over ``scale_region`` when frames are scaled) and a numba kernel
 (:mod:`ccdcal._kernels`) scales, rejects and combines each tile in parallel.
+:func:`combine` chains three public pieces: :class:`CombineOptions` (every choice, validated
+once), :func:`measure_factors` (the first pass: per-frame scales, zeros and weights) and
+:func:`combine_rows` (any band of output rows, independent of the others and bit for bit
+the same rows as :func:`combine`). Frames are paths, arrays or any :class:`RowSource`.
 
 Definitions (per output pixel; ``x_i`` is the value of frame ``i``, ``s_i``/``z_i``
 its scale and zero, all arithmetic in float64, the result stored as float32):
@@ -20,7 +24,8 @@ its scale and zero, all arithmetic in float64, the result stored as float32):
 
    - ``sigma``: c = median or mean (``center``), σ = population std (ddof=0) about
      the mean — astropy ``sigma_clip`` with ``stdfunc="std"``.
-   - ``mad``: σ = 1.482602218505602 · median(|x − median|) — astropy ``mad_std``.
+   - ``mad``: σ = 1.482602218505602 · median(|x − median|) (:data:`ccdcal.robust.MAD_TO_STD`)
+     — astropy ``mad_std``.
    - ``winsorized``: σ0 = std; then repeat (at most 10 times, until σ changes by
      ≤ 0.05 %): clamp the survivors to ``c ± 1.5σ`` and set σ = 1.134 · std(clamped)
      (Siril's winsorized sigma clipping).
@@ -36,7 +41,9 @@ its scale and zero, all arithmetic in float64, the result stored as float32):
      raw frames; ``inf`` leaves read noise alone, right for biases). The spread comes from
      the detector, not from the sample, so one outlier is rejected at any frame count
      (the sample-σ methods cannot reject one outlier among n ≤ 7 values about the median,
-     n ≤ 10 about the mean, at 3σ: see :func:`sample_sigma_can_reject`).
+     n ≤ 10 about the mean, at 3σ: see :func:`sample_sigma_can_reject`). A pass that
+     would reject every value rejects none (IRAF's ``nkeep``): an even count whose two
+     middle values lie further apart than the model allows keeps them.
 4. Combine the survivors: median (mean of the two middle values for an even count),
    weighted mean Σwx/Σw, or sum = N·mean (N = all frames, so rejection leaves no
    holes in a sum). A pixel with no survivor is NaN and masked.
@@ -48,14 +55,17 @@ its scale and zero, all arithmetic in float64, the result stored as float32):
 ``compat="ccdproc"`` reproduces ``ccdproc.combine`` instead; see :func:`combine`.
 """
 
+
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -69,14 +79,13 @@ DEFAULT_THRESHOLDS = {"percentile": (0.2, 0.1)}  # every other algorithm: (3.0, 
 DEFAULT_MEMORY = "1GiB"
 
 _LEVEL_CODES = {"median": 0, "mean": 1, "clipped-mean": 2}
-_REJECT_CODES = {"none": 0, "sigma": 1, "mad": 2, "winsorized": 3, "percentile": 4,
-                 "linear-fit": 5, "ccdclip": 6}
 _TILE_TARGET = 16 << 20  # bytes of one tile's buffers (see _tile_rows)
 # numba's workqueue threading layer must not be entered from two Python threads at once
 # (the pipeline may run several combines in a thread pool): kernels run under this lock.
 _KERNEL_LOCK = threading.Lock()
 
 
+# -- results -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CombineResult:
     """The result of :func:`combine`.
@@ -111,6 +120,90 @@ class CombineResult:
     zeros: np.ndarray = field(default_factory=lambda: np.zeros(0))
     member_rejected: np.ndarray | None = None
 
+    def to_ccddata(self, unit: str = "adu") -> Any:
+        """The result as ``astropy.nddata.CCDData``: data, uncertainty (``StdDevUncertainty``,
+        NaN set to 0), mask (True where no value survived) and header."""
+        from astropy.nddata import CCDData, StdDevUncertainty
+
+        unc = None
+        if self.uncertainty is not None:
+            unc = StdDevUncertainty(np.where(np.isfinite(self.uncertainty), self.uncertainty, np.float32(0.0)))
+        return CCDData(self.data, unit=unit, uncertainty=unc, mask=np.asarray(self.mask, dtype=bool),
+                       header=self.header.copy())
+
+    def write(self, path: Any, *, unit: str = "adu") -> Any:
+        """Write the result as FITS, atomically (data; ``UNCERT`` and ``MASK`` extensions), as
+        ``CCDData.read`` reads it; returns the path."""
+        from pathlib import Path
+
+        from .frames import write_fits
+
+        unc = None
+        if self.uncertainty is not None:
+            unc = np.where(np.isfinite(self.uncertainty), self.uncertainty, np.float32(0.0)).astype(np.float32)
+        write_fits(Path(path), self.data, self.header, uncertainty=unc, mask=np.asarray(self.mask, np.uint8),
+                   unit=unit)
+        return Path(path)
+
+    def _repr_html_(self) -> str:
+        from .display import combine_html
+
+        return combine_html(self)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameFactors:
+    """The per-frame factors of a combine (:func:`measure_factors`): measured once, used by
+    every band of rows (:func:`combine_rows`). Picklable.
+
+    Attributes
+    ----------
+    scales, zeros : ndarray, float64, (n,)
+        Frame i's values become ``scales[i] · x + zeros[i]`` before any rejection.
+    weights : ndarray, float64, (n,)
+        Weights of a mean or sum (ones when none were given).
+    """
+
+    scales: np.ndarray
+    zeros: np.ndarray
+    weights: np.ndarray
+
+    def __post_init__(self) -> None:
+        arrays = [np.ascontiguousarray(getattr(self, name), dtype=np.float64)
+                  for name in ("scales", "zeros", "weights")]
+        if any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
+            raise InputError("frame factors are three 1-D arrays of one value per frame;"
+                             " measure them with measure_factors")
+        for name, values in zip(("scales", "zeros", "weights"), arrays, strict=True):
+            object.__setattr__(self, name, values)
+
+
+@dataclass(frozen=True, eq=False)
+class TileResult:
+    """Rows ``y0:y1`` of a combine (:func:`combine_rows`): those rows of the planes of
+    :class:`CombineResult`, bit for bit.
+
+    Attributes
+    ----------
+    y0, y1 : int
+        The band: rows ``y0`` to ``y1 - 1`` (0-based, numpy order) of the result.
+    data, uncertainty : ndarray, float32, (y1 - y0, nx)
+    nlow_rejected, nhigh_rejected : ndarray, uint8 or uint16, (y1 - y0, nx)
+    mask : ndarray, bool, (y1 - y0, nx)
+    member_rejected : ndarray, int64, (n, 2) or None
+        Rejections of each frame within these rows; summed over the bands of a whole
+        image it is :attr:`CombineResult.member_rejected`.
+    """
+
+    y0: int
+    y1: int
+    data: np.ndarray
+    uncertainty: np.ndarray
+    nlow_rejected: np.ndarray
+    nhigh_rejected: np.ndarray
+    mask: np.ndarray
+    member_rejected: np.ndarray | None = None
+
 
 def parse_memory(memory: str | int) -> int:
     """Bytes of a memory budget such as ``"1GiB"``, ``"256MiB"``, ``"500MB"`` or an int."""
@@ -141,9 +234,91 @@ def parse_memory(memory: str | int) -> int:
     raise InputError(f"memory budget {memory!r} not understood; write it like '1GiB' or '256MiB'")
 
 
-# -- row sources -----------------------------------------------------------------------------
+# -- row sources ---------------------------------------------------------------------------------
+@runtime_checkable
+class RowSource(Protocol):
+    """A frame served by rows: what :func:`combine` streams.
+
+    ``shape`` is (ny, nx), numpy order. ``read_rows(y0, y1)`` returns rows ``y0:y1``
+    (0-based, end excluded) as float32 (y1 - y0, nx); NaN and ±inf values are ignored.
+    The engine asks for increasing bands. Optional attributes: ``header`` (an astropy
+    Header; the first frame's is the base of the result's), ``path`` or ``name`` (how the
+    frame is named in messages and in IMCMBnnn). :class:`ccdcal.frames.FrameSource` is one;
+    see :class:`RowSourceWithPlanes` for masks and uncertainties.
+    """
+
+    shape: tuple[int, int]
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray: ...
+
+
+class RowSourceWithPlanes(RowSource, Protocol):
+    """A :class:`RowSource` that also serves a mask or uncertainties, by the same rows.
+
+    Each method is optional: a source without that plane lacks it or sets it to None. The
+    engine honours masks when any frame has one, and propagates uncertainties when every
+    frame has them (not with ``compat="ccdproc"``).
+    """
+
+    def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
+        """bool (y1 - y0, nx): True where the pixel is to be ignored."""
+        ...
+
+    def read_uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
+        """float32 (y1 - y0, nx): the standard deviation of each pixel, in its units."""
+        ...
+
+
+class _FileRows(RowSource, Protocol):
+    """The optional fast paths of a file (:class:`ccdcal.frames.FrameSource`).
+
+    ``fill_rows(y0, y1, out, scratch)`` decodes rows into a given float32 buffer, with
+    ``raw_bytes_per_row`` bytes of ``scratch`` per row. A ``raw16`` source serves its
+    undecoded big-endian 16-bit rows through ``read_raw(y0, y1, out)``, decoded in the
+    kernel with ``bscale``, ``bzero`` and ``blank`` (None: no BLANK); ``integral`` says its
+    decoded values are whole numbers, so levels come from a histogram of the raw values.
+    """
+
+    raw16: bool
+    integral: bool
+    raw_bytes_per_row: int
+    bscale: float
+    bzero: float
+    blank: int | None
+
+    def fill_rows(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray | None = None) -> None: ...
+
+    def read_raw(self, y0: int, y1: int, out: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class _SourceTraits:
+    """What the engine may ask of one source: the optional members of
+    :class:`RowSourceWithPlanes` and of a file's fast paths (``_FileRows``)."""
+
+    fills: bool              # fill_rows: decodes into the tile itself
+    raw16: bool              # read_raw: undecoded 16-bit rows
+    integral: bool           # raw16 with whole-number values: levels from a histogram
+    raw_bytes_per_row: int   # scratch bytes a row read needs (0 for data in memory)
+    mask: bool               # read_mask_rows
+    uncertainty: bool        # read_uncertainty_rows
+
+
+def _traits(source: Any) -> _SourceTraits:
+    """The traits of ``source``, asked once."""
+    return _SourceTraits(
+        fills=callable(getattr(source, "fill_rows", None)),
+        raw16=bool(getattr(source, "raw16", False)),
+        integral=bool(getattr(source, "integral", False)),
+        raw_bytes_per_row=int(getattr(source, "raw_bytes_per_row", 0) or 0),
+        mask=getattr(source, "read_mask_rows", None) is not None,
+        uncertainty=getattr(source, "read_uncertainty_rows", None) is not None,
+    )
+
+
 class _ArrayRows:
-    """An in-memory frame (ndarray, masked array or CCDData) served by rows."""
+    """An in-memory frame (ndarray, masked array or CCDData) served by rows, with its mask
+    and uncertainty planes when it has them (:class:`RowSourceWithPlanes`)."""
 
     def __init__(self, obj: Any, index: int):
         from astropy.io import fits
@@ -174,9 +349,18 @@ class _ArrayRows:
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         return np.asarray(self.data[y0:y1], dtype=np.float32)
 
-    def read_uncertainty_rows(self, y0: int, y1: int) -> np.ndarray | None:
-        if self.uncertainty is None:
-            return None
+    @property
+    def read_mask_rows(self) -> Callable[[int, int], np.ndarray] | None:
+        return None if self.mask is None else self._mask_rows
+
+    @property
+    def read_uncertainty_rows(self) -> Callable[[int, int], np.ndarray] | None:
+        return None if self.uncertainty is None else self._uncertainty_rows
+
+    def _mask_rows(self, y0: int, y1: int) -> np.ndarray:
+        return self.mask[y0:y1]
+
+    def _uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
         return np.asarray(self.uncertainty[y0:y1], dtype=np.float32)
 
 
@@ -197,7 +381,7 @@ def _as_source(frame: Any, index: int) -> Any:
 
     if isinstance(frame, (str, os.PathLike)):
         return FrameSource(frame)
-    if hasattr(frame, "read_rows") and hasattr(frame, "shape"):
+    if isinstance(frame, RowSource):
         return frame
     return _ArrayRows(frame, index)
 
@@ -212,17 +396,408 @@ def _source_name(source: Any, index: int) -> str:
     return f"frame {index}"
 
 
-def _fill(source: Any, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray, name: str) -> None:
-    if hasattr(source, "fill_rows"):  # FrameSource: decoded straight into the tile
-        source.fill_rows(y0, y1, out, scratch)
+@dataclass(frozen=True, eq=False)
+class _Inputs:
+    """The frames of one combine as row sources: named, of one shape, classified once."""
+
+    sources: tuple[Any, ...]
+    names: tuple[str, ...]
+    headers: tuple[Any, ...]
+    traits: tuple[_SourceTraits, ...]
+    shape: tuple[int, int]
+
+    @property
+    def n(self) -> int:
+        return len(self.sources)
+
+    @property
+    def any_mask(self) -> bool:
+        return any(t.mask for t in self.traits)
+
+    @property
+    def all_uncertainty(self) -> bool:
+        return all(t.uncertainty for t in self.traits)
+
+    @property
+    def all_raw16(self) -> bool:
+        return all(t.raw16 for t in self.traits)
+
+    @property
+    def all_integral(self) -> bool:
+        return all(t.integral for t in self.traits)
+
+    @property
+    def raw_bytes_per_row(self) -> int:
+        return max((t.raw_bytes_per_row for t in self.traits), default=0)
+
+
+def _frame_list(frames: Any) -> Sequence[Any]:
+    if isinstance(frames, (str, os.PathLike)) or not isinstance(frames, Sequence):
+        frames = list(frames) if not isinstance(frames, (str, os.PathLike)) else [frames]
+    if len(frames) == 0:
+        raise InputError("nothing to combine: no frames given")
+    return frames
+
+
+@contextmanager
+def _opened(frames: Sequence[Any]) -> Iterator[_Inputs]:
+    """The frames as classified row sources; FrameSources are closed on the way out (a
+    caller's own reopens on demand)."""
+    from .frames import FrameSource
+
+    sources = [_as_source(frame, i) for i, frame in enumerate(frames)]
+    try:
+        names = [_source_name(s, i) for i, s in enumerate(sources)]
+        shape = (int(sources[0].shape[0]), int(sources[0].shape[1]))
+        for source, name in zip(sources, names, strict=True):
+            if tuple(source.shape) != shape:
+                raise InputError(f"{name} is {source.shape[1]}x{source.shape[0]} but {names[0]} is"
+                                 f" {shape[1]}x{shape[0]}; combine frames of one size")
+        yield _Inputs(tuple(sources), tuple(names), tuple(getattr(s, "header", None) for s in sources),
+                      tuple(_traits(s) for s in sources), shape)
+    finally:
+        for source in sources:
+            if isinstance(source, FrameSource):
+                source.close()
+
+
+# -- options ---------------------------------------------------------------------------------------
+def _check_name(value: Any, allowed: Sequence[str], what: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"{what} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _pair(value: Any, what: str, kind: type) -> tuple[Any, Any]:
+    try:
+        low, high = value
+        low, high = kind(low), kind(high)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must be a pair (low, high), got {value!r}") from exc
+    if kind is int and (low < 0 or high < 0):
+        raise InputError(f"{what} counts must be 0 or more, got {value!r}")
+    if kind is float and not (low > 0 and high > 0 and math.isfinite(low) and math.isfinite(high)):
+        raise InputError(f"{what} thresholds must be positive numbers, got {value!r}")
+    return low, high
+
+
+def _per_frame_spec(spec: Any, what: str) -> Any:
+    """A level name or None as it is; per-frame values as (nested) tuples of float, so the
+    options stay hashable and compare by value ("none" means None)."""
+    if spec is None or isinstance(spec, str):
+        return None if spec == "none" else spec
+    try:
+        values = np.asarray(spec, dtype=float).tolist()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} values must be finite numbers") from exc
+
+    def frozen(v: Any) -> Any:
+        return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
+    return frozen(values)
+
+
+def _given_factors(spec: Any, what: str, n: int) -> np.ndarray | None:
+    """Given per-frame values (scale, zero or weights) checked against ``n`` frames, as
+    float64 (n,); None for a level name or nothing."""
+    if spec is None or isinstance(spec, str):
+        return None
+    values = np.asarray(spec, dtype=float)
+    if values.shape != (n,):
+        raise InputError(f"{what} has {values.size} values for {n} frames; give one per frame")
+    if not np.all(np.isfinite(values)):
+        raise InputError(f"{what} values must be finite numbers")
+    if what == "scale" and np.any(values <= 0):
+        raise InputError("scale factors must be positive")
+    if what == "weights" and np.any(values <= 0):
+        raise InputError("weights must be positive numbers")
+    return values
+
+
+@dataclass(frozen=True)
+class CombineOptions:
+    """Every choice of a combine, validated once: the keywords of :func:`combine` besides
+    the frames and the memory budget, with the same names and meanings (see there).
+
+    The constructor checks them (raising :class:`~ccdcal.errors.InputError` with the
+    messages :func:`combine` gives) and fills in the defaults, so the fields say what will
+    be done: ``reject`` and ``center`` are names; ``sigma_clip`` holds the thresholds
+    (None only with ``reject="none"``); ``clip_extrema`` is None when no extrema are
+    rejected; ``maxiters`` None repeats until a pass rejects nothing (1 with
+    ``compat="ccdproc"``); ``gain`` (e-/ADU) and ``read_noise`` (e-) are numbers for
+    ``ccdclip`` and None otherwise; ``scale`` and ``zero`` are a level name, a tuple of
+    per-frame values or None; ``weights`` a tuple or None. :meth:`create` also reads ccdclip's
+    gain and read noise from a header and checks per-frame values against the frame count.
+
+    The object is frozen, hashable and picklable (it travels to worker processes), and it
+    is the only code that knows how the kernels take their parameters
+    (:meth:`kernel_params`).
+    """
+
+    method: str = "median"
+    scale: str | tuple[float, ...] | None = None
+    zero: str | tuple[float, ...] | None = None
+    scale_region: str | None = None
+    clip_extrema: tuple[int, int] | None = None
+    sigma_clip: tuple[float, float] | None = None
+    reject: str | None = None
+    center: str | None = None
+    maxiters: int | None = None
+    weights: tuple[float, ...] | None = None
+    gain: float | None = None
+    read_noise: float | None = None
+    sensitivity_noise: float = 0.0
+    pedestal: float = 0.0
+    compat: str | None = None
+
+    def __post_init__(self) -> None:
+        def resolve(**values: Any) -> None:
+            for name, value in values.items():
+                object.__setattr__(self, name, value)
+
+        _check_name(self.method, METHODS, "method")
+        if self.compat not in (None, "ccdproc"):
+            raise InputError(f"compat {self.compat!r} is not understood; the only choice is 'ccdproc'")
+        if self.clip_extrema is not None:
+            resolve(clip_extrema=_pair(self.clip_extrema, "clip_extrema", int))
+        reject = self.reject if self.reject is not None else ("sigma" if self.sigma_clip is not None else "none")
+        _check_name(reject, REJECTS, "reject")
+        if reject == "none" and self.sigma_clip is not None:
+            raise InputError("sigma_clip thresholds were given with reject='none'; drop one of them")
+        if self.sigma_clip is not None:
+            resolve(sigma_clip=_pair(self.sigma_clip, "sigma_clip", float))
+        elif reject != "none":
+            resolve(sigma_clip=DEFAULT_THRESHOLDS.get(reject, (3.0, 3.0)))
+        center = self.center if self.center is not None else ("mean" if self.compat else "median")
+        resolve(reject=reject, center=_check_name(center, CENTERS, "center"))
+        maxiters = self.maxiters
+        if maxiters is not None and (not isinstance(maxiters, (int, np.integer)) or maxiters < 1):
+            raise InputError(f"maxiters must be a whole number of at least 1, got {maxiters!r}")
+        if self.weights is not None and self.method == "median":
+            raise InputError("weights apply to mean and sum combines; use method='mean' or drop the weights")
+        self._check_noise_model()
+        resolve(maxiters=None if maxiters is None else int(maxiters), pedestal=float(self.pedestal),
+                sensitivity_noise=float(self.sensitivity_noise))
+        if self.compat:
+            if reject not in ("sigma", "mad", "none"):
+                raise InputError(f"compat='ccdproc' clips with 'sigma' or 'mad' only, not {reject!r}")
+            if self.maxiters not in (None, 1):
+                raise InputError("compat='ccdproc' clips in a single pass; leave maxiters unset")
+            if self.zero is not None and not (isinstance(self.zero, str) and self.zero == "none"):
+                raise InputError("compat='ccdproc' has no zero offsets; drop zero")
+            resolve(maxiters=1)
+        for what in ("scale", "zero"):
+            spec = getattr(self, what)
+            if isinstance(spec, str) and spec != "none":
+                _check_name(spec, SCALES, what)
+        resolve(scale=_per_frame_spec(self.scale, "scale"), zero=_per_frame_spec(self.zero, "zero"),
+                weights=_per_frame_spec(self.weights, "weights"))
+
+    def _check_noise_model(self) -> None:
+        """ccdclip's gain and read noise, and the pedestal and sensitivity noise."""
+        if self.reject == "ccdclip":
+            gain, read_noise = self.gain, self.read_noise
+            if not isinstance(gain, (int, float)) or not gain > 0:
+                raise InputError("ccdclip needs the gain in e-/ADU; pass gain= (--gain) or set GAIN in the headers")
+            if not isinstance(read_noise, (int, float)) or read_noise < 0:
+                raise InputError("ccdclip needs the read noise in e-; pass read_noise= (--read-noise) or set RDNOISE")
+            object.__setattr__(self, "gain", float(gain))
+            object.__setattr__(self, "read_noise", float(read_noise))
+        else:
+            object.__setattr__(self, "gain", None)
+            object.__setattr__(self, "read_noise", None)
+        if math.isnan(self.pedestal) or self.pedestal == -math.inf:
+            raise InputError(f"pedestal must be a number of ADU (or inf), got {self.pedestal!r}")
+        if not (self.sensitivity_noise >= 0 and math.isfinite(self.sensitivity_noise)):
+            raise InputError(f"sensitivity_noise must be 0 or more, got {self.sensitivity_noise!r}")
+
+    @classmethod
+    def create(cls, n_frames: int, *, header: Any = None, **choices: Any) -> CombineOptions:
+        """Options for combining ``n_frames`` frames.
+
+        ``choices`` are the fields (the keywords of :func:`combine`). With
+        ``reject="ccdclip"``, a gain or read noise left None is read from ``header`` (the
+        first frame's) by :mod:`ccdcal.headers`' rules: a gain only where the header states
+        it in e-/ADU (EGAIN, or GAIN with an e-/ADU comment; a camera's GAIN *setting* such
+        as ZWO's 0-600 never counts), RDNOISE/READNOIS/RON in e-. Per-frame ``scale``,
+        ``zero`` and ``weights`` values must number ``n_frames``.
+        """
+        if choices.get("reject") == "ccdclip" and header is not None:
+            from .headers import header_gain, header_read_noise
+
+            if choices.get("gain") is None:
+                choices["gain"] = header_gain(header)[0]
+            if choices.get("read_noise") is None:
+                choices["read_noise"] = header_read_noise(header)
+        options = cls(**choices)
+        options.check_frames(n_frames)
+        return options
+
+    def check_frames(self, n_frames: int) -> None:
+        """Raise :class:`~ccdcal.errors.InputError` unless the per-frame values (scale, zero,
+        weights) give one value for each of ``n_frames`` frames."""
+        for what in ("scale", "zero", "weights"):
+            _given_factors(getattr(self, what), what, n_frames)
+
+    @property
+    def low(self) -> float:
+        """The low rejection threshold (the default one where nothing is rejected)."""
+        return (self.sigma_clip or DEFAULT_THRESHOLDS.get(self.reject, (3.0, 3.0)))[0]
+
+    @property
+    def high(self) -> float:
+        """The high rejection threshold (the default one where nothing is rejected)."""
+        return (self.sigma_clip or DEFAULT_THRESHOLDS.get(self.reject, (3.0, 3.0)))[1]
+
+    @property
+    def nlow(self) -> int:
+        return 0 if self.clip_extrema is None else self.clip_extrema[0]
+
+    @property
+    def nhigh(self) -> int:
+        return 0 if self.clip_extrema is None else self.clip_extrema[1]
+
+    def kernel(self, *, has_uncertainty: bool = False) -> str:
+        """The kernel that combines: ``"ccdproc"`` (compat), ``"fast"`` (the vectorised one,
+        which keeps no per-frame books: rejection none or sigma, no weights, no input
+        uncertainties) or ``"general"``. ``has_uncertainty``: every frame carries one."""
+        if self.compat:
+            return "ccdproc"
+        simple = self.reject in ("none", "sigma") and self.weights is None and not has_uncertainty
+        return "fast" if simple else "general"
+
+    def kernel_params(self, *, has_mask: bool = False,
+                      has_uncertainty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The (iparams int64, fparams float64) arrays of the kernel :meth:`kernel` picks.
+
+        ``combine_tile`` and ``combine_tile_sorted`` share one layout (``_kernels.I_*`` and
+        ``F_*``); ``combine_tile_ccdproc`` has its own. ``has_mask``: the tiles carry a
+        validity plane; ``has_uncertainty``: every frame carries uncertainties.
+        """
+        from . import _kernels as K
+
+        kernel = self.kernel(has_uncertainty=has_uncertainty)
+        method = {"median": K.MEDIAN, "mean": K.MEAN, "sum": K.SUM}[self.method]
+        center = K.CENTER_MEAN if self.center == "mean" else K.CENTER_MEDIAN
+        if kernel == "ccdproc":
+            # method, nlow, nhigh, do_extrema, do_sigma, center, spread, has_valid, has_weights
+            ints = [method, self.nlow, self.nhigh, int(self.clip_extrema is not None),
+                    int(self.reject != "none"), center,
+                    K.SPREAD_MAD if self.reject == "mad" else K.SPREAD_STD,
+                    int(has_mask), int(self.weights is not None)]
+            return np.array(ints, np.int64), np.array([self.low, self.high], np.float64)
+        rejects = {"none": K.REJECT_NONE, "sigma": K.SIGMA, "mad": K.MAD, "winsorized": K.WINSORIZED,
+                   "percentile": K.PERCENTILE, "linear-fit": K.LINEAR_FIT, "ccdclip": K.CCDCLIP}
+        general = kernel == "general"  # follows frame indices: rejections are counted per member
+        ints = {K.I_METHOD: method, K.I_NLOW: self.nlow, K.I_NHIGH: self.nhigh,
+                K.I_REJECT: rejects[self.reject], K.I_CENTER: center, K.I_MAXITERS: self.maxiters or 0,
+                K.I_HAS_VALID: int(has_mask), K.I_HAS_UNC: int(general and has_uncertainty),
+                K.I_NEED_INDEX: int(general)}
+        floats = {K.F_LOW: self.low, K.F_HIGH: self.high,
+                  K.F_GAIN: 1.0 if self.gain is None else self.gain,
+                  K.F_RDNOISE: 0.0 if self.read_noise is None else self.read_noise,
+                  K.F_SNOISE: self.sensitivity_noise, K.F_PEDESTAL: self.pedestal}
+        iparams = np.zeros(len(ints), np.int64)
+        fparams = np.zeros(len(floats), np.float64)
+        for index, value in ints.items():
+            iparams[index] = value
+        for index, value in floats.items():
+            fparams[index] = value
+        return iparams, fparams
+
+
+def sample_sigma_can_reject(n: int, threshold: float, *, center: str = "median") -> bool:
+    """Whether a clip with σ from the same ``n`` values can ever reject one of them.
+
+    With σ the population std of the sample (Samuelson's inequality), no value lies
+    further than ``√(n−1)`` σ from the mean, and one outlier among ``n`` values no further
+    than ``n/√(n−1)`` σ from the median. So at 3σ a sample-σ clip about the median never
+    fires for n ≤ 7, about the mean for n ≤ 10, whatever the outlier's size.
+    """
+    if n < 3:
+        return False
+    bound = math.sqrt(n - 1) if center == "mean" else n / math.sqrt(n - 1)
+    return bound > threshold
+
+
+def _warn_unable_to_reject(n: int, opts: CombineOptions) -> None:
+    import warnings
+
+    from .errors import CcdcalWarning
+
+    n_left = n - opts.nlow - opts.nhigh if n > opts.nlow + opts.nhigh else n
+    if opts.reject != "sigma" or opts.compat or n_left < 3:
         return
-    rows = source.read_rows(y0, y1)
-    if rows.shape != out.shape:
-        raise InputError(f"{name}: read_rows({y0}, {y1}) gave shape {rows.shape}, expected {out.shape}")
-    out[...] = rows
+    if not sample_sigma_can_reject(n_left, min(opts.low, opts.high), center=opts.center):
+        warnings.warn(
+            f"sigma clipping at {opts.low:g}/{opts.high:g} about the {opts.center} cannot reject any value"
+            f" among {n_left} values per pixel (σ comes from the same values); use reject='ccdclip' with"
+            " the gain and read noise, or reject='mad'", CcdcalWarning, stacklevel=3)
 
 
-# -- scale and zero levels ----------------------------------------------------------------------
+# -- per-frame factors: the first, small pass -----------------------------------------------------
+def measure_factors(frames: Sequence[Any], options: CombineOptions, *,
+                    memory: str | int = DEFAULT_MEMORY) -> FrameFactors:
+    """The per-frame scales, zeros and weights of a combine: its first, small pass.
+
+    Levels named by ``options.scale`` and ``options.zero`` are measured on
+    ``options.scale_region`` of every frame, one frame at a time (16-bit integer files from
+    a histogram of their raw values); given values are taken as they are. Measure once,
+    then combine any band of rows with :func:`combine_rows`.
+
+    Parameters
+    ----------
+    frames : sequence of path-like, FrameSource, ndarray, masked array, CCDData or RowSource
+        As for :func:`combine`.
+    options : CombineOptions
+    memory : str or int
+        Budget for what one frame's region costs to read, e.g. ``"256MiB"``.
+
+    Returns
+    -------
+    FrameFactors
+    """
+    frames = _frame_list(frames)
+    budget = parse_memory(memory)
+    with _opened(frames) as inputs:
+        options.check_frames(inputs.n)
+        return _measure(inputs, options, budget)
+
+
+def _level_names(options: CombineOptions) -> list[str]:
+    """The levels to measure: the names of ``scale`` and ``zero``, in that order."""
+    return [how for how in (options.scale, options.zero) if isinstance(how, str)]
+
+
+def _measure(inputs: _Inputs, options: CombineOptions, budget: int) -> FrameFactors:
+    from .sections import to_slices
+
+    n, shape, hows = inputs.n, inputs.shape, _level_names(options)
+    levels: dict[str, np.ndarray] = {}
+    if hows:
+        region = (to_slices(options.scale_region, shape) if options.scale_region
+                  else (slice(0, shape[0]), slice(0, shape[1])))
+        levels = _region_levels(inputs, list(dict.fromkeys(hows)), region, budget)
+    scales = np.ones(n)
+    if isinstance(options.scale, str):
+        scale_levels = levels[options.scale]
+        if np.any(scale_levels <= 0):
+            bad = inputs.names[int(np.argmin(scale_levels))]
+            raise InputError(f"{bad}: its {options.scale} level is {scale_levels.min():g}, so it cannot be"
+                             " scaled; remove it or drop --scale")
+        scales = scale_levels.mean() / scale_levels
+    elif options.scale is not None:
+        scales = _given_factors(options.scale, "scale", n)
+    zeros = np.zeros(n)
+    if isinstance(options.zero, str):
+        scaled = scales * levels[options.zero]
+        zeros = scaled.mean() - scaled
+    elif options.zero is not None:
+        zeros = _given_factors(options.zero, "zero", n)
+    weights = _given_factors(options.weights, "weights", n)
+    return FrameFactors(scales=scales, zeros=zeros, weights=np.ones(n) if weights is None else weights)
+
+
 def _level(values: np.ndarray, how: str) -> float:
     from . import _kernels
 
@@ -230,21 +805,21 @@ def _level(values: np.ndarray, how: str) -> float:
     return float(_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
 
 
-def _region_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[str],
-                   region: tuple[slice, slice], budget: int) -> dict[str, np.ndarray]:
+def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
+                   budget: int) -> dict[str, np.ndarray]:
     """Levels of ``region`` of every source, one source at a time (a small first read).
 
     The region of one frame is held at a time (it may exceed a budget smaller than a frame);
     it is read in row chunks so that the rows around it cost no more than a third of the budget.
     """
-    if _histogram_ready(sources, hows):
-        return _histogram_levels(sources, names, hows, region, budget)
+    if _histogram_ready(inputs, hows):
+        return _histogram_levels(inputs, hows, region, budget)
     rows, cols = region
     width = cols.stop - cols.start
-    chunk = max(1, (budget // 3) // max(sources[0].shape[1] * 4, 1))
+    chunk = max(1, (budget // 3) // max(inputs.shape[1] * 4, 1))
     values = np.empty((rows.stop - rows.start, width), np.float32)
-    levels = {how: np.empty(len(sources)) for how in hows}
-    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+    levels = {how: np.empty(inputs.n) for how in hows}
+    for i, (source, name) in enumerate(zip(inputs.sources, inputs.names, strict=True)):
         for y in range(rows.start, rows.stop, chunk):
             y1 = min(rows.stop, y + chunk)
             values[y - rows.start: y1 - rows.start] = source.read_rows(y, y1)[:, cols]
@@ -262,13 +837,13 @@ def _raw_blank(source: Any) -> int:
     return NO_BLANK if source.blank is None else int(source.blank)
 
 
-def _histogram_ready(sources: Sequence[Any], hows: Sequence[str]) -> bool:
+def _histogram_ready(inputs: _Inputs, hows: Sequence[str]) -> bool:
     """Whether :func:`_histogram_levels` can measure ``hows`` of every source."""
-    return all(getattr(s, "integral", False) for s in sources) and set(hows) <= {"median", "mean"}
+    return inputs.all_integral and set(hows) <= {"median", "mean"}
 
 
-def _histogram_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequence[str],
-                      region: tuple[slice, slice], budget: int) -> dict[str, np.ndarray]:
+def _histogram_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
+                      budget: int) -> dict[str, np.ndarray]:
     """Median and mean of ``region`` from a histogram of the raw 16-bit integers.
 
     For 16-bit images whose values are whole numbers (BSCALE 1, whole BZERO) the
@@ -280,12 +855,12 @@ def _histogram_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequen
     from . import _kernels
 
     rows, cols = region
-    nx = sources[0].shape[1]
+    nx = inputs.shape[1]
     chunk = int(max(1, min(rows.stop - rows.start, (budget // 3) // (nx * 2), (4 << 20) // (nx * 2))))
     buf = np.empty((chunk, nx), np.uint16)
     hists = np.zeros((_kernels.HIST16_PARTS, 65536), np.int64)
-    levels = {how: np.empty(len(sources)) for how in hows}
-    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+    levels = {how: np.empty(inputs.n) for how in hows}
+    for i, (source, name) in enumerate(zip(inputs.sources, inputs.names, strict=True)):
         hists[...] = 0
         blank = _raw_blank(source)
         for y in range(rows.start, rows.stop, chunk):
@@ -312,132 +887,59 @@ def _histogram_levels(sources: Sequence[Any], names: Sequence[str], hows: Sequen
     return levels
 
 
-def _factors(spec: Any, what: str, n: int, levels: np.ndarray | None) -> np.ndarray | None:
-    if spec is None or (isinstance(spec, str) and spec == "none"):
-        return None
-    if isinstance(spec, str):
-        return levels
-    values = np.asarray(spec, dtype=float)
-    if values.shape != (n,):
-        raise InputError(f"{what} has {values.size} values for {n} frames; give one per frame")
-    if not np.all(np.isfinite(values)):
-        raise InputError(f"{what} values must be finite numbers")
-    return values
+# -- rows: tiles through the kernels --------------------------------------------------------------
+def combine_rows(frames: Sequence[Any], factors: FrameFactors, options: CombineOptions, y0: int, y1: int,
+                 *, memory: str | int = DEFAULT_MEMORY) -> TileResult:
+    """Rows ``y0:y1`` of the combine of ``frames``: bit for bit those rows of :func:`combine`.
 
+    Each band needs only the options and the factors (:func:`measure_factors`), so bands
+    can be combined in any order, in separate processes, and stacked into the result.
 
-# -- options ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Options:
-    method: str
-    reject: str
-    low: float
-    high: float
-    nlow: int
-    nhigh: int
-    center: str
-    maxiters: int  # 0 = until nothing changes
-    gain: float
-    read_noise: float
-    sensitivity_noise: float
-    compat: str | None
-    pedestal: float = 0.0
+    Parameters
+    ----------
+    frames : sequence of path-like, FrameSource, ndarray, masked array, CCDData or RowSource
+        As for :func:`combine`; only rows ``y0:y1`` are read.
+    factors : FrameFactors
+        The per-frame factors of these frames under these options.
+    options : CombineOptions
+    y0, y1 : int
+        The band: rows ``y0`` to ``y1 - 1`` of the result (0-based, numpy order).
+    memory : str or int
+        Budget for the engine's own arrays (tiles and this band of the result).
 
-
-def _check_name(value: Any, allowed: Sequence[str], what: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise InputError(f"{what} {value!r} is not one of {', '.join(allowed)}")
-    return value
-
-
-def _pair(value: Any, what: str, kind: type) -> tuple[Any, Any]:
-    try:
-        low, high = value
-        low, high = kind(low), kind(high)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} must be a pair (low, high), got {value!r}") from exc
-    if kind is int and (low < 0 or high < 0):
-        raise InputError(f"{what} counts must be 0 or more, got {value!r}")
-    if kind is float and not (low > 0 and high > 0 and math.isfinite(low) and math.isfinite(high)):
-        raise InputError(f"{what} thresholds must be positive numbers, got {value!r}")
-    return low, high
-
-
-def _options(n: int, method: str, clip_extrema: Any, sigma_clip: Any, reject: str | None,
-             center: str | None, maxiters: int | None, weights: Any, gain: float | None,
-             read_noise: float | None, sensitivity_noise: float, zero: Any, compat: str | None,
-             first_header: Any, pedestal: float = 0.0) -> _Options:
-    _check_name(method, METHODS, "method")
-    if compat not in (None, "ccdproc"):
-        raise InputError(f"compat {compat!r} is not understood; the only choice is 'ccdproc'")
-    nlow, nhigh = (0, 0) if clip_extrema is None else _pair(clip_extrema, "clip_extrema", int)
-    if reject is None:
-        reject = "sigma" if sigma_clip is not None else "none"
-    _check_name(reject, REJECTS, "reject")
-    if reject == "none" and sigma_clip is not None:
-        raise InputError("sigma_clip thresholds were given with reject='none'; drop one of them")
-    default = DEFAULT_THRESHOLDS.get(reject, (3.0, 3.0))
-    low, high = default if sigma_clip is None else _pair(sigma_clip, "sigma_clip", float)
-    if center is None:
-        center = "mean" if compat else "median"
-    _check_name(center, CENTERS, "center")
-    if maxiters is not None and (not isinstance(maxiters, (int, np.integer)) or maxiters < 1):
-        raise InputError(f"maxiters must be a whole number of at least 1, got {maxiters!r}")
-    if weights is not None and method == "median":
-        raise InputError("weights apply to mean and sum combines; use method='mean' or drop the weights")
-    gain_value, noise_value = 1.0, 0.0
-    if reject == "ccdclip":
-        from .frames import header_value
-
-        gain = gain if gain is not None else header_value(first_header, ("GAIN", "EGAIN", "CCDGAIN"))
-        read_noise = read_noise if read_noise is not None else header_value(first_header, ("RDNOISE", "READNOIS", "RON"))
-        if not isinstance(gain, (int, float)) or not gain > 0:
-            raise InputError("ccdclip needs the gain in e-/ADU; pass gain= (--gain) or set GAIN in the headers")
-        if not isinstance(read_noise, (int, float)) or read_noise < 0:
-            raise InputError("ccdclip needs the read noise in e-; pass read_noise= (--read-noise) or set RDNOISE")
-        gain_value, noise_value = float(gain), float(read_noise)
-    if math.isnan(pedestal) or pedestal == -math.inf:
-        raise InputError(f"pedestal must be a number of ADU (or inf), got {pedestal!r}")
-    if not (sensitivity_noise >= 0 and math.isfinite(sensitivity_noise)):
-        raise InputError(f"sensitivity_noise must be 0 or more, got {sensitivity_noise!r}")
-    if compat:
-        if reject not in ("sigma", "mad", "none"):
-            raise InputError(f"compat='ccdproc' clips with 'sigma' or 'mad' only, not {reject!r}")
-        if maxiters not in (None, 1):
-            raise InputError("compat='ccdproc' clips in a single pass; leave maxiters unset")
-        if zero is not None and not (isinstance(zero, str) and zero == "none"):
-            raise InputError("compat='ccdproc' has no zero offsets; drop zero")
-        maxiters = 1
-    return _Options(method, reject, low, high, nlow, nhigh, center, maxiters or 0,
-                    gain_value, noise_value, float(sensitivity_noise), compat, float(pedestal))
-
-
-def sample_sigma_can_reject(n: int, threshold: float, *, center: str = "median") -> bool:
-    """Whether a clip with σ from the same ``n`` values can ever reject one of them.
-
-    With σ the population std of the sample (Samuelson's inequality), no value lies
-    further than ``√(n−1)`` σ from the mean, and one outlier among ``n`` values no further
-    than ``n/√(n−1)`` σ from the median. So at 3σ a sample-σ clip about the median never
-    fires for n ≤ 7, about the mean for n ≤ 10, whatever the outlier's size.
+    Returns
+    -------
+    TileResult
     """
-    if n < 3:
-        return False
-    bound = math.sqrt(n - 1) if center == "mean" else n / math.sqrt(n - 1)
-    return bound > threshold
+    frames = _frame_list(frames)
+    budget = parse_memory(memory)
+    with _opened(frames) as inputs:
+        options.check_frames(inputs.n)
+        y0, y1 = _check_band(inputs, factors, y0, y1)
+        plan = _tile_plan(inputs, options, budget, y1 - y0)
+        out = _Planes.empty((y1 - y0, inputs.shape[1]), inputs.n)
+        member_rejected = _combine_band(inputs, options, factors, plan, out, y0, y1)
+    return TileResult(y0=y0, y1=y1, data=out.data, uncertainty=out.err, nlow_rejected=out.nlow,
+                      nhigh_rejected=out.nhigh, mask=out.mask, member_rejected=member_rejected)
 
 
-def _warn_unable_to_reject(n: int, opts: _Options) -> None:
-    import warnings
+def _check_band(inputs: _Inputs, factors: FrameFactors, y0: Any, y1: Any) -> tuple[int, int]:
+    ny = inputs.shape[0]
+    try:
+        y0, y1 = operator.index(y0), operator.index(y1)
+    except TypeError as exc:
+        raise InputError(f"rows {y0!r}:{y1!r} must be whole numbers") from exc
+    if not 0 <= y0 < y1 <= ny:
+        raise InputError(f"rows {y0}:{y1} are not a band of the {ny} rows; give 0 <= y0 < y1 <= {ny}")
+    if factors.scales.shape != (inputs.n,):
+        raise InputError(f"the factors are for {factors.scales.size} frames, not {inputs.n};"
+                         " measure them on these frames")
+    return y0, y1
 
-    from .errors import CcdcalWarning
 
-    n_left = n - opts.nlow - opts.nhigh if n > opts.nlow + opts.nhigh else n
-    if opts.reject != "sigma" or opts.compat or n_left < 3:
-        return
-    if not sample_sigma_can_reject(n_left, min(opts.low, opts.high), center=opts.center):
-        warnings.warn(
-            f"sigma clipping at {opts.low:g}/{opts.high:g} about the {opts.center} cannot reject any value"
-            f" among {n_left} values per pixel (σ comes from the same values); use reject='ccdclip' with"
-            " the gain and read noise, or reject='mad'", CcdcalWarning, stacklevel=4)
+def _count_dtype(n: int) -> np.dtype:
+    """The smallest unsigned integer dtype that counts rejections of ``n`` frames."""
+    return np.dtype(np.uint8 if n < 256 else np.uint16)
 
 
 def _tile_rows(n: int, shape: tuple[int, int], budget: int, extra_per_value: int, raw_per_row: int,
@@ -455,7 +957,159 @@ def _tile_rows(n: int, shape: tuple[int, int], budget: int, extra_per_value: int
     return int(max(1, min(ny, rows)))
 
 
-# -- the engine ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TilePlan:
+    """How the tiles of one band are read and combined."""
+
+    kernel: str        # "ccdproc", "fast" or "general" (CombineOptions.kernel)
+    has_mask: bool     # a validity plane travels with the tiles
+    has_unc: bool      # an uncertainty plane travels with the tiles
+    raw16: bool        # tiles hold raw 16-bit values, decoded in the kernel
+    raw_per_row: int   # scratch bytes per row for file sources
+    rows: int          # rows per tile
+
+
+def _tile_plan(inputs: _Inputs, options: CombineOptions, budget: int, height: int) -> _TilePlan:
+    """The plan for ``height`` output rows: the result band and the tiles fit the budget."""
+    kernel = options.kernel(has_uncertainty=inputs.all_uncertainty)
+    has_mask = inputs.any_mask
+    has_unc = kernel == "general" and inputs.all_uncertainty
+    # the vectorised kernel serves the common case; 16-bit files then travel as raw bytes
+    raw16 = kernel == "fast" and inputs.all_raw16
+    raw_per_row = 0 if raw16 else inputs.raw_bytes_per_row
+    rows = _tile_rows(inputs.n, (height, inputs.shape[1]), budget,
+                      (1 if has_mask else 0) + (4 if has_unc else 0), raw_per_row,
+                      value_bytes=2 if raw16 else 4, count_bytes=_count_dtype(inputs.n).itemsize)
+    return _TilePlan(kernel, has_mask, has_unc, raw16, raw_per_row, rows)
+
+
+@dataclass(frozen=True, eq=False)
+class _Planes:
+    """The output planes of a band of rows."""
+
+    data: np.ndarray
+    err: np.ndarray
+    nlow: np.ndarray
+    nhigh: np.ndarray
+    mask: np.ndarray
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], n: int) -> _Planes:
+        counts = _count_dtype(n)
+        return cls(np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, counts),
+                   np.empty(shape, counts), np.empty(shape, bool))
+
+    def rows(self, a: int, b: int) -> _Planes:
+        return _Planes(self.data[a:b], self.err[a:b], self.nlow[a:b], self.nhigh[a:b], self.mask[a:b])
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.data, self.err, self.nlow, self.nhigh, self.mask]
+
+
+class _Workspace:
+    """The buffers every tile of a band reuses, and what the kernel takes besides the tile."""
+
+    def __init__(self, inputs: _Inputs, plan: _TilePlan, options: CombineOptions, factors: FrameFactors):
+        from . import _kernels
+
+        n, nx, rows = inputs.n, inputs.shape[1], plan.rows
+        self.stack = np.empty((n, rows, nx), np.uint16 if plan.raw16 else np.float32)
+        self.valid = np.ones((n, rows, nx) if plan.has_mask else (1, 1, 1), np.uint8)
+        self.unc = np.zeros((n, rows, nx) if plan.has_unc else (1, 1, 1), np.float32)
+        self.scratch = np.empty(rows * plan.raw_per_row, np.uint8)
+        self.iparams, self.fparams = options.kernel_params(has_mask=plan.has_mask, has_uncertainty=plan.has_unc)
+        self.pairs = _kernels.sorting_network(n)
+        self.nchunks = -(-nx // _kernels.CHUNK)
+        tracked = plan.kernel == "general"
+        self.member_jobs = np.zeros((rows * self.nchunks, n, 2) if tracked else (1, 1, 2), np.int32)
+        # float32 working values when exact (no scaling), else float64
+        scaled = np.any(factors.scales != 1.0) or np.any(factors.zeros != 0.0)
+        self.proto = np.zeros(1, np.float64 if scaled else np.float32)
+        if plan.raw16:  # how the kernel decodes raw values
+            self.decode = (np.array([s.bscale for s in inputs.sources], np.float32),
+                           np.array([s.bzero for s in inputs.sources], np.float32),
+                           np.array([_raw_blank(s) for s in inputs.sources], np.int64))
+        else:
+            self.decode = (np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64))
+
+
+def _checked(rows: Any, shape: tuple[int, ...], name: str, call: str) -> np.ndarray:
+    if rows is None or np.shape(rows) != shape:
+        raise InputError(f"{name}: {call} gave shape {np.shape(rows)}, expected {shape}")
+    return rows
+
+
+def _read_tile(inputs: _Inputs, plan: _TilePlan, ws: _Workspace, y0: int, y1: int) -> None:
+    """Rows ``y0:y1`` of every frame, and of its mask and uncertainty planes, into ``ws``."""
+    h = y1 - y0
+    for i, (source, name, traits) in enumerate(zip(inputs.sources, inputs.names, inputs.traits, strict=True)):
+        out = ws.stack[i, :h]
+        if plan.raw16:
+            source.read_raw(y0, y1, out)
+        elif traits.fills:  # FrameSource: decoded straight into the tile
+            source.fill_rows(y0, y1, out, ws.scratch)
+        else:
+            out[...] = _checked(source.read_rows(y0, y1), out.shape, name, f"read_rows({y0}, {y1})")
+        if plan.has_mask:
+            if traits.mask:
+                mask = _checked(source.read_mask_rows(y0, y1), out.shape, name, f"read_mask_rows({y0}, {y1})")
+                ws.valid[i, :h] = ~np.asarray(mask, dtype=bool)
+            else:
+                ws.valid[i, :h] = 1
+        if plan.has_unc:
+            ws.unc[i, :h] = _checked(source.read_uncertainty_rows(y0, y1), out.shape, name,
+                                     f"read_uncertainty_rows({y0}, {y1})")
+
+
+def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Planes,
+                h: int) -> np.ndarray | None:
+    """Combine the first ``h`` rows of the tile in ``ws`` into ``out``; the rejections per
+    member (n, 2) where the general kernel ran, else None."""
+    from . import _kernels
+
+    tile = ws.stack[:, :h]
+    valid = ws.valid[:, :h] if plan.has_mask else ws.valid
+    planes = (out.data, out.err, out.nlow, out.nhigh)
+    with _KERNEL_LOCK:
+        if plan.kernel == "ccdproc":
+            _kernels.combine_tile_ccdproc(tile, valid, factors.scales, factors.weights, ws.iparams,
+                                          ws.fparams, *planes)
+            return None
+        if plan.kernel == "fast":
+            _kernels.combine_tile_sorted(tile, valid, factors.scales, factors.zeros, ws.pairs, ws.iparams,
+                                         ws.fparams, ws.proto, *ws.decode, *planes)
+            return None
+        jobs = ws.member_jobs[: h * ws.nchunks]
+        jobs[...] = 0
+        _kernels.combine_tile(tile, valid, ws.unc[:, :h] if plan.has_unc else ws.unc, factors.scales,
+                              factors.zeros, factors.weights, ws.pairs, ws.iparams, ws.fparams, *planes, jobs)
+    return jobs.sum(axis=0, dtype=np.int64)
+
+
+def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactors, plan: _TilePlan,
+                  out: _Planes, y0: int, y1: int, ready: Callable[[], None] | None = None) -> np.ndarray | None:
+    """Combine rows ``y0:y1`` tile by tile into ``out`` (whose first row is row ``y0``).
+
+    ``ready`` is called once, after the first tile is read and before the first kernel
+    runs. Returns the rejections per member (n, 2) where the general kernel ran, else None.
+    """
+    ws = _Workspace(inputs, plan, options, factors)
+    member_rejected = np.zeros((inputs.n, 2), np.int64) if plan.kernel == "general" else None
+    for t0 in range(y0, y1, plan.rows):
+        t1 = min(y1, t0 + plan.rows)
+        _read_tile(inputs, plan, ws, t0, t1)
+        if ready is not None:
+            ready()
+            ready = None
+        band = out.rows(t0 - y0, t1 - y0)
+        counts = _run_kernel(plan, ws, factors, band, t1 - t0)
+        if member_rejected is not None:
+            member_rejected += counts
+        np.isnan(band.err, out=band.mask)
+    return member_rejected
+
+
+# -- the whole combine ------------------------------------------------------------------------------
 def combine(
     frames: Sequence[Any],
     *,
@@ -487,8 +1141,9 @@ def combine(
     frames : sequence of path-like, FrameSource, ndarray, masked array, CCDData or row source
         Equal-shaped 2-D images. Paths and FrameSources are streamed from disk (each file
         read once); a *row source* is any object with ``shape`` (ny, nx) and
-        ``read_rows(y0, y1)`` returning float32 rows (optionally ``header``, ``path``,
-        ``read_uncertainty_rows``); its rows are requested in increasing tiles.
+        ``read_rows(y0, y1)`` returning float32 rows (:class:`RowSource`; optionally
+        ``header``, ``path``, and ``read_mask_rows``/``read_uncertainty_rows``:
+        :class:`RowSourceWithPlanes`); its rows are requested in increasing tiles.
         NaN, infinite and masked pixels are ignored.
     method : {"median", "mean", "sum"}
         How the surviving values are combined. A sum is N × the mean of the survivors.
@@ -540,202 +1195,57 @@ def combine(
     -------
     CombineResult
     """
-    if isinstance(frames, (str, os.PathLike)) or not isinstance(frames, Sequence):
-        frames = list(frames) if not isinstance(frames, (str, os.PathLike)) else [frames]
-    if len(frames) == 0:
-        raise InputError("nothing to combine: no frames given")
+    frames = _frame_list(frames)
     budget = parse_memory(memory)
-    from .frames import FrameSource
+    with _opened(frames) as inputs:
+        options = CombineOptions.create(
+            inputs.n, header=inputs.headers[0], method=method, scale=scale, zero=zero,
+            scale_region=scale_region, clip_extrema=clip_extrema, sigma_clip=sigma_clip, reject=reject,
+            center=center, maxiters=maxiters, weights=weights, gain=gain, read_noise=read_noise,
+            sensitivity_noise=sensitivity_noise, pedestal=pedestal, compat=compat)
+        _warn_unable_to_reject(inputs.n, options)
+        factors, out, member_rejected = _combine_all(inputs, options, budget)
+    header = combined_header(inputs.headers, method=options.method, scales=factors.scales, frames=frames,
+                             zeros=factors.zeros, names=inputs.names)
+    _describe(header, options)
+    return CombineResult(data=out.data, uncertainty=out.err, nlow_rejected=out.nlow, nhigh_rejected=out.nhigh,
+                         mask=out.mask, header=header, scales=factors.scales, zeros=factors.zeros,
+                         member_rejected=member_rejected)
 
-    sources = [_as_source(frame, i) for i, frame in enumerate(frames)]
+
+def _combine_all(inputs: _Inputs, options: CombineOptions,
+                 budget: int) -> tuple[FrameFactors, _Planes, np.ndarray | None]:
+    """The factors and every row of the result.
+
+    Levels from raw histograms need almost no memory: they are measured while a thread
+    faults in the result's fresh pages; other sources are measured first, so that the
+    region they hold is freed before the result is allocated.
+    """
+    late = _histogram_ready(inputs, _level_names(options))
+    factors = None if late else _measure(inputs, options, budget)
+    plan = _tile_plan(inputs, options, budget, inputs.shape[0])
+    out = _Planes.empty(inputs.shape, inputs.n)
+    prefault = _Prefault(out.arrays())
     try:
-        return _combine_sources(sources, frames, method=method, scale=scale,
-                                zero=zero, scale_region=scale_region, clip_extrema=clip_extrema,
-                                sigma_clip=sigma_clip, reject=reject, center=center,
-                                maxiters=maxiters, weights=weights, gain=gain,
-                                read_noise=read_noise, sensitivity_noise=sensitivity_noise,
-                                pedestal=pedestal, budget=budget, compat=compat)
+        if factors is None:
+            factors = _measure(inputs, options, budget)
+        member_rejected = _combine_band(inputs, options, factors, plan, out, 0, inputs.shape[0],
+                                        ready=prefault.wait)
     finally:
-        for source in sources:
-            if isinstance(source, FrameSource):  # files opened here; a caller's reopen on demand
-                source.close()
+        prefault.wait()
+    return factors, out, member_rejected
 
 
-def _combine_sources(sources, frames, *, method, scale, zero, scale_region,
-                     clip_extrema, sigma_clip, reject, center, maxiters, weights, gain, read_noise,
-                     sensitivity_noise, pedestal, budget, compat) -> CombineResult:
-    n = len(sources)
-    names = [_source_name(s, i) for i, s in enumerate(sources)]
-    shape = tuple(int(v) for v in sources[0].shape)
-    for source, name in zip(sources, names, strict=True):
-        if tuple(source.shape) != shape:
-            raise InputError(f"{name} is {source.shape[1]}x{source.shape[0]} but {names[0]} is"
-                             f" {shape[1]}x{shape[0]}; combine frames of one size")
-    headers = [getattr(s, "header", None) for s in sources]
-    opts = _options(n, method, clip_extrema, sigma_clip, reject, center, maxiters, weights, gain,
-                    read_noise, sensitivity_noise, zero, compat, headers[0], pedestal)
-    _warn_unable_to_reject(n, opts)
+class _Prefault:
+    """Touches fresh arrays in a thread (numpy releases the GIL) while the caller reads:
+    fresh pages cost a fault each, dear in virtual machines."""
 
-    # per-frame factors (a first, small pass over the scale region)
-    hows = [h for h in (scale, zero) if isinstance(h, str) and h != "none"]
-    for how in hows:
-        _check_name(how, SCALES, "scale" if how is scale else "zero")
+    def __init__(self, arrays: Sequence[np.ndarray]):
+        self._thread = threading.Thread(target=_touch, args=(arrays,), daemon=True)
+        self._thread.start()
 
-    # levels from raw histograms need almost no memory: measure them while the result's
-    # pages are faulted in (below); other sources are measured first, so that the region
-    # they hold is freed before the result is allocated
-    late = _histogram_ready(sources, hows)
-    if not late:
-        scales, zeros, weight_values = _frame_factors(sources, names, shape, hows, scale, zero, weights,
-                                                      scale_region, budget)
-
-    # which optional planes travel with the tiles
-    has_valid = any(getattr(s, "mask", None) is not None for s in sources if isinstance(s, _ArrayRows))
-    has_unc = opts.compat is None and all(
-        (isinstance(s, _ArrayRows) and s.uncertainty is not None)
-        or (not isinstance(s, _ArrayRows) and hasattr(s, "read_uncertainty_rows"))
-        for s in sources)
-    need_index = weights is not None or has_unc or opts.reject == "ccdclip"
-    # the vectorised kernel serves the common case; 16-bit files then travel as raw bytes
-    fast = opts.compat is None and opts.reject in ("none", "sigma") and not need_index
-    # the general kernel follows frame indices whenever it rejects, to count rejections per member
-    general = opts.compat is None and not fast
-    need_index = need_index or (general and (opts.reject != "none" or opts.nlow + opts.nhigh > 0))
-    raw16 = fast and all(getattr(s, "raw16", False) for s in sources)
-    raw_per_row = 0 if raw16 else max(
-        (getattr(s, "raw_bytes_per_row", 0) for s in sources), default=0)
-    rows = _tile_rows(n, shape, budget, (1 if has_valid else 0) + (4 if has_unc else 0), raw_per_row,
-                      value_bytes=2 if raw16 else 4, count_bytes=_count_dtype(n).itemsize)
-
-    ny, nx = shape
-    data = np.empty(shape, np.float32)
-    err = np.empty(shape, np.float32)
-    nlow = np.empty(shape, _count_dtype(n))
-    nhigh = np.empty(shape, _count_dtype(n))
-    mask = np.empty(shape, bool)
-    stack = np.empty((n, rows, nx), np.uint16 if raw16 else np.float32)
-    valid = np.ones((n, rows, nx) if has_valid else (1, 1, 1), np.uint8)
-    unc = np.zeros((n, rows, nx) if has_unc else (1, 1, 1), np.float32)
-    scratch = np.empty(rows * raw_per_row, np.uint8)
-    # Fresh pages cost a fault each (dear in virtual machines); touch the result arrays in a
-    # thread (numpy releases the GIL) while this one loads the kernels and reads the first tile.
-    prefault = threading.Thread(target=_touch, args=([data, err, nlow, nhigh, mask],), daemon=True)
-    prefault.start()
-    from . import _kernels
-
-    if late:
-        try:
-            scales, zeros, weight_values = _frame_factors(sources, names, shape, hows, scale, zero, weights,
-                                                          scale_region, budget)
-        except BaseException:
-            prefault.join()
-            raise
-    if raw16:
-        dscale = np.array([s.bscale for s in sources], np.float32)
-        dzero = np.array([s.bzero for s in sources], np.float32)
-        dblank = np.array([_raw_blank(s) for s in sources], np.int64)
-    else:
-        dscale, dzero, dblank = np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.int64)
-    if opts.compat:
-        iparams = np.array([_method_code(opts.method), opts.nlow, opts.nhigh,
-                            int(clip_extrema is not None), int(opts.reject != "none"),
-                            int(opts.center == "mean"), int(opts.reject == "mad"), int(has_valid),
-                            int(weights is not None)], np.int64)
-        fparams = np.array([opts.low, opts.high], np.float64)
-    else:
-        iparams = np.array([_method_code(opts.method), opts.nlow, opts.nhigh,
-                            _REJECT_CODES[opts.reject], int(opts.center == "mean"), opts.maxiters,
-                            int(has_valid), int(has_unc), int(need_index)], np.int64)
-        fparams = np.array([opts.low, opts.high, opts.gain, opts.read_noise,
-                            opts.sensitivity_noise, opts.pedestal], np.float64)
-    pairs = _kernels.sorting_network(n)
-    nchunks = -(-nx // _kernels.CHUNK)
-    member_counts = np.zeros((n, 2), np.int64) if general and need_index else None
-    member_jobs = np.zeros((rows * nchunks, n, 2) if member_counts is not None else (1, 1, 2), np.int32)
-    # float32 working values when exact (no scaling), else float64
-    proto = np.zeros(1, np.float64 if (np.any(scales != 1.0) or np.any(zeros != 0.0)) else np.float32)
-
-    for y0 in range(0, ny, rows):
-        y1 = min(ny, y0 + rows)
-        h = y1 - y0
-        tile = stack[:, :h]
-        for i, (source, name) in enumerate(zip(sources, names, strict=True)):
-            if raw16:
-                source.read_raw(y0, y1, tile[i])
-            else:
-                _fill(source, y0, y1, tile[i], scratch, name)
-            if has_valid:
-                m = getattr(source, "mask", None) if isinstance(source, _ArrayRows) else None
-                valid[i, :h] = 1 if m is None else ~m[y0:y1]
-            if has_unc:
-                unc[i, :h] = source.read_uncertainty_rows(y0, y1)
-        vtile = valid[:, :h] if has_valid else valid
-        if prefault is not None:
-            prefault.join()
-            prefault = None
-        out = (data[y0:y1], err[y0:y1], nlow[y0:y1], nhigh[y0:y1])
-        with _KERNEL_LOCK:
-            if opts.compat:
-                _kernels.combine_tile_ccdproc(tile, vtile, scales, weight_values, iparams, fparams, *out)
-            elif fast:
-                _kernels.combine_tile_sorted(tile, vtile, scales, zeros, pairs, iparams, fparams, proto,
-                                             dscale, dzero, dblank, *out)
-            else:
-                job_counts = member_jobs[: h * nchunks]
-                job_counts[...] = 0
-                _kernels.combine_tile(tile, vtile, unc[:, :h] if has_unc else unc, scales, zeros,
-                                      weight_values, pairs, iparams, fparams, *out, job_counts)
-                if member_counts is not None:
-                    member_counts += job_counts.sum(axis=0, dtype=np.int64)
-        np.isnan(err[y0:y1], out=mask[y0:y1])
-    del stack, valid, unc, scratch
-
-    header = combined_header(headers, method=opts.method, scales=scales, frames=frames,
-                             zeros=zeros, names=names)
-    _describe(header, opts, clip_extrema, scale, scale_region)
-    return CombineResult(data=data, uncertainty=err, nlow_rejected=nlow, nhigh_rejected=nhigh,
-                         mask=mask, header=header, scales=scales, zeros=zeros,
-                         member_rejected=member_counts)
-
-
-def _frame_factors(sources: Sequence[Any], names: Sequence[str], shape: tuple[int, int], hows: Sequence[str],
-                   scale: Any, zero: Any, weights: Any, scale_region: str | None,
-                   budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-frame (scales, zeros, weights): given, or measured on ``scale_region`` (a first pass)."""
-    from .sections import to_slices
-
-    n = len(sources)
-    levels: dict[str, np.ndarray] = {}
-    if hows:
-        region = to_slices(scale_region, shape) if scale_region else (slice(0, shape[0]), slice(0, shape[1]))
-        levels = _region_levels(sources, names, list(dict.fromkeys(hows)), region, budget)
-    scale_levels = levels.get(scale) if isinstance(scale, str) else None
-    if scale_levels is not None:
-        if np.any(scale_levels <= 0):
-            bad = names[int(np.argmin(scale_levels))]
-            raise InputError(f"{bad}: its {scale} level is {scale_levels.min():g}, so it cannot be"
-                             " scaled; remove it or drop --scale")
-        scale_levels = scale_levels.mean() / scale_levels
-    scales = _factors(scale, "scale", n, scale_levels)
-    if scales is not None and np.any(scales <= 0):
-        raise InputError("scale factors must be positive")
-    scales = np.ones(n) if scales is None else scales
-    zero_levels = levels.get(zero) if isinstance(zero, str) else None
-    if zero_levels is not None:
-        scaled = scales * zero_levels
-        zero_levels = scaled.mean() - scaled
-    zeros = _factors(zero, "zero", n, zero_levels)
-    zeros = np.zeros(n) if zeros is None else zeros
-    weight_values = _factors(weights, "weights", n, None)
-    if weight_values is not None and np.any(weight_values <= 0):
-        raise InputError("weights must be positive numbers")
-    weight_values = np.ones(n) if weight_values is None else weight_values
-    return scales, zeros, weight_values
-
-
-def _count_dtype(n: int) -> np.dtype:
-    """The smallest unsigned integer dtype that counts rejections of ``n`` frames."""
-    return np.dtype(np.uint8 if n < 256 else np.uint16)
+    def wait(self) -> None:
+        self._thread.join()
 
 
 def _touch(arrays: Sequence[np.ndarray]) -> None:
@@ -743,16 +1253,15 @@ def _touch(arrays: Sequence[np.ndarray]) -> None:
         array[...] = 0
 
 
-def _method_code(method: str) -> int:
-    return {"median": 0, "mean": 1, "sum": 2}[method]
-
-
-def _describe(header: Any, opts: _Options, clip_extrema: Any, scale: Any, scale_region: Any) -> None:
+# -- header (provenance; leaves the array core with the headers module) ---------------------------
+def _describe(header: Any, opts: CombineOptions) -> None:
+    """Add the HISTORY line that says how the frames were combined."""
     parts = [opts.method]
-    if scale is not None and not (isinstance(scale, str) and scale == "none"):
-        what = scale if isinstance(scale, str) else "given factors"
-        parts.append(f"scaled by {what}" + (f" of {scale_region}" if scale_region and isinstance(scale, str) else ""))
-    if clip_extrema is not None:
+    if opts.scale is not None:
+        what = opts.scale if isinstance(opts.scale, str) else "given factors"
+        parts.append(f"scaled by {what}" + (f" of {opts.scale_region}"
+                                            if opts.scale_region and isinstance(opts.scale, str) else ""))
+    if opts.clip_extrema is not None:
         parts.append(f"minmax {opts.nlow}/{opts.nhigh}")
     if opts.reject != "none":
         parts.append(f"{opts.reject} {opts.low:g}/{opts.high:g}")
