@@ -355,132 +355,26 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     _add_calibration_flags(p)
 
 
-def _master_files(args) -> tuple[dict[str, str], dict[str, str]]:
-    """Name -> path and name -> DATASUM of the masters given on the command line."""
-    import warnings
-    from pathlib import Path
-
-    from astropy.io import fits
-
-    from .errors import InputError
-
-    paths, prints = {}, {}
-    for path in [p for p in (args.bias, *(args.dark or ()), args.flat) if p]:
-        name = Path(path).name
-        if name in paths:
-            raise InputError(f"{path}: two masters are named {name}; rename one")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with fits.open(path) as hdul:
-                    if hdul[0].data is None or hdul[0].data.ndim != 2:
-                        raise InputError(f"{path}: a master frame must be a 2-D image in the primary HDU")
-                    prints[name] = str(hdul[0].header.get("DATASUM") or hdul[0]._calculate_datasum())
-        except OSError as exc:
-            raise InputError(f"{path}: not a readable FITS file ({exc})") from exc
-        paths[name] = str(path)
-    return paths, prints
-
-
-def _master_index(info, args, paths: dict[str, str]):
-    """The masters given on the command line as the plan's MasterIndex for this frame's geometry."""
-    from pathlib import Path
-
-    from astropy.io import fits
-
-    from .headers import TEMP_KEYS, _temperature, exposure_of
-    from .plan import BiasMaster, DarkMaster, MasterIndex, geometry
-
-    def facts(path: str):
-        header = fits.getheader(path, 0)
-        return header, _temperature(header, TEMP_KEYS)[0]
-
-    geom = geometry(info)
-    biases, darks, counts = (), (), {}
-    if args.bias:
-        header, temp = facts(args.bias)
-        biases = (BiasMaster(temp, Path(args.bias).name),)
-        counts[Path(args.bias).name] = int(header.get("NCOMBINE", 1))
-    for path in args.dark or ():
-        header, temp = facts(path)
-        exptime = exposure_of(header, dark=True)
-        if exptime is not None:
-            darks += (DarkMaster(exptime, temp, Path(path).name),)
-            counts[Path(path).name] = int(header.get("NCOMBINE", 1))
-    flats = {geom: {info.filter: Path(args.flat).name}} if args.flat else {}
-    return MasterIndex(biases={geom: biases} if biases else {}, darks={geom: darks} if darks else {},
-                       flats=flats, counts=counts, temp_tolerance=args.temp_tolerance or 2.0)
-
-
-def _light_jobs(path, args, paths: dict[str, str]):
-    """LightJobs for the image HDUs of one raw file, with the plan's rules (dark choice, pedestal)."""
-    from pathlib import Path
-
-    from .errors import InputError
-    from .inventory import scan_file
-    from .overscan import overscan_geometry
-    from .plan import LightJob
-    from .recipe import Recipe
-
-    infos, skipped = scan_file(Path(path))
-    if not infos:
-        raise InputError(f"{path}: {skipped[0].reason if skipped else 'no image data'}")
-    jobs = []
-    for info in infos:
-        if set(info.calibrated) - {"overscan", "trim"}:
-            raise InputError(f"{path}: its header says it is already calibrated "
-                             f"({', '.join(info.calibrated)}): not calibrated again")
-        index = _master_index(info, args, paths)
-        axis = {"row": 1, "column": 0}.get(args.overscan_axis or "")
-        spec, trim = overscan_geometry(info.shape, args.biassec or info.biassec, args.trimsec or info.trimsec,
-                                       model=args.overscan_model, order=args.overscan_order, axis=axis)
-        bias, notes = index.bias_for(info)
-        dark, scale, dark_notes = index.dark_for(info, bias)
-        flat, _ = index.flat_for(info)
-        uncorrected = None if (bias or dark) else "neither a master bias nor a dark of its exposure applies to it"
-        if uncorrected and not args.allow_uncorrected:
-            raise InputError(f"{path}: {uncorrected}, so its pedestal would stay in; pass --bias (or a --dark of"
-                             " its exposure), or --allow-uncorrected")
-        name = info.stem if len(infos) == 1 else f"{info.stem}_hdu{info.hdu}"
-        recipe = Recipe(spec if args.overscan else None, trim, bias=bias, dark=dark, dark_scale=scale, flat=flat)
-        jobs.append(LightJob(frame=info, output=f"{name}.fits", recipe=recipe,
-                             notes=tuple(notes) + tuple(dark_notes), uncorrected=uncorrected))
-    return jobs
-
-
 def _run_calibrate(args) -> int:
     """``ccdcal calibrate``: the task ``reduce`` runs for each light, with the masters given here."""
-    from pathlib import Path
-
-    from .errors import CcdcalError
+    from .api import calibrate_files
     from .frames import find_fits
     from .options import ReduceOptions
-    from .tasks import RunContext, calibrate_light
     from .ui import console, warn
 
     options = ReduceOptions.from_sources(None, vars(args))
-    paths, prints = _master_files(args)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(out_dir=out_dir, options=options, masters=paths, prints=prints)
-    done, failed = 0, 0
-    for path in find_fits(args.paths):
-        try:
-            for job in _light_jobs(path, args, paths):
-                for note in job.notes:
-                    warn(f"{path.name}: {note}")
-                record = calibrate_light(job, ctx)
-                if record.skipped:
-                    raise CcdcalError(record.skipped)
-                done += 1
-        except CcdcalError as exc:
-            text = str(exc)
-            warn(text if text.startswith(str(path)) else f"{path}: {text}")
-            failed += 1
-    console().print(f"calibrated {done} frame(s) into {out_dir}" + (f"; {failed} failed" if failed else ""))
-    if done == 0:
+    errors: list[str] = []
+    written = calibrate_files(find_fits(args.paths), args.output, bias=args.bias, darks=args.dark or [],
+                              flat=args.flat, options=options, errors=errors, biassec=args.biassec,
+                              trimsec=args.trimsec, overscan=args.overscan, overscan_model=args.overscan_model,
+                              overscan_order=args.overscan_order, overscan_axis=args.overscan_axis)
+    for line in errors:
+        warn(line)
+    console().print(f"calibrated {len(written)} frame(s) into {args.output}"
+                    + (f"; {len(errors)} failed" if errors else ""))
+    if not written:
         return EXIT_USAGE
-    return EXIT_PARTIAL if failed else EXIT_OK
+    return EXIT_PARTIAL if errors else EXIT_OK
 
 
 COMMANDS = {

@@ -210,6 +210,11 @@ class Inventory:
                          "skipped": s.reason})
         return rows
 
+    def _repr_html_(self) -> str:
+        from .display import inventory_html
+
+        return inventory_html(self)
+
 
 # -- header reading -------------------------------------------------------------------------
 def header_kind(header: Any) -> tuple[FrameKind | None, str | None]:
@@ -394,7 +399,7 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: boo
 
     Parameters
     ----------
-    paths : iterable of path-like
+    paths : path-like or iterable of path-like
         Files, folders (searched recursively for FITS names) or glob patterns.
     flag : bool
         Also read the pixels of calibration frames and flag the ones that look unlike
@@ -409,6 +414,8 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: boo
     InputError
         If a path does not exist, or nothing FITS-like is found.
     """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     files = find_fits(paths)
     if exclude is not None:
         skip = Path(exclude).resolve()

@@ -42,6 +42,11 @@ class ReduceResult:
     warnings: list[str] = field(default_factory=list)      # every warning the library raised in the run
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
+    def _repr_html_(self) -> str:
+        from .display import result_html
+
+        return result_html(self)
+
 
 def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | None = None,
            dry_run: bool = False, force: bool = False, progress: bool = False) -> ReduceResult:

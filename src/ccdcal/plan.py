@@ -161,6 +161,11 @@ class Plan:
     warnings: tuple[str, ...] = ()
     light_steps: tuple[str, ...] = ()
 
+    def _repr_html_(self) -> str:
+        from .display import plan_html
+
+        return plan_html(self)
+
     def master(self, name: str) -> MasterJob:
         return next(m for m in self.masters if m.name == name)
 

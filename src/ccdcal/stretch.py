@@ -25,7 +25,7 @@ import numpy as np
 
 from .robust import MAD_TO_STD
 
-METHODS = ("autostf", "mtf", "mtf-rnc", "asinh", "linear")
+METHODS = ("autostf", "mtf", "mtf-rnc", "rnc", "asinh", "linear")
 
 
 # -- the closed-form curves ----------------------------------------------------------------------
@@ -217,7 +217,7 @@ def stretch(data: np.ndarray, method: str = "autostf", **options) -> np.ndarray:
     """Stretch ``data`` to [0, 1] by name.
 
     Methods: ``autostf`` (:func:`auto_stf`), ``mtf`` (:func:`midtone_stretch`),
-    ``mtf-rnc`` (midtone stretch, then :func:`rnc_scurve` twice, as the notebook does),
+    ``mtf-rnc`` or ``rnc`` (midtone stretch, then :func:`rnc_scurve` twice, as the notebook does),
     ``asinh`` (:func:`asinh_stretch`), ``linear`` (:func:`linear_stretch`, zscale).
     ``options`` go to the chosen function.
     """
@@ -225,7 +225,7 @@ def stretch(data: np.ndarray, method: str = "autostf", **options) -> np.ndarray:
         return auto_stf(data, **options)
     if method == "mtf":
         return midtone_stretch(data, **options)
-    if method == "mtf-rnc":
+    if method in ("mtf-rnc", "rnc"):
         return rnc_scurve(rnc_scurve(midtone_stretch(data, **options)))
     if method == "asinh":
         return asinh_stretch(data, **options)
