@@ -175,10 +175,14 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
         for level in dependency_levels(plan.masters):
             records = executor.map(partial(_with_previous, build_master, ctx=ctx, previous=manifest.previous),
                                    level)
+            last = time.perf_counter()
             for job, record in zip(level, records, strict=True):
                 next(bar, None)
+                now = time.perf_counter()
+                result.timings[f"  {job.name}"] = now - last   # indented: a part of "masters"
                 ctx = _collect_master(job, record, ctx, manifest, result, options)
                 manifest.write(body())
+                last = time.perf_counter()
     finally:
         executor.close()
         for _ in bar:

@@ -209,5 +209,14 @@ def print_summary(result) -> None:
         console().print(f"uncorrected {j.output}: {j.uncorrected}", soft_wrap=True, markup=False)
     for s in result.skipped:  # one unwrapped line each, so scripts and people can grep them
         console().print(f"skipped {s.path}: {s.reason}", soft_wrap=True, markup=False)
+    if result.timings:
+        parts, pieces = [], []
+        for key, seconds in result.timings.items():
+            if key.startswith("  "):        # a piece of the stage that follows (each master)
+                pieces.append(f"{key.strip()} {seconds:.1f} s")
+                continue
+            parts.append(f"{key} {seconds:.1f} s" + (f" ({', '.join(pieces)})" if pieces else ""))
+            pieces = []
+        console().print("time: " + ", ".join(parts), soft_wrap=True, markup=False)
     if result.report:
         console().print(f"report: {result.report}")
