@@ -418,9 +418,10 @@ def _load_impl(row, j, i, dscale, dzero, dblank):
 
 @njit(parallel=True, cache=True)
 def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, proto,
-                        dscale, dzero, dblank, out_data, out_err, out_nlow, out_nhigh):
+                        dscale, dzero, dblank, out_data, out_err, out_nlow, out_nhigh, out_member):
     """The fast path of :func:`combine_tile`: no weights, no input uncertainties, and
-    rejection ``none`` or ``sigma`` (median or mean centre).
+    rejection ``none``, ``sigma`` (median or mean centre), or ``ccdclip`` of frames that
+    are neither scaled nor offset (every value of a pixel then has the same σ).
 
     The same definitions and the same float64 arithmetic in the same order, so the
     results are identical; but every step runs across the CHUNK pixels of a job at once
@@ -436,7 +437,13 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
     images, decoded while gathering with the per-frame float32 ``dscale``/``dzero`` and
     int64 ``dblank`` (NO_BLANK when none) — no separate decoding pass over the tile.
     iparams: I_METHOD, I_NLOW, I_NHIGH, I_REJECT, I_CENTER, I_MAXITERS, I_HAS_VALID;
-    fparams: F_LOW, F_HIGH.
+    fparams: F_LOW, F_HIGH (and F_GAIN, F_RDNOISE, F_SNOISE, F_PEDESTAL for ccdclip).
+
+    Without extrema rejection, ``out_member`` (rows * chunks, n, 2) int32, zeroed by the
+    caller, counts the values of each frame rejected low / high per job, as the general
+    kernel does: rejection is by value, so a frame's value was rejected low exactly when
+    it lies below the lowest survivor (high: above the highest). Otherwise it may be a
+    (1, 1, 2) dummy.
     """
     n, rows, cols = stack.shape
     method = iparams[I_METHOD]
@@ -448,6 +455,10 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
     has_valid = iparams[I_HAS_VALID] != 0
     low = fparams[F_LOW]
     high = fparams[F_HIGH]
+    gain = fparams[F_GAIN] if fparams.shape[0] > F_GAIN else 1.0
+    rdnoise = fparams[F_RDNOISE] if fparams.shape[0] > F_RDNOISE else 0.0
+    snoise = fparams[F_SNOISE] if fparams.shape[0] > F_SNOISE else 0.0
+    pedestal = fparams[F_PEDESTAL] if fparams.shape[0] > F_PEDESTAL else 0.0
     scaled = False
     for i in range(n):
         if scales[i] != 1.0 or zeros[i] != 0.0:
@@ -455,6 +466,7 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
     nchunks = (cols + CHUNK - 1) // CHUNK
     njobs = rows * nchunks
     passes = maxiters if maxiters > 0 else n + 1  # a pass that changes anything removes a value
+    track = nlow_req + nhigh_req == 0 and out_member.shape[0] == njobs
     for task in prange((njobs + JOBS_PER_TASK - 1) // JOBS_PER_TASK):
         buf = np.empty((n, CHUNK), proto.dtype)
         lo = np.zeros(CHUNK, np.int32)
@@ -467,6 +479,7 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
         acc = np.empty(CHUNK, np.float64)
         lower = np.empty(CHUNK, np.float64)
         upper = np.empty(CHUNK, np.float64)
+        gathered = np.empty((n if track else 1, CHUNK), proto.dtype)
         for job in range(task * JOBS_PER_TASK, min(njobs, (task + 1) * JOBS_PER_TASK)):
             r = job // nchunks
             x0 = (job % nchunks) * CHUNK
@@ -499,6 +512,10 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
                         buf[i, c] = v * si + zi if scaled else v
                     else:
                         buf[i, c] = np.inf
+            if track:
+                for i in range(n):
+                    for c in range(CHUNK):
+                        gathered[i, c] = buf[i, c]
             _sort_lanes(buf, pairs, CHUNK)
             if nlow_req + nhigh_req > 0:
                 for c in range(CHUNK):
@@ -508,15 +525,20 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
                         nl[c] = nlow_req
                         nh[c] = nhigh_req
             fresh = False  # whether tot/acc hold the mean/sum of squares of the survivors
-            if reject == SIGMA:
+            if reject == SIGMA or reject == CCDCLIP:
                 for _ in range(passes):
                     _masked_mean(buf, lo, hi, n, tot)
-                    _masked_sumsq(buf, lo, hi, n, tot, acc)
+                    if reject == SIGMA:
+                        _masked_sumsq(buf, lo, hi, n, tot, acc)
                     for c in range(CHUNK):
                         m = hi[c] - lo[c]
                         if m >= 3:
-                            s = np.sqrt(acc[c] / m)
                             cc = tot[c] if center == CENTER_MEAN else _median_ranks(buf, lo[c], m, c)
+                            if reject == SIGMA:
+                                s = np.sqrt(acc[c] / m)
+                            else:  # the noise model, the same for every (unscaled) value
+                                level = max(cc - pedestal, 0.0)
+                                s = 1.0 * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
                             lower[c] = cc - s * low
                             upper[c] = cc + s * high
                         else:  # fewer than 3 survivors: this pixel is done
@@ -530,6 +552,11 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
                             v = buf[k, c]
                             dl[c] += inside & (v < lower[c])
                             dh[c] += inside & (v > upper[c]) & (v >= lower[c])
+                    if reject == CCDCLIP:
+                        for c in range(CHUNK):  # IRAF's nkeep: a pass never rejects every value
+                            if dl[c] + dh[c] == hi[c] - lo[c]:
+                                dl[c] = 0
+                                dh[c] = 0
                     changed = 0
                     for c in range(CHUNK):
                         lo[c] += dl[c]
@@ -541,9 +568,24 @@ def combine_tile_sorted(stack, valid, scales, zeros, pairs, iparams, fparams, pr
                         fresh = True
                         break
             # the result and its standard error (a converged pass already summed the survivors)
-            if not fresh:
+            if not fresh or reject == CCDCLIP:
                 _masked_mean(buf, lo, hi, n, tot)
                 _masked_sumsq(buf, lo, hi, n, tot, acc)
+            if track and reject != REJECT_NONE:
+                member = out_member[job]
+                for c in range(width):
+                    m = hi[c] - lo[c]
+                    if m <= 0 or (nl[c] == 0 and nh[c] == 0):
+                        continue
+                    first = buf[lo[c], c]
+                    last = buf[hi[c] - 1, c]
+                    for i in range(n):
+                        v = gathered[i, c]
+                        if np.isfinite(v):
+                            if v < first:
+                                member[i, 0] += 1
+                            elif v > last:
+                                member[i, 1] += 1
             for c in range(width):
                 x = x0 + c
                 m = hi[c] - lo[c]

@@ -106,8 +106,9 @@ class CombineResult:
         The multiplicative and additive per-frame factors applied before rejection.
     member_rejected : ndarray, int64, (n, 2) or None
         Values of each input frame rejected low (column 0) and high (column 1), by
-        extrema and iterative rejection together; None where the vectorised kernel ran
-        (rejection ``none`` or ``sigma`` without weights), which does not track frames.
+        extrema and iterative rejection together; None with rejection ``none``, with
+        ``compat="ccdproc"``, and where the vectorised kernel ran with extrema rejection
+        (it counts by value, which ties at a rank cut cannot attribute).
     """
 
     data: np.ndarray
@@ -658,12 +659,15 @@ class CombineOptions:
         return 0 if self.clip_extrema is None else self.clip_extrema[1]
 
     def kernel(self, *, has_uncertainty: bool = False) -> str:
-        """The kernel that combines: ``"ccdproc"`` (compat), ``"fast"`` (the vectorised one,
-        which keeps no per-frame books: rejection none or sigma, no weights, no input
-        uncertainties) or ``"general"``. ``has_uncertainty``: every frame carries one."""
+        """The kernel that combines: ``"ccdproc"`` (compat), ``"fast"`` (the vectorised one:
+        rejection none or sigma, or ccdclip of frames neither scaled nor offset without
+        extrema rejection; no weights, no input uncertainties) or ``"general"``.
+        ``has_uncertainty``: every frame carries one."""
         if self.compat:
             return "ccdproc"
-        simple = self.reject in ("none", "sigma") and self.weights is None and not has_uncertainty
+        unscaled = all(spec is None or (isinstance(spec, str) and spec == "none") for spec in (self.scale, self.zero))
+        rejects = ("none", "sigma") + (("ccdclip",) if unscaled and self.nlow + self.nhigh == 0 else ())
+        simple = self.reject in rejects and self.weights is None and not has_uncertainty
         return "fast" if simple else "general"
 
     def kernel_params(self, *, has_mask: bool = False,
@@ -1020,7 +1024,11 @@ class _Workspace:
         self.iparams, self.fparams = options.kernel_params(has_mask=plan.has_mask, has_uncertainty=plan.has_unc)
         self.pairs = _kernels.sorting_network(n)
         self.nchunks = -(-nx // _kernels.CHUNK)
-        tracked = plan.kernel == "general"
+        # rejections per member: the general kernel follows frame indices; the fast one counts
+        # them by value when no extrema rejection (by rank) is asked for
+        tracked = plan.kernel == "general" or (plan.kernel == "fast" and options.reject != "none"
+                                               and options.nlow + options.nhigh == 0)
+        self.tracked = tracked
         self.member_jobs = np.zeros((rows * self.nchunks, n, 2) if tracked else (1, 1, 2), np.int32)
         # float32 working values when exact (no scaling), else float64
         scaled = np.any(factors.scales != 1.0) or np.any(factors.zeros != 0.0)
@@ -1075,12 +1083,12 @@ def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Pl
             _kernels.combine_tile_ccdproc(tile, valid, factors.scales, factors.weights, ws.iparams,
                                           ws.fparams, *planes)
             return None
+        jobs = ws.member_jobs[: h * ws.nchunks] if ws.tracked else ws.member_jobs
+        jobs[...] = 0
         if plan.kernel == "fast":
             _kernels.combine_tile_sorted(tile, valid, factors.scales, factors.zeros, ws.pairs, ws.iparams,
-                                         ws.fparams, ws.proto, *ws.decode, *planes)
-            return None
-        jobs = ws.member_jobs[: h * ws.nchunks]
-        jobs[...] = 0
+                                         ws.fparams, ws.proto, *ws.decode, *planes, jobs)
+            return jobs.sum(axis=0, dtype=np.int64) if ws.tracked else None
         _kernels.combine_tile(tile, valid, ws.unc[:, :h] if plan.has_unc else ws.unc, factors.scales,
                               factors.zeros, factors.weights, ws.pairs, ws.iparams, ws.fparams, *planes, jobs)
     return jobs.sum(axis=0, dtype=np.int64)
