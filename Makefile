@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/night.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
