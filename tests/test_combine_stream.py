@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccdcal.cli import main
-from ccdcal.combine import combine, combined_header, parse_memory
+from ccdcal.combine import combine, parse_memory
 from ccdcal.errors import InputError
+from ccdcal.headers import combined_header
 
 KINDS = ("uint16", "int16-blank", "float32", "int32", "fz")
 

@@ -122,3 +122,15 @@ def test_rerun_is_idempotent(demo_night, tmp_path):
     assert result.reused == len(result.plan.masters) + len(result.plan.lights)
     after = {p.name: p.read_bytes() for p in (demo_night / "out" / "calibrated").iterdir()}
     assert before == after
+
+
+@pytest.mark.parametrize("master", ["master_bias", "master_dark_300s", "master_flat_V"])
+def test_every_master_says_what_its_rejection_did(demo_night, master):
+    # the calibration frames carry cosmic rays: the header counts the rejected values of each
+    # member, and a rejection map is written for the report
+    h = fits.getheader(demo_night / "out" / "masters" / f"{master}.fits")
+    n = h["NCOMBINE"]
+    per_member = [h[f"REJH{i:03d}"] for i in range(1, n + 1)]
+    assert sum(per_member) == h["NREJHI"] > 0
+    assert all(count > 0 for count in per_member), "every member had cosmic rays to reject"
+    assert (demo_night / "out" / "previews" / f"rejection-{master}.png").exists()

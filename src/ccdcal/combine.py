@@ -1099,10 +1099,10 @@ def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactor
     """Combine rows ``y0:y1`` tile by tile into ``out`` (whose first row is row ``y0``).
 
     ``ready`` is called once, after the first tile is read and before the first kernel
-    runs. Returns the rejections per member (n, 2) where the general kernel ran, else None.
+    runs. Returns the rejections per member (n, 2) where the kernel counts them, else None.
     """
     ws = _Workspace(inputs, plan, options, factors)
-    member_rejected = np.zeros((inputs.n, 2), np.int64) if plan.kernel == "general" else None
+    member_rejected = np.zeros((inputs.n, 2), np.int64) if ws.tracked else None
     for t0 in range(y0, y1, plan.rows):
         t1 = min(y1, t0 + plan.rows)
         _read_tile(inputs, plan, ws, t0, t1)
@@ -1213,6 +1213,8 @@ def combine(
             sensitivity_noise=sensitivity_noise, pedestal=pedestal, compat=compat)
         _warn_unable_to_reject(inputs.n, options)
         factors, out, member_rejected = _combine_all(inputs, options, budget)
+    from .headers import combined_header
+
     header = combined_header(inputs.headers, method=options.method, scales=factors.scales, frames=frames,
                              zeros=factors.zeros, names=inputs.names)
     _describe(header, options)
@@ -1276,90 +1278,4 @@ def _describe(header: Any, opts: CombineOptions) -> None:
     if opts.compat:
         parts.append(f"compat {opts.compat}")
     header["HISTORY"] = "ccdcal combine: " + ", ".join(parts)
-
-
-def _frame_name(frame: Any, index: int) -> str:
-    path = getattr(frame, "path", frame)
-    if isinstance(path, (str, os.PathLike)):
-        return os.path.basename(os.fspath(path))
-    return f"array {index}"
-
-
-def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, frames: Sequence[Any],
-                    zeros: np.ndarray | None = None, names: Sequence[str] | None = None) -> Any:
-    """Header of a combined frame.
-
-    The first input's cards (storage keywords removed), plus NCOMBINE, COMBMETH, the
-    members (IMCMBnnn) with their scale factors (SCALnnnn) and zero offsets (ZEROnnnn,
-    when any is non-zero) for the first 999 members, and the time keywords of the
-    result: EXPTIME is the members' mean for mean/median and their total for sum (removed
-    when a member lacks it). For mean/median, MJD-OBS/DATE-OBS is the mean of the members'
-    starts (so MJD-OBS + EXPTIME/2 is their mean mid-exposure); for sum it is the
-    earliest start, with MJD-END the latest end. MJD-AVG/DATE-AVG is the mean
-    mid-exposure time (exposure-weighted for sum).
-    """
-    from astropy.io import fits
-    from astropy.time import Time
-
-    from .frames import clean_header, header_value
-
-    first = next((h for h in headers if h is not None), None)
-    out = fits.Header(clean_header(first))
-    n = len(headers)
-    if names is None:
-        names = [_frame_name(frame, i) for i, frame in enumerate(frames)]
-    out["NCOMBINE"] = (n, "number of frames combined")
-    out["COMBMETH"] = (method, "ccdcal combine method")
-
-    exptimes = [header_value(h, ("EXPTIME", "EXPOSURE", "ITIME", "EXPTIM")) for h in headers]
-    known = [float(e) for e in exptimes if isinstance(e, (int, float)) and not isinstance(e, bool)]
-    exptime = None
-    if n and len(known) == n:
-        exptime = float(np.sum(known)) if method == "sum" else float(np.mean(known))
-        out["EXPTIME"] = (exptime, "[s] exposure of the combined frame")
-    else:
-        for key in ("EXPTIME", "EXPOSURE"):
-            if key in out:
-                del out[key]
-
-    starts = []
-    for h in headers:
-        mjd = header_value(h, ("MJD-OBS", "MJD_OBS"))
-        if isinstance(mjd, (int, float)) and not isinstance(mjd, bool):
-            starts.append(float(mjd))
-            continue
-        date = header_value(h, ("DATE-OBS", "DATE_OBS"))
-        if isinstance(date, str):
-            try:
-                starts.append(Time(date.replace(" ", "T"), format="isot", scale="utc").mjd)
-            except ValueError:
-                pass
-    if n and len(starts) == n:
-        durations = np.array(known if len(known) == n else [0.0] * n) / 86400.0
-        begin = np.array(starts)
-        mids = begin + durations / 2
-        if method == "sum":
-            start = float(begin.min())
-            out["MJD-OBS"] = (start, "[d] start of the earliest member")
-            out["MJD-END"] = (float((begin + durations).max()), "[d] end of the latest member")
-            total = durations.sum()
-            avg = float(np.sum(mids * durations) / total) if total > 0 else float(mids.mean())
-        else:
-            start = float(begin.mean())
-            out["MJD-OBS"] = (start, "[d] mean of the members' starts")
-            avg = float(mids.mean())
-        out["DATE-OBS"] = (Time(start, format="mjd", scale="utc").isot, "start, as MJD-OBS")
-        out["MJD-AVG"] = (avg, "[d] mean mid-exposure time of the members")
-        out["DATE-AVG"] = (Time(avg, format="mjd", scale="utc").isot, "mean mid-exposure time")
-
-    zeros = np.zeros(n) if zeros is None else np.asarray(zeros)
-    any_zero = bool(np.any(zeros != 0))
-    for i in range(min(n, 999)):
-        out[f"IMCMB{i + 1:03d}"] = (str(names[i])[-68:], "combined input")
-        out[f"SCAL{i + 1:04d}"] = (float(scales[i]), "scale factor of input")
-        if any_zero:
-            out[f"ZERO{i + 1:04d}"] = (float(zeros[i]), "zero offset of input")
-    if n > 999:
-        out["COMMENT"] = f"members beyond the 999th ({n - 999}) are not listed"
-    return out
 

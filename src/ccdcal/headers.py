@@ -86,7 +86,7 @@ def _ascii(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
-def describe_calibration(header: Any, result: CalibratedFrame, *, bias: Master | None = None,
+def write_calibration_keywords(header: Any, result: CalibratedFrame, *, bias: Master | None = None,
                          dark: Master | None = None, flat: Master | None = None,
                          flat_floor: float = 0.1, gain_source: str | None = None) -> Any:
     """Write what :func:`calibrate_frame` did into ``header`` (an astropy Header, changed in place).
@@ -519,6 +519,94 @@ def time_keywords(header: Any) -> None:
 
 
 # -- headers ccdcal writes ------------------------------------------------------------------------
+def _frame_name(frame: Any, index: int) -> str:
+    import os
+
+    path = getattr(frame, "path", frame)
+    if isinstance(path, (str, os.PathLike)):
+        return os.path.basename(os.fspath(path))
+    return f"array {index}"
+
+
+def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, frames: Sequence[Any],
+                    zeros: np.ndarray | None = None, names: Sequence[str] | None = None) -> Any:
+    """Header of a combined frame.
+
+    The first input's cards (storage keywords removed), plus NCOMBINE, COMBMETH, the
+    members (IMCMBnnn) with their scale factors (SCALnnnn) and zero offsets (ZEROnnnn,
+    when any is non-zero) for the first 999 members, and the time keywords of the
+    result: EXPTIME is the members' mean for mean/median and their total for sum (removed
+    when a member lacks it). For mean/median, MJD-OBS/DATE-OBS is the mean of the members'
+    starts (so MJD-OBS + EXPTIME/2 is their mean mid-exposure); for sum it is the
+    earliest start, with MJD-END the latest end. MJD-AVG/DATE-AVG is the mean
+    mid-exposure time (exposure-weighted for sum).
+    """
+
+    from astropy.io import fits
+    from astropy.time import Time
+
+    from .frames import clean_header
+
+    first = next((h for h in headers if h is not None), None)
+    out = fits.Header(clean_header(first))
+    n = len(headers)
+    if names is None:
+        names = [_frame_name(frame, i) for i, frame in enumerate(frames)]
+    out["NCOMBINE"] = (n, "number of frames combined")
+    out["COMBMETH"] = (method, "ccdcal combine method")
+
+    known = [e for e in (exposure_of(h) for h in headers) if e is not None]
+    exptime = None
+    if n and len(known) == n:
+        exptime = float(np.sum(known)) if method == "sum" else float(np.mean(known))
+        out["EXPTIME"] = (exptime, "[s] exposure of the combined frame")
+    else:
+        for key in ("EXPTIME", "EXPOSURE"):
+            if key in out:
+                del out[key]
+
+    starts = []
+    for h in headers:
+        mjd = header_value(h, ("MJD-OBS", "MJD_OBS"))
+        if isinstance(mjd, (int, float)) and not isinstance(mjd, bool):
+            starts.append(float(mjd))
+            continue
+        date = header_value(h, ("DATE-OBS", "DATE_OBS"))
+        if isinstance(date, str):
+            try:
+                starts.append(Time(date.replace(" ", "T"), format="isot", scale="utc").mjd)
+            except ValueError:
+                pass
+    if n and len(starts) == n:
+        durations = np.array(known if len(known) == n else [0.0] * n) / 86400.0
+        begin = np.array(starts)
+        mids = begin + durations / 2
+        if method == "sum":
+            start = float(begin.min())
+            out["MJD-OBS"] = (start, "[d] start of the earliest member")
+            out["MJD-END"] = (float((begin + durations).max()), "[d] end of the latest member")
+            total = durations.sum()
+            avg = float(np.sum(mids * durations) / total) if total > 0 else float(mids.mean())
+        else:
+            start = float(begin.mean())
+            out["MJD-OBS"] = (start, "[d] mean of the members' starts")
+            avg = float(mids.mean())
+        out["DATE-OBS"] = (Time(start, format="mjd", scale="utc").isot, "start, as MJD-OBS")
+        out["MJD-AVG"] = (avg, "[d] mean mid-exposure time of the members")
+        out["DATE-AVG"] = (Time(avg, format="mjd", scale="utc").isot, "mean mid-exposure time")
+
+    zeros = np.zeros(n) if zeros is None else np.asarray(zeros)
+    any_zero = bool(np.any(zeros != 0))
+    for i in range(min(n, 999)):
+        out[f"IMCMB{i + 1:03d}"] = (str(names[i])[-68:], "combined input")
+        out[f"SCAL{i + 1:04d}"] = (float(scales[i]), "scale factor of input")
+        if any_zero:
+            out[f"ZERO{i + 1:04d}"] = (float(zeros[i]), "zero offset of input")
+    if n > 999:
+        out["COMMENT"] = f"members beyond the 999th ({n - 999}) are not listed"
+    return out
+
+
 MASTER_TYPES = {"bias": "MASTER BIAS", "dark": "MASTER DARK", "flat": "MASTER FLAT"}
 
 
@@ -566,7 +654,7 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
                  flat_floor: float = 0.1, gain_source: str | None = None) -> Any:
     """The header of a calibrated light: the raw header without its storage and section
     keywords, coordinates shifted for the trim (IRAF LTV), mid-exposure time, and every step
-    (:func:`describe_calibration`)."""
+    (:func:`write_calibration_keywords`)."""
     import time
 
     from . import __version__
@@ -588,7 +676,7 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
     if uncorrected:
         header["UNCORR"] = (True, "pedestal NOT removed (--allow-uncorrected)")
         header["HISTORY"] = _ascii(f"WARNING: {uncorrected}; the pedestal stays in")
-    describe_calibration(header, result, bias=bias, dark=dark, flat=flat, flat_floor=flat_floor,
+    write_calibration_keywords(header, result, bias=bias, dark=dark, flat=flat, flat_floor=flat_floor,
                          gain_source=gain_source)
     if dark is not None and result.dark_scale is not None:
         header["CALDARKT"] = (dark.exptime, "[s] exposure of the master dark applied")
