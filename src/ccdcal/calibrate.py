@@ -268,6 +268,18 @@ class Master:
         return np.asarray(self.mask, dtype=np.uint8) & np.uint8(keep)
 
 
+def _nan_to_zero(values: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(values, nan=0.0)`` in float32, fast where every value is finite (the
+    usual case): only the non-finite values go through numpy's conversion."""
+    values = np.asarray(values, dtype=np.float32)
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return values
+    out = values.copy()
+    out[bad] = np.nan_to_num(values[bad], nan=0.0)
+    return out
+
+
 def calibrated_uncertainty(
     signal: np.ndarray,
     *,
@@ -308,15 +320,15 @@ def calibrated_uncertainty(
     var = np.maximum(np.asarray(signal, dtype=np.float32), np.float32(0.0)) / np.float32(gain)
     var += np.float32(read_noise) ** 2
     if bias_uncertainty is not None:
-        var += np.nan_to_num(np.asarray(bias_uncertainty, dtype=np.float32), nan=0.0) ** 2
+        var += _nan_to_zero(bias_uncertainty) ** 2
     if dark_uncertainty is not None and dark_scale:
-        var += (np.float32(dark_scale) * np.nan_to_num(np.asarray(dark_uncertainty, dtype=np.float32), nan=0.0)) ** 2
+        var += (np.float32(dark_scale) * _nan_to_zero(dark_uncertainty)) ** 2
     if flat is not None:
         f = np.asarray(flat, dtype=np.float32)
         var /= f * f
         if flat_uncertainty is not None and calibrated is not None:
-            rel = np.nan_to_num(np.asarray(flat_uncertainty, dtype=np.float32), nan=0.0) / f
-            var += (np.nan_to_num(np.asarray(calibrated, dtype=np.float32), nan=0.0) * rel) ** 2
+            rel = _nan_to_zero(flat_uncertainty) / f
+            var += (_nan_to_zero(calibrated) * rel) ** 2
     return np.sqrt(var).astype(np.float32)
 
 
