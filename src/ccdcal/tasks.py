@@ -153,10 +153,18 @@ def build_master(job: MasterJob, ctx: RunContext, previous: dict[str, Any] | Non
 def _member_sources(job: MasterJob, ctx: RunContext) -> list[Any]:
     from .calibrate import CalibratedRows
     from .frames import FrameSource
+    from .recipe import Recipe
 
     arrays = {n: _master(ctx, n).data for r in job.recipes for n in (r.bias, r.dark, r.flat) if n}
-    return [CalibratedRows(FrameSource(f.path, f.hdu), r, arrays, flat_floor=ctx.options.flat_floor)
-            for f, r in zip(job.members, job.recipes, strict=True)]
+    sources = []
+    for f, r in zip(job.members, job.recipes, strict=True):
+        raw = FrameSource(f.path, f.hdu)
+        if r == Recipe():
+            # nothing to apply: the file itself, so combine can stream its 16-bit values raw
+            sources.append(raw)
+        else:
+            sources.append(CalibratedRows(raw, r, arrays, flat_floor=ctx.options.flat_floor))
+    return sources
 
 
 def _write_master(job: MasterJob, ctx: RunContext) -> None:
@@ -191,7 +199,7 @@ def _write_master(job: MasterJob, ctx: RunContext) -> None:
             det = resolve_detector(sources[0].header, gain=options.gain)
             if det.gain is not None:
                 extra["RDNOISE"] = (round(rn * det.gain, 4), f"[e-] read noise (gain {det.gain:g} from {det.gain_source})")
-        levels = [s.overscan_level for s in sources if s.overscan_level is not None]
+        levels = [s.overscan_level for s in sources if getattr(s, "overscan_level", None) is not None]
         if levels:
             extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
         extra["HISTORY"] = list(noise.history) + list(done.history)
@@ -204,7 +212,7 @@ def _write_master(job: MasterJob, ctx: RunContext) -> None:
         _write_rejection_map(ctx.out_dir, job.name, result)
     finally:
         for s in sources:
-            s.source.close()
+            getattr(s, "source", s).close()
 
 
 def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> Any:
