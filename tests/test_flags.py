@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from ccdcal.stats import flag_outliers, frame_metrics
 
@@ -172,3 +173,47 @@ def test_real_bias_with_injected_offset_is_caught():
         metrics.append(frame_metrics(data))
     flags = flag_outliers(metrics, kind="bias")
     assert [i for i, f in enumerate(flags) if f] == [4]
+
+
+def test_raw16_metrics_equal_the_decoded_frame_metrics(tmp_path):
+    # the scan counts zeros, saturated pixels, min and max from a histogram of the stored
+    # 16-bit integers instead of a decoded copy; every number must equal the decoded path's
+    import math
+
+    from ccdcal.frames import FrameSource
+    from ccdcal.inventory import _raw16_metrics, scan
+    from ccdcal.sections import to_slices
+    from ccdcal.stats import frame_metrics
+
+    rng = np.random.default_rng(0)
+    for case in range(12):
+        ny, nx = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        data = rng.integers(-2000, 3000, (ny, nx)).astype(np.int16)
+        data[rng.random(data.shape) < 0.01] = 0
+        data[rng.random(data.shape) < 0.01] = 32767
+        cards = {"IMAGETYP": "BIAS", "EXPTIME": 0.0}
+        if case % 3:
+            cards.update({"BZERO": 32768.0, "BSCALE": 1.0} if case % 3 == 1 else {"BZERO": 100.0, "BSCALE": 2.5})
+        if case % 4 == 0:
+            cards["BLANK"] = -7
+            data[rng.random(data.shape) < 0.02] = -7
+        if case % 2:
+            cards["TRIMSEC"] = f"[3:{nx - 2},2:{ny - 5}]"
+        if case % 5 == 0:
+            cards["SATURATE"] = float(rng.choice([0.0, 1000.0, 5e4]))
+        path = tmp_path / f"f{case}.fits"
+        fits.PrimaryHDU(data).writeto(path)
+        with fits.open(path, mode="update", do_not_scale_image_data=True) as hdul:
+            for key, value in cards.items():
+                hdul[0].header[key] = value
+        info = scan([path], flag=False).frames[0]
+        with FrameSource(path) as src:
+            assert src.raw16
+            fast = _raw16_metrics(src, info, {})
+            image = src.read()
+            if info.trimsec:
+                image = image[to_slices(info.trimsec, image.shape)]
+            decoded = frame_metrics(image, saturation=info.saturate, adc_maximum=src.adc_maximum)
+        assert fast.keys() == decoded.keys()
+        for key, value in decoded.items():
+            assert fast[key] == value or (math.isnan(fast[key]) and math.isnan(value)), (case, key)

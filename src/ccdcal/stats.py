@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -181,42 +182,58 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
         plus ``npix`` (all pixels) and ``saturation`` (the threshold used: compare it
         with ``saturation`` to know whether the given level was rejected).
     """
-    from astropy.stats import sigma_clipped_stats
-
     image = np.asarray(data)
     if image.ndim != 2 or image.size == 0:
         from .errors import InputError
 
         raise InputError(f"expected a non-empty 2-D image, got an array of shape {image.shape}")
-    default_sat = _default_saturation(image, adc_maximum)
     npix = image.size
     finite = np.isfinite(image) if image.dtype.kind == "f" else None
     nonfinite = 0 if finite is None else int(npix - np.count_nonzero(finite))
-    zero_frac = np.count_nonzero(image == 0) / npix
+    zero_count = int(np.count_nonzero(image == 0))
+    lo = hi = math.nan
+    if nonfinite < npix:
+        lo, hi = ((float(np.nanmin(image)), float(np.nanmax(image))) if nonfinite
+                  else (float(image.min()), float(image.max())))
+    step = subsample_step(npix)
+    return metrics_from_counts(image[::step, ::step], npix=npix, nonfinite=nonfinite, zero_count=zero_count,
+                               lo=lo, hi=hi, count_at_or_above=lambda level: int(np.count_nonzero(image >= level)),
+                               default_saturation=_default_saturation(image, adc_maximum), saturation=saturation)
+
+
+def subsample_step(npix: int) -> int:
+    """The row and column step of the regular subsample :func:`frame_metrics` uses."""
+    return max(1, int(math.sqrt(npix / 65536.0)))
+
+
+def metrics_from_counts(sample: np.ndarray, *, npix: int, nonfinite: int, zero_count: int, lo: float, hi: float,
+                        count_at_or_above: Any, default_saturation: float,
+                        saturation: float | None = None) -> dict[str, float]:
+    """:func:`frame_metrics` from its parts: the regular subsample ``image[::k, ::k]`` (k from
+    :func:`subsample_step`) and what needs every pixel — the number of pixels, of non-finite
+    ones and of zeros, the finite min and max, and ``count_at_or_above(level)``. Lets a
+    caller count from a histogram of the stored integers instead of a decoded frame."""
+    from astropy.stats import sigma_clipped_stats
+
+    zero_frac = zero_count / npix
     if nonfinite == npix:
-        sat = default_sat if saturation is None or saturation_problem(float(saturation)) else float(saturation)
+        sat = default_saturation if saturation is None or saturation_problem(float(saturation)) else float(saturation)
         nan = math.nan
         keys = ("level", "noise", "gradient", "column_pattern", "mean", "median", "std",
                 "min", "max", "clipped_mean", "clipped_median", "clipped_std")
         return {**dict.fromkeys(keys, nan), "zero_frac": zero_frac,
                 "saturated_frac": 0.0, "nonfinite_frac": 1.0,
                 "npix": float(npix), "saturation": sat}
-    if nonfinite:
-        lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
-    else:
-        lo, hi = float(image.min()), float(image.max())
-
-    step = max(1, int(math.sqrt(npix / 65536.0)))
-    sample = np.asarray(image[::step, ::step], dtype=np.float64)
+    sample = np.asarray(sample, dtype=np.float64)
     flat = sample[np.isfinite(sample)] if nonfinite else sample.ravel()
     level = float(np.median(flat))
     # Only a sane level counts pixels as saturated: a placeholder (DATAMAX = 0) would
     # call every pixel saturated.
     if saturation is None or saturation_problem(float(saturation), level):
-        sat = default_sat
+        sat = default_saturation
     else:
         sat = float(saturation)
-    saturated_frac = np.count_nonzero(image >= sat) / npix
+    saturated_frac = count_at_or_above(sat) / npix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cmean, cmedian, cstd = sigma_clipped_stats(flat, sigma=3.0, maxiters=5)
