@@ -141,20 +141,20 @@ def _master_index(info: Any, bias: Any, darks: Sequence[Any], flat: Any, temp_to
     """Masters given by hand as the plan's MasterIndex for this frame's geometry."""
     from astropy.io import fits
 
-    from .headers import TEMP_KEYS, _temperature, exposure_of
+    from .headers import TEMP_KEYS, exposure_of, read_temperature
     from .plan import BiasMaster, DarkMaster, MasterIndex, geometry
 
     geom = geometry(info)
     biases, dark_masters, counts = (), (), {}
     if bias:
         header = fits.getheader(bias, 0)
-        biases = (BiasMaster(_temperature(header, TEMP_KEYS)[0], Path(bias).name),)
+        biases = (BiasMaster(read_temperature(header, TEMP_KEYS)[0], Path(bias).name),)
         counts[Path(bias).name] = int(header.get("NCOMBINE", 1))
     for path in darks:
         header = fits.getheader(path, 0)
         exptime = exposure_of(header, dark=True)
         if exptime is not None:
-            dark_masters += (DarkMaster(exptime, _temperature(header, TEMP_KEYS)[0], Path(path).name),)
+            dark_masters += (DarkMaster(exptime, read_temperature(header, TEMP_KEYS)[0], Path(path).name),)
             counts[Path(path).name] = int(header.get("NCOMBINE", 1))
     flats = {geom: {info.filter: Path(flat).name}} if flat else {}
     return MasterIndex(biases={geom: biases} if biases else {}, darks={geom: dark_masters} if dark_masters else {},

@@ -88,10 +88,15 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
 
 def _run_reduce(args) -> int:
     from .pipeline import ReduceOptions, reduce
+    from .ui import print_plan, print_summary, track
 
     options = ReduceOptions.from_sources(args.config, vars(args))
     result = reduce(args.paths, args.output, options=options, dry_run=args.dry_run,
-                    force=args.force, progress=True)
+                    force=args.force, progress=track)
+    if args.dry_run:
+        print_plan(result.plan)
+    else:
+        print_summary(result)
     if result.skipped and options.strict:
         return EXIT_USAGE
     return EXIT_PARTIAL if result.skipped else EXIT_OK
@@ -110,14 +115,15 @@ def _run_demo(args) -> int:
 
     from .demo import write_night
     from .pipeline import ReduceOptions, reduce
-    from .ui import console
+    from .ui import console, print_summary, track
 
     folder = Path(args.folder)
     raw = write_night(folder / "raw", seed=args.seed, size=args.size)
     console().print(f"[bold]synthetic night[/] written to {raw} (truth in {folder / 'truth'})")
     if args.no_reduce:
         return EXIT_OK
-    result = reduce([raw], folder / "out", options=ReduceOptions(), progress=True)
+    result = reduce([raw], folder / "out", options=ReduceOptions(), progress=track)
+    print_summary(result)
     console().print(f"[bold green]done.[/] calibrated lights in {folder / 'out' / 'calibrated'};"
                     f" open {(folder / 'out' / 'report.html').resolve()} in a browser")
     return EXIT_PARTIAL if result.skipped else EXIT_OK

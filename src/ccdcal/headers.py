@@ -71,9 +71,9 @@ def exposure_of(header: Any, *, dark: bool = False) -> float | None:
     """
     if header is None:
         return None
-    exposure, key, _ = _exposure(header)
+    exposure, key, _ = read_exposure(header)
     if dark:
-        darktime, _ = _dark_time(header, exposure, key)
+        darktime, _ = read_dark_time(header, exposure, key)
         if darktime is not None:
             return darktime
     return exposure
@@ -183,7 +183,7 @@ CALIBRATION_STEPS = ("overscan", "trim", "bias", "dark", "flat", "master")
 EMPTY_FILTERS = {"", "CLEAR", "OPEN", "EMPTY", "NONE", "NO FILTER", "AIR", "N/A", "-"}
 
 
-def _number(value: Any) -> float | None:
+def header_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -196,7 +196,7 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _norm_type(value: Any) -> str:
+def normalised_type(value: Any) -> str:
     return re.sub(r"[\s_\-]+", "", str(value)).upper()
 
 
@@ -227,24 +227,24 @@ def saturation_problem(value: float | None, level: float | None = None) -> str |
     if value <= 0:
         return "not a positive number"
     if level is not None and math.isfinite(level) and value < level:
-        return f"below the frame's median level {_g(level)} ADU"
+        return f"below the frame's median level {format_number(level)} ADU"
     return None
 
 
-def _g(value: float) -> str:
+def format_number(value: float) -> str:
     """A header number as people write it (-99, 19.5, 65535)."""
     return f"{value:g}"
 
 
-def _exposure(header: Any) -> tuple[float | None, str | None, list[str]]:
+def read_exposure(header: Any) -> tuple[float | None, str | None, list[str]]:
     """The exposure time, the keyword it came from, and why other values were ignored."""
     problems: list[str] = []
     for key in EXPTIME_KEYS:
-        value = _number(header_value(header, (key,)))
+        value = header_number(header_value(header, (key,)))
         if value is None:
             continue
         if not np.isfinite(value) or value < 0:
-            problems.append(f"{key} = {_g(value)} is not an exposure time: ignored")
+            problems.append(f"{key} = {format_number(value)} is not an exposure time: ignored")
             continue
         return value, key, problems
     return None, None, problems
@@ -252,59 +252,59 @@ def _exposure(header: Any) -> tuple[float | None, str | None, list[str]]:
 
 def exposure_time(header: Any) -> float | None:
     """Exposure time in seconds (EXPTIME, EXPOSURE, ITIME, ...); negative values are ignored."""
-    return _exposure(header)[0]
+    return read_exposure(header)[0]
 
 
-def _dark_time(header: Any, exptime: float | None, exp_key: str | None) -> tuple[float | None, list[str]]:
+def read_dark_time(header: Any, exptime: float | None, exp_key: str | None) -> tuple[float | None, list[str]]:
     """DARKTIME, unless negative or shorter than the exposure (a shutter-open time written there)."""
     for key in DARKTIME_KEYS:
-        value = _number(header_value(header, (key,)))
+        value = header_number(header_value(header, (key,)))
         if value is None:
             continue
         if not np.isfinite(value) or value < 0:
-            return None, [f"{key} = {_g(value)} is not a dark time: ignored"]
+            return None, [f"{key} = {format_number(value)} is not a dark time: ignored"]
         if exptime is not None and value < exptime - max(1e-3, 1e-3 * exptime):
-            return None, [f"{key} = {_g(value)} s is shorter than {exp_key} = {_g(exptime)} s"
+            return None, [f"{key} = {format_number(value)} s is shorter than {exp_key} = {format_number(exptime)} s"
                           " (a shutter-open time?): ignored"]
         return value, []
     return None, []
 
 
-def _temperature(header: Any, keys: Sequence[str]) -> tuple[float | None, list[str]]:
+def read_temperature(header: Any, keys: Sequence[str]) -> tuple[float | None, list[str]]:
     """The first temperature of ``keys`` that is not a placeholder, and the placeholders met."""
     problems: list[str] = []
     low, high = TEMP_RANGE
     for key in keys:
-        value = _number(header_value(header, (key,)))
+        value = header_number(header_value(header, (key,)))
         if value is None:
             continue
         if not np.isfinite(value) or value in TEMP_PLACEHOLDERS:
-            problems.append(f"{key} = {_g(value)} is a placeholder (unknown): ignored")
+            problems.append(f"{key} = {format_number(value)} is a placeholder (unknown): ignored")
             continue
         if not low <= value <= high:
-            problems.append(f"{key} = {_g(value)} is outside {_g(low)}..+{_g(high)} °C,"
+            problems.append(f"{key} = {format_number(value)} is outside {format_number(low)}..+{format_number(high)} °C,"
                             " a placeholder (unknown): ignored")
             continue
         return value, problems
     return None, problems
 
 
-def _saturation(header: Any) -> tuple[float | None, list[str]]:
+def read_saturation(header: Any) -> tuple[float | None, list[str]]:
     """The first saturation level of SATURATE/DATAMAX/SATLEVEL/MAXLIN that is not a placeholder."""
     problems: list[str] = []
     for key in SATURATE_KEYS:
-        value = _number(header_value(header, (key,)))
+        value = header_number(header_value(header, (key,)))
         if value is None:
             continue
         why = saturation_problem(value)
         if why:
-            problems.append(f"{key} = {_g(value)} is a placeholder ({why}): ignored")
+            problems.append(f"{key} = {format_number(value)} is a placeholder ({why}): ignored")
             continue
         return value, problems
     return None, problems
 
 
-def _calibration_steps(header: Any) -> tuple[tuple[str, ...], list[str]]:
+def calibration_steps(header: Any) -> tuple[tuple[str, ...], list[str]]:
     """Steps the header says were already applied, and a warning that says so and where."""
     steps: set[str] = set()
     evidence: list[str] = []
@@ -323,9 +323,9 @@ def _calibration_steps(header: Any) -> tuple[tuple[str, ...], list[str]]:
             steps.update(found)
             evidence.append(f"CALSTAT = {str(calstat).strip()!r}")
     pedestal = present("PEDESTAL")  # MaxIm DL adds it when it calibrates
-    pedestal_number = _number(pedestal)
+    pedestal_number = header_number(pedestal)
     pedestal_note = (None if pedestal is None else
-                     f"PEDESTAL = {_g(pedestal_number) if pedestal_number is not None else pedestal}")
+                     f"PEDESTAL = {format_number(pedestal_number) if pedestal_number is not None else pedestal}")
     for key, step in (("OVERSCAN", "overscan"), ("TRIM", "trim"), ("ZEROCOR", "bias"),
                       ("DARKCOR", "dark"), ("FLATCOR", "flat")):  # IRAF ccdproc: dated text
         value = present(key)
@@ -345,7 +345,7 @@ def _calibration_steps(header: Any) -> tuple[tuple[str, ...], list[str]]:
     for key in TYPE_KEYS:
         value = present(key)
         if value is not None:
-            if _norm_type(value).startswith("MASTER"):
+            if normalised_type(value).startswith("MASTER"):
                 steps.add("master")
                 evidence.append(f"{key} = {str(value).strip()!r}")
             break
@@ -383,8 +383,8 @@ def filter_name(header: Any) -> str | None:
 
 
 def binning(header: Any) -> tuple[int, int]:
-    x = _number(header_value(header, ("XBINNING", "BINX", "CCDXBIN", "HBIN", "XBIN")))
-    y = _number(header_value(header, ("YBINNING", "BINY", "CCDYBIN", "VBIN", "YBIN")))
+    x = header_number(header_value(header, ("XBINNING", "BINX", "CCDXBIN", "HBIN", "XBIN")))
+    y = header_number(header_value(header, ("YBINNING", "BINY", "CCDYBIN", "VBIN", "YBIN")))
     if x is None or y is None:
         ccdsum = header_value(header, ("CCDSUM", "BINNING"))
         if isinstance(ccdsum, str):
@@ -402,7 +402,7 @@ def binning(header: Any) -> tuple[int, int]:
     return bx, by or bx
 
 
-def _date(header: Any) -> str | None:
+def read_date(header: Any) -> str | None:
     value = header_value(header, DATE_KEYS)
     if not isinstance(value, str):
         return None
@@ -414,7 +414,7 @@ def _date(header: Any) -> str | None:
 
 
 # -- classification -------------------------------------------------------------------------
-def _sections(header: Any, shape: tuple[int, int]) -> tuple[str | None, str | None, list[str]]:
+def read_sections(header: Any, shape: tuple[int, int]) -> tuple[str | None, str | None, list[str]]:
     """BIASSEC and TRIMSEC (else DATASEC) when each is a FITS section inside this image.
 
     A section written in another convention (``'[0,513:0,1536]'``, detector coordinates

@@ -31,18 +31,18 @@ from .headers import (
     SETTEMP_KEYS,
     TEMP_KEYS,
     TYPE_KEYS,
-    _calibration_steps,
-    _dark_time,
-    _date,
-    _exposure,
-    _g,
-    _norm_type,
-    _saturation,
-    _sections,
-    _temperature,
     binning,
+    calibration_steps,
     exposure_time,
     filter_name,
+    format_number,
+    normalised_type,
+    read_dark_time,
+    read_date,
+    read_exposure,
+    read_saturation,
+    read_sections,
+    read_temperature,
     saturation_problem,
 )
 
@@ -225,7 +225,7 @@ def header_kind(header: Any) -> tuple[FrameKind | None, str | None]:
         raw = header_value(header, (key,))
         if raw is None:
             continue
-        word = _norm_type(raw)
+        word = normalised_type(raw)
         if word in _TYPE_WORDS:
             return _TYPE_WORDS[word], f"{key}={str(raw).strip()!r}"
         for token, kind in _TYPE_WORDS.items():  # 'MASTER BIAS', 'BIAS_FRAME_2', 'FLAT V'
@@ -272,7 +272,7 @@ def classify(header: Any, path: Path) -> tuple[FrameKind, list[str]]:
     if kind == FrameKind.DARK and exptime is not None and exptime <= DARK_BIAS_EXPTIME:
         for hint, where in ((file_kind, "the file name"), (obj_kind, f"OBJECT={str(obj).strip()!r}")):
             if hint == FrameKind.BIAS:
-                warnings.append(f"{source} with EXPTIME {_g(exptime)} s but {where} says bias:"
+                warnings.append(f"{source} with EXPTIME {format_number(exptime)} s but {where} says bias:"
                                 " treated as a bias")
                 return FrameKind.BIAS, warnings
     if kind == FrameKind.LIGHT:
@@ -310,19 +310,19 @@ def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus
     :attr:`FrameInfo.warnings`.
     """
     kind, warnings = classify(header, path)
-    exptime, exp_key, problems = _exposure(header)
+    exptime, exp_key, problems = read_exposure(header)
     warnings.extend(problems)
-    darktime, problems = _dark_time(header, exptime, exp_key)
+    darktime, problems = read_dark_time(header, exptime, exp_key)
     warnings.extend(problems)
-    ccd_temp, problems = _temperature(header, TEMP_KEYS)
+    ccd_temp, problems = read_temperature(header, TEMP_KEYS)
     warnings.extend(problems)
-    set_temp, problems = _temperature(header, SETTEMP_KEYS)
+    set_temp, problems = read_temperature(header, SETTEMP_KEYS)
     warnings.extend(problems)
-    saturate, problems = _saturation(header)
+    saturate, problems = read_saturation(header)
     warnings.extend(problems)
-    biassec, trimsec, problems = _sections(header, shape)
+    biassec, trimsec, problems = read_sections(header, shape)
     warnings.extend(problems)
-    calibrated, problems = _calibration_steps(header)
+    calibrated, problems = calibration_steps(header)
     warnings.extend(problems)
     if kind in (FrameKind.DARK, FrameKind.FLAT, FrameKind.LIGHT) and exptime is None:
         warnings.append("no exposure time (EXPTIME/EXPOSURE/ITIME)")
@@ -337,7 +337,7 @@ def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus
         shape=shape,
         ccd_temp=ccd_temp,
         set_temp=set_temp,
-        date_obs=_date(header),
+        date_obs=read_date(header),
         object=str(obj).strip() if obj is not None else None,
         biassec=biassec,
         trimsec=trimsec,
@@ -395,7 +395,7 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
     return infos, skipped
 
 
-def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: bool = False,
+def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any = None,
          exclude: str | os.PathLike | None = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
@@ -406,8 +406,9 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: boo
     flag : bool
         Also read the pixels of calibration frames and flag the ones that look unlike
         the rest of their group (see :func:`flag_groups`).
-    progress : bool
-        Show a progress bar on the terminal.
+    progress : callable, optional
+        ``progress(items, description, total=None)`` wrapping the work (see
+        :mod:`ccdcal.progress`); the library itself never prints.
     exclude : path-like, optional
         A folder whose files are never scanned (the output folder of a reduction).
 
@@ -426,9 +427,9 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: boo
         raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
     frames: list[FrameInfo] = []
     skipped: list[Skipped] = []
-    from .ui import track
+    from .progress import steps
 
-    for path in track(files, "scanning", enabled=progress):
+    for path in steps(files, "scanning", progress):
         infos, skips = scan_file(path)
         skipped.extend(skips)
         for info in infos:
@@ -512,7 +513,7 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
         saturation=info.saturate)
 
 
-def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
+def flag_groups(inventory: Inventory, *, progress: Any = None) -> Inventory:
     """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
     saturation, structure), using :func:`ccdcal.stats.flag_outliers`.
 
@@ -521,8 +522,8 @@ def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
     maximum of the raw integers instead.
     """
     from .frames import FrameSource
+    from .progress import steps
     from .stats import flag_outliers, frame_metrics
-    from .ui import track
 
     groups: dict[tuple, list[int]] = {}
     for i, info in enumerate(inventory.frames):
@@ -532,7 +533,7 @@ def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
     todo = [i for members in groups.values() for i in members]
     metrics: dict[int, dict[str, float]] = {}
     buffers: dict[tuple[int, int], np.ndarray] = {}
-    for i in track(todo, "checking frames", enabled=progress):
+    for i in steps(todo, "checking frames", progress):
         info = frames[i]
         try:
             with FrameSource(info.path, info.hdu) as src:
@@ -551,7 +552,7 @@ def flag_groups(inventory: Inventory, *, progress: bool = False) -> Inventory:
         why = saturation_problem(info.saturate, metrics[i]["level"])
         if why:
             frames[i] = replace(info, saturate=None, warnings=info.warnings + (
-                f"saturation level {_g(info.saturate)} ADU from the header is {why},"
+                f"saturation level {format_number(info.saturate)} ADU from the header is {why},"
                 " a placeholder: ignored",))
     for members in groups.values():
         have = [i for i in members if i in metrics]

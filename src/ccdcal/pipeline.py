@@ -49,7 +49,7 @@ class ReduceResult:
 
 
 def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | None = None,
-           dry_run: bool = False, force: bool = False, progress: bool = False) -> ReduceResult:
+           dry_run: bool = False, force: bool = False, progress: Any = None) -> ReduceResult:
     """Reduce a night: build every master and calibrate every light found under ``paths``.
 
     Parameters
@@ -61,13 +61,14 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     options : ReduceOptions, optional
         Every choice; the defaults reduce a typical night correctly.
     dry_run : bool
-        Build the plan only (``result.plan``; printed when ``progress``).
+        Build the plan only (``result.plan``).
     force : bool
         Redo every output even when the manifest says it is up to date.
-    progress : bool
-        Progress bars, the plan and the summary on the terminal. Without it nothing is
-        printed: problems are :class:`~ccdcal.errors.CcdcalWarning` warnings (also kept in
-        ``result.warnings``, the manifest and the report).
+    progress : callable, optional
+        ``progress(items, description, total=None)`` wrapping each stage's work (see
+        :mod:`ccdcal.progress`; the CLI passes its terminal progress bars). The library
+        prints nothing: problems are :class:`~ccdcal.errors.CcdcalWarning` warnings (also
+        kept in ``result.warnings``, the manifest and the report).
 
     Returns
     -------
@@ -100,10 +101,8 @@ def _warn(message: str) -> None:
     warnings.warn(message, CcdcalWarning, stacklevel=4)
 
 
-def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool, force: bool, progress: bool,
+def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool, force: bool, progress: Any,
             caught: list[str]) -> ReduceResult:
-    from .ui import print_plan, print_summary
-
     options.validate()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -113,8 +112,6 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
     result.timings["scan and plan"] = time.perf_counter() - started
     if dry_run:
-        if progress:
-            print_plan(plan)
         return result
     _check_out_dir(out_dir)
     for w in plan.warnings:
@@ -140,8 +137,6 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         result.report = build_report(out_dir, {**body(), "outputs": manifest.outputs})
         result.timings["report"] = time.perf_counter() - started
         manifest.write(body())
-    if progress:
-        print_summary(result)
     return result
 
 
@@ -159,18 +154,18 @@ def dependency_levels(masters: tuple[MasterJob, ...]) -> list[list[MasterJob]]:
 
 
 def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Manifest, result: ReduceResult,
-                 body: Any, progress: bool) -> Any:
+                 body: Any, progress: Any) -> Any:
     """Build the masters level by level; returns the RunContext that knows them."""
     from .executor import make_executor
+    from .progress import steps
     from .tasks import RunContext, build_master
-    from .ui import track
 
     started = time.perf_counter()
     ctx = RunContext(out_dir=out_dir, options=options)
     # Masters run one at a time here: each combine already uses every core and the whole
     # memory budget. A cluster executor can run a level's masters side by side.
     executor = make_executor(1)
-    bar = iter(track(range(len(plan.masters)), "building masters", enabled=progress))
+    bar = iter(steps(range(len(plan.masters)), "building masters", progress))
     try:
         for level in dependency_levels(plan.masters):
             records = executor.map(partial(_with_previous, build_master, ctx=ctx, previous=manifest.previous),
@@ -209,10 +204,10 @@ def _collect_master(job: MasterJob, record: OutputRecord, ctx: Any, manifest: Ma
     return ctx.with_master(job.name, Path(ctx.out_dir) / record.output, record.datasum)
 
 
-def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: bool) -> None:
+def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any) -> None:
     from .executor import make_executor
+    from .progress import steps
     from .tasks import calibrate_light
-    from .ui import track
 
     started = time.perf_counter()
     options = ctx.options
@@ -220,7 +215,7 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
     try:
         records = executor.map(partial(_with_previous, calibrate_light, ctx=ctx, previous=manifest.previous),
                                plan.lights)
-        for record in track(records, "calibrating lights", enabled=progress, total=len(plan.lights)):
+        for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
             if record.skipped is not None:
                 if options.strict:
                     raise InputError(f"{record.output}: {record.skipped}")
