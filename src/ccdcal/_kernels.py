@@ -173,13 +173,15 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
         spread = acc / m
     elif reject == CCDCLIP:
         c = _center(vals, m, center)
-        # IRAF's nkeep: a pass that would reject every value (an even count whose two middle
-        # values straddle the model's band) rejects none
+        # σ of each value from the noise model, once per pass (work[k]). IRAF's nkeep: a pass
+        # that would reject every value (an even count whose two middle values straddle the
+        # model's band) rejects none
         inside = 0
         for k in range(m):
             i = idx[k]
             level = max((c - zeros[i]) / scales[i] - pedestal, 0.0)
             s = scales[i] * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
+            work[k] = s
             if c - s * low <= vals[k] <= c + s * high:
                 inside += 1
         if inside == 0:
@@ -193,9 +195,7 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
             mid = c + slope * k
             s = spread
         elif reject == CCDCLIP:
-            i = idx[k]
-            level = max((c - zeros[i]) / scales[i] - pedestal, 0.0)
-            s = scales[i] * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
+            s = work[k]
             mid = c
         else:
             mid = c
@@ -909,3 +909,24 @@ def frame_level(data, bits, how):
         hi = new_hi
         med, n = _median(data, bits, lo, hi)
     return _moments(data, lo, hi)[1]
+
+
+@njit(parallel=True, cache=True)
+def block_mean(image, factor, out):
+    """``out[j, i]``: the mean of the finite values of the ``factor`` × ``factor`` block of
+    ``image`` at (j, i) (blocks past the edge are partial), NaN where there is none; float64 sums."""
+    ny, nx = image.shape
+    oy, ox = out.shape
+    for j in prange(oy):
+        tot = np.zeros(ox, np.float64)
+        cnt = np.zeros(ox, np.int64)
+        for y in range(j * factor, min(ny, (j + 1) * factor)):
+            row = image[y]
+            for i in range(ox):
+                for x in range(i * factor, min(nx, (i + 1) * factor)):
+                    v = row[x]
+                    if np.isfinite(v):
+                        tot[i] += v
+                        cnt[i] += 1
+        for i in range(ox):
+            out[j, i] = tot[i] / cnt[i] if cnt[i] > 0 else np.nan

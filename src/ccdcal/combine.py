@@ -802,6 +802,12 @@ def _measure(inputs: _Inputs, options: CombineOptions, budget: int) -> FrameFact
     return FrameFactors(scales=scales, zeros=zeros, weights=np.ones(n) if weights is None else weights)
 
 
+def frame_level(values: np.ndarray, how: str) -> float:
+    """The level of ``values`` as ``scale``/``zero`` measure it: ``"median"``, ``"mean"`` or
+    ``"clipped-mean"`` of the finite values."""
+    return _level(values, how)
+
+
 def _level(values: np.ndarray, how: str) -> float:
     from . import _kernels
 

@@ -21,24 +21,79 @@ from .errors import InputError
 from .frames import write_text
 
 _HASHES: dict[tuple[str, int, int], str] = {}
+_PENDING: dict[tuple[str, int, int], Any] = {}
 _HASH_LOCK = threading.Lock()
+_HASH_POOL: Any = None
+
+
+def _hash_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, cached per (path, size, mtime) within the process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    """SHA-256 of a file's bytes, cached per (path, size, mtime) within the process (a hash
+    :func:`prefetch_sha256` is computing is waited for, not computed twice)."""
+    path = Path(path)
+    key = _hash_key(path)
     with _HASH_LOCK:
         if key in _HASHES:
             return _HASHES[key]
+        pending = _PENDING.get(key)
+    if pending is not None:
+        return pending.result()
+    return _compute_sha256(path, key)
+
+
+def _compute_sha256(path: Path, key: tuple[str, int, int]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
+            digest.update(block)  # releases the GIL: hashing overlaps other work
     value = digest.hexdigest()
     with _HASH_LOCK:
         _HASHES[key] = value
+        _PENDING.pop(key, None)
     return value
+
+
+def prefetch_sha256(paths: Any) -> None:
+    """Start hashing ``paths`` in one background thread (inputs of a run, while the masters are
+    built); :func:`file_sha256` then finds the hash made or waits for it."""
+    global _HASH_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _HASH_LOCK:
+        if _HASH_POOL is None:
+            _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-sha256")
+    for path in dict.fromkeys(Path(p) for p in paths):
+        try:
+            key = _hash_key(path)
+        except OSError:
+            continue
+        with _HASH_LOCK:
+            if key in _HASHES or key in _PENDING:
+                continue
+            _PENDING[key] = _HASH_POOL.submit(_compute_sha256, path, key)
+
+
+def remember_sha256(inputs: Any) -> int:
+    """Take the SHA-256 of input records of an earlier run (``{"path", "size", "mtime",
+    "sha256"}``) for files whose size and modification time are unchanged, as ``make`` and
+    ``rsync`` trust them; returns how many were taken. Not used with ``--force``."""
+    taken = 0
+    for record in inputs:
+        try:
+            path = Path(record["path"])
+            st = path.stat()
+            same = st.st_size == record["size"] and st.st_mtime == record["mtime"] and record.get("sha256")
+        except (OSError, KeyError, TypeError):
+            continue
+        if same:
+            with _HASH_LOCK:
+                _HASHES[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = str(record["sha256"])
+            taken += 1
+    return taken
 
 
 def input_record(path: Path, hdu: int) -> dict[str, Any]:
@@ -73,6 +128,7 @@ class OutputRecord:
     reused: bool = False
     skipped: str | None = None                # the reason, when nothing was written
     datasum: str = ""                         # DATASUM of a master (its identity for the outputs built on it)
+    sha256: str = ""                          # of the output file, hashed by the task that wrote it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,7 +156,8 @@ class Manifest:
         if record.skipped is not None:
             return
         self.outputs[record.output] = {
-            "fingerprint": record.fingerprint, "sha256": file_sha256(self.out_dir / record.output),
+            "fingerprint": record.fingerprint,
+            "sha256": record.sha256 or file_sha256(self.out_dir / record.output),
             "inputs": list(record.inputs), "kind": record.kind, **({"reused": True} if record.reused else {}),
             **record.extra}
 

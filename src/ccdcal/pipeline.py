@@ -126,6 +126,7 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         s = plan.skipped[0]
         raise InputError(f"{s.path}: {s.reason} (--strict: {len(plan.skipped)} input(s) would be skipped)")
     manifest = Manifest(out_dir, force=force)
+    _start_input_hashes(plan, manifest)
     body = lambda: _manifest_body(options, inventory, plan, result)  # noqa: E731 - rebuilt at each write
     ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress)
     _run_lights(plan, ctx, manifest, result, progress)
@@ -138,6 +139,16 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         result.timings["report"] = time.perf_counter() - started
         manifest.write(body())
     return result
+
+
+def _start_input_hashes(plan: Plan, manifest: Manifest) -> None:
+    """Every input's SHA-256 (part of the fingerprints): from the previous manifest where size
+    and modification time are unchanged, the others hashed in the background meanwhile."""
+    from .manifest import prefetch_sha256, remember_sha256
+
+    remember_sha256(record for entry in manifest.previous.values() for record in entry.get("inputs", ()))
+    paths = [f.path for job in plan.masters for f in job.members] + [job.frame.path for job in plan.lights]
+    prefetch_sha256(paths)
 
 
 def dependency_levels(masters: tuple[MasterJob, ...]) -> list[list[MasterJob]]:

@@ -397,18 +397,60 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
         card = LightCard(index=index, name=_display_name(output or source), output=output,
                          masters=masters, notes=[str(n) for n in item.get("notes") or []],
                          flags=list(flags_by_path.get(source, [])), thumb=Image(), preview=Image())
+        made = _made_light_previews(out_dir, output)
+        if made is not None:
+            card.preview, card.thumb, card.stats = made
+            cards.append(card)
+            continue
         data, error = _load(out_dir, output)
         if data is None:
             card.thumb.error = card.preview.error = error
         else:
-            stem = _safe_stem(output)
-            png, w, h = _preview(data, PREVIEW_SIZE, "autostf")
-            card.preview = _write_preview(out_dir, f"light-{stem}", png, w, h)
-            png, w, h = _preview(data, THUMB_SIZE, "autostf")
-            card.thumb = _write_preview(out_dir, f"light-{stem}-thumb", png, w, h)
-            card.stats = _stats_dict(data, max_pixels=1_100_000)
+            write_light_previews(out_dir, output, data)
+            card.preview, card.thumb, card.stats = _made_light_previews(out_dir, output)
         cards.append(card)
     return cards
+
+
+def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
+    """The report's view of one calibrated light: ``previews/light-<stem>.png``, its thumbnail
+    and ``previews/light-<stem>.json`` (statistics on a regular subsample, preview sizes).
+
+    The light task calls this while the calibrated pixels are still in memory, so building the
+    report reads no light again; the report makes them itself when they are missing or older
+    than the output.
+    """
+    stem = _safe_stem(output)
+    sizes = {}
+    for suffix, size in (("", PREVIEW_SIZE), ("-thumb", THUMB_SIZE)):
+        png, w, h = _preview(data, size, "autostf")
+        write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
+        sizes[suffix or "preview"] = [w, h]
+    facts = {"output": output, "sizes": sizes, "stats": _stats_dict(data, max_pixels=1_100_000)}
+    write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float))
+
+
+def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict[str, Any]] | None:
+    """The previews and statistics :func:`write_light_previews` left for ``output``, when they
+    are there and at least as new as the output; else None."""
+    stem = _safe_stem(output)
+    folder = Path(out_dir) / "previews"
+    facts_path = folder / f"light-{stem}.json"
+    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
+    try:
+        if not output or facts_path.stat().st_mtime_ns < target.stat().st_mtime_ns:
+            return None
+        facts = json.loads(facts_path.read_text())
+        if facts.get("output") != output:
+            return None
+        images = []
+        for suffix, key in (("", "preview"), ("-thumb", "-thumb")):
+            rel = f"previews/light-{stem}{suffix}.png"
+            w, h = facts["sizes"][key]
+            images.append(Image(_data_uri((Path(out_dir) / rel).read_bytes()), rel, int(w), int(h)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return images[0], images[1], dict(facts["stats"])
 
 
 def _collect_warnings(manifest: Mapping[str, Any], excluded: set[str]) -> list[str]:

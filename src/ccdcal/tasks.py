@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CcdcalError, OutputError
-from .manifest import OutputRecord, fingerprint, input_record, up_to_date
+from .manifest import OutputRecord, file_sha256, fingerprint, input_record, up_to_date
 from .options import ReduceOptions
 from .plan import LightJob, MasterJob, member_steps
 
@@ -177,7 +177,8 @@ def _write_master(job: MasterJob, ctx: RunContext) -> None:
     sources = _member_sources(job, ctx)
     try:
         noise = measure_noise_model(job, ctx, sources)
-        result = combine(sources, method=settings.method, scale=settings.scale, scale_region=settings.scale_region,
+        result = combine(sources, method=settings.method, scale=_scale_factors(job, sources),
+                         scale_region=settings.scale_region,
                          clip_extrema=settings.clip_extrema, sigma_clip=settings.sigma_clip,
                          memory=options.memory, **noise.combine_keywords())
         region = None
@@ -213,6 +214,30 @@ def _write_master(job: MasterJob, ctx: RunContext) -> None:
     finally:
         for s in sources:
             getattr(s, "source", s).close()
+
+
+def _scale_factors(job: MasterJob, sources: list[Any]) -> Any:
+    """What ``combine`` gets as ``scale``: a level name for members it reads as raw integers
+    (measured exactly from their histograms in its first pass), else the factors mean(L)/L_i
+    from levels measured on a row subsample (:func:`ccdcal.masters.sampled_levels`), which
+    spares a whole calibrated pass over every member."""
+    from .errors import InputError
+    from .frames import FrameSource
+    from .masters import sampled_levels
+    from .sections import to_slices
+
+    how = job.settings.scale
+    if not isinstance(how, str) or how == "none" or all(isinstance(s, FrameSource) for s in sources):
+        return how
+    shape = sources[0].shape
+    region = (to_slices(job.settings.scale_region, shape) if job.settings.scale_region
+              else (slice(0, shape[0]), slice(0, shape[1])))
+    levels = np.asarray(sampled_levels(sources, how, region))
+    if not np.all(np.isfinite(levels)) or np.any(levels <= 0):
+        k = int(np.argmin(np.where(np.isfinite(levels), levels, -np.inf)))
+        raise InputError(f"{job.members[k].name}: its {how} level is {levels[k]:g}, so it cannot be scaled;"
+                         " remove it or drop --scale")
+    return list(levels.mean() / levels)
 
 
 def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> Any:
@@ -324,7 +349,9 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
         return OutputRecord(output=source, kind="light", skipped=str(exc))
     if skipped:
         return OutputRecord(output=source, kind="light", skipped=skipped)
-    return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs))
+    # hashed here, in the worker, while the bytes are in the page cache
+    return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs),
+                        sha256=file_sha256(ctx.out_dir / job.output))
 
 
 def _write_light(job: LightJob, ctx: RunContext) -> str | None:
@@ -355,4 +382,9 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
                           dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
                unit=result.unit)
+    if options.report:
+        from .report import write_light_previews
+
+        # while the pixels are in memory: the report then reads no light again
+        write_light_previews(ctx.out_dir, job.output, result.data)
     return None
