@@ -109,7 +109,7 @@ class CalibratedRows:
     """
 
     def __init__(self, source: Any, recipe: Recipe, masters: dict[str, np.ndarray] | None = None,
-                 *, flat_floor: float = 0.1):
+                 *, flat_floor: float = 0.1, overscan: OverscanFit | None = None):
         self.source = source
         self.recipe = recipe
         self.path = getattr(source, "path", None)
@@ -126,17 +126,23 @@ class CalibratedRows:
                 raise InputError(f"{self.path}: master {name} is {arr.shape[1]}x{arr.shape[0]} but the"
                                  f" frame is {self.shape[1]}x{self.shape[0]} after trimming")
         self._overscan: np.ndarray | None = None
-        self.overscan_level: float | None = None
-        self.overscan: OverscanFit | None = None
+        self.overscan: OverscanFit | None = overscan    # given: a fit made earlier (a band task)
+        self.overscan_level: float | None = None if overscan is None else overscan.level
 
-    def _overscan_model(self) -> np.ndarray:
-        if self._overscan is None:
+    def fit_overscan(self) -> OverscanFit | None:
+        """The overscan fit of this frame (read from its overscan strip once), or None."""
+        if self.recipe.overscan is not None and self.overscan is None:
             spec = self.recipe.overscan
             rows, cols = spec.region.slices()
             strip = self.source.read_rows(rows.start, rows.stop)[:, cols]
             self.overscan = overscan_fit(strip, spec)
-            self._overscan = overscan_image(self.overscan, spec, tuple(self.source.shape))
             self.overscan_level = self.overscan.level
+        return self.overscan
+
+    def _overscan_model(self) -> np.ndarray:
+        if self._overscan is None:
+            fit = self.fit_overscan()
+            self._overscan = overscan_image(fit, self.recipe.overscan, tuple(self.source.shape))
         return self._overscan
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:

@@ -933,6 +933,43 @@ def combine_rows(frames: Sequence[Any], factors: FrameFactors, options: CombineO
                       nhigh_rejected=out.nhigh, mask=out.mask, member_rejected=member_rejected)
 
 
+def combine_result(frames: Sequence[Any], options: CombineOptions, factors: FrameFactors,
+                   tiles: Sequence[TileResult]) -> CombineResult:
+    """The :class:`CombineResult` of ``frames`` from its bands (:func:`combine_rows`), which
+    must cover every row once: the planes stitched in row order, the header and the
+    per-member rejections as :func:`combine` makes them. A single band covering every row is
+    used as it is (no copy)."""
+    from .headers import combined_header
+
+    frames = _frame_list(frames)
+    tiles = sorted(tiles, key=lambda t: t.y0)
+    with _opened(frames) as inputs:
+        ny = inputs.shape[0]
+        headers, names = inputs.headers, inputs.names
+    if not tiles or tiles[0].y0 != 0 or tiles[-1].y1 != ny or any(
+            a.y1 != b.y0 for a, b in zip(tiles[:-1], tiles[1:], strict=True)):
+        raise InputError(f"the bands {[(t.y0, t.y1) for t in tiles]} do not cover rows 0:{ny} once")
+
+    def stitched(name: str) -> np.ndarray:
+        parts = [getattr(t, name) for t in tiles]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    counts = [t.member_rejected for t in tiles]
+    member_rejected = None if any(c is None for c in counts) else np.sum(counts, axis=0, dtype=np.int64)
+    header = combined_header(headers, method=options.method, scales=factors.scales, frames=frames,
+                             zeros=factors.zeros, names=names)
+    _describe(header, options)
+    return CombineResult(data=stitched("data"), uncertainty=stitched("uncertainty"),
+                         nlow_rejected=stitched("nlow_rejected"), nhigh_rejected=stitched("nhigh_rejected"),
+                         mask=stitched("mask"), header=header, scales=factors.scales, zeros=factors.zeros,
+                         member_rejected=member_rejected)
+
+
+def warn_unable_to_reject(n: int, options: CombineOptions) -> None:
+    """The warning :func:`combine` gives when a sample-σ rejection cannot reject anything."""
+    _warn_unable_to_reject(n, options)
+
+
 def _check_band(inputs: _Inputs, factors: FrameFactors, y0: Any, y1: Any) -> tuple[int, int]:
     ny = inputs.shape[0]
     try:

@@ -33,6 +33,8 @@ class ReduceOptions:
     strict: bool = False
     report: bool = True
     workers: int | None = None
+    scheduler: str | None = None               # None: threads here; "local:N" or "tcp://host:port": dask
+    dask_report: bool = False                  # save dask's performance report (dask-report.html)
     # calibration physics (issue 4); gain in e-/ADU, read noise in e-, saturation in raw ADU
     gain: float | None = None                  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
     read_noise: float | None = None            # None: RDNOISE, else measured from the biases (or overscan)

@@ -41,6 +41,8 @@ class ReduceResult:
     report: Path | None = None
     warnings: list[str] = field(default_factory=list)      # every warning the library raised in the run
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    executor: str = ""                                     # where the tasks ran
+    dashboard: str | None = None                           # the dask dashboard, when on dask
 
     def _repr_html_(self) -> str:
         from .display import result_html
@@ -49,7 +51,7 @@ class ReduceResult:
 
 
 def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | None = None,
-           dry_run: bool = False, force: bool = False, progress: Any = None) -> ReduceResult:
+           dry_run: bool = False, force: bool = False, progress: Any = None, scheduler: Any = None) -> ReduceResult:
     """Reduce a night: build every master and calibrate every light found under ``paths``.
 
     Parameters
@@ -69,6 +71,11 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
         :mod:`ccdcal.progress`; the CLI passes its terminal progress bars). The library
         prints nothing: problems are :class:`~ccdcal.errors.CcdcalWarning` warnings (also
         kept in ``result.warnings``, the manifest and the report).
+    scheduler : str or executor, optional
+        Where the tasks run (overrides ``options.scheduler``): None, threads here;
+        ``"local:N"``, a dask LocalCluster of N processes; ``"tcp://host:port"``, a running
+        dask scheduler whose workers see the same paths; or an executor object
+        (:mod:`ccdcal.executor`). The results are identical wherever they run.
 
     Returns
     -------
@@ -77,7 +84,7 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     caught: list[str] = []
     with _recording_warnings(caught):
         return _reduce(paths, Path(out_dir), options=options or ReduceOptions(), dry_run=dry_run, force=force,
-                       progress=progress, caught=caught)
+                       progress=progress, caught=caught, scheduler=scheduler)
 
 
 @contextlib.contextmanager
@@ -102,7 +109,7 @@ def _warn(message: str) -> None:
 
 
 def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool, force: bool, progress: Any,
-            caught: list[str]) -> ReduceResult:
+            caught: list[str], scheduler: Any = None) -> ReduceResult:
     options.validate()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -128,8 +135,13 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     manifest = Manifest(out_dir, force=force)
     _start_input_hashes(plan, manifest)
     body = lambda: _manifest_body(options, inventory, plan, result)  # noqa: E731 - rebuilt at each write
-    ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress)
-    _run_lights(plan, ctx, manifest, result, progress)
+    with _executor(scheduler if scheduler is not None else options.scheduler, options) as executor:
+        result.executor = _describe_executor(executor)
+        result.dashboard = executor.dashboard
+        executor.check_access(_sample_inputs(plan), str(out_dir))
+        with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
+            ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
+            _run_lights(plan, ctx, manifest, result, progress, executor)
     manifest.write(body())
     if options.report:
         started = time.perf_counter()
@@ -139,6 +151,38 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         result.timings["report"] = time.perf_counter() - started
         manifest.write(body())
     return result
+
+
+@contextlib.contextmanager
+def _executor(scheduler: Any, options: ReduceOptions):
+    """The executor of the run: one given as an object is the caller's to close."""
+    from .combine import parse_memory
+    from .executor import make_executor
+
+    if scheduler is not None and not isinstance(scheduler, str):
+        yield scheduler
+        return
+    executor = make_executor(options.workers, scheduler=scheduler, memory=parse_memory(options.memory))
+    try:
+        yield executor
+    finally:
+        executor.close()
+
+
+def _describe_executor(executor: Any) -> str:
+    address = getattr(executor, "address", None)
+    if address:
+        return f"dask scheduler {address} ({executor.workers} workers)"
+    return f"this process ({executor.workers} threads)"
+
+
+def _sample_inputs(plan: Plan) -> list[str]:
+    """One input per folder (and the first master member and light): what a worker must read."""
+    paths = [str(f.path) for job in plan.masters for f in job.members] + [str(j.frame.path) for j in plan.lights]
+    by_folder: dict[str, str] = {}
+    for path in paths:
+        by_folder.setdefault(os.path.dirname(path), path)
+    return list(by_folder.values())
 
 
 def _start_input_hashes(plan: Plan, manifest: Manifest) -> None:
@@ -165,24 +209,34 @@ def dependency_levels(masters: tuple[MasterJob, ...]) -> list[list[MasterJob]]:
 
 
 def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Manifest, result: ReduceResult,
-                 body: Any, progress: Any) -> Any:
-    """Build the masters level by level; returns the RunContext that knows them."""
-    from .executor import make_executor
+                 body: Any, progress: Any, executor: Any) -> Any:
+    """Build the masters level by level (bias, dark, flat); returns the RunContext that knows them.
+
+    Per level: every master's first pass (:func:`~ccdcal.tasks.prepare_master`), then the
+    bands of rows of all of them (:func:`~ccdcal.tasks.master_band`, as the executor splits
+    them), each master written here as soon as its bands are in (the client holds one
+    master's planes at a time).
+    """
+    from .combine import parse_memory
     from .progress import steps
-    from .tasks import RunContext, build_master
+    from .tasks import MasterWork, RunContext, master_band_or_reason, prepare_master
 
     started = time.perf_counter()
     ctx = RunContext(out_dir=out_dir, options=options)
-    # Masters run one at a time here: each combine already uses every core and the whole
-    # memory budget. A cluster executor can run a level's masters side by side.
-    executor = make_executor(1)
+    budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
     try:
         for level in dependency_levels(plan.masters):
-            records = executor.map(partial(_with_previous, build_master, ctx=ctx, previous=manifest.previous),
-                                   level)
             last = time.perf_counter()
-            for job, record in zip(level, records, strict=True):
+            # locally one master at a time: each combine already uses every core and the budget
+            prepared = list(executor.map(partial(prepare_master, ctx=ctx),
+                                         [(job, manifest.previous.get(job.output)) for job in level], workers=1))
+            bands = {id(w): executor.bands(w.shape, budget) for w in prepared if isinstance(w, MasterWork)}
+            tiles = executor.map(partial(master_band_or_reason, ctx=ctx),
+                                 [(w, y0, y1) for w in prepared if id(w) in bands for y0, y1 in bands[id(w)]],
+                                 workers=1)
+            for job, work in zip(level, prepared, strict=True):
+                record = work if not isinstance(work, MasterWork) else _finish(work, ctx, tiles, len(bands[id(work)]))
                 next(bar, None)
                 now = time.perf_counter()
                 result.timings[f"  {job.name}"] = now - last   # indented: a part of "masters"
@@ -190,16 +244,21 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                 manifest.write(body())
                 last = time.perf_counter()
     finally:
-        executor.close()
         for _ in bar:
             pass
     result.timings["masters"] = time.perf_counter() - started
     return ctx
 
 
-def _with_previous(task: Any, job: Any, *, ctx: Any, previous: dict[str, Any]) -> OutputRecord:
-    """Run ``task`` on ``job`` with the previous manifest entry of its output."""
-    return task(job, ctx, previous.get(job.output))
+def _finish(work: Any, ctx: Any, tiles: Any, count: int) -> OutputRecord:
+    """Take the next ``count`` bands from ``tiles`` (this master's) and write the master."""
+    from .tasks import skipped_master, write_master
+
+    mine = [next(tiles) for _ in range(count)]
+    reasons = [reason for _, reason in mine if reason]
+    if reasons:
+        return skipped_master(work.job, reasons[0])
+    return write_master(work, ctx, [tile for tile, _ in mine])
 
 
 def _collect_master(job: MasterJob, record: OutputRecord, ctx: Any, manifest: Manifest, result: ReduceResult,
@@ -215,28 +274,24 @@ def _collect_master(job: MasterJob, record: OutputRecord, ctx: Any, manifest: Ma
     return ctx.with_master(job.name, Path(ctx.out_dir) / record.output, record.datasum)
 
 
-def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any) -> None:
-    from .executor import make_executor
+def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,
+                executor: Any) -> None:
     from .progress import steps
-    from .tasks import calibrate_light
+    from .tasks import light_task
 
     started = time.perf_counter()
     options = ctx.options
-    executor = make_executor(options.workers)
-    try:
-        records = executor.map(partial(_with_previous, calibrate_light, ctx=ctx, previous=manifest.previous),
-                               plan.lights)
-        for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
-            if record.skipped is not None:
-                if options.strict:
-                    raise InputError(f"{record.output}: {record.skipped}")
-                result.skipped.append(Skipped(record.output, record.skipped))
-                continue
-            manifest.record(record)
-            result.lights.append(record.output)
-            result.reused += record.reused
-    finally:
-        executor.close()
+    records = executor.map(partial(light_task, ctx=ctx),
+                           [(job, manifest.previous.get(job.output)) for job in plan.lights])
+    for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
+        if record.skipped is not None:
+            if options.strict:
+                raise InputError(f"{record.output}: {record.skipped}")
+            result.skipped.append(Skipped(record.output, record.skipped))
+            continue
+        manifest.record(record)
+        result.lights.append(record.output)
+        result.reused += record.reused
     result.timings["lights"] = time.perf_counter() - started
 
 
@@ -251,6 +306,7 @@ def _manifest_body(options: ReduceOptions, inventory: Inventory, plan: Plan, res
         "skipped": [s.to_json() for s in result.skipped],
         "run_warnings": list(result.warnings),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
+        "executor": result.executor,
     }
 
 

@@ -12,6 +12,7 @@ pool or on another machine that sees the same paths.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -125,95 +126,194 @@ def master_fingerprint(job: MasterJob, ctx: RunContext, inputs: list[dict[str, A
                        sorted(ctx.prints.get(n, "") for n in job.depends_on))
 
 
+@dataclass(frozen=True)
+class MasterWork:
+    """A master ready to be combined: what :func:`prepare_master` measured (small, picklable).
+
+    The bands of its rows are combined by :func:`master_band` tasks (anywhere: each reads its
+    rows of every member itself) and written by :func:`write_master`.
+    """
+
+    job: MasterJob
+    fingerprint: str
+    inputs: tuple[dict[str, Any], ...]
+    combine: Any            # ccdcal.combine.CombineOptions
+    factors: Any            # ccdcal.combine.FrameFactors
+    noise: Any              # ccdcal.masters.NoiseModel
+    shape: tuple[int, int]
+    overscans: tuple[Any, ...] | None = None   # each member's OverscanFit (fitted once, here)
+
+
 def build_master(job: MasterJob, ctx: RunContext, previous: dict[str, Any] | None = None) -> OutputRecord:
-    """Build (or keep, when up to date) one master; returns what was done.
+    """Build (or keep, when up to date) one master in this process; returns what was done.
+
+    :func:`prepare_master`, :func:`master_band` over all rows, :func:`write_master`: the
+    pipeline runs the same three steps through its executor, with the rows in bands.
+    """
+    work = prepare_master((job, previous), ctx)
+    if isinstance(work, OutputRecord):
+        return work
+    try:
+        tiles = [master_band((work, 0, work.shape[0]), ctx)]
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return skipped_master(work.job, str(exc))
+    return write_master(work, ctx, tiles)
+
+
+def skipped_master(job: MasterJob, why: str) -> OutputRecord:
+    return OutputRecord(output=job.label.split("   ")[0].strip(), kind=job.kind.value, skipped=why)
+
+
+def prepare_master(item: tuple[MasterJob, dict[str, Any] | None], ctx: RunContext) -> MasterWork | OutputRecord:
+    """A master's first, small pass: its rejection noise model and per-member factors; or the
+    record of a master that is up to date or cannot be built. ``item``: (job, previous
+    manifest entry of its output).
 
     A :class:`~ccdcal.errors.CcdcalError` (an unusable member, a failed master it needs)
     becomes a skipped record with the reason; an :class:`~ccdcal.errors.OutputError` is raised.
     """
-    title = job.label.split("   ")[0].strip()
+    job, previous = item
     why = ctx.missing(job.depends_on)
     if why:
-        return OutputRecord(output=title, kind=job.kind.value, skipped=why)
-    inputs = [input_record(f.path, f.hdu) for f in job.members]
-    fp = master_fingerprint(job, ctx, inputs)
+        return skipped_master(job, why)
+    inputs = tuple(input_record(f.path, f.hdu) for f in job.members)
+    fp = master_fingerprint(job, ctx, list(inputs))
     if up_to_date(ctx.out_dir, job.output, fp, previous):
-        return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=tuple(inputs),
+        return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=inputs,
                             reused=True, datasum=_datasum(ctx.out_dir / job.output))
     try:
-        _write_master(job, ctx)
+        with _members(job, ctx) as sources:
+            return _first_pass(job, ctx, sources, fp, inputs)
     except OutputError:
         raise
     except CcdcalError as exc:
-        return OutputRecord(output=title, kind=job.kind.value, skipped=str(exc))
-    return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=tuple(inputs),
+        return skipped_master(job, str(exc))
+
+
+def _first_pass(job: MasterJob, ctx: RunContext, sources: list[Any], fp: str,
+                inputs: tuple[dict[str, Any], ...]) -> MasterWork:
+    from .combine import CombineOptions, measure_factors, warn_unable_to_reject
+
+    settings = job.settings
+    noise = measure_noise_model(job, ctx, sources)
+    options = CombineOptions.create(
+        len(sources), header=sources[0].header, method=settings.method, scale=_scale_factors(job, sources),
+        scale_region=settings.scale_region, clip_extrema=settings.clip_extrema,
+        sigma_clip=settings.sigma_clip, **noise.combine_keywords())
+    warn_unable_to_reject(len(sources), options)
+    factors = measure_factors(sources, options, memory=ctx.options.memory)
+    overscans = tuple(getattr(src, "fit_overscan", lambda: None)() for src in sources)
+    return MasterWork(job=job, fingerprint=fp, inputs=inputs, combine=options, factors=factors, noise=noise,
+                      shape=tuple(int(v) for v in sources[0].shape),
+                      overscans=overscans if any(o is not None for o in overscans) else None)
+
+
+@contextlib.contextmanager
+def _members(job: MasterJob, ctx: RunContext, overscans: tuple[Any, ...] | None = None):
+    """The members of a master as row sources (:func:`_member_sources`), closed afterwards."""
+    sources = _member_sources(job, ctx, overscans)
+    try:
+        yield sources
+    finally:
+        for src in sources:
+            getattr(src, "source", src).close()
+
+
+def master_band(item: tuple[MasterWork, int, int], ctx: RunContext) -> Any:
+    """Rows ``y0:y1`` of a master's combine (:func:`ccdcal.combine.combine_rows`), reading
+    those rows of every member; ``item``: (work, y0, y1)."""
+    from .combine import combine_rows
+
+    work, y0, y1 = item
+    with _members(work.job, ctx, work.overscans) as sources:
+        return combine_rows(sources, work.factors, work.combine, y0, y1, memory=ctx.options.memory)
+
+
+def master_band_or_reason(item: tuple[MasterWork, int, int], ctx: RunContext) -> tuple[Any, str | None]:
+    """:func:`master_band`, with a :class:`~ccdcal.errors.CcdcalError` returned as its reason
+    (the master is then skipped) instead of raised."""
+    try:
+        return master_band(item, ctx), None
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return None, str(exc)
+
+
+def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any]) -> OutputRecord:
+    """Stitch the bands of a master, finish it (normalisation, masks, keywords) and write it."""
+    from .combine import combine_result
+
+    job = work.job
+    try:
+        with _members(job, ctx, work.overscans) as sources:
+            result = combine_result(sources, work.combine, work.factors, tiles)
+            del tiles[:]
+            _write_master(job, ctx, result, work.noise, sources)
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return skipped_master(job, str(exc))
+    return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=work.fingerprint, inputs=work.inputs,
                         datasum=_datasum(ctx.out_dir / job.output))
 
 
-def _member_sources(job: MasterJob, ctx: RunContext) -> list[Any]:
+def _member_sources(job: MasterJob, ctx: RunContext, overscans: tuple[Any, ...] | None = None) -> list[Any]:
     from .calibrate import CalibratedRows
     from .frames import FrameSource
     from .recipe import Recipe
 
     arrays = {n: _master(ctx, n).data for r in job.recipes for n in (r.bias, r.dark, r.flat) if n}
     sources = []
-    for f, r in zip(job.members, job.recipes, strict=True):
+    for k, (f, r) in enumerate(zip(job.members, job.recipes, strict=True)):
         raw = FrameSource(f.path, f.hdu)
         if r == Recipe():
             # nothing to apply: the file itself, so combine can stream its 16-bit values raw
             sources.append(raw)
         else:
-            sources.append(CalibratedRows(raw, r, arrays, flat_floor=ctx.options.flat_floor))
+            sources.append(CalibratedRows(raw, r, arrays, flat_floor=ctx.options.flat_floor,
+                                          overscan=overscans[k] if overscans else None))
     return sources
 
 
-def _write_master(job: MasterJob, ctx: RunContext) -> None:
-    from .combine import combine
+def _write_master(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sources: list[Any]) -> None:
     from .frames import write_fits
     from .headers import master_header, resolve_detector
     from .masters import finish_master, rejection_keywords
 
     options, settings = ctx.options, job.settings
-    sources = _member_sources(job, ctx)
-    try:
-        noise = measure_noise_model(job, ctx, sources)
-        result = combine(sources, method=settings.method, scale=_scale_factors(job, sources),
-                         scale_region=settings.scale_region,
-                         clip_extrema=settings.clip_extrema, sigma_clip=settings.sigma_clip,
-                         memory=options.memory, **noise.combine_keywords())
-        region = None
-        if settings.scale_region:
-            from .sections import to_slices
+    region = None
+    if settings.scale_region:
+        from .sections import to_slices
 
-            region = to_slices(settings.scale_region, result.data.shape)
-        nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(result.data)
-        done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
-                             flat_floor=options.flat_floor, hot_sigma=options.hot_sigma, region=region,
-                             region_text=settings.scale_region)
-        extra: dict[str, Any] = dict(rejection_keywords(result.member_rejected, result.data.size))
-        extra.update(done.keywords)
-        if noise.gain_measured is not None:
-            extra["GAINMEAS"] = (round(noise.gain_measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
-        if job.kind.value == "bias" and noise.read_noise_measured is not None:
-            rn = noise.read_noise_measured
-            extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
-            det = resolve_detector(sources[0].header, gain=options.gain)
-            if det.gain is not None:
-                extra["RDNOISE"] = (round(rn * det.gain, 4), f"[e-] read noise (gain {det.gain:g} from {det.gain_source})")
-        levels = [s.overscan_level for s in sources if getattr(s, "overscan_level", None) is not None]
-        if levels:
-            extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
-        extra["HISTORY"] = list(noise.history) + list(done.history)
-        header = master_header(result.header, kind=job.kind.value, title=job.label.split("   ")[0].strip(),
-                               n_members=len(job.members), steps=member_steps(job.recipes),
-                               settings=settings.describe(), exptime=job.exptime, filter_name=job.filter,
-                               extra=extra)
-        write_fits(ctx.out_dir / job.output, done.data, header, uncertainty=done.uncertainty, mask=done.mask,
-                   unit="adu/adu" if job.kind.value == "flat" else "adu")
-        _write_rejection_map(ctx.out_dir, job.name, result)
-    finally:
-        for s in sources:
-            getattr(s, "source", s).close()
+        region = to_slices(settings.scale_region, result.data.shape)
+    nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(result.data)
+    done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
+                         flat_floor=options.flat_floor, hot_sigma=options.hot_sigma, region=region,
+                         region_text=settings.scale_region)
+    extra: dict[str, Any] = dict(rejection_keywords(result.member_rejected, result.data.size))
+    extra.update(done.keywords)
+    if noise.gain_measured is not None:
+        extra["GAINMEAS"] = (round(noise.gain_measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
+    if job.kind.value == "bias" and noise.read_noise_measured is not None:
+        rn = noise.read_noise_measured
+        extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
+        det = resolve_detector(sources[0].header, gain=options.gain)
+        if det.gain is not None:
+            extra["RDNOISE"] = (round(rn * det.gain, 4), f"[e-] read noise (gain {det.gain:g} from {det.gain_source})")
+    levels = [s.overscan_level for s in sources if getattr(s, "overscan_level", None) is not None]
+    if levels:
+        extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
+    extra["HISTORY"] = list(noise.history) + list(done.history)
+    header = master_header(result.header, kind=job.kind.value, title=job.label.split("   ")[0].strip(),
+                           n_members=len(job.members), steps=member_steps(job.recipes),
+                           settings=settings.describe(), exptime=job.exptime, filter_name=job.filter,
+                           extra=extra)
+    write_fits(ctx.out_dir / job.output, done.data, header, uncertainty=done.uncertainty, mask=done.mask,
+               unit="adu/adu" if job.kind.value == "flat" else "adu")
+    _write_rejection_map(ctx.out_dir, job.name, result)
 
 
 def _scale_factors(job: MasterJob, sources: list[Any]) -> Any:
@@ -328,6 +428,11 @@ def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any
     recipe = job.recipe
     return fingerprint(__version__, inputs, recipe, ctx.options.physics(), job.uncorrected,
                        [ctx.prints.get(n) for n in (recipe.bias, recipe.dark, recipe.flat)])
+
+
+def light_task(item: tuple[LightJob, dict[str, Any] | None], ctx: RunContext) -> OutputRecord:
+    """:func:`calibrate_light` of ``item`` = (job, previous manifest entry of its output)."""
+    return calibrate_light(item[0], ctx, item[1])
 
 
 def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | None = None) -> OutputRecord:

@@ -217,6 +217,9 @@ def print_summary(result) -> None:
                 continue
             parts.append(f"{key} {seconds:.1f} s" + (f" ({', '.join(pieces)})" if pieces else ""))
             pieces = []
-        console().print("time: " + ", ".join(parts), soft_wrap=True, markup=False)
+        where = f" on {result.executor}" if getattr(result, "executor", "") else ""
+        console().print("time: " + ", ".join(parts) + where, soft_wrap=True, markup=False)
+    if getattr(result, "dashboard", None):
+        console().print(f"dask dashboard: {result.dashboard}", soft_wrap=True, markup=False)
     if result.report:
         console().print(f"report: {result.report}")
