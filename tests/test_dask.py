@@ -221,3 +221,51 @@ def test_local_cluster_from_python_is_identical(night, monkeypatch):
     result = reduce(["raw"], "from-python", scheduler="local:2", options=ReduceOptions())
     assert result.executor.startswith("dask scheduler") and "2 workers" in result.executor
     _assert_identical(night / "local", night / "from-python")
+
+
+def test_the_slurm_example_builds_a_job_script_for_ccdcal_workers():
+    """examples/slurm_cluster.py: the job script dask-jobqueue would submit (no SLURM needed)."""
+    pytest.importorskip("dask_jobqueue")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_example", Path(__file__).parents[1] / "examples"
+                                                  / "slurm_cluster.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cluster = example.make_cluster(queue="short", account="astro", scheduler_options={"host": "127.0.0.1"})
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p short" in script and "#SBATCH -A astro" in script
+    assert "--nthreads 8" in script and "--lifetime 110m" in script and "#SBATCH --cpus-per-task=8" in script
+    assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+
+
+def test_a_rerun_after_the_client_is_killed_resumes_from_the_manifest(cluster, night):
+    for name in ("w1", "w2"):
+        cluster.add_worker(name, cwd=night)
+    cluster.wait_for_workers(2)
+    args = ["reduce", "raw", "-o", "resumed", "--scheduler", cluster.address]
+    proc = _cli(args, cwd=night)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and _recorded(night / "resumed") < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()                                   # the client dies; the workers live on
+    proc.communicate(timeout=30)
+    rerun = _cli(args, cwd=night)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    manifest = json.loads((night / "resumed" / "manifest.json").read_text())
+    assert sum(1 for v in manifest["outputs"].values() if v.get("reused")) >= 2
+    assert not list((night / "resumed").rglob("*.partial"))
+    _assert_identical(night / "local", night / "resumed")
+
+
+def _recorded(out: Path) -> int:
+    """Outputs the manifest of a running reduction lists so far."""
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["outputs"])
+    except (OSError, ValueError, KeyError):
+        return 0
