@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/night.py
+	$(BIN)/python benchmarks/dask_scaling.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
