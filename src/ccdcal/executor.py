@@ -50,8 +50,19 @@ class LocalExecutor:
         if count <= 1 or len(items) <= 1:
             yield from map(fn, items)
             return
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            yield from pool.map(fn, items)
+        # warnings.catch_warnings (numpy, astropy use it) is not thread-safe: contexts entered
+        # and left by tasks in several threads can leave another thread's filters in place
+        # (e.g. "ignore" everything). The state is restored when the pool is done.
+        state = (list(warnings.filters), warnings.showwarning, getattr(warnings, "_showwarnmsg_impl", None))
+        try:
+            with ThreadPoolExecutor(max_workers=count) as pool:
+                yield from pool.map(fn, items)
+        finally:
+            warnings.filters[:] = state[0]
+            warnings.showwarning = state[1]
+            if state[2] is not None:
+                warnings._showwarnmsg_impl = state[2]
+            warnings._filters_mutated()
 
     def bands(self, shape: tuple[int, int], memory: int) -> list[tuple[int, int]]:
         """One band: a master is combined in one call, which streams its rows under ``memory``

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -396,7 +397,7 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
 
 
 def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any = None,
-         exclude: str | os.PathLike | None = None) -> Inventory:
+         exclude: str | os.PathLike | None = None, executor: Any = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
     Parameters
@@ -411,6 +412,9 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
         :mod:`ccdcal.progress`); the library itself never prints.
     exclude : path-like, optional
         A folder whose files are never scanned (the output folder of a reduction).
+    executor : optional
+        Where the pixel checks of the calibration frames run (:mod:`ccdcal.executor`; default
+        this thread).
 
     Raises
     ------
@@ -440,7 +444,7 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
                 frames.append(info)
     inventory = Inventory(tuple(frames), tuple(skipped))
     if flag:
-        inventory = flag_groups(inventory, progress=progress)
+        inventory = flag_groups(inventory, progress=progress, executor=executor)
     return inventory
 
 
@@ -513,17 +517,42 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
         saturation=info.saturate)
 
 
-def flag_groups(inventory: Inventory, *, progress: Any = None) -> Inventory:
+_BUFFERS = threading.local()  # per thread: the raw buffer of each frame size, reused
+
+
+def pixel_metrics(info: FrameInfo) -> dict[str, float] | str:
+    """:func:`ccdcal.stats.frame_metrics` of one frame's pixels (a task: reads the file itself),
+    or why it cannot be read."""
+    from .frames import FrameSource
+    from .stats import frame_metrics
+
+    try:
+        with FrameSource(info.path, info.hdu) as src:
+            if src.raw16:
+                if not hasattr(_BUFFERS, "by_shape"):
+                    _BUFFERS.by_shape = {}
+                return _raw16_metrics(src, info, _BUFFERS.by_shape)
+            data = src.read()
+            if info.trimsec:
+                from .sections import to_slices
+
+                data = data[to_slices(info.trimsec, data.shape)]
+            return frame_metrics(data, saturation=info.saturate, adc_maximum=src.adc_maximum)
+    except InputError as exc:
+        return str(exc)
+
+
+def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = None) -> Inventory:
     """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
     saturation, structure), using :func:`ccdcal.stats.flag_outliers`.
 
     A header saturation level below the frame's own median is a placeholder: it is
     replaced by None (with a warning), and saturated pixels are counted at the ADC
-    maximum of the raw integers instead.
+    maximum of the raw integers instead. The frames are read by :func:`pixel_metrics`
+    tasks through ``executor`` (threads here, or a dask cluster), in any order.
     """
-    from .frames import FrameSource
     from .progress import steps
-    from .stats import flag_outliers, frame_metrics
+    from .stats import flag_outliers
 
     groups: dict[tuple, list[int]] = {}
     for i, info in enumerate(inventory.frames):
@@ -532,23 +561,14 @@ def flag_groups(inventory: Inventory, *, progress: Any = None) -> Inventory:
     frames = list(inventory.frames)
     todo = [i for members in groups.values() for i in members]
     metrics: dict[int, dict[str, float]] = {}
-    buffers: dict[tuple[int, int], np.ndarray] = {}
-    for i in steps(todo, "checking frames", progress):
+    results = executor.map(pixel_metrics, [frames[i] for i in todo], workers=1) if executor is not None else \
+        map(pixel_metrics, [frames[i] for i in todo])
+    for i, value in zip(todo, steps(results, "checking frames", progress, total=len(todo)), strict=True):
         info = frames[i]
-        try:
-            with FrameSource(info.path, info.hdu) as src:
-                if src.raw16:
-                    metrics[i] = _raw16_metrics(src, info, buffers)
-                else:
-                    data = src.read()
-                    if info.trimsec:
-                        from .sections import to_slices
-
-                        data = data[to_slices(info.trimsec, data.shape)]
-                    metrics[i] = frame_metrics(data, saturation=info.saturate, adc_maximum=src.adc_maximum)
-        except InputError as exc:
-            frames[i] = replace(info, flags=info.flags + (f"unreadable: {exc}",))
+        if isinstance(value, str):
+            frames[i] = replace(info, flags=info.flags + (f"unreadable: {value}",))
             continue
+        metrics[i] = value
         why = saturation_problem(info.saturate, metrics[i]["level"])
         if why:
             frames[i] = replace(info, saturate=None, warnings=info.warnings + (

@@ -105,40 +105,37 @@ def _recording_warnings(caught: list[str]):
 def _warn(message: str) -> None:
     from .errors import CcdcalWarning
 
-    warnings.warn(message, CcdcalWarning, stacklevel=4)
+    warnings.warn(message, CcdcalWarning, stacklevel=5)
 
 
 def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool, force: bool, progress: Any,
             caught: list[str], scheduler: Any = None) -> ReduceResult:
+    from .inventory import flag_groups
+
     options.validate()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     started = time.perf_counter()
-    inventory = scan(list(paths), exclude=out_dir, progress=progress)
-    plan = build_plan(inventory, options.plan_options())
-    result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
-    result.timings["scan and plan"] = time.perf_counter() - started
+    inventory = scan(list(paths), exclude=out_dir, progress=progress, flag=False)   # headers, here
     if dry_run:
+        inventory = flag_groups(inventory, progress=progress)
+        plan = build_plan(inventory, options.plan_options())
+        result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
+        result.timings["scan and plan"] = time.perf_counter() - started
         return result
     _check_out_dir(out_dir)
-    for w in plan.warnings:
-        _warn(w)
-    left_out = {str(f.path) for job in plan.masters for f in job.excluded}
-    for f in inventory.frames:
-        for flag in f.flags:
-            fate = ("left out of its master" if str(f.path) in left_out
-                    else "kept" if options.exclude_flagged or options.keep_flagged else "kept; --exclude-flagged drops it")
-            _warn(f"{f.name}: {flag} ({fate})")
-    if options.strict and plan.skipped:
-        s = plan.skipped[0]
-        raise InputError(f"{s.path}: {s.reason} (--strict: {len(plan.skipped)} input(s) would be skipped)")
-    manifest = Manifest(out_dir, force=force)
-    _start_input_hashes(plan, manifest)
-    body = lambda: _manifest_body(options, inventory, plan, result)  # noqa: E731 - rebuilt at each write
     with _executor(scheduler if scheduler is not None else options.scheduler, options) as executor:
-        result.executor = _describe_executor(executor)
-        result.dashboard = executor.dashboard
-        executor.check_access(_sample_inputs(plan), str(out_dir))
+        executor.check_access(_sample_inputs(f.path for f in inventory.frames), str(out_dir))
+        # the pixel checks of the calibration frames are tasks too
+        inventory = flag_groups(inventory, progress=progress, executor=executor)
+        plan = build_plan(inventory, options.plan_options())
+        result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught,
+                              executor=_describe_executor(executor), dashboard=executor.dashboard)
+        result.timings["scan and plan"] = time.perf_counter() - started
+        _announce(inventory, plan, options)
+        manifest = Manifest(out_dir, force=force)
+        _start_input_hashes(plan, manifest)
+        body = lambda: _manifest_body(options, inventory, plan, result)  # noqa: E731 - rebuilt at each write
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
             ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
             _run_lights(plan, ctx, manifest, result, progress, executor)
@@ -151,6 +148,21 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         result.timings["report"] = time.perf_counter() - started
         manifest.write(body())
     return result
+
+
+def _announce(inventory: Inventory, plan: Plan, options: ReduceOptions) -> None:
+    """The plan's warnings and every flagged frame's fate, as CcdcalWarnings; --strict stops here."""
+    for w in plan.warnings:
+        _warn(w)
+    left_out = {str(f.path) for job in plan.masters for f in job.excluded}
+    for f in inventory.frames:
+        for flag in f.flags:
+            fate = ("left out of its master" if str(f.path) in left_out
+                    else "kept" if options.exclude_flagged or options.keep_flagged else "kept; --exclude-flagged drops it")
+            _warn(f"{f.name}: {flag} ({fate})")
+    if options.strict and plan.skipped:
+        s = plan.skipped[0]
+        raise InputError(f"{s.path}: {s.reason} (--strict: {len(plan.skipped)} input(s) would be skipped)")
 
 
 @contextlib.contextmanager
@@ -176,11 +188,10 @@ def _describe_executor(executor: Any) -> str:
     return f"this process ({executor.workers} threads)"
 
 
-def _sample_inputs(plan: Plan) -> list[str]:
-    """One input per folder (and the first master member and light): what a worker must read."""
-    paths = [str(f.path) for job in plan.masters for f in job.members] + [str(j.frame.path) for j in plan.lights]
+def _sample_inputs(paths: Any) -> list[str]:
+    """One input per folder: what every worker must be able to read."""
     by_folder: dict[str, str] = {}
-    for path in paths:
+    for path in map(str, paths):
         by_folder.setdefault(os.path.dirname(path), path)
     return list(by_folder.values())
 
