@@ -93,3 +93,48 @@ def test_the_report_reads_no_light_the_light_task_previewed(tmp_path, monkeypatc
     assert len([rel for rel in loaded if "calibrated" in rel]) == len(made)
     for p in made:
         assert json.loads(p.read_text()) == by_task[p.name]
+
+
+def test_a_light_holds_no_more_than_the_bytes_per_pixel_the_pipeline_budgets():
+    """``lights_in_flight`` divides --memory by LIGHT_BYTES_PER_PIXEL × pixels: a light's own
+    arrays (tracemalloc sees numpy's) must stay within it, less the raw frame read before."""
+    import tracemalloc
+
+    from ccdcal.calibrate import Master, calibrate_frame
+    from ccdcal.pipeline import LIGHT_BYTES_PER_PIXEL
+
+    n = 512
+    rng = np.random.default_rng(0)
+
+    def master(level):
+        return Master(data=np.full((n, n), level, np.float32), uncertainty=np.full((n, n), 1.0, np.float32),
+                      mask=np.zeros((n, n), np.uint8), name="m", datasum="", exptime=300.0, level=1.0, facts={})
+
+    bias, dark, flat = master(1000.0), master(20.0), master(1.0)
+    raw = (1000 + rng.normal(500, 30, (n, n))).astype(np.float32)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = calibrate_frame(raw, bias=bias, dark=dark, dark_scale=1.0, flat=flat, gain=1.5, read_noise=5.0,
+                                 saturation=60000.0, uncertainty=True)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert result.uncertainty is not None
+    assert peak / n**2 <= LIGHT_BYTES_PER_PIXEL - 4
+
+
+def test_lights_in_flight_follow_the_memory_budget(tmp_path):
+    from ccdcal.demo import write_night
+    from ccdcal.inventory import scan
+    from ccdcal.options import ReduceOptions
+    from ccdcal.pipeline import LIGHT_BYTES_PER_PIXEL, lights_in_flight
+    from ccdcal.plan import build_plan
+
+    write_night(tmp_path / "raw", size=64, seed=1, n_light=3)
+    plan = build_plan(scan([tmp_path / "raw"]), ReduceOptions().plan_options())
+    ny, nx = plan.lights[0].frame.shape                  # raw size, overscan included
+    one = LIGHT_BYTES_PER_PIXEL * ny * nx
+    assert lights_in_flight(plan, ReduceOptions(memory=str(one))) == 1
+    assert lights_in_flight(plan, ReduceOptions(memory=str(3 * one + 1))) == 3
+    assert lights_in_flight(plan, ReduceOptions(memory=str(one // 2))) == 1

@@ -16,6 +16,7 @@ read noise is in ADU inside this module (header ``RDNOISE`` is in electrons, as 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,27 @@ def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
     """The flat with every pixel below ``flat_floor`` (or not finite) replaced by 1."""
     flat = np.asarray(flat, dtype=np.float32)
     return np.where(np.isfinite(flat) & (flat >= flat_floor), flat, np.float32(1.0))
+
+
+_FLOORED: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
+_FLOORED_LOCK = threading.Lock()
+
+
+def _floored(flat: Master, flat_floor: float) -> np.ndarray:
+    """:func:`safe_flat` of a master flat, made once per master (the lights of a filter share it;
+    read-only). Keyed by the master object, which the entry keeps alive; two are kept."""
+    key = (id(flat), float(flat_floor))
+    with _FLOORED_LOCK:
+        hit = _FLOORED.get(key)
+        if hit is not None and hit[0] is flat:
+            return hit[1]
+    floored = safe_flat(flat.data, flat_floor)
+    floored.flags.writeable = False
+    with _FLOORED_LOCK:
+        while len(_FLOORED) >= 2:
+            _FLOORED.pop(next(iter(_FLOORED)))
+        _FLOORED[key] = (flat, floored)
+    return floored
 
 
 class CalibratedRows:
@@ -470,6 +492,7 @@ def calibrate_frame(
     hot_sigma: float = 5.0,
     to_electrons: bool = False,
     uncertainty: bool = True,
+    overwrite_raw: bool = False,
 ) -> CalibratedFrame:
     """Calibrate one raw frame: (raw − overscan − bias − k·dark) / flat, with uncertainty and mask.
 
@@ -507,8 +530,13 @@ def calibrate_frame(
         Multiply data and uncertainty by ``gain``; the unit becomes ``"electron"``.
     uncertainty : bool
         Compute the uncertainty (needs gain and read noise; otherwise a note says why not).
+    overwrite_raw : bool
+        ``raw`` (C-contiguous float32) may be calibrated in place instead of copied: for a
+        caller that read it for this and needs it no more (saves a frame of memory).
     """
-    raw = np.array(raw, dtype=np.float32, copy=True)
+    if not (overwrite_raw and isinstance(raw, np.ndarray) and raw.dtype == np.float32 and raw.flags.writeable
+            and raw.flags.c_contiguous):
+        raw = np.array(raw, dtype=np.float32, copy=True)
     if raw.ndim != 2:
         raise InputError(f"expected a 2-D raw frame, got shape {raw.shape}")
     data, mask, fit = _overscan_and_trim(raw, overscan, trim, saturation, bad_pixels)
@@ -532,7 +560,7 @@ def calibrate_frame(
         subtract_dark(data, dark.data, scale_used)
     floored = None
     if flat is not None:
-        floored = safe_flat(flat.data, flat_floor)
+        floored = _floored(flat, flat_floor)
         data /= floored
     _master_masks(mask, bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
     if read_noise is None and fit is not None and np.isfinite(fit.noise):

@@ -18,6 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .errors import InputError
 from .inventory import Inventory, Skipped, scan
@@ -293,7 +295,8 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
     started = time.perf_counter()
     options = ctx.options
     records = executor.map(partial(light_task, ctx=ctx),
-                           [(job, manifest.previous.get(job.output)) for job in plan.lights])
+                           [(job, manifest.previous.get(job.output)) for job in plan.lights],
+                           workers=lights_in_flight(plan, options))
     for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
         if record.skipped is not None:
             if options.strict:
@@ -304,6 +307,23 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
         result.lights.append(record.output)
         result.reused += record.reused
     result.timings["lights"] = time.perf_counter() - started
+
+
+#: bytes one light holds while it is calibrated, per pixel (raw, calibrated data, the signal kept
+#: for the uncertainty, the floored flat, the uncertainty and its terms, the mask), measured
+#: with tracemalloc on a 4096² light (tests/test_whole_night.py checks it)
+LIGHT_BYTES_PER_PIXEL = 32
+
+
+def lights_in_flight(plan: Plan, options: ReduceOptions) -> int:
+    """How many lights are calibrated at once here: as many as ``--memory`` holds (at least
+    one), at most the workers."""
+    from .combine import parse_memory
+
+    if not plan.lights:
+        return 1
+    npix = max(int(np.prod(job.frame.shape)) for job in plan.lights)
+    return max(1, parse_memory(options.memory) // max(1, LIGHT_BYTES_PER_PIXEL * npix))
 
 
 def _manifest_body(options: ReduceOptions, inventory: Inventory, plan: Plan, result: ReduceResult) -> dict[str, Any]:

@@ -70,7 +70,8 @@ class RunContext:
 # -- masters read back, cached per process --------------------------------------------------------
 _CACHE: OrderedDict[tuple[str, int, int, bool], Any] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 6
+_CACHE_SIZE = 6                 # masters kept at most; and beyond the three a light needs,
+_CACHE_BYTES = 512 << 20        # no more bytes than this (4096² masters are 150 MB each)
 
 
 def load_master(path: str | Path, name: str | None = None, *, flat: bool = False, flat_norm: str = "median") -> Any:
@@ -107,9 +108,13 @@ def load_master(path: str | Path, name: str | None = None, *, flat: bool = False
                         level=level, facts=facts)
     with _CACHE_LOCK:
         _CACHE[key] = master
-        while len(_CACHE) > _CACHE_SIZE:
+        while len(_CACHE) > _CACHE_SIZE or (len(_CACHE) > 3 and _cache_bytes() > _CACHE_BYTES):
             _CACHE.popitem(last=False)
     return master
+
+
+def _cache_bytes() -> int:
+    return sum(a.nbytes for m in _CACHE.values() for a in (m.data, m.uncertainty, m.mask) if a is not None)
 
 
 def _master(ctx: RunContext, name: str | None, *, flat: bool = False) -> Any:
@@ -482,7 +487,7 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
         dark_optimize=options.dark_optimize, flat=flat, flat_floor=options.flat_floor, gain=det.gain,
         read_noise=det.read_noise, saturation=det.saturation, cosmic_rays=options.cosmic_rays,
         bad_pixels=_bad_pixel_map(options.bad_pixel_map), hot_sigma=options.hot_sigma,
-        to_electrons=options.to_electrons, uncertainty=options.uncertainty)
+        to_electrons=options.to_electrons, uncertainty=options.uncertainty, overwrite_raw=True)
     header = light_header(raw_header, result, trim=recipe.trim, uncorrected=job.uncorrected, bias=bias,
                           dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
