@@ -1,0 +1,173 @@
+"""Resampling onto the reference grid: centroids, constants, masks and edges, uncertainty,
+row bands that read only the source rows they need."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ccdcal.combine import combine
+from ccdcal.errors import InputError
+from ccdcal.resample import ResampledRows, resample_array
+from starfield import catalogue, centroid, observe, rotation, shift, source_positions, write_light
+
+SHAPE = (128, 160)
+
+
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bilinear"])
+def test_subpixel_shift_brings_stars_back_onto_the_reference(tmp_path, interpolation):
+    stars = catalogue(SHAPE, 20, seed=2, flux=(2e4, 6e4))
+    matrix = shift(0.37, -0.61)
+    reference, _ = observe(SHAPE, stars, np.eye(3), noise=False)
+    frame, sigma = observe(SHAPE, stars, matrix, noise=False)
+    path = write_light(tmp_path / "shifted.fits", frame, sigma)
+    with ResampledRows(path, matrix, SHAPE, interpolation=interpolation) as rows:
+        out = rows.read_rows(0, SHAPE[0])
+    for x, y, _ in stars:
+        cx, cy, flux, _ = centroid(out, x, y, background=1000.0)
+        rx, ry, rflux, _ = centroid(reference, x, y, background=1000.0)
+        assert abs(cx - rx) < 0.05 and abs(cy - ry) < 0.05
+        assert flux == pytest.approx(rflux, rel=0.01)
+    # the frame itself is off by the shift: the test is not empty
+    fx, fy = source_positions(stars[:1], matrix)[0]
+    assert abs(centroid(frame, fx, fy, background=1000.0)[0] - stars[0, 0]) > 0.3
+
+
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bilinear"])
+@pytest.mark.parametrize("matrix", [shift(0.5, 0.5), shift(-3.21, 7.9), rotation(33.0, SHAPE, 1.3, -0.4),
+                                    np.array([[1.01, 0.02, -1.5], [-0.015, 0.99, 2.2], [1e-6, -2e-6, 1.0]])])
+def test_a_constant_stays_constant(interpolation, matrix):
+    image = np.full(SHAPE, 1234.5, np.float32)
+    data, mask, unc = resample_array(image, matrix, SHAPE, interpolation=interpolation,
+                                     uncertainty=np.full(SHAPE, 2.0, np.float32))
+    assert (~mask).sum() > 0.5 * mask.size
+    assert np.max(np.abs(data[~mask] / 1234.5 - 1.0)) < 1e-5
+    assert np.all(np.isnan(data[mask])) and np.all(np.isnan(unc[mask]))
+    assert np.all(unc[~mask] <= 2.0 * 1.01) and np.all(unc[~mask] > 0.5)  # Σw² ≈ 1 near whole pixels
+
+
+def test_identity_and_quarter_turns_copy_values_exactly():
+    rng = np.random.default_rng(1)
+    image = rng.normal(100, 10, (50, 60)).astype(np.float32)
+    data, mask, _ = resample_array(image, np.eye(3), (50, 60))
+    assert np.array_equal(data, image) and not mask.any()
+    quarter = np.array([[0.0, -1.0, 49.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # (x, y) -> (49 - y, x)
+    data, mask, _ = resample_array(image, quarter, (60, 50))
+    assert np.array_equal(data, np.rot90(image, -1)) and not mask.any()
+    data, mask, _ = resample_array(image, rotation(180, (50, 60)), (50, 60))
+    assert np.array_equal(data, image[::-1, ::-1]) and not mask.any()
+
+
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bilinear"])
+def test_masked_nan_and_edge_pixels_are_masked_never_averaged(tmp_path, interpolation):
+    image = np.full(SHAPE, 500.0, np.float32)
+    mask = np.zeros(SHAPE, np.uint8)
+    image[40, 50] = 1e6  # a hot pixel, flagged
+    mask[40, 50] = 2
+    image[80, 100] = np.nan
+    sigma = np.full(SHAPE, 3.0, np.float32)
+    matrix = shift(0.4, -0.3)
+    path = write_light(tmp_path / "masked.fits", image, sigma, mask)
+    with ResampledRows(path, matrix, SHAPE, interpolation=interpolation) as rows:
+        data = rows.read_rows(0, SHAPE[0])
+        bad = rows.read_mask_rows(0, SHAPE[0])
+        unc = rows.read_uncertainty_rows(0, SHAPE[0])
+    assert bad.dtype == bool and data.dtype == np.float32 and unc.dtype == np.float32
+    # every value left is the constant: neither the hot pixel nor the NaN leaked in
+    assert np.max(np.abs(data[~bad] - 500.0)) < 1e-3
+    assert np.all(np.isnan(data[bad])) and np.all(np.isnan(unc[bad]))
+    assert bad[40, 50] and bad[int(round(80 - 0.3)), int(round(100 + 0.4))]  # where they landed
+    assert bad.sum() < 0.1 * bad.size
+    # edges: output pixels whose kernel reaches outside the frame
+    assert bad[:, 0].all() and bad[-1, :].all()
+    assert not bad[SHAPE[0] // 2, 5:-5].any()
+    # the same in memory
+    arr, arr_mask, _ = resample_array(image, matrix, SHAPE, interpolation=interpolation, mask=mask)
+    assert np.array_equal(arr_mask, bad) and np.array_equal(arr, data, equal_nan=True)
+
+
+def test_uncertainty_is_propagated_through_the_weights():
+    rng = np.random.default_rng(3)
+    shape = (400, 400)
+    noise = rng.normal(0, 5.0, shape).astype(np.float32)
+    for matrix in (shift(0.5, 0.5), shift(0.2, 0.7), np.eye(3)):
+        data, mask, unc = resample_array(noise, matrix, shape, uncertainty=np.full(shape, 5.0, np.float32))
+        # one phase everywhere: the predicted σ is one number, and the measured scatter matches it
+        predicted = float(np.median(unc[~mask]))
+        assert np.ptp(unc[~mask]) < 1e-4
+        assert np.std(data[~mask]) == pytest.approx(predicted, rel=0.02)
+    # Lanczos-3 at half a pixel in x and y: sqrt(Σw²) per axis
+    d = np.arange(-2, 4) - 0.5
+    w = np.sinc(d) * np.sinc(d / 3)
+    w /= w.sum()
+    _, mask, unc = resample_array(noise, shift(0.5, 0.5), shape, uncertainty=np.full(shape, 5.0, np.float32))
+    assert float(np.median(unc[~mask])) == pytest.approx(5.0 * float(np.sum(w**2)), rel=1e-5)
+
+
+class CountingRows:
+    """A row source that records which source rows were read."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+        self.shape = data.shape
+        self.reads: list[tuple[int, int]] = []
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        self.reads.append((y0, y1))
+        return self.data[y0:y1].astype(np.float32)
+
+
+def test_bands_read_only_the_source_rows_they_need_and_match_the_whole_frame():
+    shape = (256, 256)
+    stars = catalogue(shape, 30, seed=4)
+    matrix = rotation(45.0, shape, 2.5, -1.25)
+    frame, _ = observe(shape, stars, matrix, seed=1)
+    counting = CountingRows(frame)
+    rows = ResampledRows(counting, matrix, shape)
+    whole, whole_mask, _ = resample_array(frame, matrix, shape)
+    height = 16
+    span = rows.input_band_height(height)
+    # a 45° rotation needs about sin45·nx + cos45·height source rows (+ the kernel)
+    assert span == pytest.approx(math.sqrt(0.5) * (shape[1] + height), abs=12)
+    assert span > 4 * height
+    for y0 in range(0, shape[0], height):
+        band = rows.read_rows(y0, y0 + height)
+        assert np.array_equal(band, whole[y0:y0 + height], equal_nan=True)
+        assert np.array_equal(rows.read_mask_rows(y0, y0 + height), whole_mask[y0:y0 + height])
+        lo, hi = rows.needed_input_rows(y0, y0 + height)
+        if hi > lo:
+            assert counting.reads[-1] == (lo, hi) and hi - lo <= span < shape[0]
+    # each band was resampled once for its data and mask (the last band is cached)
+    assert len(counting.reads) <= shape[0] // height
+    assert rows.read_uncertainty_rows is None  # no uncertainty plane, no noise model
+    assert ResampledRows.input_rows_for(np.eye(3), shape, shape, height) <= height + 8
+
+
+def test_resampled_rows_feed_the_combine_engine(tmp_path):
+    stars = catalogue(SHAPE, 15, seed=5)
+    matrices = [np.eye(3), shift(2.3, -1.6), rotation(180, SHAPE, 0.4, 0.2)]
+    paths = []
+    for i, matrix in enumerate(matrices):
+        data, sigma = observe(SHAPE, stars, matrix, seed=i)
+        paths.append(write_light(tmp_path / f"f{i}.fits", data, sigma))
+    sources = [ResampledRows(p, m, SHAPE) for p, m in zip(paths, matrices, strict=True)]
+    result = combine(sources, method="mean", memory="4MiB")
+    assert result.header["NCOMBINE"] == 3 and result.header["IMCMB002"] == "f1.fits"
+    assert not result.mask[10:-10, 10:-10].any()
+    assert np.all(np.isfinite(result.uncertainty[10:-10, 10:-10]))
+    for source in sources:
+        source.close()
+
+
+def test_bad_transforms_and_names_are_input_errors():
+    image = np.zeros((10, 10), np.float32)
+    with pytest.raises(InputError, match="singular"):
+        resample_array(image, np.zeros((3, 3)), (10, 10))
+    with pytest.raises(InputError, match="3x3"):
+        resample_array(image, np.eye(4), (10, 10))
+    with pytest.raises(InputError, match="interpolation"):
+        resample_array(image, np.eye(3), (10, 10), interpolation="cubic")
+    with pytest.raises(InputError, match="infinity"):
+        resample_array(image, [[1, 0, 0], [0, 1, 0], [0.2, 0, 1]], (10, 10))  # inverse: w = 1 - 0.2x
