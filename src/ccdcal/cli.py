@@ -388,6 +388,38 @@ def _run_calibrate(args) -> int:
     return EXIT_PARTIAL if errors else EXIT_OK
 
 
+# -- stack ----------------------------------------------------------------------------------
+def _add_stack(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="calibrated lights (files, folders or globs)")
+    p.add_argument("-o", "--output", required=True, help="the stack (FITS); a PNG preview is written next to it")
+    p.add_argument("--reference", help="the frame whose grid and WCS the stack keeps (default: the best)")
+    p.add_argument("--reject", choices=["auto", "noise", "none"], default="auto",
+                   help="noise-model rejection from each frame's UNCERT (default auto)")
+    p.add_argument("--weights", choices=["noise", "none"], default="noise",
+                   help="inverse background variance (default) or equal")
+    p.add_argument("--interpolation", choices=["lanczos3", "bilinear"], default="lanczos3")
+    p.add_argument("--keep-all", action="store_true", help="keep frames flagged as cloudy, trailed or out of focus")
+    p.add_argument("--memory", default="1GiB", help="memory budget, e.g. 256MiB (default 1GiB)")
+    p.add_argument("--json", action="store_true", help="print the frames table as JSON")
+
+
+def _run_stack(args) -> int:
+    import json
+
+    from .frames import find_fits
+    from .stacking import stack_files
+    from .ui import print_stack, track
+
+    run = stack_files(find_fits(args.paths), args.output, reference=args.reference, reject=args.reject,
+                      weights=args.weights, interpolation=args.interpolation, keep_all=args.keep_all,
+                      memory=args.memory, progress=None if args.json else track)
+    if args.json:
+        print(json.dumps({"output": str(run.output), "frames": [f.to_json() for f in run.frames]}, indent=1))
+    else:
+        print_stack(run)
+    return EXIT_OK
+
+
 COMMANDS = {
     "scan": (_add_scan, _run_scan, "list what is in a folder of raw frames"),
     "reduce": (_add_reduce, _run_reduce, "build masters and calibrate every light"),
@@ -398,6 +430,7 @@ COMMANDS = {
     "report": (_add_report, _run_report, "rebuild OUT/report.html from OUT/manifest.json"),
     "combine": (_add_combine, _run_combine, "stack FITS frames (median/mean/sum with rejection) into one"),
     "calibrate": (_add_calibrate, _run_calibrate, "calibrate frames with given masters (overscan, bias, dark, flat)"),
+    "stack": (_add_stack, _run_stack, "judge, register and stack calibrated lights into one deep image"),
 }
 
 

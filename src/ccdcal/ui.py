@@ -223,3 +223,29 @@ def print_summary(result) -> None:
         console().print(f"dask dashboard: {result.dashboard}", soft_wrap=True, markup=False)
     if result.report:
         console().print(f"report: {result.report}")
+
+
+def print_stack(run) -> None:
+    """The frames table of a stack (one row per frame, why each left-out one was) and where it went."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    table = Table(title="frames", title_justify="left")
+    for col, just in (("frame", "left"), ("stars", "right"), ("FWHM", "right"), ("ecc", "right"),
+                      ("bkg", "right"), ("noise", "right"), ("matched", "right"), ("rms px", "right"),
+                      ("scale", "right"), ("", "left")):
+        table.add_column(col, justify=just, no_wrap=col == "frame")
+    for f in run.frames:
+        row = f.to_json()
+        def fmt(v, spec):
+            return "" if v is None else format(v, spec)
+        note = "reference" if f.reference else ("stacked" if f.used else f"left out: {f.reason}")
+        table.add_row(Path(f.path).name, fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
+                      fmt(row["eccentricity"], ".2f"), fmt(row["background"], ".1f"), fmt(row["noise"], ".2f"),
+                      str(row["matched"]) if f.used else "", fmt(row["rms"], ".3f") if f.used else "",
+                      fmt(row["flux_ratio"], ".3f") if f.used else "", note)
+    console().print(table)
+    used = sum(1 for f in run.frames if f.used)
+    console().print(f"stack of {used} frames: {run.output}" + (f" (preview {run.preview})" if run.preview else ""),
+                    soft_wrap=True, markup=False)
