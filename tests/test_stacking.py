@@ -145,3 +145,32 @@ def test_no_frame_with_stars_is_a_one_line_error(field, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "no stars" in proc.stderr
     assert not (tmp_path / "none.fits").exists()
+
+
+def test_reduce_stack_makes_one_stack_per_target_and_filter_resumably(tmp_path):
+    from ccdcal.demo import write_night
+    from ccdcal.pipeline import ReduceOptions, reduce
+
+    raw = write_night(tmp_path / "raw", size=256, seed=8, n_light=3)
+    options = ReduceOptions(stack=True)
+    dry = reduce([raw], tmp_path / "out", options=options, dry_run=True)
+    assert "stack M51 V: 3 lights" in dry.plan.describe()
+    result = reduce([raw], tmp_path / "out", options=options)
+    assert sorted(result.stacks) == ["stacked/M51_R.fits", "stacked/M51_V.fits"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    entry = manifest["outputs"]["stacked/M51_V.fits"]
+    assert [f["used"] for f in entry["frames"]] == [True, True, True]
+    assert (tmp_path / "out" / entry["preview"]).read_bytes()[:4] == b"\x89PNG"
+    with fits.open(tmp_path / "out" / "stacked" / "M51_V.fits") as h:
+        assert h[0].header["NCOMBINE"] == 3
+        stacked = h[0].data
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Stacks</h2>" in html and "M51 V — 3 of 3 frames" in html
+    # the stack is deeper than one calibrated light: background noise down by about sqrt(3)
+    with fits.open(tmp_path / "out" / "calibrated" / "m51_V_001.fits") as h:
+        single = h[0].data
+    band = (slice(20, 236), slice(20, 236))
+    assert sf.robust_sigma(stacked[band] - np.nanmedian(stacked[band])) < 0.8 * sf.robust_sigma(
+        single[band] - np.nanmedian(single[band]))
+    again = reduce([raw], tmp_path / "out", options=options)       # resumable: kept, not redone
+    assert sorted(again.stacks) == sorted(result.stacks) and again.reused >= len(result.stacks)

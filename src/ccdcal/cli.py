@@ -83,6 +83,11 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-region", metavar="[x1:x2,y1:y2]", help="region for flat levels")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="skip the HTML report and previews")
+    p.add_argument("--stack", action="store_true", default=None,
+                   help="also judge, register and stack the calibrated lights per target and filter"
+                        " (stacked/<target>_<filter>.fits)")
+    p.add_argument("--stack-keep-all", action="store_true", default=None,
+                   help="with --stack: keep frames flagged cloudy, trailed or out of focus")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the tasks on dask: tcp://HOST:PORT (a running scheduler whose workers see the"
                         " same paths) or local:N (a LocalCluster of N processes); needs ccdcal[dask]")

@@ -93,13 +93,22 @@ def _truth(rng: np.random.Generator, size: int) -> Truth:
     return Truth(bias=bias, dark_rate=dark_rate, flats=flats, hot=hot)
 
 
-def _stars(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+def _field(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """The night's star field: (n, 3) x, y, peak; the first two saturate."""
+    xy = rng.uniform(8, size - 8, (n, 2))
+    peaks = np.concatenate([[200000.0, 200000.0], rng.uniform(150, 20000, n - 2)])
+    return np.column_stack([xy, peaks])
+
+
+def _stars(field: np.ndarray, size: int, dx: float, dy: float) -> np.ndarray:
+    """The field seen with a pointing offset (dx, dy) px (dithered lights of one target)."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     image = np.zeros((size, size))
     sigma = 1.4
-    for k in range(n):
-        cy, cx = rng.uniform(8, size - 8, 2)
-        peak = 200000.0 if k < 2 else rng.uniform(150, 20000)  # the first two saturate
+    for cx0, cy0, peak in field:
+        cx, cy = cx0 + dx, cy0 + dy
+        if not (4 <= cx < size - 4 and 4 <= cy < size - 4):
+            continue
         box = (slice(max(int(cy) - 10, 0), int(cy) + 11), slice(max(int(cx) - 10, 0), int(cx) + 11))
         image[box] += peak * np.exp(-((x[box] - cx) ** 2 + (y[box] - cy) ** 2) / (2 * sigma**2))
     return image
@@ -182,11 +191,12 @@ def write_night(raw_dir: str | Path, *, seed: int = 2024, size: int = 512, n_bia
             _write(raw_dir / f"flat_{filt}_{i + 1:03d}.fits", _raw(rng, truth, expected, next(drifts), size),
                    _header("flat", exptime, i, filt, size, obj="twilight flat"))
     signals = {}
+    field = _field(rng, size, max(20, round(60 * (size / 512) ** 2)))
     for filt in FLAT_FILTERS:
         for i in range(n_light):
             name = f"m51_{filt}_{i + 1:03d}"
             sky = SKY * (1.0 + 0.1 * i)
-            signal = sky + _stars(rng, size, 60)
+            signal = sky + _stars(field, size, *rng.uniform(-4, 4, 2))
             expected = truth.flats[filt] * signal + truth.dark_rate * LIGHT_EXPTIME
             raw = _raw(rng, truth, expected, next(drifts), size, cosmic_rays=False).astype(np.float64)
             cosmic, adu = _cosmic_rays(rng, size)

@@ -35,6 +35,8 @@ class ReduceOptions:
     workers: int | None = None
     scheduler: str | None = None               # None: threads here; "local:N" or "tcp://host:port": dask
     dask_report: bool = False                  # save dask's performance report (dask-report.html)
+    stack: bool = False                        # stack the calibrated lights per target and filter
+    stack_keep_all: bool = False               # keep frames flagged cloudy, trailed or out of focus
     # calibration physics (issue 4); gain in e-/ADU, read noise in e-, saturation in raw ADU
     gain: float | None = None                  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
     read_noise: float | None = None            # None: RDNOISE, else measured from the biases (or overscan)
@@ -114,7 +116,7 @@ class ReduceOptions:
             reject=self.reject, scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
             exclude_flagged=self.exclude_flagged, keep_flagged=self.keep_flagged,
             allow_uncorrected=self.allow_uncorrected,
-            light_steps=self.light_steps())
+            light_steps=self.light_steps(), stack=self.stack)
 
     def light_steps(self) -> tuple[str, ...]:
         """What every light gets beyond overscan and masters, as the plan prints it."""

@@ -38,6 +38,7 @@ class ReduceResult:
     plan: Plan
     masters: list[str] = field(default_factory=list)       # outputs written or kept, relative to out_dir
     lights: list[str] = field(default_factory=list)
+    stacks: list[str] = field(default_factory=list)        # stacked/<target>_<filter>.fits (--stack)
     skipped: list[Skipped] = field(default_factory=list)
     reused: int = 0
     report: Path | None = None
@@ -141,6 +142,7 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
             ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
             _run_lights(plan, ctx, manifest, result, progress, executor)
+            _run_stacks(plan, ctx, manifest, result, progress, executor)
     manifest.write(body())
     if options.report:
         started = time.perf_counter()
@@ -307,6 +309,30 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
         result.lights.append(record.output)
         result.reused += record.reused
     result.timings["lights"] = time.perf_counter() - started
+
+
+def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,
+                executor: Any) -> None:
+    """Stack the calibrated lights of each target and filter (``--stack``), one task each."""
+    from .progress import steps
+    from .tasks import stack_task
+
+    if not plan.stacks:
+        return
+    started = time.perf_counter()
+    done = set(result.lights)
+    items = [(job, tuple(j.output for j in job.lights if j.output in done), manifest.previous.get(job.output))
+             for job in plan.stacks]
+    # one at a time here: a stack uses the whole memory budget
+    records = executor.map(partial(stack_task, ctx=ctx), items, workers=1)
+    for record in steps(records, "stacking", progress, total=len(items)):
+        if record.skipped is not None:
+            result.skipped.append(Skipped(record.output, record.skipped))
+            continue
+        manifest.record(record)
+        result.stacks.append(record.output)
+        result.reused += record.reused
+    result.timings["stacks"] = time.perf_counter() - started
 
 
 #: bytes one light holds while it is calibrated, per pixel (raw, calibrated data, the signal kept

@@ -154,12 +154,23 @@ class LightJob:
 
 
 @dataclass(frozen=True)
+class StackJob:
+    """The calibrated lights of one target in one filter, to be judged, registered and stacked."""
+
+    target: str
+    filter: str | None
+    lights: tuple[LightJob, ...]
+    output: str                        # stacked/<target>_<filter>.fits
+
+
+@dataclass(frozen=True)
 class Plan:
     masters: tuple[MasterJob, ...]
     lights: tuple[LightJob, ...]
     skipped: tuple[Skipped, ...] = ()
     warnings: tuple[str, ...] = ()
     light_steps: tuple[str, ...] = ()
+    stacks: tuple[StackJob, ...] = ()
 
     def _repr_html_(self) -> str:
         from .display import plan_html
@@ -197,6 +208,9 @@ class Plan:
             lines.append(f"light {light.frame.name:<36} <- {', '.join(chosen) or 'nothing'}")
             for note in light.notes:
                 lines.append(f"    note: {note}")
+        for job in self.stacks:
+            lines.append(f"stack {job.target} {job.filter or ''}: {len(job.lights)} lights, judged and registered"
+                         f" -> {job.output}")
         for s in self.skipped:
             lines.append(f"skipped {s.path}: {s.reason}")
         for w in self.warnings:
@@ -220,6 +234,8 @@ class Plan:
                  "flat": self._out(j.recipe.flat), "notes": list(j.notes)}
                 for j in self.lights
             ],
+            "stacks": [{"target": j.target, "filter": j.filter, "output": j.output,
+                        "lights": [x.output for x in j.lights]} for j in self.stacks],
             "skipped": [s.to_json() for s in self.skipped],
             "warnings": list(self.warnings),
         }
@@ -247,6 +263,7 @@ class PlanOptions:
     allow_uncorrected: bool = False              # calibrate lights that keep their pedestal (with a note)
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
+    stack: bool = False                          # stack the calibrated lights per target and filter
 
 
 def _slug(text: str) -> str:
@@ -817,4 +834,15 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
     warnings.extend(_ignored_sections(inventory.frames))
     masters.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
     return Plan(masters=tuple(masters), lights=tuple(lights), skipped=tuple(skipped),
-                warnings=tuple(warnings), light_steps=options.light_steps)
+                warnings=tuple(warnings), light_steps=options.light_steps,
+                stacks=plan_stacks(lights) if options.stack else ())
+
+
+def plan_stacks(lights: Sequence[LightJob]) -> tuple[StackJob, ...]:
+    """One stack per target (OBJECT) and filter with at least two lights."""
+    groups: dict[tuple[str, str | None], list[LightJob]] = {}
+    for job in lights:
+        groups.setdefault(((job.frame.object or "unknown").strip() or "unknown", job.frame.filter), []).append(job)
+    return tuple(StackJob(target=t, filter=f, lights=tuple(js), output=f"stacked/{_slug(t)}_{_slug(f or 'none')}.fits")
+                 for (t, f), js in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+                 if len(js) >= 2)

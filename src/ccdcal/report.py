@@ -453,6 +453,27 @@ def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict
     return images[0], images[1], dict(facts["stats"])
 
 
+def _stacks(out_dir: Path, outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The stacks of a ``--stack`` run: title, preview, frames table (from the manifest)."""
+    stacks = []
+    for rel, entry in sorted(outputs.items()):
+        if not isinstance(entry, Mapping) or entry.get("kind") != "stack":
+            continue
+        preview = Image()
+        png = Path(out_dir) / str(entry.get("preview") or "")
+        if entry.get("preview") and png.is_file():
+            from PIL import Image as PILImage
+
+            with PILImage.open(png) as im:
+                width, height = im.size
+            preview = Image(_data_uri(png.read_bytes()), str(entry["preview"]), width, height)
+        frames = [f for f in entry.get("frames") or [] if isinstance(f, Mapping)]
+        stacks.append({"title": f"{entry.get('target') or ''} {entry.get('filter') or ''}".strip() or rel,
+                       "output": rel, "preview": preview, "frames": frames,
+                       "n_used": sum(1 for f in frames if f.get("used"))})
+    return stacks
+
+
 def _collect_warnings(manifest: Mapping[str, Any], excluded: set[str]) -> list[str]:
     warnings = [str(w) for w in manifest.get("warnings") or []]
     warnings += [str(w) for w in manifest.get("run_warnings") or [] if str(w) not in warnings]
@@ -563,6 +584,7 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
         "groups": groups,
         "masters": masters,
         "lights": lights,
+        "stacks": _stacks(out_dir, manifest.get("outputs") or {}),
         "unknown": unknown,
         "skipped": [s for s in manifest.get("skipped") or [] if isinstance(s, Mapping)],
         "warnings": _collect_warnings(manifest, excluded),

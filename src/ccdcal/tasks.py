@@ -25,7 +25,7 @@ from . import __version__
 from .errors import CcdcalError, OutputError
 from .manifest import OutputRecord, file_sha256, fingerprint, input_record, up_to_date
 from .options import ReduceOptions
-from .plan import LightJob, MasterJob, member_steps
+from .plan import LightJob, MasterJob, StackJob, member_steps
 
 
 @dataclass(frozen=True)
@@ -498,3 +498,41 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
         # while the pixels are in memory: the report then reads no light again
         write_light_previews(ctx.out_dir, job.output, result.data)
     return None
+
+
+# -- stacking the calibrated lights of a target --------------------------------------------------
+def stack_task(item: tuple[StackJob, tuple[str, ...], dict[str, Any] | None], ctx: RunContext) -> OutputRecord:
+    """Judge, register and stack the calibrated lights ``item[1]`` (relative to the output
+    folder) of one target and filter (or keep the stack when up to date); writes the stack,
+    its PNG preview in previews/ and returns the frames table in the record."""
+    from .stacking import stack_files
+
+    job, lights, previous = item
+    title = f"stack {job.target} {job.filter or ''}".strip()
+    if len(lights) < 2:
+        return OutputRecord(output=title, kind="stack", skipped=f"{len(lights)} calibrated light(s); needs 2")
+    inputs = tuple(input_record(ctx.out_dir / rel, 0) for rel in lights)
+    settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "weights": "noise",
+                "interpolation": "lanczos3"}
+    fp = fingerprint(__version__, list(inputs), settings)
+    if up_to_date(ctx.out_dir, job.output, fp, previous):
+        return OutputRecord(output=job.output, kind="stack", fingerprint=fp, inputs=inputs, reused=True,
+                            extra={k: previous[k] for k in ("frames", "preview", "target", "filter")
+                                   if k in previous})
+    preview = f"previews/stack-{Path(job.output).stem}.png"
+    try:
+        run = stack_files([ctx.out_dir / rel for rel in lights], ctx.out_dir / job.output,
+                          keep_all=ctx.options.stack_keep_all, memory=ctx.options.memory, preview=False)
+    except OutputError:
+        raise
+    except CcdcalError as exc:
+        return OutputRecord(output=title, kind="stack", skipped=str(exc))
+    if ctx.options.report:
+        from .stacking import write_preview
+
+        write_preview(run.result.data, ctx.out_dir / preview)
+    frames = [{**f.to_json(), "path": str(Path(f.path).relative_to(ctx.out_dir))} for f in run.frames]
+    return OutputRecord(output=job.output, kind="stack", fingerprint=fp, inputs=inputs,
+                        sha256=file_sha256(ctx.out_dir / job.output),
+                        extra={"frames": frames, "preview": preview if ctx.options.report else None,
+                               "target": job.target, "filter": job.filter})

@@ -191,6 +191,8 @@ def print_summary(result) -> None:
     table.add_row("masters built", str(len(result.masters)), str(result.out_dir / "masters"))
     table.add_row("lights calibrated", str(len(result.lights)), str(result.out_dir / "calibrated")
                   if result.lights else "no lights in the inputs: masters only")
+    if getattr(result, "stacks", None) or result.plan.stacks:
+        table.add_row("stacks", str(len(result.stacks)), str(result.out_dir / "stacked"))
     if result.reused:
         table.add_row("up to date (kept)", str(result.reused), "rerun with --force to redo")
     left_out = [(job, f, why) for job in result.plan.masters
