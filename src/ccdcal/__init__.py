@@ -9,9 +9,10 @@ The public API, each name one thing::
     ccdcal.imexamine(frames, region)         # astropy Table of region statistics per frame
     ccdcal.stretch                           # the display stretches (mtf, rnc_scurve, asinh, ...)
     ccdcal.show(image)                       # a quick look in a notebook
+    ccdcal.stack(lights, "m51_V.fits")       # StackRun: judge, register and stack calibrated lights
 
 Heavy modules (numba, astropy) load on first use, so ``ccdcal --help`` stays instant. The
-functions ``combine`` and ``calibrate`` share their names with the modules that implement
+functions ``combine``, ``calibrate`` and ``stack`` share their names with the modules that implement
 them; the package keeps the function under the name whatever is imported, so
 ``ccdcal.combine(...)`` works every time (``from ccdcal.combine import CombineResult`` still
 reaches the module).
@@ -33,6 +34,8 @@ _API: dict[str, tuple[str, str | None]] = {
     "calibrate": ("api", "calibrate"),
     "imexamine": ("api", "imexamine"),
     "show": ("api", "show"),
+    "stack": ("stacking", "stack_files"),
+    "StackRun": ("stacking", "StackRun"),
     "stretch": ("stretch", None),
     "ReduceOptions": ("options", "ReduceOptions"),
     "CombineResult": ("combine", "CombineResult"),
