@@ -350,18 +350,18 @@ def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, n
         if uncertainty is not None:
             uncertainty = uncertainty / np.float32(level)
         mask[low_flat_mask(data, flat_floor) & ~nodata] |= MASK_LOW_FLAT
-        data = np.where(np.isfinite(data), data, np.float32(1.0)).astype(np.float32)
+        data = np.where(np.isfinite(data), data, np.float32(1.0)).astype(np.float32, copy=False)
         keywords["FLATNORM"] = (level, f"[adu] level the flat was divided by ({flat_norm})")
         keywords["FLATFLOR"] = (flat_floor, "flat pixels below this are masked")
         history.append(f"normalised by the {flat_norm} of {region_text or 'the central half'}: {level:.6g} adu")
     else:
-        data = np.where(np.isfinite(data), data, np.float32(0.0)).astype(np.float32)
+        data = np.where(np.isfinite(data), data, np.float32(0.0)).astype(np.float32, copy=False)
     if kind == "dark":
         hot = hot_pixel_mask(data, sigma=hot_sigma) & ~nodata
         mask[hot] |= MASK_HOT
         keywords["NHOTPIX"] = (int(hot.sum()), f"hot pixels (> {hot_sigma:g} sigma), MASK bit 2")
     if uncertainty is not None:
-        uncertainty = np.where(np.isfinite(uncertainty), uncertainty, np.float32(0.0)).astype(np.float32)
+        uncertainty = np.where(np.isfinite(uncertainty), uncertainty, np.float32(0.0)).astype(np.float32, copy=False)
     keywords["NNODATA"] = (int(nodata.sum()), "pixels without a valid value, MASK bit 32")
     return FinishedMaster(data, uncertainty, mask, keywords, tuple(history))
 
@@ -384,12 +384,15 @@ def rejection_keywords(member_rejected: np.ndarray | None, npix: int) -> dict[st
 def rejection_map(nlow: np.ndarray, nhigh: np.ndarray, *, size: int = 800) -> np.ndarray | None:
     """Values rejected per pixel, block-averaged to at most ``size`` px and scaled to 0..1
     (square root, so single rejections show); None for an empty image."""
-    counts = nlow.astype(np.float32) + nhigh.astype(np.float32)
-    ny, nx = counts.shape
+    from ._kernels import block_mean
+
+    ny, nx = nlow.shape
     step = max(1, -(-max(ny, nx) // size))
     h, w = ny // step, nx // step
     if h == 0 or w == 0:
         return None
-    binned = counts[: h * step, : w * step].reshape(h, step, w, step).mean(axis=(1, 3))
+    counts = np.add(nlow, nhigh, dtype=np.float32)      # one pass, no integer overflow
+    binned = np.empty((h, w), np.float32)
+    block_mean(counts[: h * step, : w * step], step, binned)
     top = float(binned.max())
     return np.sqrt(binned / top) if top > 0 else binned
