@@ -497,25 +497,53 @@ def adc_maximum(header: Any) -> float | None:
     return float(2 ** (bitpix - 1) - 1 + bzero) if bitpix != 8 else 255.0 + bzero
 
 
-def time_keywords(header: Any) -> None:
-    """MJD-OBS from DATE-OBS when missing, and MJD-AVG/DATE-AVG (mid-exposure) of a light."""
+def _mjd_keyword(header: Any) -> float | None:
+    """MJD-OBS (or MJD_OBS) when it is a number, else None."""
+    mjd = header_value(header, ("MJD-OBS", "MJD_OBS"))
+    if isinstance(mjd, (int, float)) and not isinstance(mjd, bool):
+        return float(mjd)
+    return None
+
+
+def _date_obs_mjd(header: Any) -> float | None:
+    """DATE-OBS (or DATE_OBS, ISO 8601 UTC, a space allowed before the time) as MJD, or None."""
     from astropy.time import Time
 
-    mjd = header_value(header, ("MJD-OBS", "MJD_OBS"))
-    if not isinstance(mjd, (int, float)) or isinstance(mjd, bool):
-        date = header_value(header, ("DATE-OBS", "DATE_OBS"))
-        if not isinstance(date, str):
-            return
-        try:
-            mjd = Time(date.replace(" ", "T"), format="isot", scale="utc").mjd
-        except ValueError:
+    date = header_value(header, ("DATE-OBS", "DATE_OBS"))
+    if not isinstance(date, str):
+        return None
+    try:
+        return float(Time(date.replace(" ", "T"), format="isot", scale="utc").mjd)
+    except ValueError:
+        return None
+
+
+def start_mjd(header: Any) -> float | None:
+    """The start of the exposure as MJD: MJD-OBS, else DATE-OBS; None when neither can be read."""
+    mjd = _mjd_keyword(header)
+    return mjd if mjd is not None else _date_obs_mjd(header)
+
+
+def _isot(mjd: float) -> str:
+    """An MJD (UTC) as an ISO 8601 date and time, as FITS DATE-* keywords hold it."""
+    from astropy.time import Time
+
+    return Time(mjd, format="mjd", scale="utc").isot
+
+
+def time_keywords(header: Any) -> None:
+    """MJD-OBS from DATE-OBS when missing, and MJD-AVG/DATE-AVG (mid-exposure) of a light."""
+    mjd = _mjd_keyword(header)
+    if mjd is None:
+        mjd = _date_obs_mjd(header)
+        if mjd is None:
             return
         header["MJD-OBS"] = (mjd, "[d] start of exposure, from DATE-OBS")
     exptime = exposure_of(header)
     if exptime is not None and "MJD-AVG" not in header:
         mid = float(mjd) + exptime / 86400.0 / 2.0
         header["MJD-AVG"] = (mid, "[d] mid-exposure")
-        header["DATE-AVG"] = (Time(mid, format="mjd", scale="utc").isot, "mid-exposure (UTC)")
+        header["DATE-AVG"] = (_isot(mid), "mid-exposure (UTC)")
 
 
 # -- headers ccdcal writes ------------------------------------------------------------------------
@@ -543,7 +571,6 @@ def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, 
     """
 
     from astropy.io import fits
-    from astropy.time import Time
 
     from .frames import clean_header
 
@@ -565,18 +592,7 @@ def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, 
             if key in out:
                 del out[key]
 
-    starts = []
-    for h in headers:
-        mjd = header_value(h, ("MJD-OBS", "MJD_OBS"))
-        if isinstance(mjd, (int, float)) and not isinstance(mjd, bool):
-            starts.append(float(mjd))
-            continue
-        date = header_value(h, ("DATE-OBS", "DATE_OBS"))
-        if isinstance(date, str):
-            try:
-                starts.append(Time(date.replace(" ", "T"), format="isot", scale="utc").mjd)
-            except ValueError:
-                pass
+    starts = [mjd for mjd in map(start_mjd, headers) if mjd is not None]
     if n and len(starts) == n:
         durations = np.array(known if len(known) == n else [0.0] * n) / 86400.0
         begin = np.array(starts)
@@ -591,9 +607,9 @@ def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, 
             start = float(begin.mean())
             out["MJD-OBS"] = (start, "[d] mean of the members' starts")
             avg = float(mids.mean())
-        out["DATE-OBS"] = (Time(start, format="mjd", scale="utc").isot, "start, as MJD-OBS")
+        out["DATE-OBS"] = (_isot(start), "start, as MJD-OBS")
         out["MJD-AVG"] = (avg, "[d] mean mid-exposure time of the members")
-        out["DATE-AVG"] = (Time(avg, format="mjd", scale="utc").isot, "mean mid-exposure time")
+        out["DATE-AVG"] = (_isot(avg), "mean mid-exposure time")
 
     zeros = np.zeros(n) if zeros is None else np.asarray(zeros)
     any_zero = bool(np.any(zeros != 0))
@@ -604,6 +620,87 @@ def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, 
             out[f"ZERO{i + 1:04d}"] = (float(zeros[i]), "zero offset of input")
     if n > 999:
         out["COMMENT"] = f"members beyond the 999th ({n - 999}) are not listed"
+    return out
+
+
+def _stack_time_keywords(out: Any, headers: Sequence[Any], weights: np.ndarray) -> None:
+    """EXPTIME (total), EXPMEAN, MJD-OBS/DATE-OBS (first start), MJD-END/DATE-END (last end) and
+    MJD-MID = MJD-AVG / DATE-AVG: the mid-exposure times averaged with the stack's weights (the
+    epoch of the weighted mean). Keywords that cannot be computed for every frame are removed,
+    as the reference's own would describe it alone."""
+    n = len(headers)
+    exposures = [exposure_of(h) for h in headers]
+    starts = [start_mjd(h) for h in headers]
+    known = all(e is not None for e in exposures)
+    if known:
+        out["EXPTIME"] = (float(np.sum(exposures)), "[s] total exposure of the stacked frames")
+        out["EXPMEAN"] = (float(np.mean(exposures)), "[s] mean exposure of the frames")
+    else:
+        for key in ("EXPTIME", "EXPOSURE", "EXPMEAN"):
+            out.remove(key, ignore_missing=True, remove_all=True)
+    if not all(s is not None for s in starts):
+        for key in ("MJD-OBS", "DATE-OBS", "MJD-AVG", "DATE-AVG", "MJD-MID", "MJD-END", "DATE-END"):
+            out.remove(key, ignore_missing=True, remove_all=True)
+        return
+    begin = np.array(starts, np.float64)
+    end = begin + (np.array(exposures, np.float64) / 86400.0 if known else np.zeros(n))
+    mid = float(np.sum(weights * (begin + end) / 2.0) / np.sum(weights))
+    out["MJD-OBS"] = (float(begin.min()), "[d] start of the earliest frame")
+    out["DATE-OBS"] = (_isot(float(begin.min())), "start of the earliest frame (UTC)")
+    out["MJD-END"] = (float(end.max()), "[d] end of the latest frame")
+    out["DATE-END"] = (_isot(float(end.max())), "end of the latest frame (UTC)")
+    out["MJD-MID"] = (mid, "[d] weighted mean mid-exposure of the frames")
+    out["MJD-AVG"] = (mid, "[d] weighted mean mid-exposure of the frames")
+    out["DATE-AVG"] = (_isot(mid), "weighted mean mid-exposure (UTC)")
+
+
+def _celestial_wcs(out: Any, header: Any) -> None:
+    """The reference's celestial WCS, as astropy writes it (SIP kept), when it has one."""
+    if header is None or not any(str(key).startswith("CTYPE") for key in header):
+        return
+    import warnings
+
+    from astropy.wcs import WCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            wcs = WCS(header)
+        except (ValueError, KeyError, MemoryError, TypeError):
+            return
+        if wcs.has_celestial:
+            out.update(wcs.to_header(relax=True))
+
+
+def stack_header(headers: Sequence[Any], names: Sequence[str], *, reference: int, scales: np.ndarray,
+                 zeros: np.ndarray, weights: np.ndarray, how: str = "") -> Any:
+    """Header of a stack (:func:`ccdcal.stack.stack`).
+
+    The reference's cards (storage keywords removed) and its celestial WCS, NCOMBINE, COMBMETH,
+    the frames (IMCMBnnn) with their scale (SCALnnn), zero (ZEROnnn) and weight (WGHTnnn), the
+    reference's name (STACKREF), ``how`` as a HISTORY line, and the times: EXPTIME (total),
+    EXPMEAN, MJD-OBS/DATE-OBS (the earliest start), MJD-END/DATE-END (the latest end) and
+    MJD-MID = MJD-AVG / DATE-AVG (the mid-exposures averaged with ``weights``); a time that
+    cannot be computed for every frame is removed. 999 frames at most are listed.
+    """
+    from .frames import clean_header
+
+    out = clean_header(headers[reference])
+    _celestial_wcs(out, headers[reference])
+    n = len(headers)
+    out["NCOMBINE"] = (n, "number of frames stacked")
+    out["COMBMETH"] = ("stack", "ccdcal stack: resampled, matched, weighted mean")
+    out["STACKREF"] = (str(names[reference])[-68:], "reference frame of the grid")
+    _stack_time_keywords(out, headers, weights)
+    for i in range(min(n, 999)):
+        out[f"IMCMB{i + 1:03d}"] = (str(names[i])[-68:], "stacked frame")
+        out[f"SCAL{i + 1:03d}"] = (float(scales[i]), "scale factor of the frame")
+        out[f"ZERO{i + 1:03d}"] = (float(zeros[i]), "zero offset of the frame")
+        out[f"WGHT{i + 1:03d}"] = (float(weights[i]), "weight of the frame")
+    if n > 999:
+        out["COMMENT"] = f"frames beyond the 999th ({n - 999}) are not listed"
+    if how:
+        out["HISTORY"] = f"ccdcal stack: {how}"
     return out
 
 

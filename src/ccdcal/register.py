@@ -521,7 +521,7 @@ class Transform:
 
     @property
     def scale(self) -> float:
-        """Linear scale factor, sqrt(|det|) of the 2×2 part."""
+        """Linear scale factor, ``sqrt(|det|)`` of the 2×2 part."""
         return math.sqrt(abs(float(np.linalg.det(self.matrix[:2, :2]))))
 
     @property

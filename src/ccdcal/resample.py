@@ -425,9 +425,10 @@ class ResampledRows:
     interpolation : {"lanczos3", "bilinear"}
     name : str, optional
         How the frame is named (default: the file name).
-    noise : (background, sigma, gain), optional
-        A noise model for sources without an uncertainty plane: ``σ² = sigma² +
-        max(v − background, 0)/gain`` per source pixel (``gain`` in e-/ADU, ``inf`` for none).
+    noise : tuple of float, optional
+        ``(background, sigma, gain)``, a noise model for sources without an uncertainty plane:
+        ``σ² = sigma² + max(v − background, 0)/gain`` per source pixel (``gain`` in e-/ADU,
+        ``inf`` for none).
     """
 
     def __init__(self, source: Any, matrix: Any, out_shape: tuple[int, int], *,

@@ -50,6 +50,7 @@ import numpy as np
 from numba import njit
 
 from .errors import CcdcalWarning, InputError
+from .headers import stack_header
 from .resample import InputBuffers, ResampledRows, RowThreads
 
 REJECTS = ("auto", "noise", "none")
@@ -725,102 +726,3 @@ def _describe(options: _Options, interpolation: str) -> str:
     parts.append("scales " + ("given" if options.scales else "measured" if options.scale else "none"))
     parts.append("zeros " + ("given" if options.zeros else "background" if options.zero else "none"))
     return ", ".join(parts)
-
-
-def _start_mjd(header: Any) -> float | None:
-    """The start of the exposure (MJD-OBS, else DATE-OBS) as MJD, or None."""
-    from astropy.time import Time
-
-    from .frames import header_value
-
-    mjd = header_value(header, ("MJD-OBS", "MJD_OBS"))
-    if isinstance(mjd, (int, float)) and not isinstance(mjd, bool):
-        return float(mjd)
-    date = header_value(header, ("DATE-OBS", "DATE_OBS"))
-    if isinstance(date, str):
-        try:
-            return float(Time(date.replace(" ", "T"), format="isot", scale="utc").mjd)
-        except ValueError:
-            return None
-    return None
-
-
-def _time_keywords(out: Any, headers: Sequence[Any], weights: np.ndarray) -> None:
-    """EXPTIME (total), EXPMEAN, MJD-OBS/DATE-OBS (first start), MJD-END/DATE-END (last end) and
-    MJD-MID = MJD-AVG / DATE-AVG: the mid-exposure times averaged with the stack's weights (the
-    epoch of the weighted mean). Keywords that cannot be computed for every frame are removed,
-    as the reference's own would describe it alone."""
-    from astropy.time import Time
-
-    from .headers import exposure_of
-
-    n = len(headers)
-    exposures = [exposure_of(h) for h in headers]
-    starts = [_start_mjd(h) for h in headers]
-    known = all(e is not None for e in exposures)
-    if known:
-        out["EXPTIME"] = (float(np.sum(exposures)), "[s] total exposure of the stacked frames")
-        out["EXPMEAN"] = (float(np.mean(exposures)), "[s] mean exposure of the frames")
-    else:
-        for key in ("EXPTIME", "EXPOSURE", "EXPMEAN"):
-            out.remove(key, ignore_missing=True, remove_all=True)
-    if not all(s is not None for s in starts):
-        for key in ("MJD-OBS", "DATE-OBS", "MJD-AVG", "DATE-AVG", "MJD-MID", "MJD-END", "DATE-END"):
-            out.remove(key, ignore_missing=True, remove_all=True)
-        return
-    begin = np.array(starts, np.float64)
-    end = begin + (np.array(exposures, np.float64) / 86400.0 if known else np.zeros(n))
-    mid = float(np.sum(weights * (begin + end) / 2.0) / np.sum(weights))
-
-    def isot(mjd: float) -> str:
-        return Time(mjd, format="mjd", scale="utc").isot
-
-    out["MJD-OBS"] = (float(begin.min()), "[d] start of the earliest frame")
-    out["DATE-OBS"] = (isot(float(begin.min())), "start of the earliest frame (UTC)")
-    out["MJD-END"] = (float(end.max()), "[d] end of the latest frame")
-    out["DATE-END"] = (isot(float(end.max())), "end of the latest frame (UTC)")
-    out["MJD-MID"] = (mid, "[d] weighted mean mid-exposure of the frames")
-    out["MJD-AVG"] = (mid, "[d] weighted mean mid-exposure of the frames")
-    out["DATE-AVG"] = (isot(mid), "weighted mean mid-exposure (UTC)")
-
-
-def _wcs_keywords(out: Any, header: Any) -> None:
-    """The reference's celestial WCS, as astropy writes it (SIP kept), when it has one."""
-    if header is None or not any(str(key).startswith("CTYPE") for key in header):
-        return
-    from astropy.wcs import WCS
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            wcs = WCS(header)
-        except (ValueError, KeyError, MemoryError, TypeError):
-            return
-        if wcs.has_celestial:
-            out.update(wcs.to_header(relax=True))
-
-
-def stack_header(headers: Sequence[Any], names: Sequence[str], *, reference: int, scales: np.ndarray,
-                 zeros: np.ndarray, weights: np.ndarray, how: str = "") -> Any:
-    """Header of a stack: the reference's cards (storage keywords removed) and its WCS, NCOMBINE,
-    the frames (IMCMBnnn) with their scale (SCALnnn), zero (ZEROnnn) and weight (WGHTnnn), the
-    reference's name (STACKREF) and the times (:func:`_time_keywords`); 999 frames at most listed."""
-    from .frames import clean_header
-
-    out = clean_header(headers[reference])
-    _wcs_keywords(out, headers[reference])
-    n = len(headers)
-    out["NCOMBINE"] = (n, "number of frames stacked")
-    out["COMBMETH"] = ("stack", "ccdcal stack: resampled, matched, weighted mean")
-    out["STACKREF"] = (str(names[reference])[-68:], "reference frame of the grid")
-    _time_keywords(out, headers, weights)
-    for i in range(min(n, 999)):
-        out[f"IMCMB{i + 1:03d}"] = (str(names[i])[-68:], "stacked frame")
-        out[f"SCAL{i + 1:03d}"] = (float(scales[i]), "scale factor of the frame")
-        out[f"ZERO{i + 1:03d}"] = (float(zeros[i]), "zero offset of the frame")
-        out[f"WGHT{i + 1:03d}"] = (float(weights[i]), "weight of the frame")
-    if n > 999:
-        out["COMMENT"] = f"frames beyond the 999th ({n - 999}) are not listed"
-    if how:
-        out["HISTORY"] = f"ccdcal stack: {how}"
-    return out
