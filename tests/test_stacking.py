@@ -82,6 +82,15 @@ def test_transforms_are_recovered_to_five_hundredths_of_a_pixel(field, run):
         assert _grid_error(np.asarray(v.matrix).reshape(3, 3), truth) < 0.05, name
 
 
+def test_transparency_scales_keep_star_fluxes_on_the_reference_grid(field, run):
+    """Every frame was observed at transparency 1; f5 at a 1 % larger scale, so on the reference
+    grid (values per pixel) its stars sum to |det| = 1.0201 times their flux: its scale is 1/1.0201."""
+    used = [v for v in run.frames if v.used]
+    for v, scale in zip(used, run.result.scales, strict=True):
+        expected = 1 / 1.01**2 if "f5_scale" in v.path else 1.0
+        assert abs(scale / expected - 1) < 0.008, (v.path, scale)
+
+
 def test_outliers_are_left_out_with_their_reason(run):
     reasons = {v.path.split("/")[-1]: v.reason for v in run.frames}
     assert "cloudy" in reasons["x_cloudy.fits"]
