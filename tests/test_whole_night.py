@@ -112,6 +112,8 @@ def test_a_light_holds_no_more_than_the_bytes_per_pixel_the_pipeline_budgets():
 
     bias, dark, flat = master(1000.0), master(20.0), master(1.0)
     raw = (1000 + rng.normal(500, 30, (n, n))).astype(np.float32)
+    calibrate_frame(raw, bias=bias, dark=dark, dark_scale=1.0, flat=flat, gain=1.5, read_noise=5.0,
+                    saturation=60000.0, uncertainty=True)      # numba's kernels loaded before tracing
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -138,3 +140,31 @@ def test_lights_in_flight_follow_the_memory_budget(tmp_path):
     assert lights_in_flight(plan, ReduceOptions(memory=str(one))) == 1
     assert lights_in_flight(plan, ReduceOptions(memory=str(3 * one + 1))) == 3
     assert lights_in_flight(plan, ReduceOptions(memory=str(one // 2))) == 1
+
+
+def test_fused_uncertainty_kernel_gives_the_same_bits_as_the_formula():
+    """The light's σ plane comes from a fused numba kernel; the numpy formula (which a float64
+    signal still takes) must give the same bits, NaN, infinities and negative signal included."""
+    from ccdcal.calibrate import calibrated_uncertainty
+
+    rng = np.random.default_rng(3)
+    shape = (64, 96)
+
+    def plane(level, spread):
+        return (level + spread * rng.standard_normal(shape)).astype(np.float32)
+
+    signal, bias_u, dark_u, flat, flat_u, cal = (plane(500, 400), plane(2, 0.5), plane(1, 0.3), plane(1, 0.05),
+                                                 plane(0.003, 0.001), plane(480, 400))
+    for arr in (bias_u, dark_u, flat_u, cal, signal):
+        arr[rng.integers(0, shape[0], 5), rng.integers(0, shape[1], 5)] = np.nan
+    bias_u[0, 0], dark_u[1, 1], flat_u[2, 2], cal[3, 3] = np.inf, -np.inf, np.inf, -np.inf
+    cases = [dict(), dict(bias_uncertainty=bias_u), dict(bias_uncertainty=bias_u, dark_uncertainty=dark_u,
+                                                          dark_scale=1.7),
+             dict(bias_uncertainty=bias_u, dark_uncertainty=dark_u, dark_scale=0.5, flat=flat),
+             dict(bias_uncertainty=bias_u, dark_uncertainty=dark_u, dark_scale=2.0, flat=flat,
+                  flat_uncertainty=flat_u, calibrated=cal)]
+    for kw in cases:
+        fused = calibrated_uncertainty(signal, read_noise=7.3, gain=1.37, **kw)
+        formula = calibrated_uncertainty(signal.astype(np.float64), read_noise=7.3, gain=1.37, **kw)
+        assert fused.dtype == formula.dtype == np.float32
+        assert np.array_equal(fused.view(np.uint32), formula.view(np.uint32)), kw.keys()

@@ -308,6 +308,33 @@ def _nan_to_zero(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _fused_uncertainty(signal: Any, read_noise: float, gain: float, bias_unc: Any, dark_unc: Any,
+                       dark_scale: float, flat: Any, flat_unc: Any, calibrated: Any) -> np.ndarray | None:
+    """:func:`calibrated_uncertainty` by the fused numba kernel (one pass, no full-frame
+    temporaries; the same bits), when every plane is a 2-D array of the signal's shape."""
+    from ._kernels import calibrated_sigma
+
+    signal = np.asarray(signal)
+    if signal.ndim != 2 or signal.dtype != np.float32:
+        return None
+    dummy = np.zeros((1, 1), np.float32)
+    planes = []
+    for plane in (bias_unc, dark_unc, flat, flat_unc, calibrated):
+        if plane is None:
+            planes.append(dummy)
+            continue
+        plane = np.asarray(plane, dtype=np.float32)
+        if plane.shape != signal.shape:
+            return None
+        planes.append(plane)
+    flags = np.array([bias_unc is not None, dark_unc is not None and bool(dark_scale), flat is not None,
+                      flat is not None and flat_unc is not None and calibrated is not None], np.bool_)
+    out = np.empty(signal.shape, np.float32)
+    calibrated_sigma(signal, np.float32(gain), np.float32(np.float32(read_noise) ** 2), planes[0], planes[1],
+                     np.float32(dark_scale), planes[2], planes[3], planes[4], flags, out)
+    return out
+
+
 def calibrated_uncertainty(
     signal: np.ndarray,
     *,
@@ -345,6 +372,10 @@ def calibrated_uncertainty(
     """
     if not gain > 0:
         raise InputError(f"gain must be positive to compute the uncertainty, got {gain!r}")
+    fused = _fused_uncertainty(signal, read_noise, gain, bias_uncertainty, dark_uncertainty, dark_scale, flat,
+                               flat_uncertainty, calibrated)
+    if fused is not None:
+        return fused
     # float32 throughout, in two buffers: fresh full-frame temporaries are what costs here
     # (page faults), and the operations are the same as the formula's, in the same order
     var = np.maximum(np.asarray(signal, dtype=np.float32), np.float32(0.0))

@@ -335,10 +335,10 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
     result.timings["stacks"] = time.perf_counter() - started
 
 
-#: bytes one light holds while it is calibrated, per pixel (raw, calibrated data, the signal kept
-#: for the uncertainty, the floored flat, the uncertainty and its terms, the mask), measured
-#: with tracemalloc on a 4096² light (tests/test_whole_night.py checks it)
-LIGHT_BYTES_PER_PIXEL = 32
+#: bytes one light holds while it is calibrated, per pixel: the raw frame (4, calibrated in
+#: place), the signal kept for the uncertainty, the uncertainty, the mask and temporaries (13,
+#: measured with tracemalloc; tests/test_whole_night.py checks ≤ 20), previews and hashing
+LIGHT_BYTES_PER_PIXEL = 24
 
 
 def lights_in_flight(plan: Plan, options: ReduceOptions) -> int:

@@ -47,7 +47,7 @@ class FrameVerdict:
     n_matched, rms : int, float
         Stars matched and their residual (px) in the registration.
     flux_ratio : float or None
-        Median flux(reference) / flux(frame) of the matched stars, over |det| of the transform
+        Median flux(reference) / flux(frame) of the matched stars, over ``|det|`` of the transform
         (resampling keeps values per pixel): the frame's scale on the reference grid.
     reason : str or None
         Why it was left out (None: stacked).
