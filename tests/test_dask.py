@@ -94,7 +94,7 @@ def night(tmp_path_factory):
     root = tmp_path_factory.mktemp("dask-night")
     write_night(root / "raw", seed=77, size=160, n_light=8)
     # the same relative paths as the cluster runs (input paths are part of every fingerprint)
-    proc = _cli(["reduce", "raw", "-o", "local"], cwd=root)
+    proc = _cli(["reduce", "raw", "-o", "local", "--stack"], cwd=root)
     assert proc.wait(300) == 0, proc.stderr.read()
     return root
 
@@ -144,7 +144,8 @@ def test_reduce_on_a_cluster_is_identical_to_a_local_run(cluster, night):
     for name in ("w1", "w2"):
         cluster.add_worker(name, cwd=night)
     cluster.wait_for_workers(2)
-    proc = _cli(["reduce", "raw", "-o", "on-dask", "--scheduler", cluster.address, "--dask-report"], cwd=night)
+    proc = _cli(["reduce", "raw", "-o", "on-dask", "--scheduler", cluster.address, "--dask-report", "--stack"],
+                cwd=night)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"dask scheduler {cluster.address}" in out and "dask dashboard: http" in out
@@ -153,17 +154,18 @@ def test_reduce_on_a_cluster_is_identical_to_a_local_run(cluster, night):
     counts = _task_counts(cluster)
     # the work went through the cluster: every master's first pass, its bands, every light
     plan = json.loads((night / "on-dask" / "manifest.json").read_text())
-    n_masters = sum(1 for v in plan["outputs"].values() if v["kind"] != "light")
+    n_masters = sum(1 for v in plan["outputs"].values() if v["kind"] not in ("light", "stack"))
     assert counts.get("prepare_master") == n_masters
     assert counts.get("master_band_or_reason", 0) >= 2 * 2 * n_masters   # two bands per worker at least
     assert counts.get("light_task") == sum(1 for v in plan["outputs"].values() if v["kind"] == "light") > 0
+    assert counts.get("stack_task") == sum(1 for v in plan["outputs"].values() if v["kind"] == "stack") == 2
 
 
 def test_a_worker_killed_mid_run_is_survived_with_identical_outputs(cluster, night):
     for name in ("w1", "w2"):
         cluster.add_worker(name, cwd=night)
     cluster.wait_for_workers(2)
-    proc = _cli(["reduce", "raw", "-o", "survived", "--scheduler", cluster.address], cwd=night)
+    proc = _cli(["reduce", "raw", "-o", "survived", "--scheduler", cluster.address, "--stack"], cwd=night)
     killed_while_busy = False
     with cluster.client() as client:
         deadline = time.monotonic() + 120
@@ -218,7 +220,7 @@ def test_scheduler_without_dask_installed_says_what_to_install(monkeypatch):
 def test_local_cluster_from_python_is_identical(night, monkeypatch):
     """``ccdcal.reduce(..., scheduler="local:2")``: the Python face of the same thing."""
     monkeypatch.chdir(night)
-    result = reduce(["raw"], "from-python", scheduler="local:2", options=ReduceOptions())
+    result = reduce(["raw"], "from-python", scheduler="local:2", options=ReduceOptions(stack=True))
     assert result.executor.startswith("dask scheduler") and "2 workers" in result.executor
     _assert_identical(night / "local", night / "from-python")
 
@@ -246,7 +248,7 @@ def test_a_rerun_after_the_client_is_killed_resumes_from_the_manifest(cluster, n
     for name in ("w1", "w2"):
         cluster.add_worker(name, cwd=night)
     cluster.wait_for_workers(2)
-    args = ["reduce", "raw", "-o", "resumed", "--scheduler", cluster.address]
+    args = ["reduce", "raw", "-o", "resumed", "--scheduler", cluster.address, "--stack"]
     proc = _cli(args, cwd=night)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and _recorded(night / "resumed") < 2:

@@ -321,8 +321,9 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
         return
     started = time.perf_counter()
     done = set(result.lights)
-    items = [(job, tuple(j.output for j in job.lights if j.output in done), manifest.previous.get(job.output))
-             for job in plan.stacks]
+    # each light with its fingerprint (what made it): the stack's identity, wherever the folder is
+    items = [(job, tuple((j.output, manifest.outputs[j.output]["fingerprint"]) for j in job.lights
+                         if j.output in done), manifest.previous.get(job.output)) for job in plan.stacks]
     # one at a time here: a stack uses the whole memory budget
     records = executor.map(partial(stack_task, ctx=ctx), items, workers=1)
     for record in steps(records, "stacking", progress, total=len(items)):

@@ -501,20 +501,24 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
 
 
 # -- stacking the calibrated lights of a target --------------------------------------------------
-def stack_task(item: tuple[StackJob, tuple[str, ...], dict[str, Any] | None], ctx: RunContext) -> OutputRecord:
-    """Judge, register and stack the calibrated lights ``item[1]`` (relative to the output
-    folder) of one target and filter (or keep the stack when up to date); writes the stack,
-    its PNG preview in previews/ and returns the frames table in the record."""
+def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any] | None],
+               ctx: RunContext) -> OutputRecord:
+    """Judge, register and stack the calibrated lights ``item[1]`` ((path relative to the output
+    folder, fingerprint) pairs) of one target and filter, or keep the stack when up to date;
+    writes the stack, its PNG preview in previews/ and returns the frames table in the record."""
     from .stacking import stack_files
 
-    job, lights, previous = item
+    job, pairs, previous = item
+    lights = tuple(rel for rel, _ in pairs)
     title = f"stack {job.target} {job.filter or ''}".strip()
     if len(lights) < 2:
         return OutputRecord(output=title, kind="stack", skipped=f"{len(lights)} calibrated light(s); needs 2")
     inputs = tuple(input_record(ctx.out_dir / rel, 0) for rel in lights)
     settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "weights": "noise",
                 "interpolation": "lanczos3"}
-    fp = fingerprint(__version__, list(inputs), settings)
+    # by what made each light (its fingerprint), not by the folder's path, the files' times or the
+    # write times in their headers: the same lights give the same stack wherever it is made
+    fp = fingerprint(__version__, list(pairs), settings)
     if up_to_date(ctx.out_dir, job.output, fp, previous):
         return OutputRecord(output=job.output, kind="stack", fingerprint=fp, inputs=inputs, reused=True,
                             extra={k: previous[k] for k in ("frames", "preview", "target", "filter")
