@@ -228,26 +228,33 @@ def print_summary(result) -> None:
 
 
 def print_stack(run) -> None:
-    """The frames table of a stack (one row per frame, why each left-out one was) and where it went."""
+    """The frames table of a stack (fits 80 columns), then why each left-out frame was, one line
+    each, and where the stack went."""
     from pathlib import Path
 
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="frames", title_justify="left")
-    for col, just in (("frame", "left"), ("stars", "right"), ("FWHM", "right"), ("ecc", "right"),
-                      ("bkg", "right"), ("noise", "right"), ("matched", "right"), ("rms px", "right"),
-                      ("scale", "right"), ("", "left")):
-        table.add_column(col, justify=just, no_wrap=col == "frame")
+    table = Table(title="frames", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
+    for col in ("frame", "stars", "FWHM", "ecc", "bkg", "noise", "match", "rms", "scale", ""):
+        table.add_column(col, justify="left" if col in ("frame", "") else "right", no_wrap=True)
+
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
+
     for f in run.frames:
         row = f.to_json()
-        def fmt(v, spec):
-            return "" if v is None else format(v, spec)
-        note = "reference" if f.reference else ("stacked" if f.used else f"left out: {f.reason}")
+        used = f.used
         table.add_row(Path(f.path).name, fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
-                      fmt(row["eccentricity"], ".2f"), fmt(row["background"], ".1f"), fmt(row["noise"], ".2f"),
-                      str(row["matched"]) if f.used else "", fmt(row["rms"], ".3f") if f.used else "",
-                      fmt(row["flux_ratio"], ".3f") if f.used else "", note)
+                      fmt(row["eccentricity"], ".2f"), fmt(row["background"], ".4g"), fmt(row["noise"], ".3g"),
+                      str(row["matched"]) if used else "", fmt(row["rms"], ".3f") if used else "",
+                      fmt(row["flux_ratio"], ".3f") if used else "",
+                      "ref" if f.reference else ("" if used else "out"))
     console().print(table)
+    for f in run.frames:
+        if not f.used:
+            console().print(f"left out {Path(f.path).name}: {f.reason}", soft_wrap=True, markup=False)
     used = sum(1 for f in run.frames if f.used)
     console().print(f"stack of {used} frames: {run.output}" + (f" (preview {run.preview})" if run.preview else ""),
                     soft_wrap=True, markup=False)
