@@ -180,9 +180,10 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
         for k in range(m):
             i = idx[k]
             level = max((c - zeros[i]) / scales[i] - pedestal, 0.0)
-            s = scales[i] * np.sqrt((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
-            work[k] = s
-            if c - s * low <= vals[k] <= c + s * high:
+            var = scales[i] * scales[i] * ((rdnoise / gain) ** 2 + level / gain + (snoise * level) ** 2)
+            work[k] = var
+            d = vals[k] - c
+            if d * d <= var * (low * low if d < 0 else high * high):
                 inside += 1
         if inside == 0:
             return m, 0, 0
@@ -194,9 +195,21 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
         if reject == LINEAR_FIT:
             mid = c + slope * k
             s = spread
-        elif reject == CCDCLIP:
-            s = work[k]
-            mid = c
+        elif reject == CCDCLIP:  # squared distances against the variance: no square root
+            d = v - c
+            if d < 0 and d * d > work[k] * (low * low):
+                nlow += 1
+                if track:
+                    member[idx[k], 0] += 1
+            elif d > 0 and d * d > work[k] * (high * high):
+                nhigh += 1
+                if track:
+                    member[idx[k], 1] += 1
+            else:
+                vals[keep] = v
+                idx[keep] = idx[k]
+                keep += 1
+            continue
         else:
             mid = c
             s = spread
