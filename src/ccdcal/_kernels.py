@@ -192,32 +192,19 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
     nhigh = 0
     for k in range(m):
         v = vals[k]
-        if reject == LINEAR_FIT:
-            mid = c + slope * k
-            s = spread
-        elif reject == CCDCLIP:  # squared distances against the variance: no square root
+        if reject == CCDCLIP:  # squared distances against each value's variance: no square root
             d = v - c
-            if d < 0 and d * d > work[k] * (low * low):
-                nlow += 1
-                if track:
-                    member[idx[k], 0] += 1
-            elif d > 0 and d * d > work[k] * (high * high):
-                nhigh += 1
-                if track:
-                    member[idx[k], 1] += 1
-            else:
-                vals[keep] = v
-                idx[keep] = idx[k]
-                keep += 1
-            continue
+            is_low = d < 0 and d * d > work[k] * (low * low)
+            is_high = d > 0 and d * d > work[k] * (high * high)
         else:
-            mid = c
-            s = spread
-        if v < mid - s * low:
+            mid = c + slope * k if reject == LINEAR_FIT else c
+            is_low = v < mid - spread * low
+            is_high = v > mid + spread * high
+        if is_low:
             nlow += 1
             if track:
                 member[idx[k], 0] += 1
-        elif v > mid + s * high:
+        elif is_high:
             nhigh += 1
             if track:
                 member[idx[k], 1] += 1
@@ -957,9 +944,9 @@ def _finite_or_zero(v):
 
 @njit(parallel=True, cache=True)
 def calibrated_sigma(signal, gain, rn2, bias_unc, dark_unc, dark_scale, flat, flat_unc, calibrated, flags, out):
-    """σ of each pixel of a calibrated frame, fused (:func:`ccdcal.calibrate.calibrated_uncertainty`
-    in one pass and no temporaries): the same float32 operations in the same order, so the same
-    bits. ``flags``: has bias σ, has dark σ, has flat, has flat σ and calibrated values."""
+    """σ of each pixel of a calibrated frame (the kernel of
+    :func:`ccdcal.calibrate.calibrated_uncertainty`): one pass in float32, no temporaries.
+    ``flags``: has bias σ, has dark σ, has flat, has flat σ and calibrated values."""
     ny, nx = signal.shape
     has_bias, has_dark, has_flat, has_fu = flags[0], flags[1], flags[2], flags[3]
     zero = np.float32(0.0)

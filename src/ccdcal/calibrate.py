@@ -296,45 +296,6 @@ class Master:
         return np.asarray(self.mask, dtype=np.uint8) & np.uint8(keep)
 
 
-def _nan_to_zero(values: np.ndarray) -> np.ndarray:
-    """``np.nan_to_num(values, nan=0.0)`` in float32, fast where every value is finite (the
-    usual case): only the non-finite values go through numpy's conversion."""
-    values = np.asarray(values, dtype=np.float32)
-    bad = ~np.isfinite(values)
-    if not bad.any():
-        return values
-    out = values.copy()
-    out[bad] = np.nan_to_num(values[bad], nan=0.0)
-    return out
-
-
-def _fused_uncertainty(signal: Any, read_noise: float, gain: float, bias_unc: Any, dark_unc: Any,
-                       dark_scale: float, flat: Any, flat_unc: Any, calibrated: Any) -> np.ndarray | None:
-    """:func:`calibrated_uncertainty` by the fused numba kernel (one pass, no full-frame
-    temporaries; the same bits), when every plane is a 2-D array of the signal's shape."""
-    from ._kernels import calibrated_sigma
-
-    signal = np.asarray(signal)
-    if signal.ndim != 2 or signal.dtype != np.float32:
-        return None
-    dummy = np.zeros((1, 1), np.float32)
-    planes = []
-    for plane in (bias_unc, dark_unc, flat, flat_unc, calibrated):
-        if plane is None:
-            planes.append(dummy)
-            continue
-        plane = np.asarray(plane, dtype=np.float32)
-        if plane.shape != signal.shape:
-            return None
-        planes.append(plane)
-    flags = np.array([bias_unc is not None, dark_unc is not None and bool(dark_scale), flat is not None,
-                      flat is not None and flat_unc is not None and calibrated is not None], np.bool_)
-    out = np.empty(signal.shape, np.float32)
-    calibrated_sigma(signal, np.float32(gain), np.float32(np.float32(read_noise) ** 2), planes[0], planes[1],
-                     np.float32(dark_scale), planes[2], planes[3], planes[4], flags, out)
-    return out
-
-
 def calibrated_uncertainty(
     signal: np.ndarray,
     *,
@@ -372,33 +333,28 @@ def calibrated_uncertainty(
     """
     if not gain > 0:
         raise InputError(f"gain must be positive to compute the uncertainty, got {gain!r}")
-    fused = _fused_uncertainty(signal, read_noise, gain, bias_uncertainty, dark_uncertainty, dark_scale, flat,
-                               flat_uncertainty, calibrated)
-    if fused is not None:
-        return fused
-    # float32 throughout, in two buffers: fresh full-frame temporaries are what costs here
-    # (page faults), and the operations are the same as the formula's, in the same order
-    var = np.maximum(np.asarray(signal, dtype=np.float32), np.float32(0.0))
-    var /= np.float32(gain)
-    var += np.float32(read_noise) ** 2
-    tmp = np.empty_like(var)
-    if bias_uncertainty is not None:
-        np.square(_nan_to_zero(bias_uncertainty), out=tmp)
-        var += tmp
-    if dark_uncertainty is not None and dark_scale:
-        np.multiply(np.float32(dark_scale), _nan_to_zero(dark_uncertainty), out=tmp)
-        np.square(tmp, out=tmp)
-        var += tmp
-    if flat is not None:
-        f = np.asarray(flat, dtype=np.float32)
-        np.multiply(f, f, out=tmp)
-        var /= tmp
-        if flat_uncertainty is not None and calibrated is not None:
-            np.divide(_nan_to_zero(flat_uncertainty), f, out=tmp)
-            np.multiply(_nan_to_zero(calibrated), tmp, out=tmp)
-            np.square(tmp, out=tmp)
-            var += tmp
-    return np.sqrt(var, out=var)
+    from ._kernels import calibrated_sigma
+
+    # one fused pass (numba), float32 throughout: the formula's operations in its order, with
+    # non-finite σ_bias, σ_dark, σ_F and calibrated values taken as 0 (±inf as ±float32 max)
+    signal = np.asarray(signal, dtype=np.float32)
+    if signal.ndim != 2:
+        raise InputError(f"the uncertainty needs a 2-D frame, got shape {signal.shape}")
+    dummy = np.zeros((1, 1), np.float32)
+    planes = []
+    for name, plane in (("bias uncertainty", bias_uncertainty), ("dark uncertainty", dark_uncertainty),
+                        ("flat", flat), ("flat uncertainty", flat_uncertainty), ("calibrated", calibrated)):
+        plane = dummy if plane is None else np.asarray(plane, dtype=np.float32)
+        if plane is not dummy and plane.shape != signal.shape:
+            raise InputError(f"the {name} is {plane.shape}, the frame {signal.shape}")
+        planes.append(plane)
+    flags = np.array([bias_uncertainty is not None, dark_uncertainty is not None and bool(dark_scale),
+                      flat is not None, flat is not None and flat_uncertainty is not None and calibrated is not None],
+                     np.bool_)
+    out = np.empty(signal.shape, np.float32)
+    calibrated_sigma(signal, np.float32(gain), np.float32(np.float32(read_noise) ** 2), planes[0], planes[1],
+                     np.float32(dark_scale), planes[2], planes[3], planes[4], flags, out)
+    return out
 
 
 def cosmic_ray_mask(data: np.ndarray, *, gain: float | None, read_noise: float | None,
