@@ -741,7 +741,7 @@ def _warn_unable_to_reject(n: int, opts: CombineOptions) -> None:
 
 # -- per-frame factors: the first, small pass -----------------------------------------------------
 def measure_factors(frames: Sequence[Any], options: CombineOptions, *,
-                    memory: str | int = DEFAULT_MEMORY) -> FrameFactors:
+                    memory: str | int = DEFAULT_MEMORY, sample_pixels: int | None = None) -> FrameFactors:
     """The per-frame scales, zeros and weights of a combine: its first, small pass.
 
     Levels named by ``options.scale`` and ``options.zero`` are measured on
@@ -756,6 +756,10 @@ def measure_factors(frames: Sequence[Any], options: CombineOptions, *,
     options : CombineOptions
     memory : str or int
         Budget for what one frame's region costs to read, e.g. ``"256MiB"``.
+    sample_pixels : int, optional
+        Measure the levels of frames that are not raw integers (whose histogram gives them
+        exactly in one pass) on evenly spaced bands of rows holding about this many pixels
+        (:func:`region_level_rows`) instead of the whole region.
 
     Returns
     -------
@@ -765,7 +769,7 @@ def measure_factors(frames: Sequence[Any], options: CombineOptions, *,
     budget = parse_memory(memory)
     with _opened(frames) as inputs:
         options.check_frames(inputs.n)
-        return _measure(inputs, options, budget)
+        return _measure(inputs, options, budget, sample_pixels)
 
 
 def _level_names(options: CombineOptions) -> list[str]:
@@ -773,7 +777,7 @@ def _level_names(options: CombineOptions) -> list[str]:
     return [how for how in (options.scale, options.zero) if isinstance(how, str)]
 
 
-def _measure(inputs: _Inputs, options: CombineOptions, budget: int) -> FrameFactors:
+def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixels: int | None = None) -> FrameFactors:
     from .sections import to_slices
 
     n, shape, hows = inputs.n, inputs.shape, _level_names(options)
@@ -781,7 +785,7 @@ def _measure(inputs: _Inputs, options: CombineOptions, budget: int) -> FrameFact
     if hows:
         region = (to_slices(options.scale_region, shape) if options.scale_region
                   else (slice(0, shape[0]), slice(0, shape[1])))
-        levels = _region_levels(inputs, list(dict.fromkeys(hows)), region, budget)
+        levels = _region_levels(inputs, list(dict.fromkeys(hows)), region, budget, sample_pixels)
     scales = np.ones(n)
     if isinstance(options.scale, str):
         scale_levels = levels[options.scale]
@@ -802,12 +806,6 @@ def _measure(inputs: _Inputs, options: CombineOptions, budget: int) -> FrameFact
     return FrameFactors(scales=scales, zeros=zeros, weights=np.ones(n) if weights is None else weights)
 
 
-def frame_level(values: np.ndarray, how: str) -> float:
-    """The level of ``values`` as ``scale``/``zero`` measure it: ``"median"``, ``"mean"`` or
-    ``"clipped-mean"`` of the finite values."""
-    return _level(values, how)
-
-
 def _level(values: np.ndarray, how: str) -> float:
     from . import _kernels
 
@@ -815,24 +813,54 @@ def _level(values: np.ndarray, how: str) -> float:
     return float(_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
 
 
+LEVEL_SAMPLE_BAND = 8  # rows read together by a level sample (region_level_rows)
+
+
+def region_level_rows(rows: slice, width: int, sample_pixels: int | None) -> list[tuple[int, int]]:
+    """The bands of rows a level of ``rows`` is measured on: the whole range, or one band of
+    :data:`LEVEL_SAMPLE_BAND` rows at the middle of each of equal strata, about
+    ``sample_pixels`` pixels in all (the midpoint rule: a smooth vignetting profile is sampled
+    without the bias of its edge rows).
+
+    The scale factors of member flats need their relative levels, not every pixel: the median
+    of n = 2^21 pixels spread over the whole region estimates the region's median to about
+    1.25·σ/√n (σ: the spread of the region's values, noise and vignetting together), ~1e-4 of
+    the level for a flat whose pixels spread by 10 % (measured: 3e-5 on a 25 %-vignetted flat,
+    tests/test_whole_night.py), below the per-pixel noise of a master of 20 such flats.
+    """
+    height, band = rows.stop - rows.start, LEVEL_SAMPLE_BAND
+    wanted = None if sample_pixels is None else max(band, sample_pixels // max(width, 1))
+    if wanted is None or wanted >= height:
+        return [(rows.start, rows.stop)]
+    nbands = max(1, wanted // band)
+    starts = [rows.start + min(height - band, max(0, (2 * k + 1) * height // (2 * nbands) - band // 2))
+              for k in range(nbands)]
+    return [(y, y + band) for y in starts]
+
+
 def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
-                   budget: int) -> dict[str, np.ndarray]:
+                   budget: int, sample_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Levels of ``region`` of every source, one source at a time (a small first read).
 
-    The region of one frame is held at a time (it may exceed a budget smaller than a frame);
-    it is read in row chunks so that the rows around it cost no more than a third of the budget.
+    The region (or its row sample, :func:`region_level_rows`) of one frame is held at a time
+    (it may exceed a budget smaller than a frame); it is read in row chunks so that the rows
+    around it cost no more than a third of the budget.
     """
     if _histogram_ready(inputs, hows):
         return _histogram_levels(inputs, hows, region, budget)
     rows, cols = region
     width = cols.stop - cols.start
     chunk = max(1, (budget // 3) // max(inputs.shape[1] * 4, 1))
-    values = np.empty((rows.stop - rows.start, width), np.float32)
+    bands = region_level_rows(rows, width, sample_pixels)
+    values = np.empty((sum(y1 - y0 for y0, y1 in bands), width), np.float32)
     levels = {how: np.empty(inputs.n) for how in hows}
     for i, (source, name) in enumerate(zip(inputs.sources, inputs.names, strict=True)):
-        for y in range(rows.start, rows.stop, chunk):
-            y1 = min(rows.stop, y + chunk)
-            values[y - rows.start: y1 - rows.start] = source.read_rows(y, y1)[:, cols]
+        at = 0
+        for b0, b1 in bands:
+            for y in range(b0, b1, chunk):
+                y1 = min(b1, y + chunk)
+                values[at: at + y1 - y] = source.read_rows(y, y1)[:, cols]
+                at += y1 - y
         for how in hows:
             levels[how][i] = _level(values, how)
         if not np.isfinite(levels[hows[0]][i]):

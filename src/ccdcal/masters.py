@@ -201,40 +201,7 @@ def central_band(source: Any) -> np.ndarray:
     return np.asarray(source.read_rows(y0, y0 + height), dtype=np.float32)
 
 
-LEVEL_SAMPLE_PIXELS = 1 << 21  # pixels of the row subsample a member flat's scale level is measured on
-LEVEL_SAMPLE_BAND = 8          # rows read together
-
-
-def sampled_levels(sources: Any, how: str, region: tuple[slice, slice]) -> list[float]:
-    """The ``how`` level (median, mean, clipped-mean) of each source in ``region``, measured on
-    evenly spaced bands of rows holding about :data:`LEVEL_SAMPLE_PIXELS` pixels.
-
-    The scale factors of member flats need their relative levels, not every pixel: the median
-    of n = 2^21 pixels spread over the whole region estimates the region's median to about
-    1.25·σ/√n (σ: the spread of the region's values, noise and vignetting together), i.e.
-    ~1e-4 of the level for a flat whose pixels spread by 10 %, an order of magnitude below
-    the per-pixel noise of a master of 20 such flats. A region no larger than the sample is
-    read whole (the same numbers as the full measurement).
-    """
-    from .combine import frame_level
-
-    rows, cols = region
-    height, width = rows.stop - rows.start, cols.stop - cols.start
-    band = LEVEL_SAMPLE_BAND
-    wanted_rows = max(band, LEVEL_SAMPLE_PIXELS // max(width, 1))
-    if wanted_rows >= height:
-        starts, band = [rows.start], height
-    else:
-        # one band at the middle of each of nbands equal strata of the region (the midpoint
-        # rule: a smooth vignetting profile is sampled without the bias of its edge rows)
-        nbands = max(1, wanted_rows // band)
-        starts = [rows.start + min(height - band, max(0, (2 * k + 1) * height // (2 * nbands) - band // 2))
-                  for k in range(nbands)]
-    levels = []
-    for source in sources:
-        values = np.concatenate([source.read_rows(y, y + band)[:, cols] for y in starts])
-        levels.append(frame_level(values, how))
-    return levels
+LEVEL_SAMPLE_PIXELS = 1 << 21  # pixels of the row sample member flats' scale levels are measured on
 
 
 def closest_pair(levels: list[float]) -> tuple[int, int]:

@@ -200,15 +200,18 @@ def prepare_master(item: tuple[MasterJob, dict[str, Any] | None], ctx: RunContex
 def _first_pass(job: MasterJob, ctx: RunContext, sources: list[Any], fp: str,
                 inputs: tuple[dict[str, Any], ...]) -> MasterWork:
     from .combine import CombineOptions, measure_factors, warn_unable_to_reject
+    from .masters import LEVEL_SAMPLE_PIXELS
 
     settings = job.settings
     noise = measure_noise_model(job, ctx, sources)
     options = CombineOptions.create(
-        len(sources), header=sources[0].header, method=settings.method, scale=_scale_factors(job, sources),
+        len(sources), header=sources[0].header, method=settings.method, scale=settings.scale,
         scale_region=settings.scale_region, clip_extrema=settings.clip_extrema,
         sigma_clip=settings.sigma_clip, **noise.combine_keywords())
     warn_unable_to_reject(len(sources), options)
-    factors = measure_factors(sources, options, memory=ctx.options.memory)
+    # flat levels from a row sample of the calibrated members (a whole pass spared; precision
+    # in combine.region_level_rows)
+    factors = measure_factors(sources, options, memory=ctx.options.memory, sample_pixels=LEVEL_SAMPLE_PIXELS)
     overscans = tuple(getattr(src, "fit_overscan", lambda: None)() for src in sources)
     return MasterWork(job=job, fingerprint=fp, inputs=inputs, combine=options, factors=factors, noise=noise,
                       shape=tuple(int(v) for v in sources[0].shape),
@@ -319,30 +322,6 @@ def _write_master(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sour
     write_fits(ctx.out_dir / job.output, done.data, header, uncertainty=done.uncertainty, mask=done.mask,
                unit="adu/adu" if job.kind.value == "flat" else "adu")
     _write_rejection_map(ctx.out_dir, job.name, result)
-
-
-def _scale_factors(job: MasterJob, sources: list[Any]) -> Any:
-    """What ``combine`` gets as ``scale``: a level name for members it reads as raw integers
-    (measured exactly from their histograms in its first pass), else the factors mean(L)/L_i
-    from levels measured on a row subsample (:func:`ccdcal.masters.sampled_levels`), which
-    spares a whole calibrated pass over every member."""
-    from .errors import InputError
-    from .frames import FrameSource
-    from .masters import sampled_levels
-    from .sections import to_slices
-
-    how = job.settings.scale
-    if not isinstance(how, str) or how == "none" or all(isinstance(s, FrameSource) for s in sources):
-        return how
-    shape = sources[0].shape
-    region = (to_slices(job.settings.scale_region, shape) if job.settings.scale_region
-              else (slice(0, shape[0]), slice(0, shape[1])))
-    levels = np.asarray(sampled_levels(sources, how, region))
-    if not np.all(np.isfinite(levels)) or np.any(levels <= 0):
-        k = int(np.argmin(np.where(np.isfinite(levels), levels, -np.inf)))
-        raise InputError(f"{job.members[k].name}: its {how} level is {levels[k]:g}, so it cannot be scaled;"
-                         " remove it or drop --scale")
-    return list(levels.mean() / levels)
 
 
 def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> Any:
