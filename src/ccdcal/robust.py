@@ -1,7 +1,9 @@
 """Robust statistics shared by every module: the MAD-to-sigma constant, a MAD standard
-deviation and an iteratively clipped one."""
+deviation, an iteratively clipped one, and a clipped level with its spread."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -40,3 +42,30 @@ def clipped_std(values: np.ndarray, *, sigma: float = 4.0, maxiters: int = 5) ->
             break
         kept = new
     return spread
+
+
+def clipped_level(values: np.ndarray, *, sigma: float = 3.0, maxiters: int = 10) -> tuple[float, float]:
+    """Sigma-clipped median and standard deviation of the finite ``values``: clip at
+    ``sigma``·σ about the median until nothing changes; σ is the std of the survivors
+    corrected for the truncation of a normal distribution (×1/0.9866 at 3σ)."""
+    from scipy.special import erf
+
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size < 3:
+        return float("nan"), float("nan")
+    centre, spread = float(np.median(v)), robust_std(v)
+    phi = math.exp(-sigma * sigma / 2) / math.sqrt(2 * math.pi)
+    truncation = math.sqrt(1.0 - 2.0 * sigma * phi / float(erf(sigma / math.sqrt(2))))
+    count = v.size
+    for _ in range(maxiters):
+        if not spread > 0:
+            break
+        kept = v[np.abs(v - centre) <= sigma * spread]
+        if kept.size < 3:
+            break
+        centre, spread = float(np.median(kept)), float(np.std(kept)) / truncation
+        if kept.size == count:
+            break
+        count = kept.size
+    return centre, spread

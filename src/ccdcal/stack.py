@@ -52,6 +52,7 @@ from numba import njit
 from .errors import CcdcalWarning, InputError
 from .headers import stack_header
 from .resample import InputBuffers, ResampledRows, RowThreads
+from .robust import clipped_level
 
 REJECTS = ("auto", "noise", "none")
 WEIGHTINGS = ("noise", "none")
@@ -316,35 +317,6 @@ def _open_sources(frames: Sequence[Any], matrices: Sequence[Any], out_shape: Any
 
 
 # -- per-frame levels ---------------------------------------------------------------------------------
-def clipped_level(values: np.ndarray, *, sigma: float = 3.0, maxiters: int = 10) -> tuple[float, float]:
-    """Sigma-clipped median and standard deviation of the finite ``values``: clip at
-    ``sigma``·σ about the median until nothing changes; σ is the std of the survivors
-    corrected for the truncation of a normal distribution (×1/0.9866 at 3σ)."""
-    from scipy.special import erf
-
-    from .robust import robust_std
-
-    v = np.asarray(values, np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size < 3:
-        return float("nan"), float("nan")
-    centre, spread = float(np.median(v)), robust_std(v)
-    phi = math.exp(-sigma * sigma / 2) / math.sqrt(2 * math.pi)
-    truncation = math.sqrt(1.0 - 2.0 * sigma * phi / float(erf(sigma / math.sqrt(2))))
-    count = v.size
-    for _ in range(maxiters):
-        if not spread > 0:
-            break
-        kept = v[np.abs(v - centre) <= sigma * spread]
-        if kept.size < 3:
-            break
-        centre, spread = float(np.median(kept)), float(np.std(kept)) / truncation
-        if kept.size == count:
-            break
-        count = kept.size
-    return centre, spread
-
-
 def _background(source: ResampledRows, rows: int = 64) -> tuple[float, float]:
     """(background, σ) of a frame from a sample of its own rows (blocks of 4 rows)."""
     ny = source.source_shape[0]
