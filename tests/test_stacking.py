@@ -40,8 +40,15 @@ def field(tmp_path_factory):
         "f7_shift": sf.shift(-2.9, -1.3),
     }
     paths = {}
+    cosmic = {}
     for k, (name, matrix) in enumerate(truths.items()):
         data, sigma = sf.observe(SHAPE, stars, matrix, seed=10 + k)
+        # cosmic rays, as every real light has: 40 hits of 1-2 pixels, 2000-20000 ADU, not masked
+        hits = np.random.default_rng(100 + k)
+        ys, xs = hits.integers(5, SHAPE[0] - 5, 40), hits.integers(5, SHAPE[1] - 5, 40)
+        data[ys, xs] += hits.uniform(2000, 20000, 40).astype(np.float32)
+        data[ys, xs + 1] += hits.uniform(0, 3000, 40).astype(np.float32)
+        cosmic[name] = (xs, ys)
         if name == "f6_trail":
             yy, xx = np.mgrid[0:SHAPE[0], 0:SHAPE[1]]
             trail = np.abs((yy - 40) - 0.6 * xx) < 1.5
@@ -58,7 +65,7 @@ def field(tmp_path_factory):
                                         np.sqrt(25 + trailed).astype(np.float32))
     empty = (1000 + rng.normal(size=SHAPE) * math.sqrt(1025)).astype(np.float32)
     paths["x_empty"] = sf.write_light(root / "x_empty.fits", empty, np.full(SHAPE, 32.0, np.float32))
-    return {"root": root, "stars": stars, "truths": truths, "paths": paths}
+    return {"root": root, "stars": stars, "truths": truths, "paths": paths, "cosmic": cosmic}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +140,14 @@ def test_stack_is_on_the_reference_grid_sharp_deep_and_without_the_trail(field, 
     sigma = float(np.nanmedian(stack.uncertainty[free]))
     assert np.nanmax(np.abs(stack.data[trail] - sky)) < 6 * sigma
     assert (stack.rejected[trail] >= 1).mean() > 0.9
+    # the cosmic rays of every frame are gone too (checked where they land on the reference grid,
+    # away from stars and the stack's edges)
+    for name, (xs, ys) in field["cosmic"].items():
+        m = field["truths"][name]
+        p = m @ np.vstack([xs, ys, np.ones(xs.size)])
+        for x, y in zip(np.round(p[0]).astype(int), np.round(p[1]).astype(int), strict=True):
+            if 3 <= x < SHAPE[1] - 3 and 3 <= y < SHAPE[0] - 3 and free[y - 2:y + 3, x - 2:x + 3].all():
+                assert abs(stack.data[y, x] - sky) < 6 * sigma, (name, x, y)
 
 
 def test_cli_writes_the_stack_preview_and_frames_table(field, tmp_path):
