@@ -135,26 +135,27 @@ def test_unwritable_output_folder_is_exit_2(demo_night, tmp_path):
 
 
 def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night, tmp_path, monkeypatch):
+    from ccdcal import frames
     from ccdcal.pipeline import ReduceOptions, reduce, verify
 
-    real_writeto = fits.HDUList.writeto
+    real_write = frames._write_hdus
     calls = {"n": 0}
 
-    def writeto(self, name, *args, **kwargs):
+    def write_hdus(tmp, hdul):
         calls["n"] += 1
         if calls["n"] == 3:  # the third FITS output: write half of it, then the disk is full
-            Path(name).write_bytes(b"\0" * 5000)
+            Path(tmp).write_bytes(b"\0" * 5000)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_writeto(self, name, *args, **kwargs)
+        return real_write(tmp, hdul)
 
-    monkeypatch.setattr(fits.HDUList, "writeto", writeto)
+    monkeypatch.setattr(frames, "_write_hdus", write_hdus)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="disk filled up"):
         reduce([demo_night / "raw"], out, options=ReduceOptions(report=False))
     assert not stray_partials(out)
     written = sorted((out / "masters").iterdir())
     assert len(written) == 2
-    monkeypatch.setattr(fits.HDUList, "writeto", real_writeto)
+    monkeypatch.setattr(frames, "_write_hdus", real_write)
     check = verify(out)
     assert not check.problems and len(check.ok) == 2
 
@@ -162,11 +163,11 @@ def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night
 def test_disk_full_on_the_cli_is_exit_1_without_traceback(demo_night, tmp_path):
     script = (
         "import errno, sys\n"
-        "from astropy.io import fits\n"
-        "def boom(self, name, *a, **k):\n"
-        "    open(name, 'wb').write(b'x' * 100)\n"
+        "from ccdcal import frames\n"
+        "def boom(tmp, hdul):\n"
+        "    open(tmp, 'wb').write(b'x' * 100)\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "fits.HDUList.writeto = boom\n"
+        "frames._write_hdus = boom\n"
         "from ccdcal.cli import main\n"
         f"sys.exit(main(['reduce', {str(demo_night / 'raw')!r}, '-o', {str(tmp_path / 'out')!r}, '--no-report']))\n"
     )

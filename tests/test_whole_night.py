@@ -200,3 +200,84 @@ def test_uncertainty_plane_is_the_documented_formula_bit_for_bit():
             want = _sigma_formula(signal, 7.3, 1.37, **kw)
             assert got.dtype == np.float32
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), sorted(kw)
+
+
+def _astropy_written(path, data, header, uncertainty, mask):
+    from astropy.io import fits
+
+    primary = fits.PrimaryHDU(data, header=header.copy())
+    primary.header["BUNIT"] = ("adu", "physical unit of the data")
+    uh = fits.Header()
+    uh["UTYPE"] = ("StdDevUncertainty", "uncertainty type (astropy.nddata)")
+    uh["BUNIT"] = "adu"
+    fits.HDUList([primary, fits.ImageHDU(uncertainty, header=uh, name="UNCERT"),
+                  fits.ImageHDU(mask, name="MASK")]).writeto(path, checksum=True)
+
+
+def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
+    """The streamed writer against astropy's own writer: the same bytes wherever the
+    checksum timestamps do not enter, CHECKSUM/DATASUM that astropy verifies, and the
+    SHA-256 it remembers equal to hashing the file afterwards."""
+    import hashlib
+    import warnings
+
+    from astropy.io import fits
+
+    from ccdcal.frames import write_fits
+    from ccdcal.manifest import _HASHES, _hash_key
+
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (7, 13), (5, 3), (333, 517)]:      # odd sizes: partial words and blocks
+        data = rng.normal(100, 30, shape).astype(np.float32)
+        data.flat[0] = np.nan
+        data.flat[-1] = -np.inf
+        unc = np.abs(rng.normal(5, 1, shape)).astype(np.float32)
+        mask = rng.integers(0, 256, shape).astype(np.uint8)
+        header = fits.Header([("OBJECT", "M51"), ("LONGCOMM", "a" * 60, "b" * 40), ("EXPTIME", 300.0)])
+        ours, theirs = tmp_path / f"ours{shape}.fits", tmp_path / f"theirs{shape}.fits"
+        write_fits(ours, data, header, uncertainty=unc, mask=mask, unit="adu")
+        _astropy_written(theirs, data, header, unc, mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # astropy warns when a checksum does not verify
+            with fits.open(ours, checksum=True) as a, fits.open(theirs) as b:
+                assert len(a) == len(b) == 3
+                for ha, hb in zip(a, b, strict=True):
+                    assert np.array_equal(ha.data, hb.data, equal_nan=True)
+                    assert ha.header["DATASUM"] == hb.header["DATASUM"]
+                    keys_a = [(c.keyword, c.value) for c in ha.header.cards if c.keyword != "CHECKSUM"]
+                    keys_b = [(c.keyword, c.value) for c in hb.header.cards if c.keyword != "CHECKSUM"]
+                    assert keys_a == keys_b
+        raw_a, raw_b = ours.read_bytes(), theirs.read_bytes()
+        assert len(raw_a) == len(raw_b) and len(raw_a) % 2880 == 0
+        # the data units are byte for byte astropy's (headers differ only in the checksum cards)
+        with fits.open(theirs) as b:
+            for hdu in b:
+                start, size = hdu.fileinfo()["datLoc"], hdu.fileinfo()["datSpan"]
+                assert raw_a[start:start + size] == raw_b[start:start + size]
+        assert _HASHES[_hash_key(ours)] == hashlib.sha256(raw_a).hexdigest()
+
+
+def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsample(tmp_path):
+    """The report's light statistics come from a 2^18-pixel regular subsample; against
+    numpy's statistics of every pixel they are as close as report.STATS_PIXELS states
+    (median to ~0.0025 σ, std to ~0.14 %: bounds at about 4x those)."""
+    import json
+
+    from astropy.stats import sigma_clipped_stats
+
+    from ccdcal.report import STATS_PIXELS, write_light_previews
+
+    rng = np.random.default_rng(12)
+    shape = (2048, 2048)
+    sky, sigma = 800.0, 30.0
+    data = rng.normal(sky, sigma, shape).astype(np.float32)
+    y, x = rng.integers(10, 2038, (2, 300))
+    for yy, xx in zip(y, x, strict=True):                 # stars: a tail the clipping must remove
+        data[yy - 2:yy + 3, xx - 2:xx + 3] += rng.uniform(200, 20000)
+    write_light_previews(tmp_path, "calibrated/light.fits", data)
+    stats = json.loads((tmp_path / "previews" / "light-light.json").read_text())["stats"]
+    assert STATS_PIXELS <= stats["npix"] < 1.1 * STATS_PIXELS
+    _, median, std = sigma_clipped_stats(data, sigma=3.0, maxiters=5)
+    assert abs(stats["clipped_median"] - median) < 0.01 * sigma
+    assert abs(stats["median"] - np.median(data)) < 0.01 * sigma
+    assert abs(stats["clipped_std"] / std - 1) < 0.006

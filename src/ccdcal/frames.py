@@ -551,6 +551,11 @@ def write_fits(
     The result reads back with ``astropy.nddata.CCDData.read(path)``: primary HDU =
     data with ``BUNIT``, ``UNCERT`` = standard deviation, ``MASK`` = uint8 bitmask
     (non-zero = bad). CHECKSUM/DATASUM are written on every HDU.
+
+    astropy makes the headers; the data are written here in one streamed pass that converts
+    them to big-endian in blocks, with the data checksums summed beforehand in the same numba
+    kernels and the file's SHA-256 taken from the bytes as they are written (it is remembered
+    for the manifest, so the output is not read back to hash it).
     """
     from astropy.io import fits
 
@@ -558,18 +563,110 @@ def write_fits(
     hdr = clean_header(header)
     if unit is not None:
         hdr["BUNIT"] = (unit, "physical unit of the data")
-    hdus = [fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=hdr)]
+    hdus = [fits.PrimaryHDU(np.ascontiguousarray(data, dtype=np.float32), header=hdr)]
     if uncertainty is not None:
         uh = fits.Header()
         uh["UTYPE"] = ("StdDevUncertainty", "uncertainty type (astropy.nddata)")
         if unit is not None:
             uh["BUNIT"] = unit
-        hdus.append(fits.ImageHDU(np.asarray(uncertainty, dtype=np.float32), header=uh, name="UNCERT"))
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(uncertainty, dtype=np.float32), header=uh, name="UNCERT"))
     if mask is not None:
-        hdus.append(fits.ImageHDU(np.asarray(mask, dtype=np.uint8), name="MASK"))
+        hdus.append(fits.ImageHDU(np.ascontiguousarray(mask, dtype=np.uint8), name="MASK"))
     hdul = fits.HDUList(hdus)
-    _write_atomic(path, lambda tmp: hdul.writeto(tmp, checksum=True, output_verify="silentfix"))
+    hdul.verify("silentfix")
+    hdul.update_extend()
+    digest: list[str] = []
+    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)))
+    from .manifest import remember_digest
+
+    remember_digest(path, digest[0])
     return path
+
+
+_BLOCK = 2880
+_WRITE_WORDS = 1 << 20  # 4 MiB of data converted and written at a time
+
+
+def _ones_complement(total: int) -> int:
+    """Fold a sum of 32-bit words into a 32-bit ones' complement sum (end-around carries)."""
+    while total >> 32:
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    return total
+
+
+def _checksum_text(value: int) -> str:
+    """The 16 characters of a FITS CHECKSUM card for the ones' complement ``value`` (the
+    complement of the HDU's sum), as the FITS checksum convention encodes it: each byte is
+    spread over four printable characters, nudged off the punctuation between the digits and
+    the letters, then the string is rotated one place to the right."""
+    punctuation = set(range(0x3A, 0x41)) | set(range(0x5B, 0x61))
+    chars = [0] * 16
+    for i in range(4):
+        byte = (value >> (24 - 8 * i)) & 0xFF
+        base = byte // 4 + 0x30
+        quad = [base + byte % 4, base, base, base]
+        moved = True
+        while moved:
+            moved = False
+            for j in (0, 2):
+                while quad[j] in punctuation or quad[j + 1] in punctuation:
+                    quad[j] += 1
+                    quad[j + 1] -= 1
+                    moved = True
+        for j in range(4):
+            chars[4 * j + i] = quad[j]
+    return bytes(chars[-1:] + chars[:-1]).decode("ascii")
+
+
+def _header_words(text: bytes) -> int:
+    return int(np.frombuffer(text, dtype=">u4").sum(dtype=np.uint64))
+
+
+def _write_hdus(tmp: Path, hdul: Any) -> str:
+    """Write the HDUs of ``hdul`` to ``tmp`` with CHECKSUM/DATASUM; returns the file's SHA-256."""
+    import hashlib
+    import time
+
+    from ._kernels import to_big_endian, word_sum
+
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as fh:
+
+        def put(chunk: Any) -> None:
+            digest.update(chunk)  # releases the GIL for large blocks
+            fh.write(chunk)
+
+        for hdu in hdul:
+            data = hdu.data
+            words = data.reshape(-1)
+            pad = -words.nbytes % 4
+            if data.dtype.itemsize == 1:  # bytes: words are read big-endian from the byte stream
+                whole = words[: words.size - words.size % 4].view(np.uint32)
+                total = int(word_sum(whole, True))
+                tail = words[whole.size * 4:].tobytes() + b"\0" * pad
+                total += int.from_bytes(tail, "big") if tail else 0
+            else:
+                total = int(word_sum(words.view(np.uint32), False))
+            datasum = _ones_complement(total)
+            header = hdu.header
+            header["CHECKSUM"] = ("0" * 16, f"HDU checksum updated {when}")
+            header["DATASUM"] = (str(datasum), f"data unit checksum updated {when}")
+            hsum = _ones_complement(_header_words(header.tostring().encode("ascii")) + datasum)
+            header["CHECKSUM"] = _checksum_text(~hsum & 0xFFFFFFFF)
+            put(header.tostring().encode("ascii"))
+            if data.dtype.itemsize == 1:
+                put(memoryview(words))
+            else:
+                native = words.view(np.uint32)
+                buffer = np.empty(min(_WRITE_WORDS, native.size), np.uint32)
+                for start in range(0, native.size, _WRITE_WORDS):
+                    part = native[start:start + _WRITE_WORDS]
+                    out = buffer[: part.size]
+                    to_big_endian(part, out)
+                    put(memoryview(out).cast("B"))
+            put(b"\0" * (-words.nbytes % _BLOCK))
+    return digest.hexdigest()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -561,7 +561,7 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     frames = list(inventory.frames)
     todo = [i for members in groups.values() for i in members]
     metrics: dict[int, dict[str, float]] = {}
-    results = executor.map(pixel_metrics, [frames[i] for i in todo], workers=1) if executor is not None else \
+    results = executor.map(pixel_metrics, [frames[i] for i in todo]) if executor is not None else \
         map(pixel_metrics, [frames[i] for i in todo])
     for i, value in zip(todo, steps(results, "checking frames", progress, total=len(todo)), strict=True):
         info = frames[i]

@@ -239,3 +239,12 @@ def _check_output(target: Path, entry: dict[str, Any]) -> str | None:
             return f"unreadable FITS ({exc})"
     bad = [str(w.message) for w in caught if "checksum" in str(w.message).lower() or "datasum" in str(w.message).lower()]
     return f"CHECKSUM/DATASUM mismatch: {bad[0]}" if bad else None
+
+
+def remember_digest(path: Path, value: str) -> None:
+    """Record the SHA-256 of a file this process has just written (taken from the bytes as they
+    were written), so :func:`file_sha256` does not read it back."""
+    path = Path(path)
+    key = _hash_key(path)
+    with _HASH_LOCK:
+        _HASHES[key] = value

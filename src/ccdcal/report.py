@@ -426,7 +426,7 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
         png, w, h = _preview(data, size, "autostf")
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
         sizes[suffix or "preview"] = [w, h]
-    facts = {"output": output, "sizes": sizes, "stats": _stats_dict(data, max_pixels=1_100_000)}
+    facts = {"output": output, "sizes": sizes, "stats": _stats_dict(data)}
     write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float))
 
 
