@@ -1100,6 +1100,12 @@ class _Workspace:
         tracked = plan.kernel == "general" or (plan.kernel == "fast" and options.reject != "none"
                                                and options.nlow + options.nhigh == 0)
         self.tracked = tracked
+        # the master flat's case (ccdclip about the median of scaled frames, an unweighted mean
+        # or sum): the general kernel's results from a kernel that works on all pixels of a job
+        # at once and redoes only the pixels that lose a value
+        self.ccdclip = (plan.kernel == "general" and options.reject == "ccdclip" and options.center != "mean"
+                        and options.method in ("mean", "sum") and options.nlow + options.nhigh == 0
+                        and not plan.has_unc and options.weights is None)
         self.member_jobs = np.zeros((rows * self.nchunks, n, 2) if tracked else (1, 1, 2), np.int32)
         # float32 working values when exact (no scaling), else float64
         scaled = np.any(factors.scales != 1.0) or np.any(factors.zeros != 0.0)
@@ -1160,6 +1166,10 @@ def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Pl
             _kernels.combine_tile_sorted(tile, valid, factors.scales, factors.zeros, ws.pairs, ws.iparams,
                                          ws.fparams, ws.proto, *ws.decode, *planes, jobs)
             return jobs.sum(axis=0, dtype=np.int64) if ws.tracked else None
+        if ws.ccdclip:
+            _kernels.combine_tile_ccdclip(tile, valid, factors.scales, factors.zeros, ws.pairs, ws.iparams,
+                                          ws.fparams, *planes, jobs)
+            return jobs.sum(axis=0, dtype=np.int64)
         _kernels.combine_tile(tile, valid, ws.unc[:, :h] if plan.has_unc else ws.unc, factors.scales,
                               factors.zeros, factors.weights, ws.pairs, ws.iparams, ws.fparams, *planes, jobs)
     return jobs.sum(axis=0, dtype=np.int64)
