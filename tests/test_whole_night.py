@@ -281,3 +281,18 @@ def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsam
     assert abs(stats["clipped_median"] - median) < 0.01 * sigma
     assert abs(stats["median"] - np.median(data)) < 0.01 * sigma
     assert abs(stats["clipped_std"] / std - 1) < 0.006
+
+
+def test_dark_subtraction_in_place_rounds_as_numpy_does():
+    """subtract_dark's kernel (no frame-sized temporary) against numpy's data - float32(k)*dark."""
+    from ccdcal.calibrate import subtract_dark
+
+    rng = np.random.default_rng(3)
+    for scale in (0.0167, 1.0, 1 / 3, 2.7):
+        data = rng.normal(1000, 50, (300, 517)).astype(np.float32)
+        dark = rng.normal(20, 9, (300, 517)).astype(np.float32)
+        dark[0, 0], dark[1, 1] = np.nan, np.inf
+        expected = data - np.float32(scale) * dark
+        assert np.array_equal(subtract_dark(data.copy(), dark, scale), expected, equal_nan=True)
+        view = data[:, 3:-2]                             # not contiguous: numpy's own path
+        assert np.array_equal(subtract_dark(view.copy(), dark[:, 3:-2], scale), expected[:, 3:-2], equal_nan=True)

@@ -1129,3 +1129,13 @@ def combine_tile_ccdclip(stack, valid, scales, zeros, pairs, iparams, fparams,
                 out_data[r, x] = mean * n if method == SUM else mean
                 err = np.sqrt(acc[c] / (m - 1)) * np.sqrt(fm) / fm if m > 1 else 0.0
                 out_err[r, x] = err * n if method == SUM else err
+
+
+@njit(parallel=True, cache=True)
+def subtract_scaled(data, other, scale):
+    """``data -= scale * other`` in place, float32 throughout (numpy's rounding: the product
+    rounded to float32, then the difference), without numpy's frame-sized temporary."""
+    flat = data.reshape(-1)
+    rhs = other.reshape(-1)
+    for i in prange(flat.size):
+        flat[i] = flat[i] - np.float32(scale * rhs[i])

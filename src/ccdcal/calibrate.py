@@ -81,7 +81,13 @@ def subtract_bias(data: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
 def subtract_dark(data: np.ndarray, dark: np.ndarray | None, scale: float) -> np.ndarray:
     """``data −= float32(scale)·dark`` in place (nothing without a dark or with scale 0)."""
     if dark is not None and scale != 0.0:
-        data -= np.float32(scale) * np.asarray(dark, dtype=np.float32)
+        dark = np.asarray(dark, dtype=np.float32)
+        if data.flags.c_contiguous and dark.flags.c_contiguous and data.shape == dark.shape:
+            from ._kernels import subtract_scaled
+
+            subtract_scaled(data, dark, np.float32(scale))   # the same float32 arithmetic, no temporary
+        else:
+            data -= np.float32(scale) * dark
     return data
 
 

@@ -39,6 +39,7 @@ class LocalExecutor:
 
     address: str | None = None
     dashboard: str | None = None
+    shares_memory = True   # the tasks run in this process: they can use what it holds
 
     def __init__(self, workers: int | None = None):
         self.workers = workers or min(4, os.cpu_count() or 1)
@@ -86,6 +87,8 @@ class DaskExecutor:
     scheduler reruns its tasks elsewhere (outputs are written atomically, so a killed task
     leaves no half file). Exceptions of a task are re-raised here.
     """
+
+    shares_memory = False   # workers are other processes: what they use must be on disk
 
     def __init__(self, address: str, *, memory: int | None = None):
         try:

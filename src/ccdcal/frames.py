@@ -552,14 +552,21 @@ def write_fits(
     data with ``BUNIT``, ``UNCERT`` = standard deviation, ``MASK`` = uint8 bitmask
     (non-zero = bad). CHECKSUM/DATASUM are written on every HDU.
 
-    astropy makes the headers; the data are written here in one streamed pass that converts
-    them to big-endian in blocks, with the data checksums summed beforehand in the same numba
-    kernels and the file's SHA-256 taken from the bytes as they are written (it is remembered
-    for the manifest, so the output is not read back to hash it).
+    astropy makes the headers (:func:`fits_hdus`); :func:`add_checksums` sums the data in
+    numba kernels; :func:`write_hdus` streams the data out big-endian in blocks and takes the
+    file's SHA-256 from the bytes as they are written (remembered for the manifest, so the
+    output is not read back to hash it).
     """
+    hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit)
+    add_checksums(hdul)
+    return write_hdus(path, hdul)
+
+
+def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray | None = None,
+              mask: np.ndarray | None = None, unit: str | None = None) -> Any:
+    """The HDUList :func:`write_fits` writes (headers complete but for the checksums)."""
     from astropy.io import fits
 
-    path = Path(path)
     hdr = clean_header(header)
     if unit is not None:
         hdr["BUNIT"] = (unit, "physical unit of the data")
@@ -575,6 +582,12 @@ def write_fits(
     hdul = fits.HDUList(hdus)
     hdul.verify("silentfix")
     hdul.update_extend()
+    return hdul
+
+
+def write_hdus(path: str | os.PathLike, hdul: Any) -> Path:
+    """Write ``hdul`` (from :func:`fits_hdus`, with :func:`add_checksums` applied) atomically."""
+    path = Path(path)
     digest: list[str] = []
     _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)))
     from .manifest import remember_digest
@@ -622,14 +635,37 @@ def _header_words(text: bytes) -> int:
     return int(np.frombuffer(text, dtype=">u4").sum(dtype=np.uint64))
 
 
-def _write_hdus(tmp: Path, hdul: Any) -> str:
-    """Write the HDUs of ``hdul`` to ``tmp`` with CHECKSUM/DATASUM; returns the file's SHA-256."""
-    import hashlib
+def add_checksums(hdul: Any) -> None:
+    """Set DATASUM and CHECKSUM on every HDU of ``hdul`` (the FITS checksum convention), the data
+    summed as the file will store them, in numba kernels."""
     import time
 
-    from ._kernels import to_big_endian, word_sum
+    from ._kernels import word_sum
 
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+    for hdu in hdul:
+        words = hdu.data.reshape(-1)
+        if words.dtype.itemsize == 1:  # bytes: words are read big-endian from the byte stream
+            whole = words[: words.size - words.size % 4].view(np.uint32)
+            total = int(word_sum(whole, True))
+            tail = words[whole.size * 4:].tobytes() + b"\0" * (-words.nbytes % 4)
+            total += int.from_bytes(tail, "big") if tail else 0
+        else:   # 32-bit numbers: the stored big-endian word has the native word's value
+            total = int(word_sum(words.view(np.uint32), False))
+        datasum = _ones_complement(total)
+        header = hdu.header
+        header["CHECKSUM"] = ("0" * 16, f"HDU checksum updated {when}")
+        header["DATASUM"] = (str(datasum), f"data unit checksum updated {when}")
+        hsum = _ones_complement(_header_words(header.tostring().encode("ascii")) + datasum)
+        header["CHECKSUM"] = _checksum_text(~hsum & 0xFFFFFFFF)
+
+
+def _write_hdus(tmp: Path, hdul: Any) -> str:
+    """Write the HDUs of ``hdul`` to ``tmp`` as they are; returns the file's SHA-256."""
+    import hashlib
+
+    from ._kernels import to_big_endian
+
     digest = hashlib.sha256()
     with open(tmp, "wb") as fh:
 
@@ -638,24 +674,9 @@ def _write_hdus(tmp: Path, hdul: Any) -> str:
             fh.write(chunk)
 
         for hdu in hdul:
-            data = hdu.data
-            words = data.reshape(-1)
-            pad = -words.nbytes % 4
-            if data.dtype.itemsize == 1:  # bytes: words are read big-endian from the byte stream
-                whole = words[: words.size - words.size % 4].view(np.uint32)
-                total = int(word_sum(whole, True))
-                tail = words[whole.size * 4:].tobytes() + b"\0" * pad
-                total += int.from_bytes(tail, "big") if tail else 0
-            else:
-                total = int(word_sum(words.view(np.uint32), False))
-            datasum = _ones_complement(total)
-            header = hdu.header
-            header["CHECKSUM"] = ("0" * 16, f"HDU checksum updated {when}")
-            header["DATASUM"] = (str(datasum), f"data unit checksum updated {when}")
-            hsum = _ones_complement(_header_words(header.tostring().encode("ascii")) + datasum)
-            header["CHECKSUM"] = _checksum_text(~hsum & 0xFFFFFFFF)
-            put(header.tostring().encode("ascii"))
-            if data.dtype.itemsize == 1:
+            words = hdu.data.reshape(-1)
+            put(hdu.header.tostring().encode("ascii"))
+            if words.dtype.itemsize == 1:
                 put(memoryview(words))
             else:
                 native = words.view(np.uint32)

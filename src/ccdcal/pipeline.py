@@ -229,17 +229,32 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
 
     Per level: every master's first pass (:func:`~ccdcal.tasks.prepare_master`), then the
     bands of rows of all of them (:func:`~ccdcal.tasks.master_band`, as the executor splits
-    them), each master written here as soon as its bands are in (the client holds one
-    master's planes at a time).
+    them), each master finished here as soon as its bands are in (the client holds one
+    master's planes at a time). When the tasks run in this process, each master's file is
+    written by a background thread while the next level is built (which takes the master
+    from memory); a master enters the manifest once its file is written.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .combine import parse_memory
     from .progress import steps
-    from .tasks import MasterWork, RunContext, master_band_or_reason, prepare_master
+    from .tasks import MasterWork, RunContext, forget_built, master_band_or_reason, prepare_master
 
     started = time.perf_counter()
     ctx = RunContext(out_dir=out_dir, options=options)
     budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
+    writing: list[tuple[MasterJob, OutputRecord, Any]] = []   # masters whose files are being written
+
+    def record_written(wait: bool) -> None:
+        while writing and (wait or writing[0][2].done()):
+            job, record, future = writing.pop(0)
+            future.result()                                  # a failed write is raised here
+            _record_master(job, record, manifest, result)
+            manifest.write(body())
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-write") \
+        if getattr(executor, "shares_memory", False) else None
     try:
         for level in dependency_levels(plan.masters):
             last = time.perf_counter()
@@ -251,21 +266,40 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                                  [(w, y0, y1) for w in prepared if id(w) in bands for y0, y1 in bands[id(w)]],
                                  workers=1)
             for job, work in zip(level, prepared, strict=True):
-                record = work if not isinstance(work, MasterWork) else _finish(work, ctx, tiles, len(bands[id(work)]))
+                pending: list[Any] = []
+                record = work if not isinstance(work, MasterWork) else \
+                    _finish(work, ctx, tiles, len(bands[id(work)]), writer, pending)
                 next(bar, None)
                 now = time.perf_counter()
                 result.timings[f"  {job.name}"] = now - last   # indented: a part of "masters"
-                ctx = _collect_master(job, record, ctx, manifest, result, options)
-                manifest.write(body())
+                ctx = _accept_master(job, record, ctx, result, options)
+                if record.skipped is None and (pending or writing):   # recorded in plan order
+                    writing.append((job, record, pending[0] if pending else _done()))
+                elif record.skipped is None:
+                    _record_master(job, record, manifest, result)
+                    manifest.write(body())
+                record_written(wait=False)
                 last = time.perf_counter()
+        record_written(wait=True)
     finally:
+        if writer is not None:
+            writer.shutdown(wait=True)      # never leave a file half written behind an error
+            forget_built(out_dir / job.output for job in plan.masters)
         for _ in bar:
             pass
     result.timings["masters"] = time.perf_counter() - started
     return ctx
 
 
-def _finish(work: Any, ctx: Any, tiles: Any, count: int) -> OutputRecord:
+def _done() -> Any:
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def _finish(work: Any, ctx: Any, tiles: Any, count: int, writer: Any, pending: list[Any]) -> OutputRecord:
     """Take the next ``count`` bands from ``tiles`` (this master's) and write the master."""
     from .tasks import skipped_master, write_master
 
@@ -273,20 +307,25 @@ def _finish(work: Any, ctx: Any, tiles: Any, count: int) -> OutputRecord:
     reasons = [reason for _, reason in mine if reason]
     if reasons:
         return skipped_master(work.job, reasons[0])
-    return write_master(work, ctx, [tile for tile, _ in mine])
+    return write_master(work, ctx, [tile for tile, _ in mine], writer=writer, pending=pending)
 
 
-def _collect_master(job: MasterJob, record: OutputRecord, ctx: Any, manifest: Manifest, result: ReduceResult,
-                    options: ReduceOptions) -> Any:
+def _accept_master(job: MasterJob, record: OutputRecord, ctx: Any, result: ReduceResult,
+                   options: ReduceOptions) -> Any:
+    """The context with this master (or its failure) known to what is built on it."""
     if record.skipped is not None:
         if options.strict:
             raise InputError(f"{record.output}: {record.skipped}")
         result.skipped.append(Skipped(record.output, record.skipped))
         return ctx.with_failure(job.name, record.skipped)
+    return ctx.with_master(job.name, Path(ctx.out_dir) / record.output, record.datasum)
+
+
+def _record_master(job: MasterJob, record: OutputRecord, manifest: Manifest, result: ReduceResult) -> None:
+    """A master made (or kept) and on disk: into the manifest and the result."""
     manifest.record(record)
     result.masters.append(record.output)
     result.reused += record.reused
-    return ctx.with_master(job.name, Path(ctx.out_dir) / record.output, record.datasum)
 
 
 def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,

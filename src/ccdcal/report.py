@@ -176,13 +176,16 @@ def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins
     histogram into one bin; pixels outside are counted in the first/last bin and their
     share is printed. The median is marked with a red line.
     """
-    values = np.asarray(data, dtype=np.float64).ravel()
-    values = values[np.isfinite(values)]
+    values = np.asarray(data).ravel()
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = values[finite]
     if values.size == 0:
         return (f'<svg xmlns="http://www.w3.org/2000/svg" class="hist" width="{width}" '
                 f'height="{height}"><text x="10" y="20">no finite pixels</text></svg>')
     if values.size > 2_000_000:
         values = values[:: values.size // 1_000_000]
+    values = values.astype(np.float64)   # the subsample only: no float64 copy of the frame
     p_lo, p_hi = np.percentile(values, [0.5, 99.5])
     pad = 0.25 * (p_hi - p_lo)
     lo = max(float(p_lo - pad), float(values.min()))
@@ -422,10 +425,12 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
     """
     stem = _safe_stem(output)
     sizes = {}
-    for suffix, size in (("", PREVIEW_SIZE), ("-thumb", THUMB_SIZE)):
-        png, w, h = _preview(data, size, "autostf")
+    small = downsample(data, PREVIEW_SIZE)
+    # the thumbnail binned from the preview: one pass over the full frame, not two
+    for suffix, image in (("", small), ("-thumb", downsample(small, THUMB_SIZE))):
+        png = png_bytes(stretch(image, "autostf"))
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
-        sizes[suffix or "preview"] = [w, h]
+        sizes[suffix or "preview"] = [image.shape[1], image.shape[0]]
     facts = {"output": output, "sizes": sizes, "stats": _stats_dict(data)}
     write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float))
 

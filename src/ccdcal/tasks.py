@@ -72,6 +72,8 @@ _CACHE: OrderedDict[tuple[str, int, int, bool], Any] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 6                 # masters kept at most; and beyond the three a light needs,
 _CACHE_BYTES = 512 << 20        # no more bytes than this (4096² masters are 150 MB each)
+# masters built here whose files are still being written (key: resolved path, read as a flat)
+_BUILT: dict[tuple[str, bool], Any] = {}
 
 
 def load_master(path: str | Path, name: str | None = None, *, flat: bool = False, flat_norm: str = "median") -> Any:
@@ -79,14 +81,16 @@ def load_master(path: str | Path, name: str | None = None, *, flat: bool = False
 
     A ``flat`` whose header has no FLATNORM (not written by ccdcal) is normalised here with
     ``flat_norm``, so a flat from elsewhere is used as a normalised flat like ccdcal's own.
+    A master this process built and is still writing (:func:`write_master`) is served from
+    memory, as the file will hold it.
     """
     from astropy.io import fits
 
-    from .calibrate import Master
-    from .headers import exposure_of
-    from .masters import normalise_flat
-
     path = Path(path)
+    with _CACHE_LOCK:
+        built = _BUILT.get((str(path.resolve()), flat))
+    if built is not None:
+        return built
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, flat)
     with _CACHE_LOCK:
@@ -94,27 +98,49 @@ def load_master(path: str | Path, name: str | None = None, *, flat: bool = False
             _CACHE.move_to_end(key)
             return _CACHE[key]
     with fits.open(path, memmap=False) as hdul:
-        header = hdul[0].header
-        data = np.asarray(hdul[0].data, dtype=np.float32)
-        unc = hdul["UNCERT"].data.astype(np.float32) if "UNCERT" in hdul else None
-        mask = hdul["MASK"].data.astype(np.uint8) if "MASK" in hdul else None
-        level = header.get("FLATNORM")
-        if flat and level is None:
-            data, level = normalise_flat(data, method=flat_norm)
-            unc = None if unc is None else unc / np.float32(level)
-        facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
-        master = Master(data=data, uncertainty=unc, mask=mask, name=name or path.name,
-                        datasum=str(header.get("DATASUM", "")), exptime=exposure_of(header, dark=True),
-                        level=level, facts=facts)
+        master = _master_of(hdul, name or path.name, flat=flat, flat_norm=flat_norm)
+    _cache(key, master)
+    return master
+
+
+def forget_built(paths: Any) -> None:
+    """Drop the in-memory masters :func:`write_master` kept for ``paths`` (after a failed write)."""
+    with _CACHE_LOCK:
+        for path in paths:
+            for flat in (False, True):
+                _BUILT.pop((str(Path(path).resolve()), flat), None)
+
+
+def _master_of(hdul: Any, name: str, *, flat: bool, flat_norm: str) -> Any:
+    """:class:`ccdcal.calibrate.Master` of a master's HDUs (as read from its file)."""
+    from .calibrate import Master
+    from .headers import exposure_of
+    from .masters import normalise_flat
+
+    header = hdul[0].header
+    data = np.asarray(hdul[0].data, dtype=np.float32)
+    unc = np.asarray(hdul["UNCERT"].data, dtype=np.float32) if "UNCERT" in hdul else None
+    mask = np.asarray(hdul["MASK"].data, dtype=np.uint8) if "MASK" in hdul else None
+    level = header.get("FLATNORM")
+    if flat and level is None:
+        data, level = normalise_flat(data, method=flat_norm)
+        unc = None if unc is None else unc / np.float32(level)
+    facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
+    return Master(data=data, uncertainty=unc, mask=mask, name=name, datasum=str(header.get("DATASUM", "")),
+                  exptime=exposure_of(header, dark=True), level=level, facts=facts)
+
+
+def _cache(key: tuple[str, int, int, bool], master: Any) -> None:
     with _CACHE_LOCK:
         _CACHE[key] = master
         while len(_CACHE) > _CACHE_SIZE or (len(_CACHE) > 3 and _cache_bytes() > _CACHE_BYTES):
             _CACHE.popitem(last=False)
-    return master
 
 
 def _cache_bytes() -> int:
-    return sum(a.nbytes for m in _CACHE.values() for a in (m.data, m.uncertainty, m.mask) if a is not None)
+    # a flat cached as both flavours (read as a flat and not) holds one set of arrays
+    arrays = {id(a): a for m in _CACHE.values() for a in (m.data, m.uncertainty, m.mask) if a is not None}
+    return sum(a.nbytes for a in arrays.values())
 
 
 def _master(ctx: RunContext, name: str | None, *, flat: bool = False) -> Any:
@@ -250,22 +276,62 @@ def master_band_or_reason(item: tuple[MasterWork, int, int], ctx: RunContext) ->
         return None, str(exc)
 
 
-def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any]) -> OutputRecord:
-    """Stitch the bands of a master, finish it (normalisation, masks, keywords) and write it."""
+def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer: Any = None,
+                 pending: list[Any] | None = None) -> OutputRecord:
+    """Stitch the bands of a master, finish it (normalisation, masks, keywords) and write it.
+
+    With ``writer`` (a ``concurrent.futures`` executor of this process), the file and its
+    rejection map are written there and the future is appended to ``pending``; until it is
+    done, :func:`load_master` serves the master from memory exactly as the file will hold it,
+    so the masters built on it (and the lights) need not wait for the disk. The caller waits
+    for ``pending`` before it records the master as made.
+    """
+    from astropy.io import fits
+
     from .combine import combine_result
+    from .frames import add_checksums, write_hdus
 
     job = work.job
     try:
         with _members(job, ctx, work.overscans) as sources:
             result = combine_result(sources, work.combine, work.factors, tiles)
             del tiles[:]
-            _write_master(job, ctx, result, work.noise, sources)
+            hdul = _master_hdus(job, ctx, result, work.noise, sources)
+        add_checksums(hdul)
     except OutputError:
         raise
     except CcdcalError as exc:
         return skipped_master(job, str(exc))
-    return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=work.fingerprint, inputs=work.inputs,
-                        datasum=_datasum(ctx.out_dir / job.output))
+    path = ctx.out_dir / job.output
+    datasum = str(hdul[0].header["DATASUM"])
+    record = OutputRecord(output=job.output, kind=job.kind.value, fingerprint=work.fingerprint, inputs=work.inputs,
+                          datasum=datasum)
+    if writer is None:
+        write_hdus(path, hdul)
+        _write_rejection_map(ctx.out_dir, job.name, result)
+        return record
+    # the master as load_master reads it back: header cards parsed from their text, as in the file
+    header = fits.Header.fromstring(hdul[0].header.tostring())
+    readback = fits.HDUList([fits.PrimaryHDU(hdul[0].data, header=header), *hdul[1:]])
+    built = {(str(path.resolve()), flat): _master_of(readback, path.name, flat=flat, flat_norm=ctx.options.flat_norm)
+             for flat in ((False, True) if job.kind.value == "flat" else (False,))}
+    with _CACHE_LOCK:
+        _BUILT.update(built)
+
+    def write() -> None:
+        # a failed write leaves the master in memory for what is being built on it until the
+        # caller, waiting for this future, raises the error (forget_built then drops it)
+        write_hdus(path, hdul)
+        st = path.stat()
+        for (name, flat), master in built.items():   # now as the file: cached by its identity
+            _cache((name, st.st_size, st.st_mtime_ns, flat), master)
+        with _CACHE_LOCK:
+            for key in built:
+                _BUILT.pop(key, None)
+        _write_rejection_map(ctx.out_dir, job.name, result)
+
+    pending.append(writer.submit(write))
+    return record
 
 
 def _member_sources(job: MasterJob, ctx: RunContext, overscans: tuple[Any, ...] | None = None) -> list[Any]:
@@ -286,8 +352,9 @@ def _member_sources(job: MasterJob, ctx: RunContext, overscans: tuple[Any, ...] 
     return sources
 
 
-def _write_master(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sources: list[Any]) -> None:
-    from .frames import write_fits
+def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sources: list[Any]) -> Any:
+    """The HDUs of a finished master (:func:`ccdcal.frames.fits_hdus`)."""
+    from .frames import fits_hdus
     from .headers import master_header, resolve_detector
     from .masters import finish_master, rejection_keywords
 
@@ -319,9 +386,8 @@ def _write_master(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sour
                            n_members=len(job.members), steps=member_steps(job.recipes),
                            settings=settings.describe(), exptime=job.exptime, filter_name=job.filter,
                            extra=extra)
-    write_fits(ctx.out_dir / job.output, done.data, header, uncertainty=done.uncertainty, mask=done.mask,
-               unit="adu/adu" if job.kind.value == "flat" else "adu")
-    _write_rejection_map(ctx.out_dir, job.name, result)
+    return fits_hdus(done.data, header, uncertainty=done.uncertainty, mask=done.mask,
+                     unit="adu/adu" if job.kind.value == "flat" else "adu")
 
 
 def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> Any:
