@@ -145,6 +145,7 @@ def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night
         calls["n"] += 1
         if calls["n"] == 3:  # the third FITS output: write half of it, then the disk is full
             Path(tmp).write_bytes(b"\0" * 5000)
+            time.sleep(1.0)  # meanwhile the next masters are built and queued: none may be written
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(tmp, hdul)
 

@@ -234,8 +234,6 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     written by a background thread while the next level is built (which takes the master
     from memory); a master enters the manifest once its file is written.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from .combine import parse_memory
     from .progress import steps
     from .tasks import MasterWork, RunContext, forget_built, master_band_or_reason, prepare_master
@@ -253,8 +251,7 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
             _record_master(job, record, manifest, result)
             manifest.write(body())
 
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-write") \
-        if getattr(executor, "shares_memory", False) else None
+    writer = _Writer() if getattr(executor, "shares_memory", False) else None
     try:
         for level in dependency_levels(plan.masters):
             last = time.perf_counter()
@@ -289,6 +286,31 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
             pass
     result.timings["masters"] = time.perf_counter() - started
     return ctx
+
+
+class _Writer:
+    """One background thread that writes files in order and, once a write has failed (a full
+    disk), writes nothing more: every later write fails with the same error."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-write")
+        self._failed: BaseException | None = None
+
+    def submit(self, fn: Any) -> Any:
+        def run() -> Any:
+            if self._failed is not None:
+                raise self._failed
+            try:
+                return fn()
+            except BaseException as exc:
+                self._failed = exc
+                raise
+        return self._pool.submit(run)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait)
 
 
 def _done() -> Any:
