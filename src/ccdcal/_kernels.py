@@ -215,6 +215,30 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
     return keep, nlow, nhigh
 
 
+@njit(cache=True, nogil=True)
+def _gather_scaled(stack, valid, has_valid, r, x0, width, lanes, scales, zeros, buf, count):
+    """The values of pixels ``x0 .. x0+lanes-1`` of row ``r`` of every frame, scaled and offset
+    (float64), into ``buf[:, :lanes]``; invalid values (non-finite, masked) and lanes past the
+    row's ``width`` as +inf, so they sort last. ``count[:lanes]`` gets the valid values per lane."""
+    n = stack.shape[0]
+    for c in range(lanes):
+        count[c] = 0
+    for i in range(n):
+        si = scales[i]
+        zi = zeros[i]
+        for c in range(lanes):
+            w = np.inf
+            if c < width:
+                v = stack[i, r, x0 + c]
+                ok = np.isfinite(v)
+                if has_valid:
+                    ok = ok and valid[i, r, x0 + c] != 0
+                if ok:
+                    w = v * si + zi
+                    count[c] += 1
+            buf[i, c] = w
+
+
 @njit(parallel=True, cache=True)
 def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fparams,
                  out_data, out_err, out_nlow, out_nhigh, out_member):
@@ -249,19 +273,9 @@ def combine_tile(stack, valid, unc, scales, zeros, weights, pairs, iparams, fpar
         buf = np.empty((n, CHUNK), np.float64)
         ibuf = np.empty((n, CHUNK), np.int64)
         count = np.zeros(CHUNK, np.int64)
+        _gather_scaled(stack, valid, has_valid, r, x0, width, width, scales, zeros, buf, count)
         for i in range(n):
-            si = scales[i]
-            zi = zeros[i]
             for c in range(width):
-                v = stack[i, r, x0 + c]
-                ok = np.isfinite(v)
-                if has_valid:
-                    ok = ok and valid[i, r, x0 + c] != 0
-                if ok:
-                    buf[i, c] = v * si + zi
-                    count[c] += 1
-                else:
-                    buf[i, c] = np.inf
                 ibuf[i, c] = i
         if need_index:
             for p in range(npairs):
@@ -1059,24 +1073,10 @@ def combine_tile_ccdclip(stack, valid, scales, zeros, pairs, iparams, fparams,
             x0 = (job % nchunks) * CHUNK
             width = min(cols, x0 + CHUNK) - x0
             for c in range(CHUNK):
-                count[c] = 0
                 inside[c] = 0
                 out[c] = 0
-            for i in range(n):
-                si = scales[i]
-                zi = zeros[i]
-                for c in range(CHUNK):
-                    w = np.inf
-                    if c < width:
-                        v = stack[i, r, x0 + c]
-                        ok = np.isfinite(v)
-                        if has_valid:
-                            ok = ok and valid[i, r, x0 + c] != 0
-                        if ok:
-                            w = v * si + zi
-                            count[c] += 1
-                    gathered[i, c] = w
-                    buf[i, c] = w
+            _gather_scaled(stack, valid, has_valid, r, x0, width, CHUNK, scales, zeros, gathered, count)
+            buf[:, :] = gathered
             _sort_lanes(buf, pairs, CHUNK)
             # the first pass: each value against its own variance about the median
             for c in range(CHUNK):

@@ -245,10 +245,11 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     writing: list[tuple[MasterJob, OutputRecord, Any]] = []   # masters whose files are being written
 
     def record_written(wait: bool) -> None:
-        while writing and (wait or writing[0][2].done()):
+        while writing and (wait or writing[0][2] is None or writing[0][2].done()):
             job, record, future = writing.pop(0)
-            future.result()                                  # a failed write is raised here
-            _record_master(job, record, manifest, result)
+            if future is not None:
+                future.result()                              # a failed write is raised here
+            _keep(record, manifest, result, result.masters, strict=False)
             manifest.write(body())
 
     writer = _Writer() if getattr(executor, "shares_memory", False) else None
@@ -271,9 +272,9 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                 result.timings[f"  {job.name}"] = now - last   # indented: a part of "masters"
                 ctx = _accept_master(job, record, ctx, result, options)
                 if record.skipped is None and (pending or writing):   # recorded in plan order
-                    writing.append((job, record, pending[0] if pending else _done()))
+                    writing.append((job, record, pending[0] if pending else None))
                 elif record.skipped is None:
-                    _record_master(job, record, manifest, result)
+                    _keep(record, manifest, result, result.masters, strict=False)
                     manifest.write(body())
                 record_written(wait=False)
                 last = time.perf_counter()
@@ -313,14 +314,6 @@ class _Writer:
         self._pool.shutdown(wait=wait)
 
 
-def _done() -> Any:
-    from concurrent.futures import Future
-
-    future: Future = Future()
-    future.set_result(None)
-    return future
-
-
 def _finish(work: Any, ctx: Any, tiles: Any, count: int, writer: Any, pending: list[Any]) -> OutputRecord:
     """Take the next ``count`` bands from ``tiles`` (this master's) and write the master."""
     from .tasks import skipped_master, write_master
@@ -343,10 +336,17 @@ def _accept_master(job: MasterJob, record: OutputRecord, ctx: Any, result: Reduc
     return ctx.with_master(job.name, Path(ctx.out_dir) / record.output, record.datasum)
 
 
-def _record_master(job: MasterJob, record: OutputRecord, manifest: Manifest, result: ReduceResult) -> None:
-    """A master made (or kept) and on disk: into the manifest and the result."""
+def _keep(record: OutputRecord, manifest: Manifest, result: ReduceResult, made: list[str], *,
+          strict: bool) -> None:
+    """What a task did with one output: a skip into ``result.skipped`` (fatal with ``strict``), or
+    an output made or kept (and on disk) into the manifest and ``made``."""
+    if record.skipped is not None:
+        if strict:
+            raise InputError(f"{record.output}: {record.skipped}")
+        result.skipped.append(Skipped(record.output, record.skipped))
+        return
     manifest.record(record)
-    result.masters.append(record.output)
+    made.append(record.output)
     result.reused += record.reused
 
 
@@ -361,14 +361,7 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
                            [(job, manifest.previous.get(job.output)) for job in plan.lights],
                            workers=lights_in_flight(plan, options))
     for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
-        if record.skipped is not None:
-            if options.strict:
-                raise InputError(f"{record.output}: {record.skipped}")
-            result.skipped.append(Skipped(record.output, record.skipped))
-            continue
-        manifest.record(record)
-        result.lights.append(record.output)
-        result.reused += record.reused
+        _keep(record, manifest, result, result.lights, strict=options.strict)
     result.timings["lights"] = time.perf_counter() - started
 
 
@@ -388,12 +381,7 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
     # one at a time here: a stack uses the whole memory budget
     records = executor.map(partial(stack_task, ctx=ctx), items, workers=1)
     for record in steps(records, "stacking", progress, total=len(items)):
-        if record.skipped is not None:
-            result.skipped.append(Skipped(record.output, record.skipped))
-            continue
-        manifest.record(record)
-        result.stacks.append(record.output)
-        result.reused += record.reused
+        _keep(record, manifest, result, result.stacks, strict=False)   # a stack is never an input
     result.timings["stacks"] = time.perf_counter() - started
 
 
