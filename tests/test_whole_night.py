@@ -296,3 +296,39 @@ def test_dark_subtraction_in_place_rounds_as_numpy_does():
         assert np.array_equal(subtract_dark(data.copy(), dark, scale), expected, equal_nan=True)
         view = data[:, 3:-2]                             # not contiguous: numpy's own path
         assert np.array_equal(subtract_dark(view.copy(), dark[:, 3:-2], scale), expected[:, 3:-2], equal_nan=True)
+
+
+def test_the_scan_hashes_the_files_it_reads_as_hashlib_hashes_them(tmp_path):
+    """reduce's pixel checks take each raw 16-bit file's SHA-256 from the pixels they read (the
+    bytes around them read again): equal to hashlib over the whole file, for a primary image
+    and for an image in an extension followed by another HDU; a dry scan hashes nothing."""
+    import hashlib
+
+    from astropy.io import fits
+
+    from ccdcal import manifest
+    from ccdcal.inventory import flag_groups, scan
+
+    rng = np.random.default_rng(8)
+    paths = []
+    for i in range(4):
+        data = (rng.normal(1000, 7, (37, 53)) + 32768).astype(np.uint16)
+        header = fits.Header([("IMAGETYP", "BIAS"), ("EXPTIME", 0.0)])
+        path = tmp_path / f"bias_{i}.fits"
+        if i % 2:   # the image in HDU 1, a table after it
+            table = fits.BinTableHDU.from_columns([fits.Column("x", "E", array=np.arange(5.0))])
+            fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data, header), table]).writeto(path)
+        else:
+            fits.PrimaryHDU(data, header).writeto(path)
+        paths.append(path)
+    inventory = scan([tmp_path], flag=False)
+    keys = {p: manifest._hash_key(p) for p in paths}
+    with manifest._HASH_LOCK:
+        for key in keys.values():
+            manifest._HASHES.pop(key, None)
+    flag_groups(inventory)
+    assert not any(key in manifest._HASHES for key in keys.values())
+    flagged = flag_groups(inventory, hash_files=True)
+    for path, key in keys.items():
+        assert manifest._HASHES[key] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert all("_sha256" not in (f.metrics or {}) for f in flagged.frames)

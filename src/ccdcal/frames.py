@@ -222,6 +222,11 @@ class FrameSource:
 
     # -- layout ---------------------------------------------------------------------------
     @property
+    def data_offset(self) -> int | None:
+        """Byte offset of the uncompressed data in the file (None when compressed)."""
+        return self._offset
+
+    @property
     def raw_bytes_per_row(self) -> int:
         """Bytes of one stored row (0 when the data are compressed)."""
         return self.shape[1] * abs(self.bitpix) // 8 if self._offset is not None else 0

@@ -480,12 +480,14 @@ def calibration_group_key(info: FrameInfo) -> tuple:
     return base
 
 
-def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.ndarray]) -> dict[str, float]:
+def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.ndarray],
+                   hashed: list[Any] | None = None) -> dict[str, float]:
     """:func:`ccdcal.stats.frame_metrics` of a 16-bit integer frame without decoding it: the
     counts from a histogram of the stored integers (one pass over the raw bytes, in a buffer
     reused for every frame of the size), the distribution from the decoded subsample rows.
     The same numbers as decoding the whole frame (tested)."""
     from . import _kernels
+    from .manifest import hash_around
     from .sections import to_slices
     from .stats import _default_saturation, metrics_from_counts, subsample_step
 
@@ -495,6 +497,8 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
     if raw is None:
         raw = buffers[(ny, nx)] = np.empty((ny, nx), np.uint16)
     src.read_raw(0, ny, raw)
+    if hashed is not None:  # the file's SHA-256 while its pixels are in memory (see pixel_metrics)
+        hashed.append(hash_around(src.path, src.data_offset, raw))
     hists = np.zeros((_kernels.HIST16_PARTS, 65536), np.int64)
     blank = _kernels.NO_BLANK if src.blank is None else int(src.blank)
     _kernels.hist_be16(raw[rows], cols.start, cols.stop, blank, hists)
@@ -517,12 +521,14 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
         saturation=info.saturate)
 
 
+_SHA256 = "_sha256"  # the file's (hash key, SHA-256) in what pixel_metrics returns
 _BUFFERS = threading.local()  # per thread: the raw buffer of each frame size, reused
 
 
-def pixel_metrics(info: FrameInfo) -> dict[str, float] | str:
+def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, float] | str:
     """:func:`ccdcal.stats.frame_metrics` of one frame's pixels (a task: reads the file itself),
-    or why it cannot be read."""
+    or why it cannot be read. ``hash_file``: also the file's SHA-256, while the pixels of a raw
+    16-bit frame are in memory (the file is then read once for both)."""
     from .frames import FrameSource
     from .stats import frame_metrics
 
@@ -531,7 +537,11 @@ def pixel_metrics(info: FrameInfo) -> dict[str, float] | str:
             if src.raw16:
                 if not hasattr(_BUFFERS, "by_shape"):
                     _BUFFERS.by_shape = {}
-                return _raw16_metrics(src, info, _BUFFERS.by_shape)
+                hashed: list[Any] | None = [] if hash_file else None
+                metrics = _raw16_metrics(src, info, _BUFFERS.by_shape, hashed)
+                if hashed and hashed[0] is not None:
+                    metrics[_SHA256] = hashed[0]    # taken out by flag_groups (this may be a worker)
+                return metrics
             data = src.read()
             if info.trimsec:
                 from .sections import to_slices
@@ -542,7 +552,8 @@ def pixel_metrics(info: FrameInfo) -> dict[str, float] | str:
         return str(exc)
 
 
-def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = None) -> Inventory:
+def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = None,
+                hash_files: bool = False) -> Inventory:
     """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
     saturation, structure), using :func:`ccdcal.stats.flag_outliers`.
 
@@ -550,7 +561,11 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     replaced by None (with a warning), and saturated pixels are counted at the ADC
     maximum of the raw integers instead. The frames are read by :func:`pixel_metrics`
     tasks through ``executor`` (threads here, or a dask cluster), in any order.
+    ``hash_files``: the tasks also take each file's SHA-256 for the manifest (``reduce``).
     """
+    from functools import partial
+
+    from .manifest import remember_hash
     from .progress import steps
     from .stats import flag_outliers
 
@@ -561,13 +576,16 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     frames = list(inventory.frames)
     todo = [i for members in groups.values() for i in members]
     metrics: dict[int, dict[str, float]] = {}
-    results = executor.map(pixel_metrics, [frames[i] for i in todo]) if executor is not None else \
-        map(pixel_metrics, [frames[i] for i in todo])
+    task = partial(pixel_metrics, hash_file=hash_files)
+    results = (executor.map if executor is not None else map)(task, [frames[i] for i in todo])
     for i, value in zip(todo, steps(results, "checking frames", progress, total=len(todo)), strict=True):
         info = frames[i]
         if isinstance(value, str):
             frames[i] = replace(info, flags=info.flags + (f"unreadable: {value}",))
             continue
+        hashed = value.pop(_SHA256, None)
+        if hashed is not None:
+            remember_hash(*hashed)
         metrics[i] = value
         why = saturation_problem(info.saturate, metrics[i]["level"])
         if why:

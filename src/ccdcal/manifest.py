@@ -244,7 +244,36 @@ def _check_output(target: Path, entry: dict[str, Any]) -> str | None:
 def remember_digest(path: Path, value: str) -> None:
     """Record the SHA-256 of a file this process has just written (taken from the bytes as they
     were written), so :func:`file_sha256` does not read it back."""
+    remember_hash(_hash_key(Path(path)), value)
+
+
+def hash_around(path: Path, offset: int, data: Any) -> tuple[tuple[str, int, int], str] | None:
+    """SHA-256 of a file whose bytes ``offset .. offset + len(data)`` are ``data``, already read
+    (the pixels a scan task read): only the bytes around them are read again. Remembered for
+    :func:`file_sha256`; returns (key, hash) for another process to :func:`remember_hash`, or
+    None when the file changed (size or modification time) meanwhile."""
     path = Path(path)
     key = _hash_key(path)
     with _HASH_LOCK:
-        _HASHES[key] = value
+        if key in _HASHES:          # known (from the previous manifest): not hashed again
+            return key, _HASHES[key]
+    view = memoryview(data).cast("B")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(offset))
+        digest.update(view)             # releases the GIL
+        fh.seek(offset + view.nbytes)
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    if _hash_key(path) != key:
+        return None
+    value = digest.hexdigest()
+    remember_hash(key, value)
+    return key, value
+
+
+def remember_hash(key: Any, value: str) -> None:
+    """Record a SHA-256 made by :func:`hash_around` (perhaps in a worker process)."""
+    with _HASH_LOCK:
+        _HASHES[(str(key[0]), int(key[1]), int(key[2]))] = value
+

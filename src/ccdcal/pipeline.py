@@ -129,15 +129,16 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     _check_out_dir(out_dir)
     with _executor(scheduler if scheduler is not None else options.scheduler, options) as executor:
         executor.check_access(_sample_inputs(f.path for f in inventory.frames), str(out_dir))
-        # the pixel checks of the calibration frames are tasks too
-        inventory = flag_groups(inventory, progress=progress, executor=executor)
+        manifest = Manifest(out_dir, force=force)
+        _remember_input_hashes(manifest)
+        # the pixel checks of the calibration frames are tasks too; they hash the files they read
+        inventory = flag_groups(inventory, progress=progress, executor=executor, hash_files=True)
         plan = build_plan(inventory, options.plan_options())
         result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught,
                               executor=_describe_executor(executor), dashboard=executor.dashboard)
         result.timings["scan and plan"] = time.perf_counter() - started
         _announce(inventory, plan, options)
-        manifest = Manifest(out_dir, force=force)
-        _start_input_hashes(plan, manifest)
+        _start_input_hashes(plan)
         body = lambda: _manifest_body(options, inventory, plan, result)  # noqa: E731 - rebuilt at each write
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
             ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
@@ -200,12 +201,18 @@ def _sample_inputs(paths: Any) -> list[str]:
     return list(by_folder.values())
 
 
-def _start_input_hashes(plan: Plan, manifest: Manifest) -> None:
-    """Every input's SHA-256 (part of the fingerprints): from the previous manifest where size
-    and modification time are unchanged, the others hashed in the background meanwhile."""
-    from .manifest import prefetch_sha256, remember_sha256
+def _remember_input_hashes(manifest: Manifest) -> None:
+    """Inputs' SHA-256 from the previous manifest, where size and modification time are unchanged."""
+    from .manifest import remember_sha256
 
     remember_sha256(record for entry in manifest.previous.values() for record in entry.get("inputs", ()))
+
+
+def _start_input_hashes(plan: Plan) -> None:
+    """Every input's SHA-256 (part of the fingerprints): those not known yet (from the previous
+    manifest or the scan's pixel checks) hashed in the background while the masters are built."""
+    from .manifest import prefetch_sha256
+
     paths = [f.path for job in plan.masters for f in job.members] + [job.frame.path for job in plan.lights]
     prefetch_sha256(paths)
 
