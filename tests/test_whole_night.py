@@ -332,3 +332,141 @@ def test_the_scan_hashes_the_files_it_reads_as_hashlib_hashes_them(tmp_path):
     for path, key in keys.items():
         assert manifest._HASHES[key] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert all("_sha256" not in (f.metrics or {}) for f in flagged.frames)
+
+
+def _numpy_calibration(raw, bias, dark, scale, flat, flat_floor, gain, read_noise, bias_u, dark_u, flat_u):
+    """The documented sequence in plain numpy float32, step by step: (raw − B − k·D) / F with F the
+    flat floored to 1 below ``flat_floor``, and σ by :func:`_sigma_formula` of the signal above bias."""
+    f32 = np.float32
+    data = raw.copy()
+    if bias is not None:
+        data = data - bias
+    signal = data.copy()
+    if dark is not None and scale:
+        data = data - f32(scale) * dark
+    floored = None
+    if flat is not None:
+        floored = np.where(np.isfinite(flat) & (flat >= flat_floor), flat, f32(1.0)).astype(f32)
+        data = data / floored
+    sigma = _sigma_formula(signal, read_noise, gain, bias_u=bias_u, dark_u=dark_u if dark is not None else None,
+                           dark_scale=scale, flat=floored, flat_u=flat_u if flat is not None else None,
+                           cal=data if flat is not None else None)
+    return data, sigma
+
+
+def test_the_one_pass_calibration_is_numpys_sequence_bit_for_bit():
+    """calibrate_frame's bias, dark, flat and σ are one numba pass; numpy's step-by-step float32
+    arithmetic (written here) gives the same bits for every combination of masters, with NaN,
+    infinities, dead flat pixels and a zero dark scale, into reused output arrays too."""
+    from ccdcal.calibrate import Master, calibrate_frame
+
+    rng = np.random.default_rng(11)
+    shape = (70, 131)
+
+    def plane(level, spread):
+        return (level + spread * rng.standard_normal(shape)).astype(np.float32)
+
+    raw = plane(1500, 600)
+    bias, dark, flat = plane(1000, 5), plane(30, 10), plane(1.0, 0.08)
+    bias_u, dark_u, flat_u = plane(1.0, 0.2), plane(0.7, 0.2), plane(0.002, 0.0005)
+    raw[0, :3] = [np.nan, np.inf, -np.inf]
+    bias[1, 1], dark[2, 2], flat[3, 3], flat[4, 4], flat[5, 5] = np.nan, np.inf, 0.0, 0.05, np.nan
+    bias_u[6, 6], dark_u[7, 7], flat_u[8, 8] = np.inf, np.nan, np.inf
+    sigma_out, mask_out = np.full(shape, 7.0, np.float32), np.full(shape, 255, np.uint8)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        for has_bias, has_dark, has_flat, scale in [(1, 1, 1, 1.7), (1, 0, 0, 1.0), (0, 1, 0, 0.5), (1, 1, 0, 0.0),
+                                                    (0, 0, 1, 1.0), (1, 0, 1, 1.0), (0, 0, 0, 1.0), (1, 1, 1, 1 / 3)]:
+            masters_ = {
+                "bias": Master(bias, bias_u, name="b") if has_bias else None,
+                "dark": Master(dark, dark_u, name="d", exptime=300.0) if has_dark else None,
+                "flat": Master(flat, flat_u, name="f", level=1.0) if has_flat else None,
+            }
+            want_data, want_sigma = _numpy_calibration(
+                raw, bias if has_bias else None, dark if has_dark else None, scale, flat if has_flat else None,
+                0.1, 1.37, 6.1, bias_u if has_bias else None, dark_u, flat_u)
+            for reuse in (False, True):
+                got = calibrate_frame(raw, **masters_, dark_scale=scale, gain=1.37, read_noise=6.1,
+                                      uncertainty_out=sigma_out if reuse else None,
+                                      mask_out=mask_out if reuse else None)
+                case = (has_bias, has_dark, has_flat, scale, reuse)
+                assert np.array_equal(got.data.view(np.uint32), want_data.view(np.uint32)), case
+                assert np.array_equal(got.uncertainty.view(np.uint32), want_sigma.view(np.uint32)), case
+                assert (got.uncertainty is sigma_out) == reuse and (got.mask is mask_out) == reuse
+                assert got.mask[0, 0] == 0 and got.mask[1, 0] == 0     # a reused mask starts clear
+
+
+def test_lights_calibrated_in_reused_memory_keep_nothing_of_the_light_before(tmp_path, monkeypatch):
+    """The light tasks reuse their frame-sized arrays from light to light. The first light is
+    saturated over a block the others are not; every plane of every light equals the run's
+    whose arrays are all fresh (nothing given back for reuse), and reuse did happen."""
+    from astropy.io import fits
+
+    from ccdcal import reduce
+    from ccdcal.demo import write_night
+    from ccdcal.options import ReduceOptions
+    from ccdcal.tasks import BufferPool
+
+    raw = tmp_path / "raw"
+    write_night(raw, size=64, seed=4, n_light=4)
+    lights = sorted(p for p in raw.glob("*.fits") if "light" in fits.getval(p, "IMAGETYP").lower())
+    with fits.open(lights[0], mode="update") as hdul:
+        hdul[0].data[5:20, 5:20] = 65535
+    reused = []
+    take = BufferPool.take
+
+    def spy(self, shape, dtype):
+        free = self._free.get((tuple(shape), np.dtype(dtype).str))
+        reused.append(bool(free))
+        return take(self, shape, dtype)
+
+    monkeypatch.setattr(BufferPool, "take", spy)
+    first = reduce(raw, tmp_path / "reused", options=ReduceOptions(report=False))
+    assert any(reused)
+    monkeypatch.setattr(BufferPool, "give", lambda self, *arrays: None)
+    reused.clear()
+    second = reduce(raw, tmp_path / "fresh", options=ReduceOptions(report=False))
+    assert not any(reused)
+    assert sorted(first.lights) == sorted(second.lights) and len(first.lights) == 8   # two filters
+    saturated = 0
+    for rel in first.lights:
+        with fits.open(tmp_path / "reused" / rel) as a, fits.open(tmp_path / "fresh" / rel) as b:
+            for name in ("PRIMARY", "UNCERT", "MASK"):
+                assert np.array_equal(a[name].data, b[name].data, equal_nan=True), (rel, name)
+            saturated += int(np.count_nonzero(a["MASK"].data & 1) > 200)
+    assert saturated == 1
+
+
+def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
+    """Every light of a night ORs the same mask bits from its masters; they are made once and
+    shared: a master read back from its file (a new object, same name and DATASUM) finds them,
+    another master (another DATASUM) does not, and the bits are those made directly."""
+    import importlib
+
+    from ccdcal.calibrate import Master, _add_master_masks, _master_masks
+
+    calibrate = importlib.import_module("ccdcal.calibrate")   # the module (ccdcal.calibrate is also a function)
+
+    rng = np.random.default_rng(2)
+    dark_data = rng.normal(5, 1, (40, 50)).astype(np.float32)
+    dark_data[3, 4] = 500.0                                  # hot
+    flat_data = rng.normal(1, 0.01, (40, 50)).astype(np.float32)
+    flat_data[7, 8] = 0.01                                   # dead
+    made = []
+    original = calibrate._add_master_masks
+    monkeypatch.setattr(calibrate, "_add_master_masks", lambda *a, **k: (made.append(1), original(*a, **k)))
+
+    def masks(dark_sum):
+        dark = Master(dark_data.copy(), name="master_dark.fits", datasum=dark_sum)
+        flat = Master(flat_data.copy(), name="master_flat.fits", datasum="77", level=1.0)
+        mask = np.zeros(dark_data.shape, np.uint8)
+        _master_masks(mask, None, dark, flat, hot_sigma=5.0, flat_floor=0.1)
+        direct = np.zeros(dark_data.shape, np.uint8)
+        _add_master_masks(direct, None, dark, flat, hot_sigma=5.0, flat_floor=0.1)
+        return mask, direct
+
+    first, direct = masks("123")
+    again, _ = masks("123")
+    assert len(made) == 1 and np.array_equal(first, again)
+    assert np.array_equal(first, direct) and first[3, 4] and first[7, 8] and np.count_nonzero(first) == 2
+    masks("124")
+    assert len(made) == 2

@@ -97,25 +97,40 @@ def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
     return np.where(np.isfinite(flat) & (flat >= flat_floor), flat, np.float32(1.0))
 
 
-_FLOORED: dict[tuple[int, float], tuple[Any, np.ndarray]] = {}
-_FLOORED_LOCK = threading.Lock()
+# products of masters that every light of a night needs (read-only, made once)
+_DERIVED: dict[tuple[Any, ...], tuple[tuple[Any, ...], np.ndarray]] = {}
+_DERIVED_LOCK = threading.Lock()
+_DERIVED_SIZE = 4
+
+
+def _identity(master: Master | None) -> Any:
+    """What identifies a master's pixels: its name and DATASUM when it has them (the master
+    kept in memory while its file is written and the one read back from that file are the
+    same), else the object itself."""
+    if master is None:
+        return None
+    return ("file", master.name, master.datasum, master.level) if master.name and master.datasum else ("id", id(master))
+
+
+def _derived(what: str, masters: tuple[Master | None, ...], args: tuple[Any, ...], make: Any) -> np.ndarray:
+    """``make()`` for these masters, made once and shared (read-only) by the lights that use them;
+    a few are kept. The entry holds the masters, so an id in its key is not reused meanwhile."""
+    key = (what, *(_identity(m) for m in masters), *args)
+    with _DERIVED_LOCK:  # held while making, so two lights do not make the same thing at once
+        hit = _DERIVED.get(key)
+        if hit is not None:
+            return hit[1]
+        value = make()
+        value.flags.writeable = False
+        while len(_DERIVED) >= _DERIVED_SIZE:
+            _DERIVED.pop(next(iter(_DERIVED)))
+        _DERIVED[key] = (masters, value)
+    return value
 
 
 def _floored(flat: Master, flat_floor: float) -> np.ndarray:
-    """:func:`safe_flat` of a master flat, made once per master (the lights of a filter share it;
-    read-only). Keyed by the master object, which the entry keeps alive; two are kept."""
-    key = (id(flat), float(flat_floor))
-    with _FLOORED_LOCK:
-        hit = _FLOORED.get(key)
-        if hit is not None and hit[0] is flat:
-            return hit[1]
-    floored = safe_flat(flat.data, flat_floor)
-    floored.flags.writeable = False
-    with _FLOORED_LOCK:
-        while len(_FLOORED) >= 2:
-            _FLOORED.pop(next(iter(_FLOORED)))
-        _FLOORED[key] = (flat, floored)
-    return floored
+    """:func:`safe_flat` of a master flat, made once per master (the lights of a filter share it)."""
+    return _derived("floored", (flat,), (float(flat_floor),), lambda: safe_flat(flat.data, flat_floor))
 
 
 class CalibratedRows:
@@ -422,11 +437,12 @@ class CalibratedFrame:
 
 
 def _overscan_and_trim(raw: np.ndarray, overscan: OverscanSpec | None, trim: Section | None,
-                       saturation: float | None, bad_pixels: np.ndarray | None
+                       saturation: float | None, bad_pixels: np.ndarray | None, mask_out: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray, OverscanFit | None]:
     """The first steps of :func:`calibrate_frame` on a float32 ``raw`` (changed in place): the
     saturation and user masks judged on the raw values, the overscan fitted and subtracted
-    (:func:`subtract_overscan`, as the row pass does), the frame trimmed. Returns (data, mask, fit)."""
+    (:func:`subtract_overscan`, as the row pass does), the frame trimmed. Returns (data, mask,
+    fit); the mask is ``mask_out`` when given (uint8, the trimmed shape)."""
     shape = raw.shape
     fit = None
     if overscan is not None:
@@ -435,9 +451,15 @@ def _overscan_and_trim(raw: np.ndarray, overscan: OverscanSpec | None, trim: Sec
         model = overscan_image(fit, overscan, shape)
     ty, tx = (slice(None), slice(None)) if trim is None else trim.slices()
     out_shape = raw[ty, tx].shape
-    mask = np.zeros(out_shape, dtype=np.uint8)
+    if mask_out is not None and mask_out.shape == out_shape and mask_out.dtype == np.uint8:
+        mask = mask_out
+        mask.fill(0)
+    else:
+        mask = np.zeros(out_shape, dtype=np.uint8)
     if saturation is not None:
-        mask[raw[ty, tx] >= np.float32(saturation)] |= MASK_SATURATED
+        from ._kernels import flag_at_or_above
+
+        flag_at_or_above(raw[ty, tx], np.float32(saturation), mask, np.uint8(MASK_SATURATED))
     if bad_pixels is not None:
         bpm = np.asarray(bad_pixels)
         if bpm.shape == shape and shape != out_shape:
@@ -454,7 +476,21 @@ def _overscan_and_trim(raw: np.ndarray, overscan: OverscanSpec | None, trim: Sec
 def _master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None, flat: Master | None, *,
                   hot_sigma: float, flat_floor: float) -> None:
     """Add the masters' mask bits to ``mask`` (in place): those they carry, else derived from
-    their data (hot pixels of a dark, weak pixels of a flat)."""
+    their data (hot pixels of a dark, weak pixels of a flat). Their union is made once per set
+    of masters (:func:`_derived`)."""
+    if bias is None and dark is None and flat is None:
+        return
+
+    def union() -> np.ndarray:
+        bits = np.zeros(mask.shape, dtype=np.uint8)
+        _add_master_masks(bits, bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
+        return bits
+
+    mask |= _derived("mask", (bias, dark, flat), (float(hot_sigma), float(flat_floor)), union)
+
+
+def _add_master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None, flat: Master | None, *,
+                      hot_sigma: float, flat_floor: float) -> None:
     for master, keep in ((bias, MASK_NO_DATA), (dark, MASK_NO_DATA | MASK_HOT), (flat, MASK_NO_DATA | MASK_LOW_FLAT)):
         if master is not None:
             bits = master.bits(keep)
@@ -464,6 +500,40 @@ def _master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None, fl
         mask[hot_pixel_mask(dark.data, sigma=hot_sigma)] |= MASK_HOT
     if flat is not None:
         mask[low_flat_mask(flat.data, flat_floor)] |= MASK_LOW_FLAT
+
+
+def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, scale: float,
+                    floored: np.ndarray | None, flat: Master | None, bias_for_sigma: Master | None,
+                    sigma: np.ndarray | None, gain: float | None, read_noise: float | None) -> None:
+    """``data`` (float32, C-contiguous) minus ``bias`` and ``scale``·``dark``, divided by the
+    ``floored`` flat, in place; σ into ``sigma`` when given (:func:`calibrated_uncertainty`'s
+    formula, with ``bias_for_sigma``'s uncertainty even when the bias was subtracted before)."""
+    from ._kernels import calibrate_pass
+
+    def plane(array: np.ndarray | None) -> np.ndarray:
+        return _PLACEHOLDER if array is None else np.ascontiguousarray(array, dtype=np.float32)
+
+    use_dark = dark is not None and scale != 0.0
+    want = sigma is not None
+    bias_unc = None if bias_for_sigma is None else bias_for_sigma.uncertainty
+    dark_unc = None if dark is None else dark.uncertainty
+    flat_unc = None if flat is None else flat.uncertainty
+    flags = np.array([bias is not None, use_dark, floored is not None, want,
+                      want and bias_unc is not None, want and dark_unc is not None and bool(scale),
+                      want and floored is not None and flat_unc is not None], np.bool_)
+    bias_data = None if bias is None else bias.data
+    dark_data = None if dark is None else dark.data
+    for array in (bias_data, dark_data, floored, bias_unc, dark_unc, flat_unc):
+        if array is not None and array.shape != data.shape:
+            raise InputError(f"a master plane is {array.shape}, the frame {data.shape}")
+    calibrate_pass(data, plane(bias_data), plane(dark_data), np.float32(scale), plane(floored),
+                   np.float32(gain if want else 1.0),
+                   np.float32(np.float32(read_noise) ** 2) if want else np.float32(0.0),
+                   plane(bias_unc if flags[4] else None), plane(dark_unc if flags[5] else None),
+                   plane(flat_unc if flags[6] else None), flags, sigma if want else _PLACEHOLDER)
+
+
+_PLACEHOLDER = np.zeros((1, 1), np.float32)
 
 
 def calibrate_frame(
@@ -486,6 +556,8 @@ def calibrate_frame(
     to_electrons: bool = False,
     uncertainty: bool = True,
     overwrite_raw: bool = False,
+    uncertainty_out: np.ndarray | None = None,
+    mask_out: np.ndarray | None = None,
 ) -> CalibratedFrame:
     """Calibrate one raw frame: (raw − overscan − bias − k·dark) / flat, with uncertainty and mask.
 
@@ -526,35 +598,40 @@ def calibrate_frame(
     overwrite_raw : bool
         ``raw`` (C-contiguous float32) may be calibrated in place instead of copied: for a
         caller that read it for this and needs it no more (saves a frame of memory).
+    uncertainty_out, mask_out : ndarray, optional
+        Arrays of the trimmed shape (float32, uint8) the uncertainty and the mask are written
+        into instead of new ones: a caller calibrating many frames reuses its memory.
+
+    Notes
+    -----
+    Bias, dark, flat and uncertainty are one pass over the pixels
+    (:func:`ccdcal._kernels.calibrate_pass`), with numpy's float32 rounding at each step.
     """
     if not (overwrite_raw and isinstance(raw, np.ndarray) and raw.dtype == np.float32 and raw.flags.writeable
             and raw.flags.c_contiguous):
         raw = np.array(raw, dtype=np.float32, copy=True)
     if raw.ndim != 2:
         raise InputError(f"expected a 2-D raw frame, got shape {raw.shape}")
-    data, mask, fit = _overscan_and_trim(raw, overscan, trim, saturation, bad_pixels)
+    data, mask, fit = _overscan_and_trim(raw, overscan, trim, saturation, bad_pixels, mask_out)
     for what, master in (("bias", bias), ("dark", dark), ("flat", flat)):
         if master is not None and master.data.shape != data.shape:
             raise InputError(f"master {what} {master.name or ''} is {master.data.shape[1]}x{master.data.shape[0]}"
                              f" but the frame is {data.shape[1]}x{data.shape[0]} after trimming")
     notes: list[str] = []
-    subtract_bias(data, None if bias is None else bias.data)
-    signal = data.copy() if uncertainty else None
     scale_used, optimized, npix = None, False, 0
+    bias_done = False
     if dark is not None:
         scale_used = float(dark_scale)
-        if dark_optimize:
+        if dark_optimize:   # the scale is fitted to the frame above bias, before the dark
+            subtract_bias(data, None if bias is None else bias.data)
+            bias_done = True
             k, npix = optimize_dark_scale(data, dark.data, mask=mask != 0)
             if k is None:
                 notes.append(f"dark optimisation: the master dark has no structure ({npix} pixels); "
                              f"exposure ratio {dark_scale:.4g} kept")
             else:
                 scale_used, optimized = k, True
-        subtract_dark(data, dark.data, scale_used)
-    floored = None
-    if flat is not None:
-        floored = _floored(flat, flat_floor)
-        data /= floored
+    floored = None if flat is None else _floored(flat, flat_floor)
     _master_masks(mask, bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
     if read_noise is None and fit is not None and np.isfinite(fit.noise):
         read_noise = fit.noise
@@ -563,14 +640,15 @@ def calibrate_frame(
         if gain is None or read_noise is None:
             notes.append("no uncertainty: " + ("the gain (e-/ADU) is unknown; pass it" if gain is None
                                                else "the read noise is unknown; pass it"))
+        elif not gain > 0:
+            raise InputError(f"gain must be positive to compute the uncertainty, got {gain!r}")
+        elif uncertainty_out is not None and uncertainty_out.shape == data.shape \
+                and uncertainty_out.dtype == np.float32 and uncertainty_out.flags.c_contiguous:
+            sigma = uncertainty_out
         else:
-            sigma = calibrated_uncertainty(
-                signal, read_noise=read_noise, gain=gain,
-                bias_uncertainty=None if bias is None else bias.uncertainty,
-                dark_uncertainty=None if dark is None else dark.uncertainty,
-                dark_scale=scale_used or 0.0, flat=floored,
-                flat_uncertainty=None if flat is None else flat.uncertainty, calibrated=data)
-    del signal
+            sigma = np.empty(data.shape, np.float32)
+    _calibrate_pass(data, None if bias is None or bias_done else bias, dark, scale_used or 0.0, floored, flat,
+                    bias, sigma, gain, read_noise)
     if cosmic_rays:
         mask[cosmic_ray_mask(data, gain=gain, read_noise=read_noise, mask=mask != 0)] |= MASK_COSMIC_RAY
     unit = "adu"

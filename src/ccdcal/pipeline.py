@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -105,6 +106,22 @@ def _recording_warnings(caught: list[str]):
         yield
 
 
+def _warm_kernels() -> None:
+    """Load numba (~0.4 s the first time in a process) and its threading layer in a background
+    thread while the headers are read, instead of on the first pixel task, which the other
+    tasks then wait for. A thread that fails changes nothing: the tasks load numba anyway."""
+    def warm() -> None:
+        try:
+            from . import _kernels
+
+            _kernels.hist_be16(np.zeros((1, 1), np.uint16), 0, 1, _kernels.NO_BLANK,
+                               np.zeros((_kernels.HIST16_PARTS, 65536), np.int64))
+        except Exception:  # noqa: BLE001 - only a head start
+            pass
+
+    threading.Thread(target=warm, name="ccdcal-warm-kernels", daemon=True).start()
+
+
 def _warn(message: str) -> None:
     from .errors import CcdcalWarning
 
@@ -119,6 +136,8 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     started = time.perf_counter()
+    if not dry_run:
+        _warm_kernels()
     inventory = scan(list(paths), exclude=out_dir, progress=progress, flag=False)   # headers, here
     if dry_run:
         inventory = flag_groups(inventory, progress=progress)
@@ -139,7 +158,9 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         result.timings["scan and plan"] = time.perf_counter() - started
         _announce(inventory, plan, options)
         _start_input_hashes(plan)
-        body = lambda: _manifest_body(options, inventory, plan, result)  # noqa: E731 - rebuilt at each write
+        # the parts fixed once planned are made once; the rest is rebuilt at each write
+        fixed = _manifest_fixed(options, inventory, plan)
+        body = lambda: _manifest_body(fixed, result)  # noqa: E731
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
             ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
             _run_lights(plan, ctx, manifest, result, progress, executor)
@@ -367,8 +388,11 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
     records = executor.map(partial(light_task, ctx=ctx),
                            [(job, manifest.previous.get(job.output)) for job in plan.lights],
                            workers=lights_in_flight(plan, options))
-    for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
-        _keep(record, manifest, result, result.lights, strict=options.strict)
+    try:
+        for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
+            _keep(record, manifest, result, result.lights, strict=options.strict)
+    finally:
+        ctx.buffers.clear()   # the frames the light tasks reused
     result.timings["lights"] = time.perf_counter() - started
 
 
@@ -393,8 +417,9 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
 
 
 #: bytes one light holds while it is calibrated, per pixel: the raw frame (4, calibrated in
-#: place), the signal kept for the uncertainty, the uncertainty, the mask and temporaries (13,
-#: measured with tracemalloc; tests/test_whole_night.py checks ≤ 20), previews and hashing
+#: place), its raw bytes (2 for 16-bit data), the uncertainty (4) and the mask (1), arrays the
+#: light tasks reuse (tasks.BufferPool); calibrate_frame's own arrays are 9 (measured with
+#: tracemalloc; tests/test_whole_night.py checks ≤ 20); the rest is for previews and writing
 LIGHT_BYTES_PER_PIXEL = 24
 
 
@@ -409,14 +434,23 @@ def lights_in_flight(plan: Plan, options: ReduceOptions) -> int:
     return max(1, parse_memory(options.memory) // max(1, LIGHT_BYTES_PER_PIXEL * npix))
 
 
-def _manifest_body(options: ReduceOptions, inventory: Inventory, plan: Plan, result: ReduceResult) -> dict[str, Any]:
+def _manifest_fixed(options: ReduceOptions, inventory: Inventory, plan: Plan) -> dict[str, Any]:
+    """The manifest's parts that do not change once the night is planned (the inputs' JSON
+    took 2 s of a 4k night when it was rebuilt at every manifest write)."""
     return {
         "ccdcal_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parameters": options.to_json(),
         "inputs": [f.to_json() for f in inventory.frames],
         "plan_text": plan.describe(),
         **plan.to_json(),
+    }
+
+
+def _manifest_body(fixed: dict[str, Any], result: ReduceResult) -> dict[str, Any]:
+    return {
+        "ccdcal_version": fixed["ccdcal_version"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **{k: v for k, v in fixed.items() if k != "ccdcal_version"},
         "skipped": [s.to_json() for s in result.skipped],
         "run_warnings": list(result.warnings),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},

@@ -28,6 +28,39 @@ from .options import ReduceOptions
 from .plan import LightJob, MasterJob, StackJob, member_steps
 
 
+class BufferPool:
+    """Frame-sized arrays the light tasks of a run reuse: the memory of a frame is touched once
+    per run and thread, not once per light (fresh pages cost more than the arithmetic on them).
+    Held by the run's :class:`RunContext`, so it ends with the run; a pickled copy (a dask
+    worker's) starts empty."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A free array of ``shape`` and ``dtype`` (contents undefined), or a new one."""
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return np.empty(shape, dtype)
+
+    def give(self, *arrays: np.ndarray) -> None:
+        """Return arrays from :meth:`take` once nothing refers to their contents any more."""
+        with self._lock:
+            for array in arrays:
+                self._free.setdefault((array.shape, array.dtype.str), []).append(array)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BufferPool, ())
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every task of a run shares: small and picklable.
@@ -50,6 +83,7 @@ class RunContext:
     masters: dict[str, str] = field(default_factory=dict)
     prints: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    buffers: BufferPool = field(default_factory=BufferPool, compare=False, repr=False)
 
     def with_master(self, name: str, path: Path, datasum: str) -> RunContext:
         return replace(self, masters={**self.masters, name: str(path)}, prints={**self.prints, name: datasum})
@@ -510,14 +544,33 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
 
 
 def _write_light(job: LightJob, ctx: RunContext) -> str | None:
+    from .frames import FrameSource
+
+    recipe = job.recipe
+    with FrameSource(job.frame.path, job.frame.hdu) as src:
+        shape = tuple(int(v) for v in src.shape)
+        raw = ctx.buffers.take(shape, np.float32)
+        scratch = ctx.buffers.take((shape[0] * src.raw_bytes_per_row,), np.uint8)
+        try:
+            src.fill_rows(0, shape[0], raw, scratch)
+        finally:
+            ctx.buffers.give(scratch)
+        raw_header = src.header
+    trimmed = shape if recipe.trim is None else raw[recipe.trim.slices()].shape
+    sigma, mask = ctx.buffers.take(trimmed, np.float32), ctx.buffers.take(trimmed, np.uint8)
+    try:
+        return _calibrate_and_write(job, ctx, raw, raw_header, sigma, mask)
+    finally:   # the planes are written (or failed): free for the next light
+        ctx.buffers.give(raw, sigma, mask)
+
+
+def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_header: Any, sigma: np.ndarray,
+                         mask: np.ndarray) -> str | None:
     from .calibrate import calibrate_frame
-    from .frames import FrameSource, write_fits
+    from .frames import write_fits
     from .headers import light_header, resolve_detector
 
     options, recipe = ctx.options, job.recipe
-    with FrameSource(job.frame.path, job.frame.hdu) as src:
-        raw = src.read()
-        raw_header = src.header
     if not np.isfinite(raw).any():
         return "every pixel is NaN or infinite; remove the file from the inputs"
     bias, dark, flat = _master(ctx, recipe.bias), _master(ctx, recipe.dark), _master(ctx, recipe.flat, flat=True)
@@ -532,7 +585,8 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
         dark_optimize=options.dark_optimize, flat=flat, flat_floor=options.flat_floor, gain=det.gain,
         read_noise=det.read_noise, saturation=det.saturation, cosmic_rays=options.cosmic_rays,
         bad_pixels=_bad_pixel_map(options.bad_pixel_map), hot_sigma=options.hot_sigma,
-        to_electrons=options.to_electrons, uncertainty=options.uncertainty, overwrite_raw=True)
+        to_electrons=options.to_electrons, uncertainty=options.uncertainty, overwrite_raw=True,
+        uncertainty_out=sigma, mask_out=mask)
     header = light_header(raw_header, result, trim=recipe.trim, uncorrected=job.uncorrected, bias=bias,
                           dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
