@@ -470,3 +470,51 @@ def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
     assert np.array_equal(first, direct) and first[3, 4] and first[7, 8] and np.count_nonzero(first) == 2
     masks("124")
     assert len(made) == 2
+
+
+def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
+    """finish_master is one numba pass, in place on the combine's planes; numpy's element-wise
+    steps written here (normalise, mask weak and empty pixels, fill holes) give the same bits,
+    and the flat's level is numpy's float64 median of the central half (odd and even counts)."""
+    from ccdcal.masters import finish_master, flat_level, hot_pixel_mask
+
+    rng = np.random.default_rng(8)
+    f32 = np.float32
+    for kind, shape in (("flat", (60, 81)), ("flat", (61, 81)), ("bias", (50, 70)), ("dark", (50, 70))):
+        level = 20000.0 if kind == "flat" else 1000.0
+        data = rng.normal(level, level * 0.05, shape).astype(f32)
+        unc = rng.normal(3, 0.5, shape).astype(f32)
+        data[0, :4] = [np.nan, np.inf, -np.inf, level * 0.05]     # holes and a weak flat pixel
+        unc[1, :2] = [np.nan, np.inf]
+        if kind == "dark":
+            data[10, 10] = level * 3                               # hot
+        nodata = np.zeros(shape, bool)
+        nodata[0, :2] = True
+        nodata[5, 5] = True
+        region = (slice(shape[0] // 4, shape[0] - shape[0] // 4), slice(shape[1] // 4, shape[1] - shape[1] // 4))
+        want_level = float(np.median(data[region].astype(np.float64)[np.isfinite(data[region])]))
+        d, u = data.copy(), unc.copy()
+        mask = np.where(nodata, np.uint8(32), np.uint8(0))
+        if kind == "flat":
+            d, u = d / f32(want_level), u / f32(want_level)
+            mask[(~np.isfinite(d) | (d < 0.1)) & ~nodata] |= 4
+            d = np.where(np.isfinite(d), d, f32(1))
+        else:
+            d = np.where(np.isfinite(d), d, f32(0))
+        if kind == "dark":
+            mask[hot_pixel_mask(d, sigma=5.0) & ~nodata] |= 2
+        u = np.where(np.isfinite(u), u, f32(0))
+        for in_place in (False, True):
+            a, b = data.copy(), unc.copy()
+            done = finish_master(kind, a, b, nodata, flat_floor=0.1, hot_sigma=5.0, in_place=in_place)
+            assert np.array_equal(done.data.view(np.uint32), d.view(np.uint32)), (kind, in_place)
+            assert np.array_equal(done.uncertainty.view(np.uint32), u.view(np.uint32)), (kind, in_place)
+            assert np.array_equal(done.mask, mask), (kind, in_place)
+            assert (done.data is a) == in_place and np.array_equal(a, data, equal_nan=True) != in_place
+            assert done.keywords["NNODATA"][0] == 3
+            if kind == "flat":
+                assert done.keywords["FLATNORM"][0] == want_level
+                assert flat_level(data) == want_level
+                assert mask[0, 3] == 4 and mask[0, 2] == 4
+            if kind == "dark":
+                assert mask[10, 10] == 2 and done.keywords["NHOTPIX"][0] >= 1

@@ -1191,3 +1191,35 @@ def subtract_scaled(data, other, scale):
     rhs = other.reshape(-1)
     for i in prange(flat.size):
         flat[i] = flat[i] - np.float32(scale * rhs[i])
+
+
+@njit(parallel=True, cache=True)
+def finish_planes(data, unc, has_unc, nodata, level, is_flat, flat_floor, no_data_bit, low_flat_bit, mask):
+    """A combined master's planes finished in place (the kernel of
+    :func:`ccdcal.masters.finish_master`), float32 as numpy's element-wise steps:
+
+    - ``mask`` = ``no_data_bit`` where ``nodata``;
+    - a flat: ``data /= level``; its weak pixels (not finite or below ``flat_floor``, with data)
+      get ``low_flat_bit``; what is not finite becomes 1;
+    - a bias or dark: what is not finite becomes 0;
+    - ``unc`` (when ``has_unc``): ``/= level`` for a flat, then non-finite values become 0.
+    """
+    ny, nx = data.shape
+    for y in prange(ny):
+        for x in range(nx):
+            bad = nodata[y, x]
+            m = no_data_bit if bad else np.uint8(0)
+            v = data[y, x]
+            if is_flat:
+                v = np.float32(v / level)
+                if not bad and (not np.isfinite(v) or v < flat_floor):
+                    m |= low_flat_bit
+                data[y, x] = v if np.isfinite(v) else np.float32(1.0)
+            else:
+                data[y, x] = v if np.isfinite(v) else np.float32(0.0)
+            mask[y, x] = m
+            if has_unc:
+                u = unc[y, x]
+                if is_flat:
+                    u = np.float32(u / level)
+                unc[y, x] = u if np.isfinite(u) else np.float32(0.0)

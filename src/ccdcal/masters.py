@@ -26,7 +26,20 @@ def flat_level(flat: np.ndarray, region: tuple[slice, slice] | None = None, *, m
     """Level of a combined flat in ``region`` (central half by default): median or 3σ-clipped mean."""
     if method not in FLAT_NORMS:
         raise InputError(f"flat normalisation {method!r} is not one of {', '.join(FLAT_NORMS)}")
-    values = np.asarray(flat[region if region is not None else central_region(flat.shape)], dtype=np.float64)
+    part = np.asarray(flat[region if region is not None else central_region(flat.shape)])
+    if method == "median" and part.dtype == np.float32:
+        # numpy's median of the values as float64, without the float64 copy: the middle
+        # float32 values are exact in float64, and their mean is taken there as numpy does
+        values = part[np.isfinite(part)]
+        n = values.size
+        if n == 0:
+            return float("nan")
+        k = n // 2
+        if n % 2:
+            return float(np.partition(values, k)[k])
+        middle = np.partition(values, (k - 1, k))
+        return (float(middle[k - 1]) + float(middle[k])) / 2.0
+    values = np.asarray(part, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return float("nan")
@@ -302,34 +315,45 @@ class FinishedMaster:
 
 def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, nodata: np.ndarray, *,
                   flat_norm: str = "median", flat_floor: float = 0.1, hot_sigma: float = 5.0,
-                  region: tuple[slice, slice] | None = None, region_text: str | None = None) -> FinishedMaster:
+                  region: tuple[slice, slice] | None = None, region_text: str | None = None,
+                  in_place: bool = False) -> FinishedMaster:
     """What a combined master becomes: a flat normalised to 1 (uncertainty too) with its weak
     pixels masked and its holes set to 1; a bias or dark with its holes set to 0 and, for a
     dark, its hot pixels masked. ``nodata`` marks pixels without a valid value (MASK bit 32).
+    ``in_place``: ``data`` and ``uncertainty`` (float32, C-contiguous) may be overwritten (one
+    pass, :func:`ccdcal._kernels.finish_planes`, and no new frames).
     """
+    from ._kernels import finish_planes
     from .masks import MASK_HOT, MASK_LOW_FLAT, MASK_NO_DATA
 
     keywords: dict[str, Any] = {}
     history: list[str] = []
-    mask = np.where(nodata, np.uint8(MASK_NO_DATA), np.uint8(0))
+
+    def own(array: np.ndarray) -> np.ndarray:
+        usable = in_place and array.dtype == np.float32 and array.flags.c_contiguous and array.flags.writeable
+        return array if usable else np.array(array, dtype=np.float32, order="C")
+
+    data = own(data)
+    uncertainty = None if uncertainty is None else own(uncertainty)
+    nodata = np.ascontiguousarray(nodata, dtype=bool)
+    level = 1.0
     if kind == "flat":
-        data, level = normalise_flat(data, region, method=flat_norm)
-        if uncertainty is not None:
-            uncertainty = uncertainty / np.float32(level)
-        mask[low_flat_mask(data, flat_floor) & ~nodata] |= MASK_LOW_FLAT
-        data = np.where(np.isfinite(data), data, np.float32(1.0)).astype(np.float32, copy=False)
+        level = flat_level(data, region, method=flat_norm)
+        if not np.isfinite(level) or level <= 0:
+            raise InputError(f"the combined flat has a level of {level:g} in its central region; check the flat frames")
+    mask = np.empty(data.shape, np.uint8)
+    finish_planes(data, data if uncertainty is None else uncertainty, uncertainty is not None, nodata,
+                  np.float32(level), kind == "flat", np.float32(flat_floor), np.uint8(MASK_NO_DATA),
+                  np.uint8(MASK_LOW_FLAT), mask)
+    if kind == "flat":
         keywords["FLATNORM"] = (level, f"[adu] level the flat was divided by ({flat_norm})")
         keywords["FLATFLOR"] = (flat_floor, "flat pixels below this are masked")
         history.append(f"normalised by the {flat_norm} of {region_text or 'the central half'}: {level:.6g} adu")
-    else:
-        data = np.where(np.isfinite(data), data, np.float32(0.0)).astype(np.float32, copy=False)
     if kind == "dark":
         hot = hot_pixel_mask(data, sigma=hot_sigma) & ~nodata
         mask[hot] |= MASK_HOT
         keywords["NHOTPIX"] = (int(hot.sum()), f"hot pixels (> {hot_sigma:g} sigma), MASK bit 2")
-    if uncertainty is not None:
-        uncertainty = np.where(np.isfinite(uncertainty), uncertainty, np.float32(0.0)).astype(np.float32, copy=False)
-    keywords["NNODATA"] = (int(nodata.sum()), "pixels without a valid value, MASK bit 32")
+    keywords["NNODATA"] = (int(np.count_nonzero(nodata)), "pixels without a valid value, MASK bit 32")
     return FinishedMaster(data, uncertainty, mask, keywords, tuple(history))
 
 

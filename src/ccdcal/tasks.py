@@ -401,7 +401,7 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
     nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(result.data)
     done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
                          flat_floor=options.flat_floor, hot_sigma=options.hot_sigma, region=region,
-                         region_text=settings.scale_region)
+                         region_text=settings.scale_region, in_place=True)   # the combine's planes are ours
     extra: dict[str, Any] = dict(rejection_keywords(result.member_rejected, result.data.size))
     extra.update(done.keywords)
     if noise.gain_measured is not None:
