@@ -138,14 +138,16 @@ def _default_saturation(data: np.ndarray, adc_maximum: float | None = None) -> f
     return 0.999 * 65535.0  # float frames read from the usual unsigned 16-bit ADC
 
 
-def _block_medians(sample: np.ndarray, blocks: int = 8) -> np.ndarray:
+def _block_medians(sample: np.ndarray, blocks: int = 8, finite: bool = False) -> np.ndarray:
+    """Medians of ``blocks`` x ``blocks`` blocks (NaN ignored; ``finite``: there is none, and
+    numpy's plain median, the same numbers several times faster, serves)."""
     ny, nx = sample.shape
     by, bx = max(ny // blocks, 1), max(nx // blocks, 1)
     nby, nbx = ny // by, nx // bx
     trimmed = sample[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx).swapaxes(1, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(trimmed.reshape(nby, nbx, by * bx), axis=2)
+        return (np.median if finite else np.nanmedian)(trimmed.reshape(nby, nbx, by * bx), axis=2)
 
 
 def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
@@ -242,9 +244,10 @@ def metrics_from_counts(sample: np.ndarray, *, npix: int, nonfinite: int, zero_c
     noise = float(cstd)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        blocks = _block_medians(sample)
+        finite = flat.size == sample.size and bool(np.isfinite(flat).all())   # no NaN in the sample
+        blocks = _block_medians(sample, finite=finite)
         gradient = float(np.nanmax(blocks) - np.nanmin(blocks))
-        columns = np.nanmedian(sample, axis=0)
+        columns = (np.median if finite else np.nanmedian)(sample, axis=0)
     columns = columns[np.isfinite(columns)]
     col_centre = float(np.median(columns))
     column_pattern = MAD_TO_STD * float(np.median(np.abs(columns - col_centre)))

@@ -263,10 +263,11 @@ def to_uint16(y: np.ndarray) -> np.ndarray:
     return np.round(np.nan_to_num(np.clip(y, 0.0, 1.0), nan=0.0) * 65535.0).astype(np.uint16)
 
 
-def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True) -> bytes:
+def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True, compress_level: int = 6) -> bytes:
     """A grayscale PNG of a [0, 1] image, 8 or 16 bits per pixel.
 
     ``flip`` puts FITS row 1 at the bottom, as image viewers (ds9, IRAF) show it.
+    ``compress_level``: zlib's, 0-9 (1 is much faster on noise-like images).
     """
     from PIL import Image
 
@@ -280,5 +281,5 @@ def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True) -> bytes:
     else:
         raise ValueError("bits must be 8 or 16")
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", optimize=False, compress_level=6)
+    pil.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
     return buffer.getvalue()

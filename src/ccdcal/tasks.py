@@ -483,7 +483,8 @@ def _write_rejection_map(out_dir: Path, name: str, result: Any) -> None:
         return
     shown = rejection_map(result.nlow_rejected, result.nhigh_rejected)
     if shown is not None:
-        write_bytes(out_dir / "previews" / f"rejection-{Path(name).stem}.png", png_bytes(shown))
+        # noise-like counts: zlib's fastest level is 3-4x faster here and the file ~10 % larger
+        write_bytes(out_dir / "previews" / f"rejection-{Path(name).stem}.png", png_bytes(shown, compress_level=1))
 
 
 def _datasum(path: Path) -> str:
