@@ -521,9 +521,10 @@ def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
 
 
 def test_16_bit_rows_decode_as_numpys_float32_steps(tmp_path):
-    """FrameSource decodes 16-bit rows in one numba pass; astropy's own reading (float32 of the
-    scaled values) and numpy's steps on the stored integers agree bit for bit, with BZERO,
-    BSCALE and BLANK, over whole frames and row bands."""
+    """FrameSource's decoding of 16-bit rows (whole frames and row bands into given buffers)
+    against numpy's float32 steps on the stored integers and astropy's own reading, bit for
+    bit, with BZERO, BSCALE and BLANK. (A numba decoding kernel was tried: no faster than
+    numpy's conversion, 12-15 ms for a 4096² frame.)"""
     from astropy.io import fits
 
     from ccdcal.frames import FrameSource

@@ -1224,23 +1224,3 @@ def finish_planes(data, unc, has_unc, nodata, level, is_flat, flat_floor, no_dat
                     u = np.float32(u / level)
                 unc[y, x] = u if np.isfinite(u) else np.float32(0.0)
 
-
-@njit(parallel=True, cache=True)
-def decode_be16(raw, bscale, bzero, blank, out):
-    """Big-endian 16-bit integers (``raw``: the file's bytes as native uint16, (rows, nx)) decoded
-    into float32 ``out`` as numpy's steps do: the integer converted, ``*= bscale`` (when not 1),
-    ``+= bzero`` (when not 0), each rounded to float32; the BLANK integer becomes NaN (pass
-    NO_BLANK when there is none)."""
-    rows, nx = raw.shape
-    one, zero = np.float32(1.0), np.float32(0.0)
-    for r in prange(rows):
-        for j in range(nx):
-            w = np.int32(raw[r, j])
-            u = ((w & 0xFF) << 8) | (w >> 8)
-            u = u - 65536 if u >= 32768 else u
-            v = np.float32(u)
-            if bscale != one:
-                v = np.float32(v * bscale)
-            if bzero != zero:
-                v = np.float32(v + bzero)
-            out[r, j] = np.float32(np.nan) if u == blank else v

@@ -338,13 +338,6 @@ class FrameSource:
         nbytes = (y1 - y0) * self.raw_bytes_per_row
         buf = scratch[:nbytes] if scratch is not None and scratch.size >= nbytes else np.empty(nbytes, np.uint8)
         self._pread(y0, y1, buf)
-        if self.bitpix == 16 and out.dtype == np.float32 and out.flags.c_contiguous:
-            from ._kernels import NO_BLANK, decode_be16
-
-            # one pass, numpy's float32 steps (tested against numpy)
-            decode_be16(buf.view(np.uint16).reshape(y1 - y0, self.shape[1]), np.float32(self.bscale),
-                        np.float32(self.bzero), NO_BLANK if self.blank is None else int(self.blank), out)
-            return
         dtype = np.dtype(_BITPIX_DTYPE[self.bitpix])
         raw = buf.view(dtype).reshape(y1 - y0, self.shape[1])
         np.copyto(out, raw, casting="unsafe")
