@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,22 +105,6 @@ def _recording_warnings(caught: list[str]):
         yield
 
 
-def _warm_kernels() -> None:
-    """Load numba (~0.4 s the first time in a process) and its threading layer in a background
-    thread while the headers are read, instead of on the first pixel task, which the other
-    tasks then wait for. A thread that fails changes nothing: the tasks load numba anyway."""
-    def warm() -> None:
-        try:
-            from . import _kernels
-
-            _kernels.hist_be16(np.zeros((1, 1), np.uint16), 0, 1, _kernels.NO_BLANK,
-                               np.zeros((_kernels.HIST16_PARTS, 65536), np.int64))
-        except Exception:  # noqa: BLE001 - only a head start
-            pass
-
-    threading.Thread(target=warm, name="ccdcal-warm-kernels", daemon=True).start()
-
-
 def _warn(message: str) -> None:
     from .errors import CcdcalWarning
 
@@ -136,8 +119,6 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     started = time.perf_counter()
-    if not dry_run:
-        _warm_kernels()
     inventory = scan(list(paths), exclude=out_dir, progress=progress, flag=False)   # headers, here
     if dry_run:
         inventory = flag_groups(inventory, progress=progress)
