@@ -393,6 +393,18 @@ def test_the_one_pass_calibration_is_numpys_sequence_bit_for_bit():
                 assert np.array_equal(got.uncertainty.view(np.uint32), want_sigma.view(np.uint32)), case
                 assert (got.uncertainty is sigma_out) == reuse and (got.mask is mask_out) == reuse
                 assert got.mask[0, 0] == 0 and got.mask[1, 0] == 0     # a reused mask starts clear
+        # dark optimisation: the bias is subtracted first, the fitted scale then used in the pass
+        structured = dark.copy()
+        structured[::7, ::5] += 400.0                        # hot pixels give the fit structure
+        got = calibrate_frame(raw, bias=Master(bias, bias_u, name="b"),
+                              dark=Master(structured, dark_u, name="d", exptime=300.0),
+                              flat=Master(flat, flat_u, name="f", level=1.0), dark_scale=1.0, dark_optimize=True,
+                              gain=1.37, read_noise=6.1)
+        assert got.dark_optimized
+        want_data, want_sigma = _numpy_calibration(raw, bias, structured, got.dark_scale, flat, 0.1, 1.37, 6.1,
+                                                   bias_u, dark_u, flat_u)
+        assert np.array_equal(got.data.view(np.uint32), want_data.view(np.uint32))
+        assert np.array_equal(got.uncertainty.view(np.uint32), want_sigma.view(np.uint32))
 
 
 def test_lights_calibrated_in_reused_memory_keep_nothing_of_the_light_before(tmp_path, monkeypatch):
@@ -437,15 +449,18 @@ def test_lights_calibrated_in_reused_memory_keep_nothing_of_the_light_before(tmp
 
 
 def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
-    """Every light of a night ORs the same mask bits from its masters; they are made once and
-    shared: a master read back from its file (a new object, same name and DATASUM) finds them,
-    another master (another DATASUM) does not, and the bits are those made directly."""
+    """Every light of a night ORs the same mask bits from its masters; they are made once per
+    set of master objects and shared, also by threads asking at the same moment (one makes,
+    the others wait); another master object gets its own; the bits are those made directly."""
     import importlib
+    import threading
+    import time
+    from collections import OrderedDict
 
     from ccdcal.calibrate import Master, _add_master_masks, _master_masks
 
     calibrate = importlib.import_module("ccdcal.calibrate")   # the module (ccdcal.calibrate is also a function)
-
+    monkeypatch.setattr(calibrate, "_DERIVED", OrderedDict())
     rng = np.random.default_rng(2)
     dark_data = rng.normal(5, 1, (40, 50)).astype(np.float32)
     dark_data[3, 4] = 500.0                                  # hot
@@ -453,22 +468,36 @@ def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
     flat_data[7, 8] = 0.01                                   # dead
     made = []
     original = calibrate._add_master_masks
-    monkeypatch.setattr(calibrate, "_add_master_masks", lambda *a, **k: (made.append(1), original(*a, **k)))
 
-    def masks(dark_sum):
-        dark = Master(dark_data.copy(), name="master_dark.fits", datasum=dark_sum)
-        flat = Master(flat_data.copy(), name="master_flat.fits", datasum="77", level=1.0)
+    def slow(*a, **k):
+        made.append(1)
+        time.sleep(0.2)                                      # the other threads arrive meanwhile
+        return original(*a, **k)
+
+    monkeypatch.setattr(calibrate, "_add_master_masks", slow)
+    dark = Master(dark_data, name="master_dark.fits", datasum="123")
+    flat = Master(flat_data, name="master_flat.fits", datasum="77", level=1.0)
+    results = []
+
+    def light():
         mask = np.zeros(dark_data.shape, np.uint8)
         _master_masks(mask, None, dark, flat, hot_sigma=5.0, flat_floor=0.1)
-        direct = np.zeros(dark_data.shape, np.uint8)
-        _add_master_masks(direct, None, dark, flat, hot_sigma=5.0, flat_floor=0.1)
-        return mask, direct
+        results.append(mask)
 
-    first, direct = masks("123")
-    again, _ = masks("123")
-    assert len(made) == 1 and np.array_equal(first, again)
-    assert np.array_equal(first, direct) and first[3, 4] and first[7, 8] and np.count_nonzero(first) == 2
-    masks("124")
+    threads = [threading.Thread(target=light) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    direct = np.zeros(dark_data.shape, np.uint8)
+    _add_master_masks(direct, None, dark, flat, hot_sigma=5.0, flat_floor=0.1)
+    assert len(made) == 1 and len(results) == 3
+    assert all(np.array_equal(r, direct) for r in results)
+    assert direct[3, 4] and direct[7, 8] and np.count_nonzero(direct) == 2
+    light()
+    assert len(made) == 1
+    other = Master(dark_data.copy(), name="master_dark.fits", datasum="123")   # read again: a new object
+    _master_masks(np.zeros(dark_data.shape, np.uint8), None, other, flat, hot_sigma=5.0, flat_floor=0.1)
     assert len(made) == 2
 
 

@@ -17,6 +17,7 @@ read noise is in ADU inside this module (header ``RDNOISE`` is in electrons, as 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,34 +99,48 @@ def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
 
 
 # products of masters that every light of a night needs (read-only, made once)
-_DERIVED: dict[tuple[Any, ...], tuple[tuple[Any, ...], np.ndarray]] = {}
+_DERIVED: OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], np.ndarray]] = OrderedDict()
+_MAKING: dict[tuple[Any, ...], threading.Event] = {}
 _DERIVED_LOCK = threading.Lock()
-_DERIVED_SIZE = 4
-
-
-def _identity(master: Master | None) -> Any:
-    """What identifies a master's pixels: its name and DATASUM when it has them (the master
-    kept in memory while its file is written and the one read back from that file are the
-    same), else the object itself."""
-    if master is None:
-        return None
-    return ("file", master.name, master.datasum, master.level) if master.name and master.datasum else ("id", id(master))
+_DERIVED_SIZE = 8   # two per set of masters; a night with 2 filters x 2 darks has 4 sets
 
 
 def _derived(what: str, masters: tuple[Master | None, ...], args: tuple[Any, ...], make: Any) -> np.ndarray:
-    """``make()`` for these masters, made once and shared (read-only) by the lights that use them;
-    a few are kept. The entry holds the masters, so an id in its key is not reused meanwhile."""
-    key = (what, *(_identity(m) for m in masters), *args)
-    with _DERIVED_LOCK:  # held while making, so two lights do not make the same thing at once
-        hit = _DERIVED.get(key)
-        if hit is not None:
-            return hit[1]
+    """``make()`` for these master objects, made once and shared (read-only) by the lights that
+    use them; the most recently used are kept. Keyed by the objects (the entry holds them, so
+    an id is not reused meanwhile): the master kept in memory while its file is written is the
+    object cached as that file afterwards, and a master read again is a new object. A thread
+    that asks while another makes the same thing waits for it; other keys do not wait."""
+    key = (what, *(None if m is None else id(m) for m in masters), *args)
+    while True:
+        with _DERIVED_LOCK:
+            hit = _DERIVED.get(key)
+            if hit is not None:
+                _DERIVED.move_to_end(key)
+                return hit[1]
+            making = _MAKING.get(key)
+            if making is None:
+                making = _MAKING[key] = threading.Event()
+                break
+        making.wait()   # then look again (made, or its maker failed and this thread makes it)
+    try:
         value = make()
         value.flags.writeable = False
-        while len(_DERIVED) >= _DERIVED_SIZE:
-            _DERIVED.pop(next(iter(_DERIVED)))
-        _DERIVED[key] = (masters, value)
-    return value
+        with _DERIVED_LOCK:
+            _DERIVED[key] = (masters, value)
+            while len(_DERIVED) > _DERIVED_SIZE:
+                _DERIVED.popitem(last=False)
+        return value
+    finally:
+        with _DERIVED_LOCK:
+            _MAKING.pop(key, None)
+        making.set()
+
+
+def forget_derived() -> None:
+    """Drop what :func:`_derived` keeps (the end of a run: the masters it holds are freed)."""
+    with _DERIVED_LOCK:
+        _DERIVED.clear()
 
 
 def _floored(flat: Master, flat_floor: float) -> np.ndarray:

@@ -870,8 +870,10 @@ def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, sl
             levels[how][i] = _level(values, how)
 
     # two frames at a time when a sample is small next to the budget (calibrated members
-    # spend their time in decoding and arithmetic, which release the GIL)
-    threads = 2 if sample_pixels is not None and 4 * 2 * size * width <= budget // 2 else 1
+    # spend their time in decoding and arithmetic, which release the GIL); only from the main
+    # thread: a task on a dask worker shares the warning filters that these threads restore
+    threads = 2 if (sample_pixels is not None and 4 * 2 * size * width <= budget // 2
+                    and threading.current_thread() is threading.main_thread()) else 1
     from .executor import LocalExecutor  # its threads restore the warning filters after
 
     for _ in LocalExecutor(threads).map(measure, range(inputs.n)):

@@ -143,8 +143,8 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         fixed = _manifest_fixed(options, inventory, plan)
         body = lambda: _manifest_body(fixed, result)  # noqa: E731
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
-            with _run_masters(plan, out_dir, options, manifest, result, body, progress, executor) as (ctx, written):
-                _run_lights(plan, ctx, manifest, result, progress, executor, before_record=written)
+            ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
+            _run_lights(plan, ctx, manifest, result, progress, executor)
             _run_stacks(plan, ctx, manifest, result, progress, executor)
     manifest.write(body())
     if options.report:
@@ -232,11 +232,9 @@ def dependency_levels(masters: tuple[MasterJob, ...]) -> list[list[MasterJob]]:
     return levels
 
 
-@contextlib.contextmanager
 def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Manifest, result: ReduceResult,
                  body: Any, progress: Any, executor: Any) -> Any:
-    """Build the masters level by level (bias, dark, flat); yields the RunContext that knows them
-    and a function that waits for their files (raising a failed write) and records them.
+    """Build the masters level by level (bias, dark, flat); returns the RunContext that knows them.
 
     Per level: every master's first pass (:func:`~ccdcal.tasks.prepare_master`), then the
     bands of rows of all of them (:func:`~ccdcal.tasks.master_band`, as the executor splits
@@ -289,17 +287,6 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                     manifest.write(body())
                 record_written(wait=False)
                 last = time.perf_counter()
-        for _ in bar:
-            pass
-        result.timings["masters"] = time.perf_counter() - started
-        # the last files may still be being written: the lights start meanwhile (they take the
-        # masters from memory) and call this before they record their first light
-        try:
-            yield ctx, lambda: record_written(wait=True)
-        except BaseException:
-            with contextlib.suppress(Exception):   # the masters written are kept even so
-                record_written(wait=True)
-            raise
         record_written(wait=True)
     finally:
         if writer is not None:
@@ -307,6 +294,8 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
             forget_built(out_dir / job.output for job in plan.masters)
         for _ in bar:
             pass
+    result.timings["masters"] = time.perf_counter() - started
+    return ctx
 
 
 class _Writer:
@@ -371,9 +360,9 @@ def _keep(record: OutputRecord, manifest: Manifest, result: ReduceResult, made: 
 
 
 def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,
-                executor: Any, before_record: Any = None) -> None:
-    """Calibrate every light; ``before_record`` is called once before the first light is
-    recorded (the masters' files are then written and recorded first)."""
+                executor: Any) -> None:
+    """Calibrate every light (as many at once as ``--memory`` holds) and record each."""
+    from .calibrate import forget_derived
     from .progress import steps
     from .tasks import light_task
 
@@ -384,12 +373,13 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
                            workers=lights_in_flight(plan, options))
     try:
         for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
-            if before_record is not None:
-                before_record()
-                before_record = None
             _keep(record, manifest, result, result.lights, strict=options.strict)
     finally:
-        ctx.buffers.clear()   # the frames the light tasks reused
+        close = getattr(records, "close", None)
+        if close is not None:   # after an error: the queued lights are cancelled, the running ones joined
+            close()
+        ctx.buffers.clear()     # the frames the light tasks reused
+        forget_derived()        # and what they shared of the masters
     result.timings["lights"] = time.perf_counter() - started
 
 

@@ -32,7 +32,8 @@ class BufferPool:
     """Frame-sized arrays the light tasks of a run reuse: the memory of a frame is touched once
     per run and thread, not once per light (fresh pages cost more than the arithmetic on them).
     Held by the run's :class:`RunContext`, so it ends with the run; a pickled copy (a dask
-    worker's) starts empty."""
+    worker's) starts empty. Free arrays of one size at a time are kept (per dtype): a light of
+    another size drops them."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[Any, ...], list[np.ndarray]] = {}
@@ -45,6 +46,9 @@ class BufferPool:
             free = self._free.get(key)
             if free:
                 return free.pop()
+            if key not in self._free:   # another size: the free arrays of other sizes go
+                for other in [k for k in self._free if k[1] == key[1]]:
+                    del self._free[other]
         return np.empty(shape, dtype)
 
     def give(self, *arrays: np.ndarray) -> None:
