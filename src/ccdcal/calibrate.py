@@ -376,14 +376,12 @@ def calibrated_uncertainty(
     signal = np.asarray(signal, dtype=np.float32)
     if signal.ndim != 2:
         raise InputError(f"the uncertainty needs a 2-D frame, got shape {signal.shape}")
-    dummy = np.zeros((1, 1), np.float32)
     planes = []
     for name, plane in (("bias uncertainty", bias_uncertainty), ("dark uncertainty", dark_uncertainty),
                         ("flat", flat), ("flat uncertainty", flat_uncertainty), ("calibrated", calibrated)):
-        plane = dummy if plane is None else np.asarray(plane, dtype=np.float32)
-        if plane is not dummy and plane.shape != signal.shape:
-            raise InputError(f"the {name} is {plane.shape}, the frame {signal.shape}")
-        planes.append(plane)
+        if plane is not None and np.shape(plane) != signal.shape:
+            raise InputError(f"the {name} is {np.shape(plane)}, the frame {signal.shape}")
+        planes.append(_plane(plane))
     flags = np.array([bias_uncertainty is not None, dark_uncertainty is not None and bool(dark_scale),
                       flat is not None, flat is not None and flat_uncertainty is not None and calibrated is not None],
                      np.bool_)
@@ -525,9 +523,6 @@ def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, 
     formula, with ``bias_for_sigma``'s uncertainty even when the bias was subtracted before)."""
     from ._kernels import calibrate_pass
 
-    def plane(array: np.ndarray | None) -> np.ndarray:
-        return _PLACEHOLDER if array is None else np.ascontiguousarray(array, dtype=np.float32)
-
     use_dark = dark is not None and scale != 0.0
     want = sigma is not None
     bias_unc = None if bias_for_sigma is None else bias_for_sigma.uncertainty
@@ -536,19 +531,22 @@ def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, 
     flags = np.array([bias is not None, use_dark, floored is not None, want,
                       want and bias_unc is not None, want and dark_unc is not None and bool(scale),
                       want and floored is not None and flat_unc is not None], np.bool_)
-    bias_data = None if bias is None else bias.data
-    dark_data = None if dark is None else dark.data
-    for array in (bias_data, dark_data, floored, bias_unc, dark_unc, flat_unc):
+    for what, array in (("bias", bias_unc), ("dark", dark_unc), ("flat", flat_unc)):   # data: checked by the caller
         if array is not None and array.shape != data.shape:
-            raise InputError(f"a master plane is {array.shape}, the frame {data.shape}")
-    calibrate_pass(data, plane(bias_data), plane(dark_data), np.float32(scale), plane(floored),
-                   np.float32(gain if want else 1.0),
+            raise InputError(f"the uncertainty of the master {what} is {array.shape}, the frame {data.shape}")
+    calibrate_pass(data, _plane(None if bias is None else bias.data), _plane(None if dark is None else dark.data),
+                   np.float32(scale), _plane(floored), np.float32(gain if want else 1.0),
                    np.float32(np.float32(read_noise) ** 2) if want else np.float32(0.0),
-                   plane(bias_unc if flags[4] else None), plane(dark_unc if flags[5] else None),
-                   plane(flat_unc if flags[6] else None), flags, sigma if want else _PLACEHOLDER)
+                   _plane(bias_unc if flags[4] else None), _plane(dark_unc if flags[5] else None),
+                   _plane(flat_unc if flags[6] else None), flags, sigma if want else _PLACEHOLDER)
 
 
-_PLACEHOLDER = np.zeros((1, 1), np.float32)
+_PLACEHOLDER = np.zeros((1, 1), np.float32)   # what a kernel gets for an absent plane (never read)
+
+
+def _plane(array: np.ndarray | None) -> np.ndarray:
+    """A plane as the kernels take it: C-contiguous float32, or the placeholder when absent."""
+    return _PLACEHOLDER if array is None else np.ascontiguousarray(array, dtype=np.float32)
 
 
 def calibrate_frame(

@@ -338,15 +338,19 @@ class FrameSource:
         nbytes = (y1 - y0) * self.raw_bytes_per_row
         buf = scratch[:nbytes] if scratch is not None and scratch.size >= nbytes else np.empty(nbytes, np.uint8)
         self._pread(y0, y1, buf)
-        dtype = np.dtype(_BITPIX_DTYPE[self.bitpix])
-        raw = buf.view(dtype).reshape(y1 - y0, self.shape[1])
-        np.copyto(out, raw, casting="unsafe")
+        self.decode_stored(buf.view(np.dtype(_BITPIX_DTYPE[self.bitpix])).reshape(y1 - y0, self.shape[1]), out)
+
+    def decode_stored(self, stored: np.ndarray, out: np.ndarray) -> None:
+        """Decode stored values (as BITPIX gives them, any byte order, e.g. rows of the bytes
+        :meth:`read_raw` read viewed as ``">i2"``) into the float32 ``out`` of the same shape:
+        BSCALE, then BZERO, each step in float32; BLANK becomes NaN."""
+        np.copyto(out, stored, casting="unsafe")
         if self.bscale != 1.0:
             out *= np.float32(self.bscale)
         if self.bzero != 0.0:
             out += np.float32(self.bzero)
         if self.blank is not None:
-            out[raw == self.blank] = np.nan
+            out[stored == self.blank] = np.nan
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``y0:y1`` (numpy order, 0-based, end excluded) as a new float32 array."""

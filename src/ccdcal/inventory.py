@@ -503,17 +503,18 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
     blank = _kernels.NO_BLANK if src.blank is None else int(src.blank)
     _kernels.hist_be16(raw[rows], cols.start, cols.stop, blank, hists)
     counts = hists.sum(axis=0)
-    # the value of each stored integer, decoded as FrameSource decodes it (float32)
-    values = np.arange(-32768, 32768, dtype=np.int32).astype(np.float32)
-    if src.bscale != 1.0:
-        values *= np.float32(src.bscale)
-    if src.bzero != 0.0:
-        values += np.float32(src.bzero)
+    # the value of each stored integer, decoded as FrameSource decodes it (the BLANK bin, NaN
+    # here, counts nothing)
+    values = np.empty(65536, np.float32)
+    src.decode_stored(np.arange(-32768, 32768, dtype=np.int16), values)
     npix = (rows.stop - rows.start) * (cols.stop - cols.start)
     present = np.flatnonzero(counts)
     lo, hi = (float(values[present].min()), float(values[present].max())) if present.size else (np.nan, np.nan)
     step = subsample_step(npix)
-    sample = np.stack([src.read_rows(y, y + 1)[0, cols][::step] for y in range(rows.start, rows.stop, step)])
+    # the regular subsample decoded from the bytes already in memory (not read again)
+    stored = raw[rows.start:rows.stop:step, cols][:, ::step].view(">i2")
+    sample = np.empty(stored.shape, np.float32)
+    src.decode_stored(stored, sample)
     return metrics_from_counts(
         sample, npix=npix, nonfinite=npix - int(counts.sum()), zero_count=int(counts[values == 0].sum()),
         lo=lo, hi=hi, count_at_or_above=lambda level: int(counts[values >= level].sum()),

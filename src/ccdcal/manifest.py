@@ -48,13 +48,18 @@ def file_sha256(path: Path) -> str:
 def _compute_sha256(path: Path, key: tuple[str, int, int]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)  # releases the GIL: hashing overlaps other work
+        _hash_rest(fh, digest)
     value = digest.hexdigest()
     with _HASH_LOCK:
         _HASHES[key] = value
         _PENDING.pop(key, None)
     return value
+
+
+def _hash_rest(fh: Any, digest: Any) -> None:
+    """Add the rest of the open file ``fh`` to ``digest``, 4 MiB at a time."""
+    for block in iter(lambda: fh.read(1 << 22), b""):
+        digest.update(block)  # releases the GIL: hashing overlaps other work
 
 
 def prefetch_sha256(paths: Any) -> None:
@@ -263,8 +268,7 @@ def hash_around(path: Path, offset: int, data: Any) -> tuple[tuple[str, int, int
         digest.update(fh.read(offset))
         digest.update(view)             # releases the GIL
         fh.seek(offset + view.nbytes)
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
+        _hash_rest(fh, digest)
     if _hash_key(path) != key:
         return None
     value = digest.hexdigest()

@@ -251,11 +251,11 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     ctx = RunContext(out_dir=out_dir, options=options)
     budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
-    writing: list[tuple[MasterJob, OutputRecord, Any]] = []   # masters whose files are being written
+    writing: list[tuple[OutputRecord, Any]] = []   # masters made, with their file's write (or None)
 
     def record_written(wait: bool) -> None:
-        while writing and (wait or writing[0][2] is None or writing[0][2].done()):
-            job, record, future = writing.pop(0)
+        while writing and (wait or writing[0][1] is None or writing[0][1].done()):
+            record, future = writing.pop(0)
             if future is not None:
                 future.result()                              # a failed write is raised here
             _keep(record, manifest, result, result.masters, strict=False)
@@ -280,11 +280,8 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                 now = time.perf_counter()
                 result.timings[f"  {job.name}"] = now - last   # indented: a part of "masters"
                 ctx = _accept_master(job, record, ctx, result, options)
-                if record.skipped is None and (pending or writing):   # recorded in plan order
-                    writing.append((job, record, pending[0] if pending else None))
-                elif record.skipped is None:
-                    _keep(record, manifest, result, result.masters, strict=False)
-                    manifest.write(body())
+                if record.skipped is None:   # recorded in plan order, each once its file is written
+                    writing.append((record, pending[0] if pending else None))
                 record_written(wait=False)
                 last = time.perf_counter()
         record_written(wait=True)
@@ -337,22 +334,26 @@ def _finish(work: Any, ctx: Any, tiles: Any, count: int, writer: Any, pending: l
 def _accept_master(job: MasterJob, record: OutputRecord, ctx: Any, result: ReduceResult,
                    options: ReduceOptions) -> Any:
     """The context with this master (or its failure) known to what is built on it."""
-    if record.skipped is not None:
-        if options.strict:
-            raise InputError(f"{record.output}: {record.skipped}")
-        result.skipped.append(Skipped(record.output, record.skipped))
+    if _skipped(record, result, strict=options.strict):
         return ctx.with_failure(job.name, record.skipped)
     return ctx.with_master(job.name, Path(ctx.out_dir) / record.output, record.datasum)
+
+
+def _skipped(record: OutputRecord, result: ReduceResult, *, strict: bool) -> bool:
+    """Whether a task skipped its output; the skip goes into ``result.skipped`` (fatal with ``strict``)."""
+    if record.skipped is None:
+        return False
+    if strict:
+        raise InputError(f"{record.output}: {record.skipped}")
+    result.skipped.append(Skipped(record.output, record.skipped))
+    return True
 
 
 def _keep(record: OutputRecord, manifest: Manifest, result: ReduceResult, made: list[str], *,
           strict: bool) -> None:
     """What a task did with one output: a skip into ``result.skipped`` (fatal with ``strict``), or
     an output made or kept (and on disk) into the manifest and ``made``."""
-    if record.skipped is not None:
-        if strict:
-            raise InputError(f"{record.output}: {record.skipped}")
-        result.skipped.append(Skipped(record.output, record.skipped))
+    if _skipped(record, result, strict=strict):
         return
     manifest.record(record)
     made.append(record.output)
