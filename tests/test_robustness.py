@@ -218,6 +218,53 @@ def test_verify_catches_a_modified_output(demo_night, tmp_path):
     assert proc.returncode == 1 and "m51_R_001.fits" in proc.stdout
 
 
+
+def test_manifest_hashes_are_xxh3_of_the_bytes_and_old_sha256_manifests_still_verify(demo_night, tmp_path):
+    """Every output's and input's recorded hash is XXH3-128 of the file's bytes (hashed here by
+    xxhash in one call); a manifest written before ccdcal took XXH3 (SHA-256 entries) still
+    verifies, and still catches a modified output and a changed input."""
+    import json
+
+    import xxhash
+
+    out = tmp_path / "out"
+    shutil.copytree(demo_night / "out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    inputs = {}
+    for rel, entry in manifest["outputs"].items():
+        assert "sha256" not in entry
+        assert entry["xxh3_128"] == xxhash.xxh3_128((out / rel).read_bytes()).hexdigest(), rel
+        for record in entry["inputs"]:
+            inputs[record["path"]] = record["xxh3_128"]
+    assert inputs and all(v == xxhash.xxh3_128(Path(p).read_bytes()).hexdigest() for p, v in inputs.items())
+
+    def sha(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    raw = tmp_path / "raw"
+    shutil.copytree(demo_night / "raw", raw)
+    for rel, entry in manifest["outputs"].items():   # as the older ccdcal wrote it
+        del entry["xxh3_128"]
+        entry["sha256"] = sha(out / rel)
+        for record in entry["inputs"]:
+            record["path"] = str(raw / Path(record["path"]).name)
+            del record["xxh3_128"]
+            record["sha256"] = sha(record["path"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    clean = ccdcal("verify", out)
+    assert clean.returncode == 0 and "0 bad, 0 stale" in clean.stdout, clean.stdout
+    target = out / "calibrated" / "m51_R_001.fits"
+    blob = bytearray(target.read_bytes())
+    blob[-100] ^= 0xFF
+    target.write_bytes(bytes(blob))
+    light = raw / "m51_R_002.fits"
+    light.write_bytes(light.read_bytes()[:-1] + b"x")
+    proc = ccdcal("verify", out)
+    assert proc.returncode == 1 and "m51_R_001.fits" in proc.stdout
+    assert "1 bad, 1 stale" in proc.stdout, proc.stdout
+    assert "m51_R_002.fits: stale" in " ".join(proc.stderr.split()), proc.stderr
+
+
 # -- fuzzing ---------------------------------------------------------------------------------
 printable = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30)
 header_values = st.one_of(printable, st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import xxhash
 
 from ccdcal import masters
-from ccdcal.manifest import file_sha256, remember_sha256
+from ccdcal.manifest import HASH, file_hash, remember_hashes
 
 
 class _Rows:
@@ -65,14 +66,16 @@ def test_input_hashes_are_taken_from_the_previous_run_only_when_unchanged(tmp_pa
     path = tmp_path / "a.fits"
     path.write_bytes(b"x" * 5000)
     st = path.stat()
-    fake = "0" * 64
-    assert remember_sha256([{"path": str(path), "size": st.st_size, "mtime": st.st_mtime, "sha256": fake}]) == 1
-    assert file_sha256(path) == fake
+    fake = "0" * 32
+    # a record of another algorithm (a manifest from before XXH3) is not taken
+    assert remember_hashes([{"path": str(path), "size": st.st_size, "mtime": st.st_mtime, "sha256": fake}]) == 0
+    assert remember_hashes([{"path": str(path), "size": st.st_size, "mtime": st.st_mtime, HASH: fake}]) == 1
+    assert file_hash(path) == fake
     path.write_bytes(b"y" * 5000)                        # same size, new content and mtime
     os.utime(path, ns=(st.st_mtime_ns + 10**9, st.st_mtime_ns + 10**9))
-    assert file_sha256(path) != fake
+    assert file_hash(path) == xxhash.xxh3_128(b"y" * 5000).hexdigest()
     st2 = path.stat()
-    assert remember_sha256([{"path": str(path), "size": st2.st_size, "mtime": st.st_mtime, "sha256": fake}]) == 0
+    assert remember_hashes([{"path": str(path), "size": st2.st_size, "mtime": st.st_mtime, HASH: fake}]) == 0
 
 
 def test_the_report_reads_no_light_the_light_task_previewed(tmp_path, monkeypatch):
@@ -217,8 +220,7 @@ def _astropy_written(path, data, header, uncertainty, mask):
 def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
     """The streamed writer against astropy's own writer: the same bytes wherever the
     checksum timestamps do not enter, CHECKSUM/DATASUM that astropy verifies, and the
-    SHA-256 it remembers equal to hashing the file afterwards."""
-    import hashlib
+    hash it remembers equal to hashing the file afterwards."""
     import warnings
 
     from astropy.io import fits
@@ -254,7 +256,7 @@ def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
             for hdu in b:
                 start, size = hdu.fileinfo()["datLoc"], hdu.fileinfo()["datSpan"]
                 assert raw_a[start:start + size] == raw_b[start:start + size]
-        assert _HASHES[_hash_key(ours)] == hashlib.sha256(raw_a).hexdigest()
+        assert _HASHES[_hash_key(ours)] == xxhash.xxh3_128(raw_a).hexdigest()
 
 
 def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsample(tmp_path):
@@ -298,12 +300,10 @@ def test_dark_subtraction_in_place_rounds_as_numpy_does():
         assert np.array_equal(subtract_dark(view.copy(), dark[:, 3:-2], scale), expected[:, 3:-2], equal_nan=True)
 
 
-def test_the_scan_hashes_the_files_it_reads_as_hashlib_hashes_them(tmp_path):
-    """reduce's pixel checks take each raw 16-bit file's SHA-256 from the pixels they read (the
-    bytes around them read again): equal to hashlib over the whole file, for a primary image
+def test_the_scan_hashes_the_files_it_reads_as_xxhash_hashes_them(tmp_path):
+    """reduce's pixel checks take each raw 16-bit file's hash from the pixels they read (the
+    bytes around them read again): equal to xxhash over the whole file, for a primary image
     and for an image in an extension followed by another HDU; a dry scan hashes nothing."""
-    import hashlib
-
     from astropy.io import fits
 
     from ccdcal import manifest
@@ -330,8 +330,8 @@ def test_the_scan_hashes_the_files_it_reads_as_hashlib_hashes_them(tmp_path):
     assert not any(key in manifest._HASHES for key in keys.values())
     flagged = flag_groups(inventory, hash_files=True)
     for path, key in keys.items():
-        assert manifest._HASHES[key] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert all("_sha256" not in (f.metrics or {}) for f in flagged.frames)
+        assert manifest._HASHES[key] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    assert all("_hash" not in (f.metrics or {}) for f in flagged.frames)
 
 
 def _numpy_calibration(raw, bias, dark, scale, flat, flat_floor, gain, read_noise, bias_u, dark_u, flat_u):

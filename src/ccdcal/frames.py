@@ -563,7 +563,7 @@ def write_fits(
 
     astropy makes the headers (:func:`fits_hdus`); :func:`add_checksums` sums the data in
     numba kernels; :func:`write_hdus` streams the data out big-endian in blocks and takes the
-    file's SHA-256 from the bytes as they are written (remembered for the manifest, so the
+    file's hash from the bytes as they are written (remembered for the manifest, so the
     output is not read back to hash it).
     """
     hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit)
@@ -670,12 +670,11 @@ def add_checksums(hdul: Any) -> None:
 
 
 def _write_hdus(tmp: Path, hdul: Any) -> str:
-    """Write the HDUs of ``hdul`` to ``tmp`` as they are; returns the file's SHA-256."""
-    import hashlib
-
+    """Write the HDUs of ``hdul`` to ``tmp`` as they are; returns the file's hash (the manifest's)."""
     from ._kernels import to_big_endian
+    from .manifest import new_digest
 
-    digest = hashlib.sha256()
+    digest = new_digest()
     with open(tmp, "wb") as fh:
 
         def put(chunk: Any) -> None:

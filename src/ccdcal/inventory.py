@@ -497,7 +497,7 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
     if raw is None:
         raw = buffers[(ny, nx)] = np.empty((ny, nx), np.uint16)
     src.read_raw(0, ny, raw)
-    if hashed is not None:  # the file's SHA-256 while its pixels are in memory (see pixel_metrics)
+    if hashed is not None:  # the file's hash while its pixels are in memory (see pixel_metrics)
         hashed.append(hash_around(src.path, src.data_offset, raw))
     hists = np.zeros((_kernels.HIST16_PARTS, 65536), np.int64)
     blank = _kernels.NO_BLANK if src.blank is None else int(src.blank)
@@ -522,13 +522,13 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
         saturation=info.saturate)
 
 
-_SHA256 = "_sha256"  # the file's (hash key, SHA-256) in what pixel_metrics returns
+_HASHED = "_hash"  # the file's (hash key, hash) in what pixel_metrics returns
 _BUFFERS = threading.local()  # per thread: the raw buffer of each frame size, reused
 
 
 def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, float] | str:
     """:func:`ccdcal.stats.frame_metrics` of one frame's pixels (a task: reads the file itself),
-    or why it cannot be read. ``hash_file``: also the file's SHA-256, while the pixels of a raw
+    or why it cannot be read. ``hash_file``: also the file's hash (for the manifest), while the pixels of a raw
     16-bit frame are in memory (the file is then read once for both)."""
     from .frames import FrameSource
     from .stats import frame_metrics
@@ -541,7 +541,7 @@ def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, floa
                 hashed: list[Any] | None = [] if hash_file else None
                 metrics = _raw16_metrics(src, info, _BUFFERS.by_shape, hashed)
                 if hashed and hashed[0] is not None:
-                    metrics[_SHA256] = hashed[0]    # taken out by flag_groups (this may be a worker)
+                    metrics[_HASHED] = hashed[0]    # taken out by flag_groups (this may be a worker)
                 return metrics
             data = src.read()
             if info.trimsec:
@@ -562,7 +562,7 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     replaced by None (with a warning), and saturated pixels are counted at the ADC
     maximum of the raw integers instead. The frames are read by :func:`pixel_metrics`
     tasks through ``executor`` (threads here, or a dask cluster), in any order.
-    ``hash_files``: the tasks also take each file's SHA-256 for the manifest (``reduce``).
+    ``hash_files``: the tasks also take each file's hash for the manifest (``reduce``).
     """
     from functools import partial
 
@@ -584,7 +584,7 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
         if isinstance(value, str):
             frames[i] = replace(info, flags=info.flags + (f"unreadable: {value}",))
             continue
-        hashed = value.pop(_SHA256, None)
+        hashed = value.pop(_HASHED, None)
         if hashed is not None:
             remember_hash(*hashed)
         metrics[i] = value

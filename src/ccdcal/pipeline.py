@@ -204,19 +204,19 @@ def _sample_inputs(paths: Any) -> list[str]:
 
 
 def _remember_input_hashes(manifest: Manifest) -> None:
-    """Inputs' SHA-256 from the previous manifest, where size and modification time are unchanged."""
-    from .manifest import remember_sha256
+    """Inputs' hashes from the previous manifest, where size and modification time are unchanged."""
+    from .manifest import remember_hashes
 
-    remember_sha256(record for entry in manifest.previous.values() for record in entry.get("inputs", ()))
+    remember_hashes(record for entry in manifest.previous.values() for record in entry.get("inputs", ()))
 
 
 def _start_input_hashes(plan: Plan) -> None:
-    """Every input's SHA-256 (part of the fingerprints): those not known yet (from the previous
+    """Every input's hash (part of the fingerprints): those not known yet (from the previous
     manifest or the scan's pixel checks) hashed in the background while the masters are built."""
-    from .manifest import prefetch_sha256
+    from .manifest import prefetch_hashes
 
     paths = [f.path for job in plan.masters for f in job.members] + [job.frame.path for job in plan.lights]
-    prefetch_sha256(paths)
+    prefetch_hashes(paths)
 
 
 def dependency_levels(masters: tuple[MasterJob, ...]) -> list[list[MasterJob]]:

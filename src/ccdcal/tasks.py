@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from .errors import CcdcalError, OutputError
-from .manifest import OutputRecord, file_sha256, fingerprint, input_record, up_to_date
+from .manifest import OutputRecord, file_hash, fingerprint, input_record, up_to_date
 from .options import ReduceOptions
 from .plan import LightJob, MasterJob, StackJob, member_steps
 
@@ -545,7 +545,7 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
         return OutputRecord(output=source, kind="light", skipped=skipped)
     # hashed here, in the worker, while the bytes are in the page cache
     return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs),
-                        sha256=file_sha256(ctx.out_dir / job.output))
+                        hash=file_hash(ctx.out_dir / job.output))
 
 
 def _write_light(job: LightJob, ctx: RunContext) -> str | None:
@@ -641,6 +641,6 @@ def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any]
         write_preview(run.result.data, ctx.out_dir / preview)
     frames = [{**f.to_json(), "path": str(Path(f.path).relative_to(ctx.out_dir))} for f in run.frames]
     return OutputRecord(output=job.output, kind="stack", fingerprint=fp, inputs=inputs,
-                        sha256=file_sha256(ctx.out_dir / job.output),
+                        hash=file_hash(ctx.out_dir / job.output),
                         extra={"frames": frames, "preview": preview if ctx.options.report else None,
                                "target": job.target, "filter": job.filter})
