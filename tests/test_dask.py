@@ -157,7 +157,10 @@ def test_reduce_on_a_cluster_is_identical_to_a_local_run(cluster, night):
     n_masters = sum(1 for v in plan["outputs"].values() if v["kind"] not in ("light", "stack"))
     assert counts.get("prepare_master") == n_masters
     assert counts.get("master_band_or_reason", 0) >= 2 * 2 * n_masters   # two bands per worker at least
-    assert counts.get("light_task") == sum(1 for v in plan["outputs"].values() if v["kind"] == "light") > 0
+    # every light, and the report's previews of every master (queued with the lights)
+    n_lights = sum(1 for v in plan["outputs"].values() if v["kind"] == "light")
+    assert counts.get("light_task") == n_lights + n_masters and n_lights > 0
+    assert len(list((night / "on-dask" / "previews").glob("master-*.json"))) == n_masters
     assert counts.get("stack_task") == sum(1 for v in plan["outputs"].values() if v["kind"] == "stack") == 2
 
 

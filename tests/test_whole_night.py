@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import xxhash
 
 from ccdcal import masters
@@ -78,8 +79,12 @@ def test_input_hashes_are_taken_from_the_previous_run_only_when_unchanged(tmp_pa
     assert remember_hashes([{"path": str(path), "size": st2.st_size, "mtime": st.st_mtime, HASH: fake}]) == 0
 
 
-def test_the_report_reads_no_light_the_light_task_previewed(tmp_path, monkeypatch):
+def test_the_report_reads_no_light_or_master_the_tasks_previewed(tmp_path, monkeypatch):
+    """The light tasks leave each light's previews, and the masters' previews are made beside
+    them from the masters in memory: the report reads no output back. Removed, the report makes
+    them itself from the files, the same (JSON and PNG) and the same page."""
     import json
+    import re
 
     from ccdcal import report as report_module
     from ccdcal.demo import write_night
@@ -88,24 +93,34 @@ def test_the_report_reads_no_light_the_light_task_previewed(tmp_path, monkeypatc
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=2)
     out = tmp_path / "out"
-    result = reduce([raw], out, options=ReduceOptions())
-    made = sorted((out / "previews").glob("light-*.json"))
-    assert len(made) == len(result.lights) > 0
-    by_task = {p.name: json.loads(p.read_text()) for p in made}
-
     loaded = []
     original = report_module._load
     monkeypatch.setattr(report_module, "_load", lambda d, rel: (loaded.append(str(rel)), original(d, rel))[1])
-    reduce([raw], out, options=ReduceOptions())          # everything up to date: only the report is rebuilt
-    assert not [rel for rel in loaded if "calibrated" in rel]
+    result = reduce([raw], out, options=ReduceOptions())
+    assert not loaded
+    made = sorted((out / "previews").glob("light-*.json"))
+    assert len(made) == len(result.lights) > 0
+    made_masters = sorted((out / "previews").glob("master-*.json"))
+    assert len(made_masters) == len(result.masters) > 0
+    by_task = {p.name: p.read_bytes() for p in [*made, *made_masters]}
+    pngs = {p.name: p.read_bytes() for p in (out / "previews").glob("*.png")}
 
-    for p in made:                                       # gone: the report makes them itself, the same
+    def page():   # the report without its folder and time line
+        return re.sub(r'<div class="meta">[^<]*</div>', "", (out / "report.html").read_text())
+
+    first = page()
+    reduce([raw], out, options=ReduceOptions())          # everything up to date: only the report is rebuilt
+    assert not loaded and page() == first
+
+    for p in [*made, *made_masters]:                     # gone: the report makes them itself, the same
         p.unlink()
-    loaded.clear()
-    reduce([raw], out, options=ReduceOptions())
+    report_module.build_report(out)
     assert len([rel for rel in loaded if "calibrated" in rel]) == len(made)
-    for p in made:
-        assert json.loads(p.read_text()) == by_task[p.name]
+    assert len([rel for rel in loaded if "masters" in rel]) == len(made_masters)
+    for p in [*made, *made_masters]:
+        assert json.loads(p.read_bytes()) == json.loads(by_task[p.name]), p.name
+    assert {p.name: p.read_bytes() for p in (out / "previews").glob("*.png")} == pngs
+    assert page() == first
 
 
 def test_a_light_holds_no_more_than_the_bytes_per_pixel_the_pipeline_budgets():
@@ -612,3 +627,46 @@ def test_frame_metrics_of_a_finite_frame_are_those_that_ignore_nan():
         holed[::k, ::k][::5, ::3] = np.nan
         with np.errstate(invalid="ignore"):
             assert np.isfinite(frame_metrics(holed)["gradient"])
+
+
+def test_a_reduction_reuses_the_frames_it_frees_and_gives_them_back_after():
+    """Within reusing_freed_memory, a frame-sized array freed by a worker thread is reused by the
+    next one (page faults counted by the kernel: a few, not one per page of every frame);
+    after it, each new frame is faulted in again. In a fresh process, as the CLI's: a thread
+    that takes the heap of a thread gone before keeps glibc's choice."""
+    import subprocess
+    import sys
+
+    from ccdcal import _memory
+
+    if _memory._glibc() is None:
+        pytest.skip("glibc's allocator only")
+    script = """
+import resource, threading
+import numpy as np
+from ccdcal import _memory
+
+def faults_making_frames():
+    counts = []
+    def work():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(8):
+            frame = np.empty(16 << 20, np.float32)    # 64 MiB, in a worker thread
+            frame.fill(1.0)
+            del frame
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    return counts[0]
+
+with _memory.reusing_freed_memory(), _memory.reusing_freed_memory():   # nested: one setting
+    first = faults_making_frames()                                     # the heap grows once
+    inside = faults_making_frames()
+after = faults_making_frames()
+print(first, inside, after)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, inside, after = (int(v) for v in proc.stdout.split())
+    assert inside * 4 < after and inside * 4 < first, (first, inside, after)

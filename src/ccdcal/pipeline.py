@@ -84,8 +84,10 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     -------
     ReduceResult
     """
+    from ._memory import reusing_freed_memory
+
     caught: list[str] = []
-    with _recording_warnings(caught):
+    with _recording_warnings(caught), reusing_freed_memory():
         return _reduce(paths, Path(out_dir), options=options or ReduceOptions(), dry_run=dry_run, force=force,
                        progress=progress, caught=caught, scheduler=scheduler)
 
@@ -369,11 +371,13 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
 
     started = time.perf_counter()
     options = ctx.options
-    records = executor.map(partial(light_task, ctx=ctx),
-                           [(job, manifest.previous.get(job.output)) for job in plan.lights],
-                           workers=lights_in_flight(plan, options))
+    items: list[tuple[Any, Any]] = [(job, manifest.previous.get(job.output)) for job in plan.lights]
+    if options.report and plan.lights:
+        items += [(job, None) for job in _master_previews(plan, ctx, result)]
+    records = executor.map(partial(light_task, ctx=ctx), items, workers=lights_in_flight(plan, options))
     try:
-        for record in steps(records, "calibrating lights", progress, total=len(plan.lights)):
+        lights = (record for record in records if record is not None)
+        for record in steps(lights, "calibrating lights", progress, total=len(plan.lights)):
             _keep(record, manifest, result, result.lights, strict=options.strict)
     finally:
         close = getattr(records, "close", None)
@@ -382,6 +386,17 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
         ctx.buffers.clear()     # the frames the light tasks reused
         forget_derived()        # and what they shared of the masters
     result.timings["lights"] = time.perf_counter() - started
+
+
+def _master_previews(plan: Plan, ctx: Any, result: ReduceResult) -> list[Any]:
+    """The report's previews of the masters this run has, where they are not made yet."""
+    from .report import made_master_previews
+    from .tasks import MasterPreviewJob
+
+    have = set(result.masters)
+    return [MasterPreviewJob(job.name, job.output, job.kind.value) for job in plan.masters
+            if job.output in have and job.name in ctx.masters
+            and made_master_previews(ctx.out_dir, job.output) is None]
 
 
 def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,

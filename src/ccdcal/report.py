@@ -246,12 +246,6 @@ def _preview(data: np.ndarray, size: int, method: str) -> tuple[bytes, int, int]
     return png_bytes(shown), small.shape[1], small.shape[0]
 
 
-def _write_preview(out_dir: Path, name: str, png: bytes, width: int, height: int) -> Image:
-    rel = f"previews/{name}.png"
-    write_bytes(out_dir / rel, png)
-    return Image(_data_uri(png), rel, width, height)
-
-
 def _load(out_dir: Path, rel: str | None) -> tuple[np.ndarray | None, str | None]:
     """The primary image of an output, or ``None`` and the reason it cannot be shown."""
     if not rel:
@@ -344,7 +338,6 @@ def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[Master
         )
         reasons = [str(r) for r in item.get("excluded_reasons") or []]
         card.excluded_reasons = reasons + [""] * (len(card.excluded) - len(reasons))
-        data, error = _load(out_dir, output)
         rejection = out_dir / "previews" / f"rejection-{Path(output).stem}.png"
         if rejection.exists():
             png = rejection.read_bytes()
@@ -353,17 +346,66 @@ def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[Master
             with PILImage.open(rejection) as im:
                 w, h = im.size
             card.rejection = Image(_data_uri(png), f"previews/{rejection.name}", w, h)
-        if data is None:
-            card.preview.error = error
-        else:
-            card.rejected = _member_rejections(out_dir / output, card.members, data.size)
-            png, w, h = _preview(data, PREVIEW_SIZE, method)
-            card.preview = _write_preview(out_dir, f"master-{_safe_stem(output)}", png, w, h)
-            unit = "" if kind == "flat" else "ADU"
-            card.histogram_svg = histogram_svg(data, unit=unit)
-            card.stats = _stats_dict(data)
+        made = made_master_previews(out_dir, output)
+        if made is None:
+            data, error = _load(out_dir, output)
+            if data is None:
+                card.preview.error = error
+                cards.append(card)
+                continue
+            write_master_previews(out_dir, output, data, kind)
+            made = made_master_previews(out_dir, output)
+        card.preview, card.histogram_svg, card.stats, npix = made
+        card.rejected = _member_rejections(out_dir / output, card.members, npix)
         cards.append(card)
     return cards
+
+
+def write_master_previews(out_dir: Path, output: str, data: np.ndarray, kind: str) -> None:
+    """The report's view of one master: ``previews/master-<stem>.png`` (stretched as
+    :func:`_master_method` says for ``kind``) and ``previews/master-<stem>.json`` (its
+    histogram, statistics on a regular subsample, sizes).
+
+    ``reduce`` has these made while the lights are calibrated, from the master in memory, so
+    building the report reads no master again; the report makes them itself when they are
+    missing or older than the master.
+    """
+    stem = _safe_stem(output)
+    png, w, h = _preview(data, PREVIEW_SIZE, _master_method(kind))
+    write_bytes(Path(out_dir) / "previews" / f"master-{stem}.png", png)
+    facts = {"output": output, "size": [w, h], "npix": int(data.size), "stats": _stats_dict(data),
+             "histogram_svg": histogram_svg(data, unit="" if kind == "flat" else "ADU")}
+    write_text(Path(out_dir) / "previews" / f"master-{stem}.json", json.dumps(facts, default=float))
+
+
+def made_master_previews(out_dir: Path, output: str) -> tuple[Image, str, dict[str, Any], int] | None:
+    """(preview, histogram SVG, statistics, pixels) that :func:`write_master_previews` left for
+    ``output``, when they are there and at least as new as the master; else None."""
+    stem = _safe_stem(output)
+    try:
+        facts = _fresh_facts(out_dir, output, f"master-{stem}")
+        if facts is None:
+            return None
+        preview = _stored_image(out_dir, f"previews/master-{stem}.png", facts["size"])
+        return preview, str(facts["histogram_svg"]), dict(facts["stats"]), int(facts["npix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _fresh_facts(out_dir: Path, output: str, name: str) -> dict[str, Any] | None:
+    """``previews/<name>.json`` when it is there, about ``output`` and at least as new as it."""
+    facts_path = Path(out_dir) / "previews" / f"{name}.json"
+    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
+    if not output or facts_path.stat().st_mtime_ns < target.stat().st_mtime_ns:
+        return None
+    facts = json.loads(facts_path.read_text())
+    return facts if facts.get("output") == output else None
+
+
+def _stored_image(out_dir: Path, rel: str, size: Any) -> Image:
+    """A PNG the previews left in the output folder, inlined, with its (width, height)."""
+    w, h = size
+    return Image(_data_uri((Path(out_dir) / rel).read_bytes()), rel, int(w), int(h))
 
 
 def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[str, int, int, str]]:
@@ -439,23 +481,15 @@ def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict
     """The previews and statistics :func:`write_light_previews` left for ``output``, when they
     are there and at least as new as the output; else None."""
     stem = _safe_stem(output)
-    folder = Path(out_dir) / "previews"
-    facts_path = folder / f"light-{stem}.json"
-    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
     try:
-        if not output or facts_path.stat().st_mtime_ns < target.stat().st_mtime_ns:
+        facts = _fresh_facts(out_dir, output, f"light-{stem}")
+        if facts is None:
             return None
-        facts = json.loads(facts_path.read_text())
-        if facts.get("output") != output:
-            return None
-        images = []
-        for suffix, key in (("", "preview"), ("-thumb", "-thumb")):
-            rel = f"previews/light-{stem}{suffix}.png"
-            w, h = facts["sizes"][key]
-            images.append(Image(_data_uri((Path(out_dir) / rel).read_bytes()), rel, int(w), int(h)))
+        preview, thumb = (_stored_image(out_dir, f"previews/light-{stem}{suffix}.png", facts["sizes"][key])
+                          for suffix, key in (("", "preview"), ("-thumb", "-thumb")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return images[0], images[1], dict(facts["stats"])
+    return preview, thumb, dict(facts["stats"])
 
 
 def _stacks(out_dir: Path, outputs: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -519,9 +519,28 @@ def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any
                        [ctx.prints.get(n) for n in (recipe.bias, recipe.dark, recipe.flat)])
 
 
-def light_task(item: tuple[LightJob, dict[str, Any] | None], ctx: RunContext) -> OutputRecord:
-    """:func:`calibrate_light` of ``item`` = (job, previous manifest entry of its output)."""
-    return calibrate_light(item[0], ctx, item[1])
+@dataclass(frozen=True)
+class MasterPreviewJob:
+    """The report's previews of a master made in this run (:func:`ccdcal.report.write_master_previews`),
+    queued with the lights: they take what the lights leave of the cores, and from the master
+    in memory, so the report at the end of the run reads no master again."""
+
+    name: str       # the master's name in RunContext.masters
+    output: str     # its path relative to the output folder
+    kind: str
+
+
+def light_task(item: tuple[LightJob | MasterPreviewJob, dict[str, Any] | None],
+               ctx: RunContext) -> OutputRecord | None:
+    """:func:`calibrate_light` of ``item`` = (job, previous manifest entry of its output); for a
+    :class:`MasterPreviewJob`, its previews (None: nothing for the manifest)."""
+    job = item[0]
+    if isinstance(job, MasterPreviewJob):
+        from .report import write_master_previews
+
+        write_master_previews(ctx.out_dir, job.output, _master(ctx, job.name).data, job.kind)
+        return None
+    return calibrate_light(job, ctx, item[1])
 
 
 def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | None = None) -> OutputRecord:
