@@ -119,7 +119,7 @@ def test_any_tile_size_gives_the_same_result(rows, method, reject):
     sources = [RecordingRows(stack[i], logs[i]) for i in range(6)]
     kw = dict(method=method, reject=reject, clip_extrema=(1, 0), scale="mean",
               scale_region="[3:12,5:30]")
-    tiled = combine(sources, memory=outputs + rows * per_row, **kw)
+    tiled = combine(sources, memory=outputs + 2 * rows * per_row, **kw)   # two tiles: one is read ahead
     whole = combine(list(stack), memory="1GiB", **kw)
     _equal(tiled, whole)
     for log in logs:
@@ -456,3 +456,49 @@ def test_combine_rows_refuses_a_band_outside_the_frames():
             combine_rows(frames, factors, options, y0, y1)
     with pytest.raises(InputError, match="factors are for 3 frames"):
         combine_rows(frames[:2], factors, options, 0, 4)
+
+
+class SlowCheckedRows:
+    """A row source that fails the test when two threads read frames at once, or when a
+    frame's bands do not come in increasing order; it sleeps a little in each read so that
+    an overlap, were there one, would happen."""
+
+    def __init__(self, data, state, fail_at=None):
+        self.data, self.shape, self.state, self.fail_at = data, data.shape, state, fail_at
+        self.last = 0
+
+    def read_rows(self, y0, y1):
+        import threading
+        import time
+
+        assert self.state["lock"].acquire(blocking=False), "two reads at once"
+        try:
+            assert y0 == self.last, f"band {y0}:{y1} after {self.last}"
+            self.last = y1
+            self.state["threads"].add(threading.get_ident())
+            if self.fail_at is not None and y0 <= self.fail_at < y1:
+                raise OSError("the disk went away")
+            time.sleep(0.002)
+            return self.data[y0:y1].astype(np.float32)
+        finally:
+            self.state["lock"].release()
+
+
+def test_the_next_tile_is_read_by_one_thread_in_order_while_the_kernel_runs():
+    """Tiles are read ahead in a thread: the result equals numpy's; the frames are read one
+    at a time and in order; a read error reaches the caller and leaves no reader running."""
+    import threading
+
+    rng = np.random.default_rng(4)
+    stack = rng.normal(100, 5, (5, 64, 33)).astype(np.float32)
+    state = {"lock": threading.Lock(), "threads": set()}
+    # a budget that holds the result and two 3-row tiles only: many tiles
+    budget = 64 * 33 * 13 + 2 * 3 * (5 * 33 * 4 + 33 * 4)
+    result = combine([SlowCheckedRows(f, state) for f in stack], method="mean", reject="none", memory=budget)
+    assert np.array_equal(result.data, np.mean(stack, axis=0, dtype=np.float64).astype(np.float32))
+    assert state["threads"] and threading.get_ident() not in state["threads"]
+    before = threading.active_count()
+    sources = [SlowCheckedRows(f, state, fail_at=40 if i == 2 else None) for i, f in enumerate(stack)]
+    with pytest.raises(OSError, match="disk went away"):
+        combine(sources, method="mean", reject="none", memory=budget)
+    assert threading.active_count() == before

@@ -242,7 +242,8 @@ class RowSource(Protocol):
 
     ``shape`` is (ny, nx), numpy order. ``read_rows(y0, y1)`` returns rows ``y0:y1``
     (0-based, end excluded) as float32 (y1 - y0, nx); NaN and ±inf values are ignored.
-    The engine asks for increasing bands. Optional attributes: ``header`` (an astropy
+    The engine asks for increasing bands, from a thread of its own (it reads the next tile
+    while it combines this one), one read at a time. Optional attributes: ``header`` (an astropy
     Header; the first frame's is the base of the result's), ``path`` or ``name`` (how the
     frame is named in messages and in IMCMBnnn). :class:`ccdcal.frames.FrameSource` is one;
     see :class:`RowSourceWithPlanes` for masks and uncertainties.
@@ -1040,7 +1041,8 @@ def _tile_rows(n: int, shape: tuple[int, int], budget: int, extra_per_value: int
     # per row of a tile: the stack (float32, or raw 16-bit values; + mask/uncertainty), one raw
     # row of a file, and the float32 row a generic source returns before it is copied
     per_row = n * nx * (value_bytes + extra_per_value) + raw_per_row + nx * 4
-    rows = (budget - outputs) // per_row
+    # two tiles: the next one is read while the kernel combines this one (_combine_band)
+    rows = (budget - outputs) // (2 * per_row)
     # Tiles far smaller than a generous budget are faster: a tile that stays in the CPU
     # caches is decoded and combined without a trip to main memory, and fresh pages cost
     # a fault each (expensive in virtual machines); the buffers are reused for every tile.
@@ -1198,19 +1200,28 @@ def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactor
     ``ready`` is called once, after the first tile is read and before the first kernel
     runs. Returns the rejections per member (n, 2) where the kernel counts them, else None.
     """
-    ws = _Workspace(inputs, plan, options, factors)
-    member_rejected = np.zeros((inputs.n, 2), np.int64) if ws.tracked else None
-    for t0 in range(y0, y1, plan.rows):
-        t1 = min(y1, t0 + plan.rows)
-        _read_tile(inputs, plan, ws, t0, t1)
-        if ready is not None:
-            ready()
-            ready = None
-        band = out.rows(t0 - y0, t1 - y0)
-        counts = _run_kernel(plan, ws, factors, band, t1 - t0)
-        if member_rejected is not None:
-            member_rejected += counts
-        np.isnan(band.err, out=band.mask)
+    from concurrent.futures import ThreadPoolExecutor
+
+    tiles = [(t0, min(y1, t0 + plan.rows)) for t0 in range(y0, y1, plan.rows)]
+    # two workspaces: a thread reads (and calibrates) the next tile while the kernel combines
+    # this one; the reads stay in tile order, each source read by one thread at a time
+    spaces = [_Workspace(inputs, plan, options, factors) for _ in range(min(2, len(tiles)))]
+    member_rejected = np.zeros((inputs.n, 2), np.int64) if spaces[0].tracked else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-tiles") as reader:
+        reading = reader.submit(_read_tile, inputs, plan, spaces[0], *tiles[0])
+        for k, (t0, t1) in enumerate(tiles):
+            reading.result()
+            ws = spaces[k % 2]
+            if k + 1 < len(tiles):
+                reading = reader.submit(_read_tile, inputs, plan, spaces[(k + 1) % 2], *tiles[k + 1])
+            if ready is not None:
+                ready()
+                ready = None
+            band = out.rows(t0 - y0, t1 - y0)
+            counts = _run_kernel(plan, ws, factors, band, t1 - t0)
+            if member_rejected is not None:
+                member_rejected += counts
+            np.isnan(band.err, out=band.mask)
     return member_rejected
 
 
