@@ -484,21 +484,44 @@ class SlowCheckedRows:
             self.state["lock"].release()
 
 
+#: a budget that holds the (64, 33) result of 5 frames and two 3-row tiles only: many tiles
+_SMALL_TILES = 64 * 33 * 13 + 2 * 3 * (5 * 33 * 4 + 33 * 4)
+
+
+def _combined_in_small_tiles(seed):
+    """The mean of 5 random frames read by SlowCheckedRows in small tiles, checked against
+    numpy's; returns (frames, what the sources saw)."""
+    import threading
+
+    stack = np.random.default_rng(seed).normal(100, 5, (5, 64, 33)).astype(np.float32)
+    state = {"lock": threading.Lock(), "threads": set()}
+    result = combine([SlowCheckedRows(f, state) for f in stack], method="mean", reject="none",
+                     memory=_SMALL_TILES)
+    assert np.array_equal(result.data, np.mean(stack, axis=0, dtype=np.float64).astype(np.float32))
+    return stack, state
+
+
 def test_the_next_tile_is_read_by_one_thread_in_order_while_the_kernel_runs():
     """Tiles are read ahead in a thread: the result equals numpy's; the frames are read one
     at a time and in order; a read error reaches the caller and leaves no reader running."""
     import threading
 
-    rng = np.random.default_rng(4)
-    stack = rng.normal(100, 5, (5, 64, 33)).astype(np.float32)
-    state = {"lock": threading.Lock(), "threads": set()}
-    # a budget that holds the result and two 3-row tiles only: many tiles
-    budget = 64 * 33 * 13 + 2 * 3 * (5 * 33 * 4 + 33 * 4)
-    result = combine([SlowCheckedRows(f, state) for f in stack], method="mean", reject="none", memory=budget)
-    assert np.array_equal(result.data, np.mean(stack, axis=0, dtype=np.float64).astype(np.float32))
+    stack, state = _combined_in_small_tiles(4)
     assert state["threads"] and threading.get_ident() not in state["threads"]
     before = threading.active_count()
     sources = [SlowCheckedRows(f, state, fail_at=40 if i == 2 else None) for i, f in enumerate(stack)]
     with pytest.raises(OSError, match="disk went away"):
-        combine(sources, method="mean", reject="none", memory=budget)
+        combine(sources, method="mean", reject="none", memory=_SMALL_TILES)
     assert threading.active_count() == before
+
+
+def test_on_a_layer_that_is_not_threadsafe_the_caller_reads_every_tile(monkeypatch):
+    """numba's workqueue layer aborts when two threads run kernels at once, and reading a
+    calibrated tile may run one: there the tiles are read by the caller, the same result."""
+    import importlib
+    import threading
+
+    combine_module = importlib.import_module("ccdcal.combine")   # the module, not the function
+    monkeypatch.setattr(combine_module, "_layer_threadsafe", lambda: False)
+    _, state = _combined_in_small_tiles(5)
+    assert state["threads"] == {threading.get_ident()}

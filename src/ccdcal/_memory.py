@@ -1,88 +1,56 @@
-"""Frame-sized arrays reused within a reduction, not returned to the system and faulted in
-again (glibc's allocator only; elsewhere nothing changes).
+"""Frame-sized arrays reused by the ``ccdcal`` command's process, not returned to the system
+and faulted in again (glibc's allocator only; elsewhere nothing changes).
 
 By default glibc hands every allocation above a threshold (128 KiB, growing to at most 32 MiB)
 straight to ``mmap`` and returns it with ``munmap`` when it is freed, and it serves each
 thread from a heap of its own, at most 64 MiB, so a 64 MiB frame made in a worker thread
 always comes from ``mmap``. A reduction makes and frees thousands of frame-sized arrays: each
 new one is faulted in page by page and zeroed by the kernel. On the virtual machine measured,
-a 4096² night faulted in 2.5 GB of fresh huge pages (0.85 GB kept as here), and zeroing them
-was 8 % of the run's CPU time (``perf``: ``clear_page_erms``; 5 % kept as here).
+a 4096² night faulted in 2.5 GB of fresh huge pages (0.85 GB with :func:`keep_freed_memory`),
+and zeroing them was 8 % of the run's CPU time (``perf``: ``clear_page_erms``; 5 % with it).
 
-While :func:`reusing_freed_memory` is entered, large blocks come from the one main heap and
-freed ones stay there for the next array; on leaving, the defaults' behaviour is set back
-(fixed 128 KiB thresholds, per-thread heaps) and what is free is returned to the system
-(``malloc_trim``), so a notebook's process does not keep the run's peak.
-
-A thread that already has a heap, or takes over the heap of a thread gone before, keeps
-glibc's choice: the effect is whole in a fresh process (the CLI, a script) and partial in a
-long-lived one that ran threads before (a notebook's second run).
+:func:`keep_freed_memory` makes large blocks come from the one main heap and keeps freed ones
+there for the next array. It lasts for the whole process (glibc reads the number of heaps once,
+when a second thread first allocates), so only the command line calls it, first thing: the
+library leaves the allocator of a notebook's or a script's process as it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-_KEEP = 1 << 30               # bytes: blocks below go to the heap, and it is never trimmed below
-_DEFAULT_THRESHOLD = 128 * 1024
-
-_LOCK = threading.Lock()
-_DEPTH = 0
-_LIBC: Any = None
+_KEEP = 1 << 30               # bytes: blocks below come from the heap, never trimmed below this
 
 
 def _glibc() -> Any:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = False
-        try:
-            version = os.confstr("CS_GNU_LIBC_VERSION") if sys.platform.startswith("linux") else None
-        except (AttributeError, ValueError, OSError):
-            version = None
-        if version and version.startswith("glibc"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                libc.malloc_trim.argtypes = [ctypes.c_size_t]
-                _LIBC = libc
-            except (OSError, AttributeError):
-                _LIBC = False
-    return _LIBC or None
+    """The C library when it is glibc (it has ``mallopt``), else None."""
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION") if sys.platform.startswith("linux") else None
+    except (AttributeError, ValueError, OSError):
+        version = None
+    if not (version and version.startswith("glibc")):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
-@contextlib.contextmanager
-def reusing_freed_memory() -> Iterator[None]:
-    """Within the block, freed large arrays are kept by this process for the next ones
-    (nested and concurrent entries share one setting, undone when the last one leaves)."""
-    global _DEPTH
+def keep_freed_memory() -> bool:
+    """For the rest of this process, freed large arrays stay in it for the next ones (one heap
+    for every thread, no trimming); True when glibc took every setting."""
     libc = _glibc()
     if libc is None:
-        yield
-        return
-    with _LOCK:
-        _DEPTH += 1
-        if _DEPTH == 1:
-            libc.mallopt(_M_ARENA_MAX, 1)
-            libc.mallopt(_M_MMAP_THRESHOLD, _KEEP)
-            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0:
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
-                libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
-                libc.mallopt(_M_ARENA_MAX, 8 * (os.cpu_count() or 1))   # glibc's limit when unset
-                libc.malloc_trim(0)
+        return False
+    taken = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_THRESHOLD, _KEEP),
+             libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)]
+    return all(v == 1 for v in taken)

@@ -499,5 +499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def entry() -> int:
+    """The ``ccdcal`` command: :func:`main` in a process that is ours alone, so its allocator
+    keeps freed frames for the next ones (:func:`ccdcal._memory.keep_freed_memory`)."""
+    from ._memory import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

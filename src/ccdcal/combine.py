@@ -63,7 +63,7 @@ import operator
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -1193,6 +1193,24 @@ def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Pl
     return jobs.sum(axis=0, dtype=np.int64)
 
 
+def _layer_threadsafe() -> bool:
+    """Whether numba's threading layer runs kernels from two Python threads at once (tbb and
+    omp do; workqueue aborts the process). Reading a tile may run a kernel (a dark subtracted
+    by :func:`ccdcal.calibrate.subtract_dark`) while the combine kernel runs, so tiles are read
+    ahead in a thread only on a threadsafe layer."""
+    import numba
+
+    from . import _kernels
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:   # no parallel kernel has run in this process yet: run the smallest one
+        probe = np.zeros((1, 1), np.float32)
+        _kernels.subtract_scaled(probe, probe, np.float32(0.0))
+        layer = numba.threading_layer()
+    return layer != "workqueue"
+
+
 def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactors, plan: _TilePlan,
                   out: _Planes, y0: int, y1: int, ready: Callable[[], None] | None = None) -> np.ndarray | None:
     """Combine rows ``y0:y1`` tile by tile into ``out`` (whose first row is row ``y0``).
@@ -1205,23 +1223,32 @@ def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactor
     tiles = [(t0, min(y1, t0 + plan.rows)) for t0 in range(y0, y1, plan.rows)]
     # two workspaces: a thread reads (and calibrates) the next tile while the kernel combines
     # this one; the reads stay in tile order, each source read by one thread at a time
-    spaces = [_Workspace(inputs, plan, options, factors) for _ in range(min(2, len(tiles)))]
+    ahead = len(tiles) > 1 and _layer_threadsafe()
+    spaces = [_Workspace(inputs, plan, options, factors) for _ in range(2 if ahead else 1)]
     member_rejected = np.zeros((inputs.n, 2), np.int64) if spaces[0].tracked else None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-tiles") as reader:
-        reading = reader.submit(_read_tile, inputs, plan, spaces[0], *tiles[0])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-tiles") if ahead else \
+            nullcontext() as reader:
+
+        def read(k: int) -> Any:
+            args = (inputs, plan, spaces[k % len(spaces)], *tiles[k])
+            return reader.submit(_read_tile, *args) if ahead else _read_tile(*args)
+
+        reading = read(0)
         for k, (t0, t1) in enumerate(tiles):
-            reading.result()
-            ws = spaces[k % 2]
-            if k + 1 < len(tiles):
-                reading = reader.submit(_read_tile, inputs, plan, spaces[(k + 1) % 2], *tiles[k + 1])
+            if ahead:
+                reading.result()
+                if k + 1 < len(tiles):
+                    reading = read(k + 1)
             if ready is not None:
                 ready()
                 ready = None
             band = out.rows(t0 - y0, t1 - y0)
-            counts = _run_kernel(plan, ws, factors, band, t1 - t0)
+            counts = _run_kernel(plan, spaces[k % len(spaces)], factors, band, t1 - t0)
             if member_rejected is not None:
                 member_rejected += counts
             np.isnan(band.err, out=band.mask)
+            if not ahead and k + 1 < len(tiles):
+                read(k + 1)
     return member_rejected
 
 

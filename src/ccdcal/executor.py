@@ -48,6 +48,11 @@ class LocalExecutor:
         """``fn(item)`` for every item, in order; ``workers`` caps the threads of this call."""
         items = list(items)
         count = min(self.workers, workers or self.workers)
+        if count > 1 and len(items) > 1:
+            from .combine import _layer_threadsafe
+
+            if not _layer_threadsafe():   # numba's workqueue layer: one task at a time
+                count = 1
         if count <= 1 or len(items) <= 1:
             yield from map(fn, items)
             return

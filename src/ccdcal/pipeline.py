@@ -84,10 +84,8 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     -------
     ReduceResult
     """
-    from ._memory import reusing_freed_memory
-
     caught: list[str] = []
-    with _recording_warnings(caught), reusing_freed_memory():
+    with _recording_warnings(caught):
         return _reduce(paths, Path(out_dir), options=options or ReduceOptions(), dry_run=dry_run, force=force,
                        progress=progress, caught=caught, scheduler=scheduler)
 

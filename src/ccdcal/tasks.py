@@ -522,8 +522,10 @@ def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any
 @dataclass(frozen=True)
 class MasterPreviewJob:
     """The report's previews of a master made in this run (:func:`ccdcal.report.write_master_previews`),
-    queued with the lights: they take what the lights leave of the cores, and from the master
-    in memory, so the report at the end of the run reads no master again."""
+    queued with the lights: they take what the lights leave of the cores (from the master as
+    the lights load it: in memory here while it is cached, read from its file on a dask
+    worker), so the report at the end of the run reads no master again. A failure here stops
+    nothing: the report then makes them itself."""
 
     name: str       # the master's name in RunContext.masters
     output: str     # its path relative to the output folder
@@ -538,7 +540,10 @@ def light_task(item: tuple[LightJob | MasterPreviewJob, dict[str, Any] | None],
     if isinstance(job, MasterPreviewJob):
         from .report import write_master_previews
 
-        write_master_previews(ctx.out_dir, job.output, _master(ctx, job.name).data, job.kind)
+        try:
+            write_master_previews(ctx.out_dir, job.output, _master(ctx, job.name).data, job.kind)
+        except Exception:  # noqa: BLE001 - the report makes them itself (and says what failed)
+            pass
         return None
     return calibrate_light(job, ctx, item[1])
 
