@@ -705,3 +705,37 @@ print(taken, faults_making_frames())
         if mode == "keep":
             assert taken == "True"
     assert counts["keep"] * 4 < counts["default"], counts
+
+
+def test_on_a_layer_that_is_not_threadsafe_the_night_runs_one_kernel_at_a_time(tmp_path, monkeypatch):
+    """Where numba's threading layer is workqueue (it aborts when two threads run kernels at
+    once), the night runs its tasks one at a time, writes masters in order and reads tiles
+    on the caller's thread: the same planes as the threaded run."""
+    import importlib
+    import threading
+
+    from astropy.io import fits
+
+    from ccdcal.demo import write_night
+    from ccdcal.pipeline import ReduceOptions, reduce
+
+    raw = tmp_path / "raw"
+    write_night(raw, size=96, seed=4)
+    threaded = reduce([raw], tmp_path / "threaded", options=ReduceOptions(report=False))
+    monkeypatch.setattr(importlib.import_module("ccdcal.combine"), "_layer_threadsafe", lambda: False)
+    names = []
+    real_start = threading.Thread.start
+
+    def start(thread):
+        names.append(thread.name)
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    alone = reduce([raw], tmp_path / "alone", options=ReduceOptions(report=False))
+    monkeypatch.undo()
+    assert not [n for n in names if "ccdcal-write" in n or "ccdcal-tiles" in n or "ThreadPoolExecutor" in n]
+    assert sorted(alone.masters) == sorted(threaded.masters) and sorted(alone.lights) == sorted(threaded.lights)
+    for rel in [*threaded.masters, *threaded.lights]:
+        with fits.open(tmp_path / "threaded" / rel) as a, fits.open(tmp_path / "alone" / rel) as b:
+            for ha, hb in zip(a, b, strict=True):
+                assert np.array_equal(ha.data, hb.data, equal_nan=True), rel

@@ -243,7 +243,7 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     written by a background thread while the next level is built (which takes the master
     from memory); a master enters the manifest once its file is written.
     """
-    from .combine import parse_memory
+    from .combine import _layer_threadsafe, parse_memory
     from .progress import steps
     from .tasks import MasterWork, RunContext, forget_built, master_band_or_reason, prepare_master
 
@@ -261,7 +261,9 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
             _keep(record, manifest, result, result.masters, strict=False)
             manifest.write(body())
 
-    writer = _Writer() if getattr(executor, "shares_memory", False) else None
+    # the writer thread runs a kernel (the rejection map's binning) beside the next combine's:
+    # not on numba's workqueue layer, which aborts when two threads run kernels at once
+    writer = _Writer() if getattr(executor, "shares_memory", False) and _layer_threadsafe() else None
     try:
         for level in dependency_levels(plan.masters):
             last = time.perf_counter()
