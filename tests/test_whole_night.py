@@ -739,3 +739,40 @@ def test_on_a_layer_that_is_not_threadsafe_the_night_runs_one_kernel_at_a_time(t
         with fits.open(tmp_path / "threaded" / rel) as a, fits.open(tmp_path / "alone" / rel) as b:
             for ha, hb in zip(a, b, strict=True):
                 assert np.array_equal(ha.data, hb.data, equal_nan=True), rel
+
+
+def test_previews_of_an_output_rebuilt_within_the_timestamp_resolution_are_made_again(tmp_path, monkeypatch):
+    """A master rewritten with other data but the same modification time (a FAT disk keeps
+    2 s) is not taken for the old one: its DATASUM differs from the one its previews recorded,
+    so the report makes them again from the new file."""
+    import json
+    import os
+
+    from astropy.io import fits
+
+    from ccdcal import report as report_module
+    from ccdcal.demo import write_night
+    from ccdcal.pipeline import ReduceOptions, reduce
+
+    raw = tmp_path / "raw"
+    write_night(raw, size=96, seed=2)
+    out = tmp_path / "out"
+    result = reduce([raw], out, options=ReduceOptions())
+    rel = next(m for m in result.masters if "bias" in m)
+    path = out / rel
+    facts_path = out / "previews" / f"master-{report_module._safe_stem(rel)}.json"
+    before = json.loads(facts_path.read_text())
+    stamp = path.stat().st_mtime_ns
+    with fits.open(path) as hdul:
+        hdul[0].data = hdul[0].data + np.float32(7.0)      # other data, same shape and size
+        hdul.writeto(path, overwrite=True, checksum=True)
+    os.utime(path, ns=(stamp, stamp))                      # and the old time
+    assert facts_path.stat().st_mtime_ns >= path.stat().st_mtime_ns
+    loaded = []
+    original = report_module._load
+    monkeypatch.setattr(report_module, "_load", lambda d, r: (loaded.append(str(r)), original(d, r))[1])
+    report_module.build_report(out)
+    assert loaded == [rel]
+    after = json.loads(facts_path.read_text())
+    assert after["datasum"] == str(fits.getheader(path)["DATASUM"]) != before["datasum"]
+    assert after["stats"]["median"] == pytest.approx(before["stats"]["median"] + 7.0, abs=1e-3)

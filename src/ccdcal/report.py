@@ -368,13 +368,13 @@ def write_master_previews(out_dir: Path, output: str, data: np.ndarray, kind: st
 
     ``reduce`` has these made while the lights are calibrated, from the master in memory, so
     building the report reads no master again; the report makes them itself when they are
-    missing or older than the master.
+    missing, older than the master or made from other data (see :func:`_fresh_facts`).
     """
     stem = _safe_stem(output)
     png, w, h = _preview(data, PREVIEW_SIZE, _master_method(kind))
     write_bytes(Path(out_dir) / "previews" / f"master-{stem}.png", png)
-    facts = {"output": output, "size": [w, h], "npix": int(data.size), "stats": _stats_dict(data),
-             "histogram_svg": histogram_svg(data, unit="" if kind == "flat" else "ADU")}
+    facts = {"output": output, "datasum": _datasum(out_dir, output), "size": [w, h], "npix": int(data.size),
+             "stats": _stats_dict(data), "histogram_svg": histogram_svg(data, unit="" if kind == "flat" else "ADU")}
     write_text(Path(out_dir) / "previews" / f"master-{stem}.json", json.dumps(facts, default=float))
 
 
@@ -393,13 +393,28 @@ def made_master_previews(out_dir: Path, output: str) -> tuple[Image, str, dict[s
 
 
 def _fresh_facts(out_dir: Path, output: str, name: str) -> dict[str, Any] | None:
-    """``previews/<name>.json`` when it is there, about ``output`` and at least as new as it."""
+    """``previews/<name>.json`` when it is there, about ``output``, at least as new as it and
+    made from its data (the DATASUM recorded: a file rebuilt within the file system's time
+    resolution, 2 s on FAT, is not taken for the old one)."""
     facts_path = Path(out_dir) / "previews" / f"{name}.json"
     target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
     if not output or facts_path.stat().st_mtime_ns < target.stat().st_mtime_ns:
         return None
     facts = json.loads(facts_path.read_text())
-    return facts if facts.get("output") == output else None
+    if facts.get("output") != output or facts.get("datasum") != _datasum(out_dir, output):
+        return None
+    return facts
+
+
+def _datasum(out_dir: Path, output: str) -> str:
+    """The DATASUM of an output's primary HDU ("" when there is none or it cannot be read)."""
+    from astropy.io import fits
+
+    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
+    try:
+        return str(fits.getheader(target, 0).get("DATASUM", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def _stored_image(out_dir: Path, rel: str, size: Any) -> Image:
@@ -462,8 +477,8 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
     and ``previews/light-<stem>.json`` (statistics on a regular subsample, preview sizes).
 
     The light task calls this while the calibrated pixels are still in memory, so building the
-    report reads no light again; the report makes them itself when they are missing or older
-    than the output.
+    report reads no light again; the report makes them itself when they are missing, older
+    than the output or made from other data (see :func:`_fresh_facts`).
     """
     stem = _safe_stem(output)
     sizes = {}
@@ -473,7 +488,7 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
         png = png_bytes(stretch(image, "autostf"))
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
         sizes[suffix or "preview"] = [image.shape[1], image.shape[0]]
-    facts = {"output": output, "sizes": sizes, "stats": _stats_dict(data)}
+    facts = {"output": output, "datasum": _datasum(out_dir, output), "sizes": sizes, "stats": _stats_dict(data)}
     write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float))
 
 
