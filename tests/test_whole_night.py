@@ -722,7 +722,7 @@ def test_on_a_layer_that_is_not_threadsafe_the_night_runs_one_kernel_at_a_time(t
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=4)
     threaded = reduce([raw], tmp_path / "threaded", options=ReduceOptions(report=False))
-    monkeypatch.setattr(importlib.import_module("ccdcal.combine"), "_layer_threadsafe", lambda: False)
+    monkeypatch.setattr(importlib.import_module("ccdcal.executor"), "kernels_threadsafe", lambda: False)
     names = []
     real_start = threading.Thread.start
 

@@ -1193,24 +1193,6 @@ def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Pl
     return jobs.sum(axis=0, dtype=np.int64)
 
 
-def _layer_threadsafe() -> bool:
-    """Whether numba's threading layer runs kernels from two Python threads at once (tbb and
-    omp do; workqueue aborts the process). Reading a tile may run a kernel (a dark subtracted
-    by :func:`ccdcal.calibrate.subtract_dark`) while the combine kernel runs, so tiles are read
-    ahead in a thread only on a threadsafe layer."""
-    import numba
-
-    from . import _kernels
-
-    try:
-        layer = numba.threading_layer()
-    except ValueError:   # no parallel kernel has run in this process yet: run the smallest one
-        probe = np.zeros((1, 1), np.float32)
-        _kernels.subtract_scaled(probe, probe, np.float32(0.0))
-        layer = numba.threading_layer()
-    return layer != "workqueue"
-
-
 def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactors, plan: _TilePlan,
                   out: _Planes, y0: int, y1: int, ready: Callable[[], None] | None = None) -> np.ndarray | None:
     """Combine rows ``y0:y1`` tile by tile into ``out`` (whose first row is row ``y0``).
@@ -1223,7 +1205,10 @@ def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactor
     tiles = [(t0, min(y1, t0 + plan.rows)) for t0 in range(y0, y1, plan.rows)]
     # two workspaces: a thread reads (and calibrates) the next tile while the kernel combines
     # this one; the reads stay in tile order, each source read by one thread at a time
-    ahead = len(tiles) > 1 and _layer_threadsafe()
+    from .executor import kernels_threadsafe
+
+    # reading a tile may run a kernel (a dark subtracted by calibrate.subtract_dark)
+    ahead = len(tiles) > 1 and kernels_threadsafe()
     spaces = [_Workspace(inputs, plan, options, factors) for _ in range(2 if ahead else 1)]
     member_rejected = np.zeros((inputs.n, 2), np.int64) if spaces[0].tracked else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-tiles") if ahead else \

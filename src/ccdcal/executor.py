@@ -34,6 +34,24 @@ from .errors import CcdcalWarning, ConfigError, InputError
 MASTER_BAND_BYTES_PER_PIXEL = 16
 
 
+def kernels_threadsafe() -> bool:
+    """Whether numba's threading layer runs parallel kernels from two Python threads at once
+    (tbb and omp do; workqueue aborts the process). Every place that runs kernels in threads
+    of its own asks here: the local executor's tasks, the master writer, a combine's reader."""
+    import numba
+    import numpy as np
+
+    from . import _kernels
+
+    try:
+        layer = numba.threading_layer()
+    except ValueError:   # no parallel kernel has run in this process yet: run the smallest one
+        probe = np.zeros((1, 1), np.float32)
+        _kernels.subtract_scaled(probe, probe, np.float32(0.0))
+        layer = numba.threading_layer()
+    return layer != "workqueue"
+
+
 class LocalExecutor:
     """Threads in this process (numpy and numba release the GIL in the heavy parts)."""
 
@@ -49,9 +67,7 @@ class LocalExecutor:
         items = list(items)
         count = min(self.workers, workers or self.workers)
         if count > 1 and len(items) > 1:
-            from .combine import _layer_threadsafe
-
-            if not _layer_threadsafe():   # numba's workqueue layer: one task at a time
+            if not kernels_threadsafe():   # numba's workqueue layer: one task at a time
                 count = 1
         if count <= 1 or len(items) <= 1:
             yield from map(fn, items)

@@ -389,6 +389,16 @@ class FrameSource:
         return state
 
 
+def datasum_of(path: str | os.PathLike) -> str:
+    """The DATASUM card of a FITS file's primary HDU ("" when it has none or cannot be read)."""
+    from astropy.io import fits
+
+    try:
+        return str(fits.getheader(path, 0).get("DATASUM", ""))
+    except (OSError, ValueError):
+        return ""
+
+
 def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:
     """Any supported input as ``(float32 array, header or None)``.
 

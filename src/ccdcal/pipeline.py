@@ -243,7 +243,8 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     written by a background thread while the next level is built (which takes the master
     from memory); a master enters the manifest once its file is written.
     """
-    from .combine import _layer_threadsafe, parse_memory
+    from .combine import parse_memory
+    from .executor import kernels_threadsafe
     from .progress import steps
     from .tasks import MasterWork, RunContext, forget_built, master_band_or_reason, prepare_master
 
@@ -263,7 +264,7 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
 
     # the writer thread runs a kernel (the rejection map's binning) beside the next combine's:
     # not on numba's workqueue layer, which aborts when two threads run kernels at once
-    writer = _Writer() if getattr(executor, "shares_memory", False) and _layer_threadsafe() else None
+    writer = _Writer() if getattr(executor, "shares_memory", False) and kernels_threadsafe() else None
     try:
         for level in dependency_levels(plan.masters):
             last = time.perf_counter()
@@ -441,7 +442,6 @@ def _manifest_fixed(options: ReduceOptions, inventory: Inventory, plan: Plan) ->
     """The manifest's parts that do not change once the night is planned (the inputs' JSON
     took 2 s of a 4k night when it was rebuilt at every manifest write)."""
     return {
-        "ccdcal_version": __version__,
         "parameters": options.to_json(),
         "inputs": [f.to_json() for f in inventory.frames],
         "plan_text": plan.describe(),
@@ -451,9 +451,9 @@ def _manifest_fixed(options: ReduceOptions, inventory: Inventory, plan: Plan) ->
 
 def _manifest_body(fixed: dict[str, Any], result: ReduceResult) -> dict[str, Any]:
     return {
-        "ccdcal_version": fixed["ccdcal_version"],
+        "ccdcal_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **{k: v for k, v in fixed.items() if k != "ccdcal_version"},
+        **fixed,
         "skipped": [s.to_json() for s in result.skipped],
         "run_warnings": list(result.warnings),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CcdcalError, InputError
-from .frames import read_image, write_bytes, write_text
+from .frames import datasum_of, read_image, write_bytes, write_text
 from .stats import region_stats
 from .stretch import downsample, png_bytes, stretch
 
@@ -407,14 +407,8 @@ def _fresh_facts(out_dir: Path, output: str, name: str) -> dict[str, Any] | None
 
 
 def _datasum(out_dir: Path, output: str) -> str:
-    """The DATASUM of an output's primary HDU ("" when there is none or it cannot be read)."""
-    from astropy.io import fits
-
-    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
-    try:
-        return str(fits.getheader(target, 0).get("DATASUM", ""))
-    except (OSError, ValueError):
-        return ""
+    """:func:`ccdcal.frames.datasum_of` an output (relative to ``out_dir``, or absolute)."""
+    return datasum_of(Path(output) if os.path.isabs(output) else Path(out_dir) / output)
 
 
 def _stored_image(out_dir: Path, rel: str, size: Any) -> Image:

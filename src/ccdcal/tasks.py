@@ -250,8 +250,10 @@ def prepare_master(item: tuple[MasterJob, dict[str, Any] | None], ctx: RunContex
     inputs = tuple(input_record(f.path, f.hdu) for f in job.members)
     fp = master_fingerprint(job, ctx, list(inputs))
     if up_to_date(ctx.out_dir, job.output, fp, previous):
+        from .frames import datasum_of
+
         return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=inputs,
-                            reused=True, datasum=_datasum(ctx.out_dir / job.output))
+                            reused=True, datasum=datasum_of(ctx.out_dir / job.output))
     try:
         with _members(job, ctx) as sources:
             return _first_pass(job, ctx, sources, fp, inputs)
@@ -489,12 +491,6 @@ def _write_rejection_map(out_dir: Path, name: str, result: Any) -> None:
     if shown is not None:
         # noise-like counts: zlib's fastest level is 3-4x faster here and the file ~10 % larger
         write_bytes(out_dir / "previews" / f"rejection-{Path(name).stem}.png", png_bytes(shown, compress_level=1))
-
-
-def _datasum(path: Path) -> str:
-    from astropy.io import fits
-
-    return str(fits.getheader(path, 0).get("DATASUM", ""))
 
 
 # -- calibrating a light --------------------------------------------------------------------------
