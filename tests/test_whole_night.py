@@ -547,6 +547,52 @@ def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
     assert len(made) == 2
 
 
+def test_what_the_first_lights_share_is_made_while_the_last_master_is_written(tmp_path, monkeypatch):
+    """The floored flat and the masters' mask union are made once per set of masters, before the
+    lights start (by the thread that built the masters, while the last master's file is written),
+    not by the first light tasks; the planes are those of a run where the lights make them."""
+    import importlib
+    import threading
+
+    from astropy.io import fits
+
+    from ccdcal import reduce
+    from ccdcal.demo import write_night
+    from ccdcal.options import ReduceOptions
+
+    calibrate = importlib.import_module("ccdcal.calibrate")
+    pipeline = importlib.import_module("ccdcal.pipeline")
+    raw = tmp_path / "raw"
+    write_night(raw, size=64, seed=6, n_light=3)             # two filters: two sets of masters
+    made = []
+    for name in ("safe_flat", "_add_master_masks"):
+        original = getattr(calibrate, name)
+
+        def spy(*a, _name=name, _original=original, **k):
+            made.append((_name, threading.current_thread() is threading.main_thread()))
+            return _original(*a, **k)
+
+        monkeypatch.setattr(calibrate, name, spy)
+    first = reduce(raw, tmp_path / "prepared", options=ReduceOptions(report=False))
+    assert len(first.lights) == 6
+    in_flight = pipeline.lights_in_flight(first.plan, ReduceOptions(report=False))
+    sets = {job.recipe.flat for job in first.plan.lights}
+    first_sets = {job.recipe.flat for job in first.plan.lights[:in_flight]}
+    # each thing once per set of masters; those of the first lights on the main thread, before them
+    assert sorted(name for name, _ in made) == sorted(["_add_master_masks", "safe_flat"] * len(sets))
+    assert len(sets) == 2 and sum(on_main for _, on_main in made) == 2 * len(first_sets) >= 2
+
+    made.clear()
+    monkeypatch.setattr(importlib.import_module("ccdcal.tasks"), "prepare_lights", lambda jobs, ctx: None)
+    second = reduce(raw, tmp_path / "by-lights", options=ReduceOptions(report=False))
+    assert made and not any(on_main for _, on_main in made)
+    for rel in first.lights:
+        with fits.open(tmp_path / "prepared" / rel) as a, fits.open(tmp_path / "by-lights" / rel) as b:
+            for name in ("PRIMARY", "UNCERT", "MASK"):
+                assert np.array_equal(a[name].data, b[name].data, equal_nan=True), (rel, name)
+    assert sorted(first.lights) == sorted(second.lights)
+
+
 def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
     """finish_master is one numba pass, in place on the combine's planes; numpy's element-wise
     steps written here (normalise, mask weak and empty pixels, fill holes) give the same bits,

@@ -493,13 +493,31 @@ def _master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None, fl
     of masters (:func:`_derived`)."""
     if bias is None and dark is None and flat is None:
         return
+    mask |= _mask_union(mask.shape, bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
+
+
+def _mask_union(shape: tuple[int, ...], bias: Master | None, dark: Master | None, flat: Master | None, *,
+                hot_sigma: float, flat_floor: float) -> np.ndarray:
+    """The union of the masters' mask bits (:func:`_add_master_masks`), made once per set of masters."""
 
     def union() -> np.ndarray:
-        bits = np.zeros(mask.shape, dtype=np.uint8)
+        bits = np.zeros(shape, dtype=np.uint8)
         _add_master_masks(bits, bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
         return bits
 
-    mask |= _derived("mask", (bias, dark, flat), (float(hot_sigma), float(flat_floor)), union)
+    return _derived("mask", (bias, dark, flat), (float(hot_sigma), float(flat_floor)), union)
+
+
+def prepare_shared(bias: Master | None, dark: Master | None, flat: Master | None, *, hot_sigma: float,
+                   flat_floor: float) -> None:
+    """Make now what :func:`calibrate_frame` shares between the lights calibrated on these masters
+    (the floored flat, the union of the masters' mask bits), so that the first lights need not:
+    ``reduce`` does it while the last master's file is written."""
+    if flat is not None:
+        _floored(flat, flat_floor)
+    shapes = [m.data.shape for m in (bias, dark, flat) if m is not None]
+    if shapes and all(shape == shapes[0] for shape in shapes):   # else calibrate_frame says why
+        _mask_union(shapes[0], bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
 
 
 def _add_master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None, flat: Master | None, *,

@@ -287,7 +287,18 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                     writing.append((record, pending[0] if pending else None))
                 record_written(wait=False)
                 last = time.perf_counter()
+        if writer is not None and writing and plan.lights:
+            # while the last masters are written (lights wait for their files): what the first
+            # lights share of their masters, which they would otherwise make first
+            from .tasks import prepare_lights
+
+            prepare_lights(plan.lights[:lights_in_flight(plan, options)], ctx)
         record_written(wait=True)
+    except BaseException:
+        from .calibrate import forget_derived
+
+        forget_derived()   # what prepare_lights made for lights that will not run
+        raise
     finally:
         if writer is not None:
             writer.shutdown(wait=True)      # never leave a file half written behind an error

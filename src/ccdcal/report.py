@@ -27,6 +27,9 @@ from .stretch import downsample, png_bytes, stretch
 
 PREVIEW_SIZE = 800  # px, longest side of a master or light preview
 THUMB_SIZE = 200  # px, longest side of a light thumbnail
+# zlib level of the report's PNGs: on a smooth master flat 6x faster than level 6 for 17 % more
+# bytes; on noise-like lights the same time and size
+PNG_LEVEL = 1
 HIST_BINS = 120
 KINDS = ("bias", "dark", "flat")
 
@@ -243,7 +246,7 @@ def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins
 def _preview(data: np.ndarray, size: int, method: str) -> tuple[bytes, int, int]:
     small = downsample(data, size)
     shown = stretch(small, method)
-    return png_bytes(shown), small.shape[1], small.shape[0]
+    return png_bytes(shown, compress_level=PNG_LEVEL), small.shape[1], small.shape[0]
 
 
 def _load(out_dir: Path, rel: str | None) -> tuple[np.ndarray | None, str | None]:
@@ -479,7 +482,7 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
     small = downsample(data, PREVIEW_SIZE)
     # the thumbnail binned from the preview: one pass over the full frame, not two
     for suffix, image in (("", small), ("-thumb", downsample(small, THUMB_SIZE))):
-        png = png_bytes(stretch(image, "autostf"))
+        png = png_bytes(stretch(image, "autostf"), compress_level=PNG_LEVEL)
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
         sizes[suffix or "preview"] = [image.shape[1], image.shape[0]]
     facts = {"output": output, "datasum": _datasum(out_dir, output), "sizes": sizes, "stats": _stats_dict(data)}

@@ -528,6 +528,25 @@ class MasterPreviewJob:
     kind: str
 
 
+def prepare_lights(jobs: Any, ctx: RunContext) -> None:
+    """Make what the lights ``jobs`` share of their masters (:func:`~ccdcal.calibrate.prepare_shared`)
+    before they start, for each set of masters they use: in this process, and only for sets
+    whose masters this run has."""
+    from .calibrate import prepare_shared
+
+    done: set[tuple[str | None, ...]] = set()
+    for job in jobs:
+        names = (job.recipe.bias, job.recipe.dark, job.recipe.flat)
+        if names in done or ctx.missing(list(names)):
+            continue
+        done.add(names)
+        try:
+            bias, dark, flat = _master(ctx, names[0]), _master(ctx, names[1]), _master(ctx, names[2], flat=True)
+        except CcdcalError:
+            continue   # a master that cannot be read: each light says so
+        prepare_shared(bias, dark, flat, hot_sigma=ctx.options.hot_sigma, flat_floor=ctx.options.flat_floor)
+
+
 def light_task(item: tuple[LightJob | MasterPreviewJob, dict[str, Any] | None],
                ctx: RunContext) -> OutputRecord | None:
     """:func:`calibrate_light` of ``item`` = (job, previous manifest entry of its output); for a
