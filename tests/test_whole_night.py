@@ -624,6 +624,23 @@ def test_hot_pixels_are_numpys_whole_frame_expression():
                                   whole(frame, sigma, sigma_map[:frame.shape[0], :frame.shape[1]]))
 
 
+def test_the_rejection_map_is_numpys_block_mean_of_the_counts():
+    """rejection_map bins low + high rejections block by block; numpy's float64 block means of
+    the summed counts (written here), square-rooted against their maximum, bit for bit."""
+    from ccdcal.masters import rejection_map
+
+    rng = np.random.default_rng(13)
+    for shape in ((1700, 1650), (800, 801), (90, 60)):
+        low = rng.integers(0, 3, shape).astype(np.uint8)
+        high = (rng.random(shape) < 0.01).astype(np.uint8) * rng.integers(1, 255, shape).astype(np.uint8)
+        step = max(1, -(-max(shape) // 800))
+        h, w = shape[0] // step, shape[1] // step
+        counts = (low.astype(np.float64) + high)[: h * step, : w * step]
+        binned = counts.reshape(h, step, w, step).sum(axis=(1, 3)) / step**2
+        expected = np.sqrt(binned.astype(np.float32) / np.float32(binned.max()))
+        assert np.array_equal(rejection_map(low, high), expected), shape
+
+
 def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
     """finish_master is one numba pass, in place on the combine's planes; numpy's element-wise
     steps written here (normalise, mask weak and empty pixels, fill holes) give the same bits,

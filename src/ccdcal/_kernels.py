@@ -954,6 +954,28 @@ def block_mean(image, factor, out):
             out[j, i] = tot[i] / cnt[i] if cnt[i] > 0 else np.nan
 
 
+@njit(parallel=True, cache=True)
+def block_mean_of_sum(first, second, factor, out):
+    """:func:`block_mean` of ``first + second`` taken as float32 (two planes of counts), without
+    a frame-sized sum: the same float64 sums of the same values in the same order."""
+    ny, nx = first.shape
+    oy, ox = out.shape
+    for j in prange(oy):
+        tot = np.zeros(ox, np.float64)
+        cnt = np.zeros(ox, np.int64)
+        for y in range(j * factor, min(ny, (j + 1) * factor)):
+            row_a = first[y]
+            row_b = second[y]
+            for i in range(ox):
+                for x in range(i * factor, min(nx, (i + 1) * factor)):
+                    v = np.float32(row_a[x]) + np.float32(row_b[x])
+                    if np.isfinite(v):
+                        tot[i] += v
+                        cnt[i] += 1
+        for i in range(ox):
+            out[j, i] = tot[i] / cnt[i] if cnt[i] > 0 else np.nan
+
+
 @njit(cache=True, nogil=True)
 def _finite_or_zero(v):
     """``np.nan_to_num(v, nan=0.0)`` for one float32: NaN -> 0, ±inf -> ±float32 max."""

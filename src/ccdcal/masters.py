@@ -390,15 +390,15 @@ def rejection_keywords(member_rejected: np.ndarray | None, npix: int) -> dict[st
 def rejection_map(nlow: np.ndarray, nhigh: np.ndarray, *, size: int = 800) -> np.ndarray | None:
     """Values rejected per pixel, block-averaged to at most ``size`` px and scaled to 0..1
     (square root, so single rejections show); None for an empty image."""
-    from ._kernels import block_mean
+    from ._kernels import block_mean_of_sum
 
     ny, nx = nlow.shape
     step = max(1, -(-max(ny, nx) // size))
     h, w = ny // step, nx // step
     if h == 0 or w == 0:
         return None
-    counts = np.add(nlow, nhigh, dtype=np.float32)      # one pass, no integer overflow
     binned = np.empty((h, w), np.float32)
-    block_mean(counts[: h * step, : w * step], step, binned)
+    # the counts summed as float32 (no integer overflow) block by block, not as a frame first
+    block_mean_of_sum(nlow[: h * step, : w * step], nhigh[: h * step, : w * step], step, binned)
     top = float(binned.max())
     return np.sqrt(binned / top) if top > 0 else binned
