@@ -934,9 +934,11 @@ def frame_level(data, bits, how):
 
 
 @njit(parallel=True, cache=True)
-def block_mean(image, factor, out):
+def block_mean(image, factor, out, plus=None):
     """``out[j, i]``: the mean of the finite values of the ``factor`` × ``factor`` block of
-    ``image`` at (j, i) (blocks past the edge are partial), NaN where there is none; float64 sums."""
+    ``image`` at (j, i) (blocks past the edge are partial), NaN where there is none; float64 sums.
+    With ``plus`` (same shape), of ``image + plus`` taken as float32 (two planes of counts),
+    without a frame-sized sum."""
     ny, nx = image.shape
     oy, ox = out.shape
     for j in prange(oy):
@@ -946,29 +948,10 @@ def block_mean(image, factor, out):
             row = image[y]
             for i in range(ox):
                 for x in range(i * factor, min(nx, (i + 1) * factor)):
-                    v = row[x]
-                    if np.isfinite(v):
-                        tot[i] += v
-                        cnt[i] += 1
-        for i in range(ox):
-            out[j, i] = tot[i] / cnt[i] if cnt[i] > 0 else np.nan
-
-
-@njit(parallel=True, cache=True)
-def block_mean_of_sum(first, second, factor, out):
-    """:func:`block_mean` of ``first + second`` taken as float32 (two planes of counts), without
-    a frame-sized sum: the same float64 sums of the same values in the same order."""
-    ny, nx = first.shape
-    oy, ox = out.shape
-    for j in prange(oy):
-        tot = np.zeros(ox, np.float64)
-        cnt = np.zeros(ox, np.int64)
-        for y in range(j * factor, min(ny, (j + 1) * factor)):
-            row_a = first[y]
-            row_b = second[y]
-            for i in range(ox):
-                for x in range(i * factor, min(nx, (i + 1) * factor)):
-                    v = np.float32(row_a[x]) + np.float32(row_b[x])
+                    if plus is None:
+                        v = row[x]
+                    else:
+                        v = np.float32(row[x]) + np.float32(plus[y, x])
                     if np.isfinite(v):
                         tot[i] += v
                         cnt[i] += 1

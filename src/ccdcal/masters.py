@@ -390,7 +390,7 @@ def rejection_keywords(member_rejected: np.ndarray | None, npix: int) -> dict[st
 def rejection_map(nlow: np.ndarray, nhigh: np.ndarray, *, size: int = 800) -> np.ndarray | None:
     """Values rejected per pixel, block-averaged to at most ``size`` px and scaled to 0..1
     (square root, so single rejections show); None for an empty image."""
-    from ._kernels import block_mean_of_sum
+    from ._kernels import block_mean
 
     ny, nx = nlow.shape
     step = max(1, -(-max(ny, nx) // size))
@@ -399,6 +399,6 @@ def rejection_map(nlow: np.ndarray, nhigh: np.ndarray, *, size: int = 800) -> np
         return None
     binned = np.empty((h, w), np.float32)
     # the counts summed as float32 (no integer overflow) block by block, not as a frame first
-    block_mean_of_sum(nlow[: h * step, : w * step], nhigh[: h * step, : w * step], step, binned)
+    block_mean(nlow[: h * step, : w * step], step, binned, nhigh[: h * step, : w * step])
     top = float(binned.max())
     return np.sqrt(binned / top) if top > 0 else binned
