@@ -161,6 +161,80 @@ def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night
     assert not check.problems and len(check.ok) == 2
 
 
+def _gated_fsync(monkeypatch, *, fail: OSError | None = None):
+    """os.fsync that, on a file (not a folder), waits until the returned event is set (10 s at
+    most) and records whether it was, and its thread; then fails with ``fail`` when given."""
+    import stat
+    import threading
+
+    real = os.fsync
+    gate = threading.Event()
+    calls = []
+
+    def fsync(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            calls.append((gate.wait(timeout=10), threading.current_thread().name))
+            if fail is not None:
+                raise fail
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return gate, calls
+
+
+def test_work_given_to_a_fits_write_runs_while_the_file_is_made_durable(tmp_path, monkeypatch):
+    """write_fits(meanwhile=) runs ``meanwhile`` (a light's previews) while the written file is
+    fsync'ed in another thread, before it is renamed into place: the fsync here waits for the
+    work to release it. The call returns with the whole file in place, and the work gets the
+    file's DATASUM."""
+    from ccdcal.frames import write_fits
+
+    gate, calls = _gated_fsync(monkeypatch)
+    path = tmp_path / "out" / "light.fits"
+    data = np.arange(12000, dtype=np.float32).reshape(100, 120)
+    seen = []
+
+    def meanwhile(datasum):
+        seen.append((datasum, sorted(p.name for p in path.parent.iterdir())))
+        gate.set()
+
+    write_fits(path, data, fits.Header({"OBJECT": "x"}), uncertainty=data / 10, meanwhile=meanwhile)
+    [(datasum, names)] = seen
+    assert names == [f".light.fits.{os.getpid()}.partial"]      # written, not yet in place
+    assert calls == [(True, "ccdcal-commit")]                     # released by the work: concurrent
+    with fits.open(path, checksum=True) as hdul:
+        assert np.array_equal(hdul[0].data, data) and hdul[0].header["DATASUM"] == datasum
+    assert sorted(p.name for p in path.parent.iterdir()) == ["light.fits"]
+
+
+def test_a_failed_fsync_beside_the_given_work_leaves_no_file_and_says_so(tmp_path, monkeypatch):
+    """The disk fills up while the file is made durable and the given work fails too: the
+    disk's error is raised (one line, as for any write), no file or partial is left, and an
+    older file of that name is kept whole. The work's own error alone is raised as it is,
+    with the new file in place."""
+    from ccdcal.frames import write_fits
+
+    path = tmp_path / "light.fits"
+    old = np.ones((20, 30), np.float32)
+    write_fits(path, old)
+    gate, _ = _gated_fsync(monkeypatch, fail=OSError(errno.ENOSPC, "No space left on device"))
+
+    def broken(datasum):
+        gate.set()
+        raise ValueError("preview failed")
+
+    with pytest.raises(OutputError, match="disk filled up"):
+        write_fits(path, np.zeros((20, 30), np.float32), meanwhile=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["light.fits"]
+    assert np.array_equal(fits.getdata(path), old)
+
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="preview failed"):
+        write_fits(path, np.zeros((20, 30), np.float32), meanwhile=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["light.fits"]
+    assert not fits.getdata(path).any()
+
+
 def test_disk_full_on_the_cli_is_exit_1_without_traceback(demo_night, tmp_path):
     script = (
         "import errno, sys\n"

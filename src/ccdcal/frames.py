@@ -12,8 +12,9 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -526,7 +527,39 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
+def _commit(tmp: Path, path: Path) -> None:
+    """A written temporary file made durable (fsync), then put in place (atomic rename)."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any]) -> None:
+    """:func:`_commit` in a thread while ``meanwhile()`` runs in this one (the fsync mostly
+    waits for the disk); returns when both are done. A failed commit is raised (before an
+    error of ``meanwhile``, which it then carries as its context)."""
+    failed: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            _commit(tmp, path)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=commit, name="ccdcal-commit", daemon=True)
+    thread.start()
+    try:
+        meanwhile()
+    finally:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+
+def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None) -> None:
+    """``write(tmp)`` under a temporary name, then fsync and rename into place: ``path`` is
+    the old file or the whole new one, never a part. ``meanwhile()``, when given, runs while
+    the new file is made durable (:func:`_commit_while`); the call returns once both are done."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -535,9 +568,10 @@ def _write_atomic(path: Path, write) -> None:
     tmp = _tmp_name(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if meanwhile is None:
+            _commit(tmp, path)
+        else:
+            _commit_while(tmp, path, meanwhile)
     except BaseException as exc:
         try:
             tmp.unlink()
@@ -564,6 +598,7 @@ def write_fits(
     uncertainty: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     unit: str | None = None,
+    meanwhile: Callable[[str], Any] | None = None,
 ) -> Path:
     """Write a float32 image (+ optional ``UNCERT`` and ``MASK`` extensions) atomically.
 
@@ -575,10 +610,17 @@ def write_fits(
     numba kernels; :func:`write_hdus` streams the data out big-endian in blocks and takes the
     file's hash from the bytes as they are written (remembered for the manifest, so the
     output is not read back to hash it).
+
+    ``meanwhile(datasum)`` (the primary HDU's DATASUM), when given, runs once the bytes are
+    written, while the file is made durable and put in place (the fsync waits for the disk):
+    a caller's next work need not wait for it. The call returns once both are done.
     """
     hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit)
     add_checksums(hdul)
-    return write_hdus(path, hdul)
+    if meanwhile is None:
+        return write_hdus(path, hdul)
+    datasum = str(hdul[0].header["DATASUM"])
+    return write_hdus(path, hdul, meanwhile=lambda: meanwhile(datasum))
 
 
 def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray | None = None,
@@ -604,11 +646,12 @@ def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray |
     return hdul
 
 
-def write_hdus(path: str | os.PathLike, hdul: Any) -> Path:
-    """Write ``hdul`` (from :func:`fits_hdus`, with :func:`add_checksums` applied) atomically."""
+def write_hdus(path: str | os.PathLike, hdul: Any, *, meanwhile: Callable[[], Any] | None = None) -> Path:
+    """Write ``hdul`` (from :func:`fits_hdus`, with :func:`add_checksums` applied) atomically;
+    ``meanwhile`` as for :func:`_write_atomic`."""
     path = Path(path)
     digest: list[str] = []
-    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)))
+    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)), meanwhile)
     from .manifest import remember_digest
 
     remember_digest(path, digest[0])

@@ -469,13 +469,14 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
     return cards
 
 
-def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
+def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: str | None = None) -> None:
     """The report's view of one calibrated light: ``previews/light-<stem>.png``, its thumbnail
     and ``previews/light-<stem>.json`` (statistics on a regular subsample, preview sizes).
 
     The light task calls this while the calibrated pixels are still in memory, so building the
     report reads no light again; the report makes them itself when they are missing, older
-    than the output or made from other data (see :func:`_fresh_facts`).
+    than the output or made from other data (see :func:`_fresh_facts`). ``datasum``: the
+    output's DATASUM, when the caller has it (else read from the file).
     """
     stem = _safe_stem(output)
     sizes = {}
@@ -485,7 +486,8 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray) -> None:
         png = png_bytes(stretch(image, "autostf"), compress_level=PNG_LEVEL)
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
         sizes[suffix or "preview"] = [image.shape[1], image.shape[0]]
-    facts = {"output": output, "datasum": _datasum(out_dir, output), "sizes": sizes, "stats": _stats_dict(data)}
+    facts = {"output": output, "datasum": datasum if datasum is not None else _datasum(out_dir, output),
+             "sizes": sizes, "stats": _stats_dict(data)}
     write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float))
 
 

@@ -16,6 +16,7 @@ import contextlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -633,13 +634,15 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         uncertainty_out=sigma, mask_out=mask)
     header = light_header(raw_header, result, trim=recipe.trim, uncorrected=job.uncorrected, bias=bias,
                           dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
-    write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
-               unit=result.unit)
+    previews = None
     if options.report:
         from .report import write_light_previews
 
-        # while the pixels are in memory: the report then reads no light again
-        write_light_previews(ctx.out_dir, job.output, result.data)
+        # while the pixels are in memory (the report then reads no light again), and while the
+        # light's file is made durable and put in place
+        previews = partial(write_light_previews, ctx.out_dir, job.output, result.data)
+    write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
+               unit=result.unit, meanwhile=previews)
     return None
 
 
