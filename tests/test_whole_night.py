@@ -154,6 +154,34 @@ def test_a_master_preview_that_fails_in_its_task_stops_nothing(tmp_path, monkeyp
     assert len(list((out / "previews").glob("master-*.json"))) == len(result.masters) > 0
 
 
+def test_previews_left_damaged_by_a_power_cut_are_made_again(tmp_path, monkeypatch):
+    """The previews are a cache written without fsync; after a power cut a PNG may be empty or
+    older than its JSON. The report checks each PNG against the hash its JSON recorded: the
+    damaged ones (emptied, or another preview's bytes) are made again from the outputs, the same
+    bytes as before; the intact ones are taken as they are."""
+    from ccdcal import report as report_module
+    from ccdcal.demo import write_night
+    from ccdcal.pipeline import ReduceOptions, reduce
+
+    raw = tmp_path / "raw"
+    write_night(raw, size=96, seed=2, n_light=2)
+    out = tmp_path / "out"
+    reduce([raw], out, options=ReduceOptions())
+    previews = out / "previews"
+    pngs = {p.name: p.read_bytes() for p in previews.glob("*.png")}
+    lights = sorted(previews.glob("light-*-thumb.png"))
+    masters = sorted(previews.glob("master-*.png"))
+    assert len(lights) >= 2 and masters
+    lights[0].write_bytes(b"")                                   # emptied
+    masters[0].write_bytes(pngs[lights[1].name])                 # another PNG in its place
+    loaded = []
+    original = report_module._load
+    monkeypatch.setattr(report_module, "_load", lambda d, rel: (loaded.append(str(rel)), original(d, rel))[1])
+    report_module.build_report(out)
+    assert len(loaded) == 2                                     # those two outputs, nothing else
+    assert {p.name: p.read_bytes() for p in previews.glob("*.png")} == pngs
+
+
 def test_a_light_holds_no_more_than_the_bytes_per_pixel_the_pipeline_budgets():
     """``lights_in_flight`` divides --memory by LIGHT_BYTES_PER_PIXEL × pixels: a light's own
     arrays (tracemalloc sees numpy's) must stay within it, less the raw frame read before."""

@@ -556,10 +556,12 @@ def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any]) -> None:
             raise failed[0]
 
 
-def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None) -> None:
+def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, *, durable: bool = True) -> None:
     """``write(tmp)`` under a temporary name, then fsync and rename into place: ``path`` is
     the old file or the whole new one, never a part. ``meanwhile()``, when given, runs while
-    the new file is made durable (:func:`_commit_while`); the call returns once both are done."""
+    the new file is made durable (:func:`_commit_while`); the call returns once both are done.
+    ``durable=False``: renamed without fsync, for a cache whose reader checks what it reads
+    (after a power cut the file may be empty or old)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -568,7 +570,9 @@ def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None)
     tmp = _tmp_name(path)
     try:
         write(tmp)
-        if meanwhile is None:
+        if not durable:
+            os.replace(tmp, path)
+        elif meanwhile is None:
             _commit(tmp, path)
         else:
             _commit_while(tmp, path, meanwhile)
@@ -587,7 +591,8 @@ def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None)
                 raise OutputError(f"{path.parent}: cannot write there ({exc.strerror}); choose another folder with -o") from exc
             raise OutputError(f"{path}: writing failed ({exc.strerror or exc}); rerun when fixed") from exc
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def write_fits(
@@ -751,19 +756,21 @@ def _write_hdus(tmp: Path, hdul: Any) -> str:
     return digest.hexdigest()
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (temporary name, fsync, rename)."""
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
+    """Write a text file atomically (temporary name, fsync, rename); ``durable`` as for
+    :func:`write_bytes`."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
-    _write_atomic(path, write)
+    _write_atomic(path, write, durable=durable)
     return path
 
 
-def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    """Write a binary file atomically (temporary name, fsync, rename)."""
+def write_bytes(path: str | os.PathLike, payload: bytes, *, durable: bool = True) -> Path:
+    """Write a binary file atomically (temporary name, fsync, rename). ``durable=False``: no
+    fsync, for a cache whose reader checks it (the report's previews, checked by their hashes)."""
     path = Path(path)
-    _write_atomic(path, lambda tmp: tmp.write_bytes(payload))
+    _write_atomic(path, lambda tmp: tmp.write_bytes(payload), durable=durable)
     return path

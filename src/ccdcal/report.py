@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import CcdcalError, InputError
 from .frames import datasum_of, read_image, write_bytes, write_text
+from .manifest import new_digest
 from .stats import region_stats
 from .stretch import downsample, png_bytes, stretch
 
@@ -375,10 +376,11 @@ def write_master_previews(out_dir: Path, output: str, data: np.ndarray, kind: st
     """
     stem = _safe_stem(output)
     png, w, h = _preview(data, PREVIEW_SIZE, _master_method(kind))
-    write_bytes(Path(out_dir) / "previews" / f"master-{stem}.png", png)
+    write_bytes(Path(out_dir) / "previews" / f"master-{stem}.png", png, durable=False)
     facts = {"output": output, "datasum": _datasum(out_dir, output), "size": [w, h], "npix": int(data.size),
-             "stats": _stats_dict(data), "histogram_svg": histogram_svg(data, unit="" if kind == "flat" else "ADU")}
-    write_text(Path(out_dir) / "previews" / f"master-{stem}.json", json.dumps(facts, default=float))
+             "png": _png_hash(png), "stats": _stats_dict(data),
+             "histogram_svg": histogram_svg(data, unit="" if kind == "flat" else "ADU")}
+    write_text(Path(out_dir) / "previews" / f"master-{stem}.json", json.dumps(facts, default=float), durable=False)
 
 
 def made_master_previews(out_dir: Path, output: str) -> tuple[Image, str, dict[str, Any], int] | None:
@@ -389,7 +391,7 @@ def made_master_previews(out_dir: Path, output: str) -> tuple[Image, str, dict[s
         facts = _fresh_facts(out_dir, output, f"master-{stem}")
         if facts is None:
             return None
-        preview = _stored_image(out_dir, f"previews/master-{stem}.png", facts["size"])
+        preview = _stored_image(out_dir, f"previews/master-{stem}.png", facts["size"], facts["png"])
         return preview, str(facts["histogram_svg"]), dict(facts["stats"]), int(facts["npix"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -414,10 +416,21 @@ def _datasum(out_dir: Path, output: str) -> str:
     return datasum_of(Path(output) if os.path.isabs(output) else Path(out_dir) / output)
 
 
-def _stored_image(out_dir: Path, rel: str, size: Any) -> Image:
-    """A PNG the previews left in the output folder, inlined, with its (width, height)."""
+def _stored_image(out_dir: Path, rel: str, size: Any, digest: str) -> Image:
+    """A PNG the previews left in the output folder, inlined, with its (width, height); a
+    ValueError when its bytes are not those its JSON recorded (the previews are written without
+    fsync: after a power cut one may be empty, or older than its JSON)."""
+    payload = (Path(out_dir) / rel).read_bytes()
+    if _png_hash(payload) != digest:
+        raise ValueError(f"{rel} is not the preview its statistics were made with")
     w, h = size
-    return Image(_data_uri((Path(out_dir) / rel).read_bytes()), rel, int(w), int(h))
+    return Image(_data_uri(payload), rel, int(w), int(h))
+
+
+def _png_hash(payload: bytes) -> str:
+    digest = new_digest()
+    digest.update(payload)
+    return digest.hexdigest()
 
 
 def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[str, int, int, str]]:
@@ -482,13 +495,15 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: 
     sizes = {}
     small = downsample(data, PREVIEW_SIZE)
     # the thumbnail binned from the preview: one pass over the full frame, not two
+    hashes = {}
     for suffix, image in (("", small), ("-thumb", downsample(small, THUMB_SIZE))):
         png = png_bytes(stretch(image, "autostf"), compress_level=PNG_LEVEL)
-        write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png)
+        write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png, durable=False)
         sizes[suffix or "preview"] = [image.shape[1], image.shape[0]]
+        hashes[suffix or "preview"] = _png_hash(png)
     facts = {"output": output, "datasum": datasum if datasum is not None else _datasum(out_dir, output),
-             "sizes": sizes, "stats": _stats_dict(data)}
-    write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float))
+             "sizes": sizes, "png": hashes, "stats": _stats_dict(data)}
+    write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float), durable=False)
 
 
 def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict[str, Any]] | None:
@@ -499,7 +514,8 @@ def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict
         facts = _fresh_facts(out_dir, output, f"light-{stem}")
         if facts is None:
             return None
-        preview, thumb = (_stored_image(out_dir, f"previews/light-{stem}{suffix}.png", facts["sizes"][key])
+        preview, thumb = (_stored_image(out_dir, f"previews/light-{stem}{suffix}.png", facts["sizes"][key],
+                                        facts["png"][key])
                           for suffix, key in (("", "preview"), ("-thumb", "-thumb")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
