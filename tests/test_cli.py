@@ -67,3 +67,19 @@ def test_config_file_sets_options_and_rejects_typos(demo_night, tmp_path):
     bad.write_text('sigam_clip = [3, 3]\n')
     proc = run("reduce", str(demo_night / "raw"), "-o", str(tmp_path / "o"), "--config", str(bad))
     assert proc.returncode == 2 and "unknown option 'sigam_clip'" in proc.stderr
+
+
+def test_the_command_ends_with_its_whole_output_and_code(demo_night, tmp_path):
+    """The command skips the interpreter's teardown (cli._exit_now): its piped output is still
+    whole (the summary's last line), its code kept, and every file it wrote complete."""
+    from ccdcal.pipeline import verify
+
+    out = tmp_path / "out"
+    proc = run("reduce", str(demo_night / "raw"), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "report:" in proc.stdout and proc.stdout.replace("\n", "").rstrip().endswith("report.html")
+    check = verify(out)
+    assert not check.problems and len(check.ok) >= 4
+    proc = run("reduce", str(demo_night / "raw"), "-o", str(tmp_path / "partial"), "--gain", "-3")
+    assert proc.returncode == 3 and "skipped" in proc.stdout               # EXIT_PARTIAL: lights skipped
+    assert proc.stdout.replace("\n", "").rstrip().endswith("report.html")

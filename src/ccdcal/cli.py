@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 
@@ -499,13 +501,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def entry() -> int:
+def entry() -> NoReturn:
     """The ``ccdcal`` command: :func:`main` in a process that is ours alone, so its allocator
-    keeps freed frames for the next ones (:func:`ccdcal._memory.keep_freed_memory`)."""
+    keeps freed frames for the next ones (:func:`ccdcal._memory.keep_freed_memory`), and that
+    ends without the interpreter's teardown once its output is flushed (:func:`_exit_now`)."""
     from ._memory import keep_freed_memory
 
     keep_freed_memory()
-    return main()
+    _exit_now(main())
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the command's process with ``code`` once stdout and stderr are flushed, skipping the
+    interpreter's teardown: freeing every module, numba's compiled code and the frames the
+    allocator kept took ~0.3 s after a 4k night. Nothing is lost: every file the command wrote
+    is closed (and synced) by then, and its thread pools and clusters are shut down."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe (ccdcal ... | head): nothing more to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
