@@ -669,6 +669,45 @@ def test_the_rejection_map_is_numpys_block_mean_of_the_counts():
         assert np.array_equal(rejection_map(low, high), expected), shape
 
 
+def test_calibrated_member_rows_decode_into_the_tile_with_the_values_they_read(tmp_path):
+    """CalibratedRows.fill_rows (a combine's tile of flat or dark members) decodes a frame
+    without overscan or trimmed columns straight into the given buffer and calibrates it there;
+    the values are those of read_rows, bit for bit, with and without a row trim, and with
+    trimmed columns (then copied)."""
+    from astropy.io import fits
+
+    from ccdcal.calibrate import CalibratedRows
+    from ccdcal.frames import FrameSource
+    from ccdcal.recipe import Recipe
+    from ccdcal.sections import Section
+
+    rng = np.random.default_rng(14)
+    ny, nx = 90, 70
+    stored = rng.integers(-32768, 32767, (ny, nx)).astype(np.int16)
+    hdu = fits.PrimaryHDU(stored)
+    hdu.header["BZERO"] = 32768
+    hdu.writeto(tmp_path / "flat.fits")
+    bias = rng.normal(1000, 5, (ny, nx)).astype(np.float32)
+    dark = rng.normal(20, 3, (ny, nx)).astype(np.float32)
+    for trim, direct in ((None, True), (Section(1, nx, 5, ny - 3), True), (Section(3, nx - 2, 1, ny), False)):
+        shape = (ny, nx) if trim is None else trim.shape
+        masters = {"b": bias[: shape[0], : shape[1]].copy(), "d": dark[: shape[0], : shape[1]].copy()}
+        with FrameSource(tmp_path / "flat.fits") as src:
+            rows = CalibratedRows(src, Recipe(None, trim, "b", "d", 0.37), masters)
+            filled = []
+            fill = src.fill_rows
+            src.fill_rows = lambda y0, y1, out, scratch=None, _f=fill, _seen=filled: (
+                _seen.append(out), _f(y0, y1, out, scratch))[1]
+            expected = rows.read_rows(7, 40)
+            filled.clear()
+            tile = np.full((2, 33, shape[1]), np.nan, np.float32)
+            scratch = np.empty(33 * rows.raw_bytes_per_row or 1, np.uint8)
+            rows.fill_rows(7, 40, tile[1], scratch)
+        assert np.array_equal(tile[1], expected) and np.isnan(tile[0]).all()
+        assert (len(filled) == 1 and np.shares_memory(filled[0], tile)) == direct, trim
+        assert rows.raw_bytes_per_row == (2 * nx if direct else 0)
+
+
 def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
     """finish_master is one numba pass, in place on the combine's planes; numpy's element-wise
     steps written here (normalise, mask weak and empty pixels, fill holes) give the same bits,

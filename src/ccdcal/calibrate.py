@@ -186,6 +186,14 @@ class CalibratedRows:
         self._overscan: np.ndarray | None = None
         self.overscan: OverscanFit | None = overscan    # given: a fit made earlier (a band task)
         self.overscan_level: float | None = None if overscan is None else overscan.level
+        # rows decoded straight into a caller's buffer (fill_rows): no overscan, no trimmed columns
+        self._direct = (recipe.overscan is None and callable(getattr(source, "fill_rows", None))
+                        and self._offset[1] == 0 and self.shape[1] == tuple(source.shape)[1])
+
+    @property
+    def raw_bytes_per_row(self) -> int:
+        """Scratch bytes :meth:`fill_rows` needs per row (its source's, when it decodes there)."""
+        return int(getattr(self.source, "raw_bytes_per_row", 0) or 0) if self._direct else 0
 
     def fit_overscan(self) -> OverscanFit | None:
         """The overscan fit of this frame (read from its overscan strip once), or None."""
@@ -210,7 +218,20 @@ class CalibratedRows:
         if self.recipe.overscan is not None:
             subtract_overscan(raw, self._overscan_model(), self.recipe.overscan, r0 + y0)
         data = raw[:, c0: c0 + self.shape[1]]
-        data = np.ascontiguousarray(data)
+        return self._apply_masters(np.ascontiguousarray(data), y0, y1)
+
+    def fill_rows(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        """:meth:`read_rows` into the float32 array ``out`` (the same values): decoded there and
+        calibrated in place when the frame has no overscan or trimmed columns (a combine's tile
+        then takes no copy of the rows), else copied from :meth:`read_rows`."""
+        if not self._direct:
+            out[...] = self.read_rows(y0, y1)
+            return
+        r0 = self._offset[0]
+        self.source.fill_rows(r0 + y0, r0 + y1, out, scratch)
+        self._apply_masters(out, y0, y1)
+
+    def _apply_masters(self, data: np.ndarray, y0: int, y1: int) -> np.ndarray:
         rows = slice(y0, y1)
         return apply_masters(
             data,
