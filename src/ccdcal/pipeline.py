@@ -287,9 +287,10 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                     writing.append((record, pending[0] if pending else None))
                 record_written(wait=False)
                 last = time.perf_counter()
-        if writer is not None and writing and plan.lights:
+        if writer is not None and plan.lights:
             # while the last masters are written (lights wait for their files): what the first
-            # lights share of their masters, which they would otherwise make first
+            # lights share of their masters, which one of them would otherwise make while the
+            # others wait for it
             from .tasks import prepare_lights
 
             prepare_lights(plan.lights[:lights_in_flight(plan, options)], ctx)
