@@ -81,5 +81,5 @@ def test_the_command_ends_with_its_whole_output_and_code(demo_night, tmp_path):
     check = verify(out)
     assert not check.problems and len(check.ok) >= 4
     proc = run("reduce", str(demo_night / "raw"), "-o", str(tmp_path / "partial"), "--gain", "-3")
-    assert proc.returncode == 3 and "every light was skipped" in proc.stdout   # EXIT_PARTIAL
+    assert proc.returncode == 3 and "see the skipped inputs below" in proc.stdout   # EXIT_PARTIAL
     assert proc.stdout.replace("\n", "").rstrip().endswith("report.html")

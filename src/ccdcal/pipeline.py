@@ -253,6 +253,7 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
     writing: list[tuple[OutputRecord, Any]] = []   # masters made, with their file's write (or None)
+    built = False                                  # whether a master was built (not kept) here
 
     def record_written(wait: bool) -> None:
         while writing and (wait or writing[0][1] is None or writing[0][1].done()):
@@ -285,15 +286,22 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
                 ctx = _accept_master(job, record, ctx, result, options)
                 if record.skipped is None:   # recorded in plan order, each once its file is written
                     writing.append((record, pending[0] if pending else None))
+                    built = built or isinstance(work, MasterWork)
                 record_written(wait=False)
                 last = time.perf_counter()
-        if writer is not None and plan.lights:
+        if writer is not None and plan.lights and built:
             # while the last masters are written (lights wait for their files): what the first
             # lights share of their masters, which one of them would otherwise make while the
-            # others wait for it
+            # others wait for it. Only when masters were built in this run (else the lights are
+            # most likely up to date), and only an optimisation: on any error the lights make
+            # (and report) it themselves, and the masters written are still recorded
+            from .calibrate import forget_derived
             from .tasks import prepare_lights
 
-            prepare_lights(plan.lights[:lights_in_flight(plan, options)], ctx)
+            try:
+                prepare_lights(plan.lights[:lights_in_flight(plan, options)], ctx)
+            except Exception:  # noqa: BLE001 - see above
+                forget_derived()
         record_written(wait=True)
     except BaseException:
         from .calibrate import forget_derived
