@@ -16,6 +16,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -622,10 +623,8 @@ def write_fits(
     """
     hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit)
     add_checksums(hdul)
-    if meanwhile is None:
-        return write_hdus(path, hdul)
     datasum = str(hdul[0].header["DATASUM"])
-    return write_hdus(path, hdul, meanwhile=lambda: meanwhile(datasum))
+    return write_hdus(path, hdul, meanwhile=None if meanwhile is None else partial(meanwhile, datasum))
 
 
 def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray | None = None,

@@ -243,10 +243,18 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     written by a background thread while the next level is built (which takes the master
     from memory); a master enters the manifest once its file is written.
     """
+    from .calibrate import forget_derived
     from .combine import parse_memory
     from .executor import kernels_threadsafe
     from .progress import steps
-    from .tasks import MasterWork, RunContext, forget_built, master_band_or_reason, prepare_master
+    from .tasks import (
+        MasterWork,
+        RunContext,
+        forget_built,
+        master_band_or_reason,
+        prepare_lights,
+        prepare_master,
+    )
 
     started = time.perf_counter()
     ctx = RunContext(out_dir=out_dir, options=options)
@@ -295,17 +303,12 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
             # others wait for it. Only when masters were built in this run (else the lights are
             # most likely up to date), and only an optimisation: on any error the lights make
             # (and report) it themselves, and the masters written are still recorded
-            from .calibrate import forget_derived
-            from .tasks import prepare_lights
-
             try:
                 prepare_lights(plan.lights[:lights_in_flight(plan, options)], ctx)
             except Exception:  # noqa: BLE001 - see above
                 forget_derived()
         record_written(wait=True)
     except BaseException:
-        from .calibrate import forget_derived
-
         forget_derived()   # what prepare_lights made for lights that will not run
         raise
     finally:

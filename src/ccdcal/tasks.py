@@ -186,6 +186,11 @@ def _master(ctx: RunContext, name: str | None, *, flat: bool = False) -> Any:
     return load_master(ctx.masters[name], name, flat=flat, flat_norm=ctx.options.flat_norm) if name else None
 
 
+def _recipe_masters(ctx: RunContext, recipe: Any) -> tuple[Any, Any, Any]:
+    """The (bias, dark, flat) masters a light's recipe names (None where it names none)."""
+    return _master(ctx, recipe.bias), _master(ctx, recipe.dark), _master(ctx, recipe.flat, flat=True)
+
+
 def _fact(ctx: RunContext, name: str | None, key: str) -> Any:
     return _master(ctx, name).facts.get(key) if name else None
 
@@ -542,7 +547,7 @@ def prepare_lights(jobs: Any, ctx: RunContext) -> None:
             continue
         done.add(names)
         try:
-            bias, dark, flat = _master(ctx, names[0]), _master(ctx, names[1]), _master(ctx, names[2], flat=True)
+            bias, dark, flat = _recipe_masters(ctx, job.recipe)
         except CcdcalError:
             continue   # a master that cannot be read: each light says so
         prepare_shared(bias, dark, flat, hot_sigma=ctx.options.hot_sigma, flat_floor=ctx.options.flat_floor)
@@ -618,7 +623,7 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
     options, recipe = ctx.options, job.recipe
     if not np.isfinite(raw).any():
         return "every pixel is NaN or infinite; remove the file from the inputs"
-    bias, dark, flat = _master(ctx, recipe.bias), _master(ctx, recipe.dark), _master(ctx, recipe.flat, flat=True)
+    bias, dark, flat = _recipe_masters(ctx, recipe)
     measured = flat.facts.get("GAINMEAS") if flat is not None else None
     det = resolve_detector(raw_header, gain=options.gain, read_noise=options.read_noise,
                            saturation=options.saturation, frame_saturation=job.frame.saturate,

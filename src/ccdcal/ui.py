@@ -189,9 +189,13 @@ def print_summary(result) -> None:
     table.add_column("count", justify="right")
     table.add_column("where / why")
     table.add_row("masters built", str(len(result.masters)), str(result.out_dir / "masters"))
-    table.add_row("lights calibrated", str(len(result.lights)), str(result.out_dir / "calibrated")
-                  if result.lights else "none: see the skipped inputs below"
-                  if result.plan.lights or result.plan.skipped else "no lights in the inputs: masters only")
+    if result.lights:
+        where = str(result.out_dir / "calibrated")
+    elif result.plan.lights or result.plan.skipped:
+        where = "none: see the skipped inputs below"
+    else:
+        where = "no lights in the inputs: masters only"
+    table.add_row("lights calibrated", str(len(result.lights)), where)
     if getattr(result, "stacks", None) or result.plan.stacks:
         table.add_row("stacks", str(len(result.stacks)), str(result.out_dir / "stacked"))
     if result.reused:
