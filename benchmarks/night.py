@@ -9,8 +9,9 @@ rays in every frame. It is written once to benchmarks/_data/night-4096 (night-20
 Every tool runs as its own process (whole-process wall time and peak RSS, imports and JIT
 included), in interleaved rounds (every tool once per round, on warm page cache, dirty pages
 synced between runs); the best and the median of the rounds are reported. The I/O floor is
-a Python process that reads every raw frame once with astropy and writes (with fsync) as
-many files and bytes as ccdcal's default reduce wrote in its untimed warm-up run.
+a Python process that reads every raw frame once with astropy and writes (with fsync, then
+dropping the file's pages from the page cache as ccdcal does) as many files and bytes as
+ccdcal's default reduce wrote in its untimed warm-up run.
 
     python benchmarks/night.py                  # 4096² night (~2 GB in benchmarks/_data), 2 rounds
     python benchmarks/night.py --quick          # 2048², fewer frames: a ~1 minute smoke run, writes nothing
@@ -253,6 +254,9 @@ def floor_command(raw: Path, sizes: list[int], out: Path) -> list[str]:
                     left -= fh.write(buf[:min(left, len(buf))])
                 fh.flush()
                 os.fsync(fh.fileno())
+                # as ccdcal does with outputs it will not read again: the next file reuses the pages
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     """)
     return [sys.executable, "-c", script]
 
@@ -573,7 +577,8 @@ def section(results: dict, argv: list[str]) -> str:
         " pixels, cosmic rays in every frame). Whole process per tool (imports, JIT cache load, reading,"
         " writing); the best and the median of the rounds (each round runs every tool once on warm page cache,"
         " dirty pages synced between runs; ccdproc only in the first round); the largest peak RSS."
-        f" The I/O floor reads every raw frame once with astropy and writes, with fsync, the"
+        f" The I/O floor reads every raw frame once with astropy and writes, with fsync (then its pages"
+        f" dropped from the page cache, as ccdcal drops its outputs'), the"
         f" {results['out_bytes'] / 2**30:.2f} GiB (same files and sizes) that ccdcal's default reduce wrote.",
         "",
         table(results), "",
@@ -593,7 +598,9 @@ def section(results: dict, argv: list[str]) -> str:
         " winsorized sigma clipping, average; 32-bit float outputs, no uncertainty, no mask; it also"
         " writes the calibrated flats.",
         "I/O floor: `fits.getdata(...).astype(np.float32)` of every raw frame, then as many files of the"
-        " same sizes as ccdcal's default reduce wrote, each fsync'ed.",
+        " same sizes as ccdcal's default reduce wrote, each fsync'ed, then dropped from the page cache"
+        " (`posix_fadvise(DONTNEED)`, as ccdcal drops the lights and masters it holds or will not read"
+        " again: the next file written reuses those pages).",
     ] + results["notes"]
     parts += ["Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(parts)

@@ -966,3 +966,102 @@ def test_previews_of_an_output_rebuilt_within_the_timestamp_resolution_are_made_
     after = json.loads(facts_path.read_text())
     assert after["datasum"] == str(fits.getheader(path)["DATASUM"]) != before["datasum"]
     assert after["stats"]["median"] == pytest.approx(before["stats"]["median"] + 7.0, abs=1e-3)
+
+
+
+def _resident_fraction(path) -> float:
+    """The fraction of a file's pages in the page cache: the file mapped and asked with
+    Linux's mincore (through ctypes; mapping it reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as fh:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fh.fileno(), 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        pytest.skip("cannot map the file")
+    try:
+        status = ctypes.create_string_buffer(pages)
+        if libc.mincore(address, size, status) != 0:
+            pytest.skip(f"mincore failed: {os.strerror(ctypes.get_errno())}")
+        return sum(b & 1 for b in status.raw[:pages]) / pages
+    finally:
+        libc.munmap(address, size)
+
+
+def _page_cache_drops_here(folder) -> bool:
+    """Whether the filesystem of ``folder`` drops a durable file's pages when advised to (tmpfs
+    cannot: its pages are the file)."""
+    probe = folder / "probe.bin"
+    with open(probe, "wb") as fh:
+        fh.write(os.urandom(1 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    dropped = _resident_fraction(probe) < 0.5
+    probe.unlink()
+    return dropped
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not os.sys.platform.startswith("linux"),
+                    reason="page-cache advice and mincore are Linux's")
+def test_an_output_written_uncached_leaves_its_pages_out_of_the_page_cache(tmp_path):
+    """write_fits(cached=False) drops the file's pages once it is durable (the next output then
+    reuses that memory); the default keeps them; both files are whole and verify."""
+    from astropy.io import fits
+
+    from ccdcal.frames import write_fits
+
+    if not _page_cache_drops_here(tmp_path):
+        pytest.skip("this filesystem keeps a file's pages in memory (tmpfs)")
+    data = np.random.default_rng(3).normal(100, 5, (1024, 1024)).astype(np.float32)
+    kept = write_fits(tmp_path / "kept.fits", data, uncertainty=data / 10, mask=np.zeros(data.shape, np.uint8))
+    dropped = write_fits(tmp_path / "dropped.fits", data, uncertainty=data / 10,
+                         mask=np.zeros(data.shape, np.uint8), cached=False)
+    assert _resident_fraction(kept) > 0.9
+    assert _resident_fraction(dropped) < 0.1
+    for path in (kept, dropped):
+        with fits.open(path, checksum=True) as hdul:     # read back (from the disk for "dropped")
+            np.testing.assert_array_equal(hdul[0].data, data)
+            assert len(hdul) == 3
+
+
+def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tmp_path, monkeypatch):
+    """Lights leave the page cache once durable unless they are stacked next (read again);
+    masters written beside the next combine (held in memory) too; the manifest, the report and
+    a master written where no writer thread runs (read back from its file) stay cached."""
+    import importlib
+
+    from ccdcal import reduce
+    from ccdcal.demo import write_night
+    from ccdcal.executor import kernels_threadsafe
+    from ccdcal.options import ReduceOptions
+
+    frames = importlib.import_module("ccdcal.frames")
+    real = frames._commit
+    commits: dict[str, bool] = {}
+
+    def commit(tmp, path, cached=True):
+        commits[path.name] = cached
+        return real(tmp, path, cached)
+
+    monkeypatch.setattr(frames, "_commit", commit)
+    raw = tmp_path / "raw"
+    write_night(raw, size=64, seed=8, n_light=2)
+    reduce(raw, tmp_path / "out")
+    lights = [n for n in commits if n.startswith("m51_")]
+    masters_ = [n for n in commits if n.startswith("master_")]
+    assert lights and masters_
+    assert not any(commits[n] for n in lights)
+    assert all(not commits[n] for n in masters_) == kernels_threadsafe()
+    assert commits["manifest.json"] and commits["report.html"]
+    commits.clear()
+    reduce(raw, tmp_path / "stacked", options=ReduceOptions(stack=True))
+    stacked = [n for n in commits if n.startswith("m51_")]
+    assert stacked and all(commits[n] for n in stacked)

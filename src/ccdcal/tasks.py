@@ -366,8 +366,9 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
 
     def write() -> None:
         # a failed write leaves the master in memory for what is being built on it until the
-        # caller, waiting for this future, raises the error (forget_built then drops it)
-        write_hdus(path, hdul)
+        # caller, waiting for this future, raises the error (forget_built then drops it).
+        # Not kept in the page cache: this process holds the master in memory (cached below)
+        write_hdus(path, hdul, cached=False)
         st = path.stat()
         for (name, flat), master in built.items():   # now as the file: cached by its identity
             _cache((name, st.st_size, st.st_mtime_ns, flat), master)
@@ -646,8 +647,9 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         # while the pixels are in memory (the report then reads no light again), and while the
         # light's file is made durable and put in place
         previews = partial(write_light_previews, ctx.out_dir, job.output, result.data)
+    # not kept in the page cache unless the lights are stacked next (read again)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
-               unit=result.unit, meanwhile=previews)
+               unit=result.unit, meanwhile=previews, cached=options.stack)
     return None
 
 
