@@ -816,8 +816,15 @@ def test_16_bit_rows_decode_as_numpys_float32_steps(tmp_path):
             whole = src.read()
             band = np.empty((10, 53), np.float32)
             src.fill_rows(20, 30, band)
+            # through a scratch of 3 rows and a bit (bands of 3, the last of 1), or less than a row
+            banded, tiny = np.empty((37, 53), np.float32), np.empty((10, 53), np.float32)
+            scratch = np.full(3 * src.raw_bytes_per_row + 5, 0xAB, np.uint8)
+            src.fill_rows(0, 37, banded, scratch)
+            src.fill_rows(20, 30, tiny, np.empty(7, np.uint8))
         assert np.array_equal(whole, want, equal_nan=True), (bscale, bzero, blank)
         assert np.array_equal(band, want[20:30], equal_nan=True)
+        assert np.array_equal(banded, want, equal_nan=True)
+        assert np.array_equal(tiny, want[20:30], equal_nan=True)
         if blank is None:
             with fits.open(path, do_not_scale_image_data=False) as hdul:
                 reference = hdul[0].data.astype(np.float32)

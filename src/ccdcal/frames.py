@@ -325,8 +325,9 @@ class FrameSource:
     def fill_rows(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
         """Decode rows ``y0:y1`` into the float32 array ``out`` (rows, nx).
 
-        ``scratch`` (uint8, at least ``(y1 - y0) * raw_bytes_per_row`` bytes) is reused
-        for the raw bytes of uncompressed data instead of a new buffer.
+        ``scratch`` (uint8) is reused for the raw bytes of uncompressed data instead of a new
+        buffer: the rows are read and decoded in bands of as many rows as it holds (at least
+        one row, ``raw_bytes_per_row`` bytes), the same values as in one piece.
         """
         self._prepare()
         if self._decoded is not None:
@@ -337,10 +338,17 @@ class FrameSource:
                 warnings.simplefilter("ignore")
                 out[...] = self._hdul[self.hdu].section[y0:y1]
             return
-        nbytes = (y1 - y0) * self.raw_bytes_per_row
-        buf = scratch[:nbytes] if scratch is not None and scratch.size >= nbytes else np.empty(nbytes, np.uint8)
-        self._pread(y0, y1, buf)
-        self.decode_stored(buf.view(np.dtype(_BITPIX_DTYPE[self.bitpix])).reshape(y1 - y0, self.shape[1]), out)
+        per_row = self.raw_bytes_per_row
+        if scratch is not None and scratch.size >= per_row:
+            band = min(y1 - y0, scratch.size // per_row)
+        else:
+            band, scratch = y1 - y0, np.empty((y1 - y0) * per_row, np.uint8)
+        stored = np.dtype(_BITPIX_DTYPE[self.bitpix])
+        for a in range(y0, y1, max(band, 1)):
+            b = min(y1, a + band)
+            buf = scratch[: (b - a) * per_row]
+            self._pread(a, b, buf)
+            self.decode_stored(buf.view(stored).reshape(b - a, self.shape[1]), out[a - y0:b - y0])
 
     def decode_stored(self, stored: np.ndarray, out: np.ndarray) -> None:
         """Decode stored values (as BITPIX gives them, any byte order, e.g. rows of the bytes

@@ -594,6 +594,9 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
                         hash=file_hash(ctx.out_dir / job.output))
 
 
+_SCRATCH_BYTES = 4 << 20   # a light's raw bytes are read and decoded through this much
+
+
 def _write_light(job: LightJob, ctx: RunContext) -> str | None:
     from .frames import FrameSource
 
@@ -601,7 +604,10 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
     with FrameSource(job.frame.path, job.frame.hdu) as src:
         shape = tuple(int(v) for v in src.shape)
         raw = ctx.buffers.take(shape, np.float32)
-        scratch = ctx.buffers.take((shape[0] * src.raw_bytes_per_row,), np.uint8)
+        # the raw bytes pass through a few MiB, decoded band by band (cache-sized, and a frame
+        # of fresh memory less per lane)
+        rows = max(1, min(shape[0], _SCRATCH_BYTES // max(1, src.raw_bytes_per_row)))
+        scratch = ctx.buffers.take((rows * src.raw_bytes_per_row,), np.uint8)
         try:
             src.fill_rows(0, shape[0], raw, scratch)
         finally:
