@@ -1072,3 +1072,95 @@ def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tm
     reduce(raw, tmp_path / "stacked", options=ReduceOptions(stack=True))
     stacked = [n for n in commits if n.startswith("m51_")]
     assert stacked and all(commits[n] for n in stacked)
+
+
+def test_memory_warmed_ahead_is_the_memory_the_next_arrays_take():
+    """warm_heap (in the command's process, with keep_freed_memory) faults pages in ahead: the
+    frames a worker thread makes afterwards take a few page faults, against one per page
+    without it; where keep_freed_memory does not hold it does nothing (freed memory would
+    leave the process). Page faults counted by the kernel, in fresh processes."""
+    import subprocess
+    import sys
+
+    from ccdcal import _memory
+
+    if _memory._glibc() is None:
+        pytest.skip("glibc's allocator only")
+    script = """
+import resource, sys, threading
+import numpy as np
+from ccdcal import _memory
+
+if sys.argv[1] != "plain":
+    _memory.keep_freed_memory()
+warmed = _memory.warm_heap(256 << 20) if sys.argv[1] == "warm" else None
+counts = []
+def work():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    frames = [np.ones(16 << 20, np.float32) for _ in range(3)]     # 3 x 64 MiB, kept
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(warmed, counts[0])
+"""
+    results = {}
+    for mode in ("warm", "keep", "plain"):
+        proc = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        warmed, faults = proc.stdout.split()
+        results[mode] = (warmed, int(faults))
+    assert results["warm"][0] == "True"
+    assert results["keep"][0] == "None"
+    assert results["warm"][1] * 4 < results["keep"][1], results
+    # without keep_freed_memory, warm_heap declines
+    proc = subprocess.run([sys.executable, "-c", "from ccdcal import _memory; print(_memory.warm_heap(1 << 20))"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_memory_warmed_for_a_night_is_what_its_lights_and_two_masters_hold(tmp_path, monkeypatch):
+    """warm_bytes: for the largest input's primary image of N pixels, (lanes × 9 + 18) × N bytes
+    with lanes as --memory and the workers allow, at most --memory; 0 where the inputs do not
+    say (no 2-D primary image). The pipeline warms that much, locally only, never in a dry run."""
+    import time
+
+    from astropy.io import fits
+
+    from ccdcal import _memory, reduce
+    from ccdcal.demo import write_night
+    from ccdcal.options import ReduceOptions
+    from ccdcal.pipeline import _primary_pixels, warm_bytes
+
+    raw = tmp_path / "raw"
+    write_night(raw, size=64, seed=9, n_light=2)
+    big = fits.PrimaryHDU(np.zeros((300, 200), np.uint16))
+    big.header["HISTORY"] = "x" * 60
+    for _ in range(80):                                        # a header of several blocks
+        big.header.add_history("padding " * 8)
+    big.writeto(raw / "zz_large.fits")
+    assert _primary_pixels(raw / "zz_large.fits") == 300 * 200
+    npix = 300 * 200
+    assert warm_bytes([raw], ReduceOptions(workers=2)) == (2 * 9 + 18) * npix
+    assert warm_bytes([raw], ReduceOptions(workers=3)) == (3 * 9 + 18) * npix
+    assert warm_bytes([raw], ReduceOptions(workers=2, memory=24 * npix)) == min(24 * npix, (9 + 18) * npix)
+    cube = tmp_path / "cube"
+    cube.mkdir()
+    fits.PrimaryHDU(np.zeros((3, 40, 50), np.float32)).writeto(cube / "c.fits")
+    assert warm_bytes([cube], ReduceOptions()) == 0
+    assert warm_bytes([tmp_path / "missing"], ReduceOptions()) == 0
+
+    warmed = []
+    monkeypatch.setattr(_memory, "_KEPT", True)
+    monkeypatch.setattr(_memory, "warm_heap", lambda nbytes: warmed.append(nbytes) or True)
+    reduce(raw, tmp_path / "out", options=ReduceOptions(workers=2))
+    for _ in range(100):                                       # the thread has long finished
+        if warmed:
+            break
+        time.sleep(0.05)
+    assert warmed == [(2 * 9 + 18) * npix]
+    warmed.clear()
+    reduce(raw, tmp_path / "dry", dry_run=True)
+    monkeypatch.setattr(_memory, "_KEPT", False)
+    reduce(raw, tmp_path / "plain", options=ReduceOptions(workers=2))
+    assert warmed == []

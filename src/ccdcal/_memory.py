@@ -13,6 +13,11 @@ and zeroing them was 8 % of the run's CPU time (``perf``: ``clear_page_erms``; 5
 there for the next array. It lasts for the whole process (glibc reads the number of heaps once,
 when a second thread first allocates), so only the command line calls it, first thing: the
 library leaves the allocator of a notebook's or a script's process as it is.
+
+:func:`warm_heap` then faults in, ahead of need, memory the run will hold anyway: a ``reduce``
+starts it in a thread while its header scan and numba's loading keep one core busy (both
+hold the GIL; faulting pages does not), so the masters and lights find their pages made.
+Measured on the 4096² night (3 runs each, 5 s apart): 11.9 s without, 11.1 s with 600 MB.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _KEEP = 1 << 30               # bytes: blocks below come from the heap, never trimmed below this
+_KEPT = False                 # whether keep_freed_memory holds in this process
 
 
 def _glibc() -> Any:
@@ -48,9 +54,31 @@ def _glibc() -> Any:
 def keep_freed_memory() -> bool:
     """For the rest of this process, freed large arrays stay in it for the next ones (one heap
     for every thread, no trimming); True when glibc took every setting."""
+    global _KEPT
     libc = _glibc()
     if libc is None:
         return False
     taken = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_THRESHOLD, _KEEP),
              libc.mallopt(_M_TRIM_THRESHOLD, _KEEP)]
-    return all(v == 1 for v in taken)
+    _KEPT = all(v == 1 for v in taken)
+    return _KEPT
+
+
+def warm_heap(nbytes: int) -> bool:
+    """Fault in ``nbytes`` of the heap and free them again: the arrays made next take those pages
+    instead of fresh ones. Only where :func:`keep_freed_memory` holds (elsewhere freed memory
+    leaves the process, and this would only cost time); True when it ran. Meant for memory the
+    process will hold later anyway: it does not raise the peak, it moves the page faults to a
+    moment chosen by the caller."""
+    if not _KEPT or nbytes <= 0:
+        return False
+    import mmap
+
+    import numpy as np
+
+    block = np.empty(int(nbytes), np.uint8)
+    step = 16 << 20
+    for start in range(0, block.size, step):      # numpy's loop releases the GIL
+        block[start:start + step:mmap.PAGESIZE] = 0
+    del block
+    return True

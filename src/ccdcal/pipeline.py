@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     started = time.perf_counter()
+    if not dry_run and scheduler is None and not options.scheduler:
+        _start_warming(list(paths), options)
     inventory = scan(list(paths), exclude=out_dir, progress=progress, flag=False)   # headers, here
     if dry_run:
         inventory = flag_groups(inventory, progress=progress)
@@ -448,6 +451,75 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
 #: (tasks.BufferPool; the raw bytes pass through 4 MiB); calibrate_frame's own arrays are 9 (measured with
 #: tracemalloc; tests/test_whole_night.py checks ≤ 20); the rest is for previews and writing
 LIGHT_BYTES_PER_PIXEL = 24
+
+
+def _start_warming(paths: list[Any], options: ReduceOptions) -> None:
+    """Fault in the memory the run's masters and lights will hold (:func:`warm_bytes`) in a
+    thread, while this one scans the headers and loads numba: a core otherwise idle
+    (:func:`ccdcal._memory.warm_heap`; only in the ``ccdcal`` command's process)."""
+    from . import _memory
+
+    if not _memory._KEPT:
+        return
+
+    def warm() -> None:
+        try:
+            _memory.warm_heap(warm_bytes(paths, options))
+        except Exception:  # noqa: BLE001 - only a head start: the run faults the pages itself
+            pass
+
+    threading.Thread(target=warm, name="ccdcal-warm", daemon=True).start()
+
+
+#: bytes per pixel of the largest frame that a local run surely holds at its peak: per light in
+#: flight its planes (LIGHT_BYTES_PER_PIXEL's 9: data, uncertainty, mask) and two masters'
+#: planes (9 each: the fewest a light is calibrated with, bias and flat)
+_HELD_PER_LIGHT, _HELD_MASTERS = 9, 18
+
+
+def warm_bytes(paths: list[Any], options: ReduceOptions) -> int:
+    """The memory worth faulting in ahead for a local run of ``paths``: for the largest FITS
+    file of the inputs (its primary image's size, read from its first header blocks), what
+    the lights in flight and two masters of that size hold, at most ``--memory``; 0 when the
+    inputs cannot tell (no 2-D primary image, e.g. compressed files)."""
+    from .combine import parse_memory
+    from .frames import find_fits
+
+    try:
+        largest = max(find_fits(paths), key=lambda p: p.stat().st_size, default=None)
+        npix = _primary_pixels(largest) if largest is not None else 0
+    except (OSError, InputError):
+        return 0
+    if npix <= 0:
+        return 0
+    budget = parse_memory(options.memory)
+    lanes = max(1, min(options.workers or min(4, os.cpu_count() or 1),
+                       budget // max(1, LIGHT_BYTES_PER_PIXEL * npix)))
+    return min(budget, (lanes * _HELD_PER_LIGHT + _HELD_MASTERS) * npix)
+
+
+def _primary_pixels(path: Path) -> int:
+    """NAXIS1 × NAXIS2 of a FITS file's primary image, from its header cards (no astropy: this
+    runs beside the scan); 0 unless it is 2-D."""
+    cards: dict[str, str] = {}
+    with open(path, "rb") as fh:
+        for _ in range(36):                                   # at most 36 blocks of 36 cards
+            block = fh.read(2880)
+            if len(block) < 2880:
+                return 0
+            for i in range(0, 2880, 80):
+                card = block[i:i + 80].decode("ascii", "replace")
+                key = card[:8].strip()
+                if key == "END":
+                    try:
+                        if int(cards.get("NAXIS", "0")) != 2:
+                            return 0
+                        return int(cards["NAXIS1"]) * int(cards["NAXIS2"])
+                    except (KeyError, ValueError):
+                        return 0
+                if card[8:10] == "= " and key in ("NAXIS", "NAXIS1", "NAXIS2"):
+                    cards[key] = card[10:].split("/")[0].strip()
+    return 0
 
 
 def lights_in_flight(plan: Plan, options: ReduceOptions) -> int:
