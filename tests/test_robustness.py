@@ -141,13 +141,13 @@ def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night
     real_write = frames._write_hdus
     calls = {"n": 0}
 
-    def write_hdus(tmp, hdul):
+    def write_hdus(tmp, hdul, direct=False):
         calls["n"] += 1
         if calls["n"] == 3:  # the third FITS output: write half of it, then the disk is full
             Path(tmp).write_bytes(b"\0" * 5000)
             time.sleep(1.0)  # meanwhile the next masters are built and queued: none may be written
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(tmp, hdul)
+        return real_write(tmp, hdul, direct)
 
     monkeypatch.setattr(frames, "_write_hdus", write_hdus)
     out = tmp_path / "out"
@@ -239,7 +239,7 @@ def test_disk_full_on_the_cli_is_exit_1_without_traceback(demo_night, tmp_path):
     script = (
         "import errno, sys\n"
         "from ccdcal import frames\n"
-        "def boom(tmp, hdul):\n"
+        "def boom(tmp, hdul, direct=False):\n"
         "    open(tmp, 'wb').write(b'x' * 100)\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "frames._write_hdus = boom\n"

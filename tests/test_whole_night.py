@@ -1041,8 +1041,9 @@ def test_an_output_written_uncached_leaves_its_pages_out_of_the_page_cache(tmp_p
 
 def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tmp_path, monkeypatch):
     """Lights leave the page cache once durable unless they are stacked next (read again);
-    masters written beside the next combine (held in memory) too; the manifest, the report and
-    a master written where no writer thread runs (read back from its file) stay cached."""
+    masters written beside the next combine (held in memory) bypass it (O_DIRECT where the
+    filesystem takes it); the manifest, the report and a master written where no writer thread
+    runs (read back from its file) stay cached."""
     import importlib
 
     from ccdcal import reduce
@@ -1058,10 +1059,22 @@ def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tm
         commits[path.name] = cached
         return real(tmp, path, cached)
 
+    real_write = frames._write_hdus
+    direct: dict[str, bool] = {}
+
+    def write_hdus(tmp, hdul, is_direct=False):
+        direct[tmp.name.split(".")[1]] = is_direct
+        return real_write(tmp, hdul, is_direct)
+
     monkeypatch.setattr(frames, "_commit", commit)
+    monkeypatch.setattr(frames, "_write_hdus", write_hdus)
     raw = tmp_path / "raw"
     write_night(raw, size=64, seed=8, n_light=2)
     reduce(raw, tmp_path / "out")
+    # the masters the writer thread writes bypass the page cache; the lights do not
+    assert {k: v for k, v in direct.items() if k.startswith("master_")} and \
+        all(v == kernels_threadsafe() for k, v in direct.items() if k.startswith("master_"))
+    assert not any(v for k, v in direct.items() if k.startswith("m51_"))
     lights = [n for n in commits if n.startswith("m51_")]
     masters_ = [n for n in commits if n.startswith("master_")]
     assert lights and masters_
@@ -1164,3 +1177,106 @@ def test_the_memory_warmed_for_a_night_is_what_its_lights_and_two_masters_hold(t
     monkeypatch.setattr(_memory, "_KEPT", False)
     reduce(raw, tmp_path / "plain", options=ReduceOptions(workers=2))
     assert warmed == []
+
+
+def _direct_io_here(folder) -> bool:
+    """Whether the filesystem of ``folder`` takes an aligned O_DIRECT write."""
+    import mmap
+
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    probe = folder / "direct-probe.bin"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o644)
+    except OSError:
+        return False
+    try:
+        with mmap.mmap(-1, 4096) as block:
+            return os.write(fd, block) == 4096
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def _hdul_for_writing(shape=(301, 517)):
+    from ccdcal.frames import add_checksums, fits_hdus
+
+    data = np.random.default_rng(5).normal(100, 5, shape).astype(np.float32)
+    hdul = fits_hdus(data, uncertainty=data / 10, mask=(data > 105).astype(np.uint8), unit="adu")
+    add_checksums(hdul)
+    return data, hdul
+
+
+def test_a_file_written_directly_is_the_file_written_through_the_page_cache(tmp_path, monkeypatch):
+    """write_hdus(direct=True): the same bytes as the buffered writer (sizes that are not
+    multiples of the alignment, several staging flushes, the padded last block cut off), the
+    checksums verify, and no page of it is left in the page cache where the filesystem takes
+    O_DIRECT; where the OS or the filesystem refuses it (no O_DIRECT, EINVAL at the open or at
+    the first write) the file is written through the page cache, whole."""
+    from astropy.io import fits
+
+    from ccdcal import frames
+
+    data, hdul = _hdul_for_writing()
+    plain = frames.write_hdus(tmp_path / "plain.fits", hdul)
+    monkeypatch.setattr(frames._DirectFile, "_STAGE", 3 * 4096)        # many flushes
+    try:
+        direct = frames.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
+    except OSError as exc:
+        pytest.skip(f"this filesystem: {exc}")
+    assert direct.read_bytes() == plain.read_bytes()
+    assert direct.stat().st_size % 4096 != 0
+    with fits.open(direct, checksum=True) as read:
+        np.testing.assert_array_equal(read[0].data, data)
+    if hasattr(os, "O_DIRECT") and os.sys.platform.startswith("linux") and _page_cache_drops_here(tmp_path):
+        frames.write_hdus(tmp_path / "again.fits", hdul, direct=True)
+        assert _resident_fraction(tmp_path / "again.fits") < 0.1
+
+    import errno
+
+    real_open, real_write = os.open, os.write
+    calls = {"n": 0}
+
+    def refuse_direct_open(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def refuse_first_write(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    for name in ("no_flag", "open", "write"):
+        with monkeypatch.context() as m:
+            if name == "no_flag":
+                m.delattr(os, "O_DIRECT", raising=False)
+            elif name == "open":
+                m.setattr(os, "open", refuse_direct_open)
+            else:
+                m.setattr(os, "write", refuse_first_write)
+            out = frames.write_hdus(tmp_path / f"{name}.fits", hdul, direct=True)
+        assert out.read_bytes() == plain.read_bytes(), name
+    # a full disk in the middle of a direct write: the one-line error, no partial, the old file kept
+    from ccdcal.errors import OutputError
+
+    def full_disk(fd, data):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    if not _direct_io_here(tmp_path):
+        return                                     # the writes above went through the page cache
+    calls["n"] = 0
+    old = (tmp_path / "direct.fits").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full_disk)
+        with pytest.raises(OutputError, match="disk filled up"):
+            frames.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
+    assert (tmp_path / "direct.fits").read_bytes() == old
+    assert not list(tmp_path.glob(".*.partial"))

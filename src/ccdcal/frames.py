@@ -687,12 +687,15 @@ def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray |
 
 
 def write_hdus(path: str | os.PathLike, hdul: Any, *, meanwhile: Callable[[], Any] | None = None,
-               cached: bool = True) -> Path:
+               cached: bool = True, direct: bool = False) -> Path:
     """Write ``hdul`` (from :func:`fits_hdus`, with :func:`add_checksums` applied) atomically;
-    ``meanwhile`` and ``cached`` as for :func:`write_fits`."""
+    ``meanwhile`` and ``cached`` as for :func:`write_fits`. ``direct``: bypass the page cache
+    (``O_DIRECT``, :class:`_DirectFile`) where the filesystem allows it, for a file the caller
+    holds in memory and writes in the background: each write then waits for the disk."""
     path = Path(path)
     digest: list[str] = []
-    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul)), meanwhile, cached=cached)
+    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul, direct)), meanwhile,
+                  cached=cached and not direct)
     from .manifest import remember_digest
 
     remember_digest(path, digest[0])
@@ -763,32 +766,126 @@ def add_checksums(hdul: Any) -> None:
         header["CHECKSUM"] = _checksum_text(~hsum & 0xFFFFFFFF)
 
 
-def _write_hdus(tmp: Path, hdul: Any) -> str:
-    """Write the HDUs of ``hdul`` to ``tmp`` as they are; returns the file's hash (the manifest's)."""
+def _write_hdus(tmp: Path, hdul: Any, direct: bool = False) -> str:
+    """Write the HDUs of ``hdul`` to ``tmp`` as they are; returns the file's hash (the manifest's).
+
+    ``direct``: through ``O_DIRECT`` where the OS and the filesystem take it (:class:`_DirectFile`),
+    else through the page cache."""
+    if direct:
+        try:
+            with _DirectFile(tmp) as fh:
+                return _write_hdus_to(fh, hdul)
+        except _NoDirect:
+            pass
+    with open(tmp, "wb") as fh:
+        return _write_hdus_to(fh, hdul)
+
+
+class _NoDirect(Exception):
+    """O_DIRECT is not available here (the caller writes through the page cache instead)."""
+
+
+class _DirectFile:
+    """A new file written with ``O_DIRECT``: the bytes go from an aligned staging buffer to the
+    disk without passing through the page cache. For a file this process holds in memory and
+    will not read (a master written by the writer thread): no page-cache pages are taken, which
+    on the VM measured cost 3-4 ms of kernel time per MB when the host had to back them afresh
+    (the same bytes written directly: 0.05 s of CPU per GB). Writes go out in whole aligned
+    blocks; the last is padded and the file cut to its size. :class:`_NoDirect` when the OS or
+    the filesystem (tmpfs) refuses it, before or at the first write."""
+
+    _ALIGN = 4096
+    _STAGE = 8 << 20
+
+    def __init__(self, path: Path):
+        import mmap
+
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            raise _NoDirect
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise _NoDirect from exc
+            raise
+        self._stage = mmap.mmap(-1, self._STAGE)          # page-aligned
+        self._view = memoryview(self._stage)
+        self._used = 0
+        self._size = 0
+        self._written = False
+
+    def __enter__(self) -> _DirectFile:
+        return self
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        try:
+            if kind is None:
+                self._finish()
+        finally:
+            self._view.release()
+            self._stage.close()
+            os.close(self._fd)
+
+    def write(self, data: Any) -> int:
+        data = memoryview(data).cast("B")
+        done = 0
+        while done < len(data):
+            n = min(len(data) - done, self._STAGE - self._used)
+            self._view[self._used:self._used + n] = data[done:done + n]
+            self._used += n
+            done += n
+            if self._used == self._STAGE:
+                self._flush(self._STAGE)
+        self._size += done
+        return done
+
+    def _flush(self, nbytes: int) -> None:
+        try:
+            with self._view[:nbytes] as chunk:
+                written = os.write(self._fd, chunk)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and not self._written:   # the filesystem refuses it
+                raise _NoDirect from exc
+            raise
+        if written != nbytes:
+            raise OSError(errno.EIO, f"short direct write ({written} of {nbytes} bytes)")
+        self._written = True
+        self._used = 0
+
+    def _finish(self) -> None:
+        if self._used:
+            padded = -(-self._used // self._ALIGN) * self._ALIGN
+            self._view[self._used:padded] = bytes(padded - self._used)
+            self._flush(padded)
+        os.ftruncate(self._fd, self._size)
+
+
+def _write_hdus_to(fh: Any, hdul: Any) -> str:
+    """The bytes of ``hdul``'s HDUs to the open file ``fh``; returns their hash."""
     from ._kernels import to_big_endian
     from .manifest import new_digest
 
     digest = new_digest()
-    with open(tmp, "wb") as fh:
 
-        def put(chunk: Any) -> None:
-            digest.update(chunk)  # releases the GIL for large blocks
-            fh.write(chunk)
+    def put(chunk: Any) -> None:
+        digest.update(chunk)  # releases the GIL for large blocks
+        fh.write(chunk)
 
-        for hdu in hdul:
-            words = hdu.data.reshape(-1)
-            put(hdu.header.tostring().encode("ascii"))
-            if words.dtype.itemsize == 1:
-                put(memoryview(words))
-            else:
-                native = words.view(np.uint32)
-                buffer = np.empty(min(_WRITE_WORDS, native.size), np.uint32)
-                for start in range(0, native.size, _WRITE_WORDS):
-                    part = native[start:start + _WRITE_WORDS]
-                    out = buffer[: part.size]
-                    to_big_endian(part, out)
-                    put(memoryview(out).cast("B"))
-            put(b"\0" * (-words.nbytes % _BLOCK))
+    for hdu in hdul:
+        words = hdu.data.reshape(-1)
+        put(hdu.header.tostring().encode("ascii"))
+        if words.dtype.itemsize == 1:
+            put(memoryview(words))
+        else:
+            native = words.view(np.uint32)
+            buffer = np.empty(min(_WRITE_WORDS, native.size), np.uint32)
+            for start in range(0, native.size, _WRITE_WORDS):
+                part = native[start:start + _WRITE_WORDS]
+                out = buffer[: part.size]
+                to_big_endian(part, out)
+                put(memoryview(out).cast("B"))
+        put(b"\0" * (-words.nbytes % _BLOCK))
     return digest.hexdigest()
 
 

@@ -367,8 +367,9 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
     def write() -> None:
         # a failed write leaves the master in memory for what is being built on it until the
         # caller, waiting for this future, raises the error (forget_built then drops it).
-        # Not kept in the page cache: this process holds the master in memory (cached below)
-        write_hdus(path, hdul, cached=False)
+        # Not through the page cache: this process holds the master in memory (cached below),
+        # and this thread may wait for the disk
+        write_hdus(path, hdul, direct=True)
         st = path.stat()
         for (name, flat), master in built.items():   # now as the file: cached by its identity
             _cache((name, st.st_size, st.st_mtime_ns, flat), master)
