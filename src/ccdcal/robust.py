@@ -17,7 +17,12 @@ def robust_std(values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return float("nan")
-    return float(MAD_TO_STD * np.median(np.abs(values - np.median(values))))
+    return _mad_std(values, float(np.median(values)))
+
+
+def _mad_std(values: np.ndarray, median: float) -> float:
+    """1.4826 × the median absolute deviation of finite float64 ``values`` whose median is given."""
+    return float(MAD_TO_STD * np.median(np.abs(values - median)))
 
 
 def clipped_std(values: np.ndarray, *, sigma: float = 4.0, maxiters: int = 5) -> float:
@@ -29,7 +34,8 @@ def clipped_std(values: np.ndarray, *, sigma: float = 4.0, maxiters: int = 5) ->
     values = values[np.isfinite(values)]
     if values.size < 2:
         return float("nan")
-    centre, spread = float(np.median(values)), robust_std(values)
+    centre = float(np.median(values))
+    spread = _mad_std(values, centre)           # robust_std's, without its median again
     if not spread > 0:
         spread = float(np.std(values))
     kept = values
