@@ -1009,11 +1009,14 @@ def calibrated_sigma(signal, gain, rn2, bias_unc, dark_unc, dark_scale, flat, fl
 
 
 @njit(parallel=True, cache=True)
-def calibrate_pass(data, bias, dark, dark_scale, flat, gain, rn2, bias_unc, dark_unc, flat_unc, flags, sigma):
+def calibrate_pass(data, bias, dark, dark_scale, flat, flat_floor, gain, rn2, bias_unc, dark_unc, flat_unc, flags,
+                   sigma):
     """A frame's bias, dark and flat and its σ in one pass, in place on ``data`` (float32, after
     overscan and trimming): per pixel the float32 operations of ``data -= bias``,
     ``data -= float32(scale)·dark``, ``data /= flat`` (numpy's rounding, so the same values),
     then :func:`_pixel_sigma` of the signal above bias into ``sigma``. No frame-sized temporary.
+    A flat pixel that is not finite or below the float32 ``flat_floor`` counts as 1
+    (:func:`ccdcal.calibrate.safe_flat`, applied here: no floored copy of the flat).
 
     ``flags``: has bias, has dark (and a scale ≠ 0), has flat, σ wanted, has bias σ, has dark σ
     (and a scale ≠ 0), has flat σ; arrays that are absent may be any 2-D float32 placeholder.
@@ -1032,6 +1035,8 @@ def calibrate_pass(data, bias, dark, dark_scale, flat, gain, rn2, bias_unc, dark
             f = np.float32(1.0)
             if has_flat:
                 f = flat[y, x]
+                if not (np.isfinite(f) and f >= flat_floor):
+                    f = np.float32(1.0)
                 v = np.float32(v / f)
             data[y, x] = v
             if want:

@@ -143,11 +143,6 @@ def forget_derived() -> None:
         _DERIVED.clear()
 
 
-def _floored(flat: Master, flat_floor: float) -> np.ndarray:
-    """:func:`safe_flat` of a master flat, made once per master (the lights of a filter share it)."""
-    return _derived("floored", (flat,), (float(flat_floor),), lambda: safe_flat(flat.data, flat_floor))
-
-
 class CalibratedRows:
     """A raw frame with its :class:`Recipe` applied lazily, row tile by row tile.
 
@@ -532,10 +527,8 @@ def _mask_union(shape: tuple[int, ...], bias: Master | None, dark: Master | None
 def prepare_shared(bias: Master | None, dark: Master | None, flat: Master | None, *, hot_sigma: float,
                    flat_floor: float) -> None:
     """Make now what :func:`calibrate_frame` shares between the lights calibrated on these masters
-    (the floored flat, the union of the masters' mask bits), so that the first lights need not:
-    ``reduce`` does it while the last master's file is written."""
-    if flat is not None:
-        _floored(flat, flat_floor)
+    (the union of the masters' mask bits), so that the first lights need not: ``reduce`` does it
+    while the last master's file is written."""
     shapes = [m.data.shape for m in (bias, dark, flat) if m is not None]
     if shapes and all(shape == shapes[0] for shape in shapes):   # else calibrate_frame says why
         _mask_union(shapes[0], bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
@@ -555,11 +548,12 @@ def _add_master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None
 
 
 def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, scale: float,
-                    floored: np.ndarray | None, flat: Master | None, bias_for_sigma: Master | None,
+                    flat: Master | None, flat_floor: float, bias_for_sigma: Master | None,
                     sigma: np.ndarray | None, gain: float | None, read_noise: float | None) -> None:
     """``data`` (float32, C-contiguous) minus ``bias`` and ``scale``·``dark``, divided by the
-    ``floored`` flat, in place; σ into ``sigma`` when given (:func:`calibrated_uncertainty`'s
-    formula, with ``bias_for_sigma``'s uncertainty even when the bias was subtracted before)."""
+    flat floored at ``flat_floor`` (:func:`safe_flat`, applied pixel by pixel), in place; σ into
+    ``sigma`` when given (:func:`calibrated_uncertainty`'s formula, with ``bias_for_sigma``'s
+    uncertainty even when the bias was subtracted before)."""
     from ._kernels import calibrate_pass
 
     use_dark = dark is not None and scale != 0.0
@@ -567,14 +561,15 @@ def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, 
     bias_unc = None if bias_for_sigma is None else bias_for_sigma.uncertainty
     dark_unc = None if dark is None else dark.uncertainty
     flat_unc = None if flat is None else flat.uncertainty
-    flags = np.array([bias is not None, use_dark, floored is not None, want,
+    flags = np.array([bias is not None, use_dark, flat is not None, want,
                       want and bias_unc is not None, want and dark_unc is not None and bool(scale),
-                      want and floored is not None and flat_unc is not None], np.bool_)
+                      want and flat is not None and flat_unc is not None], np.bool_)
     for what, array in (("bias", bias_unc), ("dark", dark_unc), ("flat", flat_unc)):   # data: checked by the caller
         if array is not None and array.shape != data.shape:
             raise InputError(f"the uncertainty of the master {what} is {array.shape}, the frame {data.shape}")
     calibrate_pass(data, _plane(None if bias is None else bias.data), _plane(None if dark is None else dark.data),
-                   np.float32(scale), _plane(floored), np.float32(gain if want else 1.0),
+                   np.float32(scale), _plane(None if flat is None else flat.data), np.float32(flat_floor),
+                   np.float32(gain if want else 1.0),
                    np.float32(np.float32(read_noise) ** 2) if want else np.float32(0.0),
                    _plane(bias_unc if flags[4] else None), _plane(dark_unc if flags[5] else None),
                    _plane(flat_unc if flags[6] else None), flags, sigma if want else _PLACEHOLDER)
@@ -683,7 +678,6 @@ def calibrate_frame(
                              f"exposure ratio {dark_scale:.4g} kept")
             else:
                 scale_used, optimized = k, True
-    floored = None if flat is None else _floored(flat, flat_floor)
     _master_masks(mask, bias, dark, flat, hot_sigma=hot_sigma, flat_floor=flat_floor)
     if read_noise is None and fit is not None and np.isfinite(fit.noise):
         read_noise = fit.noise
@@ -699,7 +693,7 @@ def calibrate_frame(
             sigma = uncertainty_out
         else:
             sigma = np.empty(data.shape, np.float32)
-    _calibrate_pass(data, None if bias is None or bias_done else bias, dark, scale_used or 0.0, floored, flat,
+    _calibrate_pass(data, None if bias is None or bias_done else bias, dark, scale_used or 0.0, flat, flat_floor,
                     bias, sigma, gain, read_noise)
     if cosmic_rays:
         mask[cosmic_ray_mask(data, gain=gain, read_noise=read_noise, mask=mask != 0)] |= MASK_COSMIC_RAY
