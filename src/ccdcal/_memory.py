@@ -64,21 +64,37 @@ def keep_freed_memory() -> bool:
     return _KEPT
 
 
-def warm_heap(nbytes: int) -> bool:
+def warm_heap(nbytes: int, stop: Any = None) -> bool:
     """Fault in ``nbytes`` of the heap and free them again: the arrays made next take those pages
     instead of fresh ones. Only where :func:`keep_freed_memory` holds (elsewhere freed memory
     leaves the process, and this would only cost time); True when it ran. Meant for memory the
-    process will hold later anyway: it does not raise the peak, it moves the page faults to a
-    moment chosen by the caller."""
+    process will hold later anyway: it moves the page faults to a moment chosen by the caller.
+    At most ``_KEEP`` less a block (glibc returns a free top of the heap above its trim
+    threshold, ``_KEEP``, to the system), in blocks below its mmap threshold (a block at or
+    above it would be mapped and unmapped, leaving the heap as it was); ``stop`` (a
+    ``threading.Event``), once set, ends it early, freeing what it holds."""
     if not _KEPT or nbytes <= 0:
         return False
+    nbytes = min(int(nbytes), _KEEP - _BLOCK)
     import mmap
 
     import numpy as np
 
-    block = np.empty(int(nbytes), np.uint8)
+    blocks = []
     step = 16 << 20
-    for start in range(0, block.size, step):      # numpy's loop releases the GIL
-        block[start:start + step:mmap.PAGESIZE] = 0
-    del block
+    try:
+        left = int(nbytes)
+        while left > 0 and not (stop is not None and stop.is_set()):
+            block = np.empty(min(left, _BLOCK), np.uint8)
+            blocks.append(block)
+            left -= block.size
+            for start in range(0, block.size, step):   # numpy's loop releases the GIL
+                if stop is not None and stop.is_set():
+                    break
+                block[start:start + step:mmap.PAGESIZE] = 0
+    finally:
+        blocks.clear()
     return True
+
+
+_BLOCK = 256 << 20            # bytes of one block warm_heap holds (well below _KEEP)

@@ -654,6 +654,9 @@ def calibrate_frame(
     Bias, dark, flat and uncertainty are one pass over the pixels
     (:func:`ccdcal._kernels.calibrate_pass`), with numpy's float32 rounding at each step.
     """
+    # a plain float: the kernel's float32 floor and the LOW_FLAT mask's comparison then agree
+    # (numpy compares a float32 array with an np.float64 in float64, with a Python float in float32)
+    flat_floor = float(flat_floor)
     if not (overwrite_raw and isinstance(raw, np.ndarray) and raw.dtype == np.float32 and raw.flags.writeable
             and raw.flags.c_contiguous):
         raw = np.array(raw, dtype=np.float32, copy=True)

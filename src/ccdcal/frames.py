@@ -796,6 +796,7 @@ class _DirectFile:
 
     _ALIGN = 4096
     _STAGE = 8 << 20
+    _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 
     def __init__(self, path: Path):
         import mmap
@@ -806,14 +807,19 @@ class _DirectFile:
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
         except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            if exc.errno in self._REFUSED:
                 raise _NoDirect from exc
             raise
-        self._stage = mmap.mmap(-1, self._STAGE)          # page-aligned
+        try:
+            self._stage = mmap.mmap(-1, self._STAGE)      # page-aligned
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._path = path
         self._view = memoryview(self._stage)
         self._used = 0
         self._size = 0
-        self._written = False
+        self._offset = 0
 
     def __enter__(self) -> _DirectFile:
         return self
@@ -841,23 +847,42 @@ class _DirectFile:
         return done
 
     def _flush(self, nbytes: int) -> None:
-        try:
-            with self._view[:nbytes] as chunk:
-                written = os.write(self._fd, chunk)
-        except OSError as exc:
-            if exc.errno == errno.EINVAL and not self._written:   # the filesystem refuses it
-                raise _NoDirect from exc
-            raise
-        if written != nbytes:
-            raise OSError(errno.EIO, f"short direct write ({written} of {nbytes} bytes)")
-        self._written = True
+        """The first ``nbytes`` (aligned) of the staging buffer to the file. A short write goes
+        on with the rest, so that a full disk is reported by its own error."""
+        done = 0
+        while done < nbytes:
+            try:
+                with self._view[done:nbytes] as chunk:
+                    written = os.write(self._fd, chunk)
+            except OSError as exc:
+                if exc.errno in self._REFUSED and self._offset == 0:   # the filesystem refuses it
+                    raise _NoDirect from exc
+                raise
+            if written <= 0 or written % self._ALIGN:
+                raise OSError(errno.EIO, f"{self._path}: direct write stopped after {self._offset + done + written}"
+                                         " bytes")
+            done += written
+        self._offset += nbytes
         self._used = 0
 
     def _finish(self) -> None:
+        """The last, partial block: padded to the alignment and the file cut to its size; where
+        the device wants larger blocks than that, written through the page cache instead."""
         if self._used:
             padded = -(-self._used // self._ALIGN) * self._ALIGN
             self._view[self._used:padded] = bytes(padded - self._used)
-            self._flush(padded)
+            try:
+                self._flush(padded)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                fd = os.open(self._path, os.O_WRONLY)
+                try:
+                    with self._view[:self._used] as tail:
+                        if os.pwrite(fd, tail, self._offset) != len(tail):
+                            raise OSError(errno.EIO, f"{self._path}: short write") from exc
+                finally:
+                    os.close(fd)
         os.ftruncate(self._fd, self._size)
 
 

@@ -117,12 +117,11 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     from .inventory import flag_groups
 
     options.validate()
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     started = time.perf_counter()
-    if not dry_run and scheduler is None and not options.scheduler:
-        _start_warming(list(paths), options)
-    inventory = scan(list(paths), exclude=out_dir, progress=progress, flag=False)   # headers, here
+    warming = _start_warming(paths, options, out_dir) if not dry_run and scheduler is None \
+        and not options.scheduler else None
+    inventory = scan(paths, exclude=out_dir, progress=progress, flag=False)   # headers, here
     if dry_run:
         inventory = flag_groups(inventory, progress=progress)
         plan = build_plan(inventory, options.plan_options())
@@ -146,6 +145,8 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         fixed = _manifest_fixed(options, inventory, plan)
         body = lambda: _manifest_body(fixed, result)  # noqa: E731
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
+            if warming is not None:      # done (or stopped): its block never meets the masters'
+                warming()
             ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
             _run_lights(plan, ctx, manifest, result, progress, executor)
             _run_stacks(plan, ctx, manifest, result, progress, executor)
@@ -453,22 +454,31 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
 LIGHT_BYTES_PER_PIXEL = 24
 
 
-def _start_warming(paths: list[Any], options: ReduceOptions) -> None:
+def _start_warming(paths: list[Any], options: ReduceOptions, out_dir: Path) -> Any:
     """Fault in the memory the run's masters and lights will hold (:func:`warm_bytes`) in a
     thread, while this one scans the headers and loads numba: a core otherwise idle
-    (:func:`ccdcal._memory.warm_heap`; only in the ``ccdcal`` command's process)."""
+    (:func:`ccdcal._memory.warm_heap`; only in the ``ccdcal`` command's process). Returns what
+    to call before the masters are built (it stops the thread and waits for it), or None."""
     from . import _memory
 
     if not _memory._KEPT:
-        return
+        return None
+    stop = threading.Event()
 
     def warm() -> None:
         try:
-            _memory.warm_heap(warm_bytes(paths, options))
+            _memory.warm_heap(warm_bytes(paths, options, exclude=out_dir), stop)
         except Exception:  # noqa: BLE001 - only a head start: the run faults the pages itself
             pass
 
-    threading.Thread(target=warm, name="ccdcal-warm", daemon=True).start()
+    thread = threading.Thread(target=warm, name="ccdcal-warm", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join()
+
+    return finish
 
 
 #: bytes per pixel of the largest frame that a local run surely holds at its peak: per light in
@@ -477,16 +487,21 @@ def _start_warming(paths: list[Any], options: ReduceOptions) -> None:
 _HELD_PER_LIGHT, _HELD_MASTERS = 9, 18
 
 
-def warm_bytes(paths: list[Any], options: ReduceOptions) -> int:
+def warm_bytes(paths: list[Any], options: ReduceOptions, *, exclude: Any = None) -> int:
     """The memory worth faulting in ahead for a local run of ``paths``: for the largest FITS
-    file of the inputs (its primary image's size, read from its first header blocks), what
-    the lights in flight and two masters of that size hold, at most ``--memory``; 0 when the
-    inputs cannot tell (no 2-D primary image, e.g. compressed files)."""
+    file of the inputs (its primary image's size, read from its first header blocks; files
+    under ``exclude``, the output folder, left out), what the lights in flight and two masters
+    of that size hold, at most ``--memory``; 0 when the inputs cannot tell (no 2-D primary
+    image, e.g. compressed files)."""
     from .combine import parse_memory
     from .frames import find_fits
 
     try:
-        largest = max(find_fits(paths), key=lambda p: p.stat().st_size, default=None)
+        files = find_fits(paths)
+        if exclude is not None:
+            skip = Path(exclude).resolve()
+            files = [f for f in files if not f.resolve().is_relative_to(skip)]
+        largest = max(files, key=lambda p: p.stat().st_size, default=None)
         npix = _primary_pixels(largest) if largest is not None else 0
     except (OSError, InputError):
         return 0

@@ -590,7 +590,7 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
         return OutputRecord(output=source, kind="light", skipped=str(exc))
     if skipped:
         return OutputRecord(output=source, kind="light", skipped=skipped)
-    # hashed here, in the worker, while the bytes are in the page cache
+    # the hash the writer took from the bytes as it wrote them (the file is not read back)
     return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs),
                         hash=file_hash(ctx.out_dir / job.output))
 
