@@ -1352,3 +1352,21 @@ def test_the_read_noise_of_a_pair_is_the_written_out_clipped_std_bit_for_bit():
     c[5, 5] = np.nan
     for first, second in ((a, b), (c, d)):
         assert read_noise_from_pair(first, second) == written_out(first, second)
+
+
+def test_a_flat_floor_given_as_numpy_float64_floors_the_data_as_it_masks():
+    """The kernel floors the flat in float32 and the LOW_FLAT mask compares with numpy's rules:
+    with the floor as a numpy float64 (a float64 comparison for numpy) a flat pixel equal to
+    float32(0.7) would be divided yet masked. calibrate_frame takes the floor as a plain float,
+    so a pixel is masked exactly when it is not divided, whatever the floor's type."""
+    from ccdcal.calibrate import MASK_LOW_FLAT, Master, calibrate_frame
+
+    flat = np.ones((4, 5), np.float32)
+    flat[1, 1], flat[2, 2] = np.float32(0.7), np.float32(0.5)
+    raw = np.full((4, 5), 1000.0, np.float32)
+    for floor in (0.7, np.float64(0.7), np.float32(0.7)):
+        got = calibrate_frame(raw, flat=Master(flat, None, name="f", level=1.0), flat_floor=floor, uncertainty=False)
+        masked = (got.mask & MASK_LOW_FLAT) != 0
+        divided = got.data != raw
+        assert np.array_equal(masked, (flat != 1.0) & ~divided), floor
+        assert not masked[1, 1] and divided[1, 1] and masked[2, 2] and not divided[2, 2], floor
