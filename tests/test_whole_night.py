@@ -1162,8 +1162,9 @@ def test_the_memory_warmed_for_a_night_is_what_its_lights_and_two_masters_hold(t
 
     from ccdcal import _memory, reduce
     from ccdcal.demo import write_night
+    from ccdcal.frames import primary_pixels
     from ccdcal.options import ReduceOptions
-    from ccdcal.pipeline import _primary_pixels, warm_bytes
+    from ccdcal.pipeline import warm_bytes
 
     raw = tmp_path / "raw"
     write_night(raw, size=64, seed=9, n_light=2)
@@ -1172,7 +1173,7 @@ def test_the_memory_warmed_for_a_night_is_what_its_lights_and_two_masters_hold(t
     for _ in range(80):                                        # a header of several blocks
         big.header.add_history("padding " * 8)
     big.writeto(raw / "zz_large.fits")
-    assert _primary_pixels(raw / "zz_large.fits") == 300 * 200
+    assert primary_pixels(raw / "zz_large.fits") == 300 * 200
     npix = 300 * 200
     assert warm_bytes([raw], ReduceOptions(workers=2)) == (2 * 9 + 18) * npix
     assert warm_bytes([raw], ReduceOptions(workers=3)) == (3 * 9 + 18) * npix
@@ -1355,11 +1356,12 @@ def test_the_read_noise_of_a_pair_is_the_written_out_clipped_std_bit_for_bit():
 
 
 def test_a_flat_floor_given_as_numpy_float64_floors_the_data_as_it_masks():
-    """The kernel floors the flat in float32 and the LOW_FLAT mask compares with numpy's rules:
-    with the floor as a numpy float64 (a float64 comparison for numpy) a flat pixel equal to
-    float32(0.7) would be divided yet masked. calibrate_frame takes the floor as a plain float,
-    so a pixel is masked exactly when it is not divided, whatever the floor's type."""
-    from ccdcal.calibrate import MASK_LOW_FLAT, Master, calibrate_frame
+    """The lights' kernel floors the flat at float32(floor); numpy would compare a float32 flat
+    with a numpy float64 floor in float64, so a flat pixel equal to float32(0.7) could be divided
+    yet masked. safe_flat and low_flat_mask take the floor as float32 too: a pixel is masked
+    exactly when it is not divided, whatever the floor's type, and the numpy row pass
+    (apply_masters) divides as the kernel does."""
+    from ccdcal.calibrate import MASK_LOW_FLAT, Master, apply_masters, calibrate_frame
 
     flat = np.ones((4, 5), np.float32)
     flat[1, 1], flat[2, 2] = np.float32(0.7), np.float32(0.5)
@@ -1370,3 +1372,4 @@ def test_a_flat_floor_given_as_numpy_float64_floors_the_data_as_it_masks():
         divided = got.data != raw
         assert np.array_equal(masked, (flat != 1.0) & ~divided), floor
         assert not masked[1, 1] and divided[1, 1] and masked[2, 2] and not divided[2, 2], floor
+        assert np.array_equal(apply_masters(raw.copy(), flat=flat, flat_floor=floor), got.data), floor

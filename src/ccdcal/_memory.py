@@ -33,6 +33,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _KEEP = 1 << 30               # bytes: blocks below come from the heap, never trimmed below this
 _KEPT = False                 # whether keep_freed_memory holds in this process
+_BLOCK = 256 << 20            # bytes of one block warm_heap holds (well below _KEEP)
 
 
 def _glibc() -> Any:
@@ -83,7 +84,7 @@ def warm_heap(nbytes: int, stop: Any = None) -> bool:
     blocks = []
     step = 16 << 20
     try:
-        left = int(nbytes)
+        left = nbytes
         while left > 0 and not (stop is not None and stop.is_set()):
             block = np.empty(min(left, _BLOCK), np.uint8)
             blocks.append(block)
@@ -96,5 +97,3 @@ def warm_heap(nbytes: int, stop: Any = None) -> bool:
         blocks.clear()
     return True
 
-
-_BLOCK = 256 << 20            # bytes of one block warm_heap holds (well below _KEEP)

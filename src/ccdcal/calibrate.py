@@ -93,9 +93,11 @@ def subtract_dark(data: np.ndarray, dark: np.ndarray | None, scale: float) -> np
 
 
 def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
-    """The flat with every pixel below ``flat_floor`` (or not finite) replaced by 1."""
+    """The flat with every pixel below ``flat_floor`` (or not finite) replaced by 1. The floor is
+    a float32, whatever its type, as in :func:`ccdcal.masters.low_flat_mask` and the lights'
+    kernel (numpy would compare with an np.float64 floor in float64)."""
     flat = np.asarray(flat, dtype=np.float32)
-    return np.where(np.isfinite(flat) & (flat >= flat_floor), flat, np.float32(1.0))
+    return np.where(np.isfinite(flat) & (flat >= np.float32(flat_floor)), flat, np.float32(1.0))
 
 
 # products of masters that every light of a night needs (read-only, made once)
@@ -654,9 +656,6 @@ def calibrate_frame(
     Bias, dark, flat and uncertainty are one pass over the pixels
     (:func:`ccdcal._kernels.calibrate_pass`), with numpy's float32 rounding at each step.
     """
-    # a plain float: the kernel's float32 floor and the LOW_FLAT mask's comparison then agree
-    # (numpy compares a float32 array with an np.float64 in float64, with a Python float in float32)
-    flat_floor = float(flat_floor)
     if not (overwrite_raw and isinstance(raw, np.ndarray) and raw.dtype == np.float32 and raw.flags.writeable
             and raw.flags.c_contiguous):
         raw = np.array(raw, dtype=np.float32, copy=True)

@@ -409,6 +409,30 @@ def datasum_of(path: str | os.PathLike) -> str:
         return ""
 
 
+def primary_pixels(path: str | os.PathLike) -> int:
+    """NAXIS1 × NAXIS2 of a FITS file's primary image, read from its header cards without
+    astropy (cheap beside a scan that holds the GIL); 0 unless it is 2-D."""
+    cards: dict[str, str] = {}
+    with open(path, "rb") as fh:
+        for _ in range(36):                                   # at most 36 blocks of 36 cards
+            block = fh.read(_BLOCK)
+            if len(block) < _BLOCK:
+                return 0
+            for i in range(0, _BLOCK, 80):
+                card = block[i:i + 80].decode("ascii", "replace")
+                key = card[:8].strip()
+                if key == "END":
+                    try:
+                        if int(cards.get("NAXIS", "0")) != 2:
+                            return 0
+                        return int(cards["NAXIS1"]) * int(cards["NAXIS2"])
+                    except (KeyError, ValueError):
+                        return 0
+                if card[8:10] == "= " and key in ("NAXIS", "NAXIS1", "NAXIS2"):
+                    cards[key] = card[10:].split("/")[0].strip()
+    return 0
+
+
 def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:
     """Any supported input as ``(float32 array, header or None)``.
 

@@ -61,9 +61,10 @@ def normalise_flat(flat: np.ndarray, region: tuple[slice, slice] | None = None, 
 
 
 def low_flat_mask(flat: np.ndarray, flat_floor: float) -> np.ndarray:
-    """Dead or weak pixels of a normalised flat: below ``flat_floor`` or not finite (bool)."""
+    """Dead or weak pixels of a normalised flat: below ``flat_floor`` (a float32, as
+    :func:`ccdcal.calibrate.safe_flat` takes it) or not finite (bool)."""
     flat = np.asarray(flat)
-    return ~np.isfinite(flat) | (flat < flat_floor)
+    return ~np.isfinite(flat) | (flat < np.float32(flat_floor))
 
 
 def dark_scale_for(exptime: float | None, dark_exptime: float | None) -> float:

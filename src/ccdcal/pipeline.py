@@ -493,8 +493,7 @@ def warm_bytes(paths: list[Any], options: ReduceOptions, *, exclude: Any = None)
     under ``exclude``, the output folder, left out), what the lights in flight and two masters
     of that size hold, at most ``--memory``; 0 when the inputs cannot tell (no 2-D primary
     image, e.g. compressed files)."""
-    from .combine import parse_memory
-    from .frames import find_fits
+    from .frames import find_fits, primary_pixels
 
     try:
         files = find_fits(paths)
@@ -502,50 +501,32 @@ def warm_bytes(paths: list[Any], options: ReduceOptions, *, exclude: Any = None)
             skip = Path(exclude).resolve()
             files = [f for f in files if not f.resolve().is_relative_to(skip)]
         largest = max(files, key=lambda p: p.stat().st_size, default=None)
-        npix = _primary_pixels(largest) if largest is not None else 0
+        npix = primary_pixels(largest) if largest is not None else 0
     except (OSError, InputError):
         return 0
     if npix <= 0:
         return 0
-    budget = parse_memory(options.memory)
-    lanes = max(1, min(options.workers or min(4, os.cpu_count() or 1),
-                       budget // max(1, LIGHT_BYTES_PER_PIXEL * npix)))
-    return min(budget, (lanes * _HELD_PER_LIGHT + _HELD_MASTERS) * npix)
-
-
-def _primary_pixels(path: Path) -> int:
-    """NAXIS1 × NAXIS2 of a FITS file's primary image, from its header cards (no astropy: this
-    runs beside the scan); 0 unless it is 2-D."""
-    cards: dict[str, str] = {}
-    with open(path, "rb") as fh:
-        for _ in range(36):                                   # at most 36 blocks of 36 cards
-            block = fh.read(2880)
-            if len(block) < 2880:
-                return 0
-            for i in range(0, 2880, 80):
-                card = block[i:i + 80].decode("ascii", "replace")
-                key = card[:8].strip()
-                if key == "END":
-                    try:
-                        if int(cards.get("NAXIS", "0")) != 2:
-                            return 0
-                        return int(cards["NAXIS1"]) * int(cards["NAXIS2"])
-                    except (KeyError, ValueError):
-                        return 0
-                if card[8:10] == "= " and key in ("NAXIS", "NAXIS1", "NAXIS2"):
-                    cards[key] = card[10:].split("/")[0].strip()
-    return 0
+    lanes = min(options.workers or min(4, os.cpu_count() or 1), _lanes(npix, options))
+    return min(_budget(options), (lanes * _HELD_PER_LIGHT + _HELD_MASTERS) * npix)
 
 
 def lights_in_flight(plan: Plan, options: ReduceOptions) -> int:
     """How many lights are calibrated at once here: as many as ``--memory`` holds (at least
     one), at most the workers."""
-    from .combine import parse_memory
-
     if not plan.lights:
         return 1
-    npix = max(int(np.prod(job.frame.shape)) for job in plan.lights)
-    return max(1, parse_memory(options.memory) // max(1, LIGHT_BYTES_PER_PIXEL * npix))
+    return _lanes(max(int(np.prod(job.frame.shape)) for job in plan.lights), options)
+
+
+def _lanes(npix: int, options: ReduceOptions) -> int:
+    """Lights of ``npix`` pixels that ``--memory`` holds at once (at least one)."""
+    return max(1, _budget(options) // max(1, LIGHT_BYTES_PER_PIXEL * npix))
+
+
+def _budget(options: ReduceOptions) -> int:
+    from .combine import parse_memory
+
+    return parse_memory(options.memory)
 
 
 def _manifest_fixed(options: ReduceOptions, inventory: Inventory, plan: Plan) -> dict[str, Any]:
