@@ -163,14 +163,18 @@ def _master_index(info: Any, bias: Any, darks: Sequence[Any], flat: Any, temp_to
 
 def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat: Any, options: Any,
                biassec: str | None = None, trimsec: str | None = None, overscan: bool = True,
-               overscan_model: str = "legendre", overscan_order: int = 3, overscan_axis: str | None = None
-               ) -> list[Any]:
+               overscan_model: str = "legendre", overscan_order: int = 3, overscan_axis: str | None = None,
+               names: Any = None) -> list[Any]:
     """LightJobs for the image HDUs of one raw file and masters given by hand, by the plan's
-    rules (dark choice and scale, the pedestal rule, frames already calibrated)."""
+    rules (dark choice and scale, the pedestal rule, frames already calibrated); ``names``,
+    a :class:`~ccdcal.names.NameBook` of the run, keeps their outputs apart from its others."""
     from .inventory import scan_file
+    from .names import NameBook
     from .overscan import overscan_geometry
-    from .plan import LightJob
+    from .plan import LightJob, _light_output
     from .recipe import Recipe
+
+    names = names if names is not None else NameBook()
 
     infos, skipped = scan_file(Path(path))
     if not infos:
@@ -194,7 +198,7 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
         stem = info.stem if len(infos) == 1 else f"{info.stem}_hdu{info.hdu}"
         recipe = Recipe(spec if overscan else None, trim, bias=bias_name, dark=dark_name, dark_scale=scale,
                         flat=flat_name)
-        jobs.append(LightJob(frame=info, output=f"{stem}.fits", recipe=recipe,
+        jobs.append(LightJob(frame=info, output=_light_output(info, names, stem, folder=""), recipe=recipe,
                              notes=tuple(n for n in (*notes, *dark_notes) if not n.startswith("no master bias")),
                              uncorrected=uncorrected))
     return jobs
@@ -207,23 +211,37 @@ def calibrate_files(paths: Sequence[Any], output: str | os.PathLike, *, bias: An
     Problems with one file are raised, or, with an ``errors`` list, appended to it and the
     file is skipped. Returns the written paths.
     """
-    from .errors import CcdcalError
-    from .tasks import RunContext, calibrate_light
+    from .guard import output_lock, refuse_overwrite
+    from .names import NameBook
+    from .tasks import RunContext
 
-    masters, prints = master_files(bias, darks, flat)
     out_dir = Path(output)
+    given = [m for m in (bias, *darks, flat) if isinstance(m, _PathLike)]
+    refuse_overwrite([*paths, *given], folders=[out_dir])
+    masters, prints = master_files(bias, darks, flat)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(out_dir=out_dir, options=options, masters=masters, prints=prints)
+    with output_lock(out_dir):
+        ctx = RunContext(out_dir=out_dir, options=options, masters=masters, prints=prints)
+        return _calibrate_each(paths, ctx, NameBook(), errors, bias=bias, darks=darks, flat=flat,
+                               options=options, **geometry)
+
+
+def _calibrate_each(paths: Sequence[Any], ctx: Any, names: Any, errors: list[str] | None, *, bias: Any,
+                    darks: Sequence[Any], flat: Any, options: Any, **geometry: Any) -> list[Path]:
+    from .errors import CcdcalError
+    from .tasks import calibrate_light
+
     written = []
     for path in paths:
         try:
-            for job in light_jobs(path, bias=bias, darks=darks, flat=flat, options=options, **geometry):
+            for job in light_jobs(path, bias=bias, darks=darks, flat=flat, options=options, names=names,
+                                  **geometry):
                 for note in job.notes:
                     warnings.warn(f"{Path(path).name}: {note}", CcdcalWarning, stacklevel=3)
                 record = calibrate_light(job, ctx)
                 if record.skipped:
                     raise InputError(f"{path}: {record.skipped}")
-                written.append(out_dir / job.output)
+                written.append(ctx.out_dir / job.output)
         except CcdcalError as exc:
             if errors is None:
                 raise

@@ -161,12 +161,24 @@ def _add_stats(p: argparse.ArgumentParser) -> None:
 def _run_stats(args) -> int:
     import math
 
+    from .errors import InputError
     from .frames import find_fits, read_image
+    from .names import printable
     from .stats import region_stats
+    from .ui import warn
 
     rows = []
-    for path in find_fits(args.paths):
-        data, _ = read_image(path, args.hdu)
+    paths = find_fits(args.paths)
+    unread = 0
+    for path in paths:
+        try:
+            data, _ = read_image(path, args.hdu)
+        except InputError as exc:       # one unreadable file is that file's problem only
+            if len(paths) == 1:
+                raise
+            warn(f"skipped {exc}")
+            unread += 1
+            continue
         for region in args.region or [None]:
             result = region_stats(data, region, sigma=args.sigma, maxiters=args.maxiters)
             rows.append({"path": str(path), **result.to_dict()})
@@ -187,13 +199,15 @@ def _run_stats(args) -> int:
         header = ("file", "region", "npix", "mean", "median", "std", "min", "max",
                   "clip mean", "clip median", "clip std")
         table = [header] + [
-            (str(r["path"]), r["region"], str(r["npix"]),
+            (printable(r["path"]), r["region"], str(r["npix"]),
              *(f"{r[k]:.6g}" for k in STATS_KEYS[3:])) for r in rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
             print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                             for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    if unread:
+        return EXIT_PARTIAL if rows else EXIT_USAGE
     return EXIT_OK
 
 
@@ -223,6 +237,7 @@ def _run_stretch(args) -> int:
 
     from .errors import InputError
     from .frames import read_image, write_bytes, write_fits
+    from .guard import refuse_overwrite
     from .stretch import png_bytes, stretch
 
     if not 0.0 < args.target < 1.0:
@@ -241,8 +256,7 @@ def _run_stretch(args) -> int:
         options = {"limits": args.limits}
     out = Path(args.output)
     fits_out = out.with_suffix(".fits")
-    if args.fits and fits_out.resolve() == Path(args.path).resolve():
-        raise InputError(f"{fits_out}: --fits would overwrite the input; choose another -o name")
+    refuse_overwrite([args.path], files=[out, fits_out] if args.fits else [out])
     stretched = stretch(data, args.method, **options)
     write_bytes(out, png_bytes(stretched, bits=args.bits, flip=not args.no_flip))
     print(f"wrote {out} ({args.method}, {args.bits}-bit)")
@@ -271,6 +285,9 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args) -> int:
+    from rich.markup import escape
+
+    from .names import printable
     from .pipeline import verify
     from .ui import console, warn
 
@@ -278,8 +295,12 @@ def _run_verify(args) -> int:
     for rel, why in result.stale:
         warn(f"{rel}: stale, its inputs changed since ({why}); rerun reduce")
     for rel, why in result.problems:
-        console().print(f"[red]BAD[/] {rel}: {why}")
-    console().print(f"{len(result.ok)} outputs verified, {len(result.problems)} bad, {len(result.stale)} stale")
+        console().print(f"[red]BAD[/] {escape(printable(rel))}: {escape(printable(why))}")
+    for rel in result.unlisted:
+        warn(f"{rel}: a FITS file the manifest does not list (not made by this run, or left by another"
+             " tool); not verified")
+    console().print(f"{len(result.ok)} outputs verified, {len(result.problems)} bad, {len(result.stale)} stale"
+                    + (f", {len(result.unlisted)} unlisted" if result.unlisted else ""))
     return EXIT_FAILURE if result.problems else EXIT_OK
 
 
@@ -313,8 +334,11 @@ def _add_combine(p: argparse.ArgumentParser) -> None:
 def _run_combine(args) -> int:
     from .combine import combine
     from .frames import find_fits, header_value, write_fits
+    from .guard import refuse_overwrite
+    from .names import printable
 
     paths = find_fits(args.paths)
+    refuse_overwrite(paths, files=[args.output])
     result = combine(paths, method=args.method, scale=args.scale, zero=args.zero,
                      scale_region=args.scale_region, clip_extrema=args.clip_extrema,
                      sigma_clip=args.sigma_clip, reject=args.reject, center=args.center,
@@ -326,7 +350,7 @@ def _run_combine(args) -> int:
                      mask=result.mask if result.mask.any() else None,
                      unit=unit if isinstance(unit, str) else None)
     rejected = int(result.nlow_rejected.sum()) + int(result.nhigh_rejected.sum())
-    print(f"{out}: {len(paths)} frames, {args.method}; {rejected} values rejected,"
+    print(f"{printable(out)}: {len(paths)} frames, {args.method}; {rejected} values rejected,"
           f" {int(result.mask.sum())} pixels masked")
     return EXIT_OK
 
@@ -481,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from .errors import CcdcalError
+    from .names import printable
 
     try:
         with _warnings_on_stderr():
@@ -488,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CcdcalError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -496,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback without --debug
         if args.debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        print(f"internal error: {type(exc).__name__}: {printable(exc)} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import CcdcalWarning, InputError, OutputError
+from .names import printable
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.fz", ".fits.gz", ".fit.gz", ".fts.gz")
 
@@ -44,8 +46,18 @@ def is_fits_name(path: Path) -> bool:
     return any(name.endswith(s) for s in FITS_SUFFIXES)
 
 
-def find_fits(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files, folders (recursively) and glob patterns into a sorted list of FITS files.
+def find_fits(paths: Iterable[str | os.PathLike], broken: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Expand files, folders (recursively, following links to folders) and glob patterns into a
+    sorted list of FITS files.
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+        Files, folders and glob patterns.
+    broken : list, optional
+        Receives ``(path, why)`` for each link met in a folder that leads nowhere (a missing
+        target, an unmounted disk, a loop): a frame there would vanish from the night without a
+        word. When not given, each is a :class:`~ccdcal.errors.CcdcalWarning`.
 
     Raises
     ------
@@ -53,25 +65,78 @@ def find_fits(paths: Iterable[str | os.PathLike]) -> list[Path]:
         If a path does not exist or matches nothing.
     """
     found: dict[Path, None] = {}
+    problems: list[tuple[str, str]] = []
     for item in paths:
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():
-            for sub in sorted(path.rglob("*")):
-                if sub.is_file() and is_fits_name(sub) and not sub.name.startswith("."):
-                    found[sub] = None
+            for sub in _walk_fits(path, problems):
+                found[sub] = None
         elif path.is_file():
             found[path] = None
         elif glob.has_magic(text):
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
             files = [m for m in matches if m.is_file()]
             if not files:
-                raise InputError(f"{text}: the pattern matches no file; check the path")
+                raise InputError(f"{printable(text)}: the pattern matches no file; check the path")
             for m in files:
                 found[m] = None
+        elif path.is_symlink():
+            raise InputError(f"{printable(text)}: {_broken_link(path)}; check the path")
         else:
-            raise InputError(f"{text}: no such file or folder; check the path")
+            raise InputError(f"{printable(text)}: no such file or folder; check the path")
+    if broken is not None:
+        broken.extend(problems)
+    else:
+        for where, why in problems:
+            warnings.warn(f"{printable(where)}: {why}", CcdcalWarning, stacklevel=2)
     return list(found)
+
+
+def _broken_link(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a link that loops back on itself; not read"
+    return f"a link to {printable(os.readlink(path))}, which does not exist (a disk not mounted?); not read"
+
+
+def _walk_fits(folder: Path, problems: list[tuple[str, str]]) -> list[Path]:
+    """The FITS files under ``folder``, sorted; links to folders are followed once each (a link
+    back into a folder already searched is named in ``problems``, as is a broken link)."""
+    seen: set[tuple[int, int]] = set()
+    files: list[Path] = []
+
+    def visit(root: Path) -> None:
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            problems.append((str(root), "a link to a folder already searched (a loop); not followed"))
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append((str(root), f"cannot be listed ({exc.strerror}); not read"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            sub = root / entry.name
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                visit(sub)
+            elif is_file:
+                if is_fits_name(sub):
+                    files.append(sub)
+            elif entry.is_symlink():
+                problems.append((str(sub), _broken_link(sub)))
+
+    visit(folder)
+    return sorted(files)
 
 
 @dataclass(frozen=True)
@@ -92,14 +157,83 @@ def _open(path: Path, memmap: bool = True):
         raise InputError(f"{path}: no such file; check the path")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes); remove it or copy it again")
+    if path.name.lower().endswith(".gz"):   # astropy would walk the whole stream to open it
+        _check_gzip_header(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fits.open(path, mode="readonly", memmap=memmap, lazy_load_hdus=False)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            hdul = fits.open(path, mode="readonly", memmap=memmap, lazy_load_hdus=False)
     except PermissionError as exc:
         raise InputError(f"{path}: cannot read the file ({exc.strerror}); check its permissions") from exc
     except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
         raise InputError(f"{path}: not a readable FITS file ({_short(exc)}); remove it from the inputs") from exc
+    notes = (["its header held non-ASCII characters; they are read as '?'"]   # astropy replaced them
+             if any("non-ASCII" in str(w.message) for w in said) else [])
+    for hdu in hdul:
+        notes += clean_cards(hdu.header)
+    for note in notes:
+        warnings.warn(f"{path.name}: {note}", CcdcalWarning, stacklevel=3)
+    return hdul
+
+
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def clean_cards(header: Any) -> list[str]:
+    """Make every card of ``header`` readable, in place; return what was changed.
+
+    FITS cards hold printable ASCII only, but real headers hold a NUL, an escape sequence or
+    a UTF-8 byte where a capture program put them: astropy then fails on the first read of
+    that value, which would lose the frame (or the night). Such characters become ``?``; a
+    card still unreadable after that, or whose keyword held them, is dropped. Costs one regular
+    expression over the header's card images (tens of microseconds) when all is well.
+    """
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyError
+
+    cards = getattr(header, "_cards", None)
+    if cards is None:
+        return []
+    images = [getattr(card, "_image", None) or "" for card in cards]
+    if not _NOT_PRINTABLE.search("".join(images)):
+        return []
+    notes = []
+    for i in reversed(range(len(images))):
+        if not _NOT_PRINTABLE.search(images[i]):
+            continue
+        clean = _NOT_PRINTABLE.sub("?", images[i])
+        keyword = clean[:8].strip()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                card = fits.Card.fromstring(clean)
+                value, comment = card.value, card.comment
+            if "?" in keyword:
+                raise ValueError(keyword)
+            header[i] = (value, comment)
+            notes.append(f"{keyword} held characters a FITS card may not (control, NUL or non-ASCII);"
+                         f" read as {printable(value)!r}")
+        except (ValueError, KeyError, TypeError, VerifyError):
+            del header[i]
+            notes.append(f"the card {printable(images[i][:8].strip())!r} held characters a FITS card may"
+                         " not and could not be read; ignored")
+    return notes[::-1]
+
+
+def _check_gzip_header(path: Path) -> None:
+    """Refuse a .gz file whose primary header claims more pixels than memory holds, before
+    astropy decompresses (and we copy) its whole stream."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            dims = _header_dims(fh)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot decompress ({_short(exc)}); copy the file again") from exc
+    why = _too_large(dims)
+    if why:
+        raise InputError(f"{path}: {why}")
 
 
 def _short(exc: BaseException) -> str:
@@ -128,6 +262,8 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
     InputError
         If the file is missing, empty or not FITS.
     """
+    from astropy.io.fits.verify import VerifyError
+
     path = Path(path)
     hdul = _open(path)
     hdus: list[ImageHDU] = []
@@ -135,46 +271,60 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
     try:
         size = path.stat().st_size
         gz = path.name.lower().endswith(".gz")
-        for index, hdu in enumerate(hdul):
-            header = hdu.header
-            if not (hdu.is_image or _is_compressed(hdu)):
+        for index in range(len(hdul)):
+            try:
+                found = _image_hdu(hdul, index, size, gz, problems)
+            except (ValueError, TypeError, KeyError, IndexError, OverflowError, VerifyError) as exc:
+                problems.append(f"HDU {index} cannot be read ({_short(exc)})")
                 continue
-            naxis = int(header.get("NAXIS", 0))
-            if naxis == 0:
-                continue
-            dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
-            if naxis == 2 and 0 in dims:
-                problems.append(f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})")
-                continue
-            if naxis != 2:
-                extra = [d for d in dims[2:] if d != 1]
-                if naxis > 2 and not extra and 0 not in dims:
-                    pass  # a 2-D image with degenerate axes: usable
-                else:
-                    problems.append(
-                        f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
-                        " (split the cube into frames first)"
-                    )
-                    continue
-            offset = tile_rows = None
-            if gz and not _is_compressed(hdu):
-                offset = int(hdul.fileinfo(index)["datLoc"])  # in the decompressed stream
-            elif not _is_compressed(hdu):
-                info = hdul.fileinfo(index)
-                span = abs(int(header["BITPIX"])) // 8 * int(np.prod(dims))
-                if info["datLoc"] + span > size:
-                    problems.append(
-                        f"HDU {index} is truncated (the file holds {size - info['datLoc']} of"
-                        f" {span} data bytes); copy the file again"
-                    )
-                    continue
-                offset = int(info["datLoc"])
-            elif _is_compressed(hdu):
-                tile_rows = int(hdu._header.get("ZTILE2", dims[1])) if hasattr(hdu, "_header") else dims[1]
-            hdus.append(ImageHDU(index, header.copy(), (dims[1], dims[0]), offset, tile_rows))
+            if found is not None:
+                hdus.append(found)
     finally:
         hdul.close()
     return hdus, problems
+
+
+def _image_hdu(hdul: Any, index: int, size: int, gz: bool, problems: list[str]) -> ImageHDU | None:
+    """HDU ``index`` of ``hdul`` as an :class:`ImageHDU` when it is a usable 2-D image; else
+    None (with the reason appended to ``problems`` when it holds data)."""
+    hdu = hdul[index]
+    header = hdu.header
+    if not (hdu.is_image or _is_compressed(hdu)):
+        return None
+    naxis = int(header.get("NAXIS", 0))
+    if naxis == 0:
+        return None
+    bitpix = header.get("BITPIX")
+    if bitpix not in _BITPIX_DTYPE:
+        problems.append(f"HDU {index} has BITPIX = {printable(bitpix)}, which FITS does not define"
+                        " (8, 16, 32, 64, -32 or -64)")
+        return None
+    dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
+    if naxis == 2 and 0 in dims:
+        problems.append(f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})")
+        return None
+    if naxis != 2 and not (naxis > 2 and all(d == 1 for d in dims[2:])):  # degenerate axes: 2-D
+        problems.append(f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
+                        " (split the cube into frames first)")
+        return None
+    why = _too_large(dims)
+    if why:
+        problems.append(f"HDU {index}: {why}")
+        return None
+    offset = tile_rows = None
+    if _is_compressed(hdu):
+        tile_rows = int(hdu._header.get("ZTILE2", dims[1])) if hasattr(hdu, "_header") else dims[1]
+    elif gz:
+        offset = int(hdul.fileinfo(index)["datLoc"])  # in the decompressed stream
+    else:
+        info = hdul.fileinfo(index)
+        span = abs(int(bitpix)) // 8 * int(np.prod(dims))
+        if info["datLoc"] + span > size:
+            problems.append(f"HDU {index} is truncated (the file holds {size - info['datLoc']} of"
+                            f" {span} data bytes); copy the file again")
+            return None
+        offset = int(info["datLoc"])
+    return ImageHDU(index, header.copy(), (dims[1], dims[0]), offset, tile_rows)
 
 
 class FrameSource:
@@ -273,25 +423,34 @@ class FrameSource:
         """Decompress a .gz file once into an anonymous temporary file (bounded memory; the
         file has no name, so it vanishes with the process whatever happens)."""
         import gzip
-        import shutil
         import tempfile
         import zlib
 
-        tmp = tempfile.TemporaryFile(buffering=0)  # noqa: SIM115 - closed by close()
+        needed = self._offset + self.shape[0] * self.raw_bytes_per_row
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        size = 0
         try:
             with gzip.open(self.path, "rb") as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-            size = tmp.tell()
+                # buffered: a short write to a full disk is retried and ends in ENOSPC, never lost
+                while size < needed and (chunk := src.read(min(1 << 20, needed - size))):
+                    tmp.write(chunk)
+                    size += len(chunk)
+            tmp.flush()
+            kept = os.fstat(tmp.fileno()).st_size
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             tmp.close()
             raise InputError(f"{self.path}: cannot decompress ({_short(exc)}); copy the file again") from exc
         except OSError as exc:
             tmp.close()
-            if exc.errno == errno.ENOSPC:
-                raise OutputError(f"{self.path}: no space in the temporary folder to decompress it;"
-                                  " free space or set TMPDIR") from exc
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputError(f"{self.path}: no space in the temporary folder"
+                                  f" ({tempfile.gettempdir()}) to decompress it; free space or set"
+                                  " TMPDIR") from exc
             raise InputError(f"{self.path}: cannot decompress ({_short(exc)}); copy the file again") from exc
-        needed = self._offset + self.shape[0] * self.raw_bytes_per_row
+        if kept != size:    # the temporary folder took less than it was given: not the raw's fault
+            tmp.close()
+            raise OutputError(f"{self.path}: the temporary folder ({tempfile.gettempdir()}) kept {kept}"
+                              f" of {size} decompressed bytes (full?); free space or set TMPDIR")
         if size < needed:
             tmp.close()
             raise InputError(f"{self.path}: the file ended early ({size - self._offset} of"
@@ -412,25 +571,65 @@ def datasum_of(path: str | os.PathLike) -> str:
 def primary_pixels(path: str | os.PathLike) -> int:
     """NAXIS1 × NAXIS2 of a FITS file's primary image, read from its header cards without
     astropy (cheap beside a scan that holds the GIL); 0 unless it is 2-D."""
-    cards: dict[str, str] = {}
     with open(path, "rb") as fh:
-        for _ in range(36):                                   # at most 36 blocks of 36 cards
-            block = fh.read(_BLOCK)
-            if len(block) < _BLOCK:
-                return 0
-            for i in range(0, _BLOCK, 80):
-                card = block[i:i + 80].decode("ascii", "replace")
-                key = card[:8].strip()
-                if key == "END":
-                    try:
-                        if int(cards.get("NAXIS", "0")) != 2:
-                            return 0
-                        return int(cards["NAXIS1"]) * int(cards["NAXIS2"])
-                    except (KeyError, ValueError):
-                        return 0
-                if card[8:10] == "= " and key in ("NAXIS", "NAXIS1", "NAXIS2"):
-                    cards[key] = card[10:].split("/")[0].strip()
-    return 0
+        dims = _header_dims(fh)
+    return dims[0] * dims[1] if len(dims) == 2 else 0
+
+
+def _header_dims(fh: Any) -> list[int]:
+    """NAXIS1, NAXIS2, ... of the header at the start of ``fh`` (read from its cards, without
+    astropy); [] when there are none or they cannot be read."""
+    cards: dict[str, str] = {}
+    for _ in range(36):                                   # at most 36 blocks of 36 cards
+        block = fh.read(_BLOCK)
+        if len(block) < _BLOCK:
+            return []
+        for i in range(0, _BLOCK, 80):
+            card = block[i:i + 80].decode("ascii", "replace")
+            key = card[:8].strip()
+            if key == "END":
+                try:
+                    naxis = int(cards.get("NAXIS", "0"))
+                    return [int(cards[f"NAXIS{k}"]) for k in range(1, min(naxis, 9) + 1)]
+                except (KeyError, ValueError):
+                    return []
+            if card[8:10] == "= " and key.startswith("NAXIS"):
+                cards[key] = card[10:].split("/")[0].strip()
+    return []
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (0 when the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _too_large(dims: Sequence[int]) -> str | None:
+    """Why an image of ``dims`` cannot be read here (more pixels than this machine's memory
+    holds as 32-bit floats), or None: checked before anything is decompressed or allocated,
+    so a header that lies (a compressed "bomb") costs a line, not the night."""
+    pixels = int(np.prod([max(int(d), 0) for d in dims], dtype=np.float64)) if dims else 0
+    memory = physical_memory()
+    if memory and pixels * 4 > memory:
+        shape = "x".join(str(int(d)) for d in dims)
+        return (f"the header claims {shape} pixels ({pixels * 4 / 2**30:.0f} GiB as 32-bit floats),"
+                f" more than this machine's {memory / 2**30:.0f} GiB of memory")
+    return None
+
+
+def read_header(path: str | os.PathLike, index: int = 0) -> Any:
+    """A copy of the header of HDU ``index`` of a FITS file, its unreadable cards made
+    readable (:func:`clean_cards`)."""
+    path = Path(path)
+    hdul = _open(path, memmap=False)
+    try:
+        return hdul[index].header.copy()
+    except IndexError as exc:
+        raise InputError(f"{path}: has no HDU {index}") from exc
+    finally:
+        hdul.close()
 
 
 def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:

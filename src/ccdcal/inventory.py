@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.io.fits.verify import VerifyError
 
-from .errors import InputError
-from .frames import find_fits, header_value, image_hdus
+from .errors import CcdcalError, InputError
+from .frames import find_fits, header_value, image_hdus, read_header
 from .headers import (
     SETTEMP_KEYS,
     TEMP_KEYS,
@@ -46,6 +47,7 @@ from .headers import (
     read_temperature,
     saturation_problem,
 )
+from .names import printable
 
 
 class FrameKind(enum.StrEnum):
@@ -383,21 +385,23 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
         skipped.append(Skipped(str(path), "no image data in any HDU"))
     primary = None
     if hdus and hdus[0].index != 0:
-        from astropy.io import fits
-
         try:
-            primary = fits.getheader(path, 0)
-        except (OSError, ValueError):
+            primary = read_header(path, 0)
+        except CcdcalError:
             primary = None
     infos = []
     for h in hdus:
-        header = _merged(primary, h.header)
-        infos.append(frame_info(path, h.index, header, h.shape, n_hdus=len(hdus)))
+        try:
+            infos.append(frame_info(path, h.index, _merged(primary, h.header), h.shape, n_hdus=len(hdus)))
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, VerifyError) as exc:
+            where = str(path) if len(hdus) == 1 else f"{path}[{h.index}]"
+            skipped.append(Skipped(where, f"its header cannot be read ({type(exc).__name__}:"
+                                          f" {printable(str(exc))[:120]}); fix the header"))
     return infos, skipped
 
 
 def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any = None,
-         exclude: str | os.PathLike | None = None, executor: Any = None) -> Inventory:
+         exclude: str | os.PathLike | Iterable[str | os.PathLike] | None = None, executor: Any = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
     Parameters
@@ -410,8 +414,8 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
     progress : callable, optional
         ``progress(items, description, total=None)`` wrapping the work (see
         :mod:`ccdcal.progress`); the library itself never prints.
-    exclude : path-like, optional
-        A folder whose files are never scanned (the output folder of a reduction).
+    exclude : path-like or iterable of path-like, optional
+        Folders whose files are never scanned (the output folders of a reduction).
     executor : optional
         Where the pixel checks of the calibration frames run (:mod:`ccdcal.executor`; default
         this thread).
@@ -423,14 +427,15 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    files = find_fits(paths)
+    broken: list[tuple[str, str]] = []
+    files = find_fits(paths, broken)
     if exclude is not None:
-        skip = Path(exclude).resolve()
-        files = [p for p in files if skip not in p.resolve().parents]
+        skip = {Path(f).resolve() for f in ([exclude] if isinstance(exclude, (str, os.PathLike)) else exclude)}
+        files = [p for p in files if skip.isdisjoint(p.resolve().parents)]
     if not files:
         raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
     frames: list[FrameInfo] = []
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = [Skipped(where, why) for where, why in broken]
     from .progress import steps
 
     for path in steps(files, "scanning", progress):

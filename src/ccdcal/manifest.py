@@ -225,15 +225,28 @@ class VerifyResult:
     ok: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     stale: list[tuple[str, str]] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)     # FITS files in OUT the manifest does not list
 
 
 def verify(out_dir: str | os.PathLike) -> VerifyResult:
     """Check every output listed in OUT/manifest.json: present, same hash as recorded, and
-    FITS CHECKSUM/DATASUM valid; outputs whose inputs changed since are reported as stale."""
+    FITS CHECKSUM/DATASUM valid; outputs whose inputs changed since are reported as stale, and
+    FITS files in the output folders that the manifest does not list are named. Holds the
+    folder's lock shared, so a run writing it is never read half-way."""
+    from .guard import output_lock
+
     out_dir = Path(out_dir)
-    path = out_dir / "manifest.json"
-    if not path.exists():
+    if not (out_dir / "manifest.json").exists():
         raise InputError(f"{out_dir}: no manifest.json here; is this a ccdcal reduce output folder?")
+    with output_lock(out_dir, shared=True):
+        return _verify(out_dir)
+
+
+def _verify(out_dir: Path) -> VerifyResult:
+    from .frames import is_fits_name
+    from .guard import OUTPUT_FOLDERS
+
+    path = out_dir / "manifest.json"
     try:
         outputs = json.loads(path.read_text(encoding="utf-8"))["outputs"]
     except (OSError, ValueError, KeyError) as exc:
@@ -254,6 +267,12 @@ def verify(out_dir: str | os.PathLike) -> VerifyResult:
         if changed:
             result.stale.append((rel, "; ".join(changed)))
         result.ok.append(rel)
+    listed = {Path(rel).as_posix() for rel in outputs}
+    for folder in OUTPUT_FOLDERS:
+        for found in sorted((out_dir / folder).glob("*")):
+            rel = f"{folder}/{found.name}"
+            if is_fits_name(found) and not found.name.startswith(".") and rel not in listed:
+                result.unlisted.append(rel)
     return result
 
 

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
+from .frames import find_fits
+from .guard import output_lock, reduce_inputs
 from .inventory import Inventory, Skipped, scan
 from .manifest import Manifest, OutputRecord, VerifyResult, verify
 from .options import ReduceOptions
@@ -114,21 +116,46 @@ def _warn(message: str) -> None:
 
 def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool, force: bool, progress: Any,
             caught: list[str], scheduler: Any = None) -> ReduceResult:
-    from .inventory import flag_groups
-
     options.validate()
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     started = time.perf_counter()
-    warming = _start_warming(paths, options, out_dir) if not dry_run and scheduler is None \
-        and not options.scheduler else None
-    inventory = scan(paths, exclude=out_dir, progress=progress, flag=False)   # headers, here
+    broken: list[tuple[str, str]] = []
+    files = reduce_inputs(find_fits(paths, broken), out_dir, input_folders=[p for p in paths if Path(p).is_dir()],
+                          named=[p for p in paths if Path(p).is_file()])
+    if not files:
+        raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
     if dry_run:
-        inventory = flag_groups(inventory, progress=progress)
-        plan = build_plan(inventory, options.plan_options())
-        result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
-        result.timings["scan and plan"] = time.perf_counter() - started
-        return result
+        return _dry_run(files, broken, out_dir, options, progress, caught, started)
     _check_out_dir(out_dir)
+    with output_lock(out_dir):
+        _remove_partials(out_dir)    # what a killed run left; never another run's (the lock)
+        return _run(files, broken, out_dir, options, force, progress, caught, scheduler, started)
+
+
+def _scan(files: list[Path], broken: list[tuple[str, str]], progress: Any) -> Inventory:
+    """The headers of ``files`` (here), with the broken links met while finding them."""
+    inventory = scan(files, progress=progress, flag=False)
+    return replace(inventory, skipped=(*(Skipped(w, why) for w, why in broken), *inventory.skipped))
+
+
+def _dry_run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, options: ReduceOptions,
+             progress: Any, caught: list[str], started: float) -> ReduceResult:
+    from .inventory import flag_groups
+
+    inventory = flag_groups(_scan(files, broken, progress), progress=progress)
+    plan = build_plan(inventory, options.plan_options())
+    result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
+    result.timings["scan and plan"] = time.perf_counter() - started
+    return result
+
+
+def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, options: ReduceOptions, force: bool,
+         progress: Any, caught: list[str], scheduler: Any, started: float) -> ReduceResult:
+    """A reduction that writes (the caller holds the output folder's lock)."""
+    from .inventory import flag_groups
+
+    warming = _start_warming(files, options) if scheduler is None and not options.scheduler else None
+    inventory = _scan(files, broken, progress)   # headers, here
     with _executor(scheduler if scheduler is not None else options.scheduler, options) as executor:
         executor.check_access(_sample_inputs(f.path for f in inventory.frames), str(out_dir))
         manifest = Manifest(out_dir, force=force)
@@ -155,7 +182,7 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         started = time.perf_counter()
         from .report import build_report
 
-        result.report = build_report(out_dir, {**body(), "outputs": manifest.outputs})
+        result.report = build_report(out_dir, {**body(), "outputs": manifest.outputs}, lock=False)
         result.timings["report"] = time.perf_counter() - started
         manifest.write(body())
     return result
@@ -454,7 +481,7 @@ def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
 LIGHT_BYTES_PER_PIXEL = 24
 
 
-def _start_warming(paths: list[Any], options: ReduceOptions, out_dir: Path) -> Any:
+def _start_warming(paths: list[Any], options: ReduceOptions) -> Any:
     """Fault in the memory the run's masters and lights will hold (:func:`warm_bytes`) in a
     thread, while this one scans the headers and loads numba: a core otherwise idle
     (:func:`ccdcal._memory.warm_heap`; only in the ``ccdcal`` command's process). Returns what
@@ -467,7 +494,7 @@ def _start_warming(paths: list[Any], options: ReduceOptions, out_dir: Path) -> A
 
     def warm() -> None:
         try:
-            _memory.warm_heap(warm_bytes(paths, options, exclude=out_dir), stop)
+            _memory.warm_heap(warm_bytes(paths, options), stop)
         except Exception:  # noqa: BLE001 - only a head start: the run faults the pages itself
             pass
 
@@ -559,6 +586,9 @@ def _check_out_dir(out_dir: Path) -> None:
         raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror}); choose another with -o") from exc
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise InputError(f"{out_dir}: the output folder is not writable; choose another with -o")
+
+
+def _remove_partials(out_dir: Path) -> None:
     for stale in list(out_dir.glob(".*.partial")) + list(out_dir.glob("*/.*.partial")):
         try:
             stale.unlink()

@@ -46,6 +46,7 @@ from .inventory import (
     temperature_groups,
 )
 from .masters import choose_dark, dark_scale_for
+from .names import NameBook, safe_part, unique_stem
 from .overscan import OverscanSpec, overscan_geometry
 from .recipe import Recipe
 from .robust import MAD_TO_STD
@@ -264,10 +265,6 @@ class PlanOptions:
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
     stack: bool = False                          # stack the calibrated lights per target and filter
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "none"
 
 
 def geometry(info: FrameInfo) -> tuple:
@@ -503,6 +500,7 @@ class PlanContext:
     bias_levels: Mapping[tuple, float] = field(default_factory=dict)   # -> median raw bias level
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    names: NameBook = field(default_factory=NameBook, compare=False)   # every output name, once
     _overscans: dict[tuple, tuple[OverscanSpec | None, Any]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -532,8 +530,11 @@ class PlanContext:
         spec, trim = self._overscans[geom]
         return Recipe(overscan=spec, trim=trim)
 
-    def master_name(self, stem: str, geom: tuple) -> str:
-        return f"{stem}_{_geom_text(geom)}.fits" if self.many_geometries else f"{stem}.fits"
+    def master_name(self, stem: str, geom: tuple, key: Any, label: str = "") -> str:
+        """``<stem>.fits`` (with the geometry when the night has several), unique to ``key``
+        (the group's identity): two groups whose values make one name get two names."""
+        name = f"{stem}_{_geom_text(geom)}.fits" if self.many_geometries else f"{stem}.fits"
+        return self.names.claim(f"masters/{name}", repr((geom, key)), label=label)[len("masters/"):]
 
     def skip(self, info: FrameInfo, reason: str) -> None:
         self.skipped.append(Skipped(str(info.path), reason))
@@ -682,7 +683,8 @@ def plan_biases(frames: Sequence[FrameInfo],
             if not keep:
                 continue
             tagged = len(needed) > 1 and temp is not None
-            name = ctx.master_name("master_bias" + (f"_{temp:+.0f}C" if tagged else ""), geom)
+            name = ctx.master_name("master_bias" + (f"_{temp:+.0f}C" if tagged else ""), geom,
+                                   ("bias", key))
             biases.setdefault(geom, []).append(BiasMaster(temp, name))
             if len(keep) == 1:
                 ctx.warnings.append(f"master bias {_geom_text(geom)} from a single frame"
@@ -719,7 +721,7 @@ def plan_darks(frames: Sequence[FrameInfo], index: MasterIndex,
                 continue
             temp = _mean_temperature(keep)
             tag = f"_{temp:+.0f}C" if several_temps and temp is not None else ""
-            name = ctx.master_name(f"master_dark_{exptime:g}s{tag}", geom)
+            name = ctx.master_name(f"master_dark_{exptime:g}s{tag}", geom, ("dark", exptime, temp))
             bias, _ = index.bias_for(keep[0])
             if len(keep) == 1:
                 ctx.warnings.append(f"master dark {exptime:g} s from a single frame"
@@ -748,7 +750,8 @@ def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
             keep, drop, reasons = _usable(group, ctx)
             if not keep:
                 continue
-            name = ctx.master_name(f"master_flat_{_slug(filt or 'nofilter')}", geom)
+            name = ctx.master_name(f"master_flat_{safe_part(filt) if filt else 'nofilter'}", geom,
+                                   ("flat", filt), f"the master flat of FILTER {filt!r}")
             recipes = []
             for f in keep:
                 bias, _ = index.bias_for(f)
@@ -764,15 +767,17 @@ def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
     return jobs, replace(index, flats=flats)
 
 
-def _light_output(info: FrameInfo, used: set[str]) -> str:
-    """``calibrated/<stem>.fits``, numbered from _2 when another light has that name."""
-    out = f"calibrated/{info.stem}.fits"
-    n = 2
-    while out in used:
-        out = f"calibrated/{info.stem}_{n}.fits"
-        n += 1
-    used.add(out)
-    return out
+def _light_output(info: FrameInfo, names: NameBook, stem: str | None = None, folder: str = "calibrated/") -> str:
+    """``calibrated/<stem>.fits``, numbered from _2 when another light has that name (without
+    case: a.fits and A.fits are one file on macOS and Windows); a stem too long for a file
+    name is cut (with a hash)."""
+    stem = stem or info.stem
+    stem = stem if len(stem) <= 200 else unique_stem(stem, 200)
+    key = f"{info.path}[{info.hdu}]"
+    out, n = f"{folder}{stem}.fits", 2
+    while not names.free(out, key):
+        out, n = f"{folder}{stem}_{n}.fits", n + 1
+    return names.claim(out, key)
 
 
 def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequence[MasterJob],
@@ -784,7 +789,6 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
     ``allow_uncorrected``.
     """
     lights: list[LightJob] = []
-    used: set[str] = set()
     for info in sorted((f for f in frames if f.kind == FrameKind.LIGHT), key=lambda f: str(f.path)):
         if info.exptime is None and index.darks.get(geometry(info)):
             ctx.skip(info, "no exposure time (EXPTIME/EXPOSURE/ITIME), so the master dark cannot be"
@@ -808,7 +812,7 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
         if uncorrected:
             notes.append(f"UNCORRECTED: {uncorrected}; the pedestal stays in (--allow-uncorrected)")
         recipe = replace(ctx.recipe(info), bias=bias, dark=dark, dark_scale=scale, flat=flat)
-        lights.append(LightJob(frame=info, output=_light_output(info, used), recipe=recipe,
+        lights.append(LightJob(frame=info, output=_light_output(info, ctx.names), recipe=recipe,
                                notes=tuple(notes), uncorrected=uncorrected))
     return lights
 
@@ -831,18 +835,40 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
     flats, index = plan_flats(frames, index, ctx)
     masters = [*biases, *darks, *flats]
     lights = plan_lights(frames, index, masters, ctx)
+    stacks = plan_stacks(lights, ctx.names) if options.stack else ()
     warnings.extend(_ignored_sections(inventory.frames))
+    warnings.extend(ctx.names.notes)
     masters.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
-    return Plan(masters=tuple(masters), lights=tuple(lights), skipped=tuple(skipped),
-                warnings=tuple(warnings), light_steps=options.light_steps,
-                stacks=plan_stacks(lights) if options.stack else ())
+    plan = Plan(masters=tuple(masters), lights=tuple(lights), skipped=tuple(skipped),
+                warnings=tuple(warnings), light_steps=options.light_steps, stacks=stacks)
+    _check_unique_outputs(plan)
+    return plan
 
 
-def plan_stacks(lights: Sequence[LightJob]) -> tuple[StackJob, ...]:
-    """One stack per target (OBJECT) and filter with at least two lights."""
+def _check_unique_outputs(plan: Plan) -> None:
+    """Two jobs never write one file: the NameBook makes names unique, and this says so."""
+    seen: dict[str, str] = {}
+    for out in [j.output for j in plan.masters] + [j.output for j in plan.lights] + [s.output for s in plan.stacks]:
+        if out is None:
+            continue
+        if out.casefold() in seen:
+            raise RuntimeError(f"the plan writes {out} twice (also as {seen[out.casefold()]}): a ccdcal bug")
+        seen[out.casefold()] = out
+
+
+def plan_stacks(lights: Sequence[LightJob], names: NameBook | None = None) -> tuple[StackJob, ...]:
+    """One stack per target (OBJECT) and filter with at least two lights, written as
+    ``stacked/<target>_<filter>.fits`` (a name no other stack of the plan has)."""
+    names = names if names is not None else NameBook()
     groups: dict[tuple[str, str | None], list[LightJob]] = {}
     for job in lights:
         groups.setdefault(((job.frame.object or "unknown").strip() or "unknown", job.frame.filter), []).append(job)
-    return tuple(StackJob(target=t, filter=f, lights=tuple(js), output=f"stacked/{_slug(t)}_{_slug(f or 'none')}.fits")
-                 for (t, f), js in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
-                 if len(js) >= 2)
+    stacks = []
+    for (target, filt), jobs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        if len(jobs) < 2:
+            continue
+        output = names.claim(f"stacked/{safe_part(target)}_{safe_part(filt or 'none')}.fits",
+                             repr((target, filt)),
+                             label=f"the stack of OBJECT {target!r} in FILTER {filt!r}")
+        stacks.append(StackJob(target=target, filter=filt, lights=tuple(jobs), output=output))
+    return tuple(stacks)

@@ -12,7 +12,6 @@ import html
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from .errors import CcdcalError, InputError
 from .frames import datasum_of, read_image, write_bytes, write_text
 from .manifest import new_digest
+from .names import NAME_LIMIT, unique_stem
 from .stats import region_stats
 from .stretch import downsample, png_bytes, stretch
 
@@ -128,11 +128,13 @@ def _data_uri(png: bytes) -> str:
 
 
 def _safe_stem(text: str) -> str:
+    """The previews' stem for an output: no two outputs share one (``a b`` and ``a_b`` do not),
+    and no name is longer than a file name may be."""
     stem = Path(text).name
     for suffix in (".gz", ".fz", ".fits", ".fit", ".fts"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    return unique_stem(stem, NAME_LIMIT * 2)
 
 
 def _display_name(path: str) -> str:
@@ -171,22 +173,18 @@ def _fmt_exptime(value: Any) -> str:
 
 
 # -- histograms -----------------------------------------------------------------------------------
-def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins: int = HIST_BINS,
-                  unit: str = "ADU") -> str:
-    """An inline SVG histogram (log counts) of the finite pixels.
-
-    The range is the 0.5-99.5 percentile span widened by a quarter on each side (and
-    kept inside min..max), so a bad column or a few hot pixels do not squash the
-    histogram into one bin; pixels outside are counted in the first/last bin and their
-    share is printed. The median is marked with a red line.
-    """
+def histogram_facts(data: np.ndarray, *, bins: int = HIST_BINS) -> dict[str, Any] | None:
+    """What a histogram shows of the finite pixels (None when there are none): log-count bars
+    over the 0.5-99.5 percentile span widened by a quarter on each side (and kept inside
+    min..max), so a bad column or a few hot pixels do not squash it into one bin; the shares of
+    pixels outside (counted in the first/last bin) and the median. Plain numbers only: the
+    report draws the SVG from them (:func:`render_histogram`), so nothing stored is markup."""
     values = np.asarray(data).ravel()
     finite = np.isfinite(values)
     if not finite.all():
         values = values[finite]
     if values.size == 0:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" class="hist" width="{width}" '
-                f'height="{height}"><text x="10" y="20">no finite pixels</text></svg>')
+        return None
     if values.size > 2_000_000:
         values = values[:: values.size // 1_000_000]
     values = values.astype(np.float64)   # the subsample only: no float64 copy of the frame
@@ -196,19 +194,41 @@ def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins
     hi = min(float(p_hi + pad), float(values.max()))
     if not hi > lo:
         lo, hi = float(values.min()) - 0.5, float(values.max()) + 0.5
-    below = float(np.mean(values < lo))
-    above = float(np.mean(values > hi))
-    counts, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
-    median = float(np.median(values))
+    counts, _ = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+    return {"counts": [int(c) for c in counts], "lo": lo, "hi": hi, "median": float(np.median(values)),
+            "below": float(np.mean(values < lo)), "above": float(np.mean(values > hi))}
+
+
+def histogram_svg(data: np.ndarray, *, width: int = 380, height: int = 130, bins: int = HIST_BINS,
+                  unit: str = "ADU") -> str:
+    """An inline SVG histogram (log counts) of the finite pixels (:func:`histogram_facts`);
+    the median is marked with a red line."""
+    return render_histogram(histogram_facts(data, bins=bins), width=width, height=height, unit=unit)
+
+
+def render_histogram(facts: Mapping[str, Any] | None, *, width: int = 380, height: int = 130,
+                     unit: str = "ADU") -> str:
+    """The SVG of :func:`histogram_facts`' numbers. Every value is converted to a number here
+    (a ``ValueError``/``TypeError`` otherwise), so facts read back from a tampered
+    ``previews/*.json`` cannot put markup into the report."""
+    if facts is None:
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" class="hist" width="{width}" '
+                f'height="{height}"><text x="10" y="20">no finite pixels</text></svg>')
+    counts = [int(c) for c in facts["counts"]]
+    lo, hi, median = float(facts["lo"]), float(facts["hi"]), float(facts["median"])
+    below, above = float(facts["below"]), float(facts["above"])
+    if not (counts and all(map(math.isfinite, (lo, hi, median, below, above))) and hi > lo):
+        raise ValueError("histogram facts out of range")
+    bins = len(counts)
     left, right, top, bottom = 8, 8, 8, 30
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = math.log10(max(int(counts.max()), 1) + 1)
+    peak = math.log10(max(max(counts), 1) + 1)
     bar_w = plot_w / bins
     rects = []
     for i, count in enumerate(counts):
         if count <= 0:
             continue
-        h = plot_h * math.log10(int(count) + 1) / peak
+        h = plot_h * math.log10(count + 1) / peak
         rects.append(
             f'<rect x="{left + i * bar_w:.2f}" y="{top + plot_h - h:.2f}" '
             f'width="{max(bar_w - 0.3, 0.5):.2f}" height="{h:.2f}"/>'
@@ -342,7 +362,7 @@ def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[Master
         )
         reasons = [str(r) for r in item.get("excluded_reasons") or []]
         card.excluded_reasons = reasons + [""] * (len(card.excluded) - len(reasons))
-        rejection = out_dir / "previews" / f"rejection-{Path(output).stem}.png"
+        rejection = out_dir / "previews" / f"rejection-{_safe_stem(output)}.png"
         if rejection.exists():
             png = rejection.read_bytes()
             from PIL import Image as PILImage
@@ -379,7 +399,7 @@ def write_master_previews(out_dir: Path, output: str, data: np.ndarray, kind: st
     write_bytes(Path(out_dir) / "previews" / f"master-{stem}.png", png, durable=False)
     facts = {"output": output, "datasum": _datasum(out_dir, output), "size": [w, h], "npix": int(data.size),
              "png": _png_hash(png), "stats": _stats_dict(data),
-             "histogram_svg": histogram_svg(data, unit="" if kind == "flat" else "ADU")}
+             "histogram": histogram_facts(data), "unit": "" if kind == "flat" else "ADU"}
     write_text(Path(out_dir) / "previews" / f"master-{stem}.json", json.dumps(facts, default=float), durable=False)
 
 
@@ -392,7 +412,8 @@ def made_master_previews(out_dir: Path, output: str) -> tuple[Image, str, dict[s
         if facts is None:
             return None
         preview = _stored_image(out_dir, f"previews/master-{stem}.png", facts["size"], facts["png"])
-        return preview, str(facts["histogram_svg"]), dict(facts["stats"]), int(facts["npix"])
+        svg = render_histogram(facts["histogram"], unit=str(facts["unit"]))
+        return preview, svg, dict(facts["stats"]), int(facts["npix"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -601,7 +622,8 @@ def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{path}: not a readable manifest ({exc}); rerun 'ccdcal reduce'") from exc
 
 
-def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> Path:
+def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None = None, *,
+                 lock: bool = True) -> Path:
     """Write ``OUT/previews/*.png`` and the self-contained ``OUT/report.html``.
 
     Parameters
@@ -611,6 +633,9 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
     manifest : dict, optional
         The reduction manifest (schema in the pipeline); read from ``OUT/manifest.json``
         when omitted.
+    lock : bool
+        Hold the output folder's lock (:func:`ccdcal.guard.output_lock`) while writing; False
+        only for a caller that holds it already (``reduce``).
 
     Returns
     -------
@@ -625,6 +650,13 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
     previews are block-averaged to at most 800 px, thumbnails to 200 px.
     """
     out_dir = Path(out_dir)
+    if lock:
+        from .guard import output_lock
+
+        if not (out_dir / "manifest.json").exists() and manifest is None:
+            load_manifest(out_dir)      # its one-line error, before a lock file is made
+        with output_lock(out_dir):
+            return build_report(out_dir, manifest, lock=False)
     if manifest is None:
         manifest = load_manifest(out_dir)
     inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]

@@ -252,6 +252,11 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
         raise InputError("no frames to stack")
+    if output is not None:
+        from .guard import refuse_overwrite
+
+        refuse_overwrite([*paths, *([reference] if reference is not None else [])],
+                         files=[output, Path(output).with_suffix(".png")])
     verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress)
     ref = _pick_reference(verdicts, reference)
     verdicts = register_verdicts(verdicts, stars, ref)

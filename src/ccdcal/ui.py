@@ -7,6 +7,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
+from .names import printable
+
 T = TypeVar("T")
 
 
@@ -25,8 +27,12 @@ def err_console():
 
 
 def warn(message: str) -> None:
-    """Print one warning line on stderr."""
-    err_console().print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    """Print one warning line on stderr (control characters shown as escapes, brackets as
+    themselves: a file name cannot restyle or retitle the terminal)."""
+    from rich.markup import escape
+
+    err_console().print(f"[yellow]warning:[/] {escape(printable(message))}", markup=True, highlight=False,
+                        soft_wrap=True)
 
 
 def track(items: Iterable[T], description: str, *, enabled: bool = True, total: int | None = None) -> Iterator[T]:
@@ -133,16 +139,17 @@ def print_inventory(inventory, *, out=None) -> None:
     from rich import box
     from rich.cells import cell_len
     from rich.table import Table
+    from rich.text import Text
 
     target = out if out is not None else console()
     frames = sorted(inventory.frames, key=lambda f: (f.kind.value, f.filter or "", f.exptime or 0, str(f.path)))
     columns = ("kind", "filter", "exptime s", "bin", "shape", "temp °C")
-    rows = [(f.kind.value, shorten_middle(_fmt(f.filter), 16), _fmt(f.exptime, "g"),
+    rows = [(f.kind.value, shorten_middle(printable(_fmt(f.filter)), 16), _fmt(f.exptime, "g"),
              f"{f.binning[0]}×{f.binning[1]}", f"{f.shape[1]}×{f.shape[0]}", _fmt(f.ccd_temp, ".1f"))
             for f in frames]
-    notes = ["; ".join(list(f.flags) + list(f.warnings)) for f in frames]
+    notes = [printable("; ".join(list(f.flags) + list(f.warnings))) for f in frames]
     widths = [max([cell_len(c)] + [cell_len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    names = [f.name for f in frames]
+    names = [printable(f.name) for f in frames]
     full = max([cell_len("file")] + [cell_len(n) for n in names])
 
     def chrome(n_columns: int) -> int:  # separators and padding of box.SIMPLE_HEAD, no outer edge
@@ -164,40 +171,43 @@ def print_inventory(inventory, *, out=None) -> None:
         table.add_column("notes", ratio=1)
     for f, short, row, note in zip(frames, shorten_names(names, file_width), rows, notes, strict=True):
         cells = [short, *row] + ([note] if notes_inside else [])
-        table.add_row(*cells, style="red" if f.flags else None)
+        table.add_row(*map(Text, cells), style="red" if f.flags else None)   # names are not markup
     target.print(table)
     if has_notes and not notes_inside:
         for f, name in zip(frames, names, strict=True):
             for text, style in [(t, "red") for t in f.flags] + [(t, "yellow") for t in f.warnings]:
-                target.print(f"{name}: {text}", style=style, markup=False, highlight=False, soft_wrap=True)
+                target.print(f"{name}: {printable(text)}", style=style, markup=False, highlight=False,
+                             soft_wrap=True)
     for s in inventory.skipped:
         if out is None:
             warn(f"skipped {s.path}: {s.reason}")
         else:
-            target.print(f"skipped {s.path}: {s.reason}", style="yellow", markup=False, soft_wrap=True)
+            target.print(printable(f"skipped {s.path}: {s.reason}"), style="yellow", markup=False, soft_wrap=True)
 
 
 def print_plan(plan) -> None:
-    console().print(plan.describe(), soft_wrap=True, markup=False, highlight=False)
+    text = "\n".join(printable(line) for line in plan.describe().splitlines())
+    console().print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 def print_summary(result) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="summary", title_justify="left")
     table.add_column("what")
     table.add_column("count", justify="right")
     table.add_column("where / why")
-    table.add_row("masters built", str(len(result.masters)), str(result.out_dir / "masters"))
+    table.add_row("masters built", str(len(result.masters)), Text(printable(result.out_dir / "masters")))
     if result.lights:
-        where = str(result.out_dir / "calibrated")
+        where = printable(result.out_dir / "calibrated")
     elif result.plan.lights or result.plan.skipped:
         where = "none: see the skipped inputs below"
     else:
         where = "no lights in the inputs: masters only"
-    table.add_row("lights calibrated", str(len(result.lights)), where)
+    table.add_row("lights calibrated", str(len(result.lights)), Text(where))
     if getattr(result, "stacks", None) or result.plan.stacks:
-        table.add_row("stacks", str(len(result.stacks)), str(result.out_dir / "stacked"))
+        table.add_row("stacks", str(len(result.stacks)), Text(printable(result.out_dir / "stacked")))
     if result.reused:
         table.add_row("up to date (kept)", str(result.reused), "rerun with --force to redo")
     left_out = [(job, f, why) for job in result.plan.masters
@@ -211,11 +221,11 @@ def print_summary(result) -> None:
     table.add_row("skipped", str(len(result.skipped)), "listed below" if result.skipped else "")
     console().print(table)
     for job, f, why in left_out:
-        console().print(f"left out of {job.name}: {f.name} ({why})", soft_wrap=True, markup=False)
+        console().print(printable(f"left out of {job.name}: {f.name} ({why})"), soft_wrap=True, markup=False)
     for j in uncorrected:
-        console().print(f"uncorrected {j.output}: {j.uncorrected}", soft_wrap=True, markup=False)
+        console().print(printable(f"uncorrected {j.output}: {j.uncorrected}"), soft_wrap=True, markup=False)
     for s in result.skipped:  # one unwrapped line each, so scripts and people can grep them
-        console().print(f"skipped {s.path}: {s.reason}", soft_wrap=True, markup=False)
+        console().print(printable(f"skipped {s.path}: {s.reason}"), soft_wrap=True, markup=False)
     if result.timings:
         parts, pieces = [], []
         for key, seconds in result.timings.items():
@@ -229,7 +239,7 @@ def print_summary(result) -> None:
     if getattr(result, "dashboard", None):
         console().print(f"dask dashboard: {result.dashboard}", soft_wrap=True, markup=False)
     if result.report:
-        console().print(f"report: {result.report}")
+        console().print(printable(f"report: {result.report}"), markup=False)
 
 
 def print_stack(run) -> None:
@@ -239,6 +249,7 @@ def print_stack(run) -> None:
 
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="frames", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
@@ -251,7 +262,7 @@ def print_stack(run) -> None:
     for f in run.frames:
         row = f.to_json()
         used = f.used
-        table.add_row(Path(f.path).name, fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
+        table.add_row(Text(printable(Path(f.path).name)), fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
                       fmt(row["eccentricity"], ".2f"), fmt(row["background"], ".4g"), fmt(row["noise"], ".3g"),
                       str(row["matched"]) if used else "", fmt(row["rms"], ".3f") if used else "",
                       fmt(row["flux_ratio"], ".3f") if used else "",
@@ -259,7 +270,7 @@ def print_stack(run) -> None:
     console().print(table)
     for f in run.frames:
         if not f.used:
-            console().print(f"left out {Path(f.path).name}: {f.reason}", soft_wrap=True, markup=False)
+            console().print(printable(f"left out {Path(f.path).name}: {f.reason}"), soft_wrap=True, markup=False)
     used = sum(1 for f in run.frames if f.used)
-    console().print(f"stack of {used} frames: {run.output}" + (f" (preview {run.preview})" if run.preview else ""),
+    console().print(printable(f"stack of {used} frames: {run.output}" + (f" (preview {run.preview})" if run.preview else "")),
                     soft_wrap=True, markup=False)
