@@ -59,25 +59,3 @@ def test_reduce_without_progress_prints_nothing_and_warns(tmp_path, capsys):
     assert result.lights
     ccdcal_warnings = [w for w in caught if issubclass(w.category, CcdcalWarning)]
     assert all(str(w.message) in result.warnings for w in ccdcal_warnings)
-
-
-def test_no_function_is_longer_than_80_lines():
-    import ast
-    from pathlib import Path
-
-    src = Path(__file__).resolve().parents[1] / "src" / "ccdcal"
-    long = []
-    for path in src.glob("*.py"):
-        if path.name == "_kernels.py":
-            continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                body = node.body
-                if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
-                    body = body[1:]
-                if body:
-                    lines = body[-1].end_lineno - body[0].lineno + 1
-                    if lines > 80:
-                        long.append(f"{path.name}:{node.name} ({lines} lines)")
-    assert not long, long

@@ -1,0 +1,348 @@
+"""The house keeps its plan: one import direction, no cycles, imports at the top, small modules.
+
+``LAYERS`` is the layer order of ``src/ccdcal`` (the same table is in ARCHITECTURE.md). A module
+may import its own unit (subpackage or root module) and any unit of a lower layer. It may not
+import upwards, nor a sibling unit of its own layer, except inside ``if TYPE_CHECKING:``. Imports
+of ccdcal modules sit at the top of a module, except in the places listed in ``DEFERRED``
+(start-up time of the ``ccdcal`` command and of ``import ccdcal``). No module imports a
+``_private`` name defined in another module (private *modules* are fine). The graph of module
+imports has no cycle. No module is longer than ``MODULE_LINES`` lines, and no function outside the
+numba kernels longer than ``FUNCTION_LINES`` lines.
+
+``ALLOWED`` lists today's exceptions by rule; each later step shrinks it, and a listed exception
+that no longer occurs fails too, so the list never goes stale.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "ccdcal"
+
+# layer: units (a subpackage, or a module of the package root), from the bottom up
+LAYERS: dict[int, tuple[str, ...]] = {
+    0: ("__init__", "errors"),
+    1: ("masks", "sections", "_shared"),
+    2: ("stretch",),
+    3: ("io", "_repr"),
+    4: ("calibration", "combining", "qa"),
+    5: ("stacking",),
+    6: ("planning",),
+    7: ("report",),
+    8: ("pipeline",),
+    9: ("notebook", "demo"),
+    10: ("ui",),
+    11: ("cli",),
+}
+LAYER_OF = {unit: layer for layer, units in LAYERS.items() for unit in units}
+
+# Until the modules move into their subpackages, each flat module is checked as part of the unit
+# it is planned for.
+FLAT_HOME: dict[str, str] = {
+    "robust": "_shared", "progress": "_shared", "_memory": "_shared", "names": "_shared",
+    "_kernels": "_shared",
+    "display": "_repr",
+    "frames": "io", "headers": "io", "manifest": "io", "guard": "io",
+    "calibrate": "calibration", "masters": "calibration", "overscan": "calibration",
+    "recipe": "calibration",
+    "combine": "combining",
+    "stats": "qa",
+    "stacking": "stacking", "stack": "stacking", "register": "stacking", "resample": "stacking",
+    "inventory": "planning", "plan": "planning",
+    "report": "report",
+    "pipeline": "pipeline", "tasks": "pipeline", "executor": "pipeline", "options": "pipeline",
+    "api": "notebook",
+}
+
+# Modules whose package-internal imports may sit inside functions: the command line and the
+# package's lazy ``__init__`` (``ccdcal --help`` and ``import ccdcal`` stay instant).
+DEFERRED = {"ccdcal.cli", "ccdcal.__init__"}
+
+MODULE_LINES = 1000
+FUNCTION_LINES = 80
+
+# Today's exceptions, by rule. Later steps shrink these to nothing.
+ALLOWED: dict[str, set[str]] = {
+    "upward": {
+        "ccdcal.combine -> ccdcal.executor",
+    },
+    "sibling": set(),
+    "cycle": {
+        "ccdcal.frames -> ccdcal.manifest -> ccdcal.frames",
+    },
+    "private": {
+        "ccdcal.api -> ccdcal.plan._light_output",
+        "ccdcal.inventory -> ccdcal.stats._default_saturation",
+        "ccdcal.stack -> ccdcal.frames._write_atomic",
+    },
+    "deferred": {
+        "ccdcal.api -> ccdcal.calibrate",
+        "ccdcal.api -> ccdcal.display",
+        "ccdcal.api -> ccdcal.errors",
+        "ccdcal.api -> ccdcal.frames",
+        "ccdcal.api -> ccdcal.guard",
+        "ccdcal.api -> ccdcal.headers",
+        "ccdcal.api -> ccdcal.inventory",
+        "ccdcal.api -> ccdcal.masters",
+        "ccdcal.api -> ccdcal.names",
+        "ccdcal.api -> ccdcal.options",
+        "ccdcal.api -> ccdcal.overscan",
+        "ccdcal.api -> ccdcal.plan",
+        "ccdcal.api -> ccdcal.recipe",
+        "ccdcal.api -> ccdcal.stats",
+        "ccdcal.api -> ccdcal.tasks",
+        "ccdcal.calibrate -> ccdcal._kernels",
+        "ccdcal.combine -> ccdcal._kernels",
+        "ccdcal.combine -> ccdcal.display",
+        "ccdcal.combine -> ccdcal.errors",
+        "ccdcal.combine -> ccdcal.executor",
+        "ccdcal.combine -> ccdcal.frames",
+        "ccdcal.combine -> ccdcal.headers",
+        "ccdcal.combine -> ccdcal.sections",
+        "ccdcal.display -> ccdcal.stretch",
+        "ccdcal.executor -> ccdcal._kernels",
+        "ccdcal.frames -> ccdcal._kernels",
+        "ccdcal.frames -> ccdcal.manifest",
+        "ccdcal.headers -> ccdcal.__init__",
+        "ccdcal.headers -> ccdcal.frames",
+        "ccdcal.headers -> ccdcal.sections",
+        "ccdcal.inventory -> ccdcal._kernels",
+        "ccdcal.inventory -> ccdcal.display",
+        "ccdcal.inventory -> ccdcal.frames",
+        "ccdcal.inventory -> ccdcal.manifest",
+        "ccdcal.inventory -> ccdcal.progress",
+        "ccdcal.inventory -> ccdcal.sections",
+        "ccdcal.inventory -> ccdcal.stats",
+        "ccdcal.manifest -> ccdcal.frames",
+        "ccdcal.manifest -> ccdcal.guard",
+        "ccdcal.masters -> ccdcal._kernels",
+        "ccdcal.masters -> ccdcal.masks",
+        "ccdcal.options -> ccdcal.combine",
+        "ccdcal.options -> ccdcal.sections",
+        "ccdcal.pipeline -> ccdcal._memory",
+        "ccdcal.pipeline -> ccdcal.calibrate",
+        "ccdcal.pipeline -> ccdcal.combine",
+        "ccdcal.pipeline -> ccdcal.display",
+        "ccdcal.pipeline -> ccdcal.errors",
+        "ccdcal.pipeline -> ccdcal.executor",
+        "ccdcal.pipeline -> ccdcal.frames",
+        "ccdcal.pipeline -> ccdcal.inventory",
+        "ccdcal.pipeline -> ccdcal.manifest",
+        "ccdcal.pipeline -> ccdcal.progress",
+        "ccdcal.pipeline -> ccdcal.report",
+        "ccdcal.pipeline -> ccdcal.tasks",
+        "ccdcal.plan -> ccdcal.display",
+        "ccdcal.report -> ccdcal.guard",
+        "ccdcal.resample -> ccdcal.frames",
+        "ccdcal.stack -> ccdcal.combine",
+        "ccdcal.stack -> ccdcal.frames",
+        "ccdcal.stack -> ccdcal.headers",
+        "ccdcal.stack -> ccdcal.masks",
+        "ccdcal.stack -> ccdcal.robust",
+        "ccdcal.stacking -> ccdcal.frames",
+        "ccdcal.stacking -> ccdcal.guard",
+        "ccdcal.stacking -> ccdcal.progress",
+        "ccdcal.stacking -> ccdcal.register",
+        "ccdcal.stacking -> ccdcal.stack",
+        "ccdcal.stacking -> ccdcal.stretch",
+        "ccdcal.stats -> ccdcal.errors",
+        "ccdcal.stretch -> ccdcal._kernels",
+        "ccdcal.tasks -> ccdcal.calibrate",
+        "ccdcal.tasks -> ccdcal.combine",
+        "ccdcal.tasks -> ccdcal.frames",
+        "ccdcal.tasks -> ccdcal.headers",
+        "ccdcal.tasks -> ccdcal.masters",
+        "ccdcal.tasks -> ccdcal.recipe",
+        "ccdcal.tasks -> ccdcal.report",
+        "ccdcal.tasks -> ccdcal.sections",
+        "ccdcal.tasks -> ccdcal.stacking",
+        "ccdcal.tasks -> ccdcal.stretch",
+    },
+    "module size": {
+        "ccdcal._kernels",
+        "ccdcal.combine",
+        "ccdcal.frames",
+    },
+    "function size": set(),
+}
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One import of a ccdcal module by another."""
+
+    source: str           # importing module, dotted
+    target: str           # imported module, dotted (``ccdcal.__init__`` for the package root)
+    names: tuple[str, ...]
+    deferred: bool        # inside a function body
+    typing_only: bool     # inside ``if TYPE_CHECKING:``
+    line: int
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(SRC).with_suffix("").parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def resolve(module: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    parts = module.split(".")[:-1]          # the package holding ``module`` (or ``__init__``)
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def as_module(dotted: str) -> str | None:
+    """The key of MODULES for an imported dotted name, or None when it is not ccdcal's."""
+    if dotted in MODULES:
+        return dotted
+    if f"{dotted}.__init__" in MODULES:
+        return f"{dotted}.__init__"
+    return None
+
+
+def edges_of(module: str) -> list[Edge]:
+    tree = ast.parse(MODULES[module].read_text())
+    found: list[Edge] = []
+
+    def visit(node: ast.AST, deferred: bool, typing_only: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            in_function = deferred or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            in_typing = typing_only or (
+                isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
+            )
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    target = as_module(alias.name)
+                    if target:
+                        found.append(Edge(module, target, (), deferred, typing_only, child.lineno))
+            elif isinstance(child, ast.ImportFrom):
+                base = resolve(module, child)
+                if base.split(".")[0] != "ccdcal":
+                    continue
+                submodules = [a.name for a in child.names if as_module(f"{base}.{a.name}")]
+                for name in submodules:
+                    found.append(Edge(module, as_module(f"{base}.{name}"), (), deferred,
+                                      typing_only, child.lineno))
+                names = tuple(a.name for a in child.names if a.name not in submodules)
+                if names:
+                    found.append(Edge(module, as_module(base), names, deferred, typing_only,
+                                      child.lineno))
+            visit(child, in_function, in_typing)
+
+    visit(tree, False, False)
+    return found
+
+
+EDGES = [edge for module in MODULES for edge in edges_of(module)]
+
+
+def unit(module: str) -> str:
+    parts = module.split(".")[1:]
+    name = parts[0]
+    if len(parts) == 1:
+        return FLAT_HOME.get(name, name)
+    return name
+
+
+def check(rule: str, found: set[str]) -> None:
+    allowed = ALLOWED[rule]
+    new = sorted(found - allowed)
+    gone = sorted(allowed - found)
+    assert not new, f"{rule}: not allowed: {new}"
+    assert not gone, f"{rule}: allowed but no longer found (remove from ALLOWED): {gone}"
+
+
+def test_every_unit_has_a_layer():
+    assert not {unit(m) for m in MODULES} - set(LAYER_OF)
+
+
+@pytest.mark.parametrize("rule", ["upward", "sibling"])
+def test_imports_point_down_the_layers(rule):
+    found = set()
+    for edge in EDGES:
+        if edge.typing_only or edge.target == "ccdcal.__init__":
+            continue
+        source, target = unit(edge.source), unit(edge.target)
+        if source == target:
+            continue
+        upward = LAYER_OF[target] > LAYER_OF[source]
+        sibling = LAYER_OF[target] == LAYER_OF[source]
+        if (rule == "upward" and upward) or (rule == "sibling" and sibling):
+            found.add(f"{edge.source} -> {edge.target}")
+    check(rule, found)
+
+
+def test_package_internal_imports_sit_at_the_top():
+    found = {
+        f"{edge.source} -> {edge.target}"
+        for edge in EDGES
+        if edge.deferred and edge.source not in DEFERRED
+    }
+    check("deferred", found)
+
+
+def test_no_private_name_crosses_modules():
+    found = {
+        f"{edge.source} -> {edge.target.removesuffix('.__init__')}.{name}"
+        for edge in EDGES
+        for name in edge.names
+        if name.startswith("_") and not name.startswith("__") and edge.target != edge.source
+    }
+    check("private", found)
+
+
+def test_no_import_cycle():
+    graph: dict[str, set[str]] = {m: set() for m in MODULES}
+    for edge in EDGES:
+        if not edge.typing_only and edge.target != edge.source:
+            graph[edge.source].add(edge.target)
+    cycles = set()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.add(" -> ".join([*stack[stack.index(target):], target]))
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in MODULES:
+        if module not in state:
+            visit(module)
+    check("cycle", cycles)
+
+
+def test_modules_stay_small():
+    found = {
+        module for module, path in MODULES.items()
+        if len(path.read_text().splitlines()) > MODULE_LINES
+    }
+    check("module size", found)
+
+
+def test_no_function_is_longer_than_80_lines():
+    found = set()
+    for module, path in MODULES.items():
+        if path.name == "_kernels.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                    body = body[1:]
+                if body and body[-1].end_lineno - body[0].lineno + 1 > FUNCTION_LINES:
+                    found.add(f"{module}.{node.name}")
+    check("function size", found)
