@@ -502,7 +502,19 @@ def _write_rejection_map(out_dir: Path, name: str, result: Any) -> None:
 
 
 # -- calibrating a light --------------------------------------------------------------------------
-_BAD_PIXELS: dict[str, np.ndarray] = {}
+# key: (resolved path, size, mtime_ns, content hash), as masters and file hashes are keyed, so a
+# map edited in place is read again
+_BAD_PIXELS: dict[tuple[str, int, int, str], np.ndarray] = {}
+
+
+def _bad_pixel_key(path: str) -> tuple[str, int, int, str] | None:
+    """The map's cache key; None when it cannot be read (reading it then says why)."""
+    try:
+        resolved = Path(path).resolve()
+        st = resolved.stat()
+        return (str(resolved), st.st_size, st.st_mtime_ns, file_hash(resolved))
+    except OSError:
+        return None
 
 
 def _bad_pixel_map(path: str | None) -> np.ndarray | None:
@@ -510,17 +522,29 @@ def _bad_pixel_map(path: str | None) -> np.ndarray | None:
 
     if not path:
         return None
+    key = _bad_pixel_key(path)
     with _CACHE_LOCK:
-        if path not in _BAD_PIXELS:
-            with FrameSource(path) as src:
-                _BAD_PIXELS[path] = src.read() != 0
-        return _BAD_PIXELS[path]
+        if key is None or key not in _BAD_PIXELS:
+            with FrameSource(path) as src:   # a map that cannot be read: an InputError here
+                bad = src.read() != 0
+            if key is None:
+                return bad
+            for old in [k for k in _BAD_PIXELS if k[0] == key[0]]:   # the map before an edit
+                del _BAD_PIXELS[old]
+            _BAD_PIXELS[key] = bad
+        return _BAD_PIXELS[key]
 
 
 def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any]]) -> str:
+    """What made a light: its input, recipe, the physics options, its masters and, when one is
+    given, the bad-pixel map's content (a map edited in place redoes the lights)."""
     recipe = job.recipe
-    return fingerprint(__version__, inputs, recipe, ctx.options.physics(), job.uncorrected,
-                       [ctx.prints.get(n) for n in (recipe.bias, recipe.dark, recipe.flat)])
+    parts = [__version__, inputs, recipe, ctx.options.physics(), job.uncorrected,
+             [ctx.prints.get(n) for n in (recipe.bias, recipe.dark, recipe.flat)]]
+    if ctx.options.bad_pixel_map:   # only then: the fingerprints of runs without a map are kept
+        key = _bad_pixel_key(ctx.options.bad_pixel_map)
+        parts.append({"bad_pixel_map": key and key[3]})
+    return fingerprint(*parts)
 
 
 @dataclass(frozen=True)
