@@ -521,6 +521,6 @@ def test_on_a_layer_that_is_not_threadsafe_the_caller_reads_every_tile(monkeypat
     import importlib
     import threading
 
-    monkeypatch.setattr(importlib.import_module("ccdcal.executor"), "kernels_threadsafe", lambda: False)
+    monkeypatch.setattr(importlib.import_module("ccdcal.pool"), "kernels_threadsafe", lambda: False)
     _, state = _combined_in_small_tiles(5)
     assert state["threads"] == {threading.get_ident()}

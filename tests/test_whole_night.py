@@ -10,7 +10,7 @@ import pytest
 import xxhash
 
 from ccdcal import masters
-from ccdcal.manifest import HASH, file_hash, remember_hashes
+from ccdcal.hashing import HASH, file_hash, remember_hashes
 
 
 class _Rows:
@@ -300,7 +300,7 @@ def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
     from astropy.io import fits
 
     from ccdcal.frames import write_fits
-    from ccdcal.manifest import _HASHES, _hash_key
+    from ccdcal.hashing import _HASHES, _hash_key
 
     rng = np.random.default_rng(5)
     for shape in [(1, 1), (7, 13), (5, 3), (333, 517)]:      # odd sizes: partial words and blocks
@@ -380,7 +380,7 @@ def test_the_scan_hashes_the_files_it_reads_as_xxhash_hashes_them(tmp_path):
     and for an image in an extension followed by another HDU; a dry scan hashes nothing."""
     from astropy.io import fits
 
-    from ccdcal import manifest
+    from ccdcal import hashing
     from ccdcal.inventory import flag_groups, scan
 
     rng = np.random.default_rng(8)
@@ -396,15 +396,15 @@ def test_the_scan_hashes_the_files_it_reads_as_xxhash_hashes_them(tmp_path):
             fits.PrimaryHDU(data, header).writeto(path)
         paths.append(path)
     inventory = scan([tmp_path], flag=False)
-    keys = {p: manifest._hash_key(p) for p in paths}
-    with manifest._HASH_LOCK:
+    keys = {p: hashing._hash_key(p) for p in paths}
+    with hashing._HASH_LOCK:
         for key in keys.values():
-            manifest._HASHES.pop(key, None)
+            hashing._HASHES.pop(key, None)
     flag_groups(inventory)
-    assert not any(key in manifest._HASHES for key in keys.values())
+    assert not any(key in hashing._HASHES for key in keys.values())
     flagged = flag_groups(inventory, hash_files=True)
     for path, key in keys.items():
-        assert manifest._HASHES[key] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+        assert hashing._HASHES[key] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
     assert all("_hash" not in (f.metrics or {}) for f in flagged.frames)
 
 
@@ -590,8 +590,8 @@ def test_what_the_first_lights_share_is_made_while_the_last_master_is_written(tm
 
     from ccdcal import reduce
     from ccdcal.demo import write_night
-    from ccdcal.executor import kernels_threadsafe
     from ccdcal.options import ReduceOptions
+    from ccdcal.pool import kernels_threadsafe
 
     if not kernels_threadsafe():
         pytest.skip("masters are written in a thread only on a threadsafe numba layer")
@@ -922,7 +922,7 @@ def test_on_a_layer_that_is_not_threadsafe_the_night_runs_one_kernel_at_a_time(t
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=4)
     threaded = reduce([raw], tmp_path / "threaded", options=ReduceOptions(report=False))
-    monkeypatch.setattr(importlib.import_module("ccdcal.executor"), "kernels_threadsafe", lambda: False)
+    monkeypatch.setattr(importlib.import_module("ccdcal.pool"), "kernels_threadsafe", lambda: False)
     names = []
     real_start = threading.Thread.start
 
@@ -1055,8 +1055,8 @@ def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tm
 
     from ccdcal import reduce
     from ccdcal.demo import write_night
-    from ccdcal.executor import kernels_threadsafe
     from ccdcal.options import ReduceOptions
+    from ccdcal.pool import kernels_threadsafe
 
     frames = importlib.import_module("ccdcal.frames")
     real = frames._commit

@@ -171,7 +171,7 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
     from .inventory import scan_file
     from .names import NameBook
     from .overscan import overscan_geometry
-    from .plan import LightJob, _light_output
+    from .plan import LightJob, light_output
     from .recipe import Recipe
 
     names = names if names is not None else NameBook()
@@ -198,7 +198,7 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
         stem = info.stem if len(infos) == 1 else f"{info.stem}_hdu{info.hdu}"
         recipe = Recipe(spec if overscan else None, trim, bias=bias_name, dark=dark_name, dark_scale=scale,
                         flat=flat_name)
-        jobs.append(LightJob(frame=info, output=_light_output(info, names, stem, folder=""), recipe=recipe,
+        jobs.append(LightJob(frame=info, output=light_output(info, names, stem, folder=""), recipe=recipe,
                              notes=tuple(n for n in (*notes, *dark_notes) if not n.startswith("no master bias")),
                              uncorrected=uncorrected))
     return jobs

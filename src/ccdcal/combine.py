@@ -875,7 +875,7 @@ def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, sl
     # thread: a task on a dask worker shares the warning filters that these threads restore
     threads = 2 if (sample_pixels is not None and 4 * 2 * size * width <= budget // 2
                     and threading.current_thread() is threading.main_thread()) else 1
-    from .executor import LocalExecutor  # its threads restore the warning filters after
+    from .pool import LocalExecutor  # its threads restore the warning filters after
 
     for _ in LocalExecutor(threads).map(measure, range(inputs.n)):
         pass
@@ -1205,10 +1205,10 @@ def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactor
     tiles = [(t0, min(y1, t0 + plan.rows)) for t0 in range(y0, y1, plan.rows)]
     # two workspaces: a thread reads (and calibrates) the next tile while the kernel combines
     # this one; the reads stay in tile order, each source read by one thread at a time
-    from .executor import kernels_threadsafe
+    from . import pool
 
     # reading a tile may run a kernel (a dark subtracted by calibrate.subtract_dark)
-    ahead = len(tiles) > 1 and kernels_threadsafe()
+    ahead = len(tiles) > 1 and pool.kernels_threadsafe()
     spaces = [_Workspace(inputs, plan, options, factors) for _ in range(2 if ahead else 1)]
     member_rejected = np.zeros((inputs.n, 2), np.int64) if spaces[0].tracked else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-tiles") if ahead else \

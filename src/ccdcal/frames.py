@@ -808,7 +808,7 @@ def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any], cached: b
             raise failed[0]
 
 
-def _write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, *, durable: bool = True,
+def write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, *, durable: bool = True,
                   cached: bool = True) -> None:
     """``write(tmp)`` under a temporary name, then fsync and rename into place: ``path`` is
     the old file or the whole new one, never a part. ``meanwhile()``, when given, runs while
@@ -917,9 +917,9 @@ def write_hdus(path: str | os.PathLike, hdul: Any, *, meanwhile: Callable[[], An
     holds in memory and writes in the background: each write then waits for the disk."""
     path = Path(path)
     digest: list[str] = []
-    _write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul, direct)), meanwhile,
+    write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul, direct)), meanwhile,
                   cached=cached and not direct)
-    from .manifest import remember_digest
+    from .hashing import remember_digest
 
     remember_digest(path, digest[0])
     return path
@@ -1112,7 +1112,7 @@ class _DirectFile:
 def _write_hdus_to(fh: Any, hdul: Any) -> str:
     """The bytes of ``hdul``'s HDUs to the open file ``fh``; returns their hash."""
     from ._kernels import to_big_endian
-    from .manifest import new_digest
+    from .hashing import new_digest
 
     digest = new_digest()
 
@@ -1145,7 +1145,7 @@ def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> P
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
-    _write_atomic(path, write, durable=durable)
+    write_atomic(path, write, durable=durable)
     return path
 
 
@@ -1153,5 +1153,5 @@ def write_bytes(path: str | os.PathLike, payload: bytes, *, durable: bool = True
     """Write a binary file atomically (temporary name, fsync, rename). ``durable=False``: no
     fsync, for a cache whose reader checks it (the report's previews, checked by their hashes)."""
     path = Path(path)
-    _write_atomic(path, lambda tmp: tmp.write_bytes(payload), durable=durable)
+    write_atomic(path, lambda tmp: tmp.write_bytes(payload), durable=durable)
     return path

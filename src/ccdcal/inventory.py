@@ -492,9 +492,9 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
     reused for every frame of the size), the distribution from the decoded subsample rows.
     The same numbers as decoding the whole frame (tested)."""
     from . import _kernels
-    from .manifest import hash_around
+    from .hashing import hash_around
     from .sections import to_slices
-    from .stats import _default_saturation, metrics_from_counts, subsample_step
+    from .stats import default_saturation_of, metrics_from_counts, subsample_step
 
     ny, nx = src.shape
     rows, cols = to_slices(info.trimsec, (ny, nx)) if info.trimsec else (slice(0, ny), slice(0, nx))
@@ -523,7 +523,7 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
     return metrics_from_counts(
         sample, npix=npix, nonfinite=npix - int(counts.sum()), zero_count=int(counts[values == 0].sum()),
         lo=lo, hi=hi, count_at_or_above=lambda level: int(counts[values >= level].sum()),
-        default_saturation=_default_saturation(np.empty(0, np.float32), src.adc_maximum),
+        default_saturation=default_saturation_of(np.empty(0, np.float32), src.adc_maximum),
         saturation=info.saturate)
 
 
@@ -571,7 +571,7 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     """
     from functools import partial
 
-    from .manifest import remember_hash
+    from .hashing import remember_hash
     from .progress import steps
     from .stats import flag_outliers
 

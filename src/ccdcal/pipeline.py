@@ -236,7 +236,7 @@ def _sample_inputs(paths: Any) -> list[str]:
 
 def _remember_input_hashes(manifest: Manifest) -> None:
     """Inputs' hashes from the previous manifest, where size and modification time are unchanged."""
-    from .manifest import remember_hashes
+    from .hashing import remember_hashes
 
     remember_hashes(record for entry in manifest.previous.values() for record in entry.get("inputs", ()))
 
@@ -244,7 +244,7 @@ def _remember_input_hashes(manifest: Manifest) -> None:
 def _start_input_hashes(plan: Plan) -> None:
     """Every input's hash (part of the fingerprints): those not known yet (from the previous
     manifest or the scan's pixel checks) hashed in the background while the masters are built."""
-    from .manifest import prefetch_hashes
+    from .hashing import prefetch_hashes
 
     paths = [f.path for job in plan.masters for f in job.members] + [job.frame.path for job in plan.lights]
     prefetch_hashes(paths)
@@ -274,9 +274,9 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     written by a background thread while the next level is built (which takes the master
     from memory); a master enters the manifest once its file is written.
     """
+    from . import pool
     from .calibrate import forget_derived
     from .combine import parse_memory
-    from .executor import kernels_threadsafe
     from .progress import steps
     from .tasks import (
         MasterWork,
@@ -304,7 +304,7 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
 
     # the writer thread runs a kernel (the rejection map's binning) beside the next combine's:
     # not on numba's workqueue layer, which aborts when two threads run kernels at once
-    writer = _Writer() if getattr(executor, "shares_memory", False) and kernels_threadsafe() else None
+    writer = _Writer() if getattr(executor, "shares_memory", False) and pool.kernels_threadsafe() else None
     try:
         for level in dependency_levels(plan.masters):
             last = time.perf_counter()

@@ -767,7 +767,7 @@ def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
     return jobs, replace(index, flats=flats)
 
 
-def _light_output(info: FrameInfo, names: NameBook, stem: str | None = None, folder: str = "calibrated/") -> str:
+def light_output(info: FrameInfo, names: NameBook, stem: str | None = None, folder: str = "calibrated/") -> str:
     """``calibrated/<stem>.fits``, numbered from _2 when another light has that name (without
     case: a.fits and A.fits are one file on macOS and Windows); a stem too long for a file
     name is cut (with a hash)."""
@@ -812,7 +812,7 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
         if uncorrected:
             notes.append(f"UNCORRECTED: {uncorrected}; the pedestal stays in (--allow-uncorrected)")
         recipe = replace(ctx.recipe(info), bias=bias, dark=dark, dark_scale=scale, flat=flat)
-        lights.append(LightJob(frame=info, output=_light_output(info, ctx.names), recipe=recipe,
+        lights.append(LightJob(frame=info, output=light_output(info, ctx.names), recipe=recipe,
                                notes=tuple(notes), uncorrected=uncorrected))
     return lights
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import CcdcalError, InputError
 from .frames import datasum_of, read_image, write_bytes, write_text
-from .manifest import new_digest
+from .hashing import new_digest
 from .names import NAME_LIMIT, unique_stem
 from .stats import region_stats
 from .stretch import downsample, png_bytes, stretch

@@ -212,7 +212,7 @@ class StackResult:
         extensions; CHECKSUM on every HDU. ``CCDData.read`` reads data, UNCERT and MASK."""
         from astropy.io import fits
 
-        from .frames import _write_atomic, clean_header
+        from .frames import clean_header, write_atomic
         from .masks import MASK_NO_DATA
 
         header = clean_header(self.header)
@@ -230,7 +230,7 @@ class StackResult:
             fits.ImageHDU(np.where(self.mask, np.uint8(MASK_NO_DATA), np.uint8(0)), name="MASK"),
         ])
         path = Path(path)
-        _write_atomic(path, lambda tmp: hdus.writeto(tmp, checksum=True, output_verify="silentfix"))
+        write_atomic(path, lambda tmp: hdus.writeto(tmp, checksum=True, output_verify="silentfix"))
         return path
 
 

@@ -130,7 +130,7 @@ def region_stats(
 
 
 # -- per-frame QA metrics ----------------------------------------------------------------------
-def _default_saturation(data: np.ndarray, adc_maximum: float | None = None) -> float:
+def default_saturation_of(data: np.ndarray, adc_maximum: float | None = None) -> float:
     if adc_maximum is not None and math.isfinite(adc_maximum) and adc_maximum > 0:
         return 0.999 * float(adc_maximum)
     if np.issubdtype(data.dtype, np.integer):
@@ -200,7 +200,7 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
     step = subsample_step(npix)
     return metrics_from_counts(image[::step, ::step], npix=npix, nonfinite=nonfinite, zero_count=zero_count,
                                lo=lo, hi=hi, count_at_or_above=lambda level: int(np.count_nonzero(image >= level)),
-                               default_saturation=_default_saturation(image, adc_maximum), saturation=saturation)
+                               default_saturation=default_saturation_of(image, adc_maximum), saturation=saturation)
 
 
 def subsample_step(npix: int) -> int:

@@ -24,7 +24,8 @@ import numpy as np
 
 from . import __version__
 from .errors import CcdcalError, OutputError
-from .manifest import OutputRecord, file_hash, fingerprint, input_record, up_to_date
+from .hashing import file_hash
+from .manifest import OutputRecord, fingerprint, input_record, up_to_date
 from .options import ReduceOptions
 from .plan import LightJob, MasterJob, StackJob, member_steps
 
