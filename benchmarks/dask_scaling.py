@@ -60,8 +60,8 @@ def trace(raw: Path) -> dict:
     from distributed import get_task_stream
 
     import ccdcal
-    from ccdcal import tasks
-    from ccdcal.executor import DaskExecutor
+    from ccdcal.pipeline import tasks
+    from ccdcal.pipeline.executor import DaskExecutor
 
     client_seconds = {"write masters": 0.0}
     original = tasks.write_master
@@ -95,7 +95,7 @@ def trace(raw: Path) -> dict:
 
 
 def _levels(plan):
-    from ccdcal.pipeline import dependency_levels
+    from ccdcal.pipeline.run import dependency_levels
 
     return dependency_levels(plan.masters)
 

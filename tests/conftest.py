@@ -30,7 +30,7 @@ def real_data() -> Path:
 def demo_night(tmp_path_factory) -> Path:
     """A synthetic night (256 px) written and reduced once per session: ROOT/raw, ROOT/truth, ROOT/out."""
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     root = tmp_path_factory.mktemp("night")
     write_night(root / "raw", size=256, seed=7)

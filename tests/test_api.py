@@ -30,8 +30,8 @@ def test_every_public_name_works_twice_and_is_listed(tmp_path):
         assert callable(ccdcal.combine) and callable(ccdcal.calibrate) and callable(ccdcal.scan)
         result = ccdcal.combine(paths, method="mean")
         assert result.data.shape == (40, 50)
-        importlib.import_module("ccdcal.combine")      # importing the module must not shadow the function
-        importlib.import_module("ccdcal.calibrate")
+        importlib.import_module("ccdcal.combining.engine")      # importing the module must not shadow the function
+        importlib.import_module("ccdcal.calibration.arithmetic")
         assert ccdcal.imexamine(paths)["npix"][0] == 2000
         assert ccdcal.stretch.mtf(0.5, 0.3) == pytest.approx(0.3)
         assert len(ccdcal.scan([tmp_path]).frames) == 3
@@ -74,7 +74,7 @@ def test_calibrate_arrays_equals_plain_numpy():
 
 def test_calibrate_files_is_the_task_reduce_runs(tmp_path):
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     raw = write_night(tmp_path / "raw", size=64, seed=5, n_light=1)
     result = reduce([raw], tmp_path / "out", options=ReduceOptions(report=False))
@@ -94,7 +94,7 @@ def test_calibrate_files_is_the_task_reduce_runs(tmp_path):
 
 def test_results_render_as_html_in_a_notebook(tmp_path):
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions
+    from ccdcal.pipeline.run import ReduceOptions
 
     raw = write_night(tmp_path / "raw", size=64, seed=2, n_light=1)
     inventory = ccdcal.scan([raw])

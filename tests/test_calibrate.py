@@ -7,8 +7,22 @@ import warnings
 import numpy as np
 import pytest
 
-from ccdcal.calibrate import CalibratedRows, Master, calibrate_frame, optimize_dark_scale
-from ccdcal.headers import header_gain
+from ccdcal.calibration.arithmetic import (
+    CalibratedRows,
+    Master,
+    calibrate_frame,
+    optimize_dark_scale,
+)
+from ccdcal.calibration.masters import (
+    choose_dark,
+    gain_from_flat_pair,
+    hot_pixel_mask,
+    normalise_flat,
+    read_noise_from_pair,
+)
+from ccdcal.calibration.overscan import OverscanSpec, overscan_fit, overscan_geometry
+from ccdcal.calibration.recipe import Recipe
+from ccdcal.io.headers import header_gain
 from ccdcal.masks import (
     MASK_COSMIC_RAY,
     MASK_HOT,
@@ -17,15 +31,6 @@ from ccdcal.masks import (
     MASK_SATURATED,
     MASK_USER,
 )
-from ccdcal.masters import (
-    choose_dark,
-    gain_from_flat_pair,
-    hot_pixel_mask,
-    normalise_flat,
-    read_noise_from_pair,
-)
-from ccdcal.overscan import OverscanSpec, overscan_fit, overscan_geometry
-from ccdcal.recipe import Recipe
 from ccdcal.sections import Section
 
 NY, NX, NOVER = 64, 64, 16

@@ -59,7 +59,7 @@ def test_bad_usage_is_one_line_and_exit_2(args, code, words):
 def test_config_file_sets_options_and_rejects_typos(demo_night, tmp_path):
     good = tmp_path / "good.toml"
     good.write_text('[reduce]\ncombine_method = "median"\nsigma_clip = [4.0, 3.0]\nreport = false\n')
-    from ccdcal.pipeline import ReduceOptions
+    from ccdcal.pipeline.run import ReduceOptions
 
     options = ReduceOptions.from_sources(good, {"combine_method": None})
     assert options.combine_method == "median" and options.sigma_clip == (4.0, 3.0) and not options.report
@@ -72,7 +72,7 @@ def test_config_file_sets_options_and_rejects_typos(demo_night, tmp_path):
 def test_the_command_ends_with_its_whole_output_and_code(demo_night, tmp_path):
     """The command skips the interpreter's teardown (cli._exit_now): its piped output is still
     whole (the summary's last line), its code kept, and every file it wrote complete."""
-    from ccdcal.pipeline import verify
+    from ccdcal.pipeline.run import verify
 
     out = tmp_path / "out"
     proc = run("reduce", str(demo_night / "raw"), "-o", str(out))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ccdcal.combine import combine
+from ccdcal.combining.engine import combine
 
 ccdproc = pytest.importorskip("ccdproc")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccdcal import _kernels as K
+from ccdcal._shared import _kernels as K
 
 
 def _stack(rng, n, ny, nx, kind):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ccdcal.combine import combine
+from ccdcal.combining.engine import combine
 
 MAD_TO_STD = 1.482602218505602
 
@@ -30,7 +30,7 @@ def _std(x, ddof=0):
     return np.sqrt(_sum((x - mean) ** 2) / (x.size - ddof))
 
 
-# -- the oracle: one pixel at a time, numpy on 1-D arrays, definitions as in ccdcal.combine --------
+# -- the oracle: one pixel at a time, numpy on 1-D arrays, definitions as in ccdcal.combining.engine ---
 def _bounds(x, frames, reject, center, low, high, scales, zeros, gain, rdnoise, snoise):
     def centre():
         return np.median(x) if center == "median" else _mean(x)

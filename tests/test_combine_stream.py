@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccdcal.cli import main
-from ccdcal.combine import combine, parse_memory
+from ccdcal.combining.engine import combine, parse_memory
 from ccdcal.errors import InputError
-from ccdcal.headers import combined_header
+from ccdcal.io.headers import combined_header
 
 KINDS = ("uint16", "int16-blank", "float32", "int32", "fz")
 
@@ -64,7 +64,7 @@ def frame_files(tmp_path_factory):
 
 
 def _in_memory(paths):
-    from ccdcal.frames import read_image
+    from ccdcal.io.frames import read_image
 
     return [read_image(p)[0] for p in paths]
 
@@ -141,7 +141,7 @@ def test_memory_bound_when_combining_more_than_the_budget(tmp_path):
         import json, resource, sys
         from pathlib import Path
         import numpy as np
-        from ccdcal.combine import combine, parse_memory
+        from ccdcal.combining.engine import combine, parse_memory
         paths = sorted(Path(sys.argv[1]).glob("b*.fits"))
         combine([np.zeros((4, 4), np.float32)] * 3, clip_extrema=(1, 1), sigma_clip=(3, 3))  # JIT, imports
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -315,7 +315,7 @@ PIECES = {
 def test_factors_once_then_any_band_of_rows_is_bit_identical_to_combine(frame_files, case):
     import pickle
 
-    from ccdcal.combine import CombineOptions, combine_rows, measure_factors
+    from ccdcal.combining.engine import CombineOptions, combine_rows, measure_factors
 
     kind, kw = PIECES[case]
     frames = _masked_ccds(3) if kind == "ccd" else frame_files[kind]
@@ -359,7 +359,7 @@ def test_combine_options_pickle_and_compare_equal(kw):
     import dataclasses
     import pickle
 
-    from ccdcal.combine import CombineOptions
+    from ccdcal.combining.engine import CombineOptions
 
     options = CombineOptions.create(3, **kw)
     again = pickle.loads(pickle.dumps(options))
@@ -370,7 +370,7 @@ def test_combine_options_pickle_and_compare_equal(kw):
 
 
 def test_combine_options_resolve_the_defaults():
-    from ccdcal.combine import CombineOptions
+    from ccdcal.combining.engine import CombineOptions
 
     options = CombineOptions(sigma_clip=(4, 3))
     assert (options.reject, options.center, options.sigma_clip, options.maxiters) == ("sigma", "median", (4.0, 3.0), None)
@@ -409,7 +409,7 @@ def test_combine_options_resolve_the_defaults():
     {"compat": "ccdproc", "zero": "median"},
 ])
 def test_combine_options_refuse_what_combine_refuses_in_the_same_words(kw):
-    from ccdcal.combine import CombineOptions
+    from ccdcal.combining.engine import CombineOptions
 
     frames = [np.ones((4, 5), np.float32)] * 3
     with pytest.raises(InputError) as from_combine:
@@ -446,7 +446,7 @@ def test_a_row_source_mask_counts_like_a_masked_array():
 
 
 def test_combine_rows_refuses_a_band_outside_the_frames():
-    from ccdcal.combine import CombineOptions, combine_rows, measure_factors
+    from ccdcal.combining.engine import CombineOptions, combine_rows, measure_factors
 
     frames = [np.ones((4, 5), np.float32)] * 3
     options = CombineOptions()
@@ -521,6 +521,6 @@ def test_on_a_layer_that_is_not_threadsafe_the_caller_reads_every_tile(monkeypat
     import importlib
     import threading
 
-    monkeypatch.setattr(importlib.import_module("ccdcal.pool"), "kernels_threadsafe", lambda: False)
+    monkeypatch.setattr(importlib.import_module("ccdcal._shared.pool"), "kernels_threadsafe", lambda: False)
     _, state = _combined_in_small_tiles(5)
     assert state["threads"] == {threading.get_ident()}

@@ -23,7 +23,7 @@ from astropy.io import fits
 distributed = pytest.importorskip("distributed")
 
 from ccdcal.demo import write_night  # noqa: E402
-from ccdcal.pipeline import ReduceOptions, reduce  # noqa: E402
+from ccdcal.pipeline.run import ReduceOptions, reduce  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STARTUP = 90  # s: the most a scheduler or worker may take to come up
@@ -206,7 +206,7 @@ def test_scheduler_without_dask_installed_says_what_to_install(monkeypatch):
     import builtins
 
     from ccdcal.errors import ConfigError
-    from ccdcal.executor import make_executor
+    from ccdcal.pipeline.executor import make_executor
 
     real_import = builtins.__import__
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ccdcal.combine import combine, sample_sigma_can_reject
+from ccdcal.calibration.masters import noise_model
+from ccdcal.combining.engine import combine, sample_sigma_can_reject
 from ccdcal.errors import CcdcalWarning
-from ccdcal.inventory import FrameInfo, FrameKind, Inventory
-from ccdcal.masters import noise_model
-from ccdcal.plan import PlanOptions, build_plan
+from ccdcal.planning.inventory import FrameInfo, FrameKind, Inventory
+from ccdcal.planning.plan import PlanOptions, build_plan
 
 RN, GAIN = 6.0, 1.6          # ADU, e-/ADU
 SHAPE = (64, 64)

@@ -6,7 +6,7 @@ import time
 import warnings
 
 from ccdcal.errors import CcdcalWarning
-from ccdcal.executor import LocalExecutor
+from ccdcal.pipeline.executor import LocalExecutor
 
 
 def _noisy_task(i: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from ccdcal.stats import flag_outliers, frame_metrics
+from ccdcal.qa.stats import flag_outliers, frame_metrics
 
 SHAPE = (256, 256)
 
@@ -148,7 +148,7 @@ REAL_GROUPS = {
 @pytest.mark.realdata
 @pytest.mark.parametrize("group", sorted(REAL_GROUPS))
 def test_real_calibration_groups_are_clean(group):
-    from ccdcal.frames import FrameSource
+    from ccdcal.io.frames import FrameSource
 
     folder, names, kind = REAL_GROUPS[group]
     root = _data_root() / folder
@@ -161,7 +161,7 @@ def test_real_calibration_groups_are_clean(group):
 
 @pytest.mark.realdata
 def test_real_bias_with_injected_offset_is_caught():
-    from ccdcal.frames import FrameSource
+    from ccdcal.io.frames import FrameSource
 
     root = _data_root() / "nickel-lick/raw"
     metrics = []
@@ -181,10 +181,10 @@ def test_raw16_metrics_equal_the_decoded_frame_metrics(tmp_path):
     # copy; every number must equal the decoded path's
     import math
 
-    from ccdcal.frames import FrameSource
-    from ccdcal.inventory import _raw16_metrics, scan
+    from ccdcal.io.frames import FrameSource
+    from ccdcal.planning.inventory import _raw16_metrics, scan
+    from ccdcal.qa.stats import frame_metrics
     from ccdcal.sections import to_slices
-    from ccdcal.stats import frame_metrics
 
     rng = np.random.default_rng(0)
     for case in range(12):

@@ -20,8 +20,8 @@ import pytest
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyWarning
 
-from ccdcal.inventory import FrameKind, scan
-from ccdcal.stats import frame_metrics, saturation_problem
+from ccdcal.planning.inventory import FrameKind, scan
+from ccdcal.qa.stats import frame_metrics, saturation_problem
 
 
 def write(folder: Path, name: str, *, shape: tuple[int, int] = (64, 64), level: float = 1000.0,
@@ -338,7 +338,7 @@ def test_short_names_and_wide_terminals_keep_the_notes_column(tmp_path):
 
 # -- headers written without truncation warnings ------------------------------------------------
 def test_write_fits_shortens_long_comments_without_a_warning(tmp_path):
-    from ccdcal.frames import write_fits
+    from ccdcal.io.frames import write_fits
 
     header = fits.Header()
     long = "a comment far too long to fit on its card, as calibration software writes them sometimes"
@@ -366,7 +366,7 @@ def test_reduce_leaks_no_truncation_warning(tmp_path):
     """Long filter names make long master names: CALFLAT = 'master_flat_..._sq.fits' / master flat
     applied no longer fits its card (8 truncation warnings before the fix)."""
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     raw = write_night(tmp_path / "raw", size=64, seed=3)
     for path in sorted(raw.glob("*.fits")):
@@ -389,7 +389,7 @@ def test_reduce_leaks_no_truncation_warning(tmp_path):
     ("QUOTED", "it's 'quoted' text here"),
 ])
 def test_fit_card_never_lets_astropy_truncate(keyword, value):
-    from ccdcal.frames import fit_card
+    from ccdcal.io.frames import fit_card
 
     for n in range(0, 75):
         comment = ("a long comment, word after word " * 3)[:n]

@@ -11,8 +11,8 @@ from astropy.io import fits
 from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.time import Time
 
+from ccdcal._shared.robust import robust_std
 from ccdcal.masks import MASK_HOT, MASK_SATURATED
-from ccdcal.robust import robust_std
 
 
 def _outputs(root):

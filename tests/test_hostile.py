@@ -24,9 +24,9 @@ from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ccdcal._shared.names import NameBook, printable, safe_part, unique_stem
 from ccdcal.errors import CcdcalWarning, InputError
-from ccdcal.guard import LOCK_NAME, output_lock, reduce_inputs, refuse_overwrite
-from ccdcal.names import NameBook, printable, safe_part, unique_stem
+from ccdcal.io.guard import LOCK_NAME, output_lock, reduce_inputs, refuse_overwrite
 
 AUX = {"manifest.json", "report.html", LOCK_NAME}
 
@@ -62,7 +62,7 @@ def assert_clean_output(out: Path) -> None:
         assert not p.name.endswith(".partial"), rel
         if p.is_file() and p.parent.name != "previews" and rel not in AUX:
             assert rel in listed, f"{rel} written but not in the manifest"
-    from ccdcal.pipeline import verify
+    from ccdcal.pipeline.run import verify
 
     result = verify(out)
     assert not result.problems and not result.unlisted, (result.problems, result.unlisted)
@@ -133,8 +133,8 @@ HEADER_TEXT = st.one_of(
 def test_plan_never_maps_two_groups_to_one_path(values):
     """Flats and lights in as many filters (and objects) as values: every output path of the
     plan is distinct, and each light is flat-fielded by the flat of its own filter."""
-    from ccdcal.inventory import FrameInfo, FrameKind, Inventory
-    from ccdcal.plan import PlanOptions, build_plan
+    from ccdcal.planning.inventory import FrameInfo, FrameKind, Inventory
+    from ccdcal.planning.plan import PlanOptions, build_plan
 
     frames = []
     for i, value in enumerate(values):
@@ -163,7 +163,7 @@ def test_plan_never_maps_two_groups_to_one_path(values):
 def test_any_filter_bytes_reduce_into_their_own_masters(small_night, tmp_path_factory, values):
     """FILTER and OBJECT cards holding any bytes (NUL, escapes, UTF-8, quotes): the night is
     reduced, raws unchanged, each filter its own master flat, every output listed, verify clean."""
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     root = fresh(small_night, tmp_path_factory.mktemp("bytes") / "raw")
     for band, value in zip("RV", values, strict=True):
@@ -223,7 +223,7 @@ def test_raw_names_that_slug_alike_get_their_own_previews(small_night, tmp_path)
     raw = fresh(small_night, tmp_path / "raw")
     (raw / "m51_R_001.fits").rename(raw / "a b.fits")
     (raw / "m51_R_002.fits").rename(raw / "a_b.fits")
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     reduce(raw, tmp_path / "out", options=ReduceOptions())
     report = (tmp_path / "out" / "report.html").read_text()
@@ -330,7 +330,7 @@ def test_verify_names_fits_files_the_manifest_does_not_list(demo_night, tmp_path
 # -- one run per output folder -------------------------------------------------------------------
 def test_lock_refuses_a_second_holder_and_is_dropped_on_sigkill(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ccdcal.guard import output_lock\n"
+        "import sys, time; from ccdcal.io.guard import output_lock\n"
         f"with output_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -460,7 +460,7 @@ def test_full_temporary_folder_blames_the_folder_not_the_raw(tmp_path, monkeypat
     import tempfile
 
     from ccdcal.errors import OutputError
-    from ccdcal.frames import FrameSource
+    from ccdcal.io.frames import FrameSource
 
     path = tmp_path / "x.fits.gz"
     hdu = fits.PrimaryHDU(np.arange(64 * 64, dtype=np.int16).reshape(64, 64))
@@ -494,7 +494,7 @@ def test_stored_histograms_cannot_inject_markup(demo_night, tmp_path):
     """A tampered previews/*.json (SVG with a script) never reaches report.html."""
     out = tmp_path / "out"
     shutil.copytree(demo_night / "out", out)
-    from ccdcal.report import build_report
+    from ccdcal.report.page import build_report
 
     build_report(out)
     for facts_path in (out / "previews").glob("master-*.json"):
@@ -510,7 +510,7 @@ def test_stored_histograms_cannot_inject_markup(demo_night, tmp_path):
 
 
 def test_header_cleaning_warns_and_keeps_the_frame(small_night, tmp_path):
-    from ccdcal.inventory import scan
+    from ccdcal.planning.inventory import scan
 
     raw = fresh(small_night, tmp_path / "raw")
     set_card(raw / "m51_V_001.fits", "OBJECT", "NGC\u00a0891 é".encode())
@@ -524,7 +524,7 @@ def test_header_cleaning_warns_and_keeps_the_frame(small_night, tmp_path):
 def test_two_reductions_in_one_process_do_not_share_a_folder(small_night, tmp_path):
     """Two notebook calls (or two Dask clients in one process) on one OUT: the second is
     refused while the first holds it (flock belongs to each open file, not to the process)."""
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     raw = fresh(small_night, tmp_path / "raw")
     out = tmp_path / "out"

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from ccdcal.inventory import FrameKind, binning, classify, filter_name, scan, temperature_groups
+from ccdcal.planning.inventory import (
+    FrameKind,
+    binning,
+    classify,
+    filter_name,
+    scan,
+    temperature_groups,
+)
 
 
 def header(**cards):

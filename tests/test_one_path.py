@@ -11,7 +11,7 @@ from astropy.io import fits
 
 from ccdcal.cli import main
 from ccdcal.errors import CcdcalWarning
-from ccdcal.pipeline import ReduceOptions, reduce
+from ccdcal.pipeline.run import ReduceOptions, reduce
 
 
 @pytest.fixture(scope="module")

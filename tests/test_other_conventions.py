@@ -66,7 +66,7 @@ def other_night(tmp_path_factory):
         _write(raw / f"d{i}.fits", frame(flat * sky + dark_rate * 45.0, 498 + 2 * i),
                {"OBSTYPE": "object", "OBJECT": "NGC 2903", "EXPOSURE": 45.0, "FILTER1": "r", "FILTER2": "Clear", **day})
         truth[f"d{i}"] = sky
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     out = raw.parent / "out"
     result = reduce([raw], out, options=ReduceOptions(report=False))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ccdcal import plan as plan_module
-from ccdcal.inventory import FrameInfo, FrameKind, Inventory, Skipped
-from ccdcal.plan import (
+from ccdcal.planning import plan as plan_module
+from ccdcal.planning.inventory import FrameInfo, FrameKind, Inventory, Skipped
+from ccdcal.planning.plan import (
     CALIBRATION_CRITERIA,
     GROUP_LABELS,
     BiasMaster,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from ccdcal.pipeline import ReduceOptions, reduce
+from ccdcal.pipeline.run import ReduceOptions, reduce
 from nightgen import LightTruth, Night, make_night, reference_reduce, score
 
 # Chosen to cover the cases (checked by test_seeds_cover_the_messy_cases): a warm bias (4, 9, 25),

@@ -11,7 +11,7 @@ import pytest
 from astropy.io import fits
 
 from ccdcal.cli import main
-from ccdcal.pipeline import ReduceOptions, reduce
+from ccdcal.pipeline.run import ReduceOptions, reduce
 
 SIZE = 64
 PEDESTAL, RN, GAIN, RATE = 1411.0, 6.0, 1.4, 2.0       # ADU, ADU, e-/ADU, ADU/s

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from ccdcal.pipeline import ReduceOptions, reduce
+from ccdcal.pipeline.run import ReduceOptions, reduce
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,11 @@ def test_nickel_flat_is_normalised_and_flattens_the_sky(nickel):
     h = fits.getheader(out / "masters" / "master_flat_V.fits")
     assert h["NCOMBINE"] == 3 and 30000 < h["FLATNORM"] < 40000
     # Sparse fields: the sky after flat-fielding is flatter than before.
-    from ccdcal.calibrate import CalibratedRows
-    from ccdcal.frames import FrameSource
-    from ccdcal.inventory import scan
-    from ccdcal.plan import build_plan
-    from ccdcal.recipe import Recipe
+    from ccdcal.calibration.arithmetic import CalibratedRows
+    from ccdcal.calibration.recipe import Recipe
+    from ccdcal.io.frames import FrameSource
+    from ccdcal.planning.inventory import scan
+    from ccdcal.planning.plan import build_plan
 
     plan = build_plan(scan([raw], flag=False))
     bias = fits.getdata(out / "masters" / "master_bias.fits")

@@ -16,7 +16,7 @@ import pytest
 from scipy.special import erf
 
 from ccdcal.errors import CcdcalError, InputError
-from ccdcal.register import (
+from ccdcal.stacking.register import (
     FrameQuality,
     RegistrationError,
     Stars,

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from ccdcal.errors import InputError
-from ccdcal.frames import write_fits
-from ccdcal.report import build_report, histogram_svg
-from ccdcal.stats import frame_metrics
+from ccdcal.io.frames import write_fits
+from ccdcal.qa.stats import frame_metrics
+from ccdcal.report.page import build_report, histogram_svg
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 

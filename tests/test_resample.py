@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from ccdcal.combine import combine
+from ccdcal.combining.engine import combine
 from ccdcal.errors import InputError
-from ccdcal.resample import ResampledRows, resample_array
+from ccdcal.stacking.resample import ResampledRows, resample_array
 from starfield import catalogue, centroid, observe, rotation, shift, source_positions, write_light
 
 SHAPE = (128, 160)

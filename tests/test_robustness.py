@@ -135,8 +135,8 @@ def test_unwritable_output_folder_is_exit_2(demo_night, tmp_path):
 
 
 def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night, tmp_path, monkeypatch):
-    from ccdcal import frames
-    from ccdcal.pipeline import ReduceOptions, reduce, verify
+    from ccdcal.io import frames
+    from ccdcal.pipeline.run import ReduceOptions, reduce, verify
 
     real_write = frames._write_hdus
     calls = {"n": 0}
@@ -187,7 +187,7 @@ def test_work_given_to_a_fits_write_runs_while_the_file_is_made_durable(tmp_path
     fsync'ed in another thread, before it is renamed into place: the fsync here waits for the
     work to release it. The call returns with the whole file in place, and the work gets the
     file's DATASUM."""
-    from ccdcal.frames import write_fits
+    from ccdcal.io.frames import write_fits
 
     gate, calls = _gated_fsync(monkeypatch)
     path = tmp_path / "out" / "light.fits"
@@ -212,7 +212,7 @@ def test_a_failed_fsync_beside_the_given_work_leaves_no_file_and_says_so(tmp_pat
     disk's error is raised (one line, as for any write), no file or partial is left, and an
     older file of that name is kept whole. The work's own error alone is raised as it is,
     with the new file in place."""
-    from ccdcal.frames import write_fits
+    from ccdcal.io.frames import write_fits
 
     path = tmp_path / "light.fits"
     old = np.ones((20, 30), np.float32)
@@ -238,7 +238,7 @@ def test_a_failed_fsync_beside_the_given_work_leaves_no_file_and_says_so(tmp_pat
 def test_disk_full_on_the_cli_is_exit_1_without_traceback(demo_night, tmp_path):
     script = (
         "import errno, sys\n"
-        "from ccdcal import frames\n"
+        "from ccdcal.io import frames\n"
         "def boom(tmp, hdul, direct=False):\n"
         "    open(tmp, 'wb').write(b'x' * 100)\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
@@ -349,7 +349,7 @@ header_values = st.one_of(printable, st.integers(-10**6, 10**6), st.floats(allow
 @given(imagetyp=header_values, exptime=header_values, filt=header_values, biassec=printable, trimsec=printable,
        ccdsum=header_values)
 def test_fuzzed_headers_never_crash_classification(imagetyp, exptime, filt, biassec, trimsec, ccdsum):
-    from ccdcal.inventory import FrameKind, frame_info
+    from ccdcal.planning.inventory import FrameKind, frame_info
 
     h = fits.Header()
     for key, value in (("IMAGETYP", imagetyp), ("EXPTIME", exptime), ("FILTER", filt), ("BIASSEC", biassec),
@@ -367,7 +367,7 @@ def test_fuzzed_headers_never_crash_classification(imagetyp, exptime, filt, bias
 @given(biassec=st.one_of(st.none(), printable, st.from_regex(r"\[\d{1,2}:\d{1,2},\d{1,2}:\d{1,2}\]", fullmatch=True)),
        trimsec=st.one_of(st.none(), printable, st.from_regex(r"\[\d{1,2}:\d{1,2},\d{1,2}:\d{1,2}\]", fullmatch=True)))
 def test_fuzzed_sections_raise_only_input_errors(biassec, trimsec):
-    from ccdcal.overscan import overscan_geometry
+    from ccdcal.calibration.overscan import overscan_geometry
 
     try:
         spec, trim = overscan_geometry((40, 50), biassec, trimsec)
@@ -381,7 +381,7 @@ def test_fuzzed_sections_raise_only_input_errors(biassec, trimsec):
 
 
 def test_raw_file_is_opened_read_only(demo_night):
-    from ccdcal.frames import FrameSource
+    from ccdcal.io.frames import FrameSource
 
     path = demo_night / "raw" / "bias_001.fits"
     before = path.read_bytes()

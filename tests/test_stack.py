@@ -11,7 +11,7 @@ import pytest
 from astropy.io import fits
 
 from ccdcal.errors import CcdcalWarning, InputError
-from ccdcal.stack import StackResult, stack
+from ccdcal.stacking.engine import StackResult, stack
 from starfield import (
     catalogue,
     centroid,

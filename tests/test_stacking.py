@@ -17,7 +17,7 @@ import pytest
 from astropy.io import fits
 
 import starfield as sf
-from ccdcal.stacking import stack_files
+from ccdcal.stacking.workflow import stack_files
 
 SHAPE = (300, 320)
 
@@ -173,7 +173,7 @@ def test_no_frame_with_stars_is_a_one_line_error(field, tmp_path):
 
 def test_reduce_stack_makes_one_stack_per_target_and_filter_resumably(tmp_path):
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     raw = write_night(tmp_path / "raw", size=256, seed=8, n_light=3)
     options = ReduceOptions(stack=True)
@@ -206,9 +206,9 @@ def test_real_nickel_lights_register_through_cosmic_rays(real_data, tmp_path_fac
     stars, not cosmic rays (FWHM of the seeing, 7-10 px here), and a frame registers to a
     shifted crop and to a meridian-flipped copy of itself to < 0.05 px. Each light is a
     different target, so two exposures of one field cannot be tested on this data."""
-    from ccdcal.pipeline import ReduceOptions, reduce
-    from ccdcal.register import detect_stars, find_transform
-    from ccdcal.stacking import _read_frame
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.stacking.register import detect_stars, find_transform
+    from ccdcal.stacking.workflow import _read_frame
 
     out = tmp_path_factory.mktemp("nickel-stack")
     reduce([real_data / "nickel-lick" / "raw"], out, options=ReduceOptions(report=False))

@@ -115,7 +115,7 @@ def test_calibrated_header_tells_what_was_done(demo_night):
 
 
 def test_rerun_is_idempotent(demo_night, tmp_path):
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     before = {p.name: p.read_bytes() for p in (demo_night / "out" / "calibrated").iterdir()}
     result = reduce([demo_night / "raw"], demo_night / "out", options=ReduceOptions(report=False))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from ccdcal import masters
-from ccdcal.hashing import HASH, file_hash, remember_hashes
+from ccdcal.calibration import masters
+from ccdcal.io.hashing import HASH, file_hash, remember_hashes
 
 
 class _Rows:
@@ -35,7 +35,7 @@ def _vignetted_flat(level: float, seed: int, shape=(3000, 4096)) -> np.ndarray:
 
 
 def _scales(frames, sample_pixels):
-    from ccdcal.combine import CombineOptions, measure_factors
+    from ccdcal.combining.engine import CombineOptions, measure_factors
 
     sources = [_Rows(f) for f in frames]
     options = CombineOptions.create(len(frames), scale="median")
@@ -86,9 +86,9 @@ def test_the_report_reads_no_light_or_master_the_tasks_previewed(tmp_path, monke
     import json
     import re
 
-    from ccdcal import report as report_module
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.report import page as report_module
 
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=2)
@@ -129,9 +129,10 @@ def test_a_master_preview_that_fails_in_its_task_stops_nothing(tmp_path, monkeyp
     import json
     import threading
 
-    from ccdcal import report as report_module
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline import tasks as tasks_module
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.report import page as report_module
 
     original = report_module.write_master_previews
     failed = []
@@ -143,6 +144,7 @@ def test_a_master_preview_that_fails_in_its_task_stops_nothing(tmp_path, monkeyp
         return original(*args, **kwargs)
 
     monkeypatch.setattr(report_module, "write_master_previews", only_on_the_main_thread)
+    monkeypatch.setattr(tasks_module, "write_master_previews", only_on_the_main_thread)   # the tasks' name
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=2)
     out = tmp_path / "out"
@@ -159,9 +161,9 @@ def test_previews_left_damaged_by_a_power_cut_are_made_again(tmp_path, monkeypat
     older than its JSON. The report checks each PNG against the hash its JSON recorded: the
     damaged ones (emptied, or another preview's bytes) are made again from the outputs, the same
     bytes as before; the intact ones are taken as they are."""
-    from ccdcal import report as report_module
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.report import page as report_module
 
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=2, n_light=2)
@@ -187,8 +189,8 @@ def test_a_light_holds_no_more_than_the_bytes_per_pixel_the_pipeline_budgets():
     arrays (tracemalloc sees numpy's) must stay within it, less the raw frame read before."""
     import tracemalloc
 
-    from ccdcal.calibrate import Master, calibrate_frame
-    from ccdcal.pipeline import LIGHT_BYTES_PER_PIXEL
+    from ccdcal.calibration.arithmetic import Master, calibrate_frame
+    from ccdcal.pipeline.run import LIGHT_BYTES_PER_PIXEL
 
     n = 512
     rng = np.random.default_rng(0)
@@ -215,10 +217,10 @@ def test_a_light_holds_no_more_than_the_bytes_per_pixel_the_pipeline_budgets():
 
 def test_lights_in_flight_follow_the_memory_budget(tmp_path):
     from ccdcal.demo import write_night
-    from ccdcal.inventory import scan
-    from ccdcal.options import ReduceOptions
-    from ccdcal.pipeline import LIGHT_BYTES_PER_PIXEL, lights_in_flight
-    from ccdcal.plan import build_plan
+    from ccdcal.pipeline.options import ReduceOptions
+    from ccdcal.pipeline.run import LIGHT_BYTES_PER_PIXEL, lights_in_flight
+    from ccdcal.planning.inventory import scan
+    from ccdcal.planning.plan import build_plan
 
     write_night(tmp_path / "raw", size=64, seed=1, n_light=3)
     plan = build_plan(scan([tmp_path / "raw"]), ReduceOptions().plan_options())
@@ -253,7 +255,7 @@ def _sigma_formula(signal, read_noise, gain, bias_u=None, dark_u=None, dark_scal
 def test_uncertainty_plane_is_the_documented_formula_bit_for_bit():
     """The light's σ plane comes from a fused numba kernel; a plain numpy evaluation of the
     formula (in the test) gives the same bits, NaN, infinities and negative signal included."""
-    from ccdcal.calibrate import calibrated_uncertainty
+    from ccdcal.calibration.arithmetic import calibrated_uncertainty
 
     rng = np.random.default_rng(3)
     shape = (64, 96)
@@ -299,8 +301,8 @@ def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
 
     from astropy.io import fits
 
-    from ccdcal.frames import write_fits
-    from ccdcal.hashing import _HASHES, _hash_key
+    from ccdcal.io.frames import write_fits
+    from ccdcal.io.hashing import _HASHES, _hash_key
 
     rng = np.random.default_rng(5)
     for shape in [(1, 1), (7, 13), (5, 3), (333, 517)]:      # odd sizes: partial words and blocks
@@ -341,7 +343,7 @@ def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsam
 
     from astropy.stats import sigma_clipped_stats
 
-    from ccdcal.report import STATS_PIXELS, write_light_previews
+    from ccdcal.report.page import STATS_PIXELS, write_light_previews
 
     rng = np.random.default_rng(12)
     shape = (2048, 2048)
@@ -361,7 +363,7 @@ def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsam
 
 def test_dark_subtraction_in_place_rounds_as_numpy_does():
     """subtract_dark's kernel (no frame-sized temporary) against numpy's data - float32(k)*dark."""
-    from ccdcal.calibrate import subtract_dark
+    from ccdcal.calibration.arithmetic import subtract_dark
 
     rng = np.random.default_rng(3)
     for scale in (0.0167, 1.0, 1 / 3, 2.7):
@@ -380,8 +382,8 @@ def test_the_scan_hashes_the_files_it_reads_as_xxhash_hashes_them(tmp_path):
     and for an image in an extension followed by another HDU; a dry scan hashes nothing."""
     from astropy.io import fits
 
-    from ccdcal import hashing
-    from ccdcal.inventory import flag_groups, scan
+    from ccdcal.io import hashing
+    from ccdcal.planning.inventory import flag_groups, scan
 
     rng = np.random.default_rng(8)
     paths = []
@@ -432,7 +434,7 @@ def test_the_one_pass_calibration_is_numpys_sequence_bit_for_bit():
     """calibrate_frame's bias, dark, flat and σ are one numba pass; numpy's step-by-step float32
     arithmetic (written here) gives the same bits for every combination of masters, with NaN,
     infinities, dead flat pixels and a zero dark scale, into reused output arrays too."""
-    from ccdcal.calibrate import Master, calibrate_frame
+    from ccdcal.calibration.arithmetic import Master, calibrate_frame
 
     rng = np.random.default_rng(11)
     shape = (70, 131)
@@ -491,8 +493,8 @@ def test_lights_calibrated_in_reused_memory_keep_nothing_of_the_light_before(tmp
 
     from ccdcal import reduce
     from ccdcal.demo import write_night
-    from ccdcal.options import ReduceOptions
-    from ccdcal.tasks import BufferPool
+    from ccdcal.pipeline.options import ReduceOptions
+    from ccdcal.pipeline.tasks import BufferPool
 
     raw = tmp_path / "raw"
     write_night(raw, size=64, seed=4, n_light=4)
@@ -533,9 +535,9 @@ def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
     import time
     from collections import OrderedDict
 
-    from ccdcal.calibrate import Master, _add_master_masks, _master_masks
+    from ccdcal.calibration.arithmetic import Master, _add_master_masks, _master_masks
 
-    calibrate = importlib.import_module("ccdcal.calibrate")   # the module (ccdcal.calibrate is also a function)
+    calibrate = importlib.import_module("ccdcal.calibration.arithmetic")
     monkeypatch.setattr(calibrate, "_DERIVED", OrderedDict())
     rng = np.random.default_rng(2)
     dark_data = rng.normal(5, 1, (40, 50)).astype(np.float32)
@@ -589,15 +591,15 @@ def test_what_the_first_lights_share_is_made_while_the_last_master_is_written(tm
     from astropy.io import fits
 
     from ccdcal import reduce
+    from ccdcal._shared.pool import kernels_threadsafe
     from ccdcal.demo import write_night
-    from ccdcal.options import ReduceOptions
-    from ccdcal.pool import kernels_threadsafe
+    from ccdcal.pipeline.options import ReduceOptions
 
     if not kernels_threadsafe():
         pytest.skip("masters are written in a thread only on a threadsafe numba layer")
-    calibrate = importlib.import_module("ccdcal.calibrate")
-    pipeline = importlib.import_module("ccdcal.pipeline")
-    tasks = importlib.import_module("ccdcal.tasks")
+    calibrate = importlib.import_module("ccdcal.calibration.arithmetic")
+    pipeline = importlib.import_module("ccdcal.pipeline.run")
+    tasks = importlib.import_module("ccdcal.pipeline.tasks")
     raw = tmp_path / "raw"
     write_night(raw, size=64, seed=6, n_light=3)             # two filters: two sets of masters
     made, in_light = [], []
@@ -634,7 +636,7 @@ def test_what_the_first_lights_share_is_made_while_the_last_master_is_written(tm
     assert not made
 
     made.clear()
-    monkeypatch.setattr(tasks, "prepare_lights", lambda jobs, ctx: None)
+    monkeypatch.setattr(pipeline, "prepare_lights", lambda jobs, ctx: None)   # where reduce looks it up
     second = reduce(raw, tmp_path / "by-lights", options=options)
     assert made and all(by_light for _, by_light in made)
     for rel in first.lights:
@@ -646,7 +648,7 @@ def test_what_the_first_lights_share_is_made_while_the_last_master_is_written(tm
     def broken(jobs, ctx):
         raise MemoryError("no room to prepare")
 
-    monkeypatch.setattr(tasks, "prepare_lights", broken)
+    monkeypatch.setattr(pipeline, "prepare_lights", broken)
     third = reduce(raw, tmp_path / "failed-prepare", options=options)
     manifest = json.loads((tmp_path / "failed-prepare" / "manifest.json").read_text())
     assert sorted(third.lights) == sorted(first.lights) and not third.skipped
@@ -657,8 +659,8 @@ def test_hot_pixels_are_numpys_whole_frame_expression():
     """hot_pixel_mask works a band of pixels at a time and samples without copying when every
     pixel is finite; the mask is numpy's whole-frame expression (written here) bit for bit,
     with and without NaN, with a per-pixel uncertainty, on a frame over the 1M-pixel sample."""
-    from ccdcal.masters import hot_pixel_mask
-    from ccdcal.robust import robust_std
+    from ccdcal._shared.robust import robust_std
+    from ccdcal.calibration.masters import hot_pixel_mask
 
     def whole(dark, sigma, uncertainty=None):
         finite = np.isfinite(dark)
@@ -687,7 +689,7 @@ def test_hot_pixels_are_numpys_whole_frame_expression():
 def test_the_rejection_map_is_numpys_block_mean_of_the_counts():
     """rejection_map bins low + high rejections block by block; numpy's float64 block means of
     the summed counts (written here), square-rooted against their maximum, bit for bit."""
-    from ccdcal.masters import rejection_map
+    from ccdcal.calibration.masters import rejection_map
 
     rng = np.random.default_rng(13)
     for shape in ((1700, 1650), (800, 801), (90, 60)):
@@ -708,9 +710,9 @@ def test_calibrated_member_rows_decode_into_the_tile_with_the_values_they_read(t
     trimmed columns (then copied)."""
     from astropy.io import fits
 
-    from ccdcal.calibrate import CalibratedRows
-    from ccdcal.frames import FrameSource
-    from ccdcal.recipe import Recipe
+    from ccdcal.calibration.arithmetic import CalibratedRows
+    from ccdcal.calibration.recipe import Recipe
+    from ccdcal.io.frames import FrameSource
     from ccdcal.sections import Section
 
     rng = np.random.default_rng(14)
@@ -744,7 +746,7 @@ def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
     """finish_master is one numba pass, in place on the combine's planes; numpy's element-wise
     steps written here (normalise, mask weak and empty pixels, fill holes) give the same bits,
     and the flat's level is numpy's float64 median of the central half (odd and even counts)."""
-    from ccdcal.masters import finish_master, flat_level, hot_pixel_mask
+    from ccdcal.calibration.masters import finish_master, flat_level, hot_pixel_mask
 
     rng = np.random.default_rng(8)
     f32 = np.float32
@@ -795,7 +797,7 @@ def test_16_bit_rows_decode_as_numpys_float32_steps(tmp_path):
     numpy's conversion, 12-15 ms for a 4096² frame.)"""
     from astropy.io import fits
 
-    from ccdcal.frames import FrameSource
+    from ccdcal.io.frames import FrameSource
 
     rng = np.random.default_rng(21)
     stored = rng.integers(-32768, 32768, (37, 53), dtype=np.int16)
@@ -839,7 +841,7 @@ def test_frame_metrics_of_a_finite_frame_are_those_that_ignore_nan():
     """The scan's block and column medians use numpy's plain median when the sample has no NaN;
     numpy's nanmedian of the same sample (computed here) gives the same numbers; with NaN in
     the frame the NaN-aware path is taken."""
-    from ccdcal.stats import frame_metrics
+    from ccdcal.qa.stats import frame_metrics
 
     rng = np.random.default_rng(4)
     for shape in ((512, 512), (300, 700), (1024, 999)):
@@ -868,14 +870,14 @@ def test_the_command_keeps_freed_frames_for_the_next_ones():
     import subprocess
     import sys
 
-    from ccdcal import _memory
+    from ccdcal._shared import memory as _memory
 
     if _memory._glibc() is None:
         pytest.skip("glibc's allocator only")
     script = """
 import resource, sys, threading
 import numpy as np
-from ccdcal import _memory
+from ccdcal._shared import memory as _memory
 
 taken = _memory.keep_freed_memory() if sys.argv[1] == "keep" else None
 
@@ -917,12 +919,12 @@ def test_on_a_layer_that_is_not_threadsafe_the_night_runs_one_kernel_at_a_time(t
     from astropy.io import fits
 
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
 
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=4)
     threaded = reduce([raw], tmp_path / "threaded", options=ReduceOptions(report=False))
-    monkeypatch.setattr(importlib.import_module("ccdcal.pool"), "kernels_threadsafe", lambda: False)
+    monkeypatch.setattr(importlib.import_module("ccdcal._shared.pool"), "kernels_threadsafe", lambda: False)
     names = []
     real_start = threading.Thread.start
 
@@ -950,9 +952,9 @@ def test_previews_of_an_output_rebuilt_within_the_timestamp_resolution_are_made_
 
     from astropy.io import fits
 
-    from ccdcal import report as report_module
     from ccdcal.demo import write_night
-    from ccdcal.pipeline import ReduceOptions, reduce
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.report import page as report_module
 
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=2)
@@ -1030,7 +1032,7 @@ def test_an_output_written_uncached_leaves_its_pages_out_of_the_page_cache(tmp_p
     reuses that memory); the default keeps them; both files are whole and verify."""
     from astropy.io import fits
 
-    from ccdcal.frames import write_fits
+    from ccdcal.io.frames import write_fits
 
     if not _page_cache_drops_here(tmp_path):
         pytest.skip("this filesystem keeps a file's pages in memory (tmpfs)")
@@ -1054,11 +1056,11 @@ def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tm
     import importlib
 
     from ccdcal import reduce
+    from ccdcal._shared.pool import kernels_threadsafe
     from ccdcal.demo import write_night
-    from ccdcal.options import ReduceOptions
-    from ccdcal.pool import kernels_threadsafe
+    from ccdcal.pipeline.options import ReduceOptions
 
-    frames = importlib.import_module("ccdcal.frames")
+    frames = importlib.import_module("ccdcal.io.frames")
     real = frames._commit
     commits: dict[str, bool] = {}
 
@@ -1102,14 +1104,14 @@ def test_memory_warmed_ahead_is_the_memory_the_next_arrays_take():
     import subprocess
     import sys
 
-    from ccdcal import _memory
+    from ccdcal._shared import memory as _memory
 
     if _memory._glibc() is None:
         pytest.skip("glibc's allocator only")
     script = """
 import resource, sys, threading
 import numpy as np
-from ccdcal import _memory
+from ccdcal._shared import memory as _memory
 
 # glibc's thresholds and warm_heap's blocks made small: 1 GiB asked, 112 MiB warmed (a free top of
 # the heap above the trim threshold would go back to the system), in blocks below the threshold
@@ -1140,10 +1142,10 @@ print(warmed, counts[0])
     assert results["keep"][0] == "None"
     assert results["warm"][1] * 4 < results["keep"][1], results
     # without keep_freed_memory, warm_heap declines; stopped, it ends at once
-    proc = subprocess.run([sys.executable, "-c", "from ccdcal import _memory; print(_memory.warm_heap(1 << 20))"],
+    proc = subprocess.run([sys.executable, "-c", "from ccdcal._shared import memory as _memory; print(_memory.warm_heap(1 << 20))"],
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
-    stopped = ("import resource, threading\nimport numpy\nfrom ccdcal import _memory\n_memory.keep_freed_memory()\n"
+    stopped = ("import resource, threading\nimport numpy\nfrom ccdcal._shared import memory as _memory\n_memory.keep_freed_memory()\n"
                "stop = threading.Event(); stop.set()\n"
                "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
                "print(_memory.warm_heap(1 << 30, stop), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
@@ -1160,11 +1162,12 @@ def test_the_memory_warmed_for_a_night_is_what_its_lights_and_two_masters_hold(t
 
     from astropy.io import fits
 
-    from ccdcal import _memory, reduce
+    from ccdcal import reduce
+    from ccdcal._shared import memory as _memory
     from ccdcal.demo import write_night
-    from ccdcal.frames import primary_pixels
-    from ccdcal.options import ReduceOptions
-    from ccdcal.pipeline import warm_bytes
+    from ccdcal.io.frames import primary_pixels
+    from ccdcal.pipeline.options import ReduceOptions
+    from ccdcal.pipeline.run import warm_bytes
 
     raw = tmp_path / "raw"
     write_night(raw, size=64, seed=9, n_light=2)
@@ -1231,7 +1234,7 @@ def _direct_io_here(folder) -> bool:
 
 
 def _hdul_for_writing(shape=(301, 517)):
-    from ccdcal.frames import add_checksums, fits_hdus
+    from ccdcal.io.frames import add_checksums, fits_hdus
 
     data = np.random.default_rng(5).normal(100, 5, shape).astype(np.float32)
     hdul = fits_hdus(data, uncertainty=data / 10, mask=(data > 105).astype(np.uint8), unit="adu")
@@ -1247,7 +1250,7 @@ def test_a_file_written_directly_is_the_file_written_through_the_page_cache(tmp_
     the first write) the file is written through the page cache, whole."""
     from astropy.io import fits
 
-    from ccdcal import frames
+    from ccdcal.io import frames
 
     data, hdul = _hdul_for_writing()
     plain = frames.write_hdus(tmp_path / "plain.fits", hdul)
@@ -1326,7 +1329,7 @@ def test_the_read_noise_of_a_pair_is_the_written_out_clipped_std_bit_for_bit():
     numbers of the steps written out here with numpy: median, 1.4826 × MAD about it, then up
     to 5 passes of 4σ clipping about the mean of the survivors (ddof=1), over √2; with integer
     bias frames and a cosmic ray grid, and with float frames holding a NaN."""
-    from ccdcal.masters import read_noise_from_pair
+    from ccdcal.calibration.masters import read_noise_from_pair
 
     def written_out(first, second):
         v = first.astype(np.float64) - second.astype(np.float64)
@@ -1361,7 +1364,7 @@ def test_a_flat_floor_given_as_numpy_float64_floors_the_data_as_it_masks():
     yet masked. safe_flat and low_flat_mask take the floor as float32 too: a pixel is masked
     exactly when it is not divided, whatever the floor's type, and the numpy row pass
     (apply_masters) divides as the kernel does."""
-    from ccdcal.calibrate import MASK_LOW_FLAT, Master, apply_masters, calibrate_frame
+    from ccdcal.calibration.arithmetic import MASK_LOW_FLAT, Master, apply_masters, calibrate_frame
 
     flat = np.ones((4, 5), np.float32)
     flat[1, 1], flat[2, 2] = np.float32(0.7), np.float32(0.5)

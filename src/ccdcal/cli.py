@@ -46,7 +46,7 @@ def _add_scan(p: argparse.ArgumentParser) -> None:
 
 
 def _run_scan(args) -> int:
-    from .inventory import scan
+    from .planning.inventory import scan
     from .ui import print_inventory
 
     inventory = scan(args.paths, flag=not args.no_flags)
@@ -99,7 +99,7 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
 
 
 def _run_reduce(args) -> int:
-    from .pipeline import ReduceOptions, reduce
+    from .pipeline.run import ReduceOptions, reduce
     from .ui import print_plan, print_summary, track
 
     options = ReduceOptions.from_sources(args.config, vars(args))
@@ -126,7 +126,7 @@ def _run_demo(args) -> int:
     from pathlib import Path
 
     from .demo import write_night
-    from .pipeline import ReduceOptions, reduce
+    from .pipeline.run import ReduceOptions, reduce
     from .ui import console, print_summary, track
 
     folder = Path(args.folder)
@@ -161,10 +161,10 @@ def _add_stats(p: argparse.ArgumentParser) -> None:
 def _run_stats(args) -> int:
     import math
 
+    from ._shared.names import printable
     from .errors import InputError
-    from .frames import find_fits, read_image
-    from .names import printable
-    from .stats import region_stats
+    from .io.frames import find_fits, read_image
+    from .qa.stats import region_stats
     from .ui import warn
 
     rows = []
@@ -236,8 +236,8 @@ def _run_stretch(args) -> int:
     from pathlib import Path
 
     from .errors import InputError
-    from .frames import read_image, write_bytes, write_fits
-    from .guard import refuse_overwrite
+    from .io.frames import read_image, write_bytes, write_fits
+    from .io.guard import refuse_overwrite
     from .stretch import png_bytes, stretch
 
     if not 0.0 < args.target < 1.0:
@@ -272,7 +272,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args) -> int:
-    from .report import build_report
+    from .report.page import build_report
 
     path = build_report(args.output)
     print(f"report: {path.resolve()}")
@@ -287,8 +287,8 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 def _run_verify(args) -> int:
     from rich.markup import escape
 
-    from .names import printable
-    from .pipeline import verify
+    from ._shared.names import printable
+    from .pipeline.run import verify
     from .ui import console, warn
 
     result = verify(args.folder)
@@ -332,10 +332,10 @@ def _add_combine(p: argparse.ArgumentParser) -> None:
 
 
 def _run_combine(args) -> int:
-    from .combine import combine
-    from .frames import find_fits, header_value, write_fits
-    from .guard import refuse_overwrite
-    from .names import printable
+    from ._shared.names import printable
+    from .combining.engine import combine
+    from .io.frames import find_fits, header_value, write_fits
+    from .io.guard import refuse_overwrite
 
     paths = find_fits(args.paths)
     refuse_overwrite(paths, files=[args.output])
@@ -399,9 +399,9 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
 
 def _run_calibrate(args) -> int:
     """``ccdcal calibrate``: the task ``reduce`` runs for each light, with the masters given here."""
-    from .api import calibrate_files
-    from .frames import find_fits
-    from .options import ReduceOptions
+    from .io.frames import find_fits
+    from .notebook import calibrate_files
+    from .pipeline.options import ReduceOptions
     from .ui import console, warn
 
     options = ReduceOptions.from_sources(None, vars(args))
@@ -437,8 +437,8 @@ def _add_stack(p: argparse.ArgumentParser) -> None:
 def _run_stack(args) -> int:
     import json
 
-    from .frames import find_fits
-    from .stacking import stack_files
+    from .io.frames import find_fits
+    from .stacking.workflow import stack_files
     from .ui import print_stack, track
 
     run = stack_files(find_fits(args.paths), args.output, reference=args.reference, reject=args.reject,
@@ -504,8 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    from ._shared.names import printable
     from .errors import CcdcalError
-    from .names import printable
 
     try:
         with _warnings_on_stderr():
@@ -528,9 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> NoReturn:
     """The ``ccdcal`` command: :func:`main` in a process that is ours alone, so its allocator
-    keeps freed frames for the next ones (:func:`ccdcal._memory.keep_freed_memory`), and that
+    keeps freed frames for the next ones (:func:`ccdcal._shared.memory.keep_freed_memory`), and that
     ends without the interpreter's teardown once its output is flushed (:func:`_exit_now`)."""
-    from ._memory import keep_freed_memory
+    from ._shared.memory import keep_freed_memory
 
     keep_freed_memory()
     _exit_now(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .frames import write_text
+from .io.frames import write_text
 
 GAIN = 1.5            # e-/ADU
 READ_NOISE = 4.5      # ADU

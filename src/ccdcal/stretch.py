@@ -23,7 +23,8 @@ import warnings
 
 import numpy as np
 
-from .robust import MAD_TO_STD
+from ._shared._kernels import block_mean
+from ._shared.robust import MAD_TO_STD
 
 METHODS = ("autostf", "mtf", "mtf-rnc", "rnc", "asinh", "linear")
 
@@ -245,7 +246,6 @@ def downsample(data: np.ndarray, max_size: int) -> np.ndarray:
     factor = max(1, math.ceil(max(image.shape) / max(int(max_size), 1)))
     if factor == 1:
         return image
-    from ._kernels import block_mean
 
     ny, nx = image.shape
     out = np.empty((-(-ny // factor), -(-nx // factor)), np.float32)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from .names import printable
+from ._shared.names import printable
 
 T = TypeVar("T")
 
@@ -132,7 +132,7 @@ def print_inventory(inventory, *, out=None) -> None:
     Parameters
     ----------
     inventory : Inventory
-        The result of :func:`ccdcal.inventory.scan`.
+        The result of :func:`ccdcal.planning.inventory.scan`.
     out : rich.console.Console, optional
         Where to print; the standard-output console by default.
     """

@@ -1,0 +1,139 @@
+"""File identity: the XXH3-128 hash of a file's bytes (:data:`HASH`), cached per (path, size,
+mtime) within the process, computed ahead in a background thread, taken from the bytes as they
+are written or read, or trusted from an earlier run's manifest. :mod:`ccdcal.io.manifest` and the
+FITS writer (:mod:`ccdcal.io.frames`) both use it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+#: The manifest's key for the hash of a file's bytes, and the algorithm's name.
+HASH = "xxh3_128"
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+_PENDING: dict[tuple[str, int, int], Any] = {}
+_HASH_LOCK = threading.Lock()
+_HASH_POOL: Any = None
+
+
+def _hash_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def new_digest() -> Any:
+    """A fresh hash object (``update``, ``hexdigest``) of the manifest's algorithm, :data:`HASH`."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def file_hash(path: Path) -> str:
+    """The :data:`HASH` of a file's bytes (hex), cached per (path, size, mtime) within the
+    process (a hash :func:`prefetch_hashes` is computing is waited for, not computed twice)."""
+    path = Path(path)
+    key = _hash_key(path)
+    with _HASH_LOCK:
+        if key in _HASHES:
+            return _HASHES[key]
+        pending = _PENDING.get(key)
+    if pending is not None:
+        return pending.result()
+    return _compute_hash(path, key)
+
+
+def _compute_hash(path: Path, key: tuple[str, int, int]) -> str:
+    digest = new_digest()
+    with open(path, "rb") as fh:
+        hash_rest(fh, digest)
+    value = digest.hexdigest()
+    with _HASH_LOCK:
+        _HASHES[key] = value
+        _PENDING.pop(key, None)
+    return value
+
+
+def hash_rest(fh: Any, digest: Any) -> None:
+    """Add the rest of the open file ``fh`` to ``digest``, 4 MiB at a time."""
+    for block in iter(lambda: fh.read(1 << 22), b""):
+        digest.update(block)  # releases the GIL: hashing overlaps other work
+
+
+def prefetch_hashes(paths: Any) -> None:
+    """Start hashing ``paths`` in one background thread (inputs of a run, while the masters are
+    built); :func:`file_hash` then finds the hash made or waits for it."""
+    global _HASH_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _HASH_LOCK:
+        if _HASH_POOL is None:
+            _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-hash")
+    for path in dict.fromkeys(Path(p) for p in paths):
+        try:
+            key = _hash_key(path)
+        except OSError:
+            continue
+        with _HASH_LOCK:
+            if key in _HASHES or key in _PENDING:
+                continue
+            _PENDING[key] = _HASH_POOL.submit(_compute_hash, path, key)
+
+
+def remember_hashes(inputs: Any) -> int:
+    """Take the hashes of input records of an earlier run (``{"path", "size", "mtime",
+    HASH}``) for files whose size and modification time are unchanged, as ``make`` and
+    ``rsync`` trust them; returns how many were taken (records of another algorithm are not).
+    Not used with ``--force``."""
+    taken = 0
+    for record in inputs:
+        try:
+            path = Path(record["path"])
+            st = path.stat()
+            same = st.st_size == record["size"] and st.st_mtime == record["mtime"] and record.get(HASH)
+        except (OSError, KeyError, TypeError):
+            continue
+        if same:
+            with _HASH_LOCK:
+                _HASHES[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = str(record[HASH])
+            taken += 1
+    return taken
+
+
+def remember_digest(path: Path, value: str) -> None:
+    """Record the hash of a file this process has just written (taken from the bytes as they
+    were written), so :func:`file_hash` does not read it back."""
+    remember_hash(_hash_key(Path(path)), value)
+
+
+def hash_around(path: Path, offset: int, data: Any) -> tuple[tuple[str, int, int], str] | None:
+    """The hash of a file whose bytes ``offset .. offset + len(data)`` are ``data``, already read
+    (the pixels a scan task read): only the bytes around them are read again. Remembered for
+    :func:`file_hash`; returns (key, hash) for another process to :func:`remember_hash`, or
+    None when the file changed (size or modification time) meanwhile."""
+    path = Path(path)
+    key = _hash_key(path)
+    with _HASH_LOCK:
+        if key in _HASHES:          # known (from the previous manifest): not hashed again
+            return key, _HASHES[key]
+    view = memoryview(data).cast("B")
+    digest = new_digest()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(offset))
+        digest.update(view)             # releases the GIL
+        fh.seek(offset + view.nbytes)
+        hash_rest(fh, digest)
+    if _hash_key(path) != key:
+        return None
+    value = digest.hexdigest()
+    remember_hash(key, value)
+    return key, value
+
+
+def remember_hash(key: Any, value: str) -> None:
+    """Record a hash made by :func:`hash_around` (perhaps in a worker process)."""
+    with _HASH_LOCK:
+        _HASHES[(str(key[0]), int(key[1]), int(key[2]))] = value
+

@@ -1,0 +1,2 @@
+"""The shell that runs a night: `run` (`ccdcal.reduce`), the tasks, the executors and the
+options."""

@@ -1,0 +1,168 @@
+"""Where the tasks of a reduction run: threads in this process, or a dask.distributed cluster.
+
+An executor offers :meth:`map` (results in input order, so nothing depends on how many
+workers ran them or where), :meth:`bands` (how the rows of one master are split into tasks)
+and :meth:`check_access` (whether every worker sees the run's paths). The pipeline only
+talks to this interface; :func:`make_executor` picks the executor from ``--scheduler``:
+
+- ``None``: :class:`LocalExecutor`, threads in this process;
+- ``"local:N"``: a dask ``LocalCluster`` of N worker processes on this machine;
+- ``"tcp://HOST:PORT"`` (or any address dask understands): a running dask scheduler.
+
+Only tasks (module-level functions), paths, row bounds and small frozen values travel to a
+worker; the workers read their inputs and write their outputs themselves, so they need the
+same paths as the client (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .._shared.pool import LocalExecutor
+from ..errors import CcdcalWarning, ConfigError, InputError
+
+#: bytes per output pixel a master band holds on a worker (data, uncertainty, rejection
+#: counts, mask) plus its share of the tiles: used to size the bands under ``--memory``
+MASTER_BAND_BYTES_PER_PIXEL = 16
+
+
+class DaskExecutor:
+    """Tasks on a dask.distributed cluster (``address``: a scheduler, or ``local:N``).
+
+    Results come back in input order. A worker that dies mid-task is survived: the
+    scheduler reruns its tasks elsewhere (outputs are written atomically, so a killed task
+    leaves no half file). Exceptions of a task are re-raised here.
+    """
+
+    shares_memory = False   # workers are other processes: what they use must be on disk
+
+    def __init__(self, address: str, *, memory: int | None = None):
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise ConfigError("--scheduler needs dask.distributed: pip install 'ccdcal[dask]'") from exc
+        self._cluster = None
+        if address.startswith("local:"):
+            try:
+                n = int(address.split(":", 1)[1])
+            except ValueError as exc:
+                raise ConfigError(f"--scheduler {address}: use local:N with N worker processes") from exc
+            if n < 1:
+                raise ConfigError(f"--scheduler {address}: needs at least one worker")
+            self._cluster = LocalCluster(n_workers=n, threads_per_worker=max(1, (os.cpu_count() or 1) // n),
+                                         processes=True, dashboard_address=":0",
+                                         memory_limit=0, silence_logs=40)
+            target: Any = self._cluster
+        else:
+            target = address
+        try:
+            self.client = Client(target, timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            if self._cluster is not None:
+                self._cluster.close()
+            raise InputError(f"--scheduler {address}: cannot reach the dask scheduler ({exc})") from exc
+        self.address = self.client.scheduler.address
+        self.dashboard = self.client.dashboard_link
+        self.memory = memory
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], *, workers: int | None = None) -> Iterator[Any]:
+        """Submit every item at once; yield the results in input order (each fetched when asked,
+        so the client holds one result at a time)."""
+        items = list(items)
+        name = getattr(getattr(fn, "func", fn), "__name__", "task")   # the task prefix the dashboard shows
+        run = uuid.uuid4().hex[:8]
+        futures = self.client.map(partial(_captured, fn), items, key=[f"{name}-{run}-{i}" for i in range(len(items))])
+        try:
+            for future in futures:
+                value, messages = future.result()
+                future.release()
+                for message in messages:  # raised on the worker: raised again here, where they are seen
+                    warnings.warn(message, CcdcalWarning, stacklevel=2)
+                yield value
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def bands(self, shape: tuple[int, int], memory: int) -> list[tuple[int, int]]:
+        """Bands of output rows: at least two per worker (so that they share the work), and
+        each within ``memory`` on its worker."""
+        ny, nx = shape
+        by_memory = math.ceil(ny * nx * MASTER_BAND_BYTES_PER_PIXEL / max(memory // 2, 1))
+        count = max(1, min(ny, max(2 * self.workers, by_memory)))
+        edges = [round(k * ny / count) for k in range(count + 1)]
+        return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+    def check_access(self, read: Iterable[str], write: str) -> None:
+        """Fail with one line when a worker cannot read an input or write the output folder."""
+        read = list(read)
+        answers = self.client.run(_access_problem, read, write)
+        for worker, problem in sorted(answers.items()):
+            if problem:
+                raise InputError(f"dask worker {worker}: {problem}; the workers need the same paths as this"
+                                 " machine (a shared filesystem, and absolute paths if they start elsewhere)")
+
+    def report(self, folder: Path) -> contextlib.AbstractContextManager:
+        """Dask's performance report (HTML) of the run, saved in ``folder``."""
+        from distributed import performance_report
+
+        try:
+            import bokeh  # noqa: F401 - dask draws the report with it
+        except ImportError as exc:
+            raise ConfigError("--dask-report needs bokeh: pip install 'ccdcal[dask]'") from exc
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.client.as_current())
+        stack.enter_context(performance_report(filename=str(Path(folder) / "dask-report.html")))
+        return stack
+
+    def close(self) -> None:
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def _captured(fn: Callable[..., Any], item: Any) -> tuple[Any, list[str]]:
+    """Run on a worker: ``fn(item)`` and the messages of the CcdcalWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CcdcalWarning)
+        value = fn(item)
+    return value, [str(w.message) for w in caught if issubclass(w.category, CcdcalWarning)]
+
+
+def _access_problem(read: list[str], write: str) -> str | None:
+    """Run on every worker: why it cannot do the run's work (None when it can)."""
+    import tempfile
+
+    for path in read:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(2880)
+        except OSError as exc:
+            return f"cannot read {path} ({exc.strerror or exc})"
+    try:
+        os.makedirs(write, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=write, prefix=".access-", suffix=".partial"):
+            pass
+    except OSError as exc:
+        return f"cannot write in {write} ({exc.strerror or exc})"
+    return None
+
+
+def make_executor(workers: int | None = None, *, scheduler: str | None = None,
+                  memory: int | None = None) -> LocalExecutor | DaskExecutor:
+    """The executor for a run: ``scheduler`` None runs tasks in threads here (``workers`` of
+    them, default min(4, cores)); ``"local:N"`` or a scheduler address runs them on dask."""
+    if scheduler:
+        return DaskExecutor(scheduler, memory=memory)
+    return LocalExecutor(workers)

@@ -1,0 +1,142 @@
+"""Every choice of a reduction, as one frozen object (the keys of a ``--config`` TOML file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..combining.engine import REJECTS, parse_memory
+from ..errors import ConfigError
+from ..planning.plan import PlanOptions
+from ..sections import parse_section
+
+
+@dataclass(frozen=True)
+class ReduceOptions:
+    """Every choice of a reduction. The same names are the keys of a ``--config`` TOML file."""
+
+    memory: str = "1GiB"
+    combine_method: str | None = None          # None: mean of the survivors (median of 1-2 frames)
+    sigma_clip: tuple[float, float] | None = (3.0, 3.0)
+    reject: str = "auto"                       # auto: noise-model clip (read noise, gain); see plan
+    keep_flagged: bool = False                 # keep even bias/dark frames far off their group's level
+    allow_uncorrected: bool = False            # calibrate lights that would keep their pedestal
+    clip_extrema: tuple[int, int] | None = None
+    overscan: bool = True
+    overscan_model: str = "legendre"
+    overscan_order: int = 3
+    scale_region: str | None = None
+    temp_tolerance: float = 2.0
+    flat_floor: float = 0.1
+    exclude_flagged: bool = False
+    strict: bool = False
+    report: bool = True
+    workers: int | None = None
+    scheduler: str | None = None               # None: threads here; "local:N" or "tcp://host:port": dask
+    dask_report: bool = False                  # save dask's performance report (dask-report.html)
+    stack: bool = False                        # stack the calibrated lights per target and filter
+    stack_keep_all: bool = False               # keep frames flagged cloudy, trailed or out of focus
+    # calibration physics (issue 4); gain in e-/ADU, read noise in e-, saturation in raw ADU
+    gain: float | None = None                  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
+    read_noise: float | None = None            # None: RDNOISE, else measured from the biases (or overscan)
+    saturation: float | None = None            # None: SATURATE/DATAMAX of the frame
+    to_electrons: bool = False
+    uncertainty: bool = True
+    dark_optimize: bool = False
+    cosmic_rays: bool = False
+    bad_pixel_map: str | None = None
+    hot_sigma: float = 5.0
+    flat_norm: str = "median"
+
+    @classmethod
+    def from_sources(cls, config: str | os.PathLike | None, overrides: dict[str, Any]) -> ReduceOptions:
+        """Options from a TOML file (top level or a ``[reduce]`` table), then non-None overrides."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        if config:
+            import tomllib
+
+            path = Path(config)
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{path}: no such config file") from exc
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+            data = data.get("reduce", data)
+            for key, value in data.items():
+                norm = key.replace("-", "_")
+                if norm not in names:
+                    raise ConfigError(f"{path}: unknown option {key!r}; known: {', '.join(sorted(names))}")
+                values[norm] = value
+        for key, value in overrides.items():
+            if key in names and value is not None:
+                values[key] = value
+        for key in ("sigma_clip", "clip_extrema"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+            if values.get(key) in (False, "none", "None"):
+                values[key] = None
+        try:
+            options = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid options: {exc}") from exc
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+
+        parse_memory(self.memory)
+        if self.combine_method not in (None, "median", "mean"):
+            raise ConfigError(f"combine_method {self.combine_method!r}: use 'median' or 'mean'")
+
+        if self.reject not in ("auto", *REJECTS):
+            raise ConfigError(f"reject {self.reject!r}: use auto, {', '.join(REJECTS)}")
+        if self.reject == "ccdclip" and not (self.gain and self.read_noise):
+            raise ConfigError("reject 'ccdclip' needs --gain and --read-noise; 'auto' measures them")
+        if self.keep_flagged and self.exclude_flagged:
+            raise ConfigError("keep_flagged and exclude_flagged contradict each other; choose one")
+        if self.scale_region:
+            parse_section(self.scale_region)
+        for key in ("sigma_clip", "clip_extrema"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 2 or any(v < 0 for v in value)):
+                raise ConfigError(f"{key} must be two non-negative numbers, got {value!r}")
+        if not 0 < self.flat_floor < 1:
+            raise ConfigError(f"flat_floor must be between 0 and 1, got {self.flat_floor}")
+
+    def plan_options(self) -> PlanOptions:
+        return PlanOptions(
+            overscan=self.overscan, overscan_model=self.overscan_model, overscan_order=self.overscan_order,
+            combine_method=self.combine_method, sigma_clip=self.sigma_clip, clip_extrema=self.clip_extrema,
+            reject=self.reject, scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
+            exclude_flagged=self.exclude_flagged, keep_flagged=self.keep_flagged,
+            allow_uncorrected=self.allow_uncorrected,
+            light_steps=self.light_steps(), stack=self.stack)
+
+    def light_steps(self) -> tuple[str, ...]:
+        """What every light gets beyond overscan and masters, as the plan prints it."""
+        steps = ["dark scale optimised (minimum noise)" if self.dark_optimize else "dark scaled by exposure"]
+        masks = ["saturated", f"hot (> {self.hot_sigma:g} sigma in the dark)", f"flat < {self.flat_floor:g}"]
+        if self.cosmic_rays:
+            masks.append("cosmic rays (astroscrappy)")
+        if self.bad_pixel_map:
+            masks.append(f"bad pixels of {Path(self.bad_pixel_map).name}")
+        steps.append("mask: " + ", ".join(masks))
+        if self.uncertainty:
+            steps.append("uncertainty (read + Poisson + masters)")
+        steps.append("converted to electrons" if self.to_electrons else "kept in ADU")
+        return tuple(steps)
+
+    def physics(self) -> dict[str, Any]:
+        """The options that change output pixels or headers beyond the recipe (part of every
+        fingerprint). The memory budget and the workers are not: results do not depend on them."""
+        names = ("gain", "read_noise", "saturation", "to_electrons", "uncertainty", "dark_optimize", "cosmic_rays",
+                 "bad_pixel_map", "hot_sigma", "flat_norm", "flat_floor")
+        return {k: getattr(self, k) for k in names}
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,2 @@
+"""Pure decisions over the frames found: the inventory (`ccdcal.scan`) and the plan of masters
+and lights."""

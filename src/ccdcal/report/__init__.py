@@ -1,0 +1,1 @@
+"""The HTML QA report and the previews it shows (`page`, `templates/`)."""

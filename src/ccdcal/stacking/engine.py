@@ -1,0 +1,697 @@
+"""Stacking of calibrated light frames on a reference grid: resample, match, reject, average.
+
+Each frame is resampled onto the reference grid by rows (:class:`ccdcal.stacking.resample.ResampledRows`),
+matched to the reference and combined pixel by pixel, streaming bands of output rows under a
+memory budget. Per output pixel, with ``x_i`` the resampled value of frame ``i`` and ``σ_i``
+its resampled standard deviation:
+
+1. Matching: ``x'_i = s_i·x_i + z_i`` and ``σ'_i = s_i·σ_i``. ``s_i`` is the transparency
+   factor (flux of the reference / flux of frame i; given by the caller from matched stars,
+   or measured as the ratio of background-subtracted sums over the 8×8-pixel bins of the
+   co-registered frames that hold a source in every frame, on blocks of rows until the ratios are
+   known to 0.2 %: at most half of the rows),
+   ``z_i = B_ref − s_i·B_i`` with ``B`` the sigma-clipped median background: the stack
+   keeps the reference's background and units (values per pixel of one reference frame).
+2. Rejection (``reject="auto"``/``"noise"``): a noise-model clip. The centre ``c`` is the
+   median of the surviving ``x'``; a value is rejected when ``x'_i < c − low·t_i`` or
+   ``x'_i > c + high·t_i`` with ``t_i² = σ'_i² + (tol·max(c − level, 0))²`` (``tol`` =
+   ``signal_tolerance``, ``level`` the matched background: seeing and registration differences
+   in star cores are not noise). Passes repeat while at least 3 values survive and a pass
+   rejects something; a pass that would reject every value rejects none. Because σ comes
+   from the noise, not from the sample, one outlier (a satellite trail, a cosmic ray) is
+   rejected at any frame count from 3 up, where sample-σ clipping cannot reject one outlier
+   among n ≤ 10 values (:func:`ccdcal.combining.engine.sample_sigma_can_reject`). Good values are
+   rejected at about 0.3–0.5 % per value at 3σ (the median's own noise, at small n).
+3. Weighted mean of the survivors ``Σ w_i x'_i / Σ w_i`` with per-frame weights
+   ``w_i ∝ 1/(s_i·σ_bg,i)²`` (``weights="noise"``; normalised to a mean of 1), uncertainty
+   ``sqrt(Σ (w_i σ'_i)²) / Σ w_i`` (resampling correlates neighbouring pixels: a per-pixel σ).
+
+``σ_i`` comes from the frame's ``UNCERT`` plane. With ``reject="auto"`` a frame without one
+uses a noise model instead: its background noise plus the Poisson noise of the signal above the
+background, with the header's gain in e-/ADU, or else the gain the sky implies (``B/σ_bg²``,
+which over-states the noise when the read noise matters: a safe side for rejection).
+
+The combine engine (:func:`ccdcal.combining.engine.combine`) cannot serve step 2: its rejections take
+σ from the sample or from one gain/read-noise model for every frame (``ccdclip``), not from
+per-value uncertainties, and it reports neither coverage nor the sum of weights per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from .._shared.robust import clipped_level, robust_std
+from ..combining.engine import parse_memory
+from ..errors import CcdcalWarning, InputError
+from ..io.frames import FrameSource, clean_header, write_atomic
+from ..io.headers import header_gain, stack_header
+from ..masks import MASK_NO_DATA
+from .resample import InputBuffers, ResampledRows, RowThreads
+
+REJECTS = ("auto", "noise", "none")
+WEIGHTINGS = ("noise", "none")
+_RESULT_BYTES = 4 + 4 + 2 + 4 + 2 + 1  # per pixel: data, uncertainty, coverage, weight, rejected, mask
+_BAND_BYTES = 4 + 1 + 4  # per pixel of each frame's band: data, bad, σ
+_SCALE_BLOCK = 32  # rows of one block sampled for the transparency
+_SCALE_BIN = 8  # the transparency compares sums over bins of 8 × 8 pixels
+_MIN_SCALE_BINS = 10
+_SCALE_PRECISION = 0.002  # sample rows for the transparency until the ratios are this precise
+_SORT_INSERTION = 32  # values per pixel up to which an insertion sort is used
+
+
+# -- kernels --------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _gather(data, bad, err, scales, zeros, r, x, vals, sig, idx):
+    """The valid, matched values of pixel (r, x) sorted into ``vals[:m]`` (σ in ``sig``, frame
+    in ``idx``); returns m. A non-finite σ becomes inf (never rejected)."""
+    m = 0
+    for i in range(data.shape[0]):
+        v = data[i, r, x]
+        if bad[i, r, x] or not math.isfinite(v):
+            continue
+        s = err[i, r, x] * scales[i]
+        vals[m] = v * scales[i] + zeros[i]
+        sig[m] = s if math.isfinite(s) else np.inf
+        idx[m] = i
+        m += 1
+    if m <= _SORT_INSERTION:
+        for k in range(1, m):
+            v, s, i = vals[k], sig[k], idx[k]
+            j = k
+            while j > 0 and vals[j - 1] > v:
+                vals[j], sig[j], idx[j] = vals[j - 1], sig[j - 1], idx[j - 1]
+                j -= 1
+            vals[j], sig[j], idx[j] = v, s, i
+    else:
+        order = np.argsort(vals[:m], kind="mergesort")
+        v2, s2, i2 = vals[:m][order], sig[:m][order], idx[:m][order]
+        vals[:m], sig[:m], idx[:m] = v2, s2, i2
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _reject(vals, sig, idx, m, low, high, tol, level, member):
+    """Noise-model clipping of the sorted survivors ``vals[:m]`` about their median (module
+    docstring); compacts them in place, counts rejections per frame in ``member`` (n, 2)."""
+    total = 0
+    while m >= 3:
+        half = m // 2
+        c = vals[half] if m % 2 == 1 else 0.5 * (vals[half - 1] + vals[half])
+        extra = tol * max(c - level, 0.0)
+        inside = 0
+        for k in range(m):
+            t = math.sqrt(sig[k] * sig[k] + extra * extra)
+            if c - low * t <= vals[k] <= c + high * t:
+                inside += 1
+        if inside == m or inside == 0:
+            break
+        keep = 0
+        for k in range(m):
+            t = math.sqrt(sig[k] * sig[k] + extra * extra)
+            if vals[k] < c - low * t:
+                member[idx[k], 0] += 1
+            elif vals[k] > c + high * t:
+                member[idx[k], 1] += 1
+            else:
+                vals[keep], sig[keep], idx[keep] = vals[k], sig[k], idx[k]
+                keep += 1
+        total += m - keep
+        m = keep
+    return m, total
+
+
+@njit(cache=True, nogil=True)
+def _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, out_data, out_err, out_cov,
+                out_wsum, out_rej, member):
+    """Rows ``r0:r1`` of a band: ``data``/``bad``/``err`` (n, rows, nx) of the resampled frames
+    into the (rows, nx) outputs. ``params``: low, high, tolerance, level, reject (0/1)."""
+    n = data.shape[0]
+    nx = data.shape[2]
+    low, high, tol, level = params[0], params[1], params[2], params[3]
+    reject = params[4] != 0.0
+    vals = np.empty(n)
+    sig = np.empty(n)
+    idx = np.empty(n, np.int64)
+    for r in range(r0, r1):
+        for x in range(nx):
+            m = _gather(data, bad, err, scales, zeros, r, x, vals, sig, idx)
+            nrej = 0
+            if reject:
+                m, nrej = _reject(vals, sig, idx, m, low, high, tol, level, member)
+            out_rej[r, x] = nrej
+            out_cov[r, x] = m
+            if m == 0:
+                out_data[r, x] = np.nan
+                out_err[r, x] = np.nan
+                out_wsum[r, x] = 0.0
+                continue
+            sw = 0.0
+            swx = 0.0
+            acc = 0.0
+            for k in range(m):
+                w = weights[idx[k]]
+                sw += w
+                swx += w * vals[k]
+                e = w * sig[k]
+                acc += e * e
+            out_data[r, x] = swx / sw
+            out_err[r, x] = math.sqrt(acc) / sw
+            out_wsum[r, x] = sw
+
+
+# -- the result -------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class StackResult:
+    """The result of :func:`stack`.
+
+    Attributes
+    ----------
+    data : ndarray float32 (ny, nx)
+        The stack, per pixel in the units of one reference frame (NaN where no data).
+    uncertainty : ndarray float32 (ny, nx)
+        Propagated standard deviation (per pixel; neighbours are correlated by resampling).
+    coverage : ndarray int16 (ny, nx)
+        Frames that contributed to each pixel (after rejection).
+    weight : ndarray float32 (ny, nx)
+        Sum of the weights of the contributing frames (weights have a mean of 1 per frame).
+    rejected : ndarray uint16 (ny, nx)
+        Values rejected at each pixel.
+    mask : ndarray bool (ny, nx)
+        True where no frame contributed.
+    header : astropy.io.fits.Header
+    scales, zeros, weights, backgrounds, noise : ndarray float64 (n,)
+        Per frame: the matching ``x' = scale·x + zero``, the weight, the background level and
+        the background noise (σ, source pixels) that were measured or given.
+    frame_rejected : ndarray int64 (n, 2)
+        Values of each frame rejected low (column 0) and high (column 1).
+    """
+
+    data: np.ndarray
+    uncertainty: np.ndarray
+    coverage: np.ndarray
+    weight: np.ndarray
+    rejected: np.ndarray
+    mask: np.ndarray
+    header: Any
+    scales: np.ndarray = field(default_factory=lambda: np.ones(0))
+    zeros: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weights: np.ndarray = field(default_factory=lambda: np.ones(0))
+    backgrounds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    noise: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    frame_rejected: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+
+    def write(self, path: str | os.PathLike, *, unit: str | None = None) -> Path:
+        """Write the stack as FITS, atomically: primary = data, then ``UNCERT`` (σ, NaN as 0),
+        ``COVERAGE``, ``WEIGHT``, ``REJECT`` and ``MASK`` (uint8, MASK_NO_DATA where no data)
+        extensions; CHECKSUM on every HDU. ``CCDData.read`` reads data, UNCERT and MASK."""
+        from astropy.io import fits
+
+
+        header = clean_header(self.header)
+        if unit is not None:
+            header["BUNIT"] = (unit, "physical unit of the data")
+        unc_header = fits.Header()
+        unc_header["UTYPE"] = ("StdDevUncertainty", "uncertainty type (astropy.nddata)")
+        hdus = fits.HDUList([
+            fits.PrimaryHDU(np.asarray(self.data, np.float32), header=header),
+            fits.ImageHDU(np.where(np.isfinite(self.uncertainty), self.uncertainty, np.float32(0.0)),
+                          header=unc_header, name="UNCERT"),
+            fits.ImageHDU(np.asarray(self.coverage, np.int16), name="COVERAGE"),
+            fits.ImageHDU(np.asarray(self.weight, np.float32), name="WEIGHT"),
+            fits.ImageHDU(np.asarray(self.rejected, np.uint16), name="REJECT"),
+            fits.ImageHDU(np.where(self.mask, np.uint8(MASK_NO_DATA), np.uint8(0)), name="MASK"),
+        ])
+        path = Path(path)
+        write_atomic(path, lambda tmp: hdus.writeto(tmp, checksum=True, output_verify="silentfix"))
+        return path
+
+
+# -- options ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Options:
+    reject: str
+    low: float
+    high: float
+    weights: str | tuple[float, ...]
+    zero: bool
+    scale: bool
+    scales: tuple[float, ...] | None
+    zeros: tuple[float, ...] | None
+    tolerance: float
+
+
+def _per_frame(values: Any, what: str, n: int, positive: bool) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must be numbers, one per frame") from exc
+    if array.shape != (n,):
+        raise InputError(f"{what} has {array.size} values for {n} frames; give one per frame")
+    if not np.all(np.isfinite(array)) or (positive and np.any(array <= 0)):
+        raise InputError(f"{what} must be finite{' positive' if positive else ''} numbers")
+    return tuple(float(v) for v in array)
+
+
+def _options(n: int, reject: str, sigma: Any, weights: Any, zero: bool, scale: bool, scales: Any,
+             zeros: Any, tolerance: float) -> _Options:
+    if reject not in REJECTS:
+        raise InputError(f"reject {reject!r} is not one of {', '.join(REJECTS)}")
+    try:
+        low, high = (float(v) for v in sigma)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"sigma must be a pair (low, high), got {sigma!r}") from exc
+    if not (low > 0 and high > 0 and math.isfinite(low) and math.isfinite(high)):
+        raise InputError(f"sigma thresholds must be positive numbers, got {sigma!r}")
+    if isinstance(weights, str):
+        if weights not in WEIGHTINGS:
+            raise InputError(f"weights {weights!r} is not one of {', '.join(WEIGHTINGS)} or a sequence")
+    else:
+        weights = _per_frame(weights, "weights", n, positive=True)
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise InputError(f"signal_tolerance must be 0 or more, got {tolerance!r}")
+    return _Options(reject, low, high, weights, bool(zero), bool(scale), _per_frame(scales, "scales", n, True),
+                    _per_frame(zeros, "zeros", n, False), float(tolerance))
+
+
+# -- opening the frames -------------------------------------------------------------------------------
+def _grid_shape(frame: Any) -> tuple[int, int]:
+
+    if isinstance(frame, (str, os.PathLike)):
+        with FrameSource(frame) as source:
+            return source.shape
+    shape = getattr(frame, "shape", None)
+    if shape is None:
+        raise InputError(f"cannot stack {type(frame).__name__}: give paths, FrameSources or row sources")
+    return int(shape[0]), int(shape[1])
+
+
+def _open_sources(frames: Sequence[Any], matrices: Sequence[Any], out_shape: Any, reference: int,
+                  interpolation: str) -> list[ResampledRows]:
+    if len(frames) == 0:
+        raise InputError("nothing to stack: give a list of calibrated frames")
+    if len(matrices) != len(frames):
+        raise InputError(f"{len(matrices)} transforms for {len(frames)} frames; give one per frame")
+    if not (isinstance(reference, (int, np.integer)) and 0 <= reference < len(frames)):
+        raise InputError(f"reference {reference!r} is not the index of one of the {len(frames)} frames")
+    shape = _grid_shape(frames[reference]) if out_shape is None else out_shape
+    sources: list[ResampledRows] = []
+    try:
+        for frame, matrix in zip(frames, matrices, strict=True):
+            sources.append(ResampledRows(frame, matrix, shape, interpolation=interpolation))
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    return sources
+
+
+# -- per-frame levels ---------------------------------------------------------------------------------
+def _background(source: ResampledRows, rows: int = 64) -> tuple[float, float]:
+    """(background, σ) of a frame from a sample of its own rows (blocks of 4 rows)."""
+    ny = source.source_shape[0]
+    starts = np.unique(np.linspace(0, max(0, ny - 4), max(1, min(rows // 4, ny // 4 or 1))).astype(int))
+    sample = np.concatenate([source.source_rows(int(y), min(ny, int(y) + 4)).ravel() for y in starts])
+    level, sigma = clipped_level(sample)
+    if not (math.isfinite(level) and math.isfinite(sigma)):
+        raise InputError(f"{source.name}: no valid background pixels to measure; check the frame and its mask")
+    return level, sigma
+
+
+def _noise_models(sources: Sequence[ResampledRows], backgrounds: np.ndarray, noise: np.ndarray,
+                  reject: str) -> None:
+    """Give frames without an uncertainty plane a noise model (module docstring)."""
+
+    lacking = [i for i, s in enumerate(sources) if not s.has_uncertainty]
+    if not lacking:
+        return
+    if reject == "noise":
+        raise InputError(f"{sources[lacking[0]].name}: no UNCERT extension, so reject='noise' cannot work;"
+                         " use reject='auto' (a noise model from the background) or calibrate with a gain")
+    for i in lacking:
+        gain = header_gain(sources[i].header)[0]
+        if gain is None:
+            sky = backgrounds[i] / noise[i] ** 2 if noise[i] > 0 else 0.0
+            gain = sky if backgrounds[i] > 5 * noise[i] and sky > 0 else math.inf
+        sources[i].noise_model = (backgrounds[i], noise[i], gain)
+    names = ", ".join(sources[i].name for i in lacking[:3]) + (" ..." if len(lacking) > 3 else "")
+    warnings.warn(f"{len(lacking)} frame(s) without an UNCERT plane ({names}): their noise comes from"
+                  " the background noise and the gain", CcdcalWarning, stacklevel=4)
+
+
+# -- memory ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    rows: int    # output rows per band
+    pixels: int  # source pixels of the largest input band (per plane)
+    raw: int     # scratch bytes of the largest input band
+
+
+def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int) -> _Plan:
+    """The tallest output band whose buffers fit the budget with the result: per band, every
+    frame's resampled rows, and one frame's source rows at a time (taller for rotated frames)."""
+    ny, nx = shape
+    n = len(sources)
+
+    def need(h: int) -> int:
+        return ny * nx * _RESULT_BYTES + n * h * nx * _BAND_BYTES + max(s.input_bytes(h) for s in sources)
+
+    lo, hi = 1, ny
+    if need(1) > budget:
+        warnings.warn(f"the memory budget ({budget / 2**20:.0f} MiB) is below what stacking these frames"
+                      f" needs ({need(1) / 2**20:.0f} MiB: the result and one band of rows); using that",
+                      CcdcalWarning, stacklevel=4)
+        hi = 1
+    while lo < hi:  # the tallest band that fits
+        mid = (lo + hi + 1) // 2
+        if need(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    rows_in = [s.input_band_height(lo) for s in sources]
+    return _Plan(lo, max(r * s.source_shape[1] for r, s in zip(rows_in, sources, strict=True)),
+                 max(r * s.raw_bytes_per_row for r, s in zip(rows_in, sources, strict=True)))
+
+
+class _Band:
+    """The resampled rows of every frame for one band: (n, rows, nx) C-contiguous views of
+    flat buffers, so that a shorter last band is contiguous too."""
+
+    def __init__(self, n: int, rows: int, nx: int):
+        self.n, self.nx = n, nx
+        self._data = np.empty(n * rows * nx, np.float32)
+        self._bad = np.empty(n * rows * nx, np.bool_)
+        self._err = np.empty(n * rows * nx, np.float32)
+
+    def views(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        size = self.n * rows * self.nx
+        shape = (self.n, rows, self.nx)
+        return (self._data[:size].reshape(shape), self._bad[:size].reshape(shape),
+                self._err[:size].reshape(shape))
+
+
+@dataclass
+class _Work:
+    """What every band of one stack shares."""
+
+    sources: Sequence[ResampledRows]
+    plan: _Plan
+    buffers: InputBuffers
+    band: _Band
+    threads: RowThreads
+
+    def resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        data, bad, err = self.band.views(y1 - y0)
+        for i, source in enumerate(self.sources):
+            source.resample_into(y0, y1, data[i], bad[i], err[i], buffers=self.buffers, threads=self.threads)
+        return data, bad, err
+
+
+# -- transparency ---------------------------------------------------------------------------------------
+def _scale_blocks(ny: int) -> list[tuple[int, int]]:
+    """Every block of ``_SCALE_BLOCK`` rows, in a spread order (each prefix covers the frame
+    evenly); independent of the band height, so the measured scales are too."""
+    block = min(_SCALE_BLOCK, ny)
+    starts = sorted({min(y, ny - block) for y in range(0, ny, block)})
+    order = sorted(range(len(starts)), key=lambda k: (k * 0.6180339887498949) % 1.0)
+    return [(starts[k], starts[k] + block) for k in order]
+
+
+def _bin_sums(values: np.ndarray, size: int) -> np.ndarray:
+    """Sums of ``size`` × ``size`` bins of (n, rows, nx) values (edges that do not fill a bin
+    are left out); NaN where a bin holds a NaN."""
+    n, rows, nx = values.shape
+    by, bx = rows // size, nx // size
+    cut = values[:, : by * size, : bx * size].reshape(n, by, size, bx, size)
+    return cut.sum(axis=(2, 4), dtype=np.float64).reshape(n, by * bx)
+
+
+def _block_bins(work: _Work, b0: int, b1: int, size: int, backgrounds: np.ndarray,
+                reference: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sky-subtracted sums and variances (n, k) of the bins of rows ``b0:b1`` where the reference
+    is valid (NaN where a frame is not). The sky is each frame's median bin of the block: local
+    (gradients) and measured on the same sky for every frame. One frame's rows at a time."""
+    rows, nx = b1 - b0, work.band.nx
+    data, err, bad = np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32), np.empty((rows, nx), bool)
+    sums, variances = [], []
+    for source in work.sources:
+        for y0 in range(b0, b1, work.plan.rows):  # in bands of the plan
+            y1 = min(b1, y0 + work.plan.rows)
+            source.resample_into(y0, y1, data[y0 - b0:y1 - b0], bad[y0 - b0:y1 - b0], err[y0 - b0:y1 - b0],
+                                 buffers=work.buffers, threads=work.threads)
+        data[bad] = np.nan
+        sums.append(_bin_sums(data[None], size)[0])
+        variances.append(_bin_sums(np.square(err, out=err)[None], size)[0])
+    values, var = np.array(sums), np.array(variances)
+    ok = np.isfinite(values[reference])
+    values, var = values[:, ok], var[:, ok]
+    for i in range(values.shape[0]):  # the local sky: the median bin (faint sources scale with the frame)
+        valid = np.isfinite(values[i])
+        values[i] -= np.median(values[i, valid]) if valid.sum() >= 16 else size * size * backgrounds[i]
+    return values, var
+
+
+def _precision(values: np.ndarray, variances: np.ndarray, reference: int) -> float:
+    """The worst relative precision of the frames' flux ratios from these bins (noise only)."""
+    worst = 0.0
+    ref, ref_var = values[reference], variances[reference]
+    for i in range(values.shape[0]):
+        ok = np.isfinite(values[i]) & np.isfinite(variances[i])
+        flux = float(ref[ok].sum())
+        if i != reference:
+            worst = max(worst, math.sqrt(float(ref_var[ok].sum() + variances[i, ok].sum())) / flux
+                        if flux > 0 else math.inf)
+    return worst
+
+
+def _bright_bins(work: _Work, backgrounds: np.ndarray, noise: np.ndarray,
+                 reference: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sky-subtracted sums and variances (n, k) of the ``_SCALE_BIN``² bins that hold a source in
+    every frame: the median over the frames exceeds 5σ of a mean bin and no frame is below a
+    third of that (a trail or cosmic ray in one frame selects nothing; no frame's own noise
+    selects much); NaN where a frame lacks a pixel.
+
+    Blocks of rows are read in a spread order until the ratios are known to 0.2 % (noise
+    only), from 8 blocks up to half of the rows: dense fields cost little, sparse ones more.
+    Bins as large as several FWHM hold nearly all of a star's flux whatever the seeing and
+    the interpolation's slight sharpening, which would bias ratios of single core pixels."""
+    n = len(work.sources)
+    blocks = _scale_blocks(work.sources[0].shape[0])
+    size = min(_SCALE_BIN, blocks[0][1] - blocks[0][0])
+    threshold = 5.0 * size * math.sqrt(float(np.sum(noise**2))) / n
+    values, variances = np.empty((n, 0)), np.empty((n, 0))
+    for count, (b0, b1) in enumerate(blocks, start=1):
+        data, var = _block_bins(work, b0, b1, size, backgrounds, reference)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pick = (np.nanmedian(data, axis=0) > threshold) & ~np.any(data <= threshold / 3, axis=0)
+        values = np.concatenate([values, data[:, pick]], axis=1)
+        variances = np.concatenate([variances, var[:, pick]], axis=1)
+        if count >= max(8, len(blocks) // 2) or (
+                count >= 8 and _precision(values, variances, reference) <= _SCALE_PRECISION):
+            break
+    return values, variances
+
+
+def _transparency(values: np.ndarray, variances: np.ndarray, reference: int,
+                  names: Sequence[str]) -> np.ndarray:
+    """Per-frame flux ratios (reference / frame) of the bright bins: the ratio of their sums,
+    leaving out the bins whose residual ``s·x − ref`` lies beyond 5 robust σ of the noise (a
+    cosmic ray or a trail in either frame); a symmetric test, so faint bins add no bias."""
+
+    n = values.shape[0]
+    scales = np.ones(n)
+    poor = []
+    for i in range(n):
+        ok = np.isfinite(values[i]) & np.isfinite(variances[i]) & np.isfinite(variances[reference])
+        ref, x = values[reference, ok], values[i, ok]
+        if i == reference or ok.sum() < _MIN_SCALE_BINS or not x.sum() > 0:
+            if i != reference:
+                poor.append(names[i])
+            continue
+        keep = np.ones(ref.size, bool)
+        for _ in range(5):
+            s = float(ref[keep].sum() / x[keep].sum())
+            z = (s * x - ref) / np.sqrt(s * s * variances[i, ok] + variances[reference, ok])
+            new = np.abs(z) <= 5.0 * max(1.0, robust_std(z))
+            if new.sum() < _MIN_SCALE_BINS or np.array_equal(new, keep) or not x[new].sum() > 0:
+                break
+            keep = new
+        scales[i] = s
+    if poor:
+        warnings.warn(f"too few bright bins shared with the reference to measure the transparency of"
+                      f" {', '.join(poor[:3])}{' ...' if len(poor) > 3 else ''}; scale 1 used (pass scales=)",
+                      CcdcalWarning, stacklevel=5)
+    return scales
+
+
+# -- the stack ------------------------------------------------------------------------------------------
+def stack(
+    frames: Sequence[Any],
+    matrices: Sequence[Any],
+    *,
+    out_shape: tuple[int, int] | None = None,
+    reference: int = 0,
+    reject: str = "auto",
+    sigma: tuple[float, float] = (3.0, 3.0),
+    weights: str | Sequence[float] = "noise",
+    interpolation: str = "lanczos3",
+    zero: bool = True,
+    scale: bool = True,
+    scales: Sequence[float] | None = None,
+    zeros: Sequence[float] | None = None,
+    signal_tolerance: float = 0.05,
+    memory: str | int = "1GiB",
+) -> StackResult:
+    """Stack calibrated light frames on the reference grid (definitions in the module docstring).
+
+    Parameters
+    ----------
+    frames : sequence of path-like, FrameSource, row source, CCDData or ndarray
+        Calibrated lights: FITS with the data, and ``UNCERT`` (σ) and ``MASK`` (non-zero =
+        bad) extensions when present, as ccdcal writes them (files are read by rows).
+    matrices : sequence of array-like (3, 3)
+        Per frame, the transform from its pixel coordinates to the reference grid's
+        (:mod:`ccdcal.stacking.resample`); the reference's own is the identity.
+    out_shape : (ny, nx), optional
+        The grid; default the shape of the reference frame.
+    reference : int
+        Index of the frame whose grid, header, WCS, background and flux scale the stack keeps.
+    reject : {"auto", "noise", "none"}
+        Noise-model rejection with σ from the ``UNCERT`` planes (``"noise"``: every frame must
+        have one; ``"auto"``: frames without one use a noise model), or none.
+    sigma : (low, high)
+        Rejection thresholds in units of each value's σ.
+    weights : {"noise", "none"} or sequence of float
+        ``1/(s_i·σ_bg,i)²``, equal, or given per frame; normalised to a mean of 1.
+    interpolation : {"lanczos3", "bilinear"}
+    zero, scale : bool
+        Match the backgrounds (additive) and the transparency (multiplicative) to the reference.
+    scales, zeros : sequence of float, optional
+        Per-frame factors given by the caller (e.g. flux ratios of matched stars from the
+        registration), used instead of measured ones: ``x' = scale·x + zero``.
+    signal_tolerance : float
+        Fraction of the signal above the background added in quadrature to each value's σ
+        for rejection (star cores differ by seeing and registration, not by noise alone).
+    memory : str or int
+        Budget for the result, the resampled bands and the source rows, e.g. ``"256MiB"``.
+
+    Returns
+    -------
+    StackResult
+    """
+
+    budget = parse_memory(memory)
+    frames = [frames] if isinstance(frames, (str, os.PathLike)) else list(frames)
+    matrices = list(matrices)
+    options = _options(len(frames), reject, sigma, weights, zero, scale, scales, zeros, signal_tolerance)
+    sources = _open_sources(frames, matrices, out_shape, reference, interpolation)
+    try:
+        with RowThreads() as threads:
+            return _stack(sources, options, reference, budget, threads)
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, budget: int,
+           threads: RowThreads) -> StackResult:
+    n = len(sources)
+    shape = sources[0].shape
+    if n < 3 and options.reject != "none":
+        warnings.warn(f"{n} frame(s): rejection needs at least 3 values per pixel, so nothing is rejected",
+                      CcdcalWarning, stacklevel=3)
+    levels = np.array([_background(s) for s in sources])
+    backgrounds, noise = levels[:, 0], levels[:, 1]
+    if options.reject != "none":
+        _noise_models(sources, backgrounds, noise, options.reject)
+    plan = _plan(sources, shape, budget)
+    work = _Work(sources, plan, InputBuffers(plan.pixels, plan.raw),
+                 _Band(n, plan.rows, shape[1]), threads)
+    factors = _factors(work, options, backgrounds, noise, reference)
+    level = float(np.median(factors[0] * backgrounds + factors[1]))
+    planes, frame_rejected = _combine_bands(work, factors, options, level)
+    header = stack_header([s.header for s in sources], [s.name for s in sources], reference=reference,
+                          scales=factors[0], zeros=factors[1], weights=factors[2],
+                          how=_describe(options, sources[0].interpolation))
+    data, unc, coverage, weight, rejected = planes
+    return StackResult(data=data, uncertainty=unc, coverage=coverage, weight=weight, rejected=rejected,
+                       mask=coverage == 0, header=header, scales=factors[0], zeros=factors[1],
+                       weights=factors[2], backgrounds=backgrounds, noise=noise, frame_rejected=frame_rejected)
+
+
+def _factors(work: _Work, options: _Options, backgrounds: np.ndarray, noise: np.ndarray,
+             reference: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame (scales, zeros, weights): given, measured or none (module docstring)."""
+    n = len(work.sources)
+    if options.scales is not None:
+        scales = np.array(options.scales)
+    elif options.scale and n > 1:
+        bright, variances = _bright_bins(work, backgrounds, noise, reference)
+        scales = _transparency(bright, variances, reference, [s.name for s in work.sources])
+    else:
+        scales = np.ones(n)
+    if options.zeros is not None:
+        zeros = np.array(options.zeros)
+    elif options.zero:
+        zeros = backgrounds[reference] * scales[reference] - scales * backgrounds
+    else:
+        zeros = np.zeros(n)
+    if isinstance(options.weights, tuple):
+        weights = np.array(options.weights)
+    elif options.weights == "noise":
+        sigma = scales * noise
+        if not np.all(sigma > 0):
+            raise InputError(f"{work.sources[int(np.argmin(sigma))].name}: its background noise is 0, so it"
+                             " cannot be weighted by noise; use weights='none'")
+        weights = 1.0 / sigma**2
+    else:
+        weights = np.ones(n)
+    return scales, zeros, weights / weights.mean()
+
+
+def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarray], options: _Options,
+                   level: float) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Every band of the stack: (data, uncertainty, coverage, weight, rejected) and the
+    rejections per frame (n, 2). ``level`` is the matched background."""
+    ny, nx = work.sources[0].shape
+    n = len(work.sources)
+    scales, zeros, weights = factors
+    params = np.array([options.low, options.high, options.tolerance, level,
+                       0.0 if options.reject == "none" else 1.0])
+    out = (np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.int16),
+           np.empty((ny, nx), np.float32), np.empty((ny, nx), np.uint16))
+    members: list[np.ndarray] = []
+    for y0 in range(0, ny, work.plan.rows):
+        y1 = min(ny, y0 + work.plan.rows)
+        data, bad, err = work.resample(y0, y1)
+        rows = [plane[y0:y1] for plane in out]
+
+        def run(r0: int, r1: int, data=data, bad=bad, err=err, rows=rows) -> None:
+            member = np.zeros((n, 2), np.int64)
+            _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, *rows, member)
+            members.append(member)
+
+        work.threads.run(run, y1 - y0)
+    frame_rejected = np.sum(members, axis=0) if members else np.zeros((n, 2), np.int64)
+    return out, frame_rejected
+
+
+# -- header ---------------------------------------------------------------------------------------------
+def _describe(options: _Options, interpolation: str) -> str:
+    parts = [f"weighted mean on the reference grid ({interpolation})"]
+    if options.reject != "none":
+        parts.append(f"noise rejection {options.low:g}/{options.high:g} (tolerance {options.tolerance:g})")
+    parts.append("scales " + ("given" if options.scales else "measured" if options.scale else "none"))
+    parts.append("zeros " + ("given" if options.zeros else "background" if options.zero else "none"))
+    return ", ".join(parts)
