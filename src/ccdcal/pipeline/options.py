@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,43 +13,57 @@ from ..errors import ConfigError
 from ..planning.plan import PlanOptions
 from ..sections import parse_section
 
+#: The group of every option, declared by its field (``metadata["group"]``):
+#: ``plan`` goes to the planner (:meth:`ReduceOptions.plan_options`, so into the recipes and master
+#: settings that fingerprint an output); ``physics`` changes output pixels or headers beyond the
+#: recipe (:meth:`ReduceOptions.physics`, part of every fingerprint); ``stack`` is a setting of the
+#: stacks (in their own fingerprint); ``run`` is how and where the run goes, which no output
+#: depends on.
+PLAN, PHYSICS, STACK, RUN = "plan", "physics", "stack", "run"
+GROUPS = (PLAN, PHYSICS, STACK, RUN)
+
+
+def _option(default: Any, group: str) -> Any:
+    return field(default=default, metadata={"group": group})
+
 
 @dataclass(frozen=True)
 class ReduceOptions:
-    """Every choice of a reduction. The same names are the keys of a ``--config`` TOML file."""
+    """Every choice of a reduction. The same names are the keys of a ``--config`` TOML file.
+    Each field declares its group (:data:`GROUPS`)."""
 
-    memory: str = "1GiB"
-    combine_method: str | None = None          # None: mean of the survivors (median of 1-2 frames)
-    sigma_clip: tuple[float, float] | None = (3.0, 3.0)
-    reject: str = "auto"                       # auto: noise-model clip (read noise, gain); see plan
-    keep_flagged: bool = False                 # keep even bias/dark frames far off their group's level
-    allow_uncorrected: bool = False            # calibrate lights that would keep their pedestal
-    clip_extrema: tuple[int, int] | None = None
-    overscan: bool = True
-    overscan_model: str = "legendre"
-    overscan_order: int = 3
-    scale_region: str | None = None
-    temp_tolerance: float = 2.0
-    flat_floor: float = 0.1
-    exclude_flagged: bool = False
-    strict: bool = False
-    report: bool = True
-    workers: int | None = None
-    scheduler: str | None = None               # None: threads here; "local:N" or "tcp://host:port": dask
-    dask_report: bool = False                  # save dask's performance report (dask-report.html)
-    stack: bool = False                        # stack the calibrated lights per target and filter
-    stack_keep_all: bool = False               # keep frames flagged cloudy, trailed or out of focus
+    memory: str = _option("1GiB", RUN)
+    combine_method: str | None = _option(None, PLAN)  # None: mean of the survivors (median of 1-2 frames)
+    sigma_clip: tuple[float, float] | None = _option((3.0, 3.0), PLAN)
+    reject: str = _option("auto", PLAN)  # auto: noise-model clip (read noise, gain); see plan
+    keep_flagged: bool = _option(False, PLAN)  # keep even bias/dark frames far off their group's level
+    allow_uncorrected: bool = _option(False, PLAN)  # calibrate lights that would keep their pedestal
+    clip_extrema: tuple[int, int] | None = _option(None, PLAN)
+    overscan: bool = _option(True, PLAN)
+    overscan_model: str = _option("legendre", PLAN)
+    overscan_order: int = _option(3, PLAN)
+    scale_region: str | None = _option(None, PLAN)
+    temp_tolerance: float = _option(2.0, PLAN)
+    flat_floor: float = _option(0.1, PHYSICS)
+    exclude_flagged: bool = _option(False, PLAN)
+    strict: bool = _option(False, RUN)
+    report: bool = _option(True, RUN)
+    workers: int | None = _option(None, RUN)
+    scheduler: str | None = _option(None, RUN)  # None: threads here; "local:N" or "tcp://host:port": dask
+    dask_report: bool = _option(False, RUN)  # save dask's performance report (dask-report.html)
+    stack: bool = _option(False, PLAN)  # stack the calibrated lights per target and filter
+    stack_keep_all: bool = _option(False, STACK)  # keep frames flagged cloudy, trailed or out of focus
     # calibration physics (issue 4); gain in e-/ADU, read noise in e-, saturation in raw ADU
-    gain: float | None = None                  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
-    read_noise: float | None = None            # None: RDNOISE, else measured from the biases (or overscan)
-    saturation: float | None = None            # None: SATURATE/DATAMAX of the frame
-    to_electrons: bool = False
-    uncertainty: bool = True
-    dark_optimize: bool = False
-    cosmic_rays: bool = False
-    bad_pixel_map: str | None = None
-    hot_sigma: float = 5.0
-    flat_norm: str = "median"
+    gain: float | None = _option(None, PHYSICS)  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
+    read_noise: float | None = _option(None, PHYSICS)  # None: RDNOISE, else measured from the biases (or overscan)
+    saturation: float | None = _option(None, PHYSICS)  # None: SATURATE/DATAMAX of the frame
+    to_electrons: bool = _option(False, PHYSICS)
+    uncertainty: bool = _option(True, PHYSICS)
+    dark_optimize: bool = _option(False, PHYSICS)
+    cosmic_rays: bool = _option(False, PHYSICS)
+    bad_pixel_map: str | None = _option(None, PHYSICS)
+    hot_sigma: float = _option(5.0, PHYSICS)
+    flat_norm: str = _option("median", PHYSICS)
 
     @classmethod
     def from_sources(cls, config: str | os.PathLike | None, overrides: dict[str, Any]) -> ReduceOptions:
@@ -108,14 +122,14 @@ class ReduceOptions:
         if not 0 < self.flat_floor < 1:
             raise ConfigError(f"flat_floor must be between 0 and 1, got {self.flat_floor}")
 
+    @classmethod
+    def group(cls, name: str) -> tuple[str, ...]:
+        """The names of the options of group ``name`` (one of :data:`GROUPS`), in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("group") == name)
+
     def plan_options(self) -> PlanOptions:
-        return PlanOptions(
-            overscan=self.overscan, overscan_model=self.overscan_model, overscan_order=self.overscan_order,
-            combine_method=self.combine_method, sigma_clip=self.sigma_clip, clip_extrema=self.clip_extrema,
-            reject=self.reject, scale_region=self.scale_region, temp_tolerance=self.temp_tolerance,
-            exclude_flagged=self.exclude_flagged, keep_flagged=self.keep_flagged,
-            allow_uncorrected=self.allow_uncorrected,
-            light_steps=self.light_steps(), stack=self.stack)
+        """The planner's choices: every ``plan`` option, and the lights' steps as the plan prints them."""
+        return PlanOptions(**{k: getattr(self, k) for k in self.group(PLAN)}, light_steps=self.light_steps())
 
     def light_steps(self) -> tuple[str, ...]:
         """What every light gets beyond overscan and masters, as the plan prints it."""
@@ -133,10 +147,9 @@ class ReduceOptions:
 
     def physics(self) -> dict[str, Any]:
         """The options that change output pixels or headers beyond the recipe (part of every
-        fingerprint). The memory budget and the workers are not: results do not depend on them."""
-        names = ("gain", "read_noise", "saturation", "to_electrons", "uncertainty", "dark_optimize", "cosmic_rays",
-                 "bad_pixel_map", "hot_sigma", "flat_norm", "flat_floor")
-        return {k: getattr(self, k) for k in names}
+        fingerprint): the ``physics`` group. The memory budget and the workers are not: results do
+        not depend on them."""
+        return {k: getattr(self, k) for k in self.group(PHYSICS)}
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
