@@ -28,7 +28,16 @@ from .io.headers import TEMP_KEYS, exposure_of, light_header, read_temperature, 
 from .pipeline.options import ReduceOptions
 from .pipeline.tasks import RunContext, calibrate_light, load_master
 from .planning.inventory import scan_file
-from .planning.plan import BiasMaster, DarkMaster, LightJob, MasterIndex, geometry, light_output
+from .planning.plan import (
+    BiasMaster,
+    DarkMaster,
+    LightJob,
+    MasterIndex,
+    geometry,
+    light_output,
+    pedestal_left,
+    steps_done,
+)
 from .qa.stats import region_stats
 
 _PathLike = (str, os.PathLike)
@@ -186,7 +195,7 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
         raise InputError(f"{path}: {skipped[0].reason if skipped else 'no image data'}")
     jobs = []
     for info in infos:
-        if set(info.calibrated) - {"overscan", "trim"}:
+        if steps_done(info):
             raise InputError(f"{path}: its header says it is already calibrated "
                              f"({', '.join(info.calibrated)}): not calibrated again")
         index = _master_index(info, bias, darks, flat, options.temp_tolerance)
@@ -196,7 +205,7 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
         bias_name, notes = index.bias_for(info)
         dark_name, scale, dark_notes = index.dark_for(info, bias_name)
         flat_name, _ = index.flat_for(info)
-        uncorrected = None if (bias_name or dark_name) else "neither a master bias nor a dark of its exposure applies to it"
+        uncorrected = pedestal_left(bias_name, dark_name)
         if uncorrected and not options.allow_uncorrected:
             raise InputError(f"{path}: {uncorrected}, so its pedestal would stay in; give a bias (or a dark of"
                              " its exposure), or allow_uncorrected (--allow-uncorrected)")

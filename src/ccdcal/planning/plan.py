@@ -316,6 +316,12 @@ GROUP_LABELS: dict[str, Callable[[Sequence[FrameInfo], PlanOptions], list[Any]]]
 }
 
 
+def steps_done(info: FrameInfo) -> set[str]:
+    """The calibration steps a frame's header says were done, beyond overscan subtraction and
+    trimming (which leave a frame usable as raw): a frame with any is not calibrated again."""
+    return set(info.calibrated) - {"overscan", "trim"}
+
+
 def _raw_frames(frames: list[FrameInfo], skipped: list[Skipped]) -> list[FrameInfo]:
     """The frames that are raw: those whose header says they were calibrated are listed as skipped.
 
@@ -324,7 +330,7 @@ def _raw_frames(frames: list[FrameInfo], skipped: list[Skipped]) -> list[FrameIn
     """
     raw = []
     for f in frames:
-        done = set(f.calibrated) - {"overscan", "trim"}
+        done = steps_done(f)
         if not done:
             raw.append(f)
             continue
@@ -370,8 +376,10 @@ def _ignored_sections(frames: tuple[FrameInfo, ...]) -> list[str]:
             for w, names in seen.items()]
 
 
-def _pedestal_left(bias: str | None, dark: str | None, flat_job: MasterJob | None) -> str | None:
-    """Why a light would keep its pedestal (None when it is removed)."""
+def pedestal_left(bias: str | None, dark: str | None, flat_job: MasterJob | None = None) -> str | None:
+    """Why a light would keep its pedestal (None when it is removed): the one rule, for planned
+    masters and for masters given by hand (``flat_job`` None: a flat given by hand is taken as
+    it is)."""
     if not (bias or dark):
         return "neither a master bias nor a dark of its exposure applies to it"
     if flat_job is not None and not any(r.bias or r.dark for r in flat_job.recipes):
@@ -785,7 +793,7 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
     """Every light (in path order) with the masters the index chooses for it, and the notes.
 
     A light is skipped, with the reason, when darks exist but its exposure is unknown, when no
-    master matches it, and when its pedestal would stay in (:func:`_pedestal_left`) unless
+    master matches it, and when its pedestal would stay in (:func:`pedestal_left`) unless
     ``allow_uncorrected``.
     """
     lights: list[LightJob] = []
@@ -804,7 +812,7 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
                            " add calibration frames taken the same way")
             continue
         flat_job = next(j for j in masters if j.name == flat) if flat else None
-        uncorrected = _pedestal_left(bias, dark, flat_job)
+        uncorrected = pedestal_left(bias, dark, flat_job)
         if uncorrected and not ctx.options.allow_uncorrected:
             ctx.skip(info, f"{uncorrected}, so its pedestal would stay in; add bias frames"
                            " (or darks of its exposure), or pass --allow-uncorrected")
