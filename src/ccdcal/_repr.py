@@ -111,7 +111,6 @@ class Preview:
         return f"Preview({nx}x{ny} image, stretch {self.method!r}{', ' + repr(self.title) if self.title else ''})"
 
     def _repr_png_(self) -> bytes:
-
         shown = stretch(downsample(np.asarray(self.data, dtype=np.float32), self.size), self.method)
         try:
             from matplotlib.figure import Figure

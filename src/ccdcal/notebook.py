@@ -53,7 +53,6 @@ def _as_list(frames: Any) -> tuple[list[Any], bool]:
                 raise InputError(f"{text}: no file matches; check the pattern")
             return found, False
         if Path(text).is_dir():
-
             return [str(p) for p in find_fits([text])], False
         return [frames], True
     if isinstance(frames, np.ndarray) or hasattr(frames, "unit") or hasattr(frames, "data") and not isinstance(frames, Sequence):
@@ -162,7 +161,6 @@ def _master_index(info: Any, bias: Any, darks: Sequence[Any], flat: Any, temp_to
     """Masters given by hand as the plan's MasterIndex for this frame's geometry."""
     from astropy.io import fits
 
-
     geom = geometry(info)
     biases, dark_masters, counts = (), (), {}
     if bias:
@@ -264,7 +262,6 @@ def _as_master(obj: Any, *, flat: bool, flat_norm: str) -> Any:
     if obj is None:
         return None
     if isinstance(obj, _PathLike):
-
         return load_master(obj, flat=flat, flat_norm=flat_norm)
     header = getattr(obj, "header", None)
     data, _ = read_image(obj.data if hasattr(obj, "nlow_rejected") else obj)
@@ -281,7 +278,6 @@ def _calibrate_in_memory(frame: Any, bias: Any, darks: Sequence[Any], flat: Any,
                          geometry: dict[str, Any], dark_scale: float | None) -> Any:
     """One frame that is an array or CCDData (or masters that are): calibrate_frame directly."""
     from astropy.nddata import CCDData, StdDevUncertainty
-
 
     if len(darks) > 1:
         raise InputError("several darks are matched to frames on disk only; give one dark with arrays")
@@ -332,7 +328,6 @@ def imexamine(frames: Any, region: Any = None, *, sigma: float = 3.0, maxiters: 
         ``min``, ``max``, ``clipped_mean``, ``clipped_median``, ``clipped_std``.
     """
     from astropy.table import Table
-
 
     items, _ = _as_list(frames)
     section = _section_text(region)

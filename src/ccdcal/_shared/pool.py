@@ -23,7 +23,6 @@ def kernels_threadsafe() -> bool:
     import numba
     import numpy as np
 
-
     try:
         layer = numba.threading_layer()
     except ValueError:   # no parallel kernel has run in this process yet: run the smallest one

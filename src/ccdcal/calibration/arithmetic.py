@@ -85,7 +85,6 @@ def subtract_dark(data: np.ndarray, dark: np.ndarray | None, scale: float) -> np
     if dark is not None and scale != 0.0:
         dark = np.asarray(dark, dtype=np.float32)
         if data.flags.c_contiguous and dark.flags.c_contiguous and data.shape == dark.shape:
-
             subtract_scaled(data, dark, np.float32(scale))   # the same float32 arithmetic, no temporary
         else:
             data -= np.float32(scale) * dark
@@ -487,7 +486,6 @@ def _overscan_and_trim(raw: np.ndarray, overscan: OverscanSpec | None, trim: Sec
     else:
         mask = np.zeros(out_shape, dtype=np.uint8)
     if saturation is not None:
-
         flag_at_or_above(raw[ty, tx], np.float32(saturation), mask, np.uint8(MASK_SATURATED))
     if bad_pixels is not None:
         bpm = np.asarray(bad_pixels)

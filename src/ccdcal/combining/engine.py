@@ -145,7 +145,6 @@ class CombineResult:
         ``CCDData.read`` reads it; returns the path."""
         from pathlib import Path
 
-
         unc = None
         if self.uncertainty is not None:
             unc = np.where(np.isfinite(self.uncertainty), self.uncertainty, np.float32(0.0)).astype(np.float32)
@@ -154,7 +153,6 @@ class CombineResult:
         return Path(path)
 
     def _repr_html_(self) -> str:
-
         return combine_html(self)
 
 
@@ -385,7 +383,6 @@ def _std_uncertainty(uncertainty: Any) -> np.ndarray:
 
 
 def _as_source(frame: Any, index: int) -> Any:
-
     if isinstance(frame, (str, os.PathLike)):
         return FrameSource(frame)
     if isinstance(frame, RowSource):
@@ -629,7 +626,6 @@ class CombineOptions:
         ``zero`` and ``weights`` values must number ``n_frames``.
         """
         if choices.get("reject") == "ccdclip" and header is not None:
-
             if choices.get("gain") is None:
                 choices["gain"] = header_gain(header)[0]
             if choices.get("read_noise") is None:
@@ -730,7 +726,6 @@ def sample_sigma_can_reject(n: int, threshold: float, *, center: str = "median")
 def _warn_unable_to_reject(n: int, opts: CombineOptions) -> None:
     import warnings
 
-
     n_left = n - opts.nlow - opts.nhigh if n > opts.nlow + opts.nhigh else n
     if opts.reject != "sigma" or opts.compat or n_left < 3:
         return
@@ -780,7 +775,6 @@ def _level_names(options: CombineOptions) -> list[str]:
 
 
 def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixels: int | None = None) -> FrameFactors:
-
     n, shape, hows = inputs.n, inputs.shape, _level_names(options)
     levels: dict[str, np.ndarray] = {}
     if hows:
@@ -808,7 +802,6 @@ def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixel
 
 
 def _level(values: np.ndarray, how: str) -> float:
-
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     return float(_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
 
@@ -1098,7 +1091,6 @@ class _Workspace:
     """The buffers every tile of a band reuses, and what the kernel takes besides the tile."""
 
     def __init__(self, inputs: _Inputs, plan: _TilePlan, options: CombineOptions, factors: FrameFactors):
-
         n, nx, rows = inputs.n, inputs.shape[1], plan.rows
         self.stack = np.empty((n, rows, nx), np.uint16 if plan.raw16 else np.float32)
         self.valid = np.ones((n, rows, nx) if plan.has_mask else (1, 1, 1), np.uint8)

@@ -970,7 +970,6 @@ def add_checksums(hdul: Any) -> None:
     summed as the file will store them, in numba kernels."""
     import time
 
-
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     for hdu in hdul:
         words = hdu.data.reshape(-1)

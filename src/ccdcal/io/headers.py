@@ -573,7 +573,6 @@ def combined_header(headers: Sequence[Any], *, method: str, scales: np.ndarray, 
 
     from astropy.io import fits
 
-
     first = next((h for h in headers if h is not None), None)
     out = fits.Header(clean_header(first))
     n = len(headers)
@@ -751,7 +750,6 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
     keywords, coordinates shifted for the trim (IRAF LTV), mid-exposure time, and every step
     (:func:`write_calibration_keywords`)."""
     import time
-
 
     header = clean_header(raw_header)
     if trim is not None:

@@ -152,7 +152,6 @@ def verify(out_dir: str | os.PathLike) -> VerifyResult:
 
 
 def _verify(out_dir: Path) -> VerifyResult:
-
     path = out_dir / "manifest.json"
     try:
         outputs = json.loads(path.read_text(encoding="utf-8"))["outputs"]

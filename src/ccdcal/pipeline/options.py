@@ -102,7 +102,6 @@ class ReduceOptions:
         return options
 
     def validate(self) -> None:
-
         parse_memory(self.memory)
         if self.combine_method not in (None, "median", "mean"):
             raise ConfigError(f"combine_method {self.combine_method!r}: use 'median' or 'mean'")

@@ -73,7 +73,6 @@ class ReduceResult:
     dashboard: str | None = None                           # the dask dashboard, when on dask
 
     def _repr_html_(self) -> str:
-
         return result_html(self)
 
 
@@ -130,7 +129,6 @@ def _recording_warnings(caught: list[str]):
 
 
 def _warn(message: str) -> None:
-
     warnings.warn(message, CcdcalWarning, stacklevel=5)
 
 
@@ -542,7 +540,6 @@ def _lanes(npix: int, options: ReduceOptions) -> int:
 
 
 def _budget(options: ReduceOptions) -> int:
-
     return parse_memory(options.memory)
 
 

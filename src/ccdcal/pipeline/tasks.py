@@ -296,7 +296,6 @@ def prepare_master(item: tuple[MasterJob, dict[str, Any] | None], ctx: RunContex
     inputs = tuple(input_record(f.path, f.hdu) for f in job.members)
     fp = master_fingerprint(job, ctx, list(inputs))
     if up_to_date(ctx.out_dir, job.output, fp, previous):
-
         return OutputRecord(output=job.output, kind=job.kind.value, fingerprint=fp, inputs=inputs,
                             reused=True, datasum=datasum_of(ctx.out_dir / job.output))
     try:
@@ -370,7 +369,6 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
     """
     from astropy.io import fits
 
-
     job = work.job
     try:
         with _members(job, ctx, work.overscans) as sources:
@@ -417,7 +415,6 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
 
 
 def _member_sources(job: MasterJob, ctx: RunContext, overscans: tuple[Any, ...] | None = None) -> list[Any]:
-
     arrays = {n: _master(ctx, n).data for r in job.recipes for n in (r.bias, r.dark, r.flat) if n}
     sources = []
     for k, (f, r) in enumerate(zip(job.members, job.recipes, strict=True)):
@@ -437,7 +434,6 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
     options, settings = ctx.options, job.settings
     region = None
     if settings.scale_region:
-
         region = to_slices(settings.scale_region, result.data.shape)
     nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(result.data)
     done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
@@ -533,7 +529,6 @@ def _bad_pixel_key(path: str) -> tuple[str, int, int, str] | None:
 
 
 def _bad_pixel_map(path: str | None) -> np.ndarray | None:
-
     if not path:
         return None
     key = _bad_pixel_key(path)
@@ -598,7 +593,6 @@ def light_task(item: tuple[LightJob | MasterPreviewJob, dict[str, Any] | None],
     :class:`MasterPreviewJob`, its previews (None: nothing for the manifest)."""
     job = item[0]
     if isinstance(job, MasterPreviewJob):
-
         try:
             write_master_previews(ctx.out_dir, job.output, _master(ctx, job.name).data, job.kind)
         except Exception:  # noqa: BLE001 - the report makes them itself (and says what failed)
@@ -635,7 +629,6 @@ _SCRATCH_BYTES = 4 << 20   # a light's raw bytes are read and decoded through th
 
 
 def _write_light(job: LightJob, ctx: RunContext) -> str | None:
-
     recipe = job.recipe
     with FrameSource(job.frame.path, job.frame.hdu) as src:
         shape = tuple(int(v) for v in src.shape)
@@ -682,7 +675,6 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
                           dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
     previews = None
     if options.report:
-
         # while the pixels are in memory (the report then reads no light again), and while the
         # light's file is made durable and put in place
         previews = partial(write_light_previews, ctx.out_dir, job.output, result.data)
@@ -723,7 +715,6 @@ def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any]
     except CcdcalError as exc:
         return OutputRecord(output=title, kind="stack", skipped=str(exc))
     if ctx.options.report:
-
         write_preview(run.result.data, ctx.out_dir / preview)
     frames = [{**f.to_json(), "path": str(Path(f.path).relative_to(ctx.out_dir))} for f in run.frames]
     return OutputRecord(output=job.output, kind="stack", fingerprint=fp, inputs=inputs,

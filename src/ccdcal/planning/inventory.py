@@ -228,7 +228,6 @@ class Inventory:
         return rows
 
     def _repr_html_(self) -> str:
-
         return inventory_html(self)
 
 
@@ -554,7 +553,6 @@ def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, floa
                 return metrics
             data = src.read()
             if info.trimsec:
-
                 data = data[to_slices(info.trimsec, data.shape)]
             return frame_metrics(data, saturation=info.saturate, adc_maximum=src.adc_maximum)
     except InputError as exc:
@@ -573,7 +571,6 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     ``hash_files``: the tasks also take each file's hash for the manifest (``reduce``).
     """
     from functools import partial
-
 
     groups: dict[tuple, list[int]] = {}
     for i, info in enumerate(inventory.frames):

@@ -175,7 +175,6 @@ class Plan:
     stacks: tuple[StackJob, ...] = ()
 
     def _repr_html_(self) -> str:
-
         return plan_html(self)
 
     def master(self, name: str) -> MasterJob:

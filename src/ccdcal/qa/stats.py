@@ -101,7 +101,6 @@ def region_stats(
 
     image = np.asarray(data)
     if image.ndim != 2:
-
         raise InputError(f"expected a 2-D image, got an array of shape {image.shape}")
     section = _resolve_region(region, image.shape)
     rows, cols = section.slices()
@@ -186,7 +185,6 @@ def frame_metrics(data: np.ndarray, *, saturation: float | None = None,
     """
     image = np.asarray(data)
     if image.ndim != 2 or image.size == 0:
-
         raise InputError(f"expected a non-empty 2-D image, got an array of shape {image.shape}")
     npix = image.size
     finite = np.isfinite(image) if image.dtype.kind == "f" else None

@@ -652,7 +652,6 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
     """
     out_dir = Path(out_dir)
     if lock:
-
         if not (out_dir / "manifest.json").exists() and manifest is None:
             load_manifest(out_dir)      # its one-line error, before a lock file is made
         with output_lock(out_dir):

@@ -215,7 +215,6 @@ class StackResult:
         extensions; CHECKSUM on every HDU. ``CCDData.read`` reads data, UNCERT and MASK."""
         from astropy.io import fits
 
-
         header = clean_header(self.header)
         if unit is not None:
             header["BUNIT"] = (unit, "physical unit of the data")
@@ -286,7 +285,6 @@ def _options(n: int, reject: str, sigma: Any, weights: Any, zero: bool, scale: b
 
 # -- opening the frames -------------------------------------------------------------------------------
 def _grid_shape(frame: Any) -> tuple[int, int]:
-
     if isinstance(frame, (str, os.PathLike)):
         with FrameSource(frame) as source:
             return source.shape

@@ -325,7 +325,6 @@ class _Planes:
     """The data, mask and uncertainty planes of one source frame, by rows."""
 
     def __init__(self, source: Any):
-
         self.owned: list[Any] = []
         if isinstance(source, (str, os.PathLike)):
             source = FrameSource(source)

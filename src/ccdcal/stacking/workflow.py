@@ -199,7 +199,6 @@ def register_verdicts(verdicts: list[FrameVerdict], stars: list[Any], ref: int) 
     registered are left out with the reason."""
     from dataclasses import replace
 
-
     out = []
     for i, v in enumerate(verdicts):
         if i == ref:
@@ -255,7 +254,6 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     if not paths:
         raise InputError("no frames to stack")
     if output is not None:
-
         refuse_overwrite([*paths, *([reference] if reference is not None else [])],
                          files=[output, Path(output).with_suffix(".png")])
     verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress)
