@@ -126,7 +126,7 @@ def test_missing_metrics_are_skipped(rng):
 
 # -- real data -----------------------------------------------------------------------------------
 def _data_root() -> Path:
-    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    default = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
     root = Path(os.environ.get("CCDCAL_TEST_DATA", default))
     if not root.is_dir():
         if os.environ.get("CI"):
