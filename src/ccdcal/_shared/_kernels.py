@@ -3,7 +3,7 @@
 Each kernel loops over the pixels of an (n, rows, cols) float32 tile in parallel,
 gathers the n values of one pixel into a small per-thread buffer and works there:
 no temporaries the size of the tile. The definitions are documented in
-:mod:`ccdcal.combining.engine`; ``tests/test_combine_oracle.py`` holds the numpy oracle.
+:mod:`ccdcal.combining.engine`; ``tests/combining/test_combine_oracle.py`` holds the numpy oracle.
 Only float32 tiles come in, so each kernel compiles once (and is cached on disk).
 """
 
