@@ -781,13 +781,13 @@ def test_a_finished_master_is_numpys_element_wise_steps_bit_for_bit():
             assert np.array_equal(done.uncertainty.view(np.uint32), u.view(np.uint32)), (kind, in_place)
             assert np.array_equal(done.mask, mask), (kind, in_place)
             assert (done.data is a) == in_place and np.array_equal(a, data, equal_nan=True) != in_place
-            assert done.keywords["NNODATA"][0] == 3
+            assert done.n_nodata == 3
             if kind == "flat":
-                assert done.keywords["FLATNORM"][0] == want_level
+                assert done.level == want_level
                 assert flat_level(data) == want_level
                 assert mask[0, 3] == 4 and mask[0, 2] == 4
             if kind == "dark":
-                assert mask[10, 10] == 2 and done.keywords["NHOTPIX"][0] >= 1
+                assert mask[10, 10] == 2 and done.n_hot >= 1
 
 
 def test_16_bit_rows_decode_as_numpys_float32_steps(tmp_path):

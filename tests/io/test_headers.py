@@ -125,3 +125,18 @@ def test_calibrate_command_converts_to_electrons(demo_night, tmp_path):
     assert np.median(ccd.data / 1.5 - reduced) == pytest.approx(0.0, abs=0.5)
     ratio = ccd.uncertainty.array / fits.getdata(demo_night / "out" / "calibrated" / "m51_R_001.fits", "UNCERT")
     assert np.median(ratio) == pytest.approx(1.5, rel=0.01)
+
+
+def test_master_cards_are_written_in_one_place_in_a_fixed_order():
+    import numpy as np
+
+    from ccdcal.io.headers import master_cards
+
+    cards = master_cards("flat", member_rejected=np.array([[1, 2]]), npix=100, flat_level=1234.5,
+                         n_nodata=0, gain_measured=1.51234, overscan_levels=[10.0, 12.0], history=["a"])
+    assert list(cards) == ["NREJLO", "NREJHI", "REJL001", "REJH001", "FLATNORM", "FLATFLOR", "NNODATA",
+                           "GAINMEAS", "OVSCMEAN", "HISTORY"]
+    assert cards["GAINMEAS"][0] == 1.5123 and cards["OVSCMEAN"][0] == 11.0 and cards["HISTORY"] == ["a"]
+    bias = master_cards("bias", member_rejected=None, npix=100, read_noise_measured=5.0, detector_gain=2.0,
+                        detector_gain_source="EGAIN")
+    assert list(bias) == ["NNODATA", "RDNADU", "RDNOISE", "HISTORY"] and bias["RDNOISE"][0] == 10.0

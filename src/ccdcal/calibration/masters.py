@@ -322,12 +322,15 @@ def noise_model(kind: str, *, n: int, gain: float | None = None, gain_source: st
 # -- a combined master, finished: normalisation, masks, counts -------------------------------------
 @dataclass(frozen=True)
 class FinishedMaster:
-    """A master's planes and the keywords that describe them (see :func:`finish_master`)."""
+    """A master's planes and the facts that describe them (see :func:`finish_master`); their
+    header cards are written by :func:`ccdcal.io.headers.master_cards`."""
 
     data: np.ndarray                      # float32
     uncertainty: np.ndarray | None        # float32
     mask: np.ndarray                      # uint8, bits of :mod:`ccdcal.masks`
-    keywords: dict[str, Any]
+    level: float | None                   # [adu] the level a flat was divided by (None: not a flat)
+    n_hot: int | None                     # hot pixels masked in a dark (None: not a dark)
+    n_nodata: int                         # pixels without a valid value
     history: tuple[str, ...]
 
 
@@ -342,7 +345,6 @@ def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, n
     pass, :func:`ccdcal._shared._kernels.finish_planes`, and no new frames).
     """
 
-    keywords: dict[str, Any] = {}
     history: list[str] = []
 
     def own(array: np.ndarray) -> np.ndarray:
@@ -361,31 +363,15 @@ def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, n
     finish_planes(data, data if uncertainty is None else uncertainty, uncertainty is not None, nodata,
                   np.float32(level), kind == "flat", np.float32(flat_floor), np.uint8(MASK_NO_DATA),
                   np.uint8(MASK_LOW_FLAT), mask)
+    n_hot = None
     if kind == "flat":
-        keywords["FLATNORM"] = (level, f"[adu] level the flat was divided by ({flat_norm})")
-        keywords["FLATFLOR"] = (flat_floor, "flat pixels below this are masked")
         history.append(f"normalised by the {flat_norm} of {region_text or 'the central half'}: {level:.6g} adu")
     if kind == "dark":
         hot = hot_pixel_mask(data, sigma=hot_sigma) & ~nodata
         mask[hot] |= MASK_HOT
-        keywords["NHOTPIX"] = (int(hot.sum()), f"hot pixels (> {hot_sigma:g} sigma), MASK bit 2")
-    keywords["NNODATA"] = (int(np.count_nonzero(nodata)), "pixels without a valid value, MASK bit 32")
-    return FinishedMaster(data, uncertainty, mask, keywords, tuple(history))
-
-
-def rejection_keywords(member_rejected: np.ndarray | None, npix: int) -> dict[str, Any]:
-    """NREJLO/NREJHI and, per member (up to 999), REJLnnn/REJHnnn: values rejected low/high."""
-    if member_rejected is None:
-        return {}
-    out: dict[str, Any] = {
-        "NREJLO": (int(member_rejected[:, 0].sum()), "values rejected below the centre, all members"),
-        "NREJHI": (int(member_rejected[:, 1].sum()), "values rejected above the centre, all members"),
-    }
-    if len(member_rejected) <= 999:
-        for i, (lo, hi) in enumerate(member_rejected, start=1):
-            out[f"REJL{i:03d}"] = (int(lo), f"values of IMCMB{i:03d} rejected low ({lo / npix:.3%})")
-            out[f"REJH{i:03d}"] = (int(hi), f"values of IMCMB{i:03d} rejected high ({hi / npix:.3%})")
-    return out
+        n_hot = int(hot.sum())
+    return FinishedMaster(data, uncertainty, mask, level if kind == "flat" else None, n_hot,
+                          int(np.count_nonzero(nodata)), tuple(history))
 
 
 def rejection_map(nlow: np.ndarray, nhigh: np.ndarray, *, size: int = 800) -> np.ndarray | None:

@@ -705,6 +705,55 @@ def stack_header(headers: Sequence[Any], names: Sequence[str], *, reference: int
 MASTER_TYPES = {"bias": "MASTER BIAS", "dark": "MASTER DARK", "flat": "MASTER FLAT"}
 
 
+def rejection_keywords(member_rejected: np.ndarray | None, npix: int) -> dict[str, Any]:
+    """NREJLO/NREJHI and, per member (up to 999), REJLnnn/REJHnnn: values rejected low/high."""
+    if member_rejected is None:
+        return {}
+    out: dict[str, Any] = {
+        "NREJLO": (int(member_rejected[:, 0].sum()), "values rejected below the centre, all members"),
+        "NREJHI": (int(member_rejected[:, 1].sum()), "values rejected above the centre, all members"),
+    }
+    if len(member_rejected) <= 999:
+        for i, (lo, hi) in enumerate(member_rejected, start=1):
+            out[f"REJL{i:03d}"] = (int(lo), f"values of IMCMB{i:03d} rejected low ({lo / npix:.3%})")
+            out[f"REJH{i:03d}"] = (int(hi), f"values of IMCMB{i:03d} rejected high ({hi / npix:.3%})")
+    return out
+
+
+def master_cards(kind: str, *, member_rejected: np.ndarray | None, npix: int, flat_level: float | None = None,
+                 flat_norm: str = "median", flat_floor: float = 0.1, n_hot: int | None = None,
+                 hot_sigma: float = 5.0, n_nodata: int = 0, gain_measured: float | None = None,
+                 read_noise_measured: float | None = None, detector_gain: float | None = None,
+                 detector_gain_source: str | None = None, overscan_levels: Sequence[float] = (),
+                 history: Sequence[str] = ()) -> dict[str, Any]:
+    """Every card a master carries beyond the combine's and :func:`master_header`'s own, in the
+    order they are written: values rejected, the flat's level and floor, hot pixels, pixels
+    without data, the measured gain and read noise, the members' overscan level, HISTORY.
+
+    ``kind`` is "bias", "dark" or "flat"; ``read_noise_measured`` in ADU (a bias's), converted
+    to e- with ``detector_gain`` where that is known; ``history`` lines are added last.
+    """
+    cards: dict[str, Any] = dict(rejection_keywords(member_rejected, npix))
+    if kind == "flat":
+        cards["FLATNORM"] = (flat_level, f"[adu] level the flat was divided by ({flat_norm})")
+        cards["FLATFLOR"] = (flat_floor, "flat pixels below this are masked")
+    if kind == "dark":
+        cards["NHOTPIX"] = (n_hot, f"hot pixels (> {hot_sigma:g} sigma), MASK bit 2")
+    cards["NNODATA"] = (n_nodata, "pixels without a valid value, MASK bit 32")
+    if gain_measured is not None:
+        cards["GAINMEAS"] = (round(gain_measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
+    if kind == "bias" and read_noise_measured is not None:
+        rn = read_noise_measured
+        cards["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
+        if detector_gain is not None:
+            cards["RDNOISE"] = (round(rn * detector_gain, 4),
+                                f"[e-] read noise (gain {detector_gain:g} from {detector_gain_source})")
+    if overscan_levels:
+        cards["OVSCMEAN"] = (float(np.mean(overscan_levels)), "[adu] mean overscan level of the members")
+    cards["HISTORY"] = list(history)
+    return cards
+
+
 def master_header(combined: Any, *, kind: str, title: str, n_members: int, steps: list[str], settings: str,
                   exptime: float | None = None, filter_name: str | None = None,
                   extra: dict[str, Any] | None = None) -> Any:

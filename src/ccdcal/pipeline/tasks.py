@@ -34,7 +34,6 @@ from ..calibration.masters import (
     noise_model,
     normalise_flat,
     read_noise_from_pair,
-    rejection_keywords,
     rejection_map,
 )
 from ..calibration.recipe import Recipe
@@ -60,6 +59,7 @@ from ..io.headers import (
     exposure_of,
     header_read_noise,
     light_header,
+    master_cards,
     master_header,
     resolve_detector,
 )
@@ -439,20 +439,17 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
     done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
                          flat_floor=options.flat_floor, hot_sigma=options.hot_sigma, region=region,
                          region_text=settings.scale_region, in_place=True)   # the combine's planes are ours
-    extra: dict[str, Any] = dict(rejection_keywords(result.member_rejected, result.data.size))
-    extra.update(done.keywords)
-    if noise.gain_measured is not None:
-        extra["GAINMEAS"] = (round(noise.gain_measured, 4), "[e-/adu] photon-transfer gain, 2 member flats")
-    if job.kind.value == "bias" and noise.read_noise_measured is not None:
-        rn = noise.read_noise_measured
-        extra["RDNADU"] = (round(rn, 4), "[adu] read noise, from two member biases")
+    det = None
+    if job.kind.value == "bias" and noise.read_noise_measured is not None:   # the gain of its RDNOISE
         det = resolve_detector(sources[0].header, gain=options.gain)
-        if det.gain is not None:
-            extra["RDNOISE"] = (round(rn * det.gain, 4), f"[e-] read noise (gain {det.gain:g} from {det.gain_source})")
     levels = [s.overscan_level for s in sources if getattr(s, "overscan_level", None) is not None]
-    if levels:
-        extra["OVSCMEAN"] = (float(np.mean(levels)), "[adu] mean overscan level of the members")
-    extra["HISTORY"] = list(noise.history) + list(done.history)
+    extra = master_cards(job.kind.value, member_rejected=result.member_rejected, npix=result.data.size,
+                         flat_level=done.level, flat_norm=options.flat_norm, flat_floor=options.flat_floor,
+                         n_hot=done.n_hot, hot_sigma=options.hot_sigma, n_nodata=done.n_nodata,
+                         gain_measured=noise.gain_measured, read_noise_measured=noise.read_noise_measured,
+                         detector_gain=det.gain if det is not None else None,
+                         detector_gain_source=det.gain_source if det is not None else None,
+                         overscan_levels=levels, history=list(noise.history) + list(done.history))
     header = master_header(result.header, kind=job.kind.value, title=job.label.split("   ")[0].strip(),
                            n_members=len(job.members), steps=member_steps(job.recipes),
                            settings=settings.describe(), exptime=job.exptime, filter_name=job.filter,
