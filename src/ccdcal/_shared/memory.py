@@ -65,6 +65,11 @@ def keep_freed_memory() -> bool:
     return _KEPT
 
 
+def keeps_freed_memory() -> bool:
+    """Whether :func:`keep_freed_memory` holds in this process (the ``ccdcal`` command's)."""
+    return _KEPT
+
+
 def warm_heap(nbytes: int, stop: Any = None) -> bool:
     """Fault in ``nbytes`` of the heap and free them again: the arrays made next take those pages
     instead of fresh ones. Only where :func:`keep_freed_memory` holds (elsewhere freed memory

@@ -25,6 +25,7 @@ from .. import __version__
 from .._repr import result_html
 from .._shared import memory as _memory
 from .._shared import pool
+from .._shared.pool import LocalExecutor
 from .._shared.progress import steps
 from ..calibration.arithmetic import forget_derived
 from ..combining.engine import parse_memory
@@ -36,7 +37,7 @@ from ..io.manifest import Manifest, OutputRecord, VerifyResult, verify
 from ..planning.inventory import Inventory, Skipped, flag_groups, scan
 from ..planning.plan import MasterJob, Plan, build_plan
 from ..report.page import build_report, made_master_previews
-from .executor import make_executor
+from .executor import DaskExecutor, make_executor
 from .options import ReduceOptions
 from .tasks import (
     MasterPreviewJob,
@@ -232,7 +233,7 @@ def _executor(scheduler: Any, options: ReduceOptions):
         executor.close()
 
 
-def _describe_executor(executor: Any) -> str:
+def _describe_executor(executor: LocalExecutor | DaskExecutor) -> str:
     address = getattr(executor, "address", None)
     if address:
         return f"dask scheduler {address} ({executor.workers} workers)"
@@ -275,7 +276,7 @@ def dependency_levels(masters: tuple[MasterJob, ...]) -> list[list[MasterJob]]:
 
 
 def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Manifest, result: ReduceResult,
-                 body: Any, progress: Any, executor: Any) -> Any:
+                 body: Any, progress: Any, executor: LocalExecutor | DaskExecutor) -> RunContext:
     """Build the masters level by level (bias, dark, flat); returns the RunContext that knows them.
 
     Per level: every master's first pass (:func:`~ccdcal.pipeline.tasks.prepare_master`), then the
@@ -376,7 +377,7 @@ class _Writer:
         self._pool.shutdown(wait=wait)
 
 
-def _finish(work: Any, ctx: Any, tiles: Any, count: int, writer: Any, pending: list[Any]) -> OutputRecord:
+def _finish(work: MasterWork, ctx: RunContext, tiles: Any, count: int, writer: Any, pending: list[Any]) -> OutputRecord:
     """Take the next ``count`` bands from ``tiles`` (this master's) and write the master."""
 
     mine = [next(tiles) for _ in range(count)]
@@ -386,7 +387,7 @@ def _finish(work: Any, ctx: Any, tiles: Any, count: int, writer: Any, pending: l
     return write_master(work, ctx, [tile for tile, _ in mine], writer=writer, pending=pending)
 
 
-def _accept_master(job: MasterJob, record: OutputRecord, ctx: Any, result: ReduceResult,
+def _accept_master(job: MasterJob, record: OutputRecord, ctx: RunContext, result: ReduceResult,
                    options: ReduceOptions) -> Any:
     """The context with this master (or its failure) known to what is built on it."""
     if _skipped(record, result, strict=options.strict):
@@ -415,8 +416,8 @@ def _keep(record: OutputRecord, manifest: Manifest, result: ReduceResult, made: 
     result.reused += record.reused
 
 
-def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,
-                executor: Any) -> None:
+def _run_lights(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceResult, progress: Any,
+                executor: LocalExecutor | DaskExecutor) -> None:
     """Calibrate every light (as many at once as ``--memory`` holds) and record each."""
 
     started = time.perf_counter()
@@ -438,7 +439,7 @@ def _run_lights(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, 
     result.timings["lights"] = time.perf_counter() - started
 
 
-def _master_previews(plan: Plan, ctx: Any, result: ReduceResult) -> list[Any]:
+def _master_previews(plan: Plan, ctx: RunContext, result: ReduceResult) -> list[Any]:
     """The report's previews of the masters this run has, where they are not made yet."""
 
     have = set(result.masters)
@@ -447,8 +448,8 @@ def _master_previews(plan: Plan, ctx: Any, result: ReduceResult) -> list[Any]:
             and made_master_previews(ctx.out_dir, job.output) is None]
 
 
-def _run_stacks(plan: Plan, ctx: Any, manifest: Manifest, result: ReduceResult, progress: Any,
-                executor: Any) -> None:
+def _run_stacks(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceResult, progress: Any,
+                executor: LocalExecutor | DaskExecutor) -> None:
     """Stack the calibrated lights of each target and filter (``--stack``), one task each."""
 
     if not plan.stacks:
@@ -478,7 +479,7 @@ def _start_warming(paths: list[Any], options: ReduceOptions) -> Any:
     (:func:`ccdcal._shared.memory.warm_heap`; only in the ``ccdcal`` command's process). Returns what
     to call before the masters are built (it stops the thread and waits for it), or None."""
 
-    if not _memory._KEPT:
+    if not _memory.keeps_freed_memory():
         return None
     stop = threading.Event()
 

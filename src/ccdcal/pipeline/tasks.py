@@ -39,6 +39,7 @@ from ..calibration.masters import (
 from ..calibration.recipe import Recipe
 from ..combining.engine import (
     CombineOptions,
+    FrameFactors,
     combine_result,
     combine_rows,
     measure_factors,
@@ -252,9 +253,9 @@ class MasterWork:
     job: MasterJob
     fingerprint: str
     inputs: tuple[dict[str, Any], ...]
-    combine: Any            # ccdcal.combining.engine.CombineOptions
-    factors: Any            # ccdcal.combining.engine.FrameFactors
-    noise: Any              # ccdcal.calibration.masters.NoiseModel
+    combine: CombineOptions
+    factors: FrameFactors
+    noise: NoiseModel
     shape: tuple[int, int]
     overscans: tuple[Any, ...] | None = None   # each member's OverscanFit (fitted once, here)
 
