@@ -819,7 +819,7 @@ def region_level_rows(rows: slice, width: int, sample_pixels: int | None) -> lis
     of n = 2^21 pixels spread over the whole region estimates the region's median to about
     1.25·σ/√n (σ: the spread of the region's values, noise and vignetting together), ~1e-4 of
     the level for a flat whose pixels spread by 10 % (measured: 3e-5 on a 25 %-vignetted flat,
-    tests/test_whole_night.py), below the per-pixel noise of a master of 20 such flats.
+    tests/combining/test_sampled_levels.py), below the per-pixel noise of a master of 20 such flats.
     """
     height, band = rows.stop - rows.start, LEVEL_SAMPLE_BAND
     wanted = None if sample_pixels is None else max(band, sample_pixels // max(width, 1))

@@ -469,7 +469,7 @@ def _run_stacks(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceR
 #: bytes one light holds while it is calibrated, per pixel: the raw frame (4, calibrated in
 #: place), the uncertainty (4) and the mask (1), arrays the light tasks reuse
 #: (tasks.BufferPool; the raw bytes pass through 4 MiB); calibrate_frame's own arrays are 9 (measured with
-#: tracemalloc; tests/test_whole_night.py checks ≤ 20); the rest is for previews and writing
+#: tracemalloc; tests/pipeline/test_night_memory.py checks ≤ 20); the rest is for previews and writing
 LIGHT_BYTES_PER_PIXEL = 24
 
 
