@@ -175,6 +175,7 @@ def test_any_filter_bytes_reduce_into_their_own_masters(small_night, tmp_path_fa
     out = root.parent / "out"
     result = reduce(root, out, options=ReduceOptions(report=False, stack=True))
     assert tree_digest(root) == before
+    assert sorted(p.name for p in root.parent.iterdir()) == ["out", "raw"]    # nothing outside OUT
     flats = {j.filter: j.output for j in result.plan.masters if j.kind.value == "flat"}
     lights = {j.frame.filter for j in result.plan.lights}
     # two different card values may clean to one value (both to '?'): then they are one filter
