@@ -535,3 +535,19 @@ def test_two_reductions_in_one_process_do_not_share_a_folder(small_night, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]       # nothing written
     reduce(raw, out, options=ReduceOptions(report=False))
     assert_clean_output(out)
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path, monkeypatch):
+    """A folder where the lock file cannot be made (read-only, root or not): one line for a
+    writer; a reader goes on (nobody can be writing there through ccdcal)."""
+    import errno
+
+    def refuse(path, flags, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(InputError, match="cannot make its lock file .*Permission denied"):
+        with output_lock(tmp_path):
+            pass
+    with output_lock(tmp_path, shared=True):
+        pass

@@ -183,11 +183,12 @@ def output_lock(out_dir: str | os.PathLike, *, shared: bool = False) -> Iterator
     path = Path(out_dir) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError:
+    except OSError as exc:
         if shared:                      # a read-only folder: nobody can be writing it through us
             yield
             return
-        raise
+        raise InputError(f"{printable(out_dir)}: cannot make its lock file {LOCK_NAME} ({exc.strerror});"
+                         " choose a writable output folder") from exc
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
