@@ -1,12 +1,14 @@
 """Issue 30: ``progress=`` of every long public call is None or False (silent), True (a
 ``tqdm.auto`` bar: a widget in a notebook, text on stderr elsewhere) or a function
 ``f(items, description, total=None)``; anything else is a one-line TypeError raised before
-any work."""
+any work. The notebook side runs in a real kernel (nbclient)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import nbclient
+import nbformat
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -14,10 +16,12 @@ from astropy.io import fits
 import ccdcal
 import starfield as sf
 from ccdcal.progress import resolve_progress
+from test_notebook import _kernel_manager
 
-# a night small enough to reduce in a few seconds (numba's cache warm)
+# a night small enough for a notebook cell of a few seconds (numba's cache warm)
 NIGHT = dict(size=64, n_bias=3, n_dark=2, n_flat=2, n_light=1)
 REDUCE_STAGES = ["scanning", "checking frames", "building masters", "calibrating lights"]
+CELL_TIMEOUT = 300      # seconds: a fresh checkout compiles the kernels in the notebook's kernel
 
 
 class Recorder:
@@ -198,3 +202,47 @@ def test_stack_reports_the_stars_found_and_the_rows_stacked(tmp_path):
     stacked = recorder.stages[1]
     assert stacked["count"] == stacked["total"] > 1      # several bands of rows, each reported
     assert run.output.is_file()
+
+
+# -- in a notebook ------------------------------------------------------------------------------------
+def _widgets(nb: nbformat.NotebookNode) -> dict[str, dict]:
+    """The widget models the kernel left, by model id (nbclient stores them in the metadata)."""
+    return nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+
+
+def _model(models: dict[str, dict], ref: str) -> dict:
+    return models[ref.removeprefix("IPY_MODEL_")]["state"]
+
+
+def test_progress_true_in_a_notebook_shows_a_widget_per_stage_and_prints_nothing(tmp_path, monkeypatch):
+    import ipywidgets  # noqa: F401 - in the test extras: without it tqdm draws text, not a widget
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import ccdcal\nfrom ccdcal.demo import write_night\n\n"
+                                  f"raw = write_night('raw', seed=30, **{NIGHT!r})"),
+        nbformat.v4.new_code_cell("result = ccdcal.reduce(raw, 'out', progress=True,\n"
+                                  "                       options=ccdcal.ReduceOptions(report=False))"),
+        nbformat.v4.new_code_cell("len(result.lights)"),
+    ])
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp_path / "kernels"), timeout=CELL_TIMEOUT, startup_timeout=120,
+        resources={"metadata": {"path": str(work)}}, allow_errors=False)
+    client.execute()       # raises CellExecutionError (with the traceback) or CellTimeoutError
+
+    outputs = nb.cells[1].outputs
+    streams = [o for o in outputs if o.output_type == "stream"]
+    assert not [o for o in streams if o.name == "stdout"], streams            # nothing printed
+    assert not [o for o in streams if "%|" in o.text], streams                # no text bar either
+    views = [o.data["application/vnd.jupyter.widget-view+json"]["model_id"] for o in outputs
+             if o.output_type == "display_data"]
+    assert len(views) == len(REDUCE_STAGES)
+    models = _widgets(nb)
+    for stage, view in zip(REDUCE_STAGES, views, strict=True):
+        label, bar, _ = (_model(models, ref) for ref in models[view]["state"]["children"])
+        assert f"{stage}: 100%" in label["value"].replace("\u2007", " ")   # tqdm's figure spaces
+        assert bar["value"] == bar["max"] > 0 and bar["bar_style"] == "success", (stage, bar)
+    assert nb.cells[2].outputs[0].data["text/plain"] == "2"
