@@ -126,6 +126,29 @@ def test_reduce_hands_every_stage_to_a_progress_function(night, tmp_path):
     assert recorder.counts("building masters") == [len(result.masters)]
 
 
+def test_the_masters_bar_counts_each_master_as_it_is_built(night, tmp_path, monkeypatch):
+    from ccdcal import pipeline
+
+    counted = {"masters": 0}
+
+    def progress(items, description, total=None):
+        for item in items:
+            yield item
+            # where a bar (tqdm's, rich's) counts: once the caller asks for the next item
+            counted["masters"] += description == "building masters"
+
+    seen: list[int] = []
+    accept = pipeline._accept_master
+
+    def accept_and_look(*args, **kwargs):
+        seen.append(counted["masters"])
+        return accept(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_accept_master", accept_and_look)
+    result = ccdcal.reduce(night, tmp_path / "out", options=_no_report(), progress=progress)
+    assert seen == list(range(1, len(result.masters) + 1))   # not one behind, at 0 after the first
+
+
 def test_reduce_with_true_draws_each_stage_on_stderr_and_prints_nothing(night, tmp_path, capsys):
     result = ccdcal.reduce(night, tmp_path / "out", options=_no_report(), progress=True)
     out = capsys.readouterr()

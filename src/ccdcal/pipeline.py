@@ -273,6 +273,9 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     ctx = RunContext(out_dir=out_dir, options=options)
     budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
+    # a progress function counts an item once the next one is asked for: the first is asked
+    # for now, so that each next() below counts the master just built
+    next(bar, None)
     writing: list[tuple[OutputRecord, Any]] = []   # masters made, with their file's write (or None)
     built = False                                  # whether a master was built (not kept) here
 
