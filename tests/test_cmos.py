@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from cmosnight import DIALECTS, write_night
 
 from ccdcal.inventory import scan
+from cmosnight import DIALECTS, write_night
 
 
 def _kinds(folder: Path) -> Counter:

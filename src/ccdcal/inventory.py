@@ -48,6 +48,7 @@ from .headers import (
     saturation_problem,
 )
 from .names import printable
+from .progress import ProgressOption, resolve_progress, steps
 
 
 class FrameKind(enum.StrEnum):
@@ -400,7 +401,7 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
     return infos, skipped
 
 
-def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any = None,
+def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: ProgressOption = None,
          exclude: str | os.PathLike | Iterable[str | os.PathLike] | None = None, executor: Any = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
@@ -411,9 +412,10 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
     flag : bool
         Also read the pixels of calibration frames and flag the ones that look unlike
         the rest of their group (see :func:`flag_groups`).
-    progress : callable, optional
-        ``progress(items, description, total=None)`` wrapping the work (see
-        :mod:`ccdcal.progress`); the library itself never prints.
+    progress : bool or callable, optional
+        True: a progress bar (a widget in Jupyter, else on stderr); False or None: silent; or
+        a function ``f(items, description, total=None)`` wrapping the work (see
+        :func:`ccdcal.progress.resolve_progress`). The library itself never prints.
     exclude : path-like or iterable of path-like, optional
         Folders whose files are never scanned (the output folders of a reduction).
     executor : optional
@@ -424,7 +426,10 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
     ------
     InputError
         If a path does not exist, or nothing FITS-like is found.
+    TypeError
+        If ``progress`` is none of the above.
     """
+    progress = resolve_progress(progress)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     broken: list[tuple[str, str]] = []
@@ -436,8 +441,6 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
         raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
     frames: list[FrameInfo] = []
     skipped: list[Skipped] = [Skipped(where, why) for where, why in broken]
-    from .progress import steps
-
     for path in steps(files, "scanning", progress):
         infos, skips = scan_file(path)
         skipped.extend(skips)
@@ -558,7 +561,7 @@ def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, floa
         return str(exc)
 
 
-def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = None,
+def flag_groups(inventory: Inventory, *, progress: ProgressOption = None, executor: Any = None,
                 hash_files: bool = False) -> Inventory:
     """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
     saturation, structure), using :func:`ccdcal.stats.flag_outliers`.
@@ -572,7 +575,6 @@ def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = N
     from functools import partial
 
     from .manifest import remember_hash
-    from .progress import steps
     from .stats import flag_outliers
 
     groups: dict[tuple, list[int]] = {}
