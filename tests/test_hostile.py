@@ -551,3 +551,16 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path, monkeypatch):
             pass
     with output_lock(tmp_path, shared=True):
         pass
+
+
+def test_demo_never_writes_over_a_real_night(tmp_path):
+    raw = tmp_path / "night" / "raw"
+    raw.mkdir(parents=True)
+    fits.PrimaryHDU(np.ones((8, 8), np.uint16), fits.Header([("IMAGETYP", "BIAS")])).writeto(raw / "bias_001.fits")
+    before = tree_digest(tmp_path)
+    result = ccdcal("demo", tmp_path / "night", "--no-reduce")
+    assert result.returncode == 2 and "did not make" in one_line_error(result)
+    assert tree_digest(tmp_path) == before
+    again = ccdcal("demo", tmp_path / "fresh", "--no-reduce", "--size", "64")
+    assert again.returncode == 0, again.stderr
+    assert ccdcal("demo", tmp_path / "fresh", "--no-reduce", "--size", "64").returncode == 0   # over a demo: fine
