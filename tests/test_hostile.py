@@ -175,6 +175,7 @@ def test_any_filter_bytes_reduce_into_their_own_masters(small_night, tmp_path_fa
     out = root.parent / "out"
     result = reduce(root, out, options=ReduceOptions(report=False, stack=True))
     assert tree_digest(root) == before
+    assert sorted(p.name for p in root.parent.iterdir()) == ["out", "raw"]    # nothing outside OUT
     flats = {j.filter: j.output for j in result.plan.masters if j.kind.value == "flat"}
     lights = {j.frame.filter for j in result.plan.lights}
     # two different card values may clean to one value (both to '?'): then they are one filter
@@ -534,3 +535,32 @@ def test_two_reductions_in_one_process_do_not_share_a_folder(small_night, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]       # nothing written
     reduce(raw, out, options=ReduceOptions(report=False))
     assert_clean_output(out)
+
+
+def test_an_unwritable_output_folder_is_one_line(tmp_path, monkeypatch):
+    """A folder where the lock file cannot be made (read-only, root or not): one line for a
+    writer; a reader goes on (nobody can be writing there through ccdcal)."""
+    import errno
+
+    def refuse(path, flags, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(InputError, match="cannot make its lock file .*Permission denied"):
+        with output_lock(tmp_path):
+            pass
+    with output_lock(tmp_path, shared=True):
+        pass
+
+
+def test_demo_never_writes_over_a_real_night(tmp_path):
+    raw = tmp_path / "night" / "raw"
+    raw.mkdir(parents=True)
+    fits.PrimaryHDU(np.ones((8, 8), np.uint16), fits.Header([("IMAGETYP", "BIAS")])).writeto(raw / "bias_001.fits")
+    before = tree_digest(tmp_path)
+    result = ccdcal("demo", tmp_path / "night", "--no-reduce")
+    assert result.returncode == 2 and "did not make" in one_line_error(result)
+    assert tree_digest(tmp_path) == before
+    again = ccdcal("demo", tmp_path / "fresh", "--no-reduce", "--size", "64")
+    assert again.returncode == 0, again.stderr
+    assert ccdcal("demo", tmp_path / "fresh", "--no-reduce", "--size", "64").returncode == 0   # over a demo: fine

@@ -68,6 +68,10 @@ def test_notebook_runs(real_data, tmp_path, monkeypatch):
                 for o in cell.outputs if "text/html" in o.get("data", {})]
         assert html, f"the cell ending in {last_line!r} shows an HTML table"
     assert "report.html" in html[0], "the reduce result links to its report"
+    run = next(cell for cell in code if "ccdcal.reduce(" in cell.source and "progress=True" in cell.source)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in run.outputs), \
+        "reduce(progress=True) shows its bars as widgets"
+    assert not [o for o in run.outputs if o.get("name") == "stdout"], "the library prints nothing"
     assert any("image/png" in o.get("data", {}) for o in outputs), "the stretches and show() display images"
     assert (work / "night-out" / "report.html").is_file()
     assert len(list((work / "night-out" / "calibrated").glob("*.fits"))) == 6

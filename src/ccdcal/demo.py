@@ -151,6 +151,26 @@ def _write(path: Path, data: np.ndarray, header) -> None:
     hdu.writeto(path, overwrite=True)
 
 
+def _refuse_foreign_frames(raw_dir: Path) -> None:
+    """A demo is written over an earlier demo only: a folder that holds anyone else's FITS
+    frames (a real night) is refused before anything is written."""
+    from .errors import InputError
+    from .frames import is_fits_name, read_header
+
+    if not raw_dir.is_dir():
+        return
+    for path in sorted(raw_dir.iterdir()):
+        if not (path.is_file() and is_fits_name(path)):
+            continue
+        try:
+            ours = str(read_header(path).get("SWCREATE", "")) == "ccdcal demo"
+        except Exception:  # noqa: BLE001 - unreadable: not a demo frame either
+            ours = False
+        if not ours:
+            raise InputError(f"{path}: the demo would write over frames it did not make; choose an empty"
+                             " or new folder for the demo")
+
+
 def write_night(raw_dir: str | Path, *, seed: int = 2024, size: int = 512, n_bias: int = 9, n_dark: int = 5,
                 n_flat: int = 5, n_light: int = 2) -> Path:
     """Write a raw night to ``raw_dir`` and its truth to ``raw_dir/../truth``; return ``raw_dir``.
@@ -171,6 +191,7 @@ def write_night(raw_dir: str | Path, *, seed: int = 2024, size: int = 512, n_bia
     rng = np.random.default_rng(seed)
     raw_dir = Path(raw_dir)
     truth_dir = raw_dir.parent / "truth"
+    _refuse_foreign_frames(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
     truth = _truth(rng, size)

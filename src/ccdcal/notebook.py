@@ -17,6 +17,7 @@ import numpy as np
 
 from ._repr import Preview
 from ._shared.names import NameBook
+from ._shared.progress import ProgressOption, resolve_progress, steps
 from .calibration.arithmetic import Master, calibrate_frame
 from .calibration.masters import normalise_flat
 from .calibration.overscan import overscan_geometry
@@ -64,7 +65,8 @@ def _as_list(frames: Any) -> tuple[list[Any], bool]:
 def calibrate(frames: Any, *, bias: Any = None, dark: Any = None, flat: Any = None,
               output: str | os.PathLike | None = None, biassec: str | None = None, trimsec: str | None = None,
               overscan: bool = True, overscan_model: str = "legendre", overscan_order: int = 3,
-              overscan_axis: str | None = None, dark_scale: float | None = None, **options: Any) -> Any:
+              overscan_axis: str | None = None, dark_scale: float | None = None,
+              progress: ProgressOption = None, **options: Any) -> Any:
     """Calibrate frames with the given masters: (raw − overscan − bias − k·dark) / flat.
 
     The same task as :func:`ccdcal.reduce` and ``ccdcal calibrate``: the plan's rules choose
@@ -89,6 +91,10 @@ def calibrate(frames: Any, *, bias: Any = None, dark: Any = None, flat: Any = No
     dark_scale : float, optional
         For arrays without an exposure time: the factor of the dark (default: the
         exposure ratio from the headers, else 1).
+    progress : bool or callable, optional
+        True: a progress bar over the frames (a widget in Jupyter, else on stderr); False or
+        None: silent; or a function ``f(items, description, total=None)`` (see
+        :func:`ccdcal._shared.progress.resolve_progress`). The library itself never prints.
     **options
         Any :class:`~ccdcal.pipeline.options.ReduceOptions` calibration field: ``gain`` (e-/ADU),
         ``read_noise`` (e-), ``saturation``, ``to_electrons``, ``uncertainty``,
@@ -101,8 +107,14 @@ def calibrate(frames: Any, *, bias: Any = None, dark: Any = None, flat: Any = No
         One ``CCDData`` for one frame given alone; a list otherwise; the written paths with
         ``output``. A ``CCDData`` mask is True where any bit of :mod:`ccdcal.masks` is set (astropy
         keeps masks boolean); the files written with ``output`` keep the bits in ``MASK``.
+
+    Raises
+    ------
+    TypeError
+        If ``progress`` is none of the above (before any file is read or written).
     """
 
+    progress = resolve_progress(progress)
     items, single = _as_list(frames)
     opts = ReduceOptions(**{k: v for k, v in options.items() if v is not None})
     opts.validate()
@@ -113,13 +125,16 @@ def calibrate(frames: Any, *, bias: Any = None, dark: Any = None, flat: Any = No
     if output is not None:
         if not on_disk:
             raise InputError("calibrate(output=...) writes files from files; give paths, or drop output")
-        return calibrate_files(items, output, bias=bias, darks=darks, flat=flat, options=opts, **geometry)
+        return calibrate_files(items, output, bias=bias, darks=darks, flat=flat, options=opts,
+                               progress=progress, **geometry)
     if on_disk:
         with tempfile.TemporaryDirectory(prefix="ccdcal-") as tmp:
-            paths = calibrate_files(items, tmp, bias=bias, darks=darks, flat=flat, options=opts, **geometry)
+            paths = calibrate_files(items, tmp, bias=bias, darks=darks, flat=flat, options=opts,
+                                    progress=progress, **geometry)
             out = [_read_ccd(p) for p in paths]
     else:
-        out = [_calibrate_in_memory(x, bias, darks, flat, opts, geometry, dark_scale) for x in items]
+        out = [_calibrate_in_memory(x, bias, darks, flat, opts, geometry, dark_scale)
+               for x in steps(items, "calibrating", progress)]
     return out[0] if single and len(out) == 1 else out
 
 
@@ -217,11 +232,13 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
 
 
 def calibrate_files(paths: Sequence[Any], output: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat: Any,
-                    options: Any, errors: list[str] | None = None, **geometry: Any) -> list[Path]:
+                    options: Any, errors: list[str] | None = None, progress: ProgressOption = None,
+                    **geometry: Any) -> list[Path]:
     """Calibrate raw files into ``output`` with masters given by hand (``ccdcal calibrate``).
 
     Problems with one file are raised, or, with an ``errors`` list, appended to it and the
-    file is skipped. Returns the written paths.
+    file is skipped; ``progress`` wraps the files (:mod:`ccdcal._shared.progress`). Returns the
+    written paths.
     """
 
     out_dir = Path(output)
@@ -232,14 +249,14 @@ def calibrate_files(paths: Sequence[Any], output: str | os.PathLike, *, bias: An
     with output_lock(out_dir):
         ctx = RunContext(out_dir=out_dir, options=options, masters=masters, prints=prints)
         return _calibrate_each(paths, ctx, NameBook(), errors, bias=bias, darks=darks, flat=flat,
-                               options=options, **geometry)
+                               options=options, progress=progress, **geometry)
 
 
 def _calibrate_each(paths: Sequence[Any], ctx: Any, names: Any, errors: list[str] | None, *, bias: Any,
-                    darks: Sequence[Any], flat: Any, options: Any, **geometry: Any) -> list[Path]:
+                    darks: Sequence[Any], flat: Any, options: Any, progress: Any, **geometry: Any) -> list[Path]:
 
     written = []
-    for path in paths:
+    for path in steps(paths, "calibrating", progress):
         try:
             for job in light_jobs(path, bias=bias, darks=darks, flat=flat, options=options, names=names,
                                   **geometry):

@@ -74,6 +74,7 @@ from .._shared import _kernels, pool
 from .._shared import _kernels as K
 from .._shared._kernels import NO_BLANK
 from .._shared.pool import LocalExecutor  # its threads restore the warning filters after
+from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import FrameSource, write_fits
 from ..io.headers import combined_header, header_gain, header_read_noise
@@ -774,13 +775,14 @@ def _level_names(options: CombineOptions) -> list[str]:
     return [how for how in (options.scale, options.zero) if isinstance(how, str)]
 
 
-def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixels: int | None = None) -> FrameFactors:
+def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixels: int | None = None,
+             progress: ProgressOption = None) -> FrameFactors:
     n, shape, hows = inputs.n, inputs.shape, _level_names(options)
     levels: dict[str, np.ndarray] = {}
     if hows:
         region = (to_slices(options.scale_region, shape) if options.scale_region
                   else (slice(0, shape[0]), slice(0, shape[1])))
-        levels = _region_levels(inputs, list(dict.fromkeys(hows)), region, budget, sample_pixels)
+        levels = _region_levels(inputs, list(dict.fromkeys(hows)), region, budget, sample_pixels, progress)
     scales = np.ones(n)
     if isinstance(options.scale, str):
         scale_levels = levels[options.scale]
@@ -832,7 +834,8 @@ def region_level_rows(rows: slice, width: int, sample_pixels: int | None) -> lis
 
 
 def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
-                   budget: int, sample_pixels: int | None = None) -> dict[str, np.ndarray]:
+                   budget: int, sample_pixels: int | None = None,
+                   progress: ProgressOption = None) -> dict[str, np.ndarray]:
     """Levels of ``region`` of every source, one source at a time (a small first read).
 
     The region (or its row sample, :func:`region_level_rows`) of one frame is held at a time
@@ -840,7 +843,7 @@ def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, sl
     around it cost no more than a third of the budget.
     """
     if _histogram_ready(inputs, hows):
-        return _histogram_levels(inputs, hows, region, budget)
+        return _histogram_levels(inputs, hows, region, budget, progress)
     rows, cols = region
     width = cols.stop - cols.start
     chunk = max(1, (budget // 3) // max(inputs.shape[1] * 4, 1))
@@ -868,7 +871,8 @@ def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, sl
     threads = 2 if (sample_pixels is not None and 4 * 2 * size * width <= budget // 2
                     and threading.current_thread() is threading.main_thread()) else 1
 
-    for _ in LocalExecutor(threads).map(measure, range(inputs.n)):
+    for _ in steps(LocalExecutor(threads).map(measure, range(inputs.n)), "measuring levels", progress,
+                   total=inputs.n):
         pass
     for i, name in enumerate(inputs.names):
         if not np.isfinite(levels[hows[0]][i]):
@@ -888,7 +892,7 @@ def _histogram_ready(inputs: _Inputs, hows: Sequence[str]) -> bool:
 
 
 def _histogram_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
-                      budget: int) -> dict[str, np.ndarray]:
+                      budget: int, progress: ProgressOption = None) -> dict[str, np.ndarray]:
     """Median and mean of ``region`` from a histogram of the raw 16-bit integers.
 
     For 16-bit images whose values are whole numbers (BSCALE 1, whole BZERO) the
@@ -904,7 +908,8 @@ def _histogram_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice,
     buf = np.empty((chunk, nx), np.uint16)
     hists = np.zeros((_kernels.HIST16_PARTS, 65536), np.int64)
     levels = {how: np.empty(inputs.n) for how in hows}
-    for i, (source, name) in enumerate(zip(inputs.sources, inputs.names, strict=True)):
+    members = zip(inputs.sources, inputs.names, strict=True)
+    for i, (source, name) in enumerate(steps(members, "measuring levels", progress, total=inputs.n)):
         hists[...] = 0
         blank = _raw_blank(source)
         for y in range(rows.start, rows.stop, chunk):
@@ -1179,11 +1184,13 @@ def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Pl
 
 
 def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactors, plan: _TilePlan,
-                  out: _Planes, y0: int, y1: int, ready: Callable[[], None] | None = None) -> np.ndarray | None:
+                  out: _Planes, y0: int, y1: int, ready: Callable[[], None] | None = None,
+                  progress: ProgressOption = None) -> np.ndarray | None:
     """Combine rows ``y0:y1`` tile by tile into ``out`` (whose first row is row ``y0``).
 
     ``ready`` is called once, after the first tile is read and before the first kernel
-    runs. Returns the rejections per member (n, 2) where the kernel counts them, else None.
+    runs; ``progress`` wraps the tiles (:mod:`ccdcal._shared.progress`). Returns the rejections per
+    member (n, 2) where the kernel counts them, else None.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1203,7 +1210,7 @@ def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactor
             return reader.submit(_read_tile, *args) if ahead else _read_tile(*args)
 
         reading = read(0)
-        for k, (t0, t1) in enumerate(tiles):
+        for k, (t0, t1) in enumerate(steps(tiles, "combining", progress)):
             if ahead:
                 reading.result()
                 if k + 1 < len(tiles):
@@ -1241,6 +1248,7 @@ def combine(
     pedestal: float = 0.0,
     memory: str | int = DEFAULT_MEMORY,
     compat: str | None = None,
+    progress: ProgressOption = None,
 ) -> CombineResult:
     """Combine equal-shaped frames pixel by pixel, streaming row tiles under a memory budget.
 
@@ -1302,11 +1310,22 @@ def combine(
         scaled survivors are combined with ccdproc's statistics (median uncertainty =
         MAD-std/sqrt(n), mean/sum with the population std; weighted mean divided by
         the sum of all weights; an empty sum is 0).
+    progress : bool or callable, optional
+        True: a progress bar (a widget in Jupyter, else on stderr) while the levels are
+        measured and while the tiles of rows are combined; False or None: silent; or a
+        function ``f(items, description, total=None)`` (see
+        :func:`ccdcal._shared.progress.resolve_progress`). The library itself never prints.
 
     Returns
     -------
     CombineResult
+
+    Raises
+    ------
+    TypeError
+        If ``progress`` is none of the above (before any frame is read).
     """
+    progress = resolve_progress(progress)
     frames = _frame_list(frames)
     budget = parse_memory(memory)
     with _opened(frames) as inputs:
@@ -1316,7 +1335,7 @@ def combine(
             center=center, maxiters=maxiters, weights=weights, gain=gain, read_noise=read_noise,
             sensitivity_noise=sensitivity_noise, pedestal=pedestal, compat=compat)
         _warn_unable_to_reject(inputs.n, options)
-        factors, out, member_rejected = _combine_all(inputs, options, budget)
+        factors, out, member_rejected = _combine_all(inputs, options, budget, progress)
 
     header = combined_header(inputs.headers, method=options.method, scales=factors.scales, frames=frames,
                              zeros=factors.zeros, names=inputs.names)
@@ -1326,8 +1345,8 @@ def combine(
                          member_rejected=member_rejected)
 
 
-def _combine_all(inputs: _Inputs, options: CombineOptions,
-                 budget: int) -> tuple[FrameFactors, _Planes, np.ndarray | None]:
+def _combine_all(inputs: _Inputs, options: CombineOptions, budget: int,
+                 progress: ProgressOption = None) -> tuple[FrameFactors, _Planes, np.ndarray | None]:
     """The factors and every row of the result.
 
     Levels from raw histograms need almost no memory: they are measured while a thread
@@ -1335,15 +1354,15 @@ def _combine_all(inputs: _Inputs, options: CombineOptions,
     region they hold is freed before the result is allocated.
     """
     late = _histogram_ready(inputs, _level_names(options))
-    factors = None if late else _measure(inputs, options, budget)
+    factors = None if late else _measure(inputs, options, budget, progress=progress)
     plan = _tile_plan(inputs, options, budget, inputs.shape[0])
     out = _Planes.empty(inputs.shape, inputs.n)
     prefault = _Prefault(out.arrays())
     try:
         if factors is None:
-            factors = _measure(inputs, options, budget)
+            factors = _measure(inputs, options, budget, progress=progress)
         member_rejected = _combine_band(inputs, options, factors, plan, out, 0, inputs.shape[0],
-                                        ready=prefault.wait)
+                                        ready=prefault.wait, progress=progress)
     finally:
         prefault.wait()
     return factors, out, member_rejected

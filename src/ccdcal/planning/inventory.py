@@ -30,7 +30,7 @@ from astropy.io.fits.verify import VerifyError
 from .._repr import inventory_html
 from .._shared import _kernels
 from .._shared.names import printable
-from .._shared.progress import steps
+from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalError, InputError
 from ..io.frames import FrameSource, find_fits, header_value, image_hdus, read_header
 from ..io.hashing import hash_around, remember_hash
@@ -410,7 +410,7 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
     return infos, skipped
 
 
-def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any = None,
+def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: ProgressOption = None,
          exclude: str | os.PathLike | Iterable[str | os.PathLike] | None = None, executor: Any = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
@@ -421,9 +421,10 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
     flag : bool
         Also read the pixels of calibration frames and flag the ones that look unlike
         the rest of their group (see :func:`flag_groups`).
-    progress : callable, optional
-        ``progress(items, description, total=None)`` wrapping the work (see
-        :mod:`ccdcal._shared.progress`); the library itself never prints.
+    progress : bool or callable, optional
+        True: a progress bar (a widget in Jupyter, else on stderr); False or None: silent; or
+        a function ``f(items, description, total=None)`` wrapping the work (see
+        :func:`ccdcal._shared.progress.resolve_progress`). The library itself never prints.
     exclude : path-like or iterable of path-like, optional
         Folders whose files are never scanned (the output folders of a reduction).
     executor : optional
@@ -434,7 +435,10 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Any
     ------
     InputError
         If a path does not exist, or nothing FITS-like is found.
+    TypeError
+        If ``progress`` is none of the above.
     """
+    progress = resolve_progress(progress)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     broken: list[tuple[str, str]] = []
@@ -559,7 +563,7 @@ def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, floa
         return str(exc)
 
 
-def flag_groups(inventory: Inventory, *, progress: Any = None, executor: Any = None,
+def flag_groups(inventory: Inventory, *, progress: ProgressOption = None, executor: Any = None,
                 hash_files: bool = False) -> Inventory:
     """Read each calibration frame once and flag outliers inside its group (level, noise, zeros,
     saturation, structure), using :func:`ccdcal.qa.stats.flag_outliers`.

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from .._shared.progress import ProgressOption, resolve_progress, steps
 from .._shared.robust import clipped_level, robust_std
 from ..combining.engine import parse_memory
 from ..errors import CcdcalWarning, InputError
@@ -550,6 +551,7 @@ def stack(
     zeros: Sequence[float] | None = None,
     signal_tolerance: float = 0.05,
     memory: str | int = "1GiB",
+    progress: ProgressOption = None,
 ) -> StackResult:
     """Stack calibrated light frames on the reference grid (definitions in the module docstring).
 
@@ -583,12 +585,17 @@ def stack(
         for rejection (star cores differ by seeing and registration, not by noise alone).
     memory : str or int
         Budget for the result, the resampled bands and the source rows, e.g. ``"256MiB"``.
+    progress : bool or callable, optional
+        True: a progress bar over the bands of rows stacked (a widget in Jupyter, else on
+        stderr); False or None: silent; or a function ``f(items, description, total=None)``
+        (see :func:`ccdcal._shared.progress.resolve_progress`).
 
     Returns
     -------
     StackResult
     """
 
+    progress = resolve_progress(progress)
     budget = parse_memory(memory)
     frames = [frames] if isinstance(frames, (str, os.PathLike)) else list(frames)
     matrices = list(matrices)
@@ -596,14 +603,14 @@ def stack(
     sources = _open_sources(frames, matrices, out_shape, reference, interpolation)
     try:
         with RowThreads() as threads:
-            return _stack(sources, options, reference, budget, threads)
+            return _stack(sources, options, reference, budget, threads, progress)
     finally:
         for source in sources:
             source.close()
 
 
 def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, budget: int,
-           threads: RowThreads) -> StackResult:
+           threads: RowThreads, progress: ProgressOption = None) -> StackResult:
     n = len(sources)
     shape = sources[0].shape
     if n < 3 and options.reject != "none":
@@ -618,7 +625,7 @@ def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, 
                  _Band(n, plan.rows, shape[1]), threads)
     factors = _factors(work, options, backgrounds, noise, reference)
     level = float(np.median(factors[0] * backgrounds + factors[1]))
-    planes, frame_rejected = _combine_bands(work, factors, options, level)
+    planes, frame_rejected = _combine_bands(work, factors, options, level, progress)
     header = stack_header([s.header for s in sources], [s.name for s in sources], reference=reference,
                           scales=factors[0], zeros=factors[1], weights=factors[2],
                           how=_describe(options, sources[0].interpolation))
@@ -659,9 +666,10 @@ def _factors(work: _Work, options: _Options, backgrounds: np.ndarray, noise: np.
 
 
 def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarray], options: _Options,
-                   level: float) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+                   level: float, progress: ProgressOption = None) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """Every band of the stack: (data, uncertainty, coverage, weight, rejected) and the
-    rejections per frame (n, 2). ``level`` is the matched background."""
+    rejections per frame (n, 2). ``level`` is the matched background; ``progress`` wraps the
+    bands (:mod:`ccdcal._shared.progress`)."""
     ny, nx = work.sources[0].shape
     n = len(work.sources)
     scales, zeros, weights = factors
@@ -670,7 +678,7 @@ def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarra
     out = (np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.int16),
            np.empty((ny, nx), np.float32), np.empty((ny, nx), np.uint16))
     members: list[np.ndarray] = []
-    for y0 in range(0, ny, work.plan.rows):
+    for y0 in steps(range(0, ny, work.plan.rows), "stacking", progress):
         y1 = min(ny, y0 + work.plan.rows)
         data, bad, err = work.resample(y0, y1)
         rows = [plane[y0:y1] for plane in out]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .._shared.progress import steps
+from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import write_bytes
 from ..io.guard import refuse_overwrite
@@ -127,7 +127,7 @@ def _read_frame(path: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
 
 
 def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
-                 progress: Any = None) -> tuple[list[FrameVerdict], list[Any]]:
+                 progress: ProgressOption = None) -> tuple[list[FrameVerdict], list[Any]]:
     """Stars and quality of every frame, and the outliers of the group left out with the reason.
 
     Returns the verdicts and the star lists (None where none was measured).
@@ -227,7 +227,7 @@ def register_verdicts(verdicts: list[FrameVerdict], stars: list[Any], ref: int) 
 def stack_files(paths: Any, output: str | os.PathLike | None = None, *, reference: Any = None,
                 reject: str = "auto", weights: str = "noise", interpolation: str = "lanczos3",
                 keep_all: bool = False, memory: str | int = "1GiB", preview: bool = True,
-                progress: Any = None) -> StackRun:
+                progress: ProgressOption = None) -> StackRun:
     """Judge, register and stack calibrated lights (see the module docstring).
 
     Parameters
@@ -244,12 +244,23 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     keep_all : bool
         Keep frames flagged as outliers (clouds, trailing, focus); frames without stars or
         that cannot be registered are always left out.
+    progress : bool or callable, optional
+        True: progress bars while stars are found and while the rows are stacked (a widget
+        in Jupyter, else on stderr); False or None: silent; or a function
+        ``f(items, description, total=None)`` (see :func:`ccdcal._shared.progress.resolve_progress`;
+        the CLI passes its terminal bars). The library itself never prints.
 
     Returns
     -------
     StackRun
+
+    Raises
+    ------
+    TypeError
+        If ``progress`` is none of the above (before any frame is read).
     """
 
+    progress = resolve_progress(progress)
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
         raise InputError("no frames to stack")
@@ -271,7 +282,7 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     # was biased by up to 1.8 %
     run.result = stack([v.path for v in used], [np.asarray(v.matrix).reshape(3, 3) for v in used],
                        reference=next(k for k, v in enumerate(used) if v.reference), reject=reject,
-                       weights=weights, interpolation=interpolation, memory=memory)
+                       weights=weights, interpolation=interpolation, memory=memory, progress=progress)
     if output is not None:
         run.output = run.result.write(output)
         if preview:
