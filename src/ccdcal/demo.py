@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io.frames import write_text
+from .errors import InputError
+from .io.frames import is_fits_name, read_header, write_text
 
 GAIN = 1.5            # e-/ADU
 READ_NOISE = 4.5      # ADU
@@ -154,9 +155,6 @@ def _write(path: Path, data: np.ndarray, header) -> None:
 def _refuse_foreign_frames(raw_dir: Path) -> None:
     """A demo is written over an earlier demo only: a folder that holds anyone else's FITS
     frames (a real night) is refused before anything is written."""
-    from .errors import InputError
-    from .frames import is_fits_name, read_header
-
     if not raw_dir.is_dir():
         return
     for path in sorted(raw_dir.iterdir()):
