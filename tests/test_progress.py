@@ -127,7 +127,7 @@ def test_reduce_hands_every_stage_to_a_progress_function(night, tmp_path):
 
 
 def test_the_masters_bar_counts_each_master_as_it_is_built(night, tmp_path, monkeypatch):
-    from ccdcal import pipeline
+    from ccdcal.pipeline import run as pipeline
 
     counted = {"masters": 0}
 
