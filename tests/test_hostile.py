@@ -564,3 +564,15 @@ def test_demo_never_writes_over_a_real_night(tmp_path):
     again = ccdcal("demo", tmp_path / "fresh", "--no-reduce", "--size", "64")
     assert again.returncode == 0, again.stderr
     assert ccdcal("demo", tmp_path / "fresh", "--no-reduce", "--size", "64").returncode == 0   # over a demo: fine
+
+
+def test_report_refuses_previews_linked_into_the_raws(demo_night, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(demo_night / "out", out)
+    raw = demo_night / "raw"
+    before = tree_digest(raw)
+    shutil.rmtree(out / "previews")
+    (out / "previews").symlink_to(raw.resolve())
+    result = ccdcal("report", out)
+    assert result.returncode == 2 and "previews" in one_line_error(result)
+    assert tree_digest(raw) == before

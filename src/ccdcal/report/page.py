@@ -22,7 +22,7 @@ import numpy as np
 from .._shared.names import NAME_LIMIT, unique_stem
 from ..errors import CcdcalError, InputError
 from ..io.frames import datasum_of, read_image, write_bytes, write_text
-from ..io.guard import output_lock
+from ..io.guard import output_lock, refuse_overwrite
 from ..io.hashing import new_digest
 from ..qa.stats import region_stats
 from ..stretch import downsample, png_bytes, stretch
@@ -655,6 +655,10 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
         if not (out_dir / "manifest.json").exists() and manifest is None:
             load_manifest(out_dir)      # its one-line error, before a lock file is made
         with output_lock(out_dir):
+            manifest = manifest if manifest is not None else load_manifest(out_dir)
+            inputs = [str(i.get("path")) for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]
+            # OUT/previews a link into a folder of raws: the report would write beside them
+            refuse_overwrite(inputs, folders=[out_dir, out_dir / "previews"])
             return build_report(out_dir, manifest, lock=False)
     if manifest is None:
         manifest = load_manifest(out_dir)
