@@ -55,8 +55,7 @@ ALLOWED: dict[str, set[str]] = {
     "cycle": set(),
     "private": set(),
     "deferred": set(),
-    "module size": {   # not split yet: kernels for five users, the combine engine, FITS in and out
-        "ccdcal._shared._kernels",
+    "module size": {   # not split yet: the combine engine, FITS in and out
         "ccdcal.combining.engine",
         "ccdcal.io.frames",
     },

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccdcal._shared import _kernels as K
+from ccdcal._shared._kernels import NO_BLANK
+from ccdcal.combining import _kernels as K
 
 
 def _stack(rng, n, ny, nx, kind):
@@ -83,7 +84,7 @@ def test_raw_16_bit_tiles_decode_like_the_float_path(bscale, bzero, blank):
     iparams = np.array([K.MEDIAN, 1, 1, K.SIGMA, K.CENTER_MEDIAN, 0, 0, 0, 0], np.int64)
     fparams = np.array([3.0, 3.0, 1.0, 0.0, 0.0])
     outs = []
-    for tile, dblank in ((raw, K.NO_BLANK if blank is None else blank), (decoded, 0)):
+    for tile, dblank in ((raw, NO_BLANK if blank is None else blank), (decoded, 0)):
         out = (np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32),
                np.empty((ny, nx), np.uint8), np.empty((ny, nx), np.uint8))
         is_raw = tile.dtype == np.uint16

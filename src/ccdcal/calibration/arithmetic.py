@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._shared._kernels import calibrate_pass, calibrated_sigma, flag_at_or_above, subtract_scaled
+from .._shared._kernels import subtract_scaled
 from .._shared.robust import robust_std
 from ..errors import InputError
 from ..masks import (
@@ -35,6 +35,7 @@ from ..masks import (
     MASK_USER,
 )
 from ..sections import Section
+from ._kernels import calibrate_pass, calibrated_sigma, flag_at_or_above
 from .masters import hot_pixel_mask, low_flat_mask
 from .overscan import OverscanFit, OverscanSpec, overscan_fit, overscan_image, trim_offsets
 from .recipe import Recipe
@@ -649,7 +650,7 @@ def calibrate_frame(
     Notes
     -----
     Bias, dark, flat and uncertainty are one pass over the pixels
-    (:func:`ccdcal._shared._kernels.calibrate_pass`), with numpy's float32 rounding at each step.
+    (:func:`ccdcal.calibration._kernels.calibrate_pass`), with numpy's float32 rounding at each step.
     """
     if not (overwrite_raw and isinstance(raw, np.ndarray) and raw.dtype == np.float32 and raw.flags.writeable
             and raw.flags.c_contiguous):

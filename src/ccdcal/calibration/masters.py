@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from .._shared._kernels import block_mean, finish_planes
+from .._shared._kernels import block_mean
 from .._shared.robust import clipped_std, robust_std
 from ..errors import InputError
 from ..masks import MASK_HOT, MASK_LOW_FLAT, MASK_NO_DATA
+from ._kernels import finish_planes
 
 FLAT_NORMS = ("median", "clipped-mean")
 
@@ -342,7 +343,7 @@ def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, n
     pixels masked and its holes set to 1; a bias or dark with its holes set to 0 and, for a
     dark, its hot pixels masked. ``nodata`` marks pixels without a valid value (MASK bit 32).
     ``in_place``: ``data`` and ``uncertainty`` (float32, C-contiguous) may be overwritten (one
-    pass, :func:`ccdcal._shared._kernels.finish_planes`, and no new frames).
+    pass, :func:`ccdcal.calibration._kernels.finish_planes`, and no new frames).
     """
 
     history: list[str] = []

@@ -2,7 +2,7 @@
 
 The engine streams row tiles under a memory budget: every input is read once (plus a
 small first pass over ``scale_region`` when frames are scaled) and a numba kernel
-(:mod:`ccdcal._shared._kernels`) scales, rejects and combines each tile in parallel.
+(:mod:`ccdcal.combining._kernels`) scales, rejects and combines each tile in parallel.
 :func:`combine` chains three public pieces: :class:`CombineOptions` (every choice, validated
 once), :func:`measure_factors` (the first pass: per-frame scales, zeros and weights) and
 :func:`combine_rows` (any band of output rows, independent of the others and bit for bit
@@ -70,15 +70,16 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .._repr import combine_html
-from .._shared import _kernels, pool
-from .._shared import _kernels as K
-from .._shared._kernels import NO_BLANK
+from .._shared import pool
+from .._shared._kernels import HIST16_PARTS, NO_BLANK, hist_be16
 from .._shared.pool import LocalExecutor  # its threads restore the warning filters after
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import FrameSource, write_fits
 from ..io.headers import combined_header, header_gain, header_read_noise
 from ..sections import to_slices
+from . import _kernels, _level_kernels
+from . import _kernels as K
 
 METHODS = ("median", "mean", "sum")
 SCALES = ("median", "mean", "clipped-mean", "none")
@@ -805,7 +806,7 @@ def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixel
 
 def _level(values: np.ndarray, how: str) -> float:
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    return float(_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
+    return float(_level_kernels.frame_level(flat, flat.view(np.uint32), _LEVEL_CODES[how]))
 
 
 LEVEL_SAMPLE_BAND = 8  # rows read together by a level sample (region_level_rows)
@@ -906,7 +907,7 @@ def _histogram_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice,
     nx = inputs.shape[1]
     chunk = int(max(1, min(rows.stop - rows.start, (budget // 3) // (nx * 2), (4 << 20) // (nx * 2))))
     buf = np.empty((chunk, nx), np.uint16)
-    hists = np.zeros((_kernels.HIST16_PARTS, 65536), np.int64)
+    hists = np.zeros((HIST16_PARTS, 65536), np.int64)
     levels = {how: np.empty(inputs.n) for how in hows}
     members = zip(inputs.sources, inputs.names, strict=True)
     for i, (source, name) in enumerate(steps(members, "measuring levels", progress, total=inputs.n)):
@@ -915,7 +916,7 @@ def _histogram_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice,
         for y in range(rows.start, rows.stop, chunk):
             y1 = min(rows.stop, y + chunk)
             source.read_raw(y, y1, buf[: y1 - y])
-            _kernels.hist_be16(buf[: y1 - y], cols.start, cols.stop, blank, hists)
+            hist_be16(buf[: y1 - y], cols.start, cols.stop, blank, hists)
         counts = hists.sum(axis=0)
         total = int(counts.sum())
         if total == 0:

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from .._shared._kernels import to_big_endian, word_sum
 from .._shared.names import printable
 from ..errors import CcdcalWarning, InputError, OutputError
+from ._kernels import to_big_endian, word_sum
 from .hashing import new_digest, remember_digest
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.fz", ".fits.gz", ".fit.gz", ".fts.gz")
