@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ccdcal.calibration.masters import noise_model
-from ccdcal.combining.engine import combine, sample_sigma_can_reject
+from ccdcal.combining.engine import combine
+from ccdcal.combining.options import sample_sigma_can_reject
 from ccdcal.errors import CcdcalWarning
 from ccdcal.planning.inventory import FrameInfo, FrameKind, Inventory
 from ccdcal.planning.plan import PlanOptions, build_plan

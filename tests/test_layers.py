@@ -55,8 +55,7 @@ ALLOWED: dict[str, set[str]] = {
     "cycle": set(),
     "private": set(),
     "deferred": set(),
-    "module size": {   # not split yet: the combine engine, FITS in and out
-        "ccdcal.combining.engine",
+    "module size": {   # not split yet: FITS in and out
         "ccdcal.io.frames",
     },
     "function size": set(),

@@ -34,7 +34,7 @@ _API: dict[str, tuple[str, str | None]] = {
     "StackRun": ("stacking.workflow", "StackRun"),
     "stretch": ("stretch", None),
     "ReduceOptions": ("pipeline.options", "ReduceOptions"),
-    "CombineResult": ("combining.engine", "CombineResult"),
+    "CombineResult": ("combining.results", "CombineResult"),
     "Inventory": ("planning.inventory", "Inventory"),
     "Plan": ("planning.plan", "Plan"),
     "ReduceResult": ("pipeline.run", "ReduceResult"),

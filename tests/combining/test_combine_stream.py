@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccdcal.cli import main
-from ccdcal.combining.engine import combine, parse_memory
+from ccdcal.combining.engine import combine
+from ccdcal.combining.options import parse_memory
 from ccdcal.errors import InputError
 from ccdcal.io.headers import combined_header
 
@@ -141,7 +142,8 @@ def test_memory_bound_when_combining_more_than_the_budget(tmp_path):
         import json, resource, sys
         from pathlib import Path
         import numpy as np
-        from ccdcal.combining.engine import combine, parse_memory
+        from ccdcal.combining.engine import combine
+        from ccdcal.combining.options import parse_memory
         paths = sorted(Path(sys.argv[1]).glob("b*.fits"))
         combine([np.zeros((4, 4), np.float32)] * 3, clip_extrema=(1, 1), sigma_clip=(3, 3))  # JIT, imports
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -315,7 +317,8 @@ PIECES = {
 def test_factors_once_then_any_band_of_rows_is_bit_identical_to_combine(frame_files, case):
     import pickle
 
-    from ccdcal.combining.engine import CombineOptions, combine_rows, measure_factors
+    from ccdcal.combining.engine import combine_rows, measure_factors
+    from ccdcal.combining.options import CombineOptions
 
     kind, kw = PIECES[case]
     frames = _masked_ccds(3) if kind == "ccd" else frame_files[kind]
@@ -359,7 +362,7 @@ def test_combine_options_pickle_and_compare_equal(kw):
     import dataclasses
     import pickle
 
-    from ccdcal.combining.engine import CombineOptions
+    from ccdcal.combining.options import CombineOptions
 
     options = CombineOptions.create(3, **kw)
     again = pickle.loads(pickle.dumps(options))
@@ -370,7 +373,7 @@ def test_combine_options_pickle_and_compare_equal(kw):
 
 
 def test_combine_options_resolve_the_defaults():
-    from ccdcal.combining.engine import CombineOptions
+    from ccdcal.combining.options import CombineOptions
 
     options = CombineOptions(sigma_clip=(4, 3))
     assert (options.reject, options.center, options.sigma_clip, options.maxiters) == ("sigma", "median", (4.0, 3.0), None)
@@ -409,7 +412,7 @@ def test_combine_options_resolve_the_defaults():
     {"compat": "ccdproc", "zero": "median"},
 ])
 def test_combine_options_refuse_what_combine_refuses_in_the_same_words(kw):
-    from ccdcal.combining.engine import CombineOptions
+    from ccdcal.combining.options import CombineOptions
 
     frames = [np.ones((4, 5), np.float32)] * 3
     with pytest.raises(InputError) as from_combine:
@@ -446,7 +449,8 @@ def test_a_row_source_mask_counts_like_a_masked_array():
 
 
 def test_combine_rows_refuses_a_band_outside_the_frames():
-    from ccdcal.combining.engine import CombineOptions, combine_rows, measure_factors
+    from ccdcal.combining.engine import combine_rows, measure_factors
+    from ccdcal.combining.options import CombineOptions
 
     frames = [np.ones((4, 5), np.float32)] * 3
     options = CombineOptions()

@@ -30,7 +30,8 @@ def _vignetted_flat(level: float, seed: int, shape=(3000, 4096)) -> np.ndarray:
 
 
 def _scales(frames, sample_pixels):
-    from ccdcal.combining.engine import CombineOptions, measure_factors
+    from ccdcal.combining.engine import measure_factors
+    from ccdcal.combining.options import CombineOptions
 
     sources = [_Rows(f) for f in frames]
     options = CombineOptions.create(len(frames), scale="median")

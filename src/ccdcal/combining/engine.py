@@ -58,671 +58,38 @@ its scale and zero, all arithmetic in float64, the result stored as float32):
 
 from __future__ import annotations
 
-import math
 import operator
-import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .._repr import combine_html
 from .._shared import pool
 from .._shared._kernels import HIST16_PARTS, NO_BLANK, hist_be16
 from .._shared.pool import LocalExecutor  # its threads restore the warning filters after
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalWarning, InputError
-from ..io.frames import FrameSource, write_fits
-from ..io.headers import combined_header, header_gain, header_read_noise
+from ..io.headers import combined_header
 from ..sections import to_slices
 from . import _kernels, _level_kernels
-from . import _kernels as K
-
-METHODS = ("median", "mean", "sum")
-SCALES = ("median", "mean", "clipped-mean", "none")
-REJECTS = ("sigma", "mad", "winsorized", "percentile", "linear-fit", "ccdclip", "none")
-CENTERS = ("median", "mean")
-DEFAULT_THRESHOLDS = {"percentile": (0.2, 0.1)}  # every other algorithm: (3.0, 3.0)
-DEFAULT_MEMORY = "1GiB"
+from .options import (
+    DEFAULT_MEMORY,
+    CombineOptions,
+    given_factors,
+    parse_memory,
+    sample_sigma_can_reject,
+)
+from .results import CombineResult, FrameFactors, TileResult
+from .sources import Inputs, frame_list, opened
 
 _LEVEL_CODES = {"median": 0, "mean": 1, "clipped-mean": 2}
 _TILE_TARGET = 16 << 20  # bytes of one tile's buffers (see _tile_rows)
 # numba's workqueue threading layer must not be entered from two Python threads at once
 # (the pipeline may run several combines in a thread pool): kernels run under this lock.
 _KERNEL_LOCK = threading.Lock()
-
-
-# -- results -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CombineResult:
-    """The result of :func:`combine`.
-
-    Attributes
-    ----------
-    data : ndarray, float32, (ny, nx)
-        The combined image, in the units of the (scaled) inputs.
-    uncertainty : ndarray, float32, (ny, nx) or None
-        Standard error of the combined value per pixel (NaN where masked).
-    nlow_rejected, nhigh_rejected : ndarray, uint8 (fewer than 256 frames) or uint16, (ny, nx)
-        How many values were rejected below / above the centre at each pixel.
-    mask : ndarray, bool, (ny, nx)
-        True where no value survived (the data there is NaN; 0 for a ccdproc sum).
-    header : astropy.io.fits.Header
-        NCOMBINE, scale factors, members, EXPTIME and MJD-OBS of the result.
-    scales, zeros : ndarray, float64, (n,)
-        The multiplicative and additive per-frame factors applied before rejection.
-    member_rejected : ndarray, int64, (n, 2) or None
-        Values of each input frame rejected low (column 0) and high (column 1), by
-        extrema and iterative rejection together; None with rejection ``none``, with
-        ``compat="ccdproc"``, and where the vectorised kernel ran with extrema rejection
-        (it counts by value, which ties at a rank cut cannot attribute).
-    """
-
-    data: np.ndarray
-    uncertainty: np.ndarray | None
-    nlow_rejected: np.ndarray
-    nhigh_rejected: np.ndarray
-    mask: np.ndarray
-    header: Any
-    scales: np.ndarray = field(default_factory=lambda: np.ones(0))
-    zeros: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    member_rejected: np.ndarray | None = None
-
-    def to_ccddata(self, unit: str = "adu") -> Any:
-        """The result as ``astropy.nddata.CCDData``: data, uncertainty (``StdDevUncertainty``,
-        NaN set to 0), mask (True where no value survived) and header."""
-        from astropy.nddata import CCDData, StdDevUncertainty
-
-        unc = None
-        if self.uncertainty is not None:
-            unc = StdDevUncertainty(np.where(np.isfinite(self.uncertainty), self.uncertainty, np.float32(0.0)))
-        return CCDData(self.data, unit=unit, uncertainty=unc, mask=np.asarray(self.mask, dtype=bool),
-                       header=self.header.copy())
-
-    def write(self, path: Any, *, unit: str = "adu") -> Any:
-        """Write the result as FITS, atomically (data; ``UNCERT`` and ``MASK`` extensions), as
-        ``CCDData.read`` reads it; returns the path."""
-        from pathlib import Path
-
-        unc = None
-        if self.uncertainty is not None:
-            unc = np.where(np.isfinite(self.uncertainty), self.uncertainty, np.float32(0.0)).astype(np.float32)
-        write_fits(Path(path), self.data, self.header, uncertainty=unc, mask=np.asarray(self.mask, np.uint8),
-                   unit=unit)
-        return Path(path)
-
-    def _repr_html_(self) -> str:
-        return combine_html(self)
-
-
-@dataclass(frozen=True, eq=False)
-class FrameFactors:
-    """The per-frame factors of a combine (:func:`measure_factors`): measured once, used by
-    every band of rows (:func:`combine_rows`). Picklable.
-
-    Attributes
-    ----------
-    scales, zeros : ndarray, float64, (n,)
-        Frame i's values become ``scales[i] · x + zeros[i]`` before any rejection.
-    weights : ndarray, float64, (n,)
-        Weights of a mean or sum (ones when none were given).
-    """
-
-    scales: np.ndarray
-    zeros: np.ndarray
-    weights: np.ndarray
-
-    def __post_init__(self) -> None:
-        arrays = [np.ascontiguousarray(getattr(self, name), dtype=np.float64)
-                  for name in ("scales", "zeros", "weights")]
-        if any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
-            raise InputError("frame factors are three 1-D arrays of one value per frame;"
-                             " measure them with measure_factors")
-        for name, values in zip(("scales", "zeros", "weights"), arrays, strict=True):
-            object.__setattr__(self, name, values)
-
-
-@dataclass(frozen=True, eq=False)
-class TileResult:
-    """Rows ``y0:y1`` of a combine (:func:`combine_rows`): those rows of the planes of
-    :class:`CombineResult`, bit for bit.
-
-    Attributes
-    ----------
-    y0, y1 : int
-        The band: rows ``y0`` to ``y1 - 1`` (0-based, numpy order) of the result.
-    data, uncertainty : ndarray, float32, (y1 - y0, nx)
-    nlow_rejected, nhigh_rejected : ndarray, uint8 or uint16, (y1 - y0, nx)
-    mask : ndarray, bool, (y1 - y0, nx)
-    member_rejected : ndarray, int64, (n, 2) or None
-        Rejections of each frame within these rows; summed over the bands of a whole
-        image it is :attr:`CombineResult.member_rejected`.
-    """
-
-    y0: int
-    y1: int
-    data: np.ndarray
-    uncertainty: np.ndarray
-    nlow_rejected: np.ndarray
-    nhigh_rejected: np.ndarray
-    mask: np.ndarray
-    member_rejected: np.ndarray | None = None
-
-
-def parse_memory(memory: str | int) -> int:
-    """Bytes of a memory budget such as ``"1GiB"``, ``"256MiB"``, ``"500MB"`` or an int."""
-    if isinstance(memory, (int, np.integer)) and not isinstance(memory, bool):
-        if memory > 0:
-            return int(memory)
-        raise InputError(f"memory budget {memory!r} must be positive; write it like '1GiB' or '256MiB'")
-    text = str(memory).strip().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
-             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "K": 1024,
-             "M": 1024**2, "G": 1024**3, "B": 1}
-    upper = text.upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if upper.endswith(unit):
-            try:
-                value = float(upper[: -len(unit)])
-            except ValueError:
-                break
-            if value > 0 and math.isfinite(value):
-                return int(value * units[unit])
-            break
-    try:
-        value = float(text)
-        if value > 0 and math.isfinite(value):
-            return int(value)
-    except ValueError:
-        pass
-    raise InputError(f"memory budget {memory!r} not understood; write it like '1GiB' or '256MiB'")
-
-
-# -- row sources ---------------------------------------------------------------------------------
-@runtime_checkable
-class RowSource(Protocol):
-    """A frame served by rows: what :func:`combine` streams.
-
-    ``shape`` is (ny, nx), numpy order. ``read_rows(y0, y1)`` returns rows ``y0:y1``
-    (0-based, end excluded) as float32 (y1 - y0, nx); NaN and ±inf values are ignored.
-    The engine asks for increasing bands, from a thread of its own (it reads the next tile
-    while it combines this one), one read at a time. Optional attributes: ``header`` (an astropy
-    Header; the first frame's is the base of the result's), ``path`` or ``name`` (how the
-    frame is named in messages and in IMCMBnnn). :class:`ccdcal.io.frames.FrameSource` is one;
-    see :class:`RowSourceWithPlanes` for masks and uncertainties.
-    """
-
-    shape: tuple[int, int]
-
-    def read_rows(self, y0: int, y1: int) -> np.ndarray: ...
-
-
-class RowSourceWithPlanes(RowSource, Protocol):
-    """A :class:`RowSource` that also serves a mask or uncertainties, by the same rows.
-
-    Each method is optional: a source without that plane lacks it or sets it to None. The
-    engine honours masks when any frame has one, and propagates uncertainties when every
-    frame has them (not with ``compat="ccdproc"``).
-    """
-
-    def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
-        """bool (y1 - y0, nx): True where the pixel is to be ignored."""
-        ...
-
-    def read_uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
-        """float32 (y1 - y0, nx): the standard deviation of each pixel, in its units."""
-        ...
-
-
-class _FileRows(RowSource, Protocol):
-    """The optional fast paths of a file (:class:`ccdcal.io.frames.FrameSource`).
-
-    ``fill_rows(y0, y1, out, scratch)`` decodes rows into a given float32 buffer, with
-    ``raw_bytes_per_row`` bytes of ``scratch`` per row. A ``raw16`` source serves its
-    undecoded big-endian 16-bit rows through ``read_raw(y0, y1, out)``, decoded in the
-    kernel with ``bscale``, ``bzero`` and ``blank`` (None: no BLANK); ``integral`` says its
-    decoded values are whole numbers, so levels come from a histogram of the raw values.
-    """
-
-    raw16: bool
-    integral: bool
-    raw_bytes_per_row: int
-    bscale: float
-    bzero: float
-    blank: int | None
-
-    def fill_rows(self, y0: int, y1: int, out: np.ndarray, scratch: np.ndarray | None = None) -> None: ...
-
-    def read_raw(self, y0: int, y1: int, out: np.ndarray) -> None: ...
-
-
-@dataclass(frozen=True)
-class _SourceTraits:
-    """What the engine may ask of one source: the optional members of
-    :class:`RowSourceWithPlanes` and of a file's fast paths (``_FileRows``)."""
-
-    fills: bool              # fill_rows: decodes into the tile itself
-    raw16: bool              # read_raw: undecoded 16-bit rows
-    integral: bool           # raw16 with whole-number values: levels from a histogram
-    raw_bytes_per_row: int   # scratch bytes a row read needs (0 for data in memory)
-    mask: bool               # read_mask_rows
-    uncertainty: bool        # read_uncertainty_rows
-
-
-def _traits(source: Any) -> _SourceTraits:
-    """The traits of ``source``, asked once."""
-    return _SourceTraits(
-        fills=callable(getattr(source, "fill_rows", None)),
-        raw16=bool(getattr(source, "raw16", False)),
-        integral=bool(getattr(source, "integral", False)),
-        raw_bytes_per_row=int(getattr(source, "raw_bytes_per_row", 0) or 0),
-        mask=getattr(source, "read_mask_rows", None) is not None,
-        uncertainty=getattr(source, "read_uncertainty_rows", None) is not None,
-    )
-
-
-class _ArrayRows:
-    """An in-memory frame (ndarray, masked array or CCDData) served by rows, with its mask
-    and uncertainty planes when it has them (:class:`RowSourceWithPlanes`)."""
-
-    def __init__(self, obj: Any, index: int):
-        from astropy.io import fits
-
-        self.path = None
-        self.name = f"array {index}"
-        self.header = None
-        mask = None
-        uncertainty = None
-        if hasattr(obj, "data") and hasattr(obj, "unit") and hasattr(obj, "header"):  # CCDData
-            data = np.asarray(obj.data)
-            self.header = fits.Header(obj.header)
-            mask = None if obj.mask is None else np.asarray(obj.mask, dtype=bool)
-            if obj.uncertainty is not None:
-                uncertainty = _std_uncertainty(obj.uncertainty)
-        elif isinstance(obj, np.ma.MaskedArray):
-            data = np.ma.getdata(obj)
-            mask = np.ma.getmaskarray(obj)
-        else:
-            data = np.asarray(obj)
-        if data.ndim != 2:
-            raise InputError(f"{self.name}: expected a 2-D image, got an array of shape {data.shape}")
-        self.data = data
-        self.mask = mask
-        self.uncertainty = uncertainty
-        self.shape: tuple[int, int] = (int(data.shape[0]), int(data.shape[1]))
-
-    def read_rows(self, y0: int, y1: int) -> np.ndarray:
-        return np.asarray(self.data[y0:y1], dtype=np.float32)
-
-    @property
-    def read_mask_rows(self) -> Callable[[int, int], np.ndarray] | None:
-        return None if self.mask is None else self._mask_rows
-
-    @property
-    def read_uncertainty_rows(self) -> Callable[[int, int], np.ndarray] | None:
-        return None if self.uncertainty is None else self._uncertainty_rows
-
-    def _mask_rows(self, y0: int, y1: int) -> np.ndarray:
-        return self.mask[y0:y1]
-
-    def _uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
-        return np.asarray(self.uncertainty[y0:y1], dtype=np.float32)
-
-
-def _std_uncertainty(uncertainty: Any) -> np.ndarray:
-    from astropy.nddata import StdDevUncertainty
-
-    if not isinstance(uncertainty, StdDevUncertainty):
-        try:
-            uncertainty = uncertainty.represent_as(StdDevUncertainty)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise InputError(f"cannot use an uncertainty of type {type(uncertainty).__name__};"
-                             " give a standard deviation") from exc
-    return np.asarray(uncertainty.array)
-
-
-def _as_source(frame: Any, index: int) -> Any:
-    if isinstance(frame, (str, os.PathLike)):
-        return FrameSource(frame)
-    if isinstance(frame, RowSource):
-        return frame
-    return _ArrayRows(frame, index)
-
-
-def _source_name(source: Any, index: int) -> str:
-    name = getattr(source, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    path = getattr(source, "path", None)
-    if isinstance(path, (str, os.PathLike)):
-        return os.path.basename(os.fspath(path))
-    return f"frame {index}"
-
-
-@dataclass(frozen=True, eq=False)
-class _Inputs:
-    """The frames of one combine as row sources: named, of one shape, classified once."""
-
-    sources: tuple[Any, ...]
-    names: tuple[str, ...]
-    headers: tuple[Any, ...]
-    traits: tuple[_SourceTraits, ...]
-    shape: tuple[int, int]
-
-    @property
-    def n(self) -> int:
-        return len(self.sources)
-
-    @property
-    def any_mask(self) -> bool:
-        return any(t.mask for t in self.traits)
-
-    @property
-    def all_uncertainty(self) -> bool:
-        return all(t.uncertainty for t in self.traits)
-
-    @property
-    def all_raw16(self) -> bool:
-        return all(t.raw16 for t in self.traits)
-
-    @property
-    def all_integral(self) -> bool:
-        return all(t.integral for t in self.traits)
-
-    @property
-    def raw_bytes_per_row(self) -> int:
-        return max((t.raw_bytes_per_row for t in self.traits), default=0)
-
-
-def _frame_list(frames: Any) -> Sequence[Any]:
-    if isinstance(frames, (str, os.PathLike)) or not isinstance(frames, Sequence):
-        frames = list(frames) if not isinstance(frames, (str, os.PathLike)) else [frames]
-    if len(frames) == 0:
-        raise InputError("nothing to combine: no frames given")
-    return frames
-
-
-@contextmanager
-def _opened(frames: Sequence[Any]) -> Iterator[_Inputs]:
-    """The frames as classified row sources; FrameSources are closed on the way out (a
-    caller's own reopens on demand)."""
-
-    sources = [_as_source(frame, i) for i, frame in enumerate(frames)]
-    try:
-        names = [_source_name(s, i) for i, s in enumerate(sources)]
-        shape = (int(sources[0].shape[0]), int(sources[0].shape[1]))
-        for source, name in zip(sources, names, strict=True):
-            if tuple(source.shape) != shape:
-                raise InputError(f"{name} is {source.shape[1]}x{source.shape[0]} but {names[0]} is"
-                                 f" {shape[1]}x{shape[0]}; combine frames of one size")
-        yield _Inputs(tuple(sources), tuple(names), tuple(getattr(s, "header", None) for s in sources),
-                      tuple(_traits(s) for s in sources), shape)
-    finally:
-        for source in sources:
-            if isinstance(source, FrameSource):
-                source.close()
-
-
-# -- options ---------------------------------------------------------------------------------------
-def _check_name(value: Any, allowed: Sequence[str], what: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise InputError(f"{what} {value!r} is not one of {', '.join(allowed)}")
-    return value
-
-
-def _pair(value: Any, what: str, kind: type) -> tuple[Any, Any]:
-    try:
-        low, high = value
-        low, high = kind(low), kind(high)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} must be a pair (low, high), got {value!r}") from exc
-    if kind is int and (low < 0 or high < 0):
-        raise InputError(f"{what} counts must be 0 or more, got {value!r}")
-    if kind is float and not (low > 0 and high > 0 and math.isfinite(low) and math.isfinite(high)):
-        raise InputError(f"{what} thresholds must be positive numbers, got {value!r}")
-    return low, high
-
-
-def _per_frame_spec(spec: Any, what: str) -> Any:
-    """A level name or None as it is; per-frame values as (nested) tuples of float, so the
-    options stay hashable and compare by value ("none" means None)."""
-    if spec is None or isinstance(spec, str):
-        return None if spec == "none" else spec
-    try:
-        values = np.asarray(spec, dtype=float).tolist()
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} values must be finite numbers") from exc
-
-    def frozen(v: Any) -> Any:
-        return tuple(frozen(x) for x in v) if isinstance(v, list) else v
-
-    return frozen(values)
-
-
-def _given_factors(spec: Any, what: str, n: int) -> np.ndarray | None:
-    """Given per-frame values (scale, zero or weights) checked against ``n`` frames, as
-    float64 (n,); None for a level name or nothing."""
-    if spec is None or isinstance(spec, str):
-        return None
-    values = np.asarray(spec, dtype=float)
-    if values.shape != (n,):
-        raise InputError(f"{what} has {values.size} values for {n} frames; give one per frame")
-    if not np.all(np.isfinite(values)):
-        raise InputError(f"{what} values must be finite numbers")
-    if what == "scale" and np.any(values <= 0):
-        raise InputError("scale factors must be positive")
-    if what == "weights" and np.any(values <= 0):
-        raise InputError("weights must be positive numbers")
-    return values
-
-
-@dataclass(frozen=True)
-class CombineOptions:
-    """Every choice of a combine, validated once: the keywords of :func:`combine` besides
-    the frames and the memory budget, with the same names and meanings (see there).
-
-    The constructor checks them (raising :class:`~ccdcal.errors.InputError` with the
-    messages :func:`combine` gives) and fills in the defaults, so the fields say what will
-    be done: ``reject`` and ``center`` are names; ``sigma_clip`` holds the thresholds
-    (None only with ``reject="none"``); ``clip_extrema`` is None when no extrema are
-    rejected; ``maxiters`` None repeats until a pass rejects nothing (1 with
-    ``compat="ccdproc"``); ``gain`` (e-/ADU) and ``read_noise`` (e-) are numbers for
-    ``ccdclip`` and None otherwise; ``scale`` and ``zero`` are a level name, a tuple of
-    per-frame values or None; ``weights`` a tuple or None. :meth:`create` also reads ccdclip's
-    gain and read noise from a header and checks per-frame values against the frame count.
-
-    The object is frozen, hashable and picklable (it travels to worker processes), and it
-    is the only code that knows how the kernels take their parameters
-    (:meth:`kernel_params`).
-    """
-
-    method: str = "median"
-    scale: str | tuple[float, ...] | None = None
-    zero: str | tuple[float, ...] | None = None
-    scale_region: str | None = None
-    clip_extrema: tuple[int, int] | None = None
-    sigma_clip: tuple[float, float] | None = None
-    reject: str | None = None
-    center: str | None = None
-    maxiters: int | None = None
-    weights: tuple[float, ...] | None = None
-    gain: float | None = None
-    read_noise: float | None = None
-    sensitivity_noise: float = 0.0
-    pedestal: float = 0.0
-    compat: str | None = None
-
-    def __post_init__(self) -> None:
-        def resolve(**values: Any) -> None:
-            for name, value in values.items():
-                object.__setattr__(self, name, value)
-
-        _check_name(self.method, METHODS, "method")
-        if self.compat not in (None, "ccdproc"):
-            raise InputError(f"compat {self.compat!r} is not understood; the only choice is 'ccdproc'")
-        if self.clip_extrema is not None:
-            resolve(clip_extrema=_pair(self.clip_extrema, "clip_extrema", int))
-        reject = self.reject if self.reject is not None else ("sigma" if self.sigma_clip is not None else "none")
-        _check_name(reject, REJECTS, "reject")
-        if reject == "none" and self.sigma_clip is not None:
-            raise InputError("sigma_clip thresholds were given with reject='none'; drop one of them")
-        if self.sigma_clip is not None:
-            resolve(sigma_clip=_pair(self.sigma_clip, "sigma_clip", float))
-        elif reject != "none":
-            resolve(sigma_clip=DEFAULT_THRESHOLDS.get(reject, (3.0, 3.0)))
-        center = self.center if self.center is not None else ("mean" if self.compat else "median")
-        resolve(reject=reject, center=_check_name(center, CENTERS, "center"))
-        maxiters = self.maxiters
-        if maxiters is not None and (not isinstance(maxiters, (int, np.integer)) or maxiters < 1):
-            raise InputError(f"maxiters must be a whole number of at least 1, got {maxiters!r}")
-        if self.weights is not None and self.method == "median":
-            raise InputError("weights apply to mean and sum combines; use method='mean' or drop the weights")
-        self._check_noise_model()
-        resolve(maxiters=None if maxiters is None else int(maxiters), pedestal=float(self.pedestal),
-                sensitivity_noise=float(self.sensitivity_noise))
-        if self.compat:
-            if reject not in ("sigma", "mad", "none"):
-                raise InputError(f"compat='ccdproc' clips with 'sigma' or 'mad' only, not {reject!r}")
-            if self.maxiters not in (None, 1):
-                raise InputError("compat='ccdproc' clips in a single pass; leave maxiters unset")
-            if self.zero is not None and not (isinstance(self.zero, str) and self.zero == "none"):
-                raise InputError("compat='ccdproc' has no zero offsets; drop zero")
-            resolve(maxiters=1)
-        for what in ("scale", "zero"):
-            spec = getattr(self, what)
-            if isinstance(spec, str) and spec != "none":
-                _check_name(spec, SCALES, what)
-        resolve(scale=_per_frame_spec(self.scale, "scale"), zero=_per_frame_spec(self.zero, "zero"),
-                weights=_per_frame_spec(self.weights, "weights"))
-
-    def _check_noise_model(self) -> None:
-        """ccdclip's gain and read noise, and the pedestal and sensitivity noise."""
-        if self.reject == "ccdclip":
-            gain, read_noise = self.gain, self.read_noise
-            if not isinstance(gain, (int, float)) or not gain > 0:
-                raise InputError("ccdclip needs the gain in e-/ADU; pass gain= (--gain) or set GAIN in the headers")
-            if not isinstance(read_noise, (int, float)) or read_noise < 0:
-                raise InputError("ccdclip needs the read noise in e-; pass read_noise= (--read-noise) or set RDNOISE")
-            object.__setattr__(self, "gain", float(gain))
-            object.__setattr__(self, "read_noise", float(read_noise))
-        else:
-            object.__setattr__(self, "gain", None)
-            object.__setattr__(self, "read_noise", None)
-        if math.isnan(self.pedestal) or self.pedestal == -math.inf:
-            raise InputError(f"pedestal must be a number of ADU (or inf), got {self.pedestal!r}")
-        if not (self.sensitivity_noise >= 0 and math.isfinite(self.sensitivity_noise)):
-            raise InputError(f"sensitivity_noise must be 0 or more, got {self.sensitivity_noise!r}")
-
-    @classmethod
-    def create(cls, n_frames: int, *, header: Any = None, **choices: Any) -> CombineOptions:
-        """Options for combining ``n_frames`` frames.
-
-        ``choices`` are the fields (the keywords of :func:`combine`). With
-        ``reject="ccdclip"``, a gain or read noise left None is read from ``header`` (the
-        first frame's) by :mod:`ccdcal.io.headers`' rules: a gain only where the header states
-        it in e-/ADU (EGAIN, or GAIN with an e-/ADU comment; a camera's GAIN *setting* such
-        as ZWO's 0-600 never counts), RDNOISE/READNOIS/RON in e-. Per-frame ``scale``,
-        ``zero`` and ``weights`` values must number ``n_frames``.
-        """
-        if choices.get("reject") == "ccdclip" and header is not None:
-            if choices.get("gain") is None:
-                choices["gain"] = header_gain(header)[0]
-            if choices.get("read_noise") is None:
-                choices["read_noise"] = header_read_noise(header)
-        options = cls(**choices)
-        options.check_frames(n_frames)
-        return options
-
-    def check_frames(self, n_frames: int) -> None:
-        """Raise :class:`~ccdcal.errors.InputError` unless the per-frame values (scale, zero,
-        weights) give one value for each of ``n_frames`` frames."""
-        for what in ("scale", "zero", "weights"):
-            _given_factors(getattr(self, what), what, n_frames)
-
-    @property
-    def low(self) -> float:
-        """The low rejection threshold (the default one where nothing is rejected)."""
-        return (self.sigma_clip or DEFAULT_THRESHOLDS.get(self.reject, (3.0, 3.0)))[0]
-
-    @property
-    def high(self) -> float:
-        """The high rejection threshold (the default one where nothing is rejected)."""
-        return (self.sigma_clip or DEFAULT_THRESHOLDS.get(self.reject, (3.0, 3.0)))[1]
-
-    @property
-    def nlow(self) -> int:
-        return 0 if self.clip_extrema is None else self.clip_extrema[0]
-
-    @property
-    def nhigh(self) -> int:
-        return 0 if self.clip_extrema is None else self.clip_extrema[1]
-
-    def kernel(self, *, has_uncertainty: bool = False) -> str:
-        """The kernel that combines: ``"ccdproc"`` (compat), ``"fast"`` (the vectorised one:
-        rejection none or sigma, or ccdclip of frames neither scaled nor offset without
-        extrema rejection; no weights, no input uncertainties) or ``"general"``.
-        ``has_uncertainty``: every frame carries one."""
-        if self.compat:
-            return "ccdproc"
-        unscaled = all(spec is None or (isinstance(spec, str) and spec == "none") for spec in (self.scale, self.zero))
-        rejects = ("none", "sigma") + (("ccdclip",) if unscaled and self.nlow + self.nhigh == 0 else ())
-        simple = self.reject in rejects and self.weights is None and not has_uncertainty
-        return "fast" if simple else "general"
-
-    def kernel_params(self, *, has_mask: bool = False,
-                      has_uncertainty: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The (iparams int64, fparams float64) arrays of the kernel :meth:`kernel` picks.
-
-        ``combine_tile`` and ``combine_tile_sorted`` share one layout (``_kernels.I_*`` and
-        ``F_*``); ``combine_tile_ccdproc`` has its own. ``has_mask``: the tiles carry a
-        validity plane; ``has_uncertainty``: every frame carries uncertainties.
-        """
-
-        kernel = self.kernel(has_uncertainty=has_uncertainty)
-        method = {"median": K.MEDIAN, "mean": K.MEAN, "sum": K.SUM}[self.method]
-        center = K.CENTER_MEAN if self.center == "mean" else K.CENTER_MEDIAN
-        if kernel == "ccdproc":
-            # method, nlow, nhigh, do_extrema, do_sigma, center, spread, has_valid, has_weights
-            ints = [method, self.nlow, self.nhigh, int(self.clip_extrema is not None),
-                    int(self.reject != "none"), center,
-                    K.SPREAD_MAD if self.reject == "mad" else K.SPREAD_STD,
-                    int(has_mask), int(self.weights is not None)]
-            return np.array(ints, np.int64), np.array([self.low, self.high], np.float64)
-        rejects = {"none": K.REJECT_NONE, "sigma": K.SIGMA, "mad": K.MAD, "winsorized": K.WINSORIZED,
-                   "percentile": K.PERCENTILE, "linear-fit": K.LINEAR_FIT, "ccdclip": K.CCDCLIP}
-        general = kernel == "general"  # follows frame indices: rejections are counted per member
-        ints = {K.I_METHOD: method, K.I_NLOW: self.nlow, K.I_NHIGH: self.nhigh,
-                K.I_REJECT: rejects[self.reject], K.I_CENTER: center, K.I_MAXITERS: self.maxiters or 0,
-                K.I_HAS_VALID: int(has_mask), K.I_HAS_UNC: int(general and has_uncertainty),
-                K.I_NEED_INDEX: int(general)}
-        floats = {K.F_LOW: self.low, K.F_HIGH: self.high,
-                  K.F_GAIN: 1.0 if self.gain is None else self.gain,
-                  K.F_RDNOISE: 0.0 if self.read_noise is None else self.read_noise,
-                  K.F_SNOISE: self.sensitivity_noise, K.F_PEDESTAL: self.pedestal}
-        iparams = np.zeros(len(ints), np.int64)
-        fparams = np.zeros(len(floats), np.float64)
-        for index, value in ints.items():
-            iparams[index] = value
-        for index, value in floats.items():
-            fparams[index] = value
-        return iparams, fparams
-
-
-def sample_sigma_can_reject(n: int, threshold: float, *, center: str = "median") -> bool:
-    """Whether a clip with σ from the same ``n`` values can ever reject one of them.
-
-    With σ the population std of the sample (Samuelson's inequality), no value lies
-    further than ``√(n−1)`` σ from the mean, and one outlier among ``n`` values no further
-    than ``n/√(n−1)`` σ from the median. So at 3σ a sample-σ clip about the median never
-    fires for n ≤ 7, about the mean for n ≤ 10, whatever the outlier's size.
-    """
-    if n < 3:
-        return False
-    bound = math.sqrt(n - 1) if center == "mean" else n / math.sqrt(n - 1)
-    return bound > threshold
 
 
 def _warn_unable_to_reject(n: int, opts: CombineOptions) -> None:
@@ -764,9 +131,9 @@ def measure_factors(frames: Sequence[Any], options: CombineOptions, *,
     -------
     FrameFactors
     """
-    frames = _frame_list(frames)
+    frames = frame_list(frames)
     budget = parse_memory(memory)
-    with _opened(frames) as inputs:
+    with opened(frames) as inputs:
         options.check_frames(inputs.n)
         return _measure(inputs, options, budget, sample_pixels)
 
@@ -776,7 +143,7 @@ def _level_names(options: CombineOptions) -> list[str]:
     return [how for how in (options.scale, options.zero) if isinstance(how, str)]
 
 
-def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixels: int | None = None,
+def _measure(inputs: Inputs, options: CombineOptions, budget: int, sample_pixels: int | None = None,
              progress: ProgressOption = None) -> FrameFactors:
     n, shape, hows = inputs.n, inputs.shape, _level_names(options)
     levels: dict[str, np.ndarray] = {}
@@ -793,14 +160,14 @@ def _measure(inputs: _Inputs, options: CombineOptions, budget: int, sample_pixel
                              " scaled; remove it or drop --scale")
         scales = scale_levels.mean() / scale_levels
     elif options.scale is not None:
-        scales = _given_factors(options.scale, "scale", n)
+        scales = given_factors(options.scale, "scale", n)
     zeros = np.zeros(n)
     if isinstance(options.zero, str):
         scaled = scales * levels[options.zero]
         zeros = scaled.mean() - scaled
     elif options.zero is not None:
-        zeros = _given_factors(options.zero, "zero", n)
-    weights = _given_factors(options.weights, "weights", n)
+        zeros = given_factors(options.zero, "zero", n)
+    weights = given_factors(options.weights, "weights", n)
     return FrameFactors(scales=scales, zeros=zeros, weights=np.ones(n) if weights is None else weights)
 
 
@@ -834,7 +201,7 @@ def region_level_rows(rows: slice, width: int, sample_pixels: int | None) -> lis
     return [(y, y + band) for y in starts]
 
 
-def _region_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
+def _region_levels(inputs: Inputs, hows: Sequence[str], region: tuple[slice, slice],
                    budget: int, sample_pixels: int | None = None,
                    progress: ProgressOption = None) -> dict[str, np.ndarray]:
     """Levels of ``region`` of every source, one source at a time (a small first read).
@@ -887,12 +254,12 @@ def _raw_blank(source: Any) -> int:
     return NO_BLANK if source.blank is None else int(source.blank)
 
 
-def _histogram_ready(inputs: _Inputs, hows: Sequence[str]) -> bool:
+def _histogram_ready(inputs: Inputs, hows: Sequence[str]) -> bool:
     """Whether :func:`_histogram_levels` can measure ``hows`` of every source."""
     return inputs.all_integral and set(hows) <= {"median", "mean"}
 
 
-def _histogram_levels(inputs: _Inputs, hows: Sequence[str], region: tuple[slice, slice],
+def _histogram_levels(inputs: Inputs, hows: Sequence[str], region: tuple[slice, slice],
                       budget: int, progress: ProgressOption = None) -> dict[str, np.ndarray]:
     """Median and mean of ``region`` from a histogram of the raw 16-bit integers.
 
@@ -961,9 +328,9 @@ def combine_rows(frames: Sequence[Any], factors: FrameFactors, options: CombineO
     -------
     TileResult
     """
-    frames = _frame_list(frames)
+    frames = frame_list(frames)
     budget = parse_memory(memory)
-    with _opened(frames) as inputs:
+    with opened(frames) as inputs:
         options.check_frames(inputs.n)
         y0, y1 = _check_band(inputs, factors, y0, y1)
         plan = _tile_plan(inputs, options, budget, y1 - y0)
@@ -980,9 +347,9 @@ def combine_result(frames: Sequence[Any], options: CombineOptions, factors: Fram
     per-member rejections as :func:`combine` makes them. A single band covering every row is
     used as it is (no copy)."""
 
-    frames = _frame_list(frames)
+    frames = frame_list(frames)
     tiles = sorted(tiles, key=lambda t: t.y0)
-    with _opened(frames) as inputs:
+    with opened(frames) as inputs:
         ny = inputs.shape[0]
         headers, names = inputs.headers, inputs.names
     if not tiles or tiles[0].y0 != 0 or tiles[-1].y1 != ny or any(
@@ -1009,7 +376,7 @@ def warn_unable_to_reject(n: int, options: CombineOptions) -> None:
     _warn_unable_to_reject(n, options)
 
 
-def _check_band(inputs: _Inputs, factors: FrameFactors, y0: Any, y1: Any) -> tuple[int, int]:
+def _check_band(inputs: Inputs, factors: FrameFactors, y0: Any, y1: Any) -> tuple[int, int]:
     ny = inputs.shape[0]
     try:
         y0, y1 = operator.index(y0), operator.index(y1)
@@ -1056,7 +423,7 @@ class _TilePlan:
     rows: int          # rows per tile
 
 
-def _tile_plan(inputs: _Inputs, options: CombineOptions, budget: int, height: int) -> _TilePlan:
+def _tile_plan(inputs: Inputs, options: CombineOptions, budget: int, height: int) -> _TilePlan:
     """The plan for ``height`` output rows: the result band and the tiles fit the budget."""
     kernel = options.kernel(has_uncertainty=inputs.all_uncertainty)
     has_mask = inputs.any_mask
@@ -1096,7 +463,7 @@ class _Planes:
 class _Workspace:
     """The buffers every tile of a band reuses, and what the kernel takes besides the tile."""
 
-    def __init__(self, inputs: _Inputs, plan: _TilePlan, options: CombineOptions, factors: FrameFactors):
+    def __init__(self, inputs: Inputs, plan: _TilePlan, options: CombineOptions, factors: FrameFactors):
         n, nx, rows = inputs.n, inputs.shape[1], plan.rows
         self.stack = np.empty((n, rows, nx), np.uint16 if plan.raw16 else np.float32)
         self.valid = np.ones((n, rows, nx) if plan.has_mask else (1, 1, 1), np.uint8)
@@ -1134,7 +501,7 @@ def _checked(rows: Any, shape: tuple[int, ...], name: str, call: str) -> np.ndar
     return rows
 
 
-def _read_tile(inputs: _Inputs, plan: _TilePlan, ws: _Workspace, y0: int, y1: int) -> None:
+def _read_tile(inputs: Inputs, plan: _TilePlan, ws: _Workspace, y0: int, y1: int) -> None:
     """Rows ``y0:y1`` of every frame, and of its mask and uncertainty planes, into ``ws``."""
     h = y1 - y0
     for i, (source, name, traits) in enumerate(zip(inputs.sources, inputs.names, inputs.traits, strict=True)):
@@ -1184,7 +551,7 @@ def _run_kernel(plan: _TilePlan, ws: _Workspace, factors: FrameFactors, out: _Pl
     return jobs.sum(axis=0, dtype=np.int64)
 
 
-def _combine_band(inputs: _Inputs, options: CombineOptions, factors: FrameFactors, plan: _TilePlan,
+def _combine_band(inputs: Inputs, options: CombineOptions, factors: FrameFactors, plan: _TilePlan,
                   out: _Planes, y0: int, y1: int, ready: Callable[[], None] | None = None,
                   progress: ProgressOption = None) -> np.ndarray | None:
     """Combine rows ``y0:y1`` tile by tile into ``out`` (whose first row is row ``y0``).
@@ -1327,9 +694,9 @@ def combine(
         If ``progress`` is none of the above (before any frame is read).
     """
     progress = resolve_progress(progress)
-    frames = _frame_list(frames)
+    frames = frame_list(frames)
     budget = parse_memory(memory)
-    with _opened(frames) as inputs:
+    with opened(frames) as inputs:
         options = CombineOptions.create(
             inputs.n, header=inputs.headers[0], method=method, scale=scale, zero=zero,
             scale_region=scale_region, clip_extrema=clip_extrema, sigma_clip=sigma_clip, reject=reject,
@@ -1346,7 +713,7 @@ def combine(
                          member_rejected=member_rejected)
 
 
-def _combine_all(inputs: _Inputs, options: CombineOptions, budget: int,
+def _combine_all(inputs: Inputs, options: CombineOptions, budget: int,
                  progress: ProgressOption = None) -> tuple[FrameFactors, _Planes, np.ndarray | None]:
     """The factors and every row of the result.
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..combining.engine import REJECTS, parse_memory
+from ..combining.options import REJECTS, parse_memory
 from ..errors import ConfigError
 from ..planning.plan import PlanOptions
 from ..sections import parse_section

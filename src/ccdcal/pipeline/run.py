@@ -28,7 +28,7 @@ from .._shared import pool
 from .._shared.pool import LocalExecutor
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..calibration.arithmetic import forget_derived
-from ..combining.engine import parse_memory
+from ..combining.options import parse_memory
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import find_fits, primary_pixels
 from ..io.guard import output_lock, reduce_inputs

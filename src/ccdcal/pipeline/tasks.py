@@ -37,14 +37,9 @@ from ..calibration.masters import (
     rejection_map,
 )
 from ..calibration.recipe import Recipe
-from ..combining.engine import (
-    CombineOptions,
-    FrameFactors,
-    combine_result,
-    combine_rows,
-    measure_factors,
-    warn_unable_to_reject,
-)
+from ..combining.engine import combine_result, combine_rows, measure_factors, warn_unable_to_reject
+from ..combining.options import CombineOptions
+from ..combining.results import FrameFactors
 from ..errors import CcdcalError, OutputError
 from ..io.frames import (
     FrameSource,

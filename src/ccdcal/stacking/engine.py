@@ -20,7 +20,7 @@ its resampled standard deviation:
    rejects something; a pass that would reject every value rejects none. Because σ comes
    from the noise, not from the sample, one outlier (a satellite trail, a cosmic ray) is
    rejected at any frame count from 3 up, where sample-σ clipping cannot reject one outlier
-   among n ≤ 10 values (:func:`ccdcal.combining.engine.sample_sigma_can_reject`). Good values are
+   among n ≤ 10 values (:func:`ccdcal.combining.options.sample_sigma_can_reject`). Good values are
    rejected at about 0.3–0.5 % per value at 3σ (the median's own noise, at small n).
 3. Weighted mean of the survivors ``Σ w_i x'_i / Σ w_i`` with per-frame weights
    ``w_i ∝ 1/(s_i·σ_bg,i)²`` (``weights="noise"``; normalised to a mean of 1), uncertainty
@@ -51,7 +51,7 @@ from numba import njit
 
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from .._shared.robust import clipped_level, robust_std
-from ..combining.engine import parse_memory
+from ..combining.options import parse_memory
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import FrameSource, clean_header, write_atomic
 from ..io.headers import header_gain, stack_header

@@ -403,7 +403,7 @@ class InputBuffers:
 class ResampledRows:
     """One frame resampled onto the reference grid, served by rows (a combine row source).
 
-    Satisfies :class:`ccdcal.combining.engine.RowSourceWithPlanes`: ``shape`` is ``out_shape``;
+    Satisfies :class:`ccdcal.combining.sources.RowSourceWithPlanes`: ``shape`` is ``out_shape``;
     ``read_rows``, ``read_mask_rows`` (True: no valid value, see the module docstring) and
     ``read_uncertainty_rows`` serve the same band from one resampling (the last band is
     cached). For each band only the source rows it needs are read (:meth:`needed_input_rows`):
