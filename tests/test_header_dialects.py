@@ -338,7 +338,7 @@ def test_short_names_and_wide_terminals_keep_the_notes_column(tmp_path):
 
 # -- headers written without truncation warnings ------------------------------------------------
 def test_write_fits_shortens_long_comments_without_a_warning(tmp_path):
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     header = fits.Header()
     long = "a comment far too long to fit on its card, as calibration software writes them sometimes"

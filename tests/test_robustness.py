@@ -135,10 +135,10 @@ def test_unwritable_output_folder_is_exit_2(demo_night, tmp_path):
 
 
 def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night, tmp_path, monkeypatch):
-    from ccdcal.io import frames
+    from ccdcal.io import writer
     from ccdcal.pipeline.run import ReduceOptions, reduce, verify
 
-    real_write = frames._write_hdus
+    real_write = writer._write_hdus
     calls = {"n": 0}
 
     def write_hdus(tmp, hdul, direct=False):
@@ -149,14 +149,14 @@ def test_disk_full_removes_the_partial_file_and_keeps_earlier_outputs(demo_night
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(tmp, hdul, direct)
 
-    monkeypatch.setattr(frames, "_write_hdus", write_hdus)
+    monkeypatch.setattr(writer, "_write_hdus", write_hdus)
     out = tmp_path / "out"
     with pytest.raises(OutputError, match="disk filled up"):
         reduce([demo_night / "raw"], out, options=ReduceOptions(report=False))
     assert not stray_partials(out)
     written = sorted((out / "masters").iterdir())
     assert len(written) == 2
-    monkeypatch.setattr(frames, "_write_hdus", real_write)
+    monkeypatch.setattr(writer, "_write_hdus", real_write)
     check = verify(out)
     assert not check.problems and len(check.ok) == 2
 
@@ -187,7 +187,7 @@ def test_work_given_to_a_fits_write_runs_while_the_file_is_made_durable(tmp_path
     fsync'ed in another thread, before it is renamed into place: the fsync here waits for the
     work to release it. The call returns with the whole file in place, and the work gets the
     file's DATASUM."""
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     gate, calls = _gated_fsync(monkeypatch)
     path = tmp_path / "out" / "light.fits"
@@ -212,7 +212,7 @@ def test_a_failed_fsync_beside_the_given_work_leaves_no_file_and_says_so(tmp_pat
     disk's error is raised (one line, as for any write), no file or partial is left, and an
     older file of that name is kept whole. The work's own error alone is raised as it is,
     with the new file in place."""
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     path = tmp_path / "light.fits"
     old = np.ones((20, 30), np.float32)
@@ -238,11 +238,11 @@ def test_a_failed_fsync_beside_the_given_work_leaves_no_file_and_says_so(tmp_pat
 def test_disk_full_on_the_cli_is_exit_1_without_traceback(demo_night, tmp_path):
     script = (
         "import errno, sys\n"
-        "from ccdcal.io import frames\n"
+        "from ccdcal.io import writer\n"
         "def boom(tmp, hdul, direct=False):\n"
         "    open(tmp, 'wb').write(b'x' * 100)\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "frames._write_hdus = boom\n"
+        "writer._write_hdus = boom\n"
         "from ccdcal.cli import main\n"
         f"sys.exit(main(['reduce', {str(demo_night / 'raw')!r}, '-o', {str(tmp_path / 'out')!r}, '--no-report']))\n"
     )

@@ -194,7 +194,7 @@ def test_cli_stretch_writes_png(tmp_path, sky, args, mode):
     from PIL import Image
 
     from ccdcal.cli import main
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     src = write_fits(tmp_path / "sky.fits", sky)
     out = tmp_path / "png" / "sky.png"
@@ -207,7 +207,7 @@ def test_cli_stretch_fits_keeps_the_stretched_image(tmp_path, sky, capsys):
     from astropy.io import fits
 
     from ccdcal.cli import main
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     src = write_fits(tmp_path / "sky.fits", sky)
     assert main(["stretch", str(src), "-o", str(tmp_path / "view.png"), "--method", "mtf", "--fits"]) == 0
@@ -221,7 +221,7 @@ def test_cli_stretch_fits_keeps_the_stretched_image(tmp_path, sky, capsys):
 
 def test_cli_stretch_rejects_bad_target(tmp_path, sky, capsys):
     from ccdcal.cli import main
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     src = write_fits(tmp_path / "sky.fits", sky)
     assert main(["stretch", str(src), "-o", str(tmp_path / "x.png"), "--target", "1.5"]) == 2

@@ -236,8 +236,9 @@ def _run_stretch(args) -> int:
     from pathlib import Path
 
     from .errors import InputError
-    from .io.frames import read_image, write_bytes, write_fits
+    from .io.frames import read_image
     from .io.guard import refuse_overwrite
+    from .io.writer import write_bytes, write_fits
     from .stretch import png_bytes, stretch
 
     if not 0.0 < args.target < 1.0:
@@ -334,8 +335,9 @@ def _add_combine(p: argparse.ArgumentParser) -> None:
 def _run_combine(args) -> int:
     from ._shared.names import printable
     from .combining.engine import combine
-    from .io.frames import find_fits, header_value, write_fits
+    from .io.frames import find_fits, header_value
     from .io.guard import refuse_overwrite
+    from .io.writer import write_fits
 
     paths = find_fits(args.paths)
     refuse_overwrite(paths, files=[args.output])

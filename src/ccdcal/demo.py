@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io.frames import is_fits_name, read_header, write_text
+from .io.frames import is_fits_name, read_header
+from .io.writer import write_text
 
 GAIN = 1.5            # e-/ADU
 READ_NOISE = 4.5      # ADU

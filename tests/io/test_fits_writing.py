@@ -30,8 +30,8 @@ def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
 
     from astropy.io import fits
 
-    from ccdcal.io.frames import write_fits
     from ccdcal.io.hashing import _HASHES, _hash_key
+    from ccdcal.io.writer import write_fits
 
     rng = np.random.default_rng(5)
     for shape in [(1, 1), (7, 13), (5, 3), (333, 517)]:      # odd sizes: partial words and blocks
@@ -162,7 +162,7 @@ def test_an_output_written_uncached_leaves_its_pages_out_of_the_page_cache(tmp_p
     reuses that memory); the default keeps them; both files are whole and verify."""
     from astropy.io import fits
 
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     if not _page_cache_drops_here(tmp_path):
         pytest.skip("this filesystem keeps a file's pages in memory (tmpfs)")
@@ -201,7 +201,7 @@ def _direct_io_here(folder) -> bool:
 
 
 def _hdul_for_writing(shape=(301, 517)):
-    from ccdcal.io.frames import add_checksums, fits_hdus
+    from ccdcal.io.writer import add_checksums, fits_hdus
 
     data = np.random.default_rng(5).normal(100, 5, shape).astype(np.float32)
     hdul = fits_hdus(data, uncertainty=data / 10, mask=(data > 105).astype(np.uint8), unit="adu")
@@ -217,18 +217,18 @@ def test_a_file_written_directly_is_the_file_written_through_the_page_cache(tmp_
     the first write) the file is written through the page cache, whole."""
     from astropy.io import fits
 
-    from ccdcal.io import frames
+    from ccdcal.io import writer
 
     data, hdul = _hdul_for_writing()
-    plain = frames.write_hdus(tmp_path / "plain.fits", hdul)
-    monkeypatch.setattr(frames._DirectFile, "_STAGE", 3 * 4096)        # many flushes
-    direct = frames.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
+    plain = writer.write_hdus(tmp_path / "plain.fits", hdul)
+    monkeypatch.setattr(writer._DirectFile, "_STAGE", 3 * 4096)        # many flushes
+    direct = writer.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
     assert direct.read_bytes() == plain.read_bytes()
     assert direct.stat().st_size % 4096 != 0
     with fits.open(direct, checksum=True) as read:
         np.testing.assert_array_equal(read[0].data, data)
     if hasattr(os, "O_DIRECT") and os.sys.platform.startswith("linux") and _page_cache_drops_here(tmp_path):
-        frames.write_hdus(tmp_path / "again.fits", hdul, direct=True)
+        writer.write_hdus(tmp_path / "again.fits", hdul, direct=True)
         assert _resident_fraction(tmp_path / "again.fits") < 0.1
 
     import errno
@@ -268,7 +268,7 @@ def test_a_file_written_directly_is_the_file_written_through_the_page_cache(tmp_
                 m.setattr(os, "write", short_writes)
             else:
                 m.setattr(os, "write", refuse_the_tail)
-            out = frames.write_hdus(tmp_path / f"{name}.fits", hdul, direct=True)
+            out = writer.write_hdus(tmp_path / f"{name}.fits", hdul, direct=True)
         assert out.read_bytes() == plain.read_bytes(), name
     # a full disk in the middle of a direct write: the one-line error, no partial, the old file kept
     from ccdcal.errors import OutputError
@@ -286,6 +286,6 @@ def test_a_file_written_directly_is_the_file_written_through_the_page_cache(tmp_
     with monkeypatch.context() as m:
         m.setattr(os, "write", full_disk)
         with pytest.raises(OutputError, match="disk filled up"):
-            frames.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
+            writer.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
     assert (tmp_path / "direct.fits").read_bytes() == old
     assert not list(tmp_path.glob(".*.partial"))

@@ -218,23 +218,23 @@ def test_the_night_drops_from_the_page_cache_only_what_it_will_not_read_again(tm
     from ccdcal.demo import write_night
     from ccdcal.pipeline.options import ReduceOptions
 
-    frames = importlib.import_module("ccdcal.io.frames")
-    real = frames._commit
+    writer = importlib.import_module("ccdcal.io.writer")
+    real = writer._commit
     commits: dict[str, bool] = {}
 
     def commit(tmp, path, cached=True):
         commits[path.name] = cached
         return real(tmp, path, cached)
 
-    real_write = frames._write_hdus
+    real_write = writer._write_hdus
     direct: dict[str, bool] = {}
 
     def write_hdus(tmp, hdul, is_direct=False):
         direct[tmp.name.split(".")[1]] = is_direct
         return real_write(tmp, hdul, is_direct)
 
-    monkeypatch.setattr(frames, "_commit", commit)
-    monkeypatch.setattr(frames, "_write_hdus", write_hdus)
+    monkeypatch.setattr(writer, "_commit", commit)
+    monkeypatch.setattr(writer, "_write_hdus", write_hdus)
     raw = tmp_path / "raw"
     write_night(raw, size=64, seed=8, n_light=2)
     reduce(raw, tmp_path / "out")

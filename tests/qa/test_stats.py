@@ -125,7 +125,7 @@ def test_frame_metrics_sees_large_scale_gradient():
 # -- command line ----------------------------------------------------------------------------------
 def test_cli_stats_json_has_one_object_per_file_and_region(tmp_path, image, capsys):
     from ccdcal.cli import main
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     paths = [write_fits(tmp_path / f"f{i}.fits", image + i) for i in range(2)]
     rc = main(["stats", *map(str, paths), "--region", "[1:10,1:5]", "--region", "[71:80,51:60]", "--json"])
@@ -142,7 +142,7 @@ def test_cli_stats_json_has_one_object_per_file_and_region(tmp_path, image, caps
 
 def test_cli_stats_csv_and_bad_region(tmp_path, image, capsys):
     from ccdcal.cli import main
-    from ccdcal.io.frames import write_fits
+    from ccdcal.io.writer import write_fits
 
     path = write_fits(tmp_path / "f.fits", image)
     assert main(["stats", str(path), "--csv"]) == 0

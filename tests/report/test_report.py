@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ccdcal.errors import InputError
-from ccdcal.io.frames import write_fits
+from ccdcal.io.writer import write_fits
 from ccdcal.qa.stats import frame_metrics
 from ccdcal.report.page import build_report, histogram_svg
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._repr import combine_html
 from ..errors import InputError
-from ..io.frames import write_fits
+from ..io.writer import write_fits
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """File identity: the XXH3-128 hash of a file's bytes (:data:`HASH`), cached per (path, size,
 mtime) within the process, computed ahead in a background thread, taken from the bytes as they
 are written or read, or trusted from an earlier run's manifest. :mod:`ccdcal.io.manifest` and the
-FITS writer (:mod:`ccdcal.io.frames`) both use it.
+FITS writer (:mod:`ccdcal.io.writer`) both use it.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .frames import is_fits_name, write_text
+from .frames import is_fits_name
 from .guard import OUTPUT_FOLDERS, output_lock
 from .hashing import HASH, file_hash, hash_rest
+from .writer import write_text
 
 _OLD_HASH = "sha256"    # manifests written before ccdcal took XXH3 (verified, never written)
 

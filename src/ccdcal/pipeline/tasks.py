@@ -41,15 +41,7 @@ from ..combining.engine import combine_result, combine_rows, measure_factors, wa
 from ..combining.options import CombineOptions
 from ..combining.results import FrameFactors
 from ..errors import CcdcalError, OutputError
-from ..io.frames import (
-    FrameSource,
-    add_checksums,
-    datasum_of,
-    fits_hdus,
-    write_bytes,
-    write_fits,
-    write_hdus,
-)
+from ..io.frames import FrameSource, datasum_of
 from ..io.hashing import file_hash
 from ..io.headers import (
     exposure_of,
@@ -60,6 +52,7 @@ from ..io.headers import (
     resolve_detector,
 )
 from ..io.manifest import OutputRecord, fingerprint, input_record, up_to_date
+from ..io.writer import add_checksums, fits_hdus, write_bytes, write_fits, write_hdus
 from ..planning.plan import LightJob, MasterJob, StackJob, member_steps
 from ..report.page import write_light_previews, write_master_previews
 from ..sections import to_slices
@@ -425,7 +418,7 @@ def _member_sources(job: MasterJob, ctx: RunContext, overscans: tuple[Any, ...] 
 
 
 def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sources: list[Any]) -> Any:
-    """The HDUs of a finished master (:func:`ccdcal.io.frames.fits_hdus`)."""
+    """The HDUs of a finished master (:func:`ccdcal.io.writer.fits_hdus`)."""
 
     options, settings = ctx.options, job.settings
     region = None

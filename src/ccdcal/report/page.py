@@ -21,9 +21,10 @@ import numpy as np
 
 from .._shared.names import NAME_LIMIT, unique_stem
 from ..errors import CcdcalError, InputError
-from ..io.frames import datasum_of, read_image, write_bytes, write_text
+from ..io.frames import datasum_of, read_image
 from ..io.guard import output_lock, refuse_overwrite
 from ..io.hashing import new_digest
+from ..io.writer import write_bytes, write_text
 from ..qa.stats import region_stats
 from ..stretch import downsample, png_bytes, stretch
 

@@ -53,8 +53,9 @@ from .._shared.progress import ProgressOption, resolve_progress, steps
 from .._shared.robust import clipped_level, robust_std
 from ..combining.options import parse_memory
 from ..errors import CcdcalWarning, InputError
-from ..io.frames import FrameSource, clean_header, write_atomic
+from ..io.frames import FrameSource, clean_header
 from ..io.headers import header_gain, stack_header
+from ..io.writer import write_atomic
 from ..masks import MASK_NO_DATA
 from .resample import InputBuffers, ResampledRows, RowThreads
 

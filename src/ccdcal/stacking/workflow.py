@@ -29,8 +29,8 @@ import numpy as np
 
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalWarning, InputError
-from ..io.frames import write_bytes
 from ..io.guard import refuse_overwrite
+from ..io.writer import write_bytes
 from ..stretch import downsample, png_bytes, stretch
 from .engine import stack
 from .register import RegistrationError, detect_stars, find_transform, flag_outliers, frame_quality
