@@ -45,6 +45,10 @@ LAYER_OF = {unit: layer for layer, units in LAYERS.items() for unit in units}
 # package's lazy ``__init__`` (``ccdcal --help`` and ``import ccdcal`` stay instant).
 DEFERRED = {"ccdcal.cli", "ccdcal.__init__"}
 
+# Where process state may live (see ccdcal._shared.state): the owner itself, and the flag that
+# records a process-wide allocator setting (made once by the ``ccdcal`` command, never undone).
+STATE_OWNERS = {"ccdcal._shared.state", "ccdcal._shared.memory"}
+
 MODULE_LINES = 1000
 FUNCTION_LINES = 80
 
@@ -240,3 +244,40 @@ def test_no_function_is_longer_than_80_lines():
                 if body and body[-1].end_lineno - body[0].lineno + 1 > FUNCTION_LINES:
                     found.add(f"{module}.{node.name}")
     check("function size", found)
+
+
+_EMPTY_CALLS = {"dict", "list", "set", "OrderedDict", "defaultdict", "deque", "WeakValueDictionary",
+                "WeakKeyDictionary", "ThreadPoolExecutor"}
+
+
+def _mutable_at_import(value: ast.AST | None) -> bool:
+    """Whether ``value`` makes a container to fill later (or a pool), not a constant."""
+    if isinstance(value, ast.Dict | ast.List | ast.Set) and not (getattr(value, "keys", None) or
+                                                                  getattr(value, "elts", None)):
+        return True
+    if isinstance(value, ast.Call):
+        func = value.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        return name in _EMPTY_CALLS
+    return False
+
+
+def test_process_state_has_one_owner():
+    """No module keeps a cache, registry or pool of its own at module level (an empty container
+    or pool made at import, a ``global`` rebound in a function, a module-level name filled by
+    subscript at import): what is kept between calls is a ``ccdcal._shared.state.Cache``, whose
+    lifetime one owner ends."""
+    found = set()
+    for module, path in MODULES.items():
+        if module in STATE_OWNERS:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, ast.AnnAssign) else []
+            if targets and _mutable_at_import(node.value):
+                found.add(f"{module}: {ast.unparse(targets[0])}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                found.add(f"{module}: global {', '.join(node.names)}")
+    assert not found, f"process state outside ccdcal._shared.state: {sorted(found)}"

@@ -153,12 +153,11 @@ def test_the_masters_mask_union_is_made_once_per_set_of_masters(monkeypatch):
     import importlib
     import threading
     import time
-    from collections import OrderedDict
 
     from ccdcal.calibration.arithmetic import Master, _add_master_masks, _master_masks
 
     calibrate = importlib.import_module("ccdcal.calibration.arithmetic")
-    monkeypatch.setattr(calibrate, "_DERIVED", OrderedDict())
+    calibrate._DERIVED.clear()
     rng = np.random.default_rng(2)
     dark_data = rng.normal(5, 1, (40, 50)).astype(np.float32)
     dark_data[3, 4] = 500.0                                  # hot

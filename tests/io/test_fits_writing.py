@@ -61,7 +61,7 @@ def test_fits_writer_matches_astropy_and_its_checksums_verify(tmp_path):
             for hdu in b:
                 start, size = hdu.fileinfo()["datLoc"], hdu.fileinfo()["datSpan"]
                 assert raw_a[start:start + size] == raw_b[start:start + size]
-        assert _HASHES[_hash_key(ours)] == xxhash.xxh3_128(raw_a).hexdigest()
+        assert _HASHES.get(_hash_key(ours)) == xxhash.xxh3_128(raw_a).hexdigest()
 
 
 def test_16_bit_rows_decode_as_numpys_float32_steps(tmp_path):

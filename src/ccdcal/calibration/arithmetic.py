@@ -16,13 +16,12 @@ read noise is in ADU inside this module (header ``RDNOISE`` is in electrons, as 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .._shared import state
 from .._shared._kernels import subtract_scaled
 from .._shared.robust import robust_std
 from ..errors import InputError
@@ -100,11 +99,8 @@ def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
     return np.where(np.isfinite(flat) & (flat >= np.float32(flat_floor)), flat, np.float32(1.0))
 
 
-# products of masters that every light of a night needs (read-only, made once)
-_DERIVED: OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], np.ndarray]] = OrderedDict()
-_MAKING: dict[tuple[Any, ...], threading.Event] = {}
-_DERIVED_LOCK = threading.Lock()
-_DERIVED_SIZE = 8   # two per set of masters; a night with 2 filters x 2 darks has 4 sets
+# products of masters that every light of a night needs (read-only, made once; the lights' stage)
+_DERIVED = state.Cache("products of masters", until="lights", max_items=8)   # 2 per set of masters
 
 
 def _derived(what: str, masters: tuple[Master | None, ...], args: tuple[Any, ...], make: Any) -> np.ndarray:
@@ -114,35 +110,13 @@ def _derived(what: str, masters: tuple[Master | None, ...], args: tuple[Any, ...
     object cached as that file afterwards, and a master read again is a new object. A thread
     that asks while another makes the same thing waits for it; other keys do not wait."""
     key = (what, *(None if m is None else id(m) for m in masters), *args)
-    while True:
-        with _DERIVED_LOCK:
-            hit = _DERIVED.get(key)
-            if hit is not None:
-                _DERIVED.move_to_end(key)
-                return hit[1]
-            making = _MAKING.get(key)
-            if making is None:
-                making = _MAKING[key] = threading.Event()
-                break
-        making.wait()   # then look again (made, or its maker failed and this thread makes it)
-    try:
+
+    def made() -> tuple[tuple[Any, ...], np.ndarray]:
         value = make()
         value.flags.writeable = False
-        with _DERIVED_LOCK:
-            _DERIVED[key] = (masters, value)
-            while len(_DERIVED) > _DERIVED_SIZE:
-                _DERIVED.popitem(last=False)
-        return value
-    finally:
-        with _DERIVED_LOCK:
-            _MAKING.pop(key, None)
-        making.set()
+        return masters, value
 
-
-def forget_derived() -> None:
-    """Drop what :func:`_derived` keeps (the end of a run: the masters it holds are freed)."""
-    with _DERIVED_LOCK:
-        _DERIVED.clear()
+    return _DERIVED.get_or_make(key, made)[1]
 
 
 class CalibratedRows:

@@ -6,17 +6,17 @@ FITS writer (:mod:`ccdcal.io.writer`) both use it.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
+
+from .._shared import state
 
 #: The manifest's key for the hash of a file's bytes, and the algorithm's name.
 HASH = "xxh3_128"
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-_PENDING: dict[tuple[str, int, int], Any] = {}
-_HASH_LOCK = threading.Lock()
-_HASH_POOL: Any = None
+# by (resolved path, size, mtime_ns): the hashes known (about 150 bytes each), and those being made
+_HASHES = state.Cache("file hashes", max_items=200_000)
+_PENDING = state.Cache("file hashes being made")
 
 
 def _hash_key(path: Path) -> tuple[str, int, int]:
@@ -36,11 +36,11 @@ def file_hash(path: Path) -> str:
     process (a hash :func:`prefetch_hashes` is computing is waited for, not computed twice)."""
     path = Path(path)
     key = _hash_key(path)
-    with _HASH_LOCK:
-        if key in _HASHES:
-            return _HASHES[key]
-        pending = _PENDING.get(key)
-    if pending is not None:
+    known = _HASHES.get(key)
+    if known is not None:
+        return known
+    pending = _PENDING.get(key)
+    if pending is not None and not pending.cancelled():
         return pending.result()
     return _compute_hash(path, key)
 
@@ -50,9 +50,8 @@ def _compute_hash(path: Path, key: tuple[str, int, int]) -> str:
     with open(path, "rb") as fh:
         hash_rest(fh, digest)
     value = digest.hexdigest()
-    with _HASH_LOCK:
-        _HASHES[key] = value
-        _PENDING.pop(key, None)
+    _HASHES.put(key, value)
+    _PENDING.pop(key)
     return value
 
 
@@ -65,21 +64,15 @@ def hash_rest(fh: Any, digest: Any) -> None:
 def prefetch_hashes(paths: Any) -> None:
     """Start hashing ``paths`` in one background thread (inputs of a run, while the masters are
     built); :func:`file_hash` then finds the hash made or waits for it."""
-    global _HASH_POOL
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _HASH_LOCK:
-        if _HASH_POOL is None:
-            _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccdcal-hash")
+    pool = state.thread_pool("hash", workers=1)
     for path in dict.fromkeys(Path(p) for p in paths):
         try:
             key = _hash_key(path)
         except OSError:
             continue
-        with _HASH_LOCK:
-            if key in _HASHES or key in _PENDING:
-                continue
-            _PENDING[key] = _HASH_POOL.submit(_compute_hash, path, key)
+        if key in _HASHES or key in _PENDING:
+            continue
+        _PENDING.put(key, pool.submit(_compute_hash, path, key))
 
 
 def remember_hashes(inputs: Any) -> int:
@@ -96,8 +89,7 @@ def remember_hashes(inputs: Any) -> int:
         except (OSError, KeyError, TypeError):
             continue
         if same:
-            with _HASH_LOCK:
-                _HASHES[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = str(record[HASH])
+            _HASHES.put((str(path.resolve()), st.st_size, st.st_mtime_ns), str(record[HASH]))
             taken += 1
     return taken
 
@@ -115,9 +107,9 @@ def hash_around(path: Path, offset: int, data: Any) -> tuple[tuple[str, int, int
     None when the file changed (size or modification time) meanwhile."""
     path = Path(path)
     key = _hash_key(path)
-    with _HASH_LOCK:
-        if key in _HASHES:          # known (from the previous manifest): not hashed again
-            return key, _HASHES[key]
+    known = _HASHES.get(key)
+    if known is not None:           # known (from the previous manifest): not hashed again
+        return key, known
     view = memoryview(data).cast("B")
     digest = new_digest()
     with open(path, "rb") as fh:
@@ -134,6 +126,5 @@ def hash_around(path: Path, offset: int, data: Any) -> tuple[tuple[str, int, int
 
 def remember_hash(key: Any, value: str) -> None:
     """Record a hash made by :func:`hash_around` (perhaps in a worker process)."""
-    with _HASH_LOCK:
-        _HASHES[(str(key[0]), int(key[1]), int(key[2]))] = value
+    _HASHES.put((str(key[0]), int(key[1]), int(key[2])), value)
 

@@ -24,10 +24,9 @@ import numpy as np
 from .. import __version__
 from .._repr import result_html
 from .._shared import memory as _memory
-from .._shared import pool
+from .._shared import pool, state
 from .._shared.pool import LocalExecutor
 from .._shared.progress import ProgressOption, resolve_progress, steps
-from ..calibration.arithmetic import forget_derived
 from ..combining.options import parse_memory
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import find_fits, primary_pixels
@@ -155,7 +154,7 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     if dry_run:
         return _dry_run(files, broken, out_dir, options, progress, caught, started)
     _check_out_dir(out_dir)
-    with output_lock(out_dir):
+    with output_lock(out_dir), state.run_scope():   # the run's caches and pools closed when it ends
         _remove_partials(out_dir)    # what a killed run left; never another run's (the lock)
         return _run(files, broken, out_dir, options, force, progress, caught, scheduler, started)
 
@@ -349,10 +348,10 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
             try:
                 prepare_lights(plan.lights[:lights_in_flight(plan, options)], ctx)
             except Exception:  # noqa: BLE001 - see above
-                forget_derived()
+                state.end_stage("lights")
         record_written(wait=True)
     except BaseException:
-        forget_derived()   # what prepare_lights made for lights that will not run
+        state.end_stage("lights")   # what prepare_lights made for lights that will not run
         raise
     finally:
         if writer is not None:
@@ -446,8 +445,8 @@ def _run_lights(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceR
         close = getattr(records, "close", None)
         if close is not None:   # after an error: the queued lights are cancelled, the running ones joined
             close()
-        ctx.buffers.clear()     # the frames the light tasks reused
-        forget_derived()        # and what they shared of the masters
+        ctx.buffers.clear()         # the frames the light tasks reused
+        state.end_stage("lights")   # and what they shared of the masters
     result.timings["lights"] = time.perf_counter() - started
 
 

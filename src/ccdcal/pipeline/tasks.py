@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from .._shared import state
 from ..calibration.arithmetic import CalibratedRows, Master, calibrate_frame, prepare_shared
 from ..calibration.masters import (
     LEVEL_SAMPLE_PIXELS,
@@ -138,13 +138,20 @@ class RunContext:
         return None
 
 
-# -- masters read back, cached per process --------------------------------------------------------
-_CACHE: OrderedDict[tuple[str, int, int, bool], Any] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-_CACHE_SIZE = 6                 # masters kept at most; and beyond the three a light needs,
-_CACHE_BYTES = 512 << 20        # no more bytes than this (4096² masters are 150 MB each)
+# -- masters read back, cached per process (the run) -----------------------------------------------
+
+
+def _master_bytes(masters: list[Any]) -> int:
+    # a flat cached as both flavours (read as a flat and not) holds one set of arrays
+    arrays = {id(a): a for m in masters for a in (m.data, m.uncertainty, m.mask) if a is not None}
+    return sum(a.nbytes for a in arrays.values())
+
+
+# masters read from their files, by (resolved path, size, mtime_ns, read as a flat): at most 6, and
+# beyond the three a light needs no more than 512 MB (4096² masters are 150 MB each)
+_MASTERS = state.Cache("masters read back", max_items=6, min_items=3, max_bytes=512 << 20, nbytes=_master_bytes)
 # masters built here whose files are still being written (key: resolved path, read as a flat)
-_BUILT: dict[tuple[str, bool], Any] = {}
+_BUILT = state.Cache("masters being written")
 
 
 def load_master(path: str | Path, name: str | None = None, *, flat: bool = False, flat_norm: str = "median") -> Any:
@@ -158,28 +165,25 @@ def load_master(path: str | Path, name: str | None = None, *, flat: bool = False
     from astropy.io import fits
 
     path = Path(path)
-    with _CACHE_LOCK:
-        built = _BUILT.get((str(path.resolve()), flat))
+    built = _BUILT.get((str(path.resolve()), flat))
     if built is not None:
         return built
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, flat)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
+    cached = _MASTERS.get(key)
+    if cached is not None:
+        return cached
     with fits.open(path, memmap=False) as hdul:
         master = _master_of(hdul, name or path.name, flat=flat, flat_norm=flat_norm)
-    _cache(key, master)
+    _MASTERS.put(key, master)
     return master
 
 
 def forget_built(paths: Any) -> None:
     """Drop the in-memory masters :func:`write_master` kept for ``paths`` (after a failed write)."""
-    with _CACHE_LOCK:
-        for path in paths:
-            for flat in (False, True):
-                _BUILT.pop((str(Path(path).resolve()), flat), None)
+    for path in paths:
+        for flat in (False, True):
+            _BUILT.pop((str(Path(path).resolve()), flat))
 
 
 def _master_of(hdul: Any, name: str, *, flat: bool, flat_norm: str) -> Any:
@@ -196,19 +200,6 @@ def _master_of(hdul: Any, name: str, *, flat: bool, flat_norm: str) -> Any:
     facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
     return Master(data=data, uncertainty=unc, mask=mask, name=name, datasum=str(header.get("DATASUM", "")),
                   exptime=exposure_of(header, dark=True), level=level, facts=facts)
-
-
-def _cache(key: tuple[str, int, int, bool], master: Any) -> None:
-    with _CACHE_LOCK:
-        _CACHE[key] = master
-        while len(_CACHE) > _CACHE_SIZE or (len(_CACHE) > 3 and _cache_bytes() > _CACHE_BYTES):
-            _CACHE.popitem(last=False)
-
-
-def _cache_bytes() -> int:
-    # a flat cached as both flavours (read as a flat and not) holds one set of arrays
-    arrays = {id(a): a for m in _CACHE.values() for a in (m.data, m.uncertainty, m.mask) if a is not None}
-    return sum(a.nbytes for a in arrays.values())
 
 
 def _master(ctx: RunContext, name: str | None, *, flat: bool = False) -> Any:
@@ -382,8 +373,7 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
     readback = fits.HDUList([fits.PrimaryHDU(hdul[0].data, header=header), *hdul[1:]])
     built = {(str(path.resolve()), flat): _master_of(readback, path.name, flat=flat, flat_norm=ctx.options.flat_norm)
              for flat in ((False, True) if job.kind.value == "flat" else (False,))}
-    with _CACHE_LOCK:
-        _BUILT.update(built)
+    _BUILT.update(built)
 
     def write() -> None:
         # a failed write leaves the master in memory for what is being built on it until the
@@ -393,10 +383,9 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
         write_hdus(path, hdul, direct=True)
         st = path.stat()
         for (name, flat), master in built.items():   # now as the file: cached by its identity
-            _cache((name, st.st_size, st.st_mtime_ns, flat), master)
-        with _CACHE_LOCK:
-            for key in built:
-                _BUILT.pop(key, None)
+            _MASTERS.put((name, st.st_size, st.st_mtime_ns, flat), master)
+        for key in built:
+            _BUILT.pop(key)
         _write_rejection_map(ctx.out_dir, job.name, result)
 
     pending.append(writer.submit(write))
@@ -501,7 +490,7 @@ def _write_rejection_map(out_dir: Path, name: str, result: Any) -> None:
 # -- calibrating a light --------------------------------------------------------------------------
 # key: (resolved path, size, mtime_ns, content hash), as masters and file hashes are keyed, so a
 # map edited in place is read again
-_BAD_PIXELS: dict[tuple[str, int, int, str], np.ndarray] = {}
+_BAD_PIXELS = state.Cache("bad-pixel maps", max_items=4)
 
 
 def _bad_pixel_key(path: str) -> tuple[str, int, int, str] | None:
@@ -518,16 +507,15 @@ def _bad_pixel_map(path: str | None) -> np.ndarray | None:
     if not path:
         return None
     key = _bad_pixel_key(path)
-    with _CACHE_LOCK:
-        if key is None or key not in _BAD_PIXELS:
-            with FrameSource(path) as src:   # a map that cannot be read: an InputError here
-                bad = src.read() != 0
-            if key is None:
-                return bad
-            for old in [k for k in _BAD_PIXELS if k[0] == key[0]]:   # the map before an edit
-                del _BAD_PIXELS[old]
-            _BAD_PIXELS[key] = bad
-        return _BAD_PIXELS[key]
+
+    def read() -> np.ndarray:
+        with FrameSource(path) as src:   # a map that cannot be read: an InputError here
+            return src.read() != 0
+
+    if key is None:
+        return read()
+    _BAD_PIXELS.discard(lambda k: k[0] == key[0] and k != key)   # the map before an edit
+    return _BAD_PIXELS.get_or_make(key, read)
 
 
 def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any]]) -> str:

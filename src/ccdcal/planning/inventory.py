@@ -76,8 +76,7 @@ class FrameKind(enum.StrEnum):
 DARK_BIAS_EXPTIME = 0.1  # s: a frame typed DARK but named bias is a bias up to this exposure
 
 # Frame-type words as acquisition software writes them, normalised (upper case, no blanks).
-_TYPE_WORDS: dict[str, FrameKind] = {}
-for _kind, _words in {
+_TYPE_WORDS: dict[str, FrameKind] = {word: kind for kind, words in {
     FrameKind.BIAS: ["BIAS", "ZERO", "BIASFRAME", "ZEROFRAME", "BIASFRAMES", "OFFSET", "OFFSETFRAME", "BIASIMAGE"],
     FrameKind.DARK: ["DARK", "DARKFRAME", "DARKCURRENT", "DARKIMAGE", "THERMAL"],
     FrameKind.FLAT: ["FLAT", "FLATFIELD", "FLATFRAME", "SKYFLAT", "DOMEFLAT", "TWIFLAT", "TWILIGHTFLAT",
@@ -85,9 +84,7 @@ for _kind, _words in {
                      "SKYFLATFIELD", "PIXFLAT", "FLATIMAGE"],
     FrameKind.LIGHT: ["LIGHT", "LIGHTFRAME", "OBJECT", "SCIENCE", "SCI", "TARGET", "EXPOSE", "OBJ",
                       "STANDARD", "STD", "FOCUS", "LIGHTIMAGE", "SKY"],
-}.items():
-    for _w in _words:
-        _TYPE_WORDS[_w] = _kind
+}.items() for word in words}
 
 _NAME_WORDS = {
     FrameKind.BIAS: {"bias", "biases", "zero", "zeros", "offset", "offsets", "masterbias"},
