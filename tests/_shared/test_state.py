@@ -92,8 +92,8 @@ def test_a_reduce_leaves_no_cache_filled_and_no_pool_running(tmp_path):
     masters read back, their products, the file hashes, the bad-pixel maps) and the hashing
     thread is gone; while the stacks run, the lights' shared products are already dropped."""
     import ccdcal
-    from ccdcal.pipeline import tasks
     from ccdcal.demo import write_night
+    from ccdcal.pipeline import tasks
 
     raw = write_night(tmp_path / "raw", size=96, seed=11, n_bias=3, n_dark=3, n_flat=3, n_light=3)
     seen = {}

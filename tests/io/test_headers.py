@@ -140,3 +140,30 @@ def test_master_cards_are_written_in_one_place_in_a_fixed_order():
     bias = master_cards("bias", member_rejected=None, npix=100, read_noise_measured=5.0, detector_gain=2.0,
                         detector_gain_source="EGAIN")
     assert list(bias) == ["NNODATA", "RDNADU", "RDNOISE", "HISTORY"] and bias["RDNOISE"][0] == 10.0
+
+
+# -- the e-/ADU of CMOS data stored left-shifted (issue 27) ------------------------------------------
+def test_egain_at_the_native_depth_is_divided_by_the_shift_of_the_stored_data():
+    from astropy.io import fits
+
+    from ccdcal.io.headers import adc_shift, header_gain, resolve_detector
+
+    rng = np.random.default_rng(1)
+    native14 = rng.integers(100, 16000, 5000)
+    assert adc_shift(native14 * 4) == 2 and adc_shift((native14 * 16).astype(np.float32)) == 4
+    assert adc_shift(native14 | 1) == 0                           # a CCD's 16-bit data
+    assert adc_shift(np.full(10, 1600)) == 0                       # too few values to tell
+    assert adc_shift(native14 * 4 + 0.5) == 0                      # not integers
+    nina = fits.Header([("BITPIX", 16), ("GAIN", 100, "Sensor gain"), ("EGAIN", 1.0022, "Electrons per A/D unit")])
+    assert header_gain(nina) == (1.0022, "EGAIN")                  # data not known to be shifted
+    gain, source = header_gain(nina, shift=2)
+    assert gain == 1.0022 / 4 and "14-bit" in source
+    sharpcap = fits.Header([("BITPIX", 16), ("EGAIN", 0.1226), ("EGAINSAV", 0.00766), ("ADCBITS", 12)])
+    assert header_gain(sharpcap, shift=4)[0] == 0.00766            # at the saved depth: as written
+    del sharpcap["EGAINSAV"]
+    assert header_gain(sharpcap)[0] == 0.1226 / 16                 # ADCBITS says 12 bits
+    zwo = fits.Header([("BITPIX", 16), ("BZERO", 32768), ("GAIN", 120)])
+    assert header_gain(zwo, shift=2)[0] is None                    # a setting is never e-/ADU
+    det = resolve_detector(zwo, shift=2)
+    assert det.gain is None and det.saturation == 65532            # saturated at the shifted maximum
+    assert resolve_detector(zwo).saturation == 65535

@@ -60,11 +60,12 @@ def calibrated_sigma(signal, gain, rn2, bias_unc, dark_unc, dark_scale, flat, fl
 
 @njit(parallel=True, cache=True)
 def calibrate_pass(data, bias, dark, dark_scale, flat, flat_floor, gain, rn2, bias_unc, dark_unc, flat_unc, flags,
-                   sigma):
+                   sigma, pedestal):
     """A frame's bias, dark and flat and its σ in one pass, in place on ``data`` (float32, after
     overscan and trimming): per pixel the float32 operations of ``data -= bias``,
     ``data -= float32(scale)·dark``, ``data /= flat`` (numpy's rounding, so the same values),
-    then :func:`_pixel_sigma` of the signal above bias into ``sigma``. No frame-sized temporary.
+    then :func:`_pixel_sigma` of the signal above bias (less ``pedestal``: the black level a night
+    without biases leaves in, which is no charge) into ``sigma``. No frame-sized temporary.
     A flat pixel that is not finite or below the float32 ``flat_floor`` counts as 1
     (:func:`ccdcal.calibration.arithmetic.safe_flat`, applied here: no floored copy of the flat).
 
@@ -79,7 +80,7 @@ def calibrate_pass(data, bias, dark, dark_scale, flat, flat_floor, gain, rn2, bi
             v = data[y, x]
             if has_bias:
                 v = np.float32(v - bias[y, x])
-            s = v
+            s = np.float32(v - pedestal)
             if has_dark:
                 v = np.float32(v - np.float32(dark_scale * dark[y, x]))
             f = np.float32(1.0)

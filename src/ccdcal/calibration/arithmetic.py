@@ -103,6 +103,18 @@ def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
 _DERIVED = state.Cache("products of masters", until="lights", max_items=8)   # 2 per set of masters
 
 
+def black_level(dark: Master) -> float:
+    """The typical level of a master dark that was not bias-subtracted (its median, from a regular
+    sample of about 250,000 pixels): the black level and the mean dark current a light of a night
+    without biases keeps until the dark is subtracted."""
+    def median() -> np.ndarray:
+        flat = dark.data.reshape(-1)
+        sample = flat[:: max(1, flat.size // 250_000)]
+        return np.array(np.nanmedian(sample), dtype=np.float64)
+
+    return float(_derived("black level", (dark,), (), median))
+
+
 def _derived(what: str, masters: tuple[Master | None, ...], args: tuple[Any, ...], make: Any) -> np.ndarray:
     """``make()`` for these master objects, made once and shared (read-only) by the lights that
     use them; the most recently used are kept. Keyed by the objects (the entry holds them, so
@@ -522,11 +534,13 @@ def _add_master_masks(mask: np.ndarray, bias: Master | None, dark: Master | None
 
 def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, scale: float,
                     flat: Master | None, flat_floor: float, bias_for_sigma: Master | None,
-                    sigma: np.ndarray | None, gain: float | None, read_noise: float | None) -> None:
+                    sigma: np.ndarray | None, gain: float | None, read_noise: float | None,
+                    pedestal: float = 0.0) -> None:
     """``data`` (float32, C-contiguous) minus ``bias`` and ``scale``·``dark``, divided by the
     flat floored at ``flat_floor`` (:func:`safe_flat`, applied pixel by pixel), in place; σ into
     ``sigma`` when given (:func:`calibrated_uncertainty`'s formula, with ``bias_for_sigma``'s
-    uncertainty even when the bias was subtracted before)."""
+    uncertainty even when the bias was subtracted before; the Poisson term of the signal above
+    ``pedestal``)."""
 
     use_dark = dark is not None and scale != 0.0
     want = sigma is not None
@@ -544,7 +558,8 @@ def _calibrate_pass(data: np.ndarray, bias: Master | None, dark: Master | None, 
                    np.float32(gain if want else 1.0),
                    np.float32(np.float32(read_noise) ** 2) if want else np.float32(0.0),
                    _plane(bias_unc if flags[4] else None), _plane(dark_unc if flags[5] else None),
-                   _plane(flat_unc if flags[6] else None), flags, sigma if want else _PLACEHOLDER)
+                   _plane(flat_unc if flags[6] else None), flags, sigma if want else _PLACEHOLDER,
+                   np.float32(pedestal))
 
 
 _PLACEHOLDER = np.zeros((1, 1), np.float32)   # what a kernel gets for an absent plane (never read)
@@ -665,8 +680,12 @@ def calibrate_frame(
             sigma = uncertainty_out
         else:
             sigma = np.empty(data.shape, np.float32)
+    # without a bias or an overscan the frame keeps its black level, which is no charge: the
+    # Poisson term is of the signal above the dark's typical level (glow and hot pixels count)
+    keeps_black = bias is None and not bias_done and fit is None and dark is not None
+    pedestal = black_level(dark) if (keeps_black and sigma is not None) else 0.0
     _calibrate_pass(data, None if bias is None or bias_done else bias, dark, scale_used or 0.0, flat, flat_floor,
-                    bias, sigma, gain, read_noise)
+                    bias, sigma, gain, read_noise, pedestal)
     if cosmic_rays:
         mask[cosmic_ray_mask(data, gain=gain, read_noise=read_noise, mask=mask != 0)] |= MASK_COSMIC_RAY
     unit = "adu"

@@ -5,13 +5,14 @@ hot pixels, read noise and gain from member pairs. Pure functions over arrays.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._shared._kernels import block_mean
-from .._shared.robust import clipped_std, robust_std
+from .._shared.robust import MAD_TO_STD, clipped_std, robust_std
 from ..errors import InputError
 from ..masks import MASK_HOT, MASK_LOW_FLAT, MASK_NO_DATA
 from ._kernels import finish_planes
@@ -126,12 +127,15 @@ def choose_dark(exptime: float | None, darks: dict[str, float | None], *, tolera
 
 
 def hot_pixel_mask(dark: np.ndarray, *, sigma: float = 5.0, uncertainty: np.ndarray | None = None) -> np.ndarray:
-    """Hot pixels of a bias-subtracted master dark (bool).
+    """Hot pixels of a master dark (bool): pixels that stand out from their neighbourhood.
 
-    A pixel is hot when it exceeds the frame's median dark by more than ``sigma`` times
-    its noise: the larger of the frame's robust standard deviation (1.4826 × MAD) and,
-    when given, the pixel's own ``uncertainty``. The median and the MAD are those of a
-    regular subsample of about a million finite pixels.
+    A pixel is hot when it exceeds the dark's background by more than ``sigma`` times its
+    noise: the larger of the background's robust standard deviation (1.4826 × MAD) and, when
+    given, the pixel's own ``uncertainty``. The background is the frame's median, except where
+    the dark has structure (amp glow, a warm corner, a gradient): there it is the local level
+    and spread of blocks of pixels (:func:`dark_structure`), so glow is left to the dark's
+    subtraction and never masked. The frame's median and MAD are those of a regular subsample
+    of about a million finite pixels.
     """
     dark = np.asarray(dark, dtype=np.float32)
     finite = np.isfinite(dark)
@@ -143,6 +147,12 @@ def hot_pixel_mask(dark: np.ndarray, *, sigma: float = 5.0, uncertainty: np.ndar
         sample = sample[:: sample.size // 1_000_000]
     centre = float(np.median(sample))
     noise = robust_std(sample)
+    structure = dark_structure(dark, centre, noise) if noise > 0 else None
+    if structure is not None:
+        background, local = structure
+        if uncertainty is not None:
+            local = np.maximum(local, np.nan_to_num(np.asarray(uncertainty, dtype=np.float32), nan=0.0))
+        return finite & (dark - background > np.float32(sigma) * local)
     if uncertainty is not None:
         noise = np.maximum(noise, np.nan_to_num(np.asarray(uncertainty, dtype=np.float32), nan=0.0))
     if np.all(np.asarray(noise) <= 0):
@@ -158,6 +168,60 @@ def hot_pixel_mask(dark: np.ndarray, *, sigma: float = 5.0, uncertainty: np.ndar
         np.greater(values[part] - shift, limit, out=flags[part])
     hot &= finite
     return hot
+
+
+#: A block of a dark has structure when its median is off the frame's by more than this many
+#: times the frame's pixel noise, or its spread is this many times the frame's (a block median
+#: of 16×16 pixels is known to 0.08 σ and its spread to 10 %: a flat dark never gets there).
+STRUCTURE_LEVEL, STRUCTURE_SPREAD = 0.5, 1.5
+
+
+def dark_structure(dark: np.ndarray, centre: float, noise: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The background level and pixel noise of a master dark with structure (amp glow, warm
+    corners, gradients), or None when it has none (then the frame's ``centre`` and ``noise``
+    describe every pixel, and hot pixels are judged against them as on a CCD).
+
+    The frame is cut into blocks (16–64 pixels a side, about 12 across its short side; edges
+    mirrored), each block's median and robust spread are taken, blocks without structure
+    (:data:`STRUCTURE_LEVEL`, :data:`STRUCTURE_SPREAD`) are given the frame's values, and the
+    grid is interpolated bilinearly between block centres. Hot pixels are a few per block and
+    leave its median and spread where they were.
+    """
+    ny, nx = dark.shape
+    size = int(np.clip(min(ny, nx) // 12, 16, 64))
+    if min(ny, nx) < 2 * size:
+        return None
+    nby, nbx = -(-ny // size), -(-nx // size)
+    padded = np.pad(dark, ((0, nby * size - ny), (0, nbx * size - nx)), mode="reflect")
+    blocks = padded.reshape(nby, size, nbx, size).transpose(0, 2, 1, 3).reshape(nby, nbx, size * size)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # an all-NaN block: the frame's values
+        level = np.nanmedian(blocks, axis=2)
+        spread = MAD_TO_STD * np.nanmedian(np.abs(blocks - level[..., None]), axis=2)
+    level = np.where(np.isfinite(level), level, centre)
+    spread = np.where(np.isfinite(spread), spread, noise)
+    flat_block = (np.abs(level - centre) <= STRUCTURE_LEVEL * noise) & (spread <= STRUCTURE_SPREAD * noise)
+    if flat_block.all():
+        return None
+    level = np.where(flat_block, centre, level)
+    spread = np.where(flat_block, noise, np.maximum(spread, noise))
+    return _bilinear(level, size, (ny, nx)), _bilinear(spread, size, (ny, nx))
+
+
+def _bilinear(grid: np.ndarray, size: int, shape: tuple[int, int]) -> np.ndarray:
+    """A grid of block values (blocks of ``size`` pixels) interpolated to every pixel of ``shape``
+    (linear between block centres, constant beyond the outer ones), float32."""
+    def axis(n_blocks: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (np.arange(n) + 0.5) / size - 0.5
+        lo = np.clip(np.floor(pos).astype(int), 0, max(n_blocks - 2, 0))
+        hi = np.minimum(lo + 1, n_blocks - 1)
+        w = np.clip(pos - lo, 0.0, 1.0)
+        return lo, hi, w
+
+    y0, y1, wy = axis(grid.shape[0], shape[0])
+    x0, x1, wx = axis(grid.shape[1], shape[1])
+    rows = grid[y0] * (1 - wy)[:, None] + grid[y1] * wy[:, None]
+    return (rows[:, x0] * (1 - wx) + rows[:, x1] * wx).astype(np.float32)
 
 
 _BAND = 1 << 18   # pixels per step of hot_pixel_mask
@@ -214,6 +278,7 @@ class NoiseModel:
     sensitivity_noise: float = 0.0       # fraction of the level (darks: temperature jitter)
     read_noise_measured: float | None = None   # ADU, from two member biases
     gain_measured: float | None = None         # e-/ADU, from two member flats
+    dark_noise: float | None = None            # ADU, a member dark's pixel noise (darks not bias-subtracted)
     history: tuple[str, ...] = ()
 
     def combine_keywords(self) -> dict[str, Any]:
@@ -256,7 +321,8 @@ DARK_SENSITIVITY_NOISE = 0.05
 def noise_model(kind: str, *, n: int, gain: float | None = None, gain_source: str = "",
                 read_noise: float | None = None, bias_read_noise: float | None = None,
                 floor: float | None = None, typical: float = 0.0, gain_measured: float | None = None,
-                bias_subtracted: bool = True, thresholds: tuple[float, float] = (3.0, 3.0)) -> NoiseModel:
+                bias_subtracted: bool = True, keeps_black: bool = False,
+                thresholds: tuple[float, float] = (3.0, 3.0)) -> NoiseModel:
     """The default (``auto``) rejection of a master of ``n`` members of ``kind``.
 
     Parameters
@@ -280,6 +346,9 @@ def noise_model(kind: str, *, n: int, gain: float | None = None, gain_source: st
         e-/ADU from two member flats (photon transfer).
     bias_subtracted : bool
         Whether the members have had a bias removed (else their level holds a pedestal).
+    keeps_black : bool
+        Darks with neither a bias nor an overscan removed (a CMOS night without biases): their
+        ``floor`` is kept as ``dark_noise``, the read noise of the lights they calibrate.
 
     Returns
     -------
@@ -294,7 +363,8 @@ def noise_model(kind: str, *, n: int, gain: float | None = None, gain_source: st
     rn_known = read_noise / gain if (read_noise and gain) else None
     if n < 3:
         return NoiseModel("none", read_noise_measured=floor if kind == "bias" else None,
-                          gain_measured=gain_measured)
+                          gain_measured=gain_measured,
+                          dark_noise=floor if (kind == "dark" and keeps_black) else None)
     if kind == "bias":
         rn = rn_known or floor
         if rn is None:
@@ -312,9 +382,15 @@ def noise_model(kind: str, *, n: int, gain: float | None = None, gain_source: st
                           gain_measured=gain_measured,
                           history=(f"rejection: sigma = sqrt(({rn:.3f} adu)^2 + level/{gain:.4g}{jitter}) per"
                                    f" value (gain from {gain_source})",))
+    own = floor if (kind == "dark" and keeps_black) else None   # the lights' read noise
+    if kind == "dark" and floor is not None and gain is not None and keeps_black:
+        return NoiseModel("ccdclip", gain=gain, read_noise=floor * gain, pedestal=typical, sensitivity_noise=snoise,
+                          dark_noise=own,
+                          history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + excess/{gain:.4g}{jitter}) for"
+                                   f" the excess over the typical {typical:.4g} adu (gain from {gain_source})",))
     if kind == "dark" and floor is not None:
         return NoiseModel("ccdclip", gain=1.0, read_noise=floor, pedestal=typical, sensitivity_noise=snoise,
-                          history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + excess{jitter}) for the"
+                          dark_noise=own, history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + excess{jitter}) for the"
                                    f" excess over the typical {typical:.4g} adu (gain unknown: 1 e-/adu assumed)",))
     return NoiseModel("mad", gain_measured=gain_measured,
                       history=("rejection: MAD clip (no read noise and gain for a noise model)",))

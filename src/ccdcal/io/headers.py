@@ -33,26 +33,67 @@ if TYPE_CHECKING:
 _GAIN_WORDS = ("e-/adu", "e/adu", "electrons/adu", "e-/dn", "e/dn", "e-/count", "electrons per adu", "e-/ad")
 
 
-def header_gain(header: Any) -> tuple[float | None, str]:
-    """Gain (e-/ADU) that a header states unambiguously, and where it came from.
+def header_gain(header: Any, *, shift: int = 0) -> tuple[float | None, str]:
+    """Gain (e-/ADU) of the stored data that a header states unambiguously, and where it came from.
 
-    ``EGAIN`` is trusted. ``GAIN`` is trusted only when its comment says e-/ADU: on many
-    cameras it is a gain *setting* or index (Nickel: ``DCS GAIN INDEX``; ZWO: 0–600).
+    ``EGAINSAV`` (SharpCap: e-/ADU at the saved bit depth) is taken as it is. ``EGAIN`` is
+    trusted, but capture programs write it at the ADC's native depth (the camera SDK's value)
+    while storing 12- or 14-bit data left-shifted to 16 bits: when the data are known to be
+    shifted by ``shift`` bits (:func:`adc_shift`), or the header says ``ADCBITS`` < 16 on 16-bit
+    data, it is divided by 2**shift, and the source says so. ``GAIN`` is trusted only when its
+    comment says e-/ADU: on many cameras it is a gain *setting* or index (Nickel: ``DCS GAIN
+    INDEX``; ZWO and QHY: 0–600).
     """
     if header is None:
         return None, "no header"
+    saved = _positive(header.get("EGAINSAV"))
+    if saved is not None:
+        return saved, "EGAINSAV (e-/ADU at the saved bit depth)"
     for key in ("EGAIN", "GAIN", "CCDGAIN"):
-        if key not in header:
-            continue
-        value = header[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        value = _positive(header.get(key)) if key in header else None
+        if value is None:
             continue
         comment = str(header.comments[key]).lower().replace(" ", "")
-        if key == "EGAIN" or any(w.replace(" ", "") in comment for w in _GAIN_WORDS):
-            return float(value), key
+        if key == "EGAIN":
+            bits = _positive(header.get("ADCBITS"))
+            if not shift and bits is not None and bits < 16 and header.get("BITPIX") == 16:
+                shift = 16 - int(bits)
+            if shift:
+                return value / 2**shift, f"EGAIN {value:g} / {2**shift}: native {16 - shift}-bit ADC, data shifted"
+            return value, key
+        if any(w.replace(" ", "") in comment for w in _GAIN_WORDS):
+            return value, key
     if "GAIN" in header:
         return None, f"GAIN = {header['GAIN']!r} ({header.comments['GAIN'] or 'no comment'}) is not stated in e-/ADU"
     return None, "no gain keyword"
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return None
+    return float(value)
+
+
+def adc_shift(values: np.ndarray, *, most: int = 8) -> int:
+    """How many low bits are zero in every value of integer data (0 to ``most``): 2 for a 14-bit
+    ADC stored in 16 bits (every value a multiple of 4), 4 for a 12-bit one. ``values`` is a
+    sample of the raw pixels as read (BZERO applied); 0 when any is not an integer, or fewer
+    than 64 values are non-zero (too few to tell)."""
+    values = np.asarray(values).reshape(-1)
+    values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    if values.size == 0:
+        return 0
+    ints = values.astype(np.int64)
+    if values.dtype.kind == "f" and not np.array_equal(ints, values):
+        return 0
+    ints = ints[ints != 0]
+    if ints.size < 64:
+        return 0
+    bits = int(np.bitwise_or.reduce(np.abs(ints)))
+    shift = 0
+    while shift < most and not bits & (1 << shift):
+        shift += 1
+    return shift
 
 
 def header_read_noise(header: Any) -> float | None:
@@ -466,19 +507,21 @@ class Detector:
 def resolve_detector(header: Any, *, gain: float | None = None, read_noise: float | None = None,
                      saturation: float | None = None, frame_saturation: float | None = None,
                      measured_gain: float | None = None, measured_gain_source: str = "",
-                     bias_read_noise: float | None = None) -> Detector:
+                     bias_read_noise: float | None = None, shift: int = 0) -> Detector:
     """The one rule for a frame's gain, read noise and saturation.
 
     Gain: the option, else a header that states it in e-/ADU (:func:`header_gain`; a camera's
     GAIN *setting* never counts), else the photon-transfer gain measured on the flats. Read
     noise (ADU): the option or RDNOISE (e-) divided by that gain, else the one measured on
-    the biases. Saturation: the option, else the frame's own keyword as the scan judged it
-    (placeholders ignored), else the ADC maximum of its integer type.
+    the biases (or, on a night without biases, the noise of the dark's members). Saturation: the
+    option, else the frame's own keyword as the scan judged it (placeholders ignored), else the
+    ADC maximum of its integer type, less the low bits a shifted ADC never sets (``shift``:
+    65532 for 14-bit data stored in 16 bits).
     """
     if gain:
         g, source = float(gain), "option"
     else:
-        g, source = header_gain(header)
+        g, source = header_gain(header, shift=shift)
         if g is None and measured_gain:
             g, source = float(measured_gain), measured_gain_source
     rn_e = read_noise or header_read_noise(header)
@@ -486,6 +529,8 @@ def resolve_detector(header: Any, *, gain: float | None = None, read_noise: floa
     sat = saturation if saturation is not None else frame_saturation
     if sat is None:
         sat = adc_maximum(header)
+        if sat is not None and shift:
+            sat -= 2**shift - 1
     return Detector(gain=g, gain_source=source, read_noise=None if rn is None else float(rn), saturation=sat)
 
 
@@ -724,7 +769,7 @@ def master_cards(kind: str, *, member_rejected: np.ndarray | None, npix: int, fl
                  flat_norm: str = "median", flat_floor: float = 0.1, n_hot: int | None = None,
                  hot_sigma: float = 5.0, n_nodata: int = 0, gain_measured: float | None = None,
                  read_noise_measured: float | None = None, detector_gain: float | None = None,
-                 detector_gain_source: str | None = None, overscan_levels: Sequence[float] = (),
+                 detector_gain_source: str | None = None, dark_noise: float | None = None, overscan_levels: Sequence[float] = (),
                  history: Sequence[str] = ()) -> dict[str, Any]:
     """Every card a master carries beyond the combine's and :func:`master_header`'s own, in the
     order they are written: values rejected, the flat's level and floor, hot pixels, pixels
@@ -748,6 +793,8 @@ def master_cards(kind: str, *, member_rejected: np.ndarray | None, npix: int, fl
         if detector_gain is not None:
             cards["RDNOISE"] = (round(rn * detector_gain, 4),
                                 f"[e-] read noise (gain {detector_gain:g} from {detector_gain_source})")
+    if kind == "dark" and dark_noise is not None:
+        cards["DARKNOIS"] = (round(dark_noise, 4), "[adu] pixel noise of a member, read noise of its lights")
     if overscan_levels:
         cards["OVSCMEAN"] = (float(np.mean(overscan_levels)), "[adu] mean overscan level of the members")
     cards["HISTORY"] = list(history)

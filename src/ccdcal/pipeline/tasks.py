@@ -44,6 +44,7 @@ from ..errors import CcdcalError, OutputError
 from ..io.frames import FrameSource, datasum_of
 from ..io.hashing import file_hash
 from ..io.headers import (
+    adc_shift,
     exposure_of,
     header_read_noise,
     light_header,
@@ -197,7 +198,7 @@ def _master_of(hdul: Any, name: str, *, flat: bool, flat_norm: str) -> Any:
     if flat and level is None:
         data, level = normalise_flat(data, method=flat_norm)
         unc = None if unc is None else unc / np.float32(level)
-    facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE")}
+    facts = {k: header.get(k) for k in ("RDNADU", "GAINMEAS", "NCOMBINE", "DARKNOIS")}
     return Master(data=data, uncertainty=unc, mask=mask, name=name, datasum=str(header.get("DATASUM", "")),
                   exptime=exposure_of(header, dark=True), level=level, facts=facts)
 
@@ -425,6 +426,7 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
                          flat_level=done.level, flat_norm=options.flat_norm, flat_floor=options.flat_floor,
                          n_hot=done.n_hot, hot_sigma=options.hot_sigma, n_nodata=done.n_nodata,
                          gain_measured=noise.gain_measured, read_noise_measured=noise.read_noise_measured,
+                         dark_noise=noise.dark_noise,
                          detector_gain=det.gain if det is not None else None,
                          detector_gain_source=det.gain_source if det is not None else None,
                          overscan_levels=levels, history=list(noise.history) + list(done.history))
@@ -434,6 +436,14 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
                            extra=extra)
     return fits_hdus(done.data, header, uncertainty=done.uncertainty, mask=done.mask,
                      unit="adu/adu" if job.kind.value == "flat" else "adu")
+
+
+def raw_shift(frame: Any) -> int:
+    """:func:`ccdcal.io.headers.adc_shift` of a raw frame's central rows (64 at most)."""
+    with FrameSource(frame.path, frame.hdu) as src:
+        ny = int(src.shape[0])
+        y0 = max(0, ny // 2 - 32)
+        return adc_shift(src.read_rows(y0, min(ny, y0 + 64)))
 
 
 def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> Any:
@@ -446,7 +456,8 @@ def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> 
             return NoiseModel("ccdclip", gain=options.gain, read_noise=options.read_noise)
         return NoiseModel(settings.reject)
     n = len(sources)
-    det = resolve_detector(sources[0].header, gain=options.gain)
+    shift = raw_shift(job.members[0])
+    det = resolve_detector(sources[0].header, gain=options.gain, shift=shift)
     gain = det.gain
     rn_e = options.read_noise or header_read_noise(sources[0].header)
     bias_rn = _fact(ctx, job.recipes[0].bias, "RDNADU")
@@ -472,6 +483,7 @@ def measure_noise_model(job: MasterJob, ctx: RunContext, sources: list[Any]) -> 
     model = noise_model(kind, n=n, gain=gain, gain_source=det.gain_source, read_noise=rn_e,
                         bias_read_noise=bias_rn, floor=floor, typical=typical, gain_measured=gain_measured,
                         bias_subtracted=job.recipes[0].bias is not None,
+                        keeps_black=job.recipes[0].bias is None and job.recipes[0].overscan is None,
                         thresholds=settings.sigma_clip or (3.0, 3.0))
     return replace(model, history=tuple(history) + model.history)
 
@@ -633,11 +645,15 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         return "every pixel is NaN or infinite; remove the file from the inputs"
     bias, dark, flat = _recipe_masters(ctx, recipe)
     measured = flat.facts.get("GAINMEAS") if flat is not None else None
+    # read noise measured on the biases; on a night without biases (nor an overscan), the noise
+    # of the members of the light's dark (read noise and the dark current's mean shot noise)
+    floor = bias.facts.get("RDNADU") if bias is not None else \
+        dark.facts.get("DARKNOIS") if (dark is not None and recipe.overscan is None) else None
     det = resolve_detector(raw_header, gain=options.gain, read_noise=options.read_noise,
                            saturation=options.saturation, frame_saturation=job.frame.saturate,
                            measured_gain=float(measured) if measured else None,
                            measured_gain_source=f"photon transfer of {recipe.flat}",
-                           bias_read_noise=bias.facts.get("RDNADU") if bias is not None else None)
+                           bias_read_noise=floor, shift=adc_shift(raw[::7, ::7]))
     result = calibrate_frame(
         raw, overscan=recipe.overscan, trim=recipe.trim, bias=bias, dark=dark, dark_scale=recipe.dark_scale,
         dark_optimize=options.dark_optimize, flat=flat, flat_floor=options.flat_floor, gain=det.gain,
