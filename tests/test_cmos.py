@@ -143,3 +143,62 @@ def test_each_master_of_a_cmos_night_stays_with_its_exposure(reduced_cmos):
     assert {r.dark for r in flat.recipes} == {darks[2.0]} and {r.dark_scale for r in flat.recipes} == {1.0}
     for job in result.plan.lights:
         assert job.recipe.bias is None and job.recipe.dark == darks[120.0] and job.recipe.dark_scale == 1.0
+
+
+# -- camera settings are calibration keys; CMOS darks are matched, not scaled ------------------------
+def _plan(folder: Path, **options):
+    from ccdcal.planning.plan import PlanOptions, build_plan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_plan(scan(folder, flag=False), PlanOptions(**options))
+
+
+def test_a_master_never_crosses_a_camera_setting(tmp_path):
+    """Darks at GAIN 120 do not calibrate lights at GAIN 100, and the plan says which key kept
+    them apart; INDI's GAIN = 120.000 and N.I.N.A.'s GAIN = 120 are one setting."""
+    from ccdcal.io.headers import camera_settings
+
+    night = write_night(tmp_path / "raw", shape=(24, 32), n_dark=3, n_flat=3, n_light=2)
+    for path in night.files["dark"]:
+        fits.setval(path, "GAIN", value=120)
+    plan = _plan(tmp_path / "raw")
+    for job in plan.lights:
+        assert job.recipe.dark is None
+        assert any("no master dark at GAIN 100, OFFSET 50 (the master darks are at GAIN 120, OFFSET 50)" in n
+                   for n in job.notes), job.notes
+    assert camera_settings(fits.Header([("GAIN", 120.0), ("OFFSET", 30.0)])) == \
+        camera_settings(fits.Header([("GAIN", 120), ("OFFSET", 30)])) == (("GAIN", "120"), ("OFFSET", "30"))
+    assert camera_settings(fits.Header([("GAIN", 1.5, "[e-/ADU] gain")])) == ()      # a property, not a setting
+    assert camera_settings(fits.Header([("GAIN", 100), ("BLKLEVEL", 50)])) == (("GAIN", "100"), ("OFFSET", "50"))
+
+
+def _with_biases_and_long_lights(root: Path, night) -> None:
+    """Three biases (dark flats retyped, 0 s) and lights of 300 s: no dark of the lights' exposure."""
+    for i, path in enumerate(night.files["darkflat"][:3]):
+        target = root / "BIAS" / f"bias_{i}.fits"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(path, target)
+        fits.setval(target, "IMAGETYP", value="BIAS")
+        for key in ("EXPTIME", "EXPOSURE"):
+            fits.setval(target, key, value=0.0)
+    for path in night.files["light"]:
+        for key in ("EXPTIME", "EXPOSURE"):
+            fits.setval(path, key, value=300.0)
+
+
+def test_a_cmos_dark_is_matched_by_exposure_never_scaled_unless_asked(tmp_path):
+    night = write_night(tmp_path / "raw", shape=(24, 32), n_dark=3, n_flat=3, n_light=2)
+    _with_biases_and_long_lights(tmp_path / "raw", night)
+    plan = _plan(tmp_path / "raw")
+    for job in plan.lights:
+        assert job.recipe.bias is not None and job.recipe.dark is None
+        assert any("a CMOS dark is not scaled by exposure" in n for n in job.notes), job.notes
+    forced = _plan(tmp_path / "raw", scale_darks="always")
+    assert {(j.recipe.dark, j.recipe.dark_scale) for j in forced.lights} == {("master_dark_120s.fits", 2.5)}
+    # the same frames from a CCD (no offset register): the dark is scaled, as before
+    for path in (tmp_path / "raw").rglob("*.fits"):
+        with fits.open(path, mode="update") as hdul:
+            del hdul[0].header["OFFSET"]
+    ccd = _plan(tmp_path / "raw")
+    assert {(j.recipe.dark, j.recipe.dark_scale) for j in ccd.lights} == {("master_dark_120s.fits", 2.5)}

@@ -379,6 +379,8 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-uncorrected", action="store_true", default=None,
                    help="calibrate lights even when no bias or dark removes their pedestal (marked UNCORR)")
     p.add_argument("--temp-tolerance", type=float, help="°C: temperatures closer than this are equal (default 2)")
+    p.add_argument("--scale-darks", choices=["auto", "always", "never"],
+                   help="scale a dark of another exposure (auto: CCDs yes, CMOS cameras no: their glow is not linear)")
 
 
 def _add_calibrate(p: argparse.ArgumentParser) -> None:

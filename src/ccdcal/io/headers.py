@@ -96,6 +96,38 @@ def adc_shift(values: np.ndarray, *, most: int = 8) -> int:
     return shift
 
 
+#: Camera settings that change a sensor's bias, dark and response: frames taken at other values
+#: never share masters. (keyword, its name in the plan; QHY's BLKLEVEL is its OFFSET.)
+CAMERA_SETTINGS = (("GAIN", "GAIN"), ("OFFSET", "OFFSET"), ("BLKLEVEL", "OFFSET"), ("READOUTM", "READOUTM"))
+
+
+def camera_settings(header: Any) -> tuple[tuple[str, str], ...]:
+    """The camera settings a frame was taken at, as ``(name, value)`` pairs in a fixed order:
+    ``GAIN`` when it is a setting (not stated in e-/ADU; ZWO and QHY 0–600, INDI's ``120.000``
+    equal to N.I.N.A.'s ``120``), ``OFFSET`` (or QHY's ``BLKLEVEL``) and the readout mode."""
+    if header is None:
+        return ()
+    found: dict[str, str] = {}
+    for key, name in CAMERA_SETTINGS:
+        if key not in header or name in found:
+            continue
+        if key == "GAIN" and header_gain(header)[1] == "GAIN":
+            continue                                   # stated in e-/ADU: a property, not a setting
+        value = header[key]
+        if isinstance(value, bool) or value is None:
+            continue
+        text = format_number(float(value)) if isinstance(value, (int, float)) else str(value).strip()
+        if text:
+            found[name] = text
+    return tuple(found.items())
+
+
+def is_cmos(settings: tuple[tuple[str, str], ...]) -> bool:
+    """Whether :func:`camera_settings` show a CMOS camera: an offset register or a readout mode
+    (a GAIN index alone is written by CCD controllers too)."""
+    return any(name in ("OFFSET", "READOUTM") for name, _ in settings)
+
+
 def header_read_noise(header: Any) -> float | None:
     """Read noise in electrons from RDNOISE/READNOIS/RON, when the header has a positive number."""
     if header is None:

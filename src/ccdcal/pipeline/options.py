@@ -44,6 +44,7 @@ class ReduceOptions:
     overscan_order: int = _option(3, PLAN)
     scale_region: str | None = _option(None, PLAN)
     temp_tolerance: float = _option(2.0, PLAN)
+    scale_darks: str = _option("auto", PLAN)  # auto: CCD darks scaled by exposure, CMOS darks only matched
     flat_floor: float = _option(0.1, PHYSICS)
     exclude_flagged: bool = _option(False, PLAN)
     strict: bool = _option(False, RUN)
@@ -118,6 +119,8 @@ class ReduceOptions:
             value = getattr(self, key)
             if value is not None and (len(value) != 2 or any(v < 0 for v in value)):
                 raise ConfigError(f"{key} must be two non-negative numbers, got {value!r}")
+        if self.scale_darks not in ("auto", "always", "never"):
+            raise ConfigError(f"scale_darks {self.scale_darks!r}: use auto, always or never")
         if not 0 < self.flat_floor < 1:
             raise ConfigError(f"flat_floor must be between 0 and 1, got {self.flat_floor}")
 
@@ -132,7 +135,9 @@ class ReduceOptions:
 
     def light_steps(self) -> tuple[str, ...]:
         """What every light gets beyond overscan and masters, as the plan prints it."""
-        steps = ["dark scale optimised (minimum noise)" if self.dark_optimize else "dark scaled by exposure"]
+        scaling = {"auto": "dark scaled by exposure (CCD; a CMOS dark only at its own exposure)",
+                   "always": "dark scaled by exposure", "never": "dark only at its own exposure"}[self.scale_darks]
+        steps = ["dark scale optimised (minimum noise)" if self.dark_optimize else scaling]
         masks = ["saturated", f"hot (> {self.hot_sigma:g} sigma in the dark)", f"flat < {self.flat_floor:g}"]
         if self.cosmic_rays:
             masks.append("cosmic rays (astroscrappy)")

@@ -40,6 +40,7 @@ from ..io.headers import (
     TYPE_KEYS,
     binning,
     calibration_steps,
+    camera_settings,
     exposure_time,
     filter_name,
     format_number,
@@ -142,6 +143,9 @@ class FrameInfo:
         Reasons the frame looks unlike the rest of its calibration group (empty when clean).
     metrics : dict or None
         Pixel QA numbers behind the flags.
+    camera : tuple of (str, str)
+        The camera settings the frame was taken at (GAIN as a setting, OFFSET, readout mode;
+        :func:`ccdcal.io.headers.camera_settings`): frames at other settings share no master.
     """
 
     path: Path
@@ -164,6 +168,7 @@ class FrameInfo:
     warnings: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
     metrics: dict[str, float] | None = field(default=None, compare=False)
+    camera: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -356,6 +361,7 @@ def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus
         calibrated=calibrated,
         n_hdus=n_hdus,
         warnings=tuple(warnings),
+        camera=camera_settings(header),
     )
 
 

@@ -43,6 +43,7 @@ from .._shared.robust import MAD_TO_STD
 from ..calibration.masters import choose_dark, dark_scale_for
 from ..calibration.overscan import OverscanSpec, overscan_geometry
 from ..calibration.recipe import Recipe
+from ..io.headers import is_cmos
 from .inventory import (
     FrameInfo,
     FrameKind,
@@ -262,19 +263,28 @@ class PlanOptions:
     keep_flagged: bool = False                   # keep even gross level outliers in their masters
     allow_uncorrected: bool = False              # calibrate lights that keep their pedestal (with a note)
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
+    scale_darks: str = "auto"                    # auto: CCD darks scaled by exposure, CMOS darks matched only
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
     stack: bool = False                          # stack the calibrated lights per target and filter
 
 
 def geometry(info: FrameInfo) -> tuple:
-    """Frames that can share masters have equal geometry."""
-    return (info.binning, info.shape, info.hdu if info.n_hdus > 1 else 0, info.trimsec, info.biassec)
+    """Frames that can share masters have equal geometry and camera settings (a master never
+    crosses a GAIN, OFFSET or readout mode)."""
+    return (info.binning, info.shape, info.hdu if info.n_hdus > 1 else 0, info.trimsec, info.biassec, info.camera)
 
 
-def _geom_text(geom: tuple) -> str:
-    (bx, by), (ny, nx), hdu, _, _ = geom
+def _geom_text(geom: tuple, *, camera: bool = False) -> str:
+    (bx, by), (ny, nx), hdu, _, _, settings = geom
     text = f"{bx}x{by}_{nx}x{ny}"
+    if camera:
+        text += "".join(f"_{name.lower()}{value}" for name, value in settings)
     return text + (f"_hdu{hdu}" if hdu else "")
+
+
+def settings_text(camera: tuple[tuple[str, str], ...]) -> str:
+    """Camera settings as the plan names them: ``GAIN 100, OFFSET 50``."""
+    return ", ".join(f"{name} {value}" for name, value in camera)
 
 
 def _settings(n: int, options: PlanOptions, *, scale: bool) -> CombineSettings:
@@ -436,13 +446,14 @@ class MasterIndex:
     counts: Mapping[str, int] = field(default_factory=dict)     # master name -> frames combined
     temp_tolerance: float = 2.0
     exptime_tolerance: float = 0.01
+    scale_darks: str = "auto"
 
     def bias_for(self, info: FrameInfo) -> tuple[str | None, tuple[str, ...]]:
         """The master bias of the frame's geometry whose temperature is nearest the frame's (the
         one of most frames when a temperature is unknown), and the notes."""
         candidates = self.biases.get(geometry(info))
         if not candidates:
-            return None, ("no master bias for this binning/size",)
+            return None, (_other_settings("bias", self.biases, info) or "no master bias for this binning/size",)
         name, note = _nearest_bias(frame_temperature(info), candidates, self.counts,
                                    self.temp_tolerance)
         return name, (note,) if note else ()
@@ -454,7 +465,8 @@ class MasterIndex:
         master bias) is given: without it the dark's bias level would be scaled too."""
         candidates = self.darks.get(geometry(info), ())
         if not candidates:
-            return None, 0.0, ()
+            other = _other_settings("dark", self.darks, info)
+            return None, 0.0, (other,) if other else ()
         notes: list[str] = []
         temp = frame_temperature(info)
         known = [c for c in candidates if c.temperature is not None]
@@ -477,6 +489,11 @@ class MasterIndex:
         if not bias:
             notes.append(f"no bias frames, so darks cannot be scaled to {t:g} s; none applied")
             return None, 0.0, tuple(notes)
+        if self.scale_darks == "never" or (self.scale_darks == "auto" and is_cmos(info.camera)):
+            why = "--scale-darks never" if self.scale_darks == "never" else \
+                "a CMOS dark is not scaled by exposure (amp glow and a clamped dark current do not grow with it)"
+            notes.append(f"no {t:g} s dark: {why}; none applied (--scale-darks always scales the {t_dark:g} s one)")
+            return None, 0.0, tuple(notes)
         scale = dark_scale_for(t, t_dark)
         notes.append(f"no {t:g} s dark: the {t_dark:g} s dark is scaled by {scale:.4g}")
         return name, scale, tuple(notes)
@@ -489,12 +506,25 @@ class MasterIndex:
         if flat is not None:
             return flat, ()
         if not by_filter:
-            return None, ("no flat frames for this binning/size: not flat-fielded",)
+            return None, (_other_settings("flat", self.flats, info)
+                          or "no flat frames for this binning/size: not flat-fielded",)
         if info.filter is None and len(by_filter) == 1:
             only = next(iter(by_filter.values()))
             return only, ("the light has no filter keyword; the only master flat is used",)
         have = ", ".join(map(str, by_filter))
         return None, (f"no master flat for filter {info.filter!r} (have: {have})",)
+
+
+def _other_settings(what: str, table: Mapping[tuple, Any], info: FrameInfo) -> str | None:
+    """Why a frame gets no master ``what`` although masters of its geometry exist at other camera
+    settings (a master never crosses a GAIN, OFFSET or readout mode); None when none do."""
+    geom = geometry(info)
+    others = sorted({settings_text(g[-1]) or "no settings written" for g in table
+                     if g[:-1] == geom[:-1] and g[-1] != geom[-1]})
+    if not others:
+        return None
+    return (f"no master {what} at {settings_text(geom[-1]) or 'these camera settings'} (the master {what}s are at"
+            f" {'; '.join(others)}): none applied")
 
 
 @dataclass(frozen=True)
@@ -504,6 +534,7 @@ class PlanContext:
 
     options: PlanOptions
     many_geometries: bool = False                  # master names then carry the geometry
+    many_cameras: bool = False                     # ... and the camera settings
     bias_levels: Mapping[tuple, float] = field(default_factory=dict)   # -> median raw bias level
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -522,6 +553,7 @@ class PlanContext:
                 levels.setdefault(geometry(f), []).append(level)
         return cls(options=options or PlanOptions(),
                    many_geometries=len({geometry(f) for f in frames}) > 1,
+                   many_cameras=len({f.camera for f in frames}) > 1,
                    bias_levels={g: float(np.median(v)) for g, v in levels.items()},
                    skipped=[] if skipped is None else skipped,
                    warnings=[] if warnings is None else warnings)
@@ -537,10 +569,17 @@ class PlanContext:
         spec, trim = self._overscans[geom]
         return Recipe(overscan=spec, trim=trim)
 
+    def settings_label(self, geom: tuple) -> str:
+        """What a master's label adds for its camera settings (a CMOS camera's, or when the night
+        has several): ``"   GAIN 100, OFFSET 50"``; empty otherwise."""
+        settings = geom[-1]
+        return f"   {settings_text(settings)}" if settings and (self.many_cameras or is_cmos(settings)) else ""
+
     def master_name(self, stem: str, geom: tuple, key: Any, label: str = "") -> str:
         """``<stem>.fits`` (with the geometry when the night has several), unique to ``key``
         (the group's identity): two groups whose values make one name get two names."""
-        name = f"{stem}_{_geom_text(geom)}.fits" if self.many_geometries else f"{stem}.fits"
+        name = f"{stem}_{_geom_text(geom, camera=self.many_cameras)}.fits" if self.many_geometries \
+            else f"{stem}.fits"
         return self.names.claim(f"masters/{name}", repr((geom, key)), label=label)[len("masters/"):]
 
     def skip(self, info: FrameInfo, reason: str) -> None:
@@ -697,13 +736,15 @@ def plan_biases(frames: Sequence[FrameInfo],
                 ctx.warnings.append(f"master bias {_geom_text(geom)} from a single frame"
                                     f" ({keep[0].name}): noisy")
             label = f"master bias   {_geom_text(geom)}" + (f"  {temp:+.1f} °C" if tagged else "")
+            label += ctx.settings_label(geom)
             recipes = [ctx.recipe(f) for f in keep]
             jobs.append(_master_job(FrameKind.BIAS, name, label, (keep, drop, reasons), recipes,
                                     ctx, temperature=temp, geometry=geom))
     index = MasterIndex(biases={g: tuple(b) for g, b in biases.items()},
                         counts={j.name: len(j.members) for j in jobs},
                         temp_tolerance=ctx.options.temp_tolerance,
-                        exptime_tolerance=ctx.options.exptime_tolerance)
+                        exptime_tolerance=ctx.options.exptime_tolerance,
+                        scale_darks=ctx.options.scale_darks)
     return jobs, index
 
 
@@ -736,6 +777,7 @@ def plan_darks(frames: Sequence[FrameInfo], index: MasterIndex,
             label = f"master dark   {exptime:g} s"
             label += f"  {temp:+.1f} °C" if temp is not None else ""
             label += "   bias-subtracted" if bias else "   NOT bias-subtracted (no bias frames)"
+            label += ctx.settings_label(geom)
             darks.setdefault(geom, []).append(DarkMaster(exptime, temp, name))
             recipes = [replace(ctx.recipe(f), bias=bias) for f in keep]
             jobs.append(_master_job(FrameKind.DARK, name, label, (keep, drop, reasons), recipes,
@@ -768,7 +810,7 @@ def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
                 ctx.warnings.append(f"master flat {filt} from a single frame"
                                     f" ({keep[0].name}): noisy")
             flats.setdefault(geom, {})[filt] = name
-            label = f"master flat   {filt or '(no filter)'}"
+            label = f"master flat   {filt or '(no filter)'}" + ctx.settings_label(geom)
             jobs.append(_master_job(FrameKind.FLAT, name, label, (keep, drop, reasons), recipes,
                                     ctx, filter=filt, geometry=geom))
     return jobs, replace(index, flats=flats)
