@@ -202,3 +202,31 @@ def test_a_cmos_dark_is_matched_by_exposure_never_scaled_unless_asked(tmp_path):
             del hdul[0].header["OFFSET"]
     ccd = _plan(tmp_path / "raw")
     assert {(j.recipe.dark, j.recipe.dark_scale) for j in ccd.lights} == {("master_dark_120s.fits", 2.5)}
+
+
+def test_lights_without_calibration_frames_are_stacked_only_when_allowed(tmp_path):
+    """A smart telescope's night (lights only): the plan says what is missing and skips them;
+    --allow-uncorrected takes them as they are (marked UNCORRECTED) and stacks them."""
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from starfield import catalogue, observe, shift
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    stars = catalogue((160, 200), 30, seed=3)
+    for i in range(4):
+        data, _ = observe((160, 200), stars, shift(1.5 * i, -1.0 * i), seed=i)
+        counts = np.clip(np.round((data + 800) / 4) * 4, 0, 65532).astype(np.uint16)
+        header = fits.Header([("IMAGETYP", "Light"), ("EXPTIME", 10.0), ("GAIN", 80), ("OBJECT", "M 42"),
+                              ("FILTER", "LP"), ("CREATOR", "ZWO Seestar S50")])
+        fits.PrimaryHDU(counts, header).writeto(raw / f"Light_M42_10.0s_LP_{i}.fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refused = reduce(raw, tmp_path / "out", options=ReduceOptions(report=False, stack=True))
+        taken = reduce(raw, tmp_path / "out2", options=ReduceOptions(report=False, stack=True,
+                                                                     allow_uncorrected=True))
+    assert not refused.lights and len(refused.skipped) == 4
+    assert all("--allow-uncorrected" in s.reason for s in refused.skipped)
+    assert len(taken.lights) == 4 and len(taken.stacks) == 1
+    assert all(job.uncorrected and "nothing is removed" in job.uncorrected for job in taken.plan.lights)
+    with fits.open(tmp_path / "out2" / taken.stacks[0]) as hdul:
+        assert hdul[0].header["NCOMBINE"] == 4

@@ -300,7 +300,8 @@ def test_plan_lights_skips_what_cannot_be_calibrated():
         ("notime.fits", "no exposure time (EXPTIME/EXPOSURE/ITIME)"),
         ("odd.fits", "no master bias")]
     assert ctx.skipped[2].reason == ("no master bias, dark or flat matches its geometry (32x32"
-                                     " binned 2x2); add calibration frames taken the same way")
+                                     " binned 2x2); add calibration frames taken the same way, or pass"
+                                     " --allow-uncorrected to take it as it is")
 
 
 def test_plan_lights_pedestal_rule_and_allow_uncorrected():

@@ -847,13 +847,15 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
         dark, scale, dark_notes = index.dark_for(info, bias)
         flat, flat_notes = index.flat_for(info)
         notes = [*bias_notes, *dark_notes, *flat_notes]
-        if not (bias or dark or flat):
+        if not (bias or dark or flat) and not ctx.options.allow_uncorrected:
             size = f"{info.shape[1]}x{info.shape[0]} binned {info.binning[0]}x{info.binning[1]}"
-            ctx.skip(info, f"no master bias, dark or flat matches its geometry ({size});"
-                           " add calibration frames taken the same way")
+            ctx.skip(info, f"no master bias, dark or flat matches its geometry ({size}); add calibration"
+                           " frames taken the same way, or pass --allow-uncorrected to take it as it is")
             continue
         flat_job = next(j for j in masters if j.name == flat) if flat else None
         uncorrected = pedestal_left(bias, dark, flat_job)
+        if not (bias or dark or flat):
+            uncorrected = "no master bias, dark or flat matches it: nothing is removed"
         if uncorrected and not ctx.options.allow_uncorrected:
             ctx.skip(info, f"{uncorrected}, so its pedestal would stay in; add bias frames"
                            " (or darks of its exposure), or pass --allow-uncorrected")
