@@ -230,3 +230,73 @@ def test_lights_without_calibration_frames_are_stacked_only_when_allowed(tmp_pat
     assert all(job.uncorrected and "nothing is removed" in job.uncorrected for job in taken.plan.lights)
     with fits.open(tmp_path / "out2" / taken.stacks[0]) as hdul:
         assert hdul[0].header["NCOMBINE"] == 4
+
+
+# -- a library of masters from another run ----------------------------------------------------------
+def test_a_night_without_darks_is_calibrated_from_a_library_of_another_run(tmp_path):
+    """Darks once a season: the night's lights and flats reduced against the masters of an
+    earlier run (--masters) give the same lights as the run that had the darks; the plan says
+    where each master came from; a master of other camera settings, a [0, 1] float master and a
+    MaxIm master with a PEDESTAL are refused or passed over, each with its reason."""
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+
+    night = write_night(tmp_path / "full", shape=(64, 96), n_dark=5, n_flat=5, n_light=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = reduce(tmp_path / "full", tmp_path / "first", options=ReduceOptions(report=False))
+    library = tmp_path / "first" / "masters"
+    # the library also holds masters that must not be taken
+    dark = fits.getdata(library / "master_dark_120s.fits")
+    other = fits.getheader(library / "master_dark_120s.fits")
+    other["GAIN"] = 120
+    fits.PrimaryHDU(dark, other).writeto(library / "gain120_dark.fits")
+    fits.PrimaryHDU((dark / 65535).astype(np.float32),
+                    fits.Header([("IMAGETYP", "Master Dark"), ("EXPTIME", 120.0)])).writeto(library / "siril_dark.fit")
+    fits.PrimaryHDU(dark, fits.Header([("IMAGETYP", "Master Bias"), ("PEDESTAL", -100)])).writeto(
+        library / "maxim_bias.fit")
+    fits.PrimaryHDU(dark, fits.Header([("IMAGETYP", "Light Frame")])).writeto(library / "stray_light.fit")
+    tonight = tmp_path / "tonight"
+    for kind in ("flat", "light"):
+        for path in night.files[kind]:
+            target = tonight / path.relative_to(tmp_path / "full")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second = reduce(tonight, tmp_path / "second", options=ReduceOptions(report=False, masters=(str(library),)))
+    assert [j.kind.value for j in second.plan.masters] == ["flat"]
+    darks = {Path(n).name for n in second.plan.library}
+    assert darks == {"master_dark_2s.fits", "master_dark_120s.fits"}
+    assert all(any("master dark from the library" in n for n in j.notes) for j in second.plan.lights)
+    refused = {Path(s.path).name: s.reason for s in second.plan.skipped}
+    assert "[0, 1]" in refused["siril_dark.fit"] and "PEDESTAL" in refused["maxim_bias.fit"]
+    assert "not a master" in refused["stray_light.fit"] and "gain120_dark.fits" not in refused
+    for a, b in zip(first.plan.lights, second.plan.lights, strict=True):
+        np.testing.assert_array_equal(fits.getdata(tmp_path / "first" / a.output),
+                                      fits.getdata(tmp_path / "second" / b.output))
+
+
+def test_a_library_flat_is_taken_only_within_its_age(tmp_path):
+    from ccdcal.planning.library import read_library
+
+    night = write_night(tmp_path / "raw", shape=(24, 32), n_dark=3, n_flat=3, n_light=1)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    flat = np.ones((24, 32), np.float32)
+    for name, date in (("old.fits", "2024-05-01T20:00:00"), ("recent.fits", "2024-07-25T20:00:00")):
+        header = fits.Header([("IMAGETYP", "MASTER FLAT"), ("FILTER", "Ha"), ("DATE-OBS", date), ("GAIN", 100),
+                              ("OFFSET", 50), ("XBINNING", 1), ("YBINNING", 1)])
+        fits.PrimaryHDU(flat, header).writeto(lib / name)
+    for path in night.files["light"]:
+        fits.setval(path, "DATE-OBS", value="2024-08-01T22:00:00.1234567")      # 7 decimals, as N.I.N.A.
+    shutil.rmtree(tmp_path / "raw" / "FLAT")
+    from ccdcal.planning.plan import PlanOptions, build_plan
+
+    def plan(max_age):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build_plan(scan(tmp_path / "raw", flag=False), PlanOptions(flat_max_age=max_age),
+                              read_library([lib]))
+    assert Path(plan(30.0).lights[0].recipe.flat).name == "recent.fits"
+    too_old = plan(5.0).lights[0]
+    assert too_old.recipe.flat is None and any("7 days" in n for n in too_old.notes), too_old.notes

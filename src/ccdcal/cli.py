@@ -379,6 +379,11 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-uncorrected", action="store_true", default=None,
                    help="calibrate lights even when no bias or dark removes their pedestal (marked UNCORR)")
     p.add_argument("--temp-tolerance", type=float, help="°C: temperatures closer than this are equal (default 2)")
+    p.add_argument("--masters", metavar="DIR", action="append",
+                   help="masters of earlier runs (ccdcal's own or marked as masters) for what the night lacks;"
+                        " repeatable")
+    p.add_argument("--flat-max-age", type=float, metavar="DAYS",
+                   help="a flat of the --masters library further than this from a light is not used (default 30)")
     p.add_argument("--scale-darks", choices=["auto", "always", "never"],
                    help="scale a dark of another exposure (auto: CCDs yes, CMOS cameras no: their glow is not linear)")
 

@@ -45,6 +45,8 @@ class ReduceOptions:
     scale_region: str | None = _option(None, PLAN)
     temp_tolerance: float = _option(2.0, PLAN)
     scale_darks: str = _option("auto", PLAN)  # auto: CCD darks scaled by exposure, CMOS darks only matched
+    masters: tuple[str, ...] = _option((), PLAN)  # folders of masters of earlier runs, for what a night lacks
+    flat_max_age: float = _option(30.0, PLAN)  # days: a library flat further from a light is not used
     flat_floor: float = _option(0.1, PHYSICS)
     exclude_flagged: bool = _option(False, PLAN)
     strict: bool = _option(False, RUN)
@@ -90,6 +92,10 @@ class ReduceOptions:
         for key, value in overrides.items():
             if key in names and value is not None:
                 values[key] = value
+        if isinstance(values.get("masters"), (str, os.PathLike)):
+            values["masters"] = (values["masters"],)
+        if isinstance(values.get("masters"), list):
+            values["masters"] = tuple(str(v) for v in values["masters"])
         for key in ("sigma_clip", "clip_extrema"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])

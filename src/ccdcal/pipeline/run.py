@@ -34,6 +34,7 @@ from ..io.guard import output_lock, reduce_inputs
 from ..io.hashing import prefetch_hashes, remember_hashes
 from ..io.manifest import Manifest, OutputRecord, VerifyResult, verify
 from ..planning.inventory import Inventory, Skipped, flag_groups, scan
+from ..planning.library import library_print, read_library
 from ..planning.plan import MasterJob, Plan, build_plan
 from ..report.page import build_report, made_master_previews
 from .executor import DaskExecutor, make_executor
@@ -169,7 +170,7 @@ def _dry_run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, op
              progress: Any, caught: list[str], started: float) -> ReduceResult:
 
     inventory = flag_groups(_scan(files, broken, progress), progress=progress)
-    plan = build_plan(inventory, options.plan_options())
+    plan = build_plan(inventory, options.plan_options(), read_library(options.masters))
     result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught)
     result.timings["scan and plan"] = time.perf_counter() - started
     return result
@@ -187,7 +188,7 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
         _remember_input_hashes(manifest)
         # the pixel checks of the calibration frames are tasks too; they hash the files they read
         inventory = flag_groups(inventory, progress=progress, executor=executor, hash_files=True)
-        plan = build_plan(inventory, options.plan_options())
+        plan = build_plan(inventory, options.plan_options(), read_library(options.masters))
         result = ReduceResult(out_dir=out_dir, plan=plan, skipped=list(plan.skipped), warnings=caught,
                               executor=_describe_executor(executor), dashboard=executor.dashboard)
         result.timings["scan and plan"] = time.perf_counter() - started
@@ -297,6 +298,8 @@ def _run_masters(plan: Plan, out_dir: Path, options: ReduceOptions, manifest: Ma
 
     started = time.perf_counter()
     ctx = RunContext(out_dir=out_dir, options=options)
+    for name in plan.library:   # masters of earlier runs: known by their content, like those built here
+        ctx = ctx.with_master(name, Path(name), library_print(Path(name)))
     budget = parse_memory(options.memory)
     bar = iter(steps(range(len(plan.masters)), "building masters", progress))
     # a progress function counts an item once the next one is asked for: the first is asked

@@ -52,6 +52,7 @@ from .inventory import (
     frame_temperature,
     temperature_groups,
 )
+from .library import Library
 
 KIND_ORDER = {FrameKind.BIAS: 0, FrameKind.DARK: 1, FrameKind.FLAT: 2}
 #: A bias or dark without overscan whose median level is off from its group's by more than this
@@ -174,6 +175,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     light_steps: tuple[str, ...] = ()
     stacks: tuple[StackJob, ...] = ()
+    library: tuple[str, ...] = ()            # masters of earlier runs the recipes use (their paths)
 
     def _repr_html_(self) -> str:
         return plan_html(self)
@@ -203,9 +205,11 @@ class Plan:
             if r.bias:
                 chosen.append("bias")
             if r.dark:
-                chosen.append(f"dark {self.master(r.dark).exptime:g} s ×{r.dark_scale:.3g}")
+                chosen.append(f"dark {light.frame.exptime:g} s (library)" if r.dark in self.library else
+                              f"dark {self.master(r.dark).exptime:g} s ×{r.dark_scale:.3g}")
             if r.flat:
-                chosen.append(f"flat {self.master(r.flat).filter or ''}".rstrip())
+                chosen.append(f"flat {light.frame.filter or ''} (library)" if r.flat in self.library else
+                              f"flat {self.master(r.flat).filter or ''}".rstrip())
             lines.append(f"light {light.frame.name:<36} <- {', '.join(chosen) or 'nothing'}")
             for note in light.notes:
                 lines.append(f"    note: {note}")
@@ -264,6 +268,8 @@ class PlanOptions:
     allow_uncorrected: bool = False              # calibrate lights that keep their pedestal (with a note)
     exptime_tolerance: float = 0.01              # relative: 60 s and 60.3 s darks are one group
     scale_darks: str = "auto"                    # auto: CCD darks scaled by exposure, CMOS darks matched only
+    flat_max_age: float = 30.0                   # days: a library flat further from a light is not used
+    masters: tuple[str, ...] = ()                # folders of masters of earlier runs (read by the caller)
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
     stack: bool = False                          # stack the calibrated lights per target and filter
 
@@ -447,12 +453,17 @@ class MasterIndex:
     temp_tolerance: float = 2.0
     exptime_tolerance: float = 0.01
     scale_darks: str = "auto"
+    library: Library = field(default_factory=Library)   # masters of earlier runs, for what the night lacks
+    flat_max_age: float = 30.0
 
     def bias_for(self, info: FrameInfo) -> tuple[str | None, tuple[str, ...]]:
         """The master bias of the frame's geometry whose temperature is nearest the frame's (the
         one of most frames when a temperature is unknown), and the notes."""
         candidates = self.biases.get(geometry(info))
         if not candidates:
+            found = self.library.bias_for(info, self.temp_tolerance)
+            if found is not None:
+                return found.name, (f"master bias from the library: {found.describe()}",)
             return None, (_other_settings("bias", self.biases, info) or "no master bias for this binning/size",)
         name, note = _nearest_bias(frame_temperature(info), candidates, self.counts,
                                    self.temp_tolerance)
@@ -465,8 +476,7 @@ class MasterIndex:
         master bias) is given: without it the dark's bias level would be scaled too."""
         candidates = self.darks.get(geometry(info), ())
         if not candidates:
-            other = _other_settings("dark", self.darks, info)
-            return None, 0.0, (other,) if other else ()
+            return self._library_dark(info, bias)
         notes: list[str] = []
         temp = frame_temperature(info)
         known = [c for c in candidates if c.temperature is not None]
@@ -498,6 +508,18 @@ class MasterIndex:
         notes.append(f"no {t:g} s dark: the {t_dark:g} s dark is scaled by {scale:.4g}")
         return name, scale, tuple(notes)
 
+    def _library_dark(self, info: FrameInfo, bias: str | None) -> tuple[str | None, float, tuple[str, ...]]:
+        """A dark of the frame's exposure from the library when the night has none (never scaled;
+        one that holds its bias is not used where a bias is subtracted too)."""
+        other = _other_settings("dark", self.darks, info)
+        found = self.library.dark_for(info, self.temp_tolerance, self.exptime_tolerance)
+        if found is None:
+            return None, 0.0, (other,) if other else ()
+        if bias and not found.bias_subtracted:
+            return None, 0.0, (f"the library dark {found.name} holds its bias and the frame's bias is subtracted"
+                               " too (it would be removed twice): not used",)
+        return found.name, 1.0, (f"master dark from the library: {found.describe()}",)
+
     def flat_for(self, info: FrameInfo) -> tuple[str | None, tuple[str, ...]]:
         """The master flat of the frame's geometry and filter (the only one when the frame has
         no filter), and the notes."""
@@ -505,6 +527,12 @@ class MasterIndex:
         flat = by_filter.get(info.filter)
         if flat is not None:
             return flat, ()
+        if not by_filter or (info.filter not in by_filter and self.library.masters):
+            found, why = self.library.flat_for(info, self.temp_tolerance, self.flat_max_age)
+            if found is not None:
+                return found.name, (f"master flat from the library: {found.describe()}",)
+            if why:
+                return None, (why,)
         if not by_filter:
             return None, (_other_settings("flat", self.flats, info)
                           or "no flat frames for this binning/size: not flat-fielded",)
@@ -535,6 +563,7 @@ class PlanContext:
     options: PlanOptions
     many_geometries: bool = False                  # master names then carry the geometry
     many_cameras: bool = False                     # ... and the camera settings
+    library: Library = field(default_factory=Library)   # masters of earlier runs (--masters)
     bias_levels: Mapping[tuple, float] = field(default_factory=dict)   # -> median raw bias level
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -544,7 +573,8 @@ class PlanContext:
 
     @classmethod
     def of(cls, frames: Sequence[FrameInfo], options: PlanOptions | None = None, *,
-           skipped: list[Skipped] | None = None, warnings: list[str] | None = None) -> PlanContext:
+           skipped: list[Skipped] | None = None, warnings: list[str] | None = None,
+           library: Library | None = None) -> PlanContext:
         """The context of a plan of ``frames`` (appending to ``skipped`` and ``warnings``)."""
         levels: dict[tuple, list[float]] = {}
         for f in frames:
@@ -556,7 +586,8 @@ class PlanContext:
                    many_cameras=len({f.camera for f in frames}) > 1,
                    bias_levels={g: float(np.median(v)) for g, v in levels.items()},
                    skipped=[] if skipped is None else skipped,
-                   warnings=[] if warnings is None else warnings)
+                   warnings=[] if warnings is None else warnings,
+                   library=library or Library())
 
     def recipe(self, info: FrameInfo) -> Recipe:
         """The frame's overscan and trim (one fit per geometry), with no master yet."""
@@ -744,7 +775,8 @@ def plan_biases(frames: Sequence[FrameInfo],
                         counts={j.name: len(j.members) for j in jobs},
                         temp_tolerance=ctx.options.temp_tolerance,
                         exptime_tolerance=ctx.options.exptime_tolerance,
-                        scale_darks=ctx.options.scale_darks)
+                        scale_darks=ctx.options.scale_darks, library=ctx.library,
+                        flat_max_age=ctx.options.flat_max_age)
     return jobs, index
 
 
@@ -852,7 +884,7 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
             ctx.skip(info, f"no master bias, dark or flat matches its geometry ({size}); add calibration"
                            " frames taken the same way, or pass --allow-uncorrected to take it as it is")
             continue
-        flat_job = next(j for j in masters if j.name == flat) if flat else None
+        flat_job = next((j for j in masters if j.name == flat), None)   # a library flat: taken as it is
         uncorrected = pedestal_left(bias, dark, flat_job)
         if not (bias or dark or flat):
             uncorrected = "no master bias, dark or flat matches it: nothing is removed"
@@ -868,19 +900,22 @@ def plan_lights(frames: Sequence[FrameInfo], index: MasterIndex, masters: Sequen
     return lights
 
 
-def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan:
+def build_plan(inventory: Inventory, options: PlanOptions | None = None, library: Library | None = None) -> Plan:
     """Decide every master and every light's calibration from an inventory.
 
     Frames already calibrated are skipped and short darks stand in for missing biases; then
     :func:`plan_biases`, :func:`plan_darks`, :func:`plan_flats` and :func:`plan_lights` run in
-    that order, each matching against the masters planned before it.
+    that order, each matching against the masters planned before it, and against the masters
+    of earlier runs in ``library`` (:func:`ccdcal.planning.library.read_library`) for what the
+    night lacks; the library's files that were refused are listed as skipped.
     """
     options = options or PlanOptions()
-    skipped = list(inventory.skipped)
+    library = library or Library()
+    skipped = list(inventory.skipped) + list(library.refused)
     warnings: list[str] = []
     frames = _raw_frames(list(inventory.frames), skipped)
     frames = _zero_level_from_short_darks(frames, warnings)
-    ctx = PlanContext.of(frames, options, skipped=skipped, warnings=warnings)
+    ctx = PlanContext.of(frames, options, skipped=skipped, warnings=warnings, library=library)
     biases, index = plan_biases(frames, ctx)
     darks, index = plan_darks(frames, index, ctx)
     flats, index = plan_flats(frames, index, ctx)
@@ -890,8 +925,12 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None) -> Plan
     warnings.extend(_ignored_sections(inventory.frames))
     warnings.extend(ctx.names.notes)
     masters.sort(key=lambda j: (KIND_ORDER[j.kind], j.name))
+    named = {m.name for m in library.masters}
+    used = sorted(named & {n for job in [*masters, *lights] for r in (job.recipes if isinstance(job, MasterJob)
+                                                                   else (job.recipe,))
+                           for n in (r.bias, r.dark, r.flat) if n})
     plan = Plan(masters=tuple(masters), lights=tuple(lights), skipped=tuple(skipped),
-                warnings=tuple(warnings), light_steps=options.light_steps, stacks=stacks)
+                warnings=tuple(warnings), light_steps=options.light_steps, stacks=stacks, library=tuple(used))
     _check_unique_outputs(plan)
     return plan
 
