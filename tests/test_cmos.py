@@ -300,3 +300,53 @@ def test_a_library_flat_is_taken_only_within_its_age(tmp_path):
     assert Path(plan(30.0).lights[0].recipe.flat).name == "recent.fits"
     too_old = plan(5.0).lights[0]
     assert too_old.recipe.flat is None and any("7 days" in n for n in too_old.notes), too_old.notes
+
+
+# -- containers: .fits.fz, .fits.gz and XISF hold the same night -----------------------------------
+def _as_xisf(source: Path, target: Path, *, codec: str | None) -> None:
+    """A FITS frame written as N.I.N.A. and INDI write XISF: UInt16 samples, the FITS keywords
+    embedded (strings quoted), the frame type also as the image's imageType."""
+    from xisf import XISF
+
+    data = fits.getdata(source)
+    header = fits.getheader(source)
+    keywords = {}
+    for card in header.cards:
+        if card.keyword in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "BZERO", "BSCALE", "EXTEND"):
+            continue
+        value = f"'{card.value}'" if isinstance(card.value, str) else str(card.value)
+        keywords[card.keyword] = [{"value": value, "comment": card.comment}]
+    XISF.write(str(target), data.astype(np.uint16)[..., None], creator_app="ccdcal tests",
+               image_metadata={"FITSKeywords": keywords}, codec=codec, shuffle=codec is not None)
+
+
+def test_a_night_in_xisf_fz_and_gz_reduces_as_in_fits(tmp_path):
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+
+    night = write_night(tmp_path / "fits", shape=(40, 56), n_dark=3, n_flat=3, n_light=2)
+    containers = tmp_path / "containers"
+    for i, path in enumerate(sorted(p for files in night.files.values() for p in files)):
+        target = containers / path.relative_to(tmp_path / "fits")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        kind = ("xisf", "xisf-zstd", "fz", "gz")[i % 4]
+        if kind.startswith("xisf"):
+            _as_xisf(path, target.with_suffix(".xisf"), codec="zstd" if kind == "xisf-zstd" else None)
+        elif kind == "fz":
+            data, header = fits.getdata(path, header=True)
+            fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header, compression_type="RICE_1")]).writeto(
+                target.with_name(target.name + ".fz"))
+        else:
+            import gzip
+
+            target.with_name(target.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+    assert {p.suffix for p in containers.rglob("*.*") if p.is_file()} == {".xisf", ".fz", ".gz"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = reduce(tmp_path / "fits", tmp_path / "out-fits", options=ReduceOptions(report=False))
+        mixed = reduce(containers, tmp_path / "out-mixed", options=ReduceOptions(report=False))
+    assert not mixed.skipped and len(mixed.lights) == len(plain.lights) == 2
+    assert [j.kind.value for j in mixed.plan.masters] == [j.kind.value for j in plain.plan.masters]
+    for a, b in zip(plain.plan.lights, mixed.plan.lights, strict=True):
+        assert b.recipe == a.recipe and Path(b.output).stem == Path(a.output).stem   # "x.xisf" -> "x.fits"
+        np.testing.assert_array_equal(fits.getdata(tmp_path / "out-fits" / a.output),
+                                      fits.getdata(tmp_path / "out-mixed" / b.output))

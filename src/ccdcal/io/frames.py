@@ -22,6 +22,7 @@ import numpy as np
 
 from .._shared.names import printable
 from ..errors import CcdcalWarning, InputError, OutputError
+from .xisf import XISF_SUFFIXES, is_xisf_name, read_xisf, xisf_header
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.fz", ".fits.gz", ".fit.gz", ".fts.gz")
 
@@ -39,9 +40,9 @@ BLOCK = 2880  # bytes of a FITS block: headers and data come in whole blocks
 
 
 def is_fits_name(path: Path) -> bool:
-    """True when the file name ends like a FITS file (case-insensitive)."""
+    """True when the file name ends like a FITS file, or an XISF file read as one (case-insensitive)."""
     name = path.name.lower()
-    return any(name.endswith(s) for s in FITS_SUFFIXES)
+    return any(name.endswith(s) for s in FITS_SUFFIXES + XISF_SUFFIXES)
 
 
 def find_fits(paths: Iterable[str | os.PathLike], broken: list[tuple[str, str]] | None = None) -> list[Path]:
@@ -267,6 +268,8 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
     from astropy.io.fits.verify import VerifyError
 
     path = Path(path)
+    if is_xisf_name(path):
+        return _xisf_hdus(path)
     hdul = _open(path)
     hdus: list[ImageHDU] = []
     problems: list[str] = []
@@ -284,6 +287,19 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
     finally:
         hdul.close()
     return hdus, problems
+
+
+def _xisf_hdus(path: Path) -> tuple[list[ImageHDU], list[str]]:
+    """The first image of an XISF file as one image HDU (decoded whole when read)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    header, shape, why = xisf_header(path)
+    if why:
+        return [], [why]
+    too_large = _too_large(shape)
+    if too_large:
+        return [], [too_large]
+    return [ImageHDU(0, header, shape)], []
 
 
 def _image_hdu(hdul: Any, index: int, size: int, gz: bool, problems: list[str]) -> ImageHDU | None:
@@ -460,6 +476,11 @@ class FrameSource:
         return tmp
 
     def _decompress(self) -> np.ndarray:
+        if is_xisf_name(self.path):
+            data = read_xisf(self.path)
+            if data.shape != self.shape:
+                raise InputError(f"{self.path}: the XISF image is {data.shape}, its header said {self.shape}")
+            return data
         hdul = _open(self.path, memmap=False)
         try:
             with warnings.catch_warnings():
@@ -625,6 +646,10 @@ def read_header(path: str | os.PathLike, index: int = 0) -> Any:
     """A copy of the header of HDU ``index`` of a FITS file, its unreadable cards made
     readable (:func:`clean_cards`)."""
     path = Path(path)
+    if is_xisf_name(path):
+        if index != 0:
+            raise InputError(f"{path}: has no HDU {index}")
+        return xisf_header(path)[0]
     hdul = _open(path, memmap=False)
     try:
         return hdul[index].header.copy()

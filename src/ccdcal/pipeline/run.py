@@ -151,7 +151,7 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     files = reduce_inputs(find_fits(paths, broken), out_dir, input_folders=[p for p in paths if Path(p).is_dir()],
                           named=[p for p in paths if Path(p).is_file()])
     if not files:
-        raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
+        raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz, .xisf); check the path")
     if dry_run:
         return _dry_run(files, broken, out_dir, options, progress, caught, started)
     _check_out_dir(out_dir)

@@ -177,13 +177,13 @@ class FrameInfo:
 
     @property
     def stem(self) -> str:
-        """File name without FITS suffixes (``d1047.fits.fz`` -> ``d1047``), plus ``_hduN`` for MEF."""
+        """File name without FITS (or XISF) suffixes (``d1047.fits.fz`` -> ``d1047``), plus ``_hduN`` for MEF."""
         name = self.path.name
         for suffix in (".fz", ".gz"):
             if name.lower().endswith(suffix):
                 name = name[: -len(suffix)]
         base, ext = os.path.splitext(name)
-        if ext.lower() in (".fits", ".fit", ".fts"):
+        if ext.lower() in (".fits", ".fit", ".fts", ".xisf"):
             name = base
         return name if self.n_hdus == 1 else f"{name}_hdu{self.hdu}"
 
@@ -450,7 +450,7 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Pro
         skip = {Path(f).resolve() for f in ([exclude] if isinstance(exclude, (str, os.PathLike)) else exclude)}
         files = [p for p in files if skip.isdisjoint(p.resolve().parents)]
     if not files:
-        raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz); check the path")
+        raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz, .xisf); check the path")
     frames: list[FrameInfo] = []
     skipped: list[Skipped] = [Skipped(where, why) for where, why in broken]
 
