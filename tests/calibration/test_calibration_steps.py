@@ -73,12 +73,15 @@ def test_dark_subtraction_in_place_rounds_as_numpy_does():
 
 def _numpy_calibration(raw, bias, dark, scale, flat, flat_floor, gain, read_noise, bias_u, dark_u, flat_u):
     """The documented sequence in plain numpy float32, step by step: (raw − B − k·D) / F with F the
-    flat floored to 1 below ``flat_floor``, and σ by :func:`_sigma_formula` of the signal above bias."""
+    flat floored to 1 below ``flat_floor``, and σ by :func:`_sigma_formula` of the signal above bias
+    (without a bias: above the dark's median, the black level a frame keeps without one)."""
     f32 = np.float32
     data = raw.copy()
     if bias is not None:
         data = data - bias
     signal = data.copy()
+    if bias is None and dark is not None:
+        signal = (signal - f32(np.nanmedian(dark.astype(np.float64)))).astype(f32)
     if dark is not None and scale:
         data = data - f32(scale) * dark
     floored = None

@@ -167,3 +167,18 @@ def test_egain_at_the_native_depth_is_divided_by_the_shift_of_the_stored_data():
     det = resolve_detector(zwo, shift=2)
     assert det.gain is None and det.saturation == 65532            # saturated at the shifted maximum
     assert resolve_detector(zwo).saturation == 65535
+
+
+def test_dates_as_capture_programs_write_them():
+    """DATE-OBS with 7 decimals (N.I.N.A. since 2025, SharpCap, SGP), 3 (INDI) or none (APT, MaxIm)
+    is one instant; a date with the time of day in TIME-OBS too; DATE-LOC (local) never counts."""
+    from astropy.io import fits
+
+    from ccdcal.io.headers import start_mjd
+
+    base = start_mjd(fits.Header([("DATE-OBS", "2025-06-01T22:15:03")]))
+    for text in ("2025-06-01T22:15:03.1234567", "2025-06-01T22:15:03.123", "2025-06-01 22:15:03"):
+        assert abs(start_mjd(fits.Header([("DATE-OBS", text)])) - base) * 86400 < 0.2
+    split = fits.Header([("DATE-OBS", "2025-06-01"), ("TIME-OBS", "22:15:03")])
+    assert abs(start_mjd(split) - base) * 86400 < 1e-3
+    assert start_mjd(fits.Header([("DATE-LOC", "2025-06-02T00:15:03")])) is None

@@ -138,6 +138,8 @@ def _reject_pass(vals, idx, m, reject, center, low, high, work, scales, zeros, g
     elif reject == MAD:
         c = _center(vals, m, center)
         spread = _mad_std(vals, m, _median_sorted(vals, m), work)
+        if spread == 0.0:   # quantised data (half the values equal): the spread of all, not nothing
+            spread = _std(vals, m, _mean(vals, m))
     elif reject == WINSORIZED:
         c = _center(vals, m, center)
         sigma = _std(vals, m, _mean(vals, m))

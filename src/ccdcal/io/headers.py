@@ -584,12 +584,17 @@ def _mjd_keyword(header: Any) -> float | None:
 
 
 def _date_obs_mjd(header: Any) -> float | None:
-    """DATE-OBS (or DATE_OBS, ISO 8601 UTC, a space allowed before the time) as MJD, or None."""
+    """DATE-OBS (or DATE_OBS, ISO 8601 UTC with any number of decimals, a space allowed before the
+    time, or a date with the time in TIME-OBS/UT) as MJD, or None. DATE-LOC (local time) never counts."""
     from astropy.time import Time
 
     date = header_value(header, ("DATE-OBS", "DATE_OBS"))
     if not isinstance(date, str):
         return None
+    time = header_value(header, ("TIME-OBS", "TIME_OBS", "UT", "UTSTART", "UT-START"))
+    date = date.strip()
+    if "T" not in date and " " not in date and isinstance(time, str) and re.match(r"^\d{4}-\d\d-\d\d$", date):
+        date = f"{date}T{time.strip()}"          # the date in DATE-OBS, the time of day in TIME-OBS
     try:
         return float(Time(date.replace(" ", "T"), format="isot", scale="utc").mjd)
     except ValueError:
