@@ -350,3 +350,82 @@ def test_a_night_in_xisf_fz_and_gz_reduces_as_in_fits(tmp_path):
         assert b.recipe == a.recipe and Path(b.output).stem == Path(a.output).stem   # "x.xisf" -> "x.fits"
         np.testing.assert_array_equal(fits.getdata(tmp_path / "out-fits" / a.output),
                                       fits.getdata(tmp_path / "out-mixed" / b.output))
+
+
+def test_a_bias_given_too_changes_nothing_on_a_cmos_night(tmp_path):
+    """No double bias: lights minus a matched dark (its bias inside) give the same light whether or
+    not biases are also in the night (then the dark is bias-subtracted and the light too)."""
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+
+    night = write_night(tmp_path / "raw", shape=(40, 56), n_dark=3, n_flat=3, n_light=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        without = reduce(tmp_path / "raw", tmp_path / "without", options=ReduceOptions(report=False))
+        for i, path in enumerate(night.files["darkflat"][:3]):   # three biases (0 s) join the night
+            target = tmp_path / "raw" / "BIAS" / f"bias_{i}.fits"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy(path, target)
+            fits.setval(target, "IMAGETYP", value="BIAS")
+            for key in ("EXPTIME", "EXPOSURE"):
+                fits.setval(target, key, value=0.0)
+        with_bias = reduce(tmp_path / "raw", tmp_path / "with", options=ReduceOptions(report=False))
+    assert all(j.recipe.bias is None for j in without.plan.lights)
+    assert all(j.recipe.bias and j.recipe.dark == "master_dark_120s.fits" for j in with_bias.plan.lights)
+    for a, b in zip(without.plan.lights, with_bias.plan.lights, strict=True):
+        # the flats differ a little (the 2 s darks vs the bias and the 2 s darks): compare before it
+        x = fits.getdata(tmp_path / "without" / a.output) * fits.getdata(tmp_path / "without/masters/master_flat_Ha.fits")
+        y = fits.getdata(tmp_path / "with" / b.output) * fits.getdata(tmp_path / "with/masters/master_flat_Ha.fits")
+        # no pedestal removed twice (that would be ~800 ADU): the same values but where the two
+        # master darks' rejections chose differently (cosmic rays, a few % of pixels)
+        assert np.mean(np.abs(x - y) < 0.05) > 0.95 and abs(float(np.median(x - y))) < 0.05
+
+
+#: Header cards as capture programs write them, copied from the sources of ../shared/CMOS.md
+#: (§1.1: N.I.N.A. 3 and INDI source, SharpCap, SGP, APT and ASIAIR/Seestar sample files).
+REAL_HEADERS = {
+    "nina": [("IMAGETYP", "LIGHT"), ("EXPOSURE", 300.0), ("EXPTIME", 300.0), ("GAIN", 120, "Sensor gain"),
+             ("OFFSET", 30, "Sensor gain offset"), ("EGAIN", 1.0022, "[e-/ADU] Electrons per A/D unit"),
+             ("CCD-TEMP", -10.0), ("SET-TEMP", -10.0), ("XBINNING", 1), ("YBINNING", 1),
+             ("BAYERPAT", "RGGB"), ("ROWORDER", "TOP-DOWN"), ("SWCREATE", "N.I.N.A. 3.1.2.9001 (x64)"),
+             ("DATE-OBS", "2025-06-01T22:15:03.1234567")],
+    "indi": [("IMAGETYP", "Light Frame"), ("FRAME", "Light"), ("EXPTIME", 300.0), ("GAIN", 120.0),
+             ("OFFSET", 30.0), ("CCD-TEMP", -9.8), ("XBINNING", 1), ("YBINNING", 1), ("ROWORDER", "TOP-DOWN"),
+             ("INSTRUME", "ZWO CCD ASI294MC Pro"), ("DATE-OBS", "2025-06-01T22:15:03.123")],
+    "sharpcap": [("EXPTIME", 300.0), ("GAIN", 300), ("OFFSET", 8), ("BLKLEVEL", 8),
+                 ("EGAIN", 0.1226, "Electrons per ADU at true ADC bit depth"),
+                 ("EGAINSAV", 0.00766, "Electrons per ADU at saved bit depth"), ("ADCBITS", 12),
+                 ("BIASADU", 1082.9), ("CCD-TEMP", 12.7), ("SWCREATE", "SharpCap v4.1.12946.0, 64 bit"),
+                 ("ROWORDER", "TOP-DOWN")],
+    "sgp": [("IMAGETYP", "LIGHT   "), ("EXPOSURE", 300.0), ("GAIN", 120), ("OFFSET", 30), ("EGAIN", 3.99),
+            ("CCD-TEMP", -10.0), ("SET-TEMP", -10.0), ("CREATOR", "Sequence Generator Pro v3.1.0.479")],
+    "apt": [("IMAGETYP", "Light Frame"), ("EXPTIME", 300.0), ("GAIN", 120), ("EGAIN", 1.0022), ("SET-TEMP", -10.0),
+            ("SWCREATE", "Astro Photography Tool - APT v.3.54")],
+    "seestar": [("IMAGETYP", "Light   "), ("EXPTIME", 10.0), ("EXPOSURE", 10.0), ("GAIN", 80), ("CCD-TEMP", 21.9),
+                ("BAYERPAT", "GRBG"), ("FILTER", "IRCUT"), ("CREATOR", "ZWO Seestar S50"),
+                ("DATE-OBS", "2024-12-01T20:15:03.123456")],
+}
+
+
+@pytest.mark.parametrize("program", sorted(REAL_HEADERS))
+def test_real_capture_program_headers(program):
+    """Each real header is a light; GAIN is a setting (a calibration key, never e-/ADU); EGAIN is
+    divided by the data's shift (SharpCap's EGAINSAV taken as written); the exposure is read from
+    EXPOSURE alone (SGP); INDI's GAIN 120.000 is N.I.N.A.'s 120."""
+    from ccdcal.io.headers import header_gain, is_cmos
+    from ccdcal.planning.inventory import FrameKind, frame_info
+
+    header = fits.Header()
+    for card in REAL_HEADERS[program]:
+        header[card[0]] = card[1:] if len(card) > 2 else card[1]
+    info = frame_info(Path(f"{program}/Light_0001.fits"), 0, header, (100, 120))   # SharpCap: the name tells
+    assert info.kind == FrameKind.LIGHT and info.exptime in (300.0, 10.0)
+    settings = dict(info.camera)
+    assert settings["GAIN"] == {"sharpcap": "300", "seestar": "80"}.get(program, "120")
+    assert is_cmos(info.camera) == (program in ("nina", "indi", "sharpcap", "sgp"))
+    shift = 4 if program == "sharpcap" else 2
+    gain, source = header_gain(header, shift=shift)
+    expected = {"nina": 1.0022 / 4, "sharpcap": 0.00766, "sgp": 3.99 / 4, "apt": 1.0022 / 4}.get(program)
+    assert gain == pytest.approx(expected) if expected else gain is None
+    if program == "indi":
+        nina = frame_info(Path("n.fits"), 0, fits.Header([c[:2] for c in REAL_HEADERS["nina"]]), (100, 120))
+        assert info.camera == nina.camera
