@@ -429,3 +429,21 @@ def test_real_capture_program_headers(program):
     if program == "indi":
         nina = frame_info(Path("n.fits"), 0, fits.Header([c[:2] for c in REAL_HEADERS["nina"]]), (100, 120))
         assert info.camera == nina.camera
+
+
+def test_a_cmos_dark_scaled_on_request_shows_its_glow_residual(tmp_path):
+    """Forced scaling of a CMOS dark (its glow grows as t^1.5, not t): the plan warns, each light
+    carries GLOWRES (its glow region's level minus the rest), and the report shows it."""
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+
+    night = write_night(tmp_path / "raw", shape=(96, 128), n_dark=3, n_flat=3, n_light=2)
+    _with_biases_and_long_lights(tmp_path / "raw", night)       # lights say 300 s, darks 120 s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = reduce(tmp_path / "raw", tmp_path / "out", options=ReduceOptions(scale_darks="always"))
+    assert all(any("GLOWRES" in n for n in j.notes) for j in result.plan.lights)
+    for job in result.plan.lights:
+        residual = fits.getheader(tmp_path / "out" / job.output)["GLOWRES"]
+        # the glow of a 120 s frame minus 2.5x the 120 s glow: strongly negative (in ADU)
+        assert residual < -20
+    assert "GLOWRES" in (tmp_path / "out" / "report.html").read_text()

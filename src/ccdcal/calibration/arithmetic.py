@@ -35,7 +35,7 @@ from ..masks import (
 )
 from ..sections import Section
 from ._kernels import calibrate_pass, calibrated_sigma, flag_at_or_above
-from .masters import hot_pixel_mask, low_flat_mask
+from .masters import STRUCTURE_LEVEL, dark_structure, hot_pixel_mask, low_flat_mask
 from .overscan import OverscanFit, OverscanSpec, overscan_fit, overscan_image, trim_offsets
 from .recipe import Recipe
 
@@ -101,6 +101,23 @@ def safe_flat(flat: np.ndarray, flat_floor: float) -> np.ndarray:
 
 # products of masters that every light of a night needs (read-only, made once; the lights' stage)
 _DERIVED = state.Cache("products of masters", until="lights", max_items=8)   # 2 per set of masters
+
+
+def glow_region(dark: Master) -> np.ndarray | None:
+    """Where a master dark glows (amp glow, a warm corner: the blocks of
+    :func:`ccdcal.calibration.masters.dark_structure` above the frame's level), as a read-only
+    boolean plane made once per master; None when the dark has no structure."""
+    def make() -> np.ndarray:
+        data = np.asarray(dark.data, dtype=np.float32)
+        sample = data.reshape(-1)[:: max(1, data.size // 1_000_000)]
+        centre, noise = float(np.nanmedian(sample)), robust_std(sample)
+        structure = dark_structure(data, centre, noise) if noise > 0 else None
+        if structure is None:
+            return np.zeros((0, 0), bool)
+        return structure[0] > np.float32(centre + STRUCTURE_LEVEL * noise)
+
+    region = _derived("glow region", (dark,), (), make)
+    return region if region.size and region.any() and not region.all() else None
 
 
 def black_level(dark: Master) -> float:

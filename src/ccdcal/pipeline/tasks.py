@@ -23,7 +23,13 @@ import numpy as np
 
 from .. import __version__
 from .._shared import state
-from ..calibration.arithmetic import CalibratedRows, Master, calibrate_frame, prepare_shared
+from ..calibration.arithmetic import (
+    CalibratedRows,
+    Master,
+    calibrate_frame,
+    glow_region,
+    prepare_shared,
+)
 from ..calibration.masters import (
     LEVEL_SAMPLE_PIXELS,
     NoiseModel,
@@ -47,6 +53,7 @@ from ..io.headers import (
     adc_shift,
     exposure_of,
     header_read_noise,
+    is_cmos,
     light_header,
     master_cards,
     master_header,
@@ -598,8 +605,9 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
     fp = light_fingerprint(job, ctx, inputs)
     if up_to_date(ctx.out_dir, job.output, fp, previous):
         return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs), reused=True)
+    facts: dict[str, Any] = {}
     try:
-        skipped = _write_light(job, ctx)
+        skipped = _write_light(job, ctx, facts)
     except OutputError:
         raise
     except CcdcalError as exc:
@@ -608,13 +616,25 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
         return OutputRecord(output=source, kind="light", skipped=skipped)
     # the hash the writer took from the bytes as it wrote them (the file is not read back)
     return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs),
-                        hash=file_hash(ctx.out_dir / job.output))
+                        hash=file_hash(ctx.out_dir / job.output), extra=facts)
+
+
+def glow_residual(data: np.ndarray, mask: np.ndarray, region: np.ndarray | None) -> float | None:
+    """The median of a calibrated light inside a dark's glow region minus its median elsewhere
+    (unmasked pixels; ADU): what a dark scaled by exposure left of its glow. None without a region."""
+    if region is None:
+        return None
+    good = (mask == 0) & np.isfinite(data)
+    inside, outside = data[region & good], data[~region & good]
+    if inside.size < 16 or outside.size < 16:
+        return None
+    return float(np.median(inside) - np.median(outside))
 
 
 _SCRATCH_BYTES = 4 << 20   # a light's raw bytes are read and decoded through this much
 
 
-def _write_light(job: LightJob, ctx: RunContext) -> str | None:
+def _write_light(job: LightJob, ctx: RunContext, facts: dict[str, Any]) -> str | None:
     recipe = job.recipe
     with FrameSource(job.frame.path, job.frame.hdu) as src:
         shape = tuple(int(v) for v in src.shape)
@@ -631,13 +651,13 @@ def _write_light(job: LightJob, ctx: RunContext) -> str | None:
     trimmed = shape if recipe.trim is None else raw[recipe.trim.slices()].shape
     sigma, mask = ctx.buffers.take(trimmed, np.float32), ctx.buffers.take(trimmed, np.uint8)
     try:
-        return _calibrate_and_write(job, ctx, raw, raw_header, sigma, mask)
+        return _calibrate_and_write(job, ctx, raw, raw_header, sigma, mask, facts)
     finally:   # the planes are written (or failed): free for the next light
         ctx.buffers.give(raw, sigma, mask)
 
 
 def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_header: Any, sigma: np.ndarray,
-                         mask: np.ndarray) -> str | None:
+                         mask: np.ndarray, facts: dict[str, Any]) -> str | None:
 
     options, recipe = ctx.options, job.recipe
     # a finite pixel in a sparse sample settles it; the whole frame is looked at only if none is
@@ -663,6 +683,11 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         uncertainty_out=sigma, mask_out=mask)
     header = light_header(raw_header, result, trim=recipe.trim, uncorrected=job.uncorrected, bias=bias,
                           dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
+    if dark is not None and result.dark_scale not in (None, 1.0) and is_cmos(job.frame.camera):
+        residual = glow_residual(result.data, result.mask, glow_region(dark))
+        if residual is not None:   # a CMOS dark scaled by exposure (asked for): what its glow left
+            facts["glow_residual"] = residual
+            header["GLOWRES"] = (round(residual, 3), "[adu] light in the dark's glow minus elsewhere")
     previews = None
     if options.report:
         # while the pixels are in memory (the report then reads no light again), and while the

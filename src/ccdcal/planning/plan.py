@@ -506,6 +506,9 @@ class MasterIndex:
             return None, 0.0, tuple(notes)
         scale = dark_scale_for(t, t_dark)
         notes.append(f"no {t:g} s dark: the {t_dark:g} s dark is scaled by {scale:.4g}")
+        if is_cmos(info.camera):
+            notes.append("a CMOS dark scaled by exposure (--scale-darks always): what its glow leaves is"
+                         " measured in the light (GLOWRES, and in the report)")
         return name, scale, tuple(notes)
 
     def _library_dark(self, info: FrameInfo, bias: str | None) -> tuple[str | None, float, tuple[str, ...]]:

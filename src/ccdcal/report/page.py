@@ -473,7 +473,7 @@ def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[
 
 
 def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
-            flags_by_path: Mapping[str, list[str]]) -> list[LightCard]:
+            flags_by_path: Mapping[str, list[str]], outputs: Mapping[str, Any] | None = None) -> list[LightCard]:
     cards = []
     for index, item in enumerate(lights):
         source = str(item.get("input") or "")
@@ -487,8 +487,13 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
             if key == "dark" and _finite_number(item.get("dark_scale")) and item["dark_scale"] != 1:
                 text += f" ×{item['dark_scale']:.3g}"
             masters.append(text)
+        notes = [str(n) for n in item.get("notes") or []]
+        residual = ((outputs or {}).get(output) or {}).get("glow_residual")
+        if _finite_number(residual):
+            notes.append(f"the scaled dark left {residual:+.3g} ADU in its glow region (GLOWRES): a CMOS"
+                         " dark does not scale with exposure; take darks of this exposure")
         card = LightCard(index=index, name=_display_name(output or source), output=output,
-                         masters=masters, notes=[str(n) for n in item.get("notes") or []],
+                         masters=masters, notes=notes,
                          flags=list(flags_by_path.get(source, [])), thumb=Image(), preview=Image())
         made = _made_light_previews(out_dir, output)
         if made is not None:
@@ -671,7 +676,7 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
 
     groups = _groups(inputs, excluded)
     masters = _masters(out_dir, masters_in)
-    lights = _lights(out_dir, lights_in, flags_by_path)
+    lights = _lights(out_dir, lights_in, flags_by_path, manifest.get("outputs") or {})
     counts: dict[str, int] = {}
     for item in inputs:
         kind = str(item.get("kind") or "unknown")
