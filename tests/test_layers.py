@@ -30,7 +30,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     1: ("masks", "sections", "_shared"),
     2: ("stretch",),
     3: ("io", "_repr"),
-    4: ("calibration", "combining", "qa"),
+    4: ("calibration", "combining", "qa", "colour"),
     5: ("stacking",),
     6: ("planning",),
     7: ("report",),

@@ -167,6 +167,22 @@ def auto_stf(data: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) ->
     return mtf(midtones_balance(background, target), _rescale_shadows(x, c0))
 
 
+def _linked_stf(rgb: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) -> np.ndarray:
+    """:func:`auto_stf` of the colours' mean, its limits, shadows and midtone applied to each colour."""
+    lum = np.nanmean(rgb, axis=0)
+    values = _finite(lum)
+    limits = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    x = normalize(lum, limits)
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        return np.stack([normalize(plane, limits) for plane in rgb])
+    median = float(np.median(finite))
+    mad = float(np.median(np.abs(finite - median)))
+    c0 = min(max(median - shadows * MAD_TO_STD * mad, 0.0), 1.0 - 1e-9)
+    m = midtones_balance((median - c0) / (1.0 - c0), target)
+    return np.stack([mtf(m, _rescale_shadows(normalize(plane, limits), c0)) for plane in rgb])
+
+
 def zscale_limits(
     data: np.ndarray, *, contrast: float = 0.25, nsamples: int = 1000
 ) -> tuple[float, float]:
@@ -214,14 +230,25 @@ def asinh_stretch(
     return np.arcsinh(x / a) / math.asinh(1.0 / a)
 
 
-def stretch(data: np.ndarray, method: str = "autostf", **options) -> np.ndarray:
+def stretch(data: np.ndarray, method: str = "autostf", *, linked: bool = False, **options) -> np.ndarray:
     """Stretch ``data`` to [0, 1] by name.
 
     Methods: ``autostf`` (:func:`auto_stf`), ``mtf`` (:func:`midtone_stretch`),
     ``mtf-rnc`` or ``rnc`` (midtone stretch, then :func:`rnc_scurve` twice, as the notebook does),
     ``asinh`` (:func:`asinh_stretch`), ``linear`` (:func:`linear_stretch`, zscale).
     ``options`` go to the chosen function.
+
+    A colour image (3, ny, nx: R, G, B) is stretched per colour: unlinked (each colour's own
+    statistics, which also neutralises the background's colour, as PixInsight's unlinked STF), or
+    with ``linked`` the one stretch of their mean applied to every colour (colours as recorded).
     """
+    data = np.asarray(data)
+    if data.ndim == 3:
+        if data.shape[0] != 3:
+            raise ValueError(f"a colour image has 3 planes (R, G, B); got shape {data.shape}")
+        if linked and method == "autostf":
+            return _linked_stf(data, **options)
+        return np.stack([stretch(plane, method, **options) for plane in data])
     if method == "autostf":
         return auto_stf(data, **options)
     if method == "mtf":
@@ -243,6 +270,8 @@ def downsample(data: np.ndarray, max_size: int) -> np.ndarray:
     input unchanged (as float32) when it is already small enough.
     """
     image = np.asarray(data, dtype=np.float32)
+    if image.ndim == 3:       # a colour image: each plane
+        return np.stack([downsample(plane, max_size) for plane in image])
     factor = max(1, math.ceil(max(image.shape) / max(int(max_size), 1)))
     if factor == 1:
         return image
@@ -264,7 +293,8 @@ def to_uint16(y: np.ndarray) -> np.ndarray:
 
 
 def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True, compress_level: int = 6) -> bytes:
-    """A grayscale PNG of a [0, 1] image, 8 or 16 bits per pixel.
+    """A grayscale PNG of a [0, 1] image, 8 or 16 bits per pixel; a colour PNG (8 bits) of a
+    (3, ny, nx) one.
 
     ``flip`` puts FITS row 1 at the bottom, as image viewers (ds9, IRAF) show it.
     ``compress_level``: zlib's, 0-9 (1 is much faster on noise-like images).
@@ -272,6 +302,14 @@ def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True, compress_level
     from PIL import Image
 
     image = np.asarray(y)
+    if image.ndim == 3:
+        if bits != 8:
+            raise ValueError("a colour PNG has 8 bits per colour")
+        rgb = np.moveaxis(image, 0, -1)
+        pil = Image.fromarray(np.ascontiguousarray(to_uint8(rgb[::-1] if flip else rgb)), mode="RGB")
+        buffer = io.BytesIO()
+        pil.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
+        return buffer.getvalue()
     if flip:
         image = image[::-1]
     if bits == 8:

@@ -39,6 +39,8 @@ def _bounds(x, frames, reject, center, low, high, scales, zeros, gain, rdnoise, 
         c, s = centre(), _std(x)
     elif reject == "mad":
         c, s = centre(), MAD_TO_STD * np.median(np.abs(x - np.median(x)))
+        if s == 0:     # quantised values, half of them equal: the spread of all (issue 27)
+            s = _std(x)
     elif reject == "winsorized":
         c, s = centre(), _std(x)
         for _ in range(10):

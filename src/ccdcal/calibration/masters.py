@@ -409,17 +409,20 @@ class FinishedMaster:
     n_hot: int | None                     # hot pixels masked in a dark (None: not a dark)
     n_nodata: int                         # pixels without a valid value
     history: tuple[str, ...]
+    cfa_levels: tuple[float, ...] = ()    # a colour flat normalised per CFA colour: the 2x2 cells' levels
 
 
 def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, nodata: np.ndarray, *,
                   flat_norm: str = "median", flat_floor: float = 0.1, hot_sigma: float = 5.0,
                   region: tuple[slice, slice] | None = None, region_text: str | None = None,
-                  in_place: bool = False) -> FinishedMaster:
+                  in_place: bool = False, cfa: str | None = None) -> FinishedMaster:
     """What a combined master becomes: a flat normalised to 1 (uncertainty too) with its weak
     pixels masked and its holes set to 1; a bias or dark with its holes set to 0 and, for a
     dark, its hot pixels masked. ``nodata`` marks pixels without a valid value (MASK bit 32).
     ``in_place``: ``data`` and ``uncertainty`` (float32, C-contiguous) may be overwritten (one
-    pass, :func:`ccdcal.calibration._kernels.finish_planes`, and no new frames).
+    pass, :func:`ccdcal.calibration._kernels.finish_planes`, and no new frames). ``cfa="channel"``:
+    a colour camera's flat, whose four cells of the 2x2 Bayer pattern are then each normalised to
+    1 (the flat's tint taken out, as PixInsight does by default; ``"scalar"`` or None: one level).
     """
 
     history: list[str] = []
@@ -441,14 +444,40 @@ def finish_master(kind: str, data: np.ndarray, uncertainty: np.ndarray | None, n
                   np.float32(level), kind == "flat", np.float32(flat_floor), np.uint8(MASK_NO_DATA),
                   np.uint8(MASK_LOW_FLAT), mask)
     n_hot = None
+    cfa_levels: tuple[float, ...] = ()
     if kind == "flat":
         history.append(f"normalised by the {flat_norm} of {region_text or 'the central half'}: {level:.6g} adu")
+        if cfa == "channel":
+            cfa_levels = _normalise_cfa(data, uncertainty, mask, nodata, flat_norm, flat_floor)
+            history.append("then each cell of the 2x2 CFA normalised to 1: "
+                           + " ".join(f"{v:.5g}" for v in cfa_levels))
     if kind == "dark":
         hot = hot_pixel_mask(data, sigma=hot_sigma) & ~nodata
         mask[hot] |= MASK_HOT
         n_hot = int(hot.sum())
     return FinishedMaster(data, uncertainty, mask, level if kind == "flat" else None, n_hot,
-                          int(np.count_nonzero(nodata)), tuple(history))
+                          int(np.count_nonzero(nodata)), tuple(history), cfa_levels)
+
+
+def _normalise_cfa(data: np.ndarray, uncertainty: np.ndarray | None, mask: np.ndarray, nodata: np.ndarray,
+                   method: str, flat_floor: float) -> tuple[float, ...]:
+    """Divide each cell of the 2x2 CFA of a normalised flat by its own level (in place); the
+    weak-pixel bits follow. Returns the four levels, (0,0), (0,1), (1,0), (1,1)."""
+    levels = []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            cell = data[dy::2, dx::2]
+            value = flat_level(cell, method=method)
+            if not np.isfinite(value) or value <= 0:
+                raise InputError(f"a CFA colour of the combined flat has a level of {value:g}; check the flat frames")
+            cell /= np.float32(value)
+            if uncertainty is not None:
+                uncertainty[dy::2, dx::2] /= np.float32(value)
+            levels.append(float(value))
+    weak = low_flat_mask(data, flat_floor) & ~nodata
+    mask &= np.uint8(~MASK_LOW_FLAT & 0xFF)
+    mask[weak] |= MASK_LOW_FLAT
+    return tuple(levels)
 
 
 def rejection_map(nlow: np.ndarray, nhigh: np.ndarray, *, size: int = 800) -> np.ndarray | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from .._shared.names import printable
 from ..errors import InputError
 from ..masks import (
     MASK_BITS,
@@ -126,6 +127,57 @@ def is_cmos(settings: tuple[tuple[str, str], ...]) -> bool:
     """Whether :func:`camera_settings` show a CMOS camera: an offset register or a readout mode
     (a GAIN index alone is written by CCD controllers too)."""
     return any(name in ("OFFSET", "READOUTM") for name, _ in settings)
+
+
+# -- the Bayer phase of a one-shot-colour frame ------------------------------------------------------
+#: The 2x2 colour filter patterns ccdcal reads (the colour of pixels (0,0), (0,1), (1,0), (1,1)).
+BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+_NO_PATTERN = {"", "NONE", "INVALID", "MONO", "MONOCHROME", "GRAY", "GREY"}
+
+
+def shift_pattern(pattern: str, dx: int, dy: int) -> str:
+    """The 2x2 pattern seen from pixel (dx, dy) of ``pattern``'s array: an odd ``dx`` swaps its
+    columns (RGGB -> GRBG), an odd ``dy`` its rows (RGGB -> GBRG)."""
+    cells = [[pattern[0], pattern[1]], [pattern[2], pattern[3]]]
+    return "".join(cells[(y + dy) % 2][(x + dx) % 2] for y in (0, 1) for x in (0, 1))
+
+
+def bayer_pattern(header: Any, shape: tuple[int, int] | None = None) -> tuple[str | None, str | None]:
+    """The Bayer pattern at pixel (0, 0) of the array as stored (numpy row 0), and why none when a
+    pattern is written but not read (None: a mono frame, or a pattern ccdcal calibrates as it is).
+
+    ``BAYERPAT`` names the cell at the camera's first read-out row (``COLORTYP`` when it holds a
+    2x2 pattern). As Siril reads it: with ``ROWORDER = 'BOTTOM-UP'`` and an even image height the
+    rows of the pattern swap; then an odd ``XBAYROFF`` swaps its columns and an odd
+    ``YBAYROFF`` its rows. X-Trans and other patterns that are not 2x2 are refused.
+    """
+    if header is None:
+        return None, None
+    raw = header.get("BAYERPAT")
+    if raw is None:
+        colortyp = header.get("COLORTYP")
+        raw = colortyp if isinstance(colortyp, str) and colortyp.strip().upper() in BAYER_PATTERNS else None
+    if raw is None or isinstance(raw, bool):
+        return None, None
+    pattern = str(raw).strip().upper().replace(" ", "")
+    if pattern in _NO_PATTERN:
+        return None, None
+    if pattern not in BAYER_PATTERNS:
+        return None, (f"BAYERPAT = {printable(str(raw).strip())!r} is not a 2x2 Bayer pattern (X-Trans and"
+                      " others are not read): calibrated as a mono frame, never debayered")
+    ny = shape[0] if shape is not None else header.get("NAXIS2")
+    if str(header.get("ROWORDER", "TOP-DOWN")).strip().upper() == "BOTTOM-UP" and isinstance(ny, int) and ny % 2 == 0:
+        pattern = shift_pattern(pattern, 0, 1)
+    dx, dy = (header_number(header.get(k)) or 0 for k in ("XBAYROFF", "YBAYROFF"))
+    return shift_pattern(pattern, int(dx), int(dy)), None
+
+
+def bayer_cards(pattern: str) -> dict[str, Any]:
+    """The cards of an output whose pixel (0, 0) has ``pattern``: stated at the array's own row 0
+    (TOP-DOWN, no offsets), so any reader finds the same colours."""
+    return {"BAYERPAT": (pattern, "Bayer pattern at pixel (1,1) of this image"),
+            "XBAYROFF": (0, "Bayer pattern offset in x"), "YBAYROFF": (0, "Bayer pattern offset in y"),
+            "ROWORDER": ("TOP-DOWN", "row 1 is the first row read (Bayer phase)")}
 
 
 def header_read_noise(header: Any) -> float | None:
@@ -806,7 +858,8 @@ def master_cards(kind: str, *, member_rejected: np.ndarray | None, npix: int, fl
                  flat_norm: str = "median", flat_floor: float = 0.1, n_hot: int | None = None,
                  hot_sigma: float = 5.0, n_nodata: int = 0, gain_measured: float | None = None,
                  read_noise_measured: float | None = None, detector_gain: float | None = None,
-                 detector_gain_source: str | None = None, dark_noise: float | None = None, overscan_levels: Sequence[float] = (),
+                 detector_gain_source: str | None = None, dark_noise: float | None = None,
+                 cfa_levels: Sequence[float] = (), overscan_levels: Sequence[float] = (),
                  history: Sequence[str] = ()) -> dict[str, Any]:
     """Every card a master carries beyond the combine's and :func:`master_header`'s own, in the
     order they are written: values rejected, the flat's level and floor, hot pixels, pixels
@@ -819,6 +872,10 @@ def master_cards(kind: str, *, member_rejected: np.ndarray | None, npix: int, fl
     if kind == "flat":
         cards["FLATNORM"] = (flat_level, f"[adu] level the flat was divided by ({flat_norm})")
         cards["FLATFLOR"] = (flat_floor, "flat pixels below this are masked")
+        if cfa_levels:
+            cards["FLATCFA"] = ("channel", "each CFA colour normalised to 1 (2x2 cells below)")
+            for i, value in enumerate(cfa_levels, 1):
+                cards[f"FLATCFA{i}"] = (round(float(value), 6), f"level of CFA cell {i} (row-major 2x2)")
     if kind == "dark":
         cards["NHOTPIX"] = (n_hot, f"hot pixels (> {hot_sigma:g} sigma), MASK bit 2")
     cards["NNODATA"] = (n_nodata, "pixels without a valid value, MASK bit 32")
@@ -878,10 +935,12 @@ def master_header(combined: Any, *, kind: str, title: str, n_members: int, steps
 
 def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, uncorrected: str | None = None,
                  bias: Master | None = None, dark: Master | None = None, flat: Master | None = None,
-                 flat_floor: float = 0.1, gain_source: str | None = None) -> Any:
+                 flat_floor: float = 0.1, gain_source: str | None = None, bayer: str | None = None) -> Any:
     """The header of a calibrated light: the raw header without its storage and section
     keywords, coordinates shifted for the trim (IRAF LTV), mid-exposure time, and every step
-    (:func:`write_calibration_keywords`)."""
+    (:func:`write_calibration_keywords`). A colour frame (``bayer``: its pattern at the raw
+    array's pixel (0, 0)) gets the pattern of the trimmed image, stated TOP-DOWN without offsets
+    (:func:`bayer_cards`): a trim by an odd number of pixels changes it."""
     import time
 
     header = clean_header(raw_header)
@@ -894,6 +953,10 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
             header[f"LTV{axis}"] = (float(header.get(f"LTV{axis}", 0.0)) - shift, "offset of trimmed image")
     for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
         header.remove(key, ignore_missing=True, remove_all=True)
+    if bayer:
+        dx, dy = (trim.x1 - 1, trim.y1 - 1) if trim is not None else (0, 0)
+        for key, value in bayer_cards(shift_pattern(bayer, dx, dy)).items():
+            header[key] = value
     time_keywords(header)
     header["BUNIT"] = "adu"
     header["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"

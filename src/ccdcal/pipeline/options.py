@@ -10,6 +10,7 @@ from typing import Any
 
 from ..combining.options import REJECTS, parse_memory
 from ..errors import ConfigError
+from ..io.headers import BAYER_PATTERNS
 from ..planning.plan import PlanOptions
 from ..sections import parse_section
 
@@ -47,6 +48,8 @@ class ReduceOptions:
     scale_darks: str = _option("auto", PLAN)  # auto: CCD darks scaled by exposure, CMOS darks only matched
     masters: tuple[str, ...] = _option((), PLAN)  # folders of masters of earlier runs, for what a night lacks
     flat_max_age: float = _option(30.0, PLAN)  # days: a library flat further from a light is not used
+    bayer_pattern: str | None = _option(None, PLAN)  # colour frames without BAYERPAT: RGGB, BGGR, GRBG, GBRG
+    flat_cfa: str = _option("channel", PLAN)  # colour flats: each CFA colour to 1 (PixInsight) or one level (Siril)
     flat_floor: float = _option(0.1, PHYSICS)
     exclude_flagged: bool = _option(False, PLAN)
     strict: bool = _option(False, RUN)
@@ -125,6 +128,10 @@ class ReduceOptions:
             value = getattr(self, key)
             if value is not None and (len(value) != 2 or any(v < 0 for v in value)):
                 raise ConfigError(f"{key} must be two non-negative numbers, got {value!r}")
+        if self.bayer_pattern is not None and self.bayer_pattern.upper() not in BAYER_PATTERNS:
+            raise ConfigError(f"bayer_pattern {self.bayer_pattern!r}: use one of {', '.join(BAYER_PATTERNS)}")
+        if self.flat_cfa not in ("channel", "scalar"):
+            raise ConfigError(f"flat_cfa {self.flat_cfa!r}: use channel or scalar")
         if self.scale_darks not in ("auto", "always", "never"):
             raise ConfigError(f"scale_darks {self.scale_darks!r}: use auto, always or never")
         if not 0 < self.flat_floor < 1:

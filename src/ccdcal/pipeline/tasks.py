@@ -225,8 +225,9 @@ def _fact(ctx: RunContext, name: str | None, key: str) -> Any:
 
 # -- building a master ------------------------------------------------------------------------------
 def master_fingerprint(job: MasterJob, ctx: RunContext, inputs: list[dict[str, Any]]) -> str:
+    colour = [("cfa", job.cfa)] if job.cfa else []     # a mono master's print is as it was
     return fingerprint(__version__, inputs, list(job.recipes), job.settings, ctx.options.physics(),
-                       sorted(ctx.prints.get(n, "") for n in job.depends_on))
+                       sorted(ctx.prints.get(n, "") for n in job.depends_on), *colour)
 
 
 @dataclass(frozen=True)
@@ -424,7 +425,8 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
     nodata = np.asarray(result.mask, dtype=bool) | ~np.isfinite(result.data)
     done = finish_master(job.kind.value, result.data, result.uncertainty, nodata, flat_norm=options.flat_norm,
                          flat_floor=options.flat_floor, hot_sigma=options.hot_sigma, region=region,
-                         region_text=settings.scale_region, in_place=True)   # the combine's planes are ours
+                         region_text=settings.scale_region, in_place=True,   # the combine's planes are ours
+                         cfa=job.cfa)
     det = None
     if job.kind.value == "bias" and noise.read_noise_measured is not None:   # the gain of its RDNOISE
         det = resolve_detector(sources[0].header, gain=options.gain)
@@ -433,7 +435,7 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
                          flat_level=done.level, flat_norm=options.flat_norm, flat_floor=options.flat_floor,
                          n_hot=done.n_hot, hot_sigma=options.hot_sigma, n_nodata=done.n_nodata,
                          gain_measured=noise.gain_measured, read_noise_measured=noise.read_noise_measured,
-                         dark_noise=noise.dark_noise,
+                         dark_noise=noise.dark_noise, cfa_levels=done.cfa_levels,
                          detector_gain=det.gain if det is not None else None,
                          detector_gain_source=det.gain_source if det is not None else None,
                          overscan_levels=levels, history=list(noise.history) + list(done.history))
@@ -546,6 +548,8 @@ def light_fingerprint(job: LightJob, ctx: RunContext, inputs: list[dict[str, Any
     if ctx.options.bad_pixel_map:   # only then: the fingerprints of runs without a map are kept
         key = _bad_pixel_key(ctx.options.bad_pixel_map)
         parts.append({"bad_pixel_map": key and key[3]})
+    if job.frame.bayer:             # a colour frame's pattern (written in its header)
+        parts.append({"bayer": job.frame.bayer})
     return fingerprint(*parts)
 
 
@@ -682,7 +686,8 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         to_electrons=options.to_electrons, uncertainty=options.uncertainty, overwrite_raw=True,
         uncertainty_out=sigma, mask_out=mask)
     header = light_header(raw_header, result, trim=recipe.trim, uncorrected=job.uncorrected, bias=bias,
-                          dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source)
+                          dark=dark, flat=flat, flat_floor=options.flat_floor, gain_source=det.gain_source,
+                          bayer=job.frame.bayer)
     if dark is not None and result.dark_scale not in (None, 1.0) and is_cmos(job.frame.camera):
         residual = glow_residual(result.data, result.mask, glow_region(dark))
         if residual is not None:   # a CMOS dark scaled by exposure (asked for): what its glow left

@@ -38,6 +38,7 @@ from ..io.headers import (
     SETTEMP_KEYS,
     TEMP_KEYS,
     TYPE_KEYS,
+    bayer_pattern,
     binning,
     calibration_steps,
     camera_settings,
@@ -146,6 +147,9 @@ class FrameInfo:
     camera : tuple of (str, str)
         The camera settings the frame was taken at (GAIN as a setting, OFFSET, readout mode;
         :func:`ccdcal.io.headers.camera_settings`): frames at other settings share no master.
+    bayer : str or None
+        A one-shot-colour frame's Bayer pattern at pixel (0, 0) of the array as stored
+        (:func:`ccdcal.io.headers.bayer_pattern`: ROWORDER and offsets applied); None for mono.
     """
 
     path: Path
@@ -169,6 +173,7 @@ class FrameInfo:
     flags: tuple[str, ...] = ()
     metrics: dict[str, float] | None = field(default=None, compare=False)
     camera: tuple[tuple[str, str], ...] = ()
+    bayer: str | None = None
 
     @property
     def name(self) -> str:
@@ -339,6 +344,9 @@ def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus
     warnings.extend(problems)
     calibrated, problems = calibration_steps(header)
     warnings.extend(problems)
+    bayer, problem = bayer_pattern(header, shape)
+    if problem:
+        warnings.append(problem)
     if kind in (FrameKind.DARK, FrameKind.FLAT, FrameKind.LIGHT) and exptime is None:
         warnings.append("no exposure time (EXPTIME/EXPOSURE/ITIME)")
     obj = header_value(header, ("OBJECT", "OBJNAME"))
@@ -362,6 +370,7 @@ def frame_info(path: Path, hdu: int, header: Any, shape: tuple[int, int], n_hdus
         n_hdus=n_hdus,
         warnings=tuple(warnings),
         camera=camera_settings(header),
+        bayer=bayer,
     )
 
 

@@ -136,6 +136,7 @@ class MasterJob:
     temperature: float | None = None
     filter: str | None = None
     geometry: tuple = ()
+    cfa: str | None = None                     # a flat of a colour camera: "channel" (each CFA colour to 1) or "scalar"
 
     @property
     def output(self) -> str:
@@ -270,6 +271,8 @@ class PlanOptions:
     scale_darks: str = "auto"                    # auto: CCD darks scaled by exposure, CMOS darks matched only
     flat_max_age: float = 30.0                   # days: a library flat further from a light is not used
     masters: tuple[str, ...] = ()                # folders of masters of earlier runs (read by the caller)
+    bayer_pattern: str | None = None             # the pattern of colour frames whose header has none
+    flat_cfa: str = "channel"                    # a colour camera's flat: each CFA colour to 1, or one scalar
     light_steps: tuple[str, ...] = ()            # what every light gets beyond its masters (for the plan text)
     stack: bool = False                          # stack the calibrated lights per target and filter
 
@@ -846,8 +849,11 @@ def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
                                     f" ({keep[0].name}): noisy")
             flats.setdefault(geom, {})[filt] = name
             label = f"master flat   {filt or '(no filter)'}" + ctx.settings_label(geom)
+            cfa = ctx.options.flat_cfa if all(f.bayer for f in keep) else None
+            label += {"channel": "   each CFA colour normalised to 1", "scalar": "   one level for every CFA colour",
+                      None: ""}[cfa]
             jobs.append(_master_job(FrameKind.FLAT, name, label, (keep, drop, reasons), recipes,
-                                    ctx, filter=filt, geometry=geom))
+                                    ctx, filter=filt, geometry=geom, cfa=cfa))
     return jobs, replace(index, flats=flats)
 
 
@@ -917,6 +923,8 @@ def build_plan(inventory: Inventory, options: PlanOptions | None = None, library
     skipped = list(inventory.skipped) + list(library.refused)
     warnings: list[str] = []
     frames = _raw_frames(list(inventory.frames), skipped)
+    if options.bayer_pattern:    # the user's pattern for colour frames that do not say theirs
+        frames = [f if f.bayer else replace(f, bayer=options.bayer_pattern) for f in frames]
     frames = _zero_level_from_short_darks(frames, warnings)
     ctx = PlanContext.of(frames, options, skipped=skipped, warnings=warnings, library=library)
     biases, index = plan_biases(frames, ctx)

@@ -15,6 +15,11 @@
 
 The reference is the given frame, else the kept frame with the most stars (ties: the
 sharpest).
+
+One-shot-colour frames (a Bayer pattern in their header, or given) are debayered after their
+calibration, never before (:mod:`ccdcal.colour.debayer`): stars are found and matched on the
+mean of the three colours, and each colour is resampled, matched, rejected, weighted and
+stacked on its own (one transform per frame for all three); the stack is an RGB cube.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from typing import Any
 import numpy as np
 
 from .._shared.progress import ProgressOption, resolve_progress, steps
+from ..colour.debayer import DebayeredRows, debayer, frame_pattern, luminance, rgb_header
 from ..errors import CcdcalWarning, InputError
+from ..io.frames import FrameSource
 from ..io.guard import refuse_overwrite
 from ..io.writer import write_bytes
 from ..stretch import downsample, png_bytes, stretch
-from .engine import stack
+from .engine import StackResult, stack
 from .register import RegistrationError, detect_stars, find_transform, flag_outliers, frame_quality
 
 #: matched stars closer than this (px, after the transform) measure the flux ratio
@@ -111,7 +118,8 @@ class StackRun:
         return self.table()._repr_html_()
 
 
-def _read_frame(path: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
+def _read_frame(path: str, pattern: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """A frame's data, mask and header; a CFA frame (``pattern``) as the mean of its colours."""
     from astropy.io import fits
 
     try:
@@ -123,21 +131,39 @@ def _read_frame(path: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
         raise InputError(f"{path}: cannot be read as a calibrated frame ({exc})") from exc
     if data.ndim != 2:
         raise InputError(f"{path}: expected a 2-D image, got shape {data.shape}")
+    if pattern is not None:
+        data, mask = luminance(debayer(data, pattern, mask=mask))
     return data, mask, header
 
 
+def frame_patterns(paths: list[str], given: str | None = None) -> list[str | None]:
+    """Each frame's Bayer pattern (None: mono); all colour or all mono, else an InputError."""
+    patterns = []
+    for path in paths:
+        with FrameSource(path) as src:
+            patterns.append(frame_pattern(src.header, src.shape, given))
+    if len({p is None for p in patterns}) > 1:
+        colour = [Path(p).name for p, pat in zip(paths, patterns, strict=True) if pat][:3]
+        raise InputError(f"some frames are colour (a Bayer pattern: {', '.join(colour)} ...) and some mono;"
+                         " stack them apart")
+    return patterns
+
+
 def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
-                 progress: ProgressOption = None) -> tuple[list[FrameVerdict], list[Any]]:
+                 progress: ProgressOption = None, patterns: list[str | None] | None = None
+                 ) -> tuple[list[FrameVerdict], list[Any]]:
     """Stars and quality of every frame, and the outliers of the group left out with the reason.
+    A colour frame (its entry in ``patterns``) is judged on the mean of its colours.
 
     Returns the verdicts and the star lists (None where none was measured).
     """
 
     paths = [str(p) for p in paths]
+    patterns = patterns or [None] * len(paths)
     qualities, stars, errors = [], [], []
-    for path in steps(paths, "finding stars", progress):
+    for path, pattern in steps(list(zip(paths, patterns, strict=True)), "finding stars", progress):
         try:
-            data, mask, _ = _read_frame(path)
+            data, mask, _ = _read_frame(path, pattern)
             found = detect_stars(data, mask, max_stars=max_stars)
             qualities.append(frame_quality(found, data.shape))
             stars.append(found)
@@ -227,7 +253,8 @@ def register_verdicts(verdicts: list[FrameVerdict], stars: list[Any], ref: int) 
 def stack_files(paths: Any, output: str | os.PathLike | None = None, *, reference: Any = None,
                 reject: str = "auto", weights: str = "noise", interpolation: str = "lanczos3",
                 keep_all: bool = False, memory: str | int = "1GiB", preview: bool = True,
-                progress: ProgressOption = None) -> StackRun:
+                progress: ProgressOption = None, debayer: str = "bilinear",
+                bayer_pattern: str | None = None) -> StackRun:
     """Judge, register and stack calibrated lights (see the module docstring).
 
     Parameters
@@ -244,6 +271,10 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     keep_all : bool
         Keep frames flagged as outliers (clouds, trailing, focus); frames without stars or
         that cannot be registered are always left out.
+    debayer : {"bilinear", "mhc"}
+        How colour (CFA) frames are debayered (see :mod:`ccdcal.colour.debayer`).
+    bayer_pattern : str, optional
+        The pattern of colour frames whose header does not give one (RGGB, BGGR, GRBG, GBRG).
     progress : bool or callable, optional
         True: progress bars while stars are found and while the rows are stacked (a widget
         in Jupyter, else on stderr); False or None: silent; or a function
@@ -267,7 +298,8 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     if output is not None:
         refuse_overwrite([*paths, *([reference] if reference is not None else [])],
                          files=[output, Path(output).with_suffix(".png")])
-    verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress)
+    patterns = frame_patterns(paths, bayer_pattern)
+    verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, patterns=patterns)
     ref = _pick_reference(verdicts, reference)
     verdicts = register_verdicts(verdicts, stars, ref)
     run = StackRun(frames=verdicts)
@@ -280,9 +312,16 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     # of the resampled frames against the reference's): on synthetic fields within 0.65 % of
     # the truth, where the matched stars' aperture flux ratio (kept in the table as a check)
     # was biased by up to 1.8 %
-    run.result = stack([v.path for v in used], [np.asarray(v.matrix).reshape(3, 3) for v in used],
-                       reference=next(k for k, v in enumerate(used) if v.reference), reject=reject,
-                       weights=weights, interpolation=interpolation, memory=memory, progress=progress)
+    matrices = [np.asarray(v.matrix).reshape(3, 3) for v in used]
+    ref_used = next(k for k, v in enumerate(used) if v.reference)
+    pattern_of = dict(zip(paths, patterns, strict=True))
+    if pattern_of[used[0].path] is None:
+        run.result = stack([v.path for v in used], matrices, reference=ref_used, reject=reject,
+                           weights=weights, interpolation=interpolation, memory=memory, progress=progress)
+    else:
+        run.result = _colour_stack([(v.path, pattern_of[v.path]) for v in used], matrices, ref_used,
+                                   dict(reject=reject, weights=weights, interpolation=interpolation, memory=memory,
+                                        progress=progress), debayer)
     if output is not None:
         run.output = run.result.write(output)
         if preview:
@@ -290,8 +329,34 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     return run
 
 
+def _colour_stack(frames: list[tuple[str, str]], matrices: list[np.ndarray], reference: int,
+                  options: dict[str, Any], method: str) -> StackResult:
+    """Each colour of the CFA ``frames`` stacked on its own (one transform per frame), as one
+    colour result: planes (3, ny, nx), the frames' factors and the header of the green stack."""
+    results = []
+    for channel in range(3):
+        sources = [DebayeredRows(path, channel, pattern, method=method) for path, pattern in frames]
+        try:
+            results.append(stack(sources, matrices, reference=reference, **options))
+        finally:
+            for source in sources:
+                source.close()
+    green = results[1]
+    header = rgb_header(green.header)
+    header["DEBAYER"] = (method, "how the CFA frames were debayered (after calibration)")
+    for name, result in zip("RGB", results, strict=True):
+        header[f"BKG{name}"] = (float(np.median(result.backgrounds)), f"[adu] median background of the frames, {name}")
+    return StackResult(
+        data=np.stack([r.data for r in results]), uncertainty=np.stack([r.uncertainty for r in results]),
+        coverage=np.stack([r.coverage for r in results]), weight=np.stack([r.weight for r in results]),
+        rejected=np.stack([r.rejected for r in results]), mask=np.stack([r.mask for r in results]), header=header,
+        scales=green.scales, zeros=green.zeros, weights=green.weights, backgrounds=green.backgrounds,
+        noise=green.noise, frame_rejected=sum(r.frame_rejected for r in results))
+
+
 def write_preview(data: np.ndarray, path: Path) -> Path:
-    """An auto-stretched PNG of the stack (ccdcal.stretch), at most 1600 px on a side."""
+    """An auto-stretched PNG of the stack (ccdcal.stretch), at most 1600 px on a side; a colour
+    stack in colour (each colour stretched on its own: a neutral background)."""
 
     write_bytes(path, png_bytes(stretch(downsample(data, 1600), "autostf")))
     return path

@@ -1,0 +1,1 @@
+"""One-shot-colour frames: Bayer patterns made colours (:mod:`ccdcal.colour.debayer`)."""

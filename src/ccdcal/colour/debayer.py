@@ -1,0 +1,210 @@
+"""One-shot-colour frames: the Bayer pattern made colours, after calibration, never before.
+
+:func:`debayer` turns a calibrated CFA frame (one plane) into red, green and blue planes, with
+its uncertainty carried through the interpolation weights and its mask honoured: a bad pixel
+(hot, saturated, a cosmic ray) is never used, and its own colour is made from good pixels of
+that colour around it (the CFA-aware cosmetic correction: a hot red pixel is replaced from red
+neighbours). Two methods: ``bilinear`` and ``mhc`` (Malvar, He and Cutler 2004: gradient-
+corrected 5x5 linear filters, sharper edges with no more noise; bilinear where a bad pixel is
+in its window). :class:`DebayeredRows` serves one colour of a CFA file by rows, so the stacker
+resamples and stacks each colour without holding a debayered frame. :func:`debayer_file` writes
+an RGB cube (NAXIS3 = 3: R, G, B, as Siril and PixInsight write colour FITS).
+
+Debayering is a step of its own (``ccdcal debayer``, :func:`debayer_file`) and of stacking; the
+calibrated lights stay CFA (one plane with its pattern), as Siril and PixInsight write them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.frames import FrameSource, clean_header, image_hdus
+from ..io.guard import refuse_overwrite
+from ..io.headers import BAYER_PATTERNS, bayer_pattern
+from ..io.writer import write_atomic
+from ..masks import MASK_NO_DATA
+from ._kernels import MHC_FILTERS, debayer_rows
+
+CHANNELS = ("R", "G", "B")
+METHODS = {"bilinear": 0, "mhc": 1}
+_MARGIN = 2   # rows of the CFA either side a band of colours needs (the 5x5 window)
+
+
+def channel_map(pattern: str) -> np.ndarray:
+    """The colour index (0 R, 1 G, 2 B) of each cell of a 2x2 pattern (``RGGB``: [[0, 1], [1, 2]])."""
+    pattern = str(pattern).upper()
+    if pattern not in BAYER_PATTERNS:
+        raise InputError(f"Bayer pattern {pattern!r}: use one of {', '.join(BAYER_PATTERNS)}")
+    return np.array([[CHANNELS.index(pattern[0]), CHANNELS.index(pattern[1])],
+                     [CHANNELS.index(pattern[2]), CHANNELS.index(pattern[3])]], np.int64)
+
+
+def _method(method: str) -> int:
+    if method not in METHODS:
+        raise InputError(f"debayer method {method!r}: use {' or '.join(METHODS)}")
+    return METHODS[method]
+
+
+class Debayered(NamedTuple):
+    """Colour planes of a CFA frame: ``data`` and ``uncertainty`` (3, ny, nx) float32 (R, G, B;
+    uncertainty None when the frame had none), ``mask`` (3, ny, nx) bool (True: no good pixel of
+    that colour nearby)."""
+
+    data: np.ndarray
+    mask: np.ndarray
+    uncertainty: np.ndarray | None
+
+
+def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: np.ndarray | None = None,
+            uncertainty: np.ndarray | None = None, row0: int = 0) -> Debayered:
+    """Red, green and blue planes of a calibrated CFA frame.
+
+    Parameters
+    ----------
+    data : ndarray (ny, nx)
+        The CFA frame, calibrated (bias, dark and flat applied to the one plane first).
+    pattern : str
+        Its Bayer pattern at pixel (0, 0) of ``data`` (RGGB, BGGR, GRBG, GBRG).
+    method : {"bilinear", "mhc"}
+    mask : ndarray, optional
+        Non-zero where a pixel is bad: never used; its colour made from its neighbours.
+    uncertainty : ndarray, optional
+        σ of each pixel; a made value gets the weighted mean of its pixels' variances (see
+        :mod:`ccdcal.colour._kernels`: interpolation error included).
+    row0 : int
+        The image row of ``data``'s row 0 (for a band of rows: the phase of the pattern).
+    """
+    cfa = np.ascontiguousarray(data, dtype=np.float32)
+    if cfa.ndim != 2:
+        raise InputError(f"a CFA frame has one plane; got shape {cfa.shape}")
+    bad = ~np.isfinite(cfa)
+    if mask is not None:
+        bad |= np.asarray(mask) != 0
+    has_var = uncertainty is not None
+    var = (np.asarray(uncertainty, np.float32) ** 2) if has_var else np.zeros((1, 1), np.float32)
+    ny, nx = cfa.shape
+    out = np.empty((3, ny, nx), np.float32)
+    out_bad = np.empty((3, ny, nx), np.bool_)
+    out_var = np.zeros((3, ny, nx), np.float32) if has_var else np.empty((3, ny, nx), np.float32)
+    debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, _method(method), MHC_FILTERS,
+                 out, out_bad, out_var)
+    sigma = np.sqrt(np.maximum(out_var, 0.0)) if has_var else None
+    return Debayered(out, out_bad, sigma)
+
+
+def luminance(colours: Debayered) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the three colours (what stars are found and matched on) and where it has no value."""
+    bad = colours.mask.any(axis=0)
+    lum = colours.data.mean(axis=0)
+    lum[bad] = np.nan
+    return lum, bad
+
+
+def frame_pattern(header: Any, shape: tuple[int, int], given: str | None = None) -> str | None:
+    """The pattern of a frame: its header's (:func:`ccdcal.io.headers.bayer_pattern`), else ``given``."""
+    found, _ = bayer_pattern(header, shape)
+    return found or (given.upper() if given else None)
+
+
+class DebayeredRows:
+    """One colour of a CFA file (its data, and its ``MASK`` and ``UNCERT`` extensions when
+    present) served by rows: a row source for :func:`ccdcal.stacking.engine.stack`.
+
+    Each band of rows is debayered once (with a margin of CFA rows around it) and its data,
+    mask and uncertainty are served from that; reading it again costs nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike, channel: int, pattern: str, *, method: str = "bilinear"):
+        self.path = Path(path)
+        self.channel = int(channel)
+        self.name = f"{self.path.name}[{CHANNELS[self.channel]}]"
+        self._pattern, self._method = pattern, method
+        self._data = FrameSource(self.path)
+        self.shape = self._data.shape
+        self.header = self._data.header
+        self._mask = self._unc = None
+        for hdu in image_hdus(self.path)[0]:
+            extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
+            if hdu.index != self._data.hdu and hdu.shape == self.shape and extname in ("MASK", "UNCERT"):
+                source = FrameSource(self.path, hdu=hdu.index)
+                if extname == "MASK":
+                    self._mask = source
+                else:
+                    self._unc = source
+        if self._unc is None:
+            self.read_uncertainty_rows = None
+        self._band: tuple[int, int, Debayered] | None = None
+
+    def _colours(self, y0: int, y1: int) -> Debayered:
+        if self._band is not None and self._band[0] <= y0 and y1 <= self._band[1]:
+            a, _, band = self._band
+            return Debayered(band.data[:, y0 - a:y1 - a], band.mask[:, y0 - a:y1 - a],
+                             None if band.uncertainty is None else band.uncertainty[:, y0 - a:y1 - a])
+        a, b = max(0, y0 - _MARGIN), min(self.shape[0], y1 + _MARGIN)
+        data = self._data.read_rows(a, b)
+        mask = self._mask.read_rows(a, b) if self._mask is not None else None
+        unc = self._unc.read_rows(a, b) if self._unc is not None else None
+        colours = debayer(data, self._pattern, method=self._method, mask=mask, uncertainty=unc, row0=a)
+        inner = Debayered(colours.data[:, y0 - a:y1 - a], colours.mask[:, y0 - a:y1 - a],
+                          None if unc is None else colours.uncertainty[:, y0 - a:y1 - a])
+        self._band = (y0, y1, inner)
+        return inner
+
+    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+        return np.ascontiguousarray(self._colours(y0, y1).data[self.channel])
+
+    def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
+        return np.ascontiguousarray(self._colours(y0, y1).mask[self.channel])
+
+    def read_uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
+        return np.ascontiguousarray(self._colours(y0, y1).uncertainty[self.channel])
+
+    def close(self) -> None:
+        for source in (self._data, self._mask, self._unc):
+            if source is not None:
+                source.close()
+        self._band = None
+
+
+def rgb_header(header: Any) -> Any:
+    """A colour image's header from its CFA frame's: the Bayer cards dropped (the colours are made)."""
+    out = clean_header(header)
+    for key in ("BAYERPAT", "XBAYROFF", "YBAYROFF", "COLORTYP"):
+        out.remove(key, ignore_missing=True, remove_all=True)
+    out["CTYPE3"] = ("RGB", "planes: red, green, blue")
+    return out
+
+
+def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: str = "bilinear",
+                 pattern: str | None = None) -> Path:
+    """Write the colours of a calibrated CFA file as an RGB cube: primary (3, ny, nx) float32,
+    ``UNCERT`` (3, ny, nx) when the input had one, ``MASK`` (3, ny, nx; MASK_NO_DATA where no
+    good pixel of that colour was near)."""
+    from astropy.io import fits
+
+    path, output = Path(path), Path(output)
+    refuse_overwrite([path], files=[output])
+    with FrameSource(path) as src:
+        header = src.header.copy()
+        used = frame_pattern(header, src.shape, pattern)
+        if used is None:
+            raise InputError(f"{path}: no BAYERPAT in its header: a mono frame (pass the pattern for a colour one)")
+    rows = DebayeredRows(path, 1, used, method=method)
+    try:
+        colours = rows._colours(0, rows.shape[0])
+    finally:
+        rows.close()
+    out_header = rgb_header(header)
+    out_header["HISTORY"] = f"ccdcal: debayered ({method}) from {path.name}, Bayer pattern {used}"
+    hdus = [fits.PrimaryHDU(colours.data, header=out_header)]
+    if colours.uncertainty is not None:
+        unc_header = fits.Header([("UTYPE", "StdDevUncertainty", "uncertainty type (astropy.nddata)")])
+        hdus.append(fits.ImageHDU(colours.uncertainty, header=unc_header, name="UNCERT"))
+    hdus.append(fits.ImageHDU(np.where(colours.mask, np.uint8(MASK_NO_DATA), np.uint8(0)), name="MASK"))
+    write_atomic(output, lambda tmp: fits.HDUList(hdus).writeto(tmp, checksum=True, output_verify="silentfix"))
+    return output

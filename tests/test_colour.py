@@ -1,0 +1,183 @@
+"""One-shot-colour cameras (issue 28): the Bayer phase kept through every step, flats normalised
+per CFA colour, debayering after calibration, colour stacks, colour previews. From
+tests/oscnight.py (independent of ccdcal)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from oscnight import PANEL_TINT, write_night
+
+
+def _photometry(plane: np.ndarray, xy: np.ndarray, radius: float = 6.5) -> np.ndarray:
+    ny, nx = plane.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    out = []
+    for x, y in xy:
+        r = np.hypot(xx - x, yy - y)
+        sky = np.nanmedian(plane[(r > 8.5) & (r < 12.5)])
+        inside = r <= radius
+        out.append(np.nansum(plane[inside] - sky))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def osc_stacks(tmp_path_factory):
+    """One OSC night reduced twice (flats normalised per CFA colour, and with one level), each
+    stacked on light 0's grid."""
+    import ccdcal
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+
+    root = tmp_path_factory.mktemp("osc")
+    night = write_night(root / "raw")
+    out = {}
+    for mode in ("channel", "scalar"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = reduce(root / "raw", root / mode, options=ReduceOptions(report=False, flat_cfa=mode))
+            lights = [root / mode / j.output for j in result.plan.lights]
+            run = ccdcal.stack(lights, root / mode / "stack.fits", reference=lights[0])
+        with fits.open(root / mode / "stack.fits") as hdul:
+            out[mode] = (hdul[0].data.astype(np.float64), hdul[0].header.copy(), result)
+    return night, out, run
+
+
+def test_a_colour_stack_is_an_rgb_cube_on_the_reference_grid(osc_stacks):
+    night, out, run = osc_stacks
+    data, header, _ = out["channel"]
+    assert data.shape == (3, *night.shape) and header["NAXIS3"] == 3 and "BAYERPAT" not in header
+    assert run.preview is not None and run.preview.exists()
+    # stars where the catalogue puts them on light 0's grid: centroids of the green plane
+    green = data[1]
+    ny, nx = green.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    errors = []
+    for x, y, *_ in night.stars:
+        box = (np.abs(xx - x) <= 4) & (np.abs(yy - y) <= 4)
+        w = np.clip(green[box] - np.nanmedian(green), 0, None)
+        errors.append(np.hypot(np.sum(w * xx[box]) / w.sum() - x, np.sum(w * yy[box]) / w.sum() - y))
+    assert np.median(errors) < 0.1
+
+
+def test_stars_keep_their_colours_under_the_stated_flat_convention(osc_stacks):
+    """Flats normalised per CFA colour (the default): R/G and B/G of every star within 2 % (median);
+    one level for all colours: the panel's tint inverted (R/G x2, B/G x1/0.7), as Siril's default."""
+    night, out, _ = osc_stacks
+    xy = night.stars[:, :2]
+    for mode, (r_factor, b_factor) in (("channel", (1.0, 1.0)),
+                                       ("scalar", (PANEL_TINT["G"] / PANEL_TINT["R"], PANEL_TINT["G"] / PANEL_TINT["B"]))):
+        data, header, result = out[mode]
+        flux = [_photometry(data[c], xy) for c in range(3)]
+        rg, bg = flux[0] / flux[1], flux[2] / flux[1]
+        assert np.median(np.abs(rg / (night.stars[:, 3] * r_factor) - 1)) <= 0.02, mode
+        assert np.median(np.abs(bg / (night.stars[:, 4] * b_factor) - 1)) <= 0.02, mode
+        flat = next(j for j in result.plan.masters if j.kind.value == "flat")
+        assert flat.cfa == mode
+        fh = fits.getheader(Path(result.out_dir) / flat.output)
+        assert ("FLATCFA" in fh) == (mode == "channel")
+
+
+def test_no_bayer_pattern_survives_in_the_stack(osc_stacks):
+    """On blank sky the four cells of the 2x2 pattern have one level in each colour plane (no
+    power at the Nyquist frequency beyond noise)."""
+    night, out, _ = osc_stacks
+    data = out["channel"][0]
+    ny, nx = night.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    blank = np.ones(night.shape, bool)
+    for x, y, *_ in night.stars:
+        blank &= np.hypot(xx - x, yy - y) > 10
+    blank[:12], blank[-12:], blank[:, :12], blank[:, -12:] = False, False, False, False
+    for plane in data:
+        cells = [plane[dy::2, dx::2][blank[dy::2, dx::2]] for dy in (0, 1) for dx in (0, 1)]
+        means = np.array([np.nanmean(c) for c in cells])
+        sigma = np.nanstd(np.concatenate(cells)) / np.sqrt(min(c.size for c in cells))
+        assert np.ptp(means) < 4 * sigma, (means, sigma)
+
+
+def test_the_calibrated_lights_stay_cfa_with_their_pattern(osc_stacks):
+    night, out, _ = osc_stacks
+    result = out["channel"][2]
+    for job in result.plan.lights:
+        header = fits.getheader(Path(result.out_dir) / job.output)
+        assert header["NAXIS"] == 2 and header["BAYERPAT"] == night.pattern and header["ROWORDER"] == "TOP-DOWN"
+
+
+# -- the Bayer phase: every way a header can state it gives the same colours ------------------------
+def _sensor_frame(scene: np.ndarray, pattern: str, x0: int, y0: int, height: int, bottom_up: bool) -> np.ndarray:
+    """What a camera whose pattern is ``pattern`` at its first read-out row and column writes for
+    a window of ``scene`` (3, ny, nx) starting at sensor pixel (x0, y0), ``height`` rows, in read-out
+    order or bottom-up (the rows reversed)."""
+    _, _, nx = scene.shape
+    frame = np.empty((height, nx - x0))
+    for r in range(height):
+        for c in range(nx - x0):
+            sy, sx = y0 + r, x0 + c
+            frame[r, c] = scene["RGB".index(pattern[2 * (sy % 2) + (sx % 2)]), sy, sx]
+    return frame[::-1] if bottom_up else frame
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+@pytest.mark.parametrize("bottom_up", [False, True])
+@pytest.mark.parametrize("height", [40, 41])
+@pytest.mark.parametrize("offset", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_every_way_of_stating_the_bayer_phase_gives_the_same_colours(pattern, bottom_up, height, offset):
+    """A scene of colour patches seen through a sub-frame window: BAYERPAT is the sensor's
+    pattern, XBAYROFF/YBAYROFF the window's start, ROWORDER how the rows were stored (CMOS.md
+    §1.4, Siril's rules). Read back and debayered, every case gives the patches' colours."""
+    from ccdcal.colour.debayer import debayer
+    from ccdcal.io.headers import bayer_pattern
+
+    x0, y0 = offset
+    ny, nx = height + y0, 50
+    scene = np.empty((3, ny, nx))
+    colours = [(300.0, 500.0, 200.0), (800.0, 150.0, 400.0)]
+    for k, (r, g, b) in enumerate(colours):      # two patches: left and right halves
+        scene[:, :, k * nx // 2:(k + 1) * nx // 2] = np.array([r, g, b])[:, None, None]
+    frame = _sensor_frame(scene, pattern, x0, y0, height, bottom_up)
+    header = fits.Header([("BAYERPAT", pattern), ("ROWORDER", "BOTTOM-UP" if bottom_up else "TOP-DOWN"),
+                          ("XBAYROFF", x0), ("YBAYROFF", y0)])
+    found, why = bayer_pattern(header, frame.shape)
+    assert why is None
+    rgb = debayer(frame, found).data
+    half = (nx - x0) // 2
+    for k, truth in enumerate(colours):
+        block = rgb[:, 3:-3, k * half + 3:(k + 1) * half - 3]
+        np.testing.assert_allclose(np.median(block, axis=(1, 2)), truth)
+
+
+def test_x_trans_and_unknown_patterns_are_refused_with_the_reason():
+    from ccdcal.io.headers import bayer_pattern
+
+    assert bayer_pattern(fits.Header([("BAYERPAT", "XTRANS")]), (6, 6))[1].startswith("BAYERPAT = 'XTRANS'")
+    assert bayer_pattern(fits.Header([("BAYERPAT", "NONE")]), (6, 6)) == (None, None)
+    assert bayer_pattern(fits.Header([("COLORTYP", "GRBG")]), (6, 6)) == ("GRBG", None)
+
+
+def test_a_trim_by_an_odd_number_of_pixels_rewrites_the_pattern(tmp_path):
+    """TRIMSEC starting at an odd column and row: the calibrated light's BAYERPAT is the pattern of
+    the trimmed image, so its debayered sky has the sky's true colour (R:G:B = 40:60:50)."""
+    from ccdcal.colour.debayer import debayer
+    from ccdcal.io.headers import bayer_pattern
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from oscnight import SKY
+
+    night = write_night(tmp_path / "raw", shape=(60, 80), n_bias=3, n_flat=3, n_light=1, n_stars=4)
+    for files in night.files.values():
+        for path in files:
+            fits.setval(path, "TRIMSEC", value="[2:79,2:59]")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = reduce(tmp_path / "raw", tmp_path / "out", options=ReduceOptions(report=False))
+    with fits.open(tmp_path / "out" / result.plan.lights[0].output) as hdul:
+        data, header = hdul[0].data, hdul[0].header
+    assert data.shape == (58, 78)
+    pattern, _ = bayer_pattern(header, data.shape)
+    assert pattern == "BGGR"                          # RGGB seen from (1, 1)
+    sky = np.median(debayer(data, pattern).data.reshape(3, -1), axis=1)
+    np.testing.assert_allclose(sky / sky[1], [SKY["R"] / SKY["G"], 1.0, SKY["B"] / SKY["G"]], rtol=0.03)
