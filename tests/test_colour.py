@@ -130,7 +130,7 @@ def test_every_way_of_stating_the_bayer_phase_gives_the_same_colours(pattern, bo
     """A scene of colour patches seen through a sub-frame window: BAYERPAT is the sensor's
     pattern, XBAYROFF/YBAYROFF the window's start, ROWORDER how the rows were stored (CMOS.md
     §1.4, Siril's rules). Read back and debayered, every case gives the patches' colours."""
-    from ccdcal.colour.debayer import debayer
+    from ccdcal.colour.demosaic import debayer
     from ccdcal.io.headers import bayer_pattern
 
     x0, y0 = offset
@@ -162,7 +162,7 @@ def test_x_trans_and_unknown_patterns_are_refused_with_the_reason():
 def test_a_trim_by_an_odd_number_of_pixels_rewrites_the_pattern(tmp_path):
     """TRIMSEC starting at an odd column and row: the calibrated light's BAYERPAT is the pattern of
     the trimmed image, so its debayered sky has the sky's true colour (R:G:B = 40:60:50)."""
-    from ccdcal.colour.debayer import debayer
+    from ccdcal.colour.demosaic import debayer
     from ccdcal.io.headers import bayer_pattern
     from ccdcal.pipeline.run import ReduceOptions, reduce
     from oscnight import SKY
@@ -181,3 +181,52 @@ def test_a_trim_by_an_odd_number_of_pixels_rewrites_the_pattern(tmp_path):
     assert pattern == "BGGR"                          # RGGB seen from (1, 1)
     sky = np.median(debayer(data, pattern).data.reshape(3, -1), axis=1)
     np.testing.assert_allclose(sky / sky[1], [SKY["R"] / SKY["G"], 1.0, SKY["B"] / SKY["G"]], rtol=0.03)
+
+
+def test_debayer_stretch_and_show_as_a_user_calls_them(osc_stacks, tmp_path):
+    """ccdcal.debayer on a calibrated light (and `ccdcal debayer`), `ccdcal stretch` and ccdcal.show
+    on an RGB cube: colour outputs; a mono frame is refused with one line."""
+    import ccdcal
+    from ccdcal.cli import main
+
+    _, out, _ = osc_stacks
+    result = out["channel"][2]
+    light = Path(result.out_dir) / result.plan.lights[0].output
+    colours = ccdcal.debayer(light, tmp_path / "one_rgb.fits", method="mhc")
+    assert colours.data.shape[0] == 3 and colours.uncertainty is not None
+    with fits.open(tmp_path / "one_rgb.fits") as hdul:
+        assert hdul[0].data.shape == colours.data.shape and [h.name for h in hdul] == ["PRIMARY", "UNCERT", "MASK"]
+    assert main(["debayer", str(light), "-o", str(tmp_path / "rgb")]) == 0
+    assert len(list((tmp_path / "rgb").glob("*_rgb.fits"))) == 1
+    stack = Path(result.out_dir) / "stack.fits"
+    assert main(["stretch", str(stack), "-o", str(tmp_path / "stack.png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "stack.png") as png:
+        assert png.mode == "RGB"
+    assert "colour image" in repr(ccdcal.show(stack))
+    assert ccdcal.show(stack)._repr_png_()[:4] == b"\x89PNG"
+    mono = tmp_path / "mono.fits"
+    fits.PrimaryHDU(np.zeros((8, 8), np.float32)).writeto(mono)
+    assert main(["debayer", str(mono), "-o", str(tmp_path / "none")]) == 2
+
+
+def test_reduce_stack_of_a_colour_night_is_in_colour_and_so_is_its_report(tmp_path):
+    """`reduce --stack` on an OSC night: an RGB stack, colour previews of the lights and the stack."""
+    from PIL import Image
+
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+
+    write_night(tmp_path / "raw", shape=(120, 160), n_bias=3, n_flat=3, n_light=4, n_stars=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = reduce(tmp_path / "raw", tmp_path / "out", options=ReduceOptions(stack=True, debayer="mhc"))
+    assert len(result.stacks) == 1
+    with fits.open(tmp_path / "out" / result.stacks[0]) as hdul:
+        assert hdul[0].data.shape == (3, 120, 160) and hdul[0].header["DEBAYER"] == "mhc"
+        assert hdul["UNCERT"].data.shape == (3, 120, 160)
+    previews = sorted((tmp_path / "out" / "previews").glob("light-*.png"))
+    assert previews
+    for png in [*previews, *(tmp_path / "out" / "previews").glob("stack-*.png")]:
+        with Image.open(png) as image:
+            assert image.mode == "RGB", png.name

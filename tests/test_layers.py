@@ -150,7 +150,7 @@ def check(rule: str, found: set[str]) -> None:
 
 #: public functions of the package: no module or subpackage takes one of these names (the public
 #: ``ccdcal.stretch`` is the module ``stretch`` itself)
-PUBLIC_FUNCTIONS = {"scan", "reduce", "combine", "calibrate", "imexamine", "show", "stack"}
+PUBLIC_FUNCTIONS = {"scan", "reduce", "combine", "calibrate", "imexamine", "show", "stack", "debayer"}
 
 
 def test_no_module_is_named_like_a_public_function():

@@ -31,6 +31,7 @@ _API: dict[str, tuple[str, str | None]] = {
     "imexamine": ("notebook", "imexamine"),
     "show": ("notebook", "show"),
     "stack": ("stacking.workflow", "stack_files"),
+    "debayer": ("colour.demosaic", "debayer_image"),
     "StackRun": ("stacking.workflow", "StackRun"),
     "stretch": ("stretch", None),
     "ReduceOptions": ("pipeline.options", "ReduceOptions"),

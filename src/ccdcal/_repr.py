@@ -107,8 +107,9 @@ class Preview:
     size: int = 1024
 
     def __repr__(self) -> str:
-        ny, nx = np.shape(self.data)
-        return f"Preview({nx}x{ny} image, stretch {self.method!r}{', ' + repr(self.title) if self.title else ''})"
+        ny, nx = np.shape(self.data)[-2:]
+        kind = "colour image" if np.ndim(self.data) == 3 else "image"
+        return f"Preview({nx}x{ny} {kind}, stretch {self.method!r}{', ' + repr(self.title) if self.title else ''})"
 
     def _repr_png_(self) -> bytes:
         shown = stretch(downsample(np.asarray(self.data, dtype=np.float32), self.size), self.method)
@@ -118,9 +119,13 @@ class Preview:
             return png_bytes(shown)
         import io
 
-        fig = Figure(figsize=(7, 7 * shown.shape[0] / max(shown.shape[1], 1) + 0.4))
+        ny, nx = shown.shape[-2:]
+        fig = Figure(figsize=(7, 7 * ny / max(nx, 1) + 0.4))
         ax = fig.add_subplot()
-        ax.imshow(shown, origin="lower", cmap="gray", vmin=0, vmax=1)
+        if shown.ndim == 3:       # R, G, B planes: an RGB image, FITS row 1 at the bottom
+            ax.imshow(np.clip(np.nan_to_num(np.moveaxis(shown, 0, -1)), 0, 1), origin="lower")
+        else:
+            ax.imshow(shown, origin="lower", cmap="gray", vmin=0, vmax=1)
         ax.set_title(self.title or f"stretch: {self.method}")
         ax.set_xticks([])
         ax.set_yticks([])

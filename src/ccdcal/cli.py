@@ -236,7 +236,7 @@ def _run_stretch(args) -> int:
     from pathlib import Path
 
     from .errors import InputError
-    from .io.frames import read_image
+    from .io.frames import read_colour, read_image
     from .io.guard import refuse_overwrite
     from .io.writer import write_bytes, write_fits
     from .stretch import png_bytes, stretch
@@ -245,7 +245,11 @@ def _run_stretch(args) -> int:
         raise InputError(f"--target {args.target}: the background target must be between 0 and 1")
     if args.softening <= 0:
         raise InputError(f"--softening {args.softening}: must be positive")
-    data, header = read_image(args.path, args.hdu)
+    data, header = read_colour(args.path) if args.hdu is None else (None, None)
+    if data is None:
+        data, header = read_image(args.path, args.hdu)
+    elif args.bits != 8 or args.fits:
+        raise InputError(f"{args.path}: a colour image is written as an 8-bit colour PNG only (no --bits 16, --fits)")
     options: dict = {}
     if args.method == "autostf":
         options = {"shadows": args.shadows, "target": args.target}
@@ -384,6 +388,11 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                         " repeatable")
     p.add_argument("--flat-max-age", type=float, metavar="DAYS",
                    help="a flat of the --masters library further than this from a light is not used (default 30)")
+    p.add_argument("--bayer-pattern", choices=["RGGB", "BGGR", "GRBG", "GBRG"],
+                   help="the Bayer pattern of colour frames whose header does not give one (BAYERPAT)")
+    p.add_argument("--flat-cfa", choices=["channel", "scalar"],
+                   help="colour flats: each CFA colour normalised to 1 (channel, default) or one level (scalar)")
+    p.add_argument("--debayer", choices=["bilinear", "mhc"], help="how colour lights are debayered for --stack")
     p.add_argument("--scale-darks", choices=["auto", "always", "never"],
                    help="scale a dark of another exposure (auto: CCDs yes, CMOS cameras no: their glow is not linear)")
 
@@ -440,6 +449,10 @@ def _add_stack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interpolation", choices=["lanczos3", "bilinear"], default="lanczos3")
     p.add_argument("--keep-all", action="store_true", help="keep frames flagged as cloudy, trailed or out of focus")
     p.add_argument("--memory", default="1GiB", help="memory budget, e.g. 256MiB (default 1GiB)")
+    p.add_argument("--debayer", choices=["bilinear", "mhc"], default="bilinear",
+                   help="how colour (CFA) frames are debayered: bilinear (default) or mhc (Malvar-He-Cutler)")
+    p.add_argument("--bayer-pattern", choices=["RGGB", "BGGR", "GRBG", "GBRG"],
+                   help="the Bayer pattern of colour frames whose header does not give one")
     p.add_argument("--json", action="store_true", help="print the frames table as JSON")
 
 
@@ -452,12 +465,51 @@ def _run_stack(args) -> int:
 
     run = stack_files(find_fits(args.paths), args.output, reference=args.reference, reject=args.reject,
                       weights=args.weights, interpolation=args.interpolation, keep_all=args.keep_all,
-                      memory=args.memory, progress=None if args.json else track)
+                      memory=args.memory, progress=None if args.json else track, debayer=args.debayer,
+                      bayer_pattern=args.bayer_pattern)
     if args.json:
         print(json.dumps({"output": str(run.output), "frames": [f.to_json() for f in run.frames]}, indent=1))
     else:
         print_stack(run)
     return EXIT_OK
+
+
+# -- debayer -------------------------------------------------------------------------------
+def _add_debayer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="calibrated colour (CFA) frames: files, folders or globs")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the RGB cubes (<name>_rgb.fits)")
+    p.add_argument("--method", choices=["bilinear", "mhc"], default="bilinear",
+                   help="bilinear (default) or mhc (Malvar-He-Cutler: sharper edges)")
+    p.add_argument("--bayer-pattern", choices=["RGGB", "BGGR", "GRBG", "GBRG"],
+                   help="the pattern of frames whose header does not give one")
+
+
+def _run_debayer(args) -> int:
+    from pathlib import Path
+
+    from ._shared.names import printable
+    from .colour.demosaic import debayer_file
+    from .errors import InputError
+    from .io.frames import find_fits
+    from .ui import warn
+
+    files = find_fits(args.paths)
+    if not files:
+        raise InputError("no FITS files found; check the path")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    errors = 0
+    for path in files:
+        stem = path.name.split(".")[0]
+        try:
+            written = debayer_file(path, out / f"{stem}_rgb.fits", method=args.method, pattern=args.bayer_pattern)
+            print(printable(str(written)))
+        except InputError as exc:
+            warn(str(exc))
+            errors += 1
+    if errors == len(files):
+        return EXIT_USAGE
+    return EXIT_PARTIAL if errors else EXIT_OK
 
 
 COMMANDS = {
@@ -471,6 +523,7 @@ COMMANDS = {
     "combine": (_add_combine, _run_combine, "stack FITS frames (median/mean/sum with rejection) into one"),
     "calibrate": (_add_calibrate, _run_calibrate, "calibrate frames with given masters (overscan, bias, dark, flat)"),
     "stack": (_add_stack, _run_stack, "judge, register and stack calibrated lights into one deep image"),
+    "debayer": (_add_debayer, _run_debayer, "make RGB cubes of calibrated colour (CFA) frames"),
 }
 
 

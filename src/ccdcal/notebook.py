@@ -23,7 +23,7 @@ from .calibration.masters import normalise_flat
 from .calibration.overscan import overscan_geometry
 from .calibration.recipe import Recipe
 from .errors import CcdcalError, CcdcalWarning, InputError
-from .io.frames import find_fits, read_image
+from .io.frames import find_fits, read_colour, read_image
 from .io.guard import output_lock, refuse_overwrite
 from .io.headers import TEMP_KEYS, exposure_of, light_header, read_temperature, resolve_detector
 from .pipeline.options import ReduceOptions
@@ -389,13 +389,19 @@ def _section_text(region: Any) -> str | None:
 def show(image: Any, stretch: str = "autostf", *, title: str = "", size: int = 1024) -> Any:
     """A quick look at an image in a notebook: stretched (see :mod:`ccdcal.stretch`), as a PNG.
 
-    ``image`` is a path, an array, a ``CCDData`` or a ``CombineResult``. The returned object
-    displays itself in Jupyter (through matplotlib when it is installed, else as a plain PNG).
+    ``image`` is a path, an array, a ``CCDData``, a ``CombineResult`` or a ``StackResult``; a
+    colour image (an RGB cube, a colour stack) is shown in colour, each colour stretched on its
+    own. The returned object displays itself in Jupyter (through matplotlib when it is
+    installed, else as a plain PNG).
     """
 
-    if hasattr(image, "data") and hasattr(image, "nlow_rejected"):
-        data = image.data
+    if hasattr(image, "data") and (hasattr(image, "nlow_rejected") or hasattr(image, "coverage")):
+        data = image.data                         # a CombineResult or a StackResult (colour too)
+    elif isinstance(image, np.ndarray) and image.ndim == 3:
+        data = image                              # an RGB cube (3, ny, nx)
     else:
-        data, _ = read_image(image)
+        data = read_colour(image)[0] if isinstance(image, _PathLike) else None
+        if data is None:
+            data, _ = read_image(image)
     name = title or (Path(image).name if isinstance(image, _PathLike) else "")
     return Preview(np.asarray(data), method=stretch, title=name, size=size)

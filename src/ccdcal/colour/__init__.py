@@ -1,1 +1,1 @@
-"""One-shot-colour frames: Bayer patterns made colours (:mod:`ccdcal.colour.debayer`)."""
+"""One-shot-colour frames: Bayer patterns made colours (:mod:`ccdcal.colour.demosaic`)."""

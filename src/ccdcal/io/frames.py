@@ -659,6 +659,22 @@ def read_header(path: str | os.PathLike, index: int = 0) -> Any:
         hdul.close()
 
 
+def read_colour(path: str | os.PathLike) -> tuple[np.ndarray | None, Any]:
+    """A colour image (an RGB cube: 3 planes in the primary HDU, as ccdcal, Siril and PixInsight
+    write them) as float32 (3, ny, nx) and its header; (None, None) when the file holds none."""
+    path = Path(path)
+    if is_xisf_name(path):
+        return None, None
+    hdul = _open(path, memmap=False)
+    try:
+        header = hdul[0].header
+        if header.get("NAXIS") != 3 or header.get("NAXIS3") != 3:
+            return None, None
+        return np.asarray(hdul[0].data, dtype=np.float32), header.copy()
+    finally:
+        hdul.close()
+
+
 def read_image(obj: Any, hdu: int | None = None) -> tuple[np.ndarray, Any]:
     """Any supported input as ``(float32 array, header or None)``.
 

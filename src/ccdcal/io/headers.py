@@ -172,6 +172,13 @@ def bayer_pattern(header: Any, shape: tuple[int, int] | None = None) -> tuple[st
     return shift_pattern(pattern, int(dx), int(dy)), None
 
 
+def trimmed_pattern(pattern: str | None, trim: Any = None) -> str | None:
+    """The Bayer pattern at pixel (0, 0) of an image trimmed by ``trim`` (a resolved Section)."""
+    if not pattern:
+        return None
+    return shift_pattern(pattern, trim.x1 - 1, trim.y1 - 1) if trim is not None else pattern
+
+
 def bayer_cards(pattern: str) -> dict[str, Any]:
     """The cards of an output whose pixel (0, 0) has ``pattern``: stated at the array's own row 0
     (TOP-DOWN, no offsets), so any reader finds the same colours."""
@@ -954,8 +961,7 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
     for key in ("BIASSEC", "TRIMSEC", "DATASEC"):
         header.remove(key, ignore_missing=True, remove_all=True)
     if bayer:
-        dx, dy = (trim.x1 - 1, trim.y1 - 1) if trim is not None else (0, 0)
-        for key, value in bayer_cards(shift_pattern(bayer, dx, dy)).items():
+        for key, value in bayer_cards(trimmed_pattern(bayer, trim)).items():
             header[key] = value
     time_keywords(header)
     header["BUNIT"] = "adu"

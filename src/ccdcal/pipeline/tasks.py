@@ -58,6 +58,7 @@ from ..io.headers import (
     master_cards,
     master_header,
     resolve_detector,
+    trimmed_pattern,
 )
 from ..io.manifest import OutputRecord, fingerprint, input_record, up_to_date
 from ..io.writer import add_checksums, fits_hdus, write_bytes, write_fits, write_hdus
@@ -697,7 +698,8 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
     if options.report:
         # while the pixels are in memory (the report then reads no light again), and while the
         # light's file is made durable and put in place
-        previews = partial(write_light_previews, ctx.out_dir, job.output, result.data)
+        previews = partial(write_light_previews, ctx.out_dir, job.output, result.data,
+                           pattern=trimmed_pattern(job.frame.bayer, recipe.trim))
     # not kept in the page cache unless the lights are stacked next (read again)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
                unit=result.unit, meanwhile=previews, cached=options.stack)
@@ -719,6 +721,8 @@ def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any]
     inputs = tuple(input_record(ctx.out_dir / rel, 0) for rel in lights)
     settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "weights": "noise",
                 "interpolation": "lanczos3"}
+    if ctx.options.debayer != "bilinear":    # only then: the stacks of runs that never asked are kept
+        settings["debayer"] = ctx.options.debayer
     # by what made each light (its fingerprint), not by the folder's path, the files' times or the
     # write times in their headers: the same lights give the same stack wherever it is made
     fp = fingerprint(__version__, list(pairs), settings)
@@ -729,7 +733,8 @@ def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any]
     preview = f"previews/stack-{Path(job.output).stem}.png"
     try:
         run = stack_files([ctx.out_dir / rel for rel in lights], ctx.out_dir / job.output,
-                          keep_all=ctx.options.stack_keep_all, memory=ctx.options.memory, preview=False)
+                          keep_all=ctx.options.stack_keep_all, memory=ctx.options.memory, preview=False,
+                          debayer=ctx.options.debayer)
     except OutputError:
         raise
     except CcdcalError as exc:

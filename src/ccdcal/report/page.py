@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 
 from .._shared.names import NAME_LIMIT, unique_stem
+from ..colour.demosaic import superpixel
 from ..errors import CcdcalError, InputError
 from ..io.frames import datasum_of, read_image
 from ..io.guard import output_lock, refuse_overwrite
 from ..io.hashing import new_digest
+from ..io.headers import bayer_pattern
 from ..io.writer import write_bytes, write_text
 from ..qa.stats import region_stats
 from ..stretch import downsample, png_bytes, stretch
@@ -504,15 +507,18 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
         if data is None:
             card.thumb.error = card.preview.error = error
         else:
-            write_light_previews(out_dir, output, data)
+            write_light_previews(out_dir, output, data, pattern=_pattern_of(out_dir, output, data.shape))
             card.preview, card.thumb, card.stats = _made_light_previews(out_dir, output)
         cards.append(card)
     return cards
 
 
-def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: str | None = None) -> None:
+def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: str | None = None,
+                         pattern: str | None = None) -> None:
     """The report's view of one calibrated light: ``previews/light-<stem>.png``, its thumbnail
-    and ``previews/light-<stem>.json`` (statistics on a regular subsample, preview sizes).
+    and ``previews/light-<stem>.json`` (statistics on a regular subsample, preview sizes). A
+    colour (CFA) light, whose Bayer ``pattern`` is given, is shown in colour (each 2x2 cell's
+    colours, each colour stretched on its own), never as a grey checkerboard.
 
     The light task calls this while the calibrated pixels are still in memory, so building the
     report reads no light again; the report makes them itself when they are missing, older
@@ -521,17 +527,25 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: 
     """
     stem = _safe_stem(output)
     sizes = {}
-    small = downsample(data, PREVIEW_SIZE)
+    small = downsample(superpixel(data, pattern) if pattern else data, PREVIEW_SIZE)
     # the thumbnail binned from the preview: one pass over the full frame, not two
     hashes = {}
     for suffix, image in (("", small), ("-thumb", downsample(small, THUMB_SIZE))):
         png = png_bytes(stretch(image, "autostf"), compress_level=PNG_LEVEL)
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png, durable=False)
-        sizes[suffix or "preview"] = [image.shape[1], image.shape[0]]
+        sizes[suffix or "preview"] = [image.shape[-1], image.shape[-2]]
         hashes[suffix or "preview"] = _png_hash(png)
     facts = {"output": output, "datasum": datasum if datasum is not None else _datasum(out_dir, output),
              "sizes": sizes, "png": hashes, "stats": _stats_dict(data)}
     write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float), durable=False)
+
+
+def _pattern_of(out_dir: Path, output: str, shape: tuple[int, int]) -> str | None:
+    """The Bayer pattern a calibrated light's header gives (None: mono, or unreadable)."""
+    try:
+        return bayer_pattern(fits.getheader(Path(out_dir) / output, 0), shape)[0]
+    except (OSError, KeyError, IndexError):
+        return None
 
 
 def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict[str, Any]] | None:

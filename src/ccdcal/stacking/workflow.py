@@ -17,7 +17,7 @@ The reference is the given frame, else the kept frame with the most stars (ties:
 sharpest).
 
 One-shot-colour frames (a Bayer pattern in their header, or given) are debayered after their
-calibration, never before (:mod:`ccdcal.colour.debayer`): stars are found and matched on the
+calibration, never before (:mod:`ccdcal.colour.demosaic`): stars are found and matched on the
 mean of the three colours, and each colour is resampled, matched, rejected, weighted and
 stacked on its own (one transform per frame for all three); the stack is an RGB cube.
 """
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .._shared.progress import ProgressOption, resolve_progress, steps
-from ..colour.debayer import DebayeredRows, debayer, frame_pattern, luminance, rgb_header
+from ..colour.demosaic import DebayeredRows, debayer, frame_pattern, luminance, rgb_header
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import FrameSource
 from ..io.guard import refuse_overwrite
@@ -272,7 +272,7 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         Keep frames flagged as outliers (clouds, trailing, focus); frames without stars or
         that cannot be registered are always left out.
     debayer : {"bilinear", "mhc"}
-        How colour (CFA) frames are debayered (see :mod:`ccdcal.colour.debayer`).
+        How colour (CFA) frames are debayered (see :mod:`ccdcal.colour.demosaic`).
     bayer_pattern : str, optional
         The pattern of colour frames whose header does not give one (RGGB, BGGR, GRBG, GBRG).
     progress : bool or callable, optional

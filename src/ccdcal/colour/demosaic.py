@@ -97,6 +97,22 @@ def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: n
     return Debayered(out, out_bad, sigma)
 
 
+def superpixel(data: np.ndarray, pattern: str) -> np.ndarray:
+    """A quick colour view of a CFA frame at half size (3, ny/2, nx/2): each 2x2 cell's red, mean
+    green and blue (previews and thumbnails; no interpolation)."""
+    data = np.asarray(data, dtype=np.float32)
+    ny, nx = (data.shape[0] // 2) * 2, (data.shape[1] // 2) * 2
+    chan = channel_map(pattern)
+    out = np.zeros((3, ny // 2, nx // 2), np.float32)
+    count = np.zeros(3, np.float32)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            c = chan[dy, dx]
+            out[c] += data[dy:ny:2, dx:nx:2]
+            count[c] += 1
+    return out / count[:, None, None]
+
+
 def luminance(colours: Debayered) -> tuple[np.ndarray, np.ndarray]:
     """The mean of the three colours (what stars are found and matched on) and where it has no value."""
     bad = colours.mask.any(axis=0)
@@ -140,7 +156,8 @@ class DebayeredRows:
             self.read_uncertainty_rows = None
         self._band: tuple[int, int, Debayered] | None = None
 
-    def _colours(self, y0: int, y1: int) -> Debayered:
+    def colours(self, y0: int, y1: int) -> Debayered:
+        """The three colours of rows ``y0:y1`` (the band debayered once, then served from memory)."""
         if self._band is not None and self._band[0] <= y0 and y1 <= self._band[1]:
             a, _, band = self._band
             return Debayered(band.data[:, y0 - a:y1 - a], band.mask[:, y0 - a:y1 - a],
@@ -156,13 +173,13 @@ class DebayeredRows:
         return inner
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
-        return np.ascontiguousarray(self._colours(y0, y1).data[self.channel])
+        return np.ascontiguousarray(self.colours(y0, y1).data[self.channel])
 
     def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
-        return np.ascontiguousarray(self._colours(y0, y1).mask[self.channel])
+        return np.ascontiguousarray(self.colours(y0, y1).mask[self.channel])
 
     def read_uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
-        return np.ascontiguousarray(self._colours(y0, y1).uncertainty[self.channel])
+        return np.ascontiguousarray(self.colours(y0, y1).uncertainty[self.channel])
 
     def close(self) -> None:
         for source in (self._data, self._mask, self._unc):
@@ -196,7 +213,7 @@ def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: 
             raise InputError(f"{path}: no BAYERPAT in its header: a mono frame (pass the pattern for a colour one)")
     rows = DebayeredRows(path, 1, used, method=method)
     try:
-        colours = rows._colours(0, rows.shape[0])
+        colours = rows.colours(0, rows.shape[0])
     finally:
         rows.close()
     out_header = rgb_header(header)
@@ -208,3 +225,46 @@ def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: 
     hdus.append(fits.ImageHDU(np.where(colours.mask, np.uint8(MASK_NO_DATA), np.uint8(0)), name="MASK"))
     write_atomic(output, lambda tmp: fits.HDUList(hdus).writeto(tmp, checksum=True, output_verify="silentfix"))
     return output
+
+
+def debayer_image(obj: Any, output: str | os.PathLike | None = None, *, method: str = "bilinear",
+                  pattern: str | None = None) -> Debayered:
+    """Red, green and blue planes of a calibrated CFA frame (``ccdcal.debayer``).
+
+    Parameters
+    ----------
+    obj : path-like, CCDData or ndarray
+        A calibrated CFA frame: a FITS file (its ``MASK`` and ``UNCERT`` used when present), a
+        CCDData (its mask and uncertainty) or an array.
+    output : path-like, optional
+        Also write the colours as an RGB cube (:func:`debayer_file`; a file input only).
+    method : {"bilinear", "mhc"}
+    pattern : str, optional
+        The Bayer pattern when the header does not give one (an array always needs it).
+
+    Returns
+    -------
+    Debayered
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        with FrameSource(obj) as src:
+            used = frame_pattern(src.header, src.shape, pattern)
+        if used is None:
+            raise InputError(f"{obj}: no BAYERPAT in its header: a mono frame (pass pattern= for a colour one)")
+        if output is not None:
+            debayer_file(obj, output, method=method, pattern=used)
+        rows = DebayeredRows(obj, 1, used, method=method)
+        try:
+            return rows.colours(0, rows.shape[0])
+        finally:
+            rows.close()
+    if output is not None:
+        raise InputError("output= needs a file input (its header goes into the RGB cube)")
+    header = getattr(obj, "header", None)
+    data = np.asarray(getattr(obj, "data", obj), dtype=np.float32)
+    used = frame_pattern(header, data.shape, pattern) if header is not None else (pattern.upper() if pattern else None)
+    if used is None:
+        raise InputError("the frame's Bayer pattern is unknown: pass pattern= (RGGB, BGGR, GRBG or GBRG)")
+    mask = getattr(obj, "mask", None)
+    unc = getattr(getattr(obj, "uncertainty", None), "array", None)
+    return debayer(data, used, method=method, mask=mask, uncertainty=unc)
