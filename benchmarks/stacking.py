@@ -1,0 +1,189 @@
+"""Stacking against Siril, same run, same files: mono lights and one-shot-colour (CFA) lights.
+
+Each case writes N calibrated lights of one star field (dithered by whole and sub-pixel
+shifts and a small rotation, Gaussian stars, sky and noise; a colour case through an RGGB
+Bayer filter with stars of several colours) and times, as whole processes:
+
+- ``ccdcal stack FILES -o OUT.fits`` (judge, register, stack; for CFA lights debayer first);
+- Siril 1.0.6's script: ``convert`` (with ``-debayer`` for CFA), ``register``, ``stack rej 3 3
+  -norm=addscale`` (its usual script).
+
+Quality on the same stack: star signal-to-noise, with the noise measured as the scatter of
+aperture sums placed on blank sky (pixel rms flatters smoothing interpolators), and the stars'
+FWHM. Reported as ratios ccdcal / Siril.
+
+    python benchmarks/stacking.py [--cases mono,osc] [--n 16] [--size 1024x1536] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from scipy.special import erf
+
+ROOT = Path(__file__).resolve().parent
+FWHM = 3.0
+
+
+def _stars(shape: tuple[int, int], xy: np.ndarray, flux: np.ndarray) -> np.ndarray:
+    ny, nx = shape
+    sigma = FWHM / (2 * math.sqrt(2 * math.log(2)))
+    image = np.zeros(shape, np.float32)
+    for (x, y), f in zip(xy, flux, strict=True):
+        x0, x1, y0, y1 = max(0, int(x) - 7), min(nx, int(x) + 8), max(0, int(y) - 7), min(ny, int(y) + 8)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        px = np.diff(0.5 * (1 + erf((np.arange(x0, x1 + 1) - 0.5 - x) / (sigma * math.sqrt(2)))))
+        py = np.diff(0.5 * (1 + erf((np.arange(y0, y1 + 1) - 0.5 - y) / (sigma * math.sqrt(2)))))
+        image[y0:y1, x0:x1] += (f * np.outer(py, px)).astype(np.float32)
+    return image
+
+
+def make_lights(folder: Path, n: int, shape: tuple[int, int], colour: bool, seed: int = 1) -> tuple[list[Path], np.ndarray]:
+    """N calibrated lights (ADU above the sky's zero, gain 1) and the star catalogue (x, y on frame 0)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    count = max(60, nx * ny // 12000)
+    cat = np.column_stack([rng.uniform(20, nx - 20, count), rng.uniform(20, ny - 20, count),
+                           np.exp(rng.uniform(math.log(2e3), math.log(8e4), count)),
+                           rng.uniform(0.5, 1.6, count), rng.uniform(0.4, 1.4, count)])
+    paths = []
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    cell = (yy % 2) * 2 + (xx % 2)        # RGGB: 0 R, 1 and 2 G, 3 B
+    for i in range(n):
+        path = folder / f"light_{i:03d}.fits"
+        paths.append(path)
+        if path.exists():
+            continue
+        angle = math.radians(rng.uniform(-0.3, 0.3)) if i else 0.0
+        dx, dy = (rng.uniform(-15, 15), rng.uniform(-15, 15)) if i else (0.0, 0.0)
+        c, s = math.cos(angle), math.sin(angle)
+        x = c * (cat[:, 0] - nx / 2) - s * (cat[:, 1] - ny / 2) + nx / 2 + dx
+        y = s * (cat[:, 0] - nx / 2) + c * (cat[:, 1] - ny / 2) + ny / 2 + dy
+        xy = np.column_stack([x, y])
+        if colour:
+            planes = [_stars(shape, xy, cat[:, 2] * k) for k in (cat[:, 3], np.ones(count), cat[:, 4])]
+            signal = np.choose(np.array([0, 1, 1, 2])[cell], planes) + np.choose(np.array([0, 1, 1, 2])[cell],
+                                                                                [180.0, 250.0, 200.0])
+        else:
+            signal = _stars(shape, xy, cat[:, 2]) + 250.0
+        noise = rng.normal(0.0, 1.0, shape).astype(np.float32) * np.sqrt(25.0 + signal)
+        data = (signal + noise).astype(np.float32)
+        header = fits.Header([("EXPTIME", 60.0), ("MJD-OBS", 60000.0 + i / 1440), ("BUNIT", "adu"),
+                              ("GAIN", 1.0, "[e-/adu] gain")])
+        if colour:
+            header["BAYERPAT"] = "RGGB"
+            header["ROWORDER"] = "TOP-DOWN"
+        fits.PrimaryHDU(data, header).writeto(path, overwrite=True)
+    return paths, cat
+
+
+def measure(command: list[str], cwd: Path | None = None) -> tuple[float, int, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"  failed ({code}): {proc.stderr.read().decode(errors='replace')[-400:]}", file=sys.stderr)
+    return wall, usage.ru_maxrss * 1024, code
+
+
+def siril_run(paths: list[Path], work: Path, colour: bool) -> tuple[list[str], Path] | None:
+    exe = shutil.which("siril-cli")
+    if exe is None:
+        return None
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "in").mkdir(parents=True)
+    for i, p in enumerate(paths):
+        os.symlink(p, work / "in" / f"light_{i + 1:05d}.fits")
+    debayer = " -debayer" if colour else ""
+    (work / "stack.ssf").write_text(
+        "requires 1.0.0\nsetext fits\ncd in\n"
+        f"convert light -out=../proc{debayer}\ncd ../proc\nregister light\n"
+        "stack r_light rej 3 3 -norm=addscale -out=../siril_stack\n")
+    return [exe, "-d", str(work), "-s", str(work / "stack.ssf")], work / "siril_stack.fits"
+
+
+def _plane(path: Path) -> np.ndarray:
+    data = fits.getdata(path).astype(np.float64)
+    return data.mean(axis=0) if data.ndim == 3 else data
+
+
+def quality(image: np.ndarray, reference: np.ndarray | None = None) -> tuple[float, float]:
+    """(median star SNR with aperture noise on blank sky, median FWHM) of a stack."""
+    import sep
+
+    img = np.ascontiguousarray(np.nan_to_num(image, nan=0.0), dtype=np.float64)
+    bkg = sep.Background(img)
+    sub = img - bkg.back()
+    objs = sep.extract(sub, 8.0, err=bkg.globalrms)
+    objs = objs[(objs["flag"] == 0) & (objs["peak"] < 0.9 * np.nanmax(sub))]
+    radius = 2.0 * FWHM
+    flux, _, _ = sep.sum_circle(sub, objs["x"], objs["y"], radius)
+    rng = np.random.default_rng(0)
+    ny, nx = sub.shape
+    blank_x, blank_y = rng.uniform(30, nx - 30, 3000), rng.uniform(30, ny - 30, 3000)
+    near = np.min(np.hypot(blank_x[:, None] - objs["x"][None], blank_y[:, None] - objs["y"][None]), axis=1) > 15
+    sky, _, _ = sep.sum_circle(sub, blank_x[near], blank_y[near], radius)
+    noise = 1.4826 * np.median(np.abs(sky - np.median(sky)))
+    fwhm, _ = sep.flux_radius(sub, objs["x"], objs["y"], np.full(len(objs), 6.0 * FWHM), 0.5)
+    return float(np.median(flux / noise)), float(np.median(2 * fwhm))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="mono,osc")
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--size", default="1024x1536", help="ROWSxCOLS")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args(argv)
+    ny, nx = (int(v) for v in args.size.split("x"))
+    rows = []
+    for case in args.cases.split(","):
+        colour = case == "osc"
+        data = ROOT / "_data" / f"stack-{case}-{args.n}x{ny}x{nx}"
+        paths, _ = make_lights(data / "lights", args.n, (ny, nx), colour)
+        out = data / "out"
+        out.mkdir(exist_ok=True)
+        result = {"case": case, "frames": args.n, "size": f"{nx}x{ny}"}
+        for _ in range(args.repeat):
+            wall, rss, code = measure([sys.executable, "-m", "ccdcal.cli", "stack", *map(str, paths), "-o",
+                                       str(out / "ccdcal.fits"), "--json"])
+            if code == 0:
+                result["ccdcal_s"] = min(result.get("ccdcal_s", 1e9), wall)
+                result["ccdcal_mb"] = rss / 2**20
+            siril = siril_run(paths, data / "siril", colour)
+            if siril is not None:
+                wall, rss, code = measure(siril[0])
+                if code == 0:
+                    result["siril_s"] = min(result.get("siril_s", 1e9), wall)
+                    result["siril_mb"] = rss / 2**20
+        if "ccdcal_s" in result and "siril_s" in result:
+            ours, theirs = quality(_plane(out / "ccdcal.fits")), quality(_plane(siril[1]))
+            result.update(ratio=result["ccdcal_s"] / result["siril_s"], snr_ratio=ours[0] / theirs[0],
+                          fwhm_ratio=ours[1] / theirs[1])
+        rows.append(result)
+        print(result, flush=True)
+    print("\n| case | frames | size | ccdcal s | Siril s | time ratio | star SNR ratio | FWHM ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['frames']} | {r['size']} | {r.get('ccdcal_s', float('nan')):.1f} | "
+              f"{r.get('siril_s', float('nan')):.1f} | {r.get('ratio', float('nan')):.2f} | "
+              f"{r.get('snr_ratio', float('nan')):.3f} | {r.get('fwhm_ratio', float('nan')):.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
