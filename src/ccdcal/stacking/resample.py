@@ -66,7 +66,7 @@ _LANCZOS3 = _lanczos3_table(_LUT_STEPS)  # numba reads it as a constant
 
 
 # -- kernels ------------------------------------------------------------------------------------
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _axis_weights(pos, half, w):
     """Fill ``w[:2·half]`` with the normalised kernel weights for a source coordinate ``pos``;
     returns the index of the first tap (``floor(pos) − half + 1``)."""
@@ -124,37 +124,73 @@ def _prepare_band(band, maskp, unc, flags, noise, r0, r1):
             unc[r, x] = var if ok else 0.0
 
 
+_FAST = {"contract", "reassoc", "arcp"}   # reorder sums (SIMD); NaN and inf semantics kept
+
+
+@njit(cache=True, nogil=True)
+def _footprint_counts(bad, taps, near, r0, r1):
+    """``near[r, x]`` = bad pixels in the ``taps``² footprint whose top-left pixel is (r, x), for
+    rows ``r0:r1`` of a prepared band (rows past its end count as good): a footprint with none
+    takes the sums without bad-pixel bookkeeping."""
+    rows, nx = bad.shape
+    col = np.zeros(nx)
+    for r in range(r0, r1):
+        for x in range(nx):
+            total = 0.0
+            for j in range(taps):
+                if r + j < rows:
+                    total += bad[r + j, x]
+            col[x] = total
+        running = 0.0
+        for x in range(min(taps, nx)):
+            running += col[x]
+        for x in range(nx):
+            near[r, x] = running
+            running -= col[x]
+            if x + taps < nx:
+                running += col[x + taps]
+
+
 def _make_sample_inside(taps: int) -> Callable[..., tuple[float, float, bool]]:
     """The separable sums over a footprint of ``taps``² pixels wholly inside the band, compiled
-    for that tap count (literal loops unroll): (value, σ, valid) from a prepared band."""
+    for that tap count (literal loops unroll): (value, σ, valid) from a prepared band.
 
-    @njit(cache=True, nogil=True)
-    def sample_inside(band, bad, var, y0, x0, wx, wy):
-        swx = 0.0
-        for i in range(taps):
-            swx += wx[i]
+    The common case first: no bad pixel in the footprint (``near``, counted once per band by
+    :func:`_footprint_counts`), where the weights sum to 1; a footprint with a bad pixel takes the careful sums (weights renormalised
+    over the good pixels; invalid when a bad pixel carries a weight of NEGLIGIBLE or more)."""
+
+    @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+    def sample_inside(band, bad, var, near, y0, x0, wx, wy):
         acc = 0.0
         accv = 0.0
-        accw = 0.0
-        worst = 0.0
         for j in range(taps):
-            data_row, bad_row, var_row = band[y0 + j], bad[y0 + j], var[y0 + j]
+            data_row, var_row = band[y0 + j], var[y0 + j]
             ra = 0.0
             rv = 0.0
-            rd = 0.0
-            rb = 0.0
             for i in range(taps):
                 w = wx[i]
-                b = bad_row[x0 + i]
                 ra += w * data_row[x0 + i]
                 rv += w * w * var_row[x0 + i]
-                rd += w * b
-                rb = max(rb, abs(w) * b)
             wy_j = wy[j]
             acc += wy_j * ra
             accv += wy_j * wy_j * rv
-            accw += wy_j * (swx - rd)
-            worst = max(worst, abs(wy_j) * rb)
+        if near[y0, x0] == 0.0:
+            return acc, math.sqrt(accv), True
+        swx = 0.0
+        for i in range(taps):
+            swx += wx[i]
+        accw = 0.0
+        worst = 0.0
+        for j in range(taps):
+            bad_row = bad[y0 + j]
+            rd = 0.0
+            rb = 0.0
+            for i in range(taps):
+                b = bad_row[x0 + i]
+                rd += wx[i] * b
+                rb = max(rb, abs(wx[i]) * b)
+            accw += wy[j] * (swx - rd)
+            worst = max(worst, abs(wy[j]) * rb)
         if worst >= NEGLIGIBLE or accw < 0.5:
             return np.nan, np.nan, False
         return acc / accw, math.sqrt(accv) / accw, True
@@ -166,8 +202,8 @@ _sample_inside6 = _make_sample_inside(6)
 _sample_inside2 = _make_sample_inside(2)
 
 
-@njit(cache=True, nogil=True)
-def _sample(band, bad, var, y_off, src_ny, src_nx, xs, ys, half, wx, wy):
+@njit(cache=True, nogil=True, inline="always")
+def _sample(band, bad, var, near, y_off, src_ny, src_nx, xs, ys, half, wx, wy):
     """Interpolate a prepared source band (:func:`_prepare_band`) at ``(xs, ys)``:
     (value, σ, valid)."""
     if not (xs > -half and xs < src_nx - 1 + half and ys > -half and ys < src_ny - 1 + half):
@@ -179,8 +215,8 @@ def _sample(band, bad, var, y_off, src_ny, src_nx, xs, ys, half, wx, wy):
     y0 = sy - y_off
     if sx >= 0 and sx + taps <= src_nx and y0 >= 0 and y0 + taps <= rows:
         if taps == 6:
-            return _sample_inside6(band, bad, var, y0, sx, wx, wy)
-        return _sample_inside2(band, bad, var, y0, sx, wx, wy)
+            return _sample_inside6(band, bad, var, near, y0, sx, wx, wy)
+        return _sample_inside2(band, bad, var, near, y0, sx, wx, wy)
     acc = 0.0
     accw = 0.0
     accv = 0.0
@@ -208,7 +244,7 @@ def _sample(band, bad, var, y_off, src_ny, src_nx, xs, ys, half, wx, wy):
 
 
 @njit(cache=True, nogil=True)
-def _resample_rows(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, half, r0, r1, out, out_bad, err):
+def _resample_rows(band, bad, var, near, y_off, src_ny, src_nx, minv, y_out0, half, r0, r1, out, out_bad, err):
     """Output rows ``r0:r1`` of a band whose first row is grid row ``y_out0``, from a prepared
     source band (:func:`_prepare_band`) whose first row is source row ``y_off``."""
     nx = out.shape[1]
@@ -225,7 +261,7 @@ def _resample_rows(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, half, r0
                 pw = minv[2, 0] * xf + minv[2, 1] * y + minv[2, 2]
                 px /= pw
                 py /= pw
-            value, sigma, ok = _sample(band, bad, var, y_off, src_ny, src_nx, px, py, half, wx, wy)
+            value, sigma, ok = _sample(band, bad, var, near, y_off, src_ny, src_nx, px, py, half, wx, wy)
             out[r, x] = value
             err[r, x] = sigma
             out_bad[r, x] = not ok
@@ -367,8 +403,8 @@ class _Planes:
 
 
 class InputBuffers:
-    """Reusable float32 buffers for the source rows of one band (data, mask, uncertainty) and
-    the raw bytes of a file read: several :class:`ResampledRows` may share one set. They grow
+    """Reusable float32 buffers for the source rows of one band (data, mask, uncertainty, and the
+    bad pixels near each footprint) and the raw bytes of a file read: several :class:`ResampledRows` may share one set. They grow
     on demand; size them up front (``pixels`` per plane, ``raw`` scratch bytes) to keep a budget."""
 
     def __init__(self, pixels: int = 0, raw: int = 0):
@@ -378,7 +414,7 @@ class InputBuffers:
     @staticmethod
     def nbytes_for(rows: int, width: int, raw_bytes_per_row: int = 0) -> int:
         """Bytes of buffers for ``rows`` source rows of ``width`` pixels."""
-        return rows * (3 * 4 * width + raw_bytes_per_row)
+        return rows * (4 * 4 * width + raw_bytes_per_row)
 
     def _grow(self, pixels: int, raw: int) -> None:
         if pixels <= self.pixels and raw <= self.raw:
@@ -387,7 +423,14 @@ class InputBuffers:
         self.data = np.empty(self.pixels, np.float32)
         self.mask = np.empty(self.pixels, np.float32)
         self.unc = np.empty(self.pixels, np.float32)
+        self.near = np.empty(self.pixels, np.float32)
         self.scratch = np.empty(self.raw, np.uint8)
+
+    def near_view(self, rows: int, width: int) -> np.ndarray:
+        """The (rows, width) plane of bad-pixel counts per footprint (:func:`_footprint_counts`)."""
+        n = rows * width
+        self._grow(n, self.raw)
+        return self.near[:n].reshape(rows, width)
 
     def views(self, rows: int, width: int, raw_bytes_per_row: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -578,11 +621,17 @@ class ResampledRows:
         flags = np.array([self._planes.mask is not None, self._planes.unc is not None, self._has_noise], np.bool_)
         src_ny, src_nx = self.source_shape
 
+        near = buffers.near_view(hi - lo, band.shape[1])
+        half = self._half
+
         def prepare(r0: int, r1: int) -> None:
             _prepare_band(band, mask, unc, flags, self._noise, r0, r1)
 
+        def count(r0: int, r1: int) -> None:
+            _footprint_counts(mask, 2 * half, near, r0, r1)
+
         def run(r0: int, r1: int) -> None:
-            _resample_rows(band, mask, unc, lo, src_ny, src_nx, self.inverse, y0, self._half, r0, r1,
+            _resample_rows(band, mask, unc, near, lo, src_ny, src_nx, self.inverse, y0, half, r0, r1,
                            data, bad, err)
 
         own = None
@@ -590,6 +639,7 @@ class ResampledRows:
             threads = own = RowThreads(1 if (y1 - y0) * nx < 65536 else None)
         try:
             threads.run(prepare, hi - lo)
+            threads.run(count, hi - lo)
             threads.run(run, y1 - y0)
         finally:
             if own is not None:
