@@ -53,6 +53,31 @@ def _mean_of_colour(cfa, bad, var, has_var, chan, row0, y, x, c, radius):
     return total / n, vsum / n, n
 
 
+@njit(cache=True, inline="always")
+def _bilinear_clean(cfa, var, has_var, chan, row0, y, x, c):
+    """Bilinear colour ``c`` at (y, x) where the 3x3 window is inside and has no bad pixel:
+    the pixel itself, or the mean of its 2 or 4 nearest pixels of colour ``c``."""
+    py = (row0 + y) % 2
+    px = x % 2
+    own = chan[py, px]
+    if own == c:
+        return cfa[y, x], var[y, x] if has_var else 0.0
+    if chan[py, 1 - px] == c and chan[1 - py, px] == c:        # green at red or blue: 4 sides
+        value = (cfa[y - 1, x] + cfa[y + 1, x] + cfa[y, x - 1] + cfa[y, x + 1]) * 0.25
+        v = (var[y - 1, x] + var[y + 1, x] + var[y, x - 1] + var[y, x + 1]) * 0.25 if has_var else 0.0
+    elif chan[py, 1 - px] == c:                                   # in the row
+        value = (cfa[y, x - 1] + cfa[y, x + 1]) * 0.5
+        v = (var[y, x - 1] + var[y, x + 1]) * 0.5 if has_var else 0.0
+    elif chan[1 - py, px] == c:                                   # in the column
+        value = (cfa[y - 1, x] + cfa[y + 1, x]) * 0.5
+        v = (var[y - 1, x] + var[y + 1, x]) * 0.5 if has_var else 0.0
+    else:                                                         # red at blue, blue at red: diagonals
+        value = (cfa[y - 1, x - 1] + cfa[y - 1, x + 1] + cfa[y + 1, x - 1] + cfa[y + 1, x + 1]) * 0.25
+        v = (var[y - 1, x - 1] + var[y - 1, x + 1] + var[y + 1, x - 1] + var[y + 1, x + 1]) * 0.25 \
+            if has_var else 0.0
+    return value, v
+
+
 @njit(cache=True)
 def _bilinear_value(cfa, bad, var, has_var, chan, row0, y, x, c):
     own = chan[(row0 + y) % 2, x % 2]
@@ -78,19 +103,31 @@ def _mhc_filter(chan, row0, y, x, c):
 
 
 @njit(parallel=True, cache=True)
-def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, out, out_bad, out_var):
+def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, only, out, out_bad, out_var):
     """Colours of rows ``r0:r1`` of the CFA band ``cfa`` (whose row 0 is the image's row ``row0``,
-    for the phase) into ``out[c, r - r0]`` (c: 0 red, 1 green, 2 blue), with ``out_bad`` (no
-    good pixel of that colour near) and ``out_var`` (variance through the weights, when
-    ``has_var``). ``method``: 0 bilinear, 1 Malvar–He–Cutler."""
+    for the phase) into ``out[c, r - r0]`` (c: 0 red, 1 green, 2 blue; ``only`` >= 0: that colour
+    alone, the other planes left as they are), with ``out_bad`` (no good pixel of that colour
+    near) and ``out_var`` (when ``has_var``). ``method``: 0 bilinear, 1 Malvar–He–Cutler.
+    Where the 3x3 (bilinear) or 5x5 (MHC) window is inside and clean, the closed forms; else the
+    mask-aware bilinear."""
     ny, nx = cfa.shape
     for r in prange(r0, r1):
         for x in range(nx):
+            inside3 = 1 <= r < ny - 1 and 1 <= x < nx - 1
+            clean3 = False
+            if inside3:
+                clean3 = True
+                for dy in range(-1, 2):
+                    for dx in range(-1, 2):
+                        if bad[r + dy, x + dx]:
+                            clean3 = False
             for c in range(3):
+                if only >= 0 and c != only:
+                    continue
                 done = False
                 if method == 1:
                     f = _mhc_filter(chan, row0, r, x, c)
-                    if f >= 0 and 2 <= r < ny - 2 and 2 <= x < nx - 2:
+                    if f >= 0 and 2 <= r < ny - 2 and 2 <= x < nx - 2 and clean3:
                         clean = True
                         for dy in range(-2, 3):
                             for dx in range(-2, 3):
@@ -112,6 +149,12 @@ def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, ou
                             out_var[c, r - r0, x] = v / wsum if wsum > 0 else 0.0
                             out_bad[c, r - r0, x] = False
                             done = True
+                if not done and clean3:
+                    value, v = _bilinear_clean(cfa, var, has_var, chan, row0, r, x, c)
+                    out[c, r - r0, x] = value
+                    out_var[c, r - r0, x] = v
+                    out_bad[c, r - r0, x] = False
+                    done = True
                 if not done:
                     value, v, ok = _bilinear_value(cfa, bad, var, has_var, chan, row0, r, x, c)
                     out[c, r - r0, x] = value if ok else np.nan

@@ -61,7 +61,7 @@ class Debayered(NamedTuple):
 
 
 def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: np.ndarray | None = None,
-            uncertainty: np.ndarray | None = None, row0: int = 0) -> Debayered:
+            uncertainty: np.ndarray | None = None, row0: int = 0, only: int | None = None) -> Debayered:
     """Red, green and blue planes of a calibrated CFA frame.
 
     Parameters
@@ -78,6 +78,8 @@ def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: n
         :mod:`ccdcal.colour._kernels`: interpolation error included).
     row0 : int
         The image row of ``data``'s row 0 (for a band of rows: the phase of the pattern).
+    only : int, optional
+        Make only this colour (0 R, 1 G, 2 B); the other planes are returned empty (NaN, bad).
     """
     cfa = np.ascontiguousarray(data, dtype=np.float32)
     if cfa.ndim != 2:
@@ -88,11 +90,12 @@ def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: n
     has_var = uncertainty is not None
     var = (np.asarray(uncertainty, np.float32) ** 2) if has_var else np.zeros((1, 1), np.float32)
     ny, nx = cfa.shape
-    out = np.empty((3, ny, nx), np.float32)
-    out_bad = np.empty((3, ny, nx), np.bool_)
-    out_var = np.zeros((3, ny, nx), np.float32) if has_var else np.empty((3, ny, nx), np.float32)
+    fill = only is not None
+    out = np.full((3, ny, nx), np.nan, np.float32) if fill else np.empty((3, ny, nx), np.float32)
+    out_bad = np.ones((3, ny, nx), np.bool_) if fill else np.empty((3, ny, nx), np.bool_)
+    out_var = np.zeros((3, ny, nx), np.float32)
     debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, _method(method), MHC_FILTERS,
-                 out, out_bad, out_var)
+                 -1 if only is None else int(only), out, out_bad, out_var)
     sigma = np.sqrt(np.maximum(out_var, 0.0)) if has_var else None
     return Debayered(out, out_bad, sigma)
 
@@ -140,6 +143,7 @@ class DebayeredRows:
         self.channel = int(channel)
         self.name = f"{self.path.name}[{CHANNELS[self.channel]}]"
         self._pattern, self._method = pattern, method
+        self._only: int | None = self.channel     # colours() of all three: debayer_file sets None
         self._data = FrameSource(self.path)
         self.shape = self._data.shape
         self.header = self._data.header
@@ -166,7 +170,8 @@ class DebayeredRows:
         data = self._data.read_rows(a, b)
         mask = self._mask.read_rows(a, b) if self._mask is not None else None
         unc = self._unc.read_rows(a, b) if self._unc is not None else None
-        colours = debayer(data, self._pattern, method=self._method, mask=mask, uncertainty=unc, row0=a)
+        colours = debayer(data, self._pattern, method=self._method, mask=mask, uncertainty=unc, row0=a,
+                          only=self._only)
         inner = Debayered(colours.data[:, y0 - a:y1 - a], colours.mask[:, y0 - a:y1 - a],
                           None if unc is None else colours.uncertainty[:, y0 - a:y1 - a])
         self._band = (y0, y1, inner)
@@ -212,6 +217,7 @@ def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: 
         if used is None:
             raise InputError(f"{path}: no BAYERPAT in its header: a mono frame (pass the pattern for a colour one)")
     rows = DebayeredRows(path, 1, used, method=method)
+    rows._only = None
     try:
         colours = rows.colours(0, rows.shape[0])
     finally:
@@ -254,6 +260,7 @@ def debayer_image(obj: Any, output: str | os.PathLike | None = None, *, method: 
         if output is not None:
             debayer_file(obj, output, method=method, pattern=used)
         rows = DebayeredRows(obj, 1, used, method=method)
+        rows._only = None
         try:
             return rows.colours(0, rows.shape[0])
         finally:
