@@ -259,10 +259,12 @@ def print_stack(run) -> None:
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    for f in run.frames:
+    # the other columns take about 62 cells: names are cut in the middle to what is left
+    names = shorten_names([printable(Path(f.path).name) for f in run.frames], max(12, console().width - 62))
+    for f, name in zip(run.frames, names, strict=True):
         row = f.to_json()
         used = f.used
-        table.add_row(Text(printable(Path(f.path).name)), fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
+        table.add_row(Text(name), fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
                       fmt(row["eccentricity"], ".2f"), fmt(row["background"], ".4g"), fmt(row["noise"], ".3g"),
                       str(row["matched"]) if used else "", fmt(row["rms"], ".3f") if used else "",
                       fmt(row["flux_ratio"], ".3f") if used else "",
@@ -271,6 +273,8 @@ def print_stack(run) -> None:
     for f in run.frames:
         if not f.used:
             console().print(printable(f"left out {Path(f.path).name}: {f.reason}"), soft_wrap=True, markup=False)
+    for note in getattr(run, "notes", []):
+        console().print(printable(f"note: {note}"), soft_wrap=True, markup=False)
     used = sum(1 for f in run.frames if f.used)
     console().print(printable(f"stack of {used} frames: {run.output}" + (f" (preview {run.preview})" if run.preview else "")),
                     soft_wrap=True, markup=False)

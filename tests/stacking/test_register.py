@@ -296,3 +296,24 @@ def test_detection_and_registration_are_fast(reference: Stars) -> None:
     start = time.perf_counter()
     find_transform(detect_stars(image), reference)
     assert time.perf_counter() - start < 2.0
+
+
+def test_short_exposures_are_shallow_not_cloudy():
+    """A night of 60 s and 3 s frames of one field (issue 29): the 3 s frames show fewer stars
+    and a fainter sky, as they should; judged per unit exposure none is cloudy. A 60 s frame
+    through cloud (few stars for its exposure) and one with a bright sky per second still are."""
+    from ccdcal.stacking.register import FrameQuality, flag_outliers
+
+    deep = [FrameQuality(100 + k, 3.0, 0.1, 600.0 + k, 12.0) for k in range(6)]
+    shallow = [FrameQuality(21 + k, 3.0, 0.1, 30.0 + k, 3.0) for k in range(3)]
+    names = [f"f{i}" for i in range(9)]
+    exptimes = [60.0] * 6 + [3.0] * 3
+    assert flag_outliers(deep + shallow, names, exptimes) == [None] * 9
+    # without the exposures, the old verdict: the shallow frames look cloudy
+    assert all(r and r.startswith("cloudy") for r in flag_outliers(deep + shallow, names)[6:])
+    cloud = FrameQuality(30, 3.0, 0.1, 610.0, 12.0)               # 60 s, a third of the stars
+    moon = FrameQuality(104, 3.0, 0.1, 4000.0, 30.0)              # 60 s, the sky 6x brighter
+    verdicts = flag_outliers([*deep, cloud, moon, *shallow], [*names[:6], "cloud", "moon", *names[6:]],
+                             [60.0] * 8 + [3.0] * 3)
+    assert verdicts[6].startswith("cloudy: 30 stars") and "background" in verdicts[7]
+    assert verdicts[:6] == [None] * 6 and verdicts[8:] == [None] * 3

@@ -227,3 +227,16 @@ def test_real_nickel_lights_register_through_cosmic_rays(real_data, tmp_path_fac
             t = find_transform(detect_stars(*frame), stars_a)
             err = np.sqrt(np.mean(np.sum(((np.asarray(t.matrix) @ grid) - truth @ grid)[:2] ** 2, axis=0)))
             assert err < 0.05, (name, err)
+
+
+def test_the_stack_header_says_the_total_exposure_under_both_names(tmp_path):
+    """EXPTIME and its synonym EXPOSURE (N.I.N.A., SGP) both hold the total, never one frame's."""
+    from astropy.io import fits as pyfits
+
+    from ccdcal.io.headers import stack_header
+
+    headers = [pyfits.Header([("EXPTIME", 120.0), ("EXPOSURE", 120.0), ("MJD-OBS", 60000.0 + i / 100)])
+               for i in range(6)]
+    out = stack_header(headers, [f"f{i}" for i in range(6)], reference=0, scales=np.ones(6), zeros=np.zeros(6),
+                       weights=np.ones(6), how="test")
+    assert out["EXPTIME"] == out["EXPOSURE"] == 720.0 and out["EXPMEAN"] == 120.0

@@ -774,6 +774,8 @@ def _stack_time_keywords(out: Any, headers: Sequence[Any], weights: np.ndarray) 
     known = all(e is not None for e in exposures)
     if known:
         out["EXPTIME"] = (float(np.sum(exposures)), "[s] total exposure of the stacked frames")
+        if "EXPOSURE" in out:     # a synonym (N.I.N.A., SGP): the same total, never one frame's
+            out["EXPOSURE"] = (float(np.sum(exposures)), "[s] total exposure of the stacked frames")
         out["EXPMEAN"] = (float(np.mean(exposures)), "[s] mean exposure of the frames")
     else:
         for key in ("EXPTIME", "EXPOSURE", "EXPMEAN"):

@@ -195,6 +195,8 @@ class StackResult:
         the background noise (σ, source pixels) that were measured or given.
     frame_rejected : ndarray int64 (n, 2)
         Values of each frame rejected low (column 0) and high (column 1).
+    notes : list of str
+        What the stack assumed, said once (frames without UNCERT: a noise model from the sky).
     """
 
     data: np.ndarray
@@ -210,6 +212,7 @@ class StackResult:
     backgrounds: np.ndarray = field(default_factory=lambda: np.zeros(0))
     noise: np.ndarray = field(default_factory=lambda: np.zeros(0))
     frame_rejected: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    notes: list[str] = field(default_factory=list)
 
     def write(self, path: str | os.PathLike, *, unit: str | None = None) -> Path:
         """Write the stack as FITS, atomically: primary = data, then ``UNCERT`` (σ, NaN as 0),
@@ -329,12 +332,13 @@ def _background(source: ResampledRows, rows: int = 64) -> tuple[float, float]:
 
 
 def _noise_models(sources: Sequence[ResampledRows], backgrounds: np.ndarray, noise: np.ndarray,
-                  reject: str) -> None:
-    """Give frames without an uncertainty plane a noise model (module docstring)."""
+                  reject: str) -> str | None:
+    """Give frames without an uncertainty plane a noise model (module docstring); returns the
+    note that says so (lights from another tool have none: the normal case, not a warning)."""
 
     lacking = [i for i, s in enumerate(sources) if not s.has_uncertainty]
     if not lacking:
-        return
+        return None
     if reject == "noise":
         raise InputError(f"{sources[lacking[0]].name}: no UNCERT extension, so reject='noise' cannot work;"
                          " use reject='auto' (a noise model from the background) or calibrate with a gain")
@@ -345,8 +349,8 @@ def _noise_models(sources: Sequence[ResampledRows], backgrounds: np.ndarray, noi
             gain = sky if backgrounds[i] > 5 * noise[i] and sky > 0 else math.inf
         sources[i].noise_model = (backgrounds[i], noise[i], gain)
     names = ", ".join(sources[i].name for i in lacking[:3]) + (" ..." if len(lacking) > 3 else "")
-    warnings.warn(f"{len(lacking)} frame(s) without an UNCERT plane ({names}): their noise comes from"
-                  " the background noise and the gain", CcdcalWarning, stacklevel=4)
+    return (f"{len(lacking)} frame(s) without an UNCERT plane ({names}): their noise comes from the"
+            " background noise and the gain")
 
 
 # -- memory ---------------------------------------------------------------------------------------------
@@ -619,8 +623,10 @@ def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, 
                       CcdcalWarning, stacklevel=3)
     levels = np.array([_background(s) for s in sources])
     backgrounds, noise = levels[:, 0], levels[:, 1]
+    notes = []
     if options.reject != "none":
-        _noise_models(sources, backgrounds, noise, options.reject)
+        note = _noise_models(sources, backgrounds, noise, options.reject)
+        notes += [note] if note else []
     plan = _plan(sources, shape, budget)
     work = _Work(sources, plan, InputBuffers(plan.pixels, plan.raw),
                  _Band(n, plan.rows, shape[1]), threads)
@@ -633,7 +639,8 @@ def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, 
     data, unc, coverage, weight, rejected = planes
     return StackResult(data=data, uncertainty=unc, coverage=coverage, weight=weight, rejected=rejected,
                        mask=coverage == 0, header=header, scales=factors[0], zeros=factors[1],
-                       weights=factors[2], backgrounds=backgrounds, noise=noise, frame_rejected=frame_rejected)
+                       weights=factors[2], backgrounds=backgrounds, noise=noise, frame_rejected=frame_rejected,
+                       notes=notes)
 
 
 def _factors(work: _Work, options: _Options, backgrounds: np.ndarray, noise: np.ndarray,

@@ -426,7 +426,25 @@ def _group_reasons(q: FrameQuality, group: dict[str, tuple[float, float]]) -> li
     return reasons
 
 
-def flag_outliers(qualities: Sequence[FrameQuality], names: Sequence[str]) -> list[str | None]:
+def _exposure_classes(exptimes: Sequence[float | None]) -> list[int]:
+    """Frames whose exposures are within a factor 1.5 of each other share a class (index); an
+    unknown exposure is a class of its own kind (-1)."""
+    reps: list[float] = []
+    out = []
+    for t in exptimes:
+        if t is None or not t > 0:
+            out.append(-1)
+            continue
+        match = next((k for k, r in enumerate(reps) if max(r, t) / min(r, t) <= 1.5), None)
+        if match is None:
+            reps.append(float(t))
+            match = len(reps) - 1
+        out.append(match)
+    return out
+
+
+def flag_outliers(qualities: Sequence[FrameQuality], names: Sequence[str],
+                  exptimes: Sequence[float | None] | None = None) -> list[str | None]:
     """Name the frames of a group that should not be stacked, with a one-line reason each.
 
     Each frame is judged against the median and MAD of the frames that have stars, with
@@ -441,6 +459,11 @@ def flag_outliers(qualities: Sequence[FrameQuality], names: Sequence[str]) -> li
 
     Group comparisons need at least 3 frames with stars; with fewer only "no stars found" is
     reported. Several reasons are joined by ``"; "``.
+
+    With ``exptimes``, depth is judged per unit exposure: a frame's star count is compared with
+    the frames of a like exposure (within a factor 1.5; at least 3 of them, else not judged), and
+    its background per second with every frame's. A 3 s frame among 60 s ones is shallow, not
+    cloudy (its weight in the stack says how much it adds).
 
     Parameters
     ----------
@@ -469,8 +492,21 @@ def flag_outliers(qualities: Sequence[FrameQuality], names: Sequence[str]) -> li
     group = {key: _centre_spread(np.array([getattr(qualities[i], key) for i in with_stars],
                                           dtype=np.float64))
              for key in ("n_stars", "fwhm", "eccentricity", "background", "noise")}
+    classes = _exposure_classes(exptimes) if exptimes is not None else [0] * len(qualities)
+    mixed = len({classes[i] for i in with_stars}) > 1
     for i in with_stars:
-        found = _group_reasons(qualities[i], group)
+        q, own = qualities[i], dict(group)
+        if mixed:
+            alike = [k for k in with_stars if classes[k] == classes[i] and classes[i] >= 0]
+            own["n_stars"] = _centre_spread(np.array([qualities[k].n_stars for k in alike], np.float64)) \
+                if len(alike) >= 3 else (0.0, 0.0)                    # too few alike: not judged
+            t = exptimes[i]
+            rates = [(qualities[k].background / exptimes[k], qualities[k].noise / exptimes[k])
+                     for k in with_stars if classes[k] >= 0]
+            if t and t > 0 and len(rates) >= 3:      # background per second, in the frame's units
+                own["background"] = tuple(v * t for v in _centre_spread(np.array([r[0] for r in rates])))
+                own["noise"] = (float(np.median([r[1] for r in rates])) * t, 0.0)
+        found = _group_reasons(q, own)
         if found:
             reasons[i] = "; ".join(found)
     return reasons

@@ -37,6 +37,7 @@ from ..colour.demosaic import DebayeredRows, debayer, frame_pattern, luminance, 
 from ..errors import CcdcalWarning, InputError
 from ..io.frames import FrameSource
 from ..io.guard import refuse_overwrite
+from ..io.headers import exposure_of
 from ..io.writer import write_bytes
 from ..stretch import downsample, png_bytes, stretch
 from .engine import StackResult, stack
@@ -103,6 +104,7 @@ class StackRun:
     output: Path | None = None
     preview: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # what the stack assumed, said once
 
     @property
     def reference(self) -> str | None:
@@ -160,10 +162,11 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
 
     paths = [str(p) for p in paths]
     patterns = patterns or [None] * len(paths)
-    qualities, stars, errors = [], [], []
+    qualities, stars, errors, exptimes = [], [], [], []
     for path, pattern in steps(list(zip(paths, patterns, strict=True)), "finding stars", progress):
         try:
-            data, mask, _ = _read_frame(path, pattern)
+            data, mask, header = _read_frame(path, pattern)
+            exptimes.append(exposure_of(header))
             found = detect_stars(data, mask, max_stars=max_stars)
             qualities.append(frame_quality(found, data.shape))
             stars.append(found)
@@ -172,8 +175,11 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
             qualities.append(None)
             stars.append(None)
             errors.append(str(exc))
+            if len(exptimes) < len(errors):
+                exptimes.append(None)
     measured = [i for i, q in enumerate(qualities) if q is not None]
-    flags = flag_outliers([qualities[i] for i in measured], [Path(paths[i]).name for i in measured])
+    flags = flag_outliers([qualities[i] for i in measured], [Path(paths[i]).name for i in measured],
+                          [exptimes[i] for i in measured])
     reasons: list[str | None] = list(errors)
     for i, flag in zip(measured, flags, strict=True):
         if flag and (not keep_all or "no stars" in flag):
@@ -322,6 +328,7 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         run.result = _colour_stack([(v.path, pattern_of[v.path]) for v in used], matrices, ref_used,
                                    dict(reject=reject, weights=weights, interpolation=interpolation, memory=memory,
                                         progress=progress), debayer)
+    run.notes.extend(n for n in run.result.notes if n not in run.notes)
     if output is not None:
         run.output = run.result.write(output)
         if preview:
@@ -351,7 +358,9 @@ def _colour_stack(frames: list[tuple[str, str]], matrices: list[np.ndarray], ref
         coverage=np.stack([r.coverage for r in results]), weight=np.stack([r.weight for r in results]),
         rejected=np.stack([r.rejected for r in results]), mask=np.stack([r.mask for r in results]), header=header,
         scales=green.scales, zeros=green.zeros, weights=green.weights, backgrounds=green.backgrounds,
-        noise=green.noise, frame_rejected=sum(r.frame_rejected for r in results))
+        noise=green.noise, frame_rejected=sum(r.frame_rejected for r in results),
+        notes=list(dict.fromkeys(n.replace(f"[{name}]", "") for r, name in zip(results, "RGB", strict=True)
+                                 for n in r.notes)))
 
 
 def write_preview(data: np.ndarray, path: Path) -> Path:
