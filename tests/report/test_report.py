@@ -234,3 +234,23 @@ def test_cli_report_rebuilds_the_page(out_dir, capsys):
     assert (out_dir / "report.html").is_file()
     assert "report:" in capsys.readouterr().out
     assert main(["report", str(out_dir / "nowhere")]) == 2
+
+
+def test_a_large_night_is_one_table_with_small_thumbnails_and_plots(out_dir, monkeypatch):
+    """Beyond LARGE_NIGHT lights (issue 31): one sortable, filterable table, flagged lights first,
+    each thumbnail a small inlined JPEG, each preview a link to its file (not inlined), and plots of
+    the lights' statistics; a light that is gone still says why."""
+    from ccdcal.report import page
+
+    monkeypatch.setattr(page, "LARGE_NIGHT", 2)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest["inputs"] = [dict(i, flags=["cloudy: 3 stars vs 40 typical"]) if i["path"].endswith("m51_2.fits")
+                          else i for i in manifest["inputs"]]
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    text = build_report(out_dir).read_text()
+    assert 'id="lights-table"' in text and 'id="light-filter"' in text and text.count('class="series"') == 2
+    rows = text[text.index('id="lights-table"'):text.index("</table>", text.index('id="lights-table"'))]
+    assert rows.index("m51_2") < rows.index("m51_1")                   # the flagged light first
+    assert rows.count("data:image/jpeg;base64,") == 2 and "data:image/png" not in rows
+    assert rows.count('href="previews/light-') == 2 and "m51_gone" in rows   # the missing one listed too
+    assert 'class="lightbox"' not in text                              # no inlined large previews

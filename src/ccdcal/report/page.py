@@ -12,7 +12,7 @@ import html
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,11 @@ from ..stretch import downsample, png_bytes, stretch
 
 PREVIEW_SIZE = 800  # px, longest side of a master or light preview
 THUMB_SIZE = 200  # px, longest side of a light thumbnail
+#: Beyond this many lights the report lists them as one sortable table with small thumbnails
+#: (JPEG, :data:`TABLE_THUMB` px) and plots of their statistics, the large previews linked, not
+#: inlined: 800 lights make a few MB, not 75, and nobody scrolls 800 cards.
+LARGE_NIGHT = 60
+TABLE_THUMB = 64
 # zlib level of the report's PNGs: on a smooth master flat 6x faster than level 6 for 17 % more
 # bytes; on noise-like lights the same time and size
 PNG_LEVEL = 1
@@ -442,15 +447,15 @@ def _datasum(out_dir: Path, output: str) -> str:
     return datasum_of(Path(output) if os.path.isabs(output) else Path(out_dir) / output)
 
 
-def _stored_image(out_dir: Path, rel: str, size: Any, digest: str) -> Image:
-    """A PNG the previews left in the output folder, inlined, with its (width, height); a
-    ValueError when its bytes are not those its JSON recorded (the previews are written without
-    fsync: after a power cut one may be empty, or older than its JSON)."""
+def _stored_image(out_dir: Path, rel: str, size: Any, digest: str, *, inline: bool = True) -> Image:
+    """A PNG the previews left in the output folder, inlined (or only linked), with its (width,
+    height); a ValueError when its bytes are not those its JSON recorded (the previews are
+    written without fsync: after a power cut one may be empty, or older than its JSON)."""
     payload = (Path(out_dir) / rel).read_bytes()
     if _png_hash(payload) != digest:
         raise ValueError(f"{rel} is not the preview its statistics were made with")
     w, h = size
-    return Image(_data_uri(payload), rel, int(w), int(h))
+    return Image(_data_uri(payload) if inline else None, rel, int(w), int(h))
 
 
 def _png_hash(payload: bytes) -> str:
@@ -476,7 +481,8 @@ def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[
 
 
 def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
-            flags_by_path: Mapping[str, list[str]], outputs: Mapping[str, Any] | None = None) -> list[LightCard]:
+            flags_by_path: Mapping[str, list[str]], outputs: Mapping[str, Any] | None = None, *,
+            small: bool = False) -> list[LightCard]:
     cards = []
     for index, item in enumerate(lights):
         source = str(item.get("input") or "")
@@ -498,7 +504,7 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
         card = LightCard(index=index, name=_display_name(output or source), output=output,
                          masters=masters, notes=notes,
                          flags=list(flags_by_path.get(source, [])), thumb=Image(), preview=Image())
-        made = _made_light_previews(out_dir, output)
+        made = _made_light_previews(out_dir, output, small=small)
         if made is not None:
             card.preview, card.thumb, card.stats = made
             cards.append(card)
@@ -508,9 +514,36 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
             card.thumb.error = card.preview.error = error
         else:
             write_light_previews(out_dir, output, data, pattern=_pattern_of(out_dir, output, data.shape))
-            card.preview, card.thumb, card.stats = _made_light_previews(out_dir, output)
+            del data
+            card.preview, card.thumb, card.stats = _made_light_previews(out_dir, output, small=small)
         cards.append(card)
     return cards
+
+
+def series_svg(values: Sequence[float], flagged: Sequence[bool], *, label: str, width: int = 760,
+               height: int = 120) -> str:
+    """A line plot of one statistic over the lights, in their order (an SVG, inline): flagged
+    lights as orange dots; NaN left out."""
+    pad = 30
+    v = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(v)
+    if ok.sum() < 2:
+        return ""
+    lo, hi = float(np.min(v[ok])), float(np.max(v[ok]))
+    hi = hi if hi > lo else lo + 1.0
+    n = len(v)
+
+    def xy(i: int) -> tuple[float, float]:
+        return (pad + (width - 2 * pad) * i / max(n - 1, 1),
+                height - pad / 2 - (height - pad) * (v[i] - lo) / (hi - lo))
+
+    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i) for i in range(n) if ok[i]))
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#f59e0b"/>'
+                   for x, y in (xy(i) for i in range(n) if ok[i] and flagged[i]))
+    return (f'<svg class="series" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+            f'aria-label="{html.escape(label)}"><text x="{pad}" y="12" font-size="11">{html.escape(label)}: '
+            f'{_fmt(lo)} to {_fmt(hi)}</text><polyline fill="none" stroke="#2563eb" stroke-width="1" '
+            f'points="{points}"/>{dots}</svg>')
 
 
 def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: str | None = None,
@@ -548,20 +581,39 @@ def _pattern_of(out_dir: Path, output: str, shape: tuple[int, int]) -> str | Non
         return None
 
 
-def _made_light_previews(out_dir: Path, output: str) -> tuple[Image, Image, dict[str, Any]] | None:
+def _made_light_previews(out_dir: Path, output: str, *, small: bool = False
+                         ) -> tuple[Image, Image, dict[str, Any]] | None:
     """The previews and statistics :func:`write_light_previews` left for ``output``, when they
-    are there and at least as new as the output; else None."""
+    are there and at least as new as the output; else None. ``small``: the thumbnail as a small
+    JPEG and the preview as a link to its file (a large night's table)."""
     stem = _safe_stem(output)
     try:
         facts = _fresh_facts(out_dir, output, f"light-{stem}")
         if facts is None:
             return None
         preview, thumb = (_stored_image(out_dir, f"previews/light-{stem}{suffix}.png", facts["sizes"][key],
-                                        facts["png"][key])
+                                        facts["png"][key], inline=not small)
                           for suffix, key in (("", "preview"), ("-thumb", "-thumb")))
+        if small:
+            thumb = _small_thumb(out_dir, thumb)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return preview, thumb, dict(facts["stats"])
+
+
+def _small_thumb(out_dir: Path, thumb: Image) -> Image:
+    """A thumbnail file made a :data:`TABLE_THUMB` px JPEG, inlined (2–4 KB)."""
+    import io
+
+    from PIL import Image as Pil
+
+    with Pil.open(Path(out_dir) / str(thumb.file)) as png:
+        png.thumbnail((TABLE_THUMB, TABLE_THUMB))
+        rgb = png.convert("RGB")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=70)
+    return Image("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), thumb.file,
+                 rgb.width, rgb.height)
 
 
 def _stacks(out_dir: Path, outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -690,7 +742,14 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
 
     groups = _groups(inputs, excluded)
     masters = _masters(out_dir, masters_in)
-    lights = _lights(out_dir, lights_in, flags_by_path, manifest.get("outputs") or {})
+    large = len(lights_in) > LARGE_NIGHT
+    lights = _lights(out_dir, lights_in, flags_by_path, manifest.get("outputs") or {}, small=large)
+    plots = []
+    if large:   # the statistics over the night, then the table: flagged lights first
+        flagged = [bool(c.flags) for c in lights]
+        for key, label in (("median", "median level"), ("clipped_std", "noise (clipped std)")):
+            plots.append(series_svg([(c.stats or {}).get(key, np.nan) for c in lights], flagged, label=label))
+        lights = sorted(lights, key=lambda c: (not c.flags, c.index))
     counts: dict[str, int] = {}
     for item in inputs:
         kind = str(item.get("kind") or "unknown")
@@ -708,6 +767,8 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
         "groups": groups,
         "masters": masters,
         "lights": lights,
+        "large": large,
+        "plots": [p for p in plots if p],
         "stacks": _stacks(out_dir, manifest.get("outputs") or {}),
         "unknown": unknown,
         "skipped": [s for s in manifest.get("skipped") or [] if isinstance(s, Mapping)],
