@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/night.py
 	$(BIN)/python benchmarks/dask_scaling.py
+	$(BIN)/python benchmarks/stacking.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
