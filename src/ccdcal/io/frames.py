@@ -746,6 +746,21 @@ def fit_card(card: Any) -> Any:
         return card
 
 
+def refit_comments(header: Any) -> Any:
+    """``header`` with every comment that would not fit its card shortened (:func:`fit_card`), in
+    place; a cheap length test first, so a header of fitting cards costs no card formatting."""
+    for i, card in enumerate(header.cards):
+        comment = card.comment
+        if not comment or card.keyword in _COMMENTARY:
+            continue
+        if len(card.keyword) <= 8 and len(str(card.value)) + len(comment) < 44:
+            continue          # value (30 columns at most for a short value) + " / " + comment fit
+        fitted = fit_card(card)
+        if fitted is not card:
+            header[i] = (fitted.value, fitted.comment)
+    return header
+
+
 def clean_header(header: Any) -> Any:
     """A copy of ``header`` without the keywords that describe the raw storage (BZERO, NAXIS...).
 

@@ -26,7 +26,7 @@ from ..masks import (
     MASK_USER,
 )
 from ..sections import parse_section
-from .frames import clean_header, header_value
+from .frames import clean_header, header_value, refit_comments
 
 if TYPE_CHECKING:
     from ..calibration.arithmetic import CalibratedFrame, Master
@@ -975,4 +975,4 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
                          gain_source=gain_source)
     if dark is not None and result.dark_scale is not None:
         header["CALDARKT"] = (dark.exptime, "[s] exposure of the master dark applied")
-    return header
+    return refit_comments(header)     # cleaned and fitted: written as it is (write_fits(cleaned=True))

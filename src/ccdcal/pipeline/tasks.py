@@ -702,7 +702,7 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
                            pattern=trimmed_pattern(job.frame.bayer, recipe.trim))
     # not kept in the page cache unless the lights are stacked next (read again)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
-               unit=result.unit, meanwhile=previews, cached=options.stack)
+               unit=result.unit, meanwhile=previews, cached=options.stack, cleaned=True)   # light_header's
     return None
 
 
