@@ -230,3 +230,23 @@ def test_reduce_stack_of_a_colour_night_is_in_colour_and_so_is_its_report(tmp_pa
     for png in [*previews, *(tmp_path / "out" / "previews").glob("stack-*.png")]:
         with Image.open(png) as image:
             assert image.mode == "RGB", png.name
+
+
+def test_colour_flats_without_a_bayer_pattern_are_pointed_out(tmp_path):
+    """SGP and APT write no BAYERPAT for a colour camera: the flats' 2x2 cells give it away, the
+    plan says so and how to go on; a mono camera's flats say nothing; --bayer-pattern makes it colour."""
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from oscnight import write_night as osc
+
+    night = osc(tmp_path / "raw", shape=(64, 80), n_bias=3, n_flat=3, n_light=2, n_stars=4)
+    for files in night.files.values():
+        for path in files:
+            with fits.open(path, mode="update") as hdul:
+                del hdul[0].header["BAYERPAT"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = reduce(tmp_path / "raw", tmp_path / "a", dry_run=True)
+        told = reduce(tmp_path / "raw", tmp_path / "b", dry_run=True, options=ReduceOptions(bayer_pattern="RGGB"))
+    assert any("look like a colour camera's" in w and "--bayer-pattern" in w for w in plain.plan.warnings)
+    assert not any("colour camera" in w for w in told.plan.warnings)
+    assert next(j for j in told.plan.masters if j.kind.value == "flat").cfa == "channel"

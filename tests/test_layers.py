@@ -247,7 +247,7 @@ def test_no_function_is_longer_than_80_lines():
 
 
 _EMPTY_CALLS = {"dict", "list", "set", "OrderedDict", "defaultdict", "deque", "WeakValueDictionary",
-                "WeakKeyDictionary", "ThreadPoolExecutor"}
+                "WeakKeyDictionary", "ThreadPoolExecutor", "local"}
 
 
 def _mutable_at_import(value: ast.AST | None) -> bool:

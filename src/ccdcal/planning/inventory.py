@@ -16,6 +16,7 @@ own outputs) is recorded in :attr:`FrameInfo.calibrated`.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import threading
@@ -28,7 +29,7 @@ import numpy as np
 from astropy.io.fits.verify import VerifyError
 
 from .._repr import inventory_html
-from .._shared import _kernels
+from .._shared import _kernels, state
 from .._shared.names import printable
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalError, InputError
@@ -510,7 +511,7 @@ def calibration_group_key(info: FrameInfo) -> tuple:
     return base
 
 
-def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.ndarray],
+def _raw16_metrics(src: Any, info: FrameInfo, raw: np.ndarray,
                    hashed: list[Any] | None = None) -> dict[str, float]:
     """:func:`ccdcal.qa.stats.frame_metrics` of a 16-bit integer frame without decoding it: the
     counts from a histogram of the stored integers (one pass over the raw bytes, in a buffer
@@ -519,9 +520,6 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
 
     ny, nx = src.shape
     rows, cols = to_slices(info.trimsec, (ny, nx)) if info.trimsec else (slice(0, ny), slice(0, nx))
-    raw = buffers.get((ny, nx))
-    if raw is None:
-        raw = buffers[(ny, nx)] = np.empty((ny, nx), np.uint16)
     src.read_raw(0, ny, raw)
     if hashed is not None:  # the file's hash while its pixels are in memory (see pixel_metrics)
         hashed.append(hash_around(src.path, src.data_offset, raw))
@@ -549,7 +547,8 @@ def _raw16_metrics(src: Any, info: FrameInfo, buffers: dict[tuple[int, int], np.
 
 
 _HASHED = "_hash"  # the file's (hash key, hash) in what pixel_metrics returns
-_BUFFERS = threading.local()  # per thread: the raw buffer of each frame size, reused
+# per thread and frame size: the raw buffer reused from frame to frame (freed when the run ends)
+_BUFFERS = state.Cache("raw frame buffers", max_items=8)
 
 
 def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, float] | str:
@@ -560,19 +559,53 @@ def pixel_metrics(info: FrameInfo, *, hash_file: bool = False) -> dict[str, floa
     try:
         with FrameSource(info.path, info.hdu) as src:
             if src.raw16:
-                if not hasattr(_BUFFERS, "by_shape"):
-                    _BUFFERS.by_shape = {}
                 hashed: list[Any] | None = [] if hash_file else None
-                metrics = _raw16_metrics(src, info, _BUFFERS.by_shape, hashed)
+                key = (threading.get_ident(), tuple(src.shape))
+                buffer = _BUFFERS.get(key)
+                if buffer is None:
+                    buffer = np.empty(src.shape, np.uint16)
+                    _BUFFERS.put(key, buffer)
+                metrics = _raw16_metrics(src, info, buffer, hashed)
                 if hashed and hashed[0] is not None:
                     metrics[_HASHED] = hashed[0]    # taken out by flag_groups (this may be a worker)
-                return metrics
-            data = src.read()
-            if info.trimsec:
-                data = data[to_slices(info.trimsec, data.shape)]
-            return frame_metrics(data, saturation=info.saturate, adc_maximum=src.adc_maximum)
+            else:
+                data = src.read()
+                if info.trimsec:
+                    data = data[to_slices(info.trimsec, data.shape)]
+                metrics = frame_metrics(data, saturation=info.saturate, adc_maximum=src.adc_maximum)
+            if info.kind == FrameKind.FLAT and info.bayer is None:
+                metrics.update(cfa_cells(src))
+            return metrics
     except InputError as exc:
         return str(exc)
+
+
+CFA_CELLS = ("cfa00", "cfa01", "cfa10", "cfa11")
+
+
+def cfa_cells(src: Any, rows: int = 64) -> dict[str, float]:
+    """The medians of the four cells of the 2x2 pixel pattern in the central rows of a frame, as
+    fractions of their mean: a colour camera's flat shows its filters (green twice, on a
+    diagonal), a mono camera's four equal values."""
+    ny = int(src.shape[0])
+    y0 = max(0, (ny - rows) // 2) // 2 * 2
+    band = src.read_rows(y0, min(ny, y0 + rows))
+    levels = [float(np.nanmedian(band[dy::2, dx::2])) for dy in (0, 1) for dx in (0, 1)]
+    mean = float(np.mean(levels))
+    return {k: (v / mean if mean > 0 else math.nan) for k, v in zip(CFA_CELLS, levels, strict=True)}
+
+
+def looks_like_cfa(metrics: dict[str, float] | None) -> bool:
+    """Whether a flat's :func:`cfa_cells` are a colour camera's: one diagonal pair equal (the
+    greens, within 3 %) and the other two cells each more than 10 % away from them."""
+    if not metrics or not all(k in metrics for k in CFA_CELLS):
+        return False
+    a, b, c, d = (metrics[k] for k in CFA_CELLS)
+    for g1, g2, x1, x2 in ((a, d, b, c), (b, c, a, d)):
+        green = (g1 + g2) / 2
+        if green > 0 and abs(g1 - g2) <= 0.03 * green and min(abs(x1 - green), abs(x2 - green)) > 0.1 * green:
+            return True
+    return False
 
 
 def flag_groups(inventory: Inventory, *, progress: ProgressOption = None, executor: Any = None,

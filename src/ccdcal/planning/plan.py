@@ -45,11 +45,13 @@ from ..calibration.overscan import OverscanSpec, overscan_geometry
 from ..calibration.recipe import Recipe
 from ..io.headers import is_cmos
 from .inventory import (
+    CFA_CELLS,
     FrameInfo,
     FrameKind,
     Inventory,
     Skipped,
     frame_temperature,
+    looks_like_cfa,
     temperature_groups,
 )
 from .library import Library
@@ -850,6 +852,12 @@ def plan_flats(frames: Sequence[FrameInfo], index: MasterIndex,
             flats.setdefault(geom, {})[filt] = name
             label = f"master flat   {filt or '(no filter)'}" + ctx.settings_label(geom)
             cfa = ctx.options.flat_cfa if all(f.bayer for f in keep) else None
+            if cfa is None and sum(looks_like_cfa(f.metrics) for f in keep) * 2 > len(keep):
+                cells = " : ".join(f"{keep[0].metrics[k]:.2f}" for k in CFA_CELLS)
+                ctx.warnings.append(
+                    f"the flats of FILTER {filt!r} look like a colour camera's (their 2x2 pixel cells stand at"
+                    f" {cells}, the greens on a diagonal) but say no Bayer pattern (BAYERPAT): calibrated as"
+                    " mono; pass --bayer-pattern RGGB, BGGR, GRBG or GBRG if the camera is colour")
             label += {"channel": "   each CFA colour normalised to 1", "scalar": "   one level for every CFA colour",
                       None: ""}[cfa]
             jobs.append(_master_job(FrameKind.FLAT, name, label, (keep, drop, reasons), recipes,
