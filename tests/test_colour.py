@@ -227,6 +227,15 @@ def test_reduce_stack_of_a_colour_night_is_in_colour_and_so_is_its_report(tmp_pa
         assert hdul["UNCERT"].data.shape == (3, 120, 160)
     previews = sorted((tmp_path / "out" / "previews").glob("light-*.png"))
     assert previews
+    import json
+
+    facts = json.loads(next((tmp_path / "out" / "previews").glob("light-*.json")).read_text())
+    colours = facts["stats"]["colours"]                      # per-colour statistics of the CFA light
+    from oscnight import SKY
+
+    assert colours["R"]["median"] / colours["G"]["median"] == pytest.approx(SKY["R"] / SKY["G"], rel=0.05)
+    assert colours["B"]["median"] / colours["G"]["median"] == pytest.approx(SKY["B"] / SKY["G"], rel=0.05)
+    assert "R " in (tmp_path / "out" / "report.html").read_text()
     for png in [*previews, *(tmp_path / "out" / "previews").glob("stack-*.png")]:
         with Image.open(png) as image:
             assert image.mode == "RGB", png.name

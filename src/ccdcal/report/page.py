@@ -21,7 +21,7 @@ import numpy as np
 from astropy.io import fits
 
 from .._shared.names import NAME_LIMIT, unique_stem
-from ..colour.demosaic import superpixel
+from ..colour.demosaic import channel_map, superpixel
 from ..errors import CcdcalError, InputError
 from ..io.frames import datasum_of, read_image
 from ..io.guard import output_lock, refuse_overwrite
@@ -570,7 +570,26 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: 
         hashes[suffix or "preview"] = _png_hash(png)
     facts = {"output": output, "datasum": datasum if datasum is not None else _datasum(out_dir, output),
              "sizes": sizes, "png": hashes, "stats": _stats_dict(data)}
+    if pattern:      # a colour light: its statistics per colour too (the cells of each filter)
+        facts["stats"]["colours"] = colour_stats(data, pattern)
     write_text(Path(out_dir) / "previews" / f"light-{stem}.json", json.dumps(facts, default=float), durable=False)
+
+
+def colour_stats(data: np.ndarray, pattern: str) -> dict[str, dict[str, float]]:
+    """Median and clipped standard deviation of a CFA frame's pixels of each colour (R, G, B)."""
+    chan = channel_map(pattern)
+    out = {}
+    for c, name in enumerate("RGB"):
+        cells = [data[dy::2, dx::2] for dy in (0, 1) for dx in (0, 1) if chan[dy, dx] == c]
+        values = np.concatenate([_subsample(cell).ravel() for cell in cells])
+        stats = region_stats(values.reshape(1, -1)).to_dict()
+        out[name] = {"median": stats["median"], "clipped_std": stats["clipped_std"]}
+    return out
+
+
+def _subsample(data: np.ndarray, max_pixels: int = STATS_PIXELS // 4) -> np.ndarray:
+    step = max(1, math.ceil(math.sqrt(data.size / max_pixels)))
+    return data[::step, ::step]
 
 
 def _pattern_of(out_dir: Path, output: str, shape: tuple[int, int]) -> str | None:
