@@ -253,21 +253,21 @@ def print_stack(run) -> None:
 
     table = Table(title="frames", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
                   collapse_padding=True)
-    for col in ("frame", "stars", "FWHM", "ecc", "bkg", "noise", "match", "rms", "scale", ""):
+    for col in ("frame", "stars", "FWHM", "ecc", "bkg", "noise", "match", "rms", "scale", "wt", ""):
         table.add_column(col, justify="left" if col in ("frame", "") else "right", no_wrap=True)
 
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    # the other columns take about 62 cells: names are cut in the middle to what is left
-    names = shorten_names([printable(Path(f.path).name) for f in run.frames], max(12, console().width - 62))
+    # the other columns take about 68 cells: names are cut in the middle to what is left
+    names = shorten_names([printable(Path(f.path).name) for f in run.frames], max(12, console().width - 68))
     for f, name in zip(run.frames, names, strict=True):
         row = f.to_json()
         used = f.used
         table.add_row(Text(name), fmt(row["stars"], "d"), fmt(row["fwhm"], ".2f"),
                       fmt(row["eccentricity"], ".2f"), fmt(row["background"], ".4g"), fmt(row["noise"], ".3g"),
                       str(row["matched"]) if used else "", fmt(row["rms"], ".3f") if used else "",
-                      fmt(row["flux_ratio"], ".3f") if used else "",
+                      fmt(row["flux_ratio"], ".3f") if used else "", fmt(row["weight"], ".2f") if used else "",
                       "ref" if f.reference else ("" if used else "out"))
     console().print(table)
     for f in run.frames:

@@ -240,3 +240,26 @@ def test_the_stack_header_says_the_total_exposure_under_both_names(tmp_path):
     out = stack_header(headers, [f"f{i}" for i in range(6)], reference=0, scales=np.ones(6), zeros=np.zeros(6),
                        weights=np.ones(6), how="test")
     assert out["EXPTIME"] == out["EXPOSURE"] == 720.0 and out["EXPMEAN"] == 120.0
+
+
+def test_each_stacked_frame_states_its_weight(tmp_path):
+    """Weights from the data (noise and transparency: 1/(s·σ_bg)², mean 1) per frame, in the run's
+    table (to_json) as in the header's WGHTnnn: a frame with twice the noise weighs a quarter."""
+    from starfield import catalogue, observe, shift, write_light
+
+    from ccdcal.stacking.workflow import stack_files
+
+    stars = catalogue((128, 128), 20, seed=5)
+    paths = []
+    for i in range(4):
+        data, sigma = observe((128, 128), stars, shift(1.3 * i, -0.7 * i), seed=60 + i)
+        if i == 3:   # the same sky, twice the noise
+            noisy = data + np.random.default_rng(9).normal(0.0, 1.0, data.shape) * np.sqrt(3) * sigma
+            data, sigma = noisy, 2 * sigma
+        paths.append(write_light(tmp_path / f"w{i}.fits", data.astype(np.float32), sigma.astype(np.float32)))
+    run = stack_files(paths, tmp_path / "stack.fits", preview=False)
+    weights = [f.to_json()["weight"] for f in run.frames]
+    assert all(w is not None for w in weights) and np.mean(weights) == pytest.approx(1.0, abs=0.01)
+    assert weights[3] / np.mean(weights[:3]) == pytest.approx(0.25, rel=0.15)
+    header = fits.getheader(tmp_path / "stack.fits")
+    assert [round(header[f"WGHT{i + 1:03d}"], 3) for i in range(4)] == [round(w, 3) for w in weights]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class FrameVerdict:
         (resampling keeps values per pixel): the frame's scale on the reference grid.
     reason : str or None
         Why it was left out (None: stacked).
+    weight : float or None
+        Its weight in the stack (1/(scale·σ_bg)², the frames' mean 1: noise and transparency
+        from the data; for a colour stack the green's), once stacked.
     """
 
     path: str
@@ -75,6 +78,7 @@ class FrameVerdict:
     flux_ratio: float | None = None
     reason: str | None = None
     reference: bool = False
+    weight: float | None = None
 
     @property
     def used(self) -> bool:
@@ -87,7 +91,8 @@ class FrameVerdict:
                 "eccentricity": None if q is None else _num(q.eccentricity),
                 "background": None if q is None else _num(q.background),
                 "noise": None if q is None else _num(q.noise), "matched": self.n_matched, "rms": _num(self.rms),
-                "flux_ratio": None if self.flux_ratio is None else _num(self.flux_ratio)}
+                "flux_ratio": None if self.flux_ratio is None else _num(self.flux_ratio),
+                "weight": None if self.weight is None else _num(self.weight)}
 
 
 def _num(value: Any) -> float | None:
@@ -329,6 +334,8 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
                                    dict(reject=reject, weights=weights, interpolation=interpolation, memory=memory,
                                         progress=progress), debayer)
     run.notes.extend(n for n in run.result.notes if n not in run.notes)
+    weights = iter(np.asarray(run.result.weights, dtype=np.float64))
+    run.frames = [replace(v, weight=float(next(weights))) if v.used else v for v in run.frames]
     if output is not None:
         run.output = run.result.write(output)
         if preview:
