@@ -245,9 +245,8 @@ def test_the_stack_header_says_the_total_exposure_under_both_names(tmp_path):
 def test_each_stacked_frame_states_its_weight(tmp_path):
     """Weights from the data (noise and transparency: 1/(s·σ_bg)², mean 1) per frame, in the run's
     table (to_json) as in the header's WGHTnnn: a frame with twice the noise weighs a quarter."""
-    from starfield import catalogue, observe, shift, write_light
-
     from ccdcal.stacking.workflow import stack_files
+    from starfield import catalogue, observe, shift, write_light
 
     stars = catalogue((128, 128), 20, seed=5)
     paths = []
