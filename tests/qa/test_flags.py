@@ -212,7 +212,7 @@ def test_raw16_metrics_equal_the_decoded_frame_metrics(tmp_path):
         info = scan([path], flag=False).frames[0]
         with FrameSource(path) as src:
             assert src.raw16
-            fast = _raw16_metrics(src, info, {})
+            fast = _raw16_metrics(src, info, np.empty(src.shape, np.uint16))
             image = src.read()
             if info.trimsec:
                 image = image[to_slices(info.trimsec, image.shape)]
