@@ -8,9 +8,9 @@ Bayer filter with stars of several colours) and times, as whole processes:
 - Siril 1.0.6's script: ``convert`` (with ``-debayer`` for CFA), ``register``, ``stack rej 3 3
   -norm=addscale`` (its usual script).
 
-Quality on the same stack: star signal-to-noise, with the noise measured as the scatter of
-aperture sums placed on blank sky (pixel rms flatters smoothing interpolators), and the stars'
-FWHM. Reported as ratios ccdcal / Siril.
+Quality, both stacks on frame 0's grid, on the same stars: star signal-to-noise, with the noise
+measured as the scatter of aperture sums at the same blank positions (pixel rms flatters
+smoothing interpolators), and the stars' FWHM. Reported as ratios ccdcal / Siril.
 
     python benchmarks/stacking.py [--cases mono,osc] [--n 16] [--size 1024x1536] [--repeat 1]
 """
@@ -121,25 +121,33 @@ def _plane(path: Path) -> np.ndarray:
     return data.mean(axis=0) if data.ndim == 3 else data
 
 
-def quality(image: np.ndarray, reference: np.ndarray | None = None) -> tuple[float, float]:
-    """(median star SNR with aperture noise on blank sky, median FWHM) of a stack."""
+def quality(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """Star SNR and FWHM of two stacks on one grid (both on frame 0's), as ratios ours / theirs, on
+    the same stars: found in ours (unsaturated, unflagged), measured at the same positions in
+    both; the noise is the scatter of aperture sums at the same blank positions in both (pixel
+    rms flatters smoothing interpolators)."""
     import sep
 
-    img = np.ascontiguousarray(np.nan_to_num(image, nan=0.0), dtype=np.float64)
-    bkg = sep.Background(img)
-    sub = img - bkg.back()
-    objs = sep.extract(sub, 8.0, err=bkg.globalrms)
-    objs = objs[(objs["flag"] == 0) & (objs["peak"] < 0.9 * np.nanmax(sub))]
+    def prepared(image: np.ndarray) -> np.ndarray:
+        img = np.ascontiguousarray(np.nan_to_num(image, nan=0.0), dtype=np.float64)
+        return img - sep.Background(img).back()
+
+    a, b = prepared(ours), prepared(theirs)
+    objs = sep.extract(a, 8.0, err=float(1.4826 * np.median(np.abs(a - np.median(a)))))
+    objs = objs[(objs["flag"] == 0) & (objs["peak"] < 0.9 * np.nanmax(a))]
     radius = 2.0 * FWHM
-    flux, _, _ = sep.sum_circle(sub, objs["x"], objs["y"], radius)
+    ny, nx = a.shape
     rng = np.random.default_rng(0)
-    ny, nx = sub.shape
-    blank_x, blank_y = rng.uniform(30, nx - 30, 3000), rng.uniform(30, ny - 30, 3000)
-    near = np.min(np.hypot(blank_x[:, None] - objs["x"][None], blank_y[:, None] - objs["y"][None]), axis=1) > 15
-    sky, _, _ = sep.sum_circle(sub, blank_x[near], blank_y[near], radius)
-    noise = 1.4826 * np.median(np.abs(sky - np.median(sky)))
-    fwhm, _ = sep.flux_radius(sub, objs["x"], objs["y"], np.full(len(objs), 6.0 * FWHM), 0.5)
-    return float(np.median(flux / noise)), float(np.median(2 * fwhm))
+    bx, by = rng.uniform(30, nx - 30, 3000), rng.uniform(30, ny - 30, 3000)
+    blank = np.min(np.hypot(bx[:, None] - objs["x"][None], by[:, None] - objs["y"][None]), axis=1) > 15
+    out = []
+    for image in (a, b):
+        flux, _, _ = sep.sum_circle(image, objs["x"], objs["y"], radius)
+        sky, _, _ = sep.sum_circle(image, bx[blank], by[blank], radius)
+        noise = 1.4826 * np.median(np.abs(sky - np.median(sky)))
+        half, _ = sep.flux_radius(image, objs["x"], objs["y"], np.full(len(objs), 6.0 * FWHM), 0.5)
+        out.append((flux / noise, 2 * half))
+    return float(np.median(out[0][0] / out[1][0])), float(np.median(out[0][1] / out[1][1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(exist_ok=True)
         result = {"case": case, "frames": args.n, "size": f"{nx}x{ny}"}
         for _ in range(args.repeat):
+            # frame 0 as the reference, as Siril takes it: both stacks on one grid
             wall, rss, code = measure([sys.executable, "-m", "ccdcal.cli", "stack", *map(str, paths), "-o",
-                                       str(out / "ccdcal.fits"), "--json"])
+                                       str(out / "ccdcal.fits"), "--reference", str(paths[0]), "--json"])
             if code == 0:
                 result["ccdcal_s"] = min(result.get("ccdcal_s", 1e9), wall)
                 result["ccdcal_mb"] = rss / 2**20
@@ -171,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                     result["siril_s"] = min(result.get("siril_s", 1e9), wall)
                     result["siril_mb"] = rss / 2**20
         if "ccdcal_s" in result and "siril_s" in result:
-            ours, theirs = quality(_plane(out / "ccdcal.fits")), quality(_plane(siril[1]))
-            result.update(ratio=result["ccdcal_s"] / result["siril_s"], snr_ratio=ours[0] / theirs[0],
-                          fwhm_ratio=ours[1] / theirs[1])
+            snr, fwhm = quality(_plane(out / "ccdcal.fits"), _plane(siril[1]))
+            result.update(ratio=result["ccdcal_s"] / result["siril_s"], snr_ratio=snr, fwhm_ratio=fwhm)
         rows.append(result)
         print(result, flush=True)
     print("\n| case | frames | size | ccdcal s | Siril s | time ratio | star SNR ratio | FWHM ratio |")
