@@ -487,7 +487,7 @@ def _add_debayer(p: argparse.ArgumentParser) -> None:
 def _run_debayer(args) -> int:
     from pathlib import Path
 
-    from ._shared.names import printable
+    from ._shared.names import NameBook, printable, safe_part
     from .colour.demosaic import debayer_file
     from .errors import InputError
     from .io.frames import find_fits
@@ -498,11 +498,12 @@ def _run_debayer(args) -> int:
         raise InputError("no FITS files found; check the path")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    names = NameBook()      # two inputs named alike (in two folders) get two outputs
     errors = 0
     for path in files:
-        stem = path.name.split(".")[0]
+        name = names.claim(f"{safe_part(path.name.split('.')[0])}_rgb.fits", str(path.resolve()))
         try:
-            written = debayer_file(path, out / f"{stem}_rgb.fits", method=args.method, pattern=args.bayer_pattern)
+            written = debayer_file(path, out / name, method=args.method, pattern=args.bayer_pattern)
             print(printable(str(written)))
         except InputError as exc:
             warn(str(exc))

@@ -101,10 +101,6 @@ class Cache:
         with self._lock:
             self._items.clear()
 
-    def values(self) -> list[Any]:
-        with self._lock:
-            return list(self._items.values())
-
     def nbytes(self) -> int:
         """The bytes the entries hold (0 without an ``nbytes`` function)."""
         with self._lock:

@@ -192,12 +192,16 @@ def dark_structure(dark: np.ndarray, centre: float, noise: float) -> tuple[np.nd
     if min(ny, nx) < 2 * size:
         return None
     nby, nbx = -(-ny // size), -(-nx // size)
-    padded = np.pad(dark, ((0, nby * size - ny), (0, nbx * size - nx)), mode="reflect")
+    padded = dark if (ny % size == 0 and nx % size == 0) else \
+        np.pad(dark, ((0, nby * size - ny), (0, nbx * size - nx)), mode="reflect")
     blocks = padded.reshape(nby, size, nbx, size).transpose(0, 2, 1, 3).reshape(nby, nbx, size * size)
+    # numpy's median where every value is finite (the usual master dark): the same values as
+    # nanmedian's, in half the time (a 4096² dark: 1.3 s -> 0.6 s)
+    median = np.median if bool(np.isfinite(blocks).all()) else np.nanmedian
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)     # an all-NaN block: the frame's values
-        level = np.nanmedian(blocks, axis=2)
-        spread = MAD_TO_STD * np.nanmedian(np.abs(blocks - level[..., None]), axis=2)
+        level = median(blocks, axis=2)
+        spread = MAD_TO_STD * median(np.abs(blocks - level[..., None]), axis=2)
     level = np.where(np.isfinite(level), level, centre)
     spread = np.where(np.isfinite(spread), spread, noise)
     flat_block = (np.abs(level - centre) <= STRUCTURE_LEVEL * noise) & (spread <= STRUCTURE_SPREAD * noise)

@@ -135,15 +135,17 @@ class DebayeredRows:
     present) served by rows: a row source for :func:`ccdcal.stacking.engine.stack`.
 
     Each band of rows is debayered once (with a margin of CFA rows around it) and its data,
-    mask and uncertainty are served from that; reading it again costs nothing.
+    mask and uncertainty are served from that; reading it again costs nothing. Only ``channel``
+    is made, unless ``all_colours`` (:meth:`colours` then holds the three).
     """
 
-    def __init__(self, path: str | os.PathLike, channel: int, pattern: str, *, method: str = "bilinear"):
+    def __init__(self, path: str | os.PathLike, channel: int, pattern: str, *, method: str = "bilinear",
+                 all_colours: bool = False):
         self.path = Path(path)
         self.channel = int(channel)
         self.name = f"{self.path.name}[{CHANNELS[self.channel]}]"
         self._pattern, self._method = pattern, method
-        self._only: int | None = self.channel     # colours() of all three: debayer_file sets None
+        self._only: int | None = None if all_colours else self.channel   # debayer only the colour served
         self._data = FrameSource(self.path)
         self.shape = self._data.shape
         self.header = self._data.header
@@ -193,6 +195,15 @@ class DebayeredRows:
         self._band = None
 
 
+def _all_colours(path: Path, pattern: str, method: str) -> Debayered:
+    """The three colours of a whole CFA file (its MASK and UNCERT honoured)."""
+    rows = DebayeredRows(path, 1, pattern, method=method, all_colours=True)
+    try:
+        return rows.colours(0, rows.shape[0])
+    finally:
+        rows.close()
+
+
 def rgb_header(header: Any) -> Any:
     """A colour image's header from its CFA frame's: the Bayer cards dropped (the colours are made)."""
     out = clean_header(header)
@@ -207,21 +218,24 @@ def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: 
     """Write the colours of a calibrated CFA file as an RGB cube: primary (3, ny, nx) float32,
     ``UNCERT`` (3, ny, nx) when the input had one, ``MASK`` (3, ny, nx; MASK_NO_DATA where no
     good pixel of that colour was near)."""
+    _debayered_file(Path(path), Path(output), method, pattern)
+    return Path(output)
+
+
+def _debayered_file(path: Path, output: Path | None, method: str, pattern: str | None) -> Debayered:
+    """The colours of a CFA file, written as an RGB cube to ``output`` when given (once made)."""
     from astropy.io import fits
 
-    path, output = Path(path), Path(output)
-    refuse_overwrite([path], files=[output])
+    if output is not None:
+        refuse_overwrite([path], files=[output])
     with FrameSource(path) as src:
         header = src.header.copy()
         used = frame_pattern(header, src.shape, pattern)
-        if used is None:
-            raise InputError(f"{path}: no BAYERPAT in its header: a mono frame (pass the pattern for a colour one)")
-    rows = DebayeredRows(path, 1, used, method=method)
-    rows._only = None
-    try:
-        colours = rows.colours(0, rows.shape[0])
-    finally:
-        rows.close()
+    if used is None:
+        raise InputError(f"{path}: no BAYERPAT in its header: a mono frame (pass the pattern for a colour one)")
+    colours = _all_colours(path, used, method)
+    if output is None:
+        return colours
     out_header = rgb_header(header)
     out_header["HISTORY"] = f"ccdcal: debayered ({method}) from {path.name}, Bayer pattern {used}"
     hdus = [fits.PrimaryHDU(colours.data, header=out_header)]
@@ -230,7 +244,7 @@ def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: 
         hdus.append(fits.ImageHDU(colours.uncertainty, header=unc_header, name="UNCERT"))
     hdus.append(fits.ImageHDU(np.where(colours.mask, np.uint8(MASK_NO_DATA), np.uint8(0)), name="MASK"))
     write_atomic(output, lambda tmp: fits.HDUList(hdus).writeto(tmp, checksum=True, output_verify="silentfix"))
-    return output
+    return colours
 
 
 def debayer_image(obj: Any, output: str | os.PathLike | None = None, *, method: str = "bilinear",
@@ -253,18 +267,7 @@ def debayer_image(obj: Any, output: str | os.PathLike | None = None, *, method: 
     Debayered
     """
     if isinstance(obj, (str, os.PathLike)):
-        with FrameSource(obj) as src:
-            used = frame_pattern(src.header, src.shape, pattern)
-        if used is None:
-            raise InputError(f"{obj}: no BAYERPAT in its header: a mono frame (pass pattern= for a colour one)")
-        if output is not None:
-            debayer_file(obj, output, method=method, pattern=used)
-        rows = DebayeredRows(obj, 1, used, method=method)
-        rows._only = None
-        try:
-            return rows.colours(0, rows.shape[0])
-        finally:
-            rows.close()
+        return _debayered_file(Path(obj), None if output is None else Path(output), method, pattern)
     if output is not None:
         raise InputError("output= needs a file input (its header goes into the RGB cube)")
     header = getattr(obj, "header", None)
