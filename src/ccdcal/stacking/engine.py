@@ -413,12 +413,43 @@ class _Work:
     buffers: InputBuffers
     band: _Band
     threads: RowThreads
+    _whole: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def one_band(self) -> bool:
+        """Every row of the grid fits one band: each frame is resampled once, and the
+        transparency and the combination read the same resampled rows."""
+        return self.plan.rows >= self.sources[0].shape[0]
 
     def resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every frame's resampled rows ``y0:y1`` (views of the band buffers, valid until the
+        next call; with :attr:`one_band`, made once and kept)."""
+        if self.one_band:
+            if self._whole is None:
+                self._whole = self._resample(0, self.sources[0].shape[0])
+            if (y0, y1) == (0, self.sources[0].shape[0]):
+                return self._whole      # C-contiguous, as the kernels are compiled for
+            data, bad, err = self._whole
+            return data[:, y0:y1], bad[:, y0:y1], err[:, y0:y1]
+        return self._resample(y0, y1)
+
+    def _resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data, bad, err = self.band.views(y1 - y0)
         for i, source in enumerate(self.sources):
             source.resample_into(y0, y1, data[i], bad[i], err[i], buffers=self.buffers, threads=self.threads)
         return data, bad, err
+
+    def frame_rows(self, i: int, b0: int, b1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray) -> None:
+        """Frame ``i``'s resampled rows ``b0:b1`` into the given arrays (copied from the kept
+        band with :attr:`one_band`, else resampled in bands of the plan)."""
+        if self.one_band:
+            whole = self.resample(b0, b1)
+            data[:], bad[:], err[:] = whole[0][i], whole[1][i], whole[2][i]
+            return
+        for y0 in range(b0, b1, self.plan.rows):
+            y1 = min(b1, y0 + self.plan.rows)
+            self.sources[i].resample_into(y0, y1, data[y0 - b0:y1 - b0], bad[y0 - b0:y1 - b0],
+                                          err[y0 - b0:y1 - b0], buffers=self.buffers, threads=self.threads)
 
 
 # -- transparency ---------------------------------------------------------------------------------------
@@ -448,11 +479,8 @@ def _block_bins(work: _Work, b0: int, b1: int, size: int, backgrounds: np.ndarra
     rows, nx = b1 - b0, work.band.nx
     data, err, bad = np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32), np.empty((rows, nx), bool)
     sums, variances = [], []
-    for source in work.sources:
-        for y0 in range(b0, b1, work.plan.rows):  # in bands of the plan
-            y1 = min(b1, y0 + work.plan.rows)
-            source.resample_into(y0, y1, data[y0 - b0:y1 - b0], bad[y0 - b0:y1 - b0], err[y0 - b0:y1 - b0],
-                                 buffers=work.buffers, threads=work.threads)
+    for i in range(len(work.sources)):
+        work.frame_rows(i, b0, b1, data, bad, err)
         data[bad] = np.nan
         sums.append(_bin_sums(data[None], size)[0])
         variances.append(_bin_sums(np.square(err, out=err)[None], size)[0])

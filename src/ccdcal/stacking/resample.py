@@ -9,8 +9,7 @@ matrices work too) and interpolates the source there.
 Interpolation (separable kernels, weights normalised to sum 1, so a constant image stays
 constant and flux per pixel is kept under pure shifts):
 
-- ``"lanczos3"``: ``L(d) = sinc(d)·sinc(d/3)`` for ``|d| < 3``: 6×6 source pixels (tabulated
-  4096 times per pixel and interpolated linearly: within 3e-8 of the formula).
+- ``"lanczos3"``: ``L(d) = sinc(d)·sinc(d/3)`` for ``|d| < 3``: 6×6 source pixels.
 - ``"bilinear"``: ``1 − |d|``: 2×2 source pixels.
 
 Values stay *per pixel* (surface brightness): the Jacobian of the transform is not applied,
@@ -18,8 +17,10 @@ since the reference defines the grid. Where a frame's pixel scale differs from t
 (about 1 % within a night), a star's summed flux is multiplied by ``|det M|``; the measured
 transparency scale of :func:`ccdcal.stacking.engine.stack` absorbs such a uniform difference.
 
-Source coordinates within 1e-9 px of a pixel centre are snapped to it, so the identity, whole-
-pixel shifts and 90°/180° rotations copy values exactly. A source pixel that cannot contribute
+The weights are tabulated at 4096 sub-pixel phases (:func:`kernel_table`): each source
+coordinate is rounded to the nearest 1/4096 px (an error of at most 1/8192 px), so the weights
+of a pixel cost two table rows. Whole-pixel positions (within 1/8192 px) copy values exactly:
+the identity, whole-pixel shifts and 90°/180° rotations. A source pixel that cannot contribute
 (outside the frame, masked, NaN, or with a NaN uncertainty) is dropped when the magnitude of its
 kernel weight is below :data:`NEGLIGIBLE` (the other weights are renormalised); with a larger
 weight it makes the output pixel *invalid*: NaN in the data and uncertainty, True in the mask.
@@ -50,59 +51,45 @@ INTERPOLATIONS = ("lanczos3", "bilinear")
 _HALF = {"lanczos3": 3, "bilinear": 1}  # kernel half-width a: taps floor(x) − a + 1 … floor(x) + a
 #: Weight magnitude (of a kernel summing to 1) below which a pixel that cannot contribute is dropped.
 NEGLIGIBLE = 1e-3
-_SNAP = 1e-9  # source coordinates this close to a pixel centre are snapped to it
 _MIN_PARALLEL_ROWS = 8  # output rows per parallel job at the least
-_LUT_STEPS = 4096  # samples of the Lanczos-3 kernel per pixel: linear interpolation in it errs < 3e-8
+#: Sub-pixel phases of the tabulated kernels: source positions are rounded to 1/(2·_PHASES) px.
+_PHASES = 4096
 
 
-def _lanczos3_table(steps: int) -> np.ndarray:
-    d = np.arange(3 * steps + 2) / steps
-    table = np.sinc(d) * np.sinc(d / 3.0)
-    table[d >= 3.0] = 0.0
-    return table
-
-
-_LANCZOS3 = _lanczos3_table(_LUT_STEPS)  # numba reads it as a constant
+def kernel_table(interpolation: str, phases: int = _PHASES) -> np.ndarray:
+    """The normalised weights of each sub-pixel phase: row ``q`` (position ``floor(x) + q/phases``)
+    weighs taps ``floor(x) − a + 1 … floor(x) + a`` (``a`` the half-width); row 0 is the pixel
+    itself (weight 1), so whole-pixel positions copy values exactly."""
+    half = _HALF[interpolation]
+    f = np.arange(phases + 1)[:, None] / phases
+    d = f + (half - 1) - np.arange(2 * half)[None, :]      # from each tap to the position
+    if half == 1:
+        w = 1.0 - np.abs(d)
+    else:
+        w = np.sinc(d) * np.sinc(d / 3.0)
+        w[np.abs(d) >= 3.0] = 0.0
+    w /= w.sum(axis=1, keepdims=True)
+    w[0] = 0.0
+    w[0, half - 1] = 1.0
+    return np.ascontiguousarray(w)
 
 
 # -- kernels ------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, inline="always")
-def _axis_weights(pos, half, w):
-    """Fill ``w[:2·half]`` with the normalised kernel weights for a source coordinate ``pos``;
-    returns the index of the first tap (``floor(pos) − half + 1``)."""
+def _phase(pos, phases):
+    """(floor of the nearest tabulated position, its phase) for a source coordinate."""
     base = math.floor(pos)
-    f = pos - base
-    if f < _SNAP:
-        f = 0.0
-    elif f > 1.0 - _SNAP:
-        base += 1.0
-        f = 0.0
-    start = np.int64(base) - half + 1
-    if f == 0.0:
-        for k in range(2 * half):
-            w[k] = 0.0
-        w[half - 1] = 1.0
-        return start
-    if half == 1:
-        w[0] = 1.0 - f
-        w[1] = f
-        return start
-    # Lanczos-3 at d_k = f + 2 − k, from the table with linear interpolation
-    total = 0.0
-    for k in range(6):
-        t = abs(f + 2.0 - k) * _LUT_STEPS
-        i = np.int64(t)
-        v = _LANCZOS3[i] + (t - i) * (_LANCZOS3[i + 1] - _LANCZOS3[i])
-        w[k] = v
-        total += v
-    for k in range(6):
-        w[k] /= total
-    return start
+    q = np.int64((pos - base) * phases + 0.5)
+    start = np.int64(base)
+    if q >= phases:
+        start += 1
+        q = 0
+    return start, q
 
 
 @njit(cache=True, nogil=True)
 def _prepare_band(band, maskp, unc, flags, noise, r0, r1):
-    """Rows ``r0:r1`` of a source band, in place, for :func:`_sample`: ``maskp`` becomes 1.0
+    """Rows ``r0:r1`` of a source band, in place, for the row kernels (:func:`_make_rows`): ``maskp`` becomes 1.0
     where a pixel cannot contribute (masked, NaN data or σ) and 0.0 elsewhere, ``unc`` the
     variance, and both data and variance 0 where unusable (so sums need no branches).
 
@@ -151,76 +138,81 @@ def _footprint_counts(bad, taps, near, r0, r1):
                 running += col[x + taps]
 
 
-def _make_sample_inside(taps: int) -> Callable[..., tuple[float, float, bool]]:
-    """The separable sums over a footprint of ``taps``² pixels wholly inside the band, compiled
-    for that tap count (literal loops unroll): (value, σ, valid) from a prepared band.
+def _make_rows(taps: int) -> Callable[..., None]:
+    """The row kernel for a kernel of ``taps``² source pixels, compiled for that tap count
+    (literal loops unroll).
 
-    The common case first: no bad pixel in the footprint (``near``, counted once per band by
-    :func:`_footprint_counts`), where the weights sum to 1; a footprint with a bad pixel takes the careful sums (weights renormalised
-    over the good pixels; invalid when a bad pixel carries a weight of NEGLIGIBLE or more)."""
+    The common case first: a footprint wholly inside the band without a bad pixel (``near``,
+    counted once per band by :func:`_footprint_counts`) takes the tabulated weights of its
+    phases as they are (they sum to 1). Elsewhere :func:`_sample_careful`: weights renormalised
+    over the good pixels, invalid when a bad pixel carries a weight of NEGLIGIBLE or more."""
+    half = taps // 2
 
-    @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
-    def sample_inside(band, bad, var, near, y0, x0, wx, wy):
-        acc = 0.0
-        accv = 0.0
-        for j in range(taps):
-            data_row, var_row = band[y0 + j], var[y0 + j]
-            ra = 0.0
-            rv = 0.0
-            for i in range(taps):
-                w = wx[i]
-                ra += w * data_row[x0 + i]
-                rv += w * w * var_row[x0 + i]
-            wy_j = wy[j]
-            acc += wy_j * ra
-            accv += wy_j * wy_j * rv
-        if near[y0, x0] == 0.0:
-            return acc, math.sqrt(accv), True
-        swx = 0.0
-        for i in range(taps):
-            swx += wx[i]
-        accw = 0.0
-        worst = 0.0
-        for j in range(taps):
-            bad_row = bad[y0 + j]
-            rd = 0.0
-            rb = 0.0
-            for i in range(taps):
-                b = bad_row[x0 + i]
-                rd += wx[i] * b
-                rb = max(rb, abs(wx[i]) * b)
-            accw += wy[j] * (swx - rd)
-            worst = max(worst, abs(wy[j]) * rb)
-        if worst >= NEGLIGIBLE or accw < 0.5:
-            return np.nan, np.nan, False
-        return acc / accw, math.sqrt(accv) / accw, True
+    @njit(cache=True, nogil=True, fastmath=_FAST)
+    def rows(band, bad, var, near, y_off, src_ny, src_nx, minv, y_out0, table, table2, r0, r1, out, out_bad, err):
+        nx = out.shape[1]
+        phases = table.shape[0] - 1
+        band_rows = band.shape[0]
+        wx = np.empty(taps)
+        wy = np.empty(taps)
+        projective = minv[2, 0] != 0.0 or minv[2, 1] != 0.0 or minv[2, 2] != 1.0
+        for r in range(r0, r1):
+            y = np.float64(y_out0 + r)
+            for x in range(nx):
+                xf = np.float64(x)
+                px = minv[0, 0] * xf + minv[0, 1] * y + minv[0, 2]
+                py = minv[1, 0] * xf + minv[1, 1] * y + minv[1, 2]
+                if projective:
+                    pw = minv[2, 0] * xf + minv[2, 1] * y + minv[2, 2]
+                    px /= pw
+                    py /= pw
+                if not (px > -half and px < src_nx - 1 + half and py > -half and py < src_ny - 1 + half):
+                    out[r, x] = np.nan
+                    err[r, x] = np.nan
+                    out_bad[r, x] = True
+                    continue
+                ix, qx = _phase(px, phases)
+                iy, qy = _phase(py, phases)
+                x0 = ix - half + 1
+                sy = iy - half + 1
+                y0 = sy - y_off
+                if x0 >= 0 and x0 + taps <= src_nx and y0 >= 0 and y0 + taps <= band_rows and near[y0, x0] == 0.0:
+                    acc = 0.0
+                    accv = 0.0
+                    for j in range(taps):
+                        ra = 0.0
+                        rv = 0.0
+                        for i in range(taps):
+                            ra += table[qx, i] * band[y0 + j, x0 + i]
+                            rv += table2[qx, i] * var[y0 + j, x0 + i]
+                        acc += table[qy, j] * ra
+                        accv += table2[qy, j] * rv
+                    out[r, x] = acc
+                    err[r, x] = math.sqrt(accv)
+                    out_bad[r, x] = False
+                    continue
+                for k in range(taps):
+                    wx[k] = table[qx, k]
+                    wy[k] = table[qy, k]
+                value, sigma, ok = _sample_careful(band, bad, var, y0, sy, x0, src_ny, src_nx, wx, wy)
+                out[r, x] = value
+                err[r, x] = sigma
+                out_bad[r, x] = not ok
 
-    return sample_inside
+    return rows
 
 
-_sample_inside6 = _make_sample_inside(6)
-_sample_inside2 = _make_sample_inside(2)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _sample(band, bad, var, near, y_off, src_ny, src_nx, xs, ys, half, wx, wy):
-    """Interpolate a prepared source band (:func:`_prepare_band`) at ``(xs, ys)``:
-    (value, σ, valid)."""
-    if not (xs > -half and xs < src_nx - 1 + half and ys > -half and ys < src_ny - 1 + half):
-        return np.nan, np.nan, False
-    sx = _axis_weights(xs, half, wx)
-    sy = _axis_weights(ys, half, wy)
-    taps = 2 * half
+@njit(cache=True, nogil=True)
+def _sample_careful(band, bad, var, y0, sy, sx, src_ny, src_nx, wx, wy):
+    """Tap by tap, at the frame's and the band's edges and near bad pixels: (value, σ, valid)
+    with the weights renormalised over the good taps; invalid when a tap that cannot
+    contribute carries a weight of NEGLIGIBLE or more."""
+    taps = wx.size
     rows = band.shape[0]
-    y0 = sy - y_off
-    if sx >= 0 and sx + taps <= src_nx and y0 >= 0 and y0 + taps <= rows:
-        if taps == 6:
-            return _sample_inside6(band, bad, var, near, y0, sx, wx, wy)
-        return _sample_inside2(band, bad, var, near, y0, sx, wx, wy)
     acc = 0.0
     accw = 0.0
     accv = 0.0
-    for j in range(taps):  # at the edges: tap by tap
+    for j in range(taps):
         ty = sy + j
         row_ok = ty >= 0 and ty < src_ny and y0 + j >= 0 and y0 + j < rows
         for i in range(taps):
@@ -243,28 +235,7 @@ def _sample(band, bad, var, near, y_off, src_ny, src_nx, xs, ys, half, wx, wy):
     return acc / accw, math.sqrt(accv) / accw, True
 
 
-@njit(cache=True, nogil=True)
-def _resample_rows(band, bad, var, near, y_off, src_ny, src_nx, minv, y_out0, half, r0, r1, out, out_bad, err):
-    """Output rows ``r0:r1`` of a band whose first row is grid row ``y_out0``, from a prepared
-    source band (:func:`_prepare_band`) whose first row is source row ``y_off``."""
-    nx = out.shape[1]
-    wx = np.empty(2 * half)
-    wy = np.empty(2 * half)
-    projective = minv[2, 0] != 0.0 or minv[2, 1] != 0.0 or minv[2, 2] != 1.0
-    for r in range(r0, r1):
-        y = np.float64(y_out0 + r)
-        for x in range(nx):
-            xf = np.float64(x)
-            px = minv[0, 0] * xf + minv[0, 1] * y + minv[0, 2]
-            py = minv[1, 0] * xf + minv[1, 1] * y + minv[1, 2]
-            if projective:
-                pw = minv[2, 0] * xf + minv[2, 1] * y + minv[2, 2]
-                px /= pw
-                py /= pw
-            value, sigma, ok = _sample(band, bad, var, near, y_off, src_ny, src_nx, px, py, half, wx, wy)
-            out[r, x] = value
-            err[r, x] = sigma
-            out_bad[r, x] = not ok
+_ROWS = {6: _make_rows(6), 2: _make_rows(2)}
 
 
 # -- matrices and geometry ----------------------------------------------------------------------
@@ -484,6 +455,8 @@ class ResampledRows:
         _check_projective(self.inverse, self.shape)
         self.interpolation = interpolation
         self._half = _HALF[interpolation]
+        self._table = kernel_table(interpolation)
+        self._table2 = np.square(self._table)
         self._planes = _Planes(source)
         self.source_shape = self._planes.shape
         self.header = self._planes.header
@@ -630,9 +603,11 @@ class ResampledRows:
         def count(r0: int, r1: int) -> None:
             _footprint_counts(mask, 2 * half, near, r0, r1)
 
+        kernel, table, table2 = _ROWS[2 * half], self._table, self._table2
+
         def run(r0: int, r1: int) -> None:
-            _resample_rows(band, mask, unc, near, lo, src_ny, src_nx, self.inverse, y0, half, r0, r1,
-                           data, bad, err)
+            kernel(band, mask, unc, near, lo, src_ny, src_nx, self.inverse, y0, table, table2, r0, r1,
+                   data, bad, err)
 
         own = None
         if threads is None:
