@@ -54,15 +54,13 @@ def clipped_level(values: np.ndarray, *, sigma: float = 3.0, maxiters: int = 10)
     """Sigma-clipped median and standard deviation of the finite ``values``: clip at
     ``sigma``·σ about the median until nothing changes; σ is the std of the survivors
     corrected for the truncation of a normal distribution (×1/0.9866 at 3σ)."""
-    from scipy.special import erf
-
     v = np.asarray(values, np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size < 3:
         return float("nan"), float("nan")
     centre, spread = float(np.median(v)), robust_std(v)
     phi = math.exp(-sigma * sigma / 2) / math.sqrt(2 * math.pi)
-    truncation = math.sqrt(1.0 - 2.0 * sigma * phi / float(erf(sigma / math.sqrt(2))))
+    truncation = math.sqrt(1.0 - 2.0 * sigma * phi / math.erf(sigma / math.sqrt(2)))
     count = v.size
     for _ in range(maxiters):
         if not spread > 0:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
-from scipy.spatial import cKDTree
+from numba import njit
 
 from ccdcal._shared.robust import MAD_TO_STD
 from ccdcal.errors import CcdcalError, InputError
@@ -594,6 +594,52 @@ def _control(stars: Stars, max_control: int) -> np.ndarray:
                             np.asarray(stars.y, np.float64)[order]])
 
 
+@njit(cache=True, nogil=True)
+def nearest(query: np.ndarray, points: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the (q, 2) ``query`` points, the distance to and the index of the nearest of
+    the (p, 2) ``points`` closer than ``bound``; (inf, p) where none is. Star lists hold at most
+    a few hundred stars: a direct search is faster than building a tree."""
+    n, m = query.shape[0], points.shape[0]
+    dist = np.full(n, np.inf)
+    index = np.full(n, m, np.int64)
+    for i in range(n):
+        best, k = bound * bound, m
+        qx, qy = query[i, 0], query[i, 1]
+        for j in range(m):
+            dx, dy = qx - points[j, 0], qy - points[j, 1]
+            d2 = dx * dx + dy * dy
+            if d2 < best:
+                best, k = d2, j
+        if k < m:
+            dist[i], index[i] = math.sqrt(best), k
+    return dist, index
+
+
+@njit(cache=True, nogil=True)
+def _pairs_within(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i, j) with ``|a[i] − b[j]| ≤ radius`` (rows of equal width), in order of i then j."""
+    r2 = radius * radius
+    count = 0
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            d2 = 0.0
+            for c in range(a.shape[1]):
+                d2 += (a[i, c] - b[j, c]) ** 2
+            if d2 <= r2:
+                count += 1
+    ia, ib = np.empty(count, np.int64), np.empty(count, np.int64)
+    k = 0
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            d2 = 0.0
+            for c in range(a.shape[1]):
+                d2 += (a[i, c] - b[j, c]) ** 2
+            if d2 <= r2:
+                ia[k], ib[k] = i, j
+                k += 1
+    return ia, ib
+
+
 def _triangles(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Triangles of each star with its nearest neighbours, vertices in canonical order.
 
@@ -604,8 +650,8 @@ def _triangles(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n = len(xy)
     k = min(_TRIANGLE_NEIGHBOURS + 1, n)
-    _, nn = cKDTree(xy).query(xy, k=k)
-    nn = np.asarray(nn).reshape(n, k)
+    d2 = np.square(xy[:, None, :] - xy[None, :, :]).sum(axis=2)
+    nn = np.argsort(d2, axis=1, kind="stable")[:, :k]
     combos = np.array(list(itertools.combinations(range(k), 3)))
     tri = np.unique(np.sort(nn[:, combos].reshape(-1, 3), axis=1), axis=0)
     pts = xy[tri]  # (T, 3, 2)
@@ -631,12 +677,9 @@ def _proposals(xy_f: np.ndarray, xy_r: np.ndarray) -> tuple[np.ndarray, np.ndarr
     tri_r, inv_r = _triangles(xy_r)
     if len(tri_f) == 0 or len(tri_r) == 0:
         return np.empty(0, complex), np.empty(0, complex)
-    hits = cKDTree(inv_r).query_ball_point(inv_f, _INVARIANT_RADIUS)
-    counts = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
-    if counts.sum() == 0:
+    i_f, i_r = _pairs_within(np.ascontiguousarray(inv_f), np.ascontiguousarray(inv_r), _INVARIANT_RADIUS)
+    if i_f.size == 0:
         return np.empty(0, complex), np.empty(0, complex)
-    i_f = np.repeat(np.arange(len(tri_f)), counts)
-    i_r = np.fromiter(itertools.chain.from_iterable(hits), dtype=np.int64, count=int(counts.sum()))
     zf = xy_f[tri_f[i_f], 0] + 1j * xy_f[tri_f[i_f], 1]
     zr = xy_r[tri_r[i_r], 0] + 1j * xy_r[tri_r[i_r], 1]
     a, b = _similarity_complex(zf, zr, np.ones(zf.shape))
@@ -667,7 +710,6 @@ def _consensus(a: np.ndarray, b: np.ndarray, xy_f: np.ndarray, xy_r: np.ndarray,
     proposed by many matched triangles, a chance match by one), the best voted first; the
     search ends at a chunk whose best proposal places 80 % of the shorter control list (no
     chance alignment does; the refinement that follows fits all the matched stars anyway)."""
-    tree = cKDTree(xy_r)
     zf = xy_f[:, 0] + 1j * xy_f[:, 1]
     key = np.column_stack([np.round(np.log(np.abs(a)) / 0.01), np.round(np.angle(a) / math.radians(0.3)),
                            np.round(b.real / tolerance), np.round(b.imag / tolerance)]).astype(np.int64)
@@ -682,8 +724,7 @@ def _consensus(a: np.ndarray, b: np.ndarray, xy_f: np.ndarray, xy_r: np.ndarray,
         if start >= stop:
             continue
         za = a[start:stop, None] * zf[None, :] + b[start:stop, None]
-        d, _ = tree.query(np.column_stack([za.real.ravel(), za.imag.ravel()]),
-                          distance_upper_bound=tolerance)
+        d, _ = nearest(np.column_stack([za.real.ravel(), za.imag.ravel()]), xy_r, tolerance)
         d = d.reshape(za.shape)
         hit = np.isfinite(d)
         count = hit.sum(axis=1)
@@ -729,11 +770,11 @@ def _centroid_variance(stars: Stars) -> np.ndarray:
     return np.where(np.isfinite(sigma2), sigma2, fill)
 
 
-def _match(matrix: np.ndarray, xy_f: np.ndarray, tree_r: cKDTree,
+def _match(matrix: np.ndarray, xy_f: np.ndarray, xy_r: np.ndarray,
            tol: float) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one nearest-neighbour pairs (frame index, reference index) within ``tol``."""
-    p = xy_f @ matrix[:2, :2].T + matrix[:2, 2]
-    d, j = tree_r.query(p, distance_upper_bound=tol)
+    p = np.ascontiguousarray(xy_f @ matrix[:2, :2].T + matrix[:2, 2])
+    d, j = nearest(p, xy_r, tol)
     i = np.flatnonzero(np.isfinite(d))
     i = i[np.argsort(d[i], kind="stable")]
     _, first = np.unique(j[i], return_index=True)
@@ -763,11 +804,10 @@ def _refine(matrix: np.ndarray, stars: Stars, reference: Stars,
     xy_f = np.column_stack([np.asarray(stars.x, np.float64), np.asarray(stars.y, np.float64)])
     xy_r = np.column_stack([np.asarray(reference.x, np.float64),
                             np.asarray(reference.y, np.float64)])
-    tree_r = cKDTree(xy_r)
     var_f, var_r = _centroid_variance(stars), _centroid_variance(reference)
     tol, n_matched, rms = tolerance, 0, math.nan
     for _ in range(3):
-        i, j = _match(matrix, xy_f, tree_r, tol)
+        i, j = _match(matrix, xy_f, xy_r, tol)
         if len(i) < 3:
             break
         scale2 = abs(float(np.linalg.det(matrix[:2, :2])))
@@ -782,8 +822,8 @@ def find_transform(stars: Stars, reference_stars: Stars, *, max_control: int = 5
     """Find the transform that maps ``stars`` (a frame) onto ``reference_stars``.
 
     Triangles are built from each of the brightest ``max_control`` stars of both lists and
-    its 5 nearest neighbours, described by their side ratios and orientation, and matched in
-    a KD-tree; each triangle match proposes a similarity (any rotation including a 180°
+    its 5 nearest neighbours, described by their side ratios and orientation, and matched by
+    those; each triangle match proposes a similarity (any rotation including a 180°
     meridian flip, any shift, scale within 0.2–5; mirror images are not matched). The
     proposal putting the most control stars within ``tolerance`` px of a reference star wins;
     then all stars are matched one-to-one under it and an affine (≥ 10 matches) or similarity

@@ -41,7 +41,14 @@ from ..io.headers import exposure_of
 from ..io.writer import write_bytes
 from ..stretch import downsample, png_bytes, stretch
 from .engine import StackResult, stack
-from .register import RegistrationError, detect_stars, find_transform, flag_outliers, frame_quality
+from .register import (
+    RegistrationError,
+    detect_stars,
+    find_transform,
+    flag_outliers,
+    frame_quality,
+    nearest,
+)
 
 #: matched stars closer than this (px, after the transform) measure the flux ratio
 FLUX_MATCH_RADIUS = 1.5
@@ -213,13 +220,11 @@ def flux_ratio(stars: Any, reference: Any, matrix: np.ndarray) -> float | None:
     """Median flux(reference) / flux(frame) of the stars that land within
     :data:`FLUX_MATCH_RADIUS` of a reference star under ``matrix`` (the brighter half of them
     when there are 6 or more; None with fewer than 3)."""
-    from scipy.spatial import cKDTree
-
     if len(stars) == 0 or len(reference) == 0:
         return None
     xy = matrix @ np.vstack([stars.x, stars.y, np.ones(len(stars))])
-    dist, index = cKDTree(np.column_stack([reference.x, reference.y])).query(
-        np.column_stack([xy[0] / xy[2], xy[1] / xy[2]]), distance_upper_bound=FLUX_MATCH_RADIUS)
+    dist, index = nearest(np.column_stack([xy[0] / xy[2], xy[1] / xy[2]]),
+                          np.column_stack([reference.x, reference.y]).astype(np.float64), FLUX_MATCH_RADIUS)
     ok = np.isfinite(dist) & (stars.flux > 0)
     ok[ok] &= reference.flux[index[ok]] > 0
     if ok.sum() < 3:
