@@ -561,10 +561,12 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: 
     stem = _safe_stem(output)
     sizes = {}
     small = downsample(superpixel(data, pattern) if pattern else data, PREVIEW_SIZE)
-    # the thumbnail binned from the preview: one pass over the full frame, not two
+    # the thumbnail binned from the stretched preview, as viewers make thumbnails: one pass over
+    # the full frame and one stretch's statistics, not two
+    shown = stretch(small, "autostf")
     hashes = {}
-    for suffix, image in (("", small), ("-thumb", downsample(small, THUMB_SIZE))):
-        png = png_bytes(stretch(image, "autostf"), compress_level=PNG_LEVEL)
+    for suffix, image in (("", shown), ("-thumb", downsample(shown, THUMB_SIZE))):
+        png = png_bytes(image, compress_level=PNG_LEVEL)
         write_bytes(Path(out_dir) / "previews" / f"light-{stem}{suffix}.png", png, durable=False)
         sizes[suffix or "preview"] = [image.shape[-1], image.shape[-2]]
         hashes[suffix or "preview"] = _png_hash(png)
