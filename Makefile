@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/night.py
 	$(BIN)/python benchmarks/dask_scaling.py
 	$(BIN)/python benchmarks/stacking.py
+	$(BIN)/python benchmarks/many_frames.py --dask
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

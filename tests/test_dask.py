@@ -274,3 +274,19 @@ def _recorded(out: Path) -> int:
         return len(json.loads((out / "manifest.json").read_text())["outputs"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def test_many_small_items_go_in_batches_and_come_back_in_order():
+    """Issue 31: a night of many small lights is not one dask task per light (the scheduler's
+    round trip costs as much as a small light); results still come back one per item, in order."""
+    from ccdcal.pipeline.executor import TASKS_PER_WORKER, DaskExecutor, batch_size
+
+    assert batch_size(10, 2) == 1                     # few items: one task each
+    assert batch_size(800, 2) == 800 // (2 * TASKS_PER_WORKER)
+    assert -(-800 // batch_size(800, 2)) >= 2 * TASKS_PER_WORKER   # every worker keeps several tasks
+    executor = DaskExecutor("local:1")
+    try:
+        items = list(range(-57, 43))
+        assert list(executor.map(abs, items)) == [abs(i) for i in items]
+    finally:
+        executor.close()

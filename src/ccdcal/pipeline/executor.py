@@ -78,19 +78,27 @@ class DaskExecutor:
         return max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, workers: int | None = None) -> Iterator[Any]:
-        """Submit every item at once; yield the results in input order (each fetched when asked,
-        so the client holds one result at a time)."""
+        """Submit every item at once; yield the results in input order (each task's fetched when
+        asked, so the client holds one task's results at a time).
+
+        Many items go in batches, one task each (:func:`batch_size`: at least
+        :data:`TASKS_PER_WORKER` tasks per worker, so the work stays shared): a small light costs
+        milliseconds, the scheduler's round trip and the task's arguments about as much."""
         items = list(items)
         name = getattr(getattr(fn, "func", fn), "__name__", "task")   # the task prefix the dashboard shows
         run = uuid.uuid4().hex[:8]
-        futures = self.client.map(partial(_captured, fn), items, key=[f"{name}-{run}-{i}" for i in range(len(items))])
+        size = batch_size(len(items), self.workers)
+        batches = [items[i:i + size] for i in range(0, len(items), size)]
+        futures = self.client.map(partial(_captured_batch, fn), batches,
+                                  key=[f"{name}-{run}-{i}" for i in range(len(batches))])
         try:
             for future in futures:
-                value, messages = future.result()
+                results = future.result()
                 future.release()
-                for message in messages:  # raised on the worker: raised again here, where they are seen
-                    warnings.warn(message, CcdcalWarning, stacklevel=2)
-                yield value
+                for value, messages in results:
+                    for message in messages:  # raised on the worker: raised again here, where they are seen
+                        warnings.warn(message, CcdcalWarning, stacklevel=2)
+                    yield value
         finally:
             for future in futures:
                 future.cancel()
@@ -130,6 +138,20 @@ class DaskExecutor:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+#: Tasks per worker at the least when items are batched (:meth:`DaskExecutor.map`).
+TASKS_PER_WORKER = 8
+
+
+def batch_size(items: int, workers: int) -> int:
+    """Items per task: one, unless there are more than :data:`TASKS_PER_WORKER` per worker."""
+    return max(1, items // (max(1, workers) * TASKS_PER_WORKER))
+
+
+def _captured_batch(fn: Callable[..., Any], items: list[Any]) -> list[tuple[Any, list[str]]]:
+    """Run on a worker: :func:`_captured` of each item, in order."""
+    return [_captured(fn, item) for item in items]
 
 
 def _captured(fn: Callable[..., Any], item: Any) -> tuple[Any, list[str]]:
