@@ -270,6 +270,9 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
     path = Path(path)
     if is_xisf_name(path):
         return _xisf_hdus(path)
+    fast = _plain_image_hdus(path)
+    if fast is not None:
+        return fast
     hdul = _open(path)
     hdus: list[ImageHDU] = []
     problems: list[str] = []
@@ -287,6 +290,96 @@ def image_hdus(path: str | os.PathLike) -> tuple[list[ImageHDU], list[str]]:
     finally:
         hdul.close()
     return hdus, problems
+
+
+_MAX_HEADER_BLOCKS = 1000     # a header longer than this (36,000 cards) is read by astropy
+
+
+def _header_text(fh: Any, start: int) -> str | None:
+    """The header that starts at byte ``start`` of ``fh`` (its whole blocks, END included), when
+    it is printable ASCII and ends within :data:`_MAX_HEADER_BLOCKS` blocks; else None."""
+    fh.seek(start)
+    text = bytearray()
+    while len(text) < _MAX_HEADER_BLOCKS * BLOCK:
+        block = fh.read(BLOCK)
+        if len(block) < BLOCK:
+            return None
+        text += block
+        for i in range(len(text) - BLOCK, len(text), 80):
+            if text[i:i + 8] == b"END     ":
+                decoded = text.decode("ascii", "replace")
+                return decoded if _printable_ascii(decoded) else None
+    return None
+
+
+def _plain_image_hdus(path: Path) -> tuple[list[ImageHDU], list[str]] | None:
+    """:func:`image_hdus` of a plain FITS file (not gzipped, every HDU a primary array or an
+    IMAGE extension, headers of printable ASCII) read from its header blocks, each parsed by
+    ``astropy.io.fits.Header.fromstring`` (what ``fits.open`` parses them with): a tenth of the
+    time of opening the file in astropy, which matters on nights of thousands of small frames.
+    None for any other file (compressed, tables, unusual bytes, a truncated header): the
+    caller opens it in astropy, which reads what it can and says why."""
+    from astropy.io import fits
+
+    if path.name.lower().endswith(".gz"):
+        return None
+    hdus: list[ImageHDU] = []
+    problems: list[str] = []
+    try:
+        size = path.stat().st_size
+        if size < BLOCK:
+            return None
+        with open(path, "rb") as fh:
+            position = index = 0
+            while position < size:
+                text = _header_text(fh, position)
+                if text is None:
+                    return None
+                first = text[:30]
+                if (index == 0 and first != "SIMPLE  =                    T") or (
+                        index > 0 and not text.startswith("XTENSION= 'IMAGE   '")):
+                    return None
+                header = fits.Header.fromstring(text)
+                data = position + len(text)
+                naxis = int(header.get("NAXIS", 0))
+                bitpix = header.get("BITPIX")
+                if bitpix not in _BITPIX_DTYPE or not 0 <= naxis <= 999:
+                    return None
+                dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
+                span = (abs(int(bitpix)) // 8 * int(header.get("GCOUNT", 1))
+                        * (int(header.get("PCOUNT", 0)) + int(np.prod(dims, dtype=np.int64)))) if naxis else 0
+                found = _plain_image_hdu(index, header, dims, data, span, size, problems)
+                if found is not None:
+                    hdus.append(found)
+                position = data + -(-span // BLOCK) * BLOCK
+                index += 1
+    except (OSError, ValueError, TypeError, KeyError, IndexError, OverflowError):
+        return None
+    return hdus, problems
+
+
+def _plain_image_hdu(index: int, header: Any, dims: list[int], data: int, span: int, size: int,
+                     problems: list[str]) -> ImageHDU | None:
+    """As :func:`_image_hdu`, for an HDU of :func:`_plain_image_hdus`."""
+    naxis = len(dims)
+    if naxis == 0:
+        return None
+    if naxis == 2 and 0 in dims:
+        problems.append(f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})")
+        return None
+    if naxis != 2 and not (naxis > 2 and all(d == 1 for d in dims[2:])):
+        problems.append(f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
+                        " (split the cube into frames first)")
+        return None
+    why = _too_large(dims)
+    if why:
+        problems.append(f"HDU {index}: {why}")
+        return None
+    if data + span > size:
+        problems.append(f"HDU {index} is truncated (the file holds {size - data} of {span} data bytes);"
+                        " copy the file again")
+        return None
+    return ImageHDU(index, header, (dims[1], dims[0]), data, None)
 
 
 def _xisf_hdus(path: Path) -> tuple[list[ImageHDU], list[str]]:
