@@ -289,3 +289,58 @@ def test_a_file_written_directly_is_the_file_written_through_the_page_cache(tmp_
             writer.write_hdus(tmp_path / "direct.fits", hdul, direct=True)
     assert (tmp_path / "direct.fits").read_bytes() == old
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def _headers_to_try():
+    """Cleaned headers as lights carry them: a real raw's, one ending in HISTORY and COMMENT
+    cards, one with blank cards at its end, one of commentary cards only, long strings."""
+    from pathlib import Path
+
+    from astropy.io import fits
+
+    from ccdcal.io.frames import clean_header
+
+    raws = sorted(Path(__file__).resolve().parents[2].joinpath("..", "shared", "data").glob("*/raw/*.fit*"))
+    headers = [clean_header(fits.getheader(raws[0]))] if raws else []
+    h = fits.Header()
+    h["OBJECT"] = ("M51", "target")
+    h["EXPTIME"] = (90.0, "[s] exposure")
+    h["LONGSTR"] = "x" * 150
+    h["HISTORY"] = "calibrated"
+    h["COMMENT"] = "MASK bit 1: saturated"
+    headers.append(clean_header(h))
+    blank = clean_header(h)
+    blank.append(fits.Card("", "", ""), bottom=True)
+    blank.append(fits.Card("", "", ""), bottom=True)
+    headers.append(blank)
+    only = fits.Header()
+    only["COMMENT"] = "nothing else"
+    headers.append(only)
+    return headers
+
+
+@pytest.mark.parametrize("with_planes", [True, False])
+def test_a_cleaned_header_is_written_byte_for_byte_as_through_astropy_hdus(tmp_path, monkeypatch, with_planes):
+    """Issue 31: lights' headers are made as text (no astropy HDUs); the file is the one the
+    astropy HDUs of fits_hdus + add_checksums give, byte for byte (CHECKSUM included)."""
+    import time as _time
+
+    from astropy.io import fits
+
+    from ccdcal.io import writer
+
+    monkeypatch.setattr(_time, "strftime", lambda fmt, t=None: "2026-01-02T03:04:05")
+    rng = np.random.default_rng(3)
+    for k, header in enumerate(_headers_to_try()):
+        for shape in [(1, 1), (7, 13), (64, 33)]:
+            data = rng.normal(100, 30, shape).astype(np.float32)
+            unc = np.abs(rng.normal(5, 1, shape)).astype(np.float32) if with_planes else None
+            mask = rng.integers(0, 3, shape).astype(np.uint8) if with_planes else None
+            fast = writer.write_fits(tmp_path / f"fast{k}.fits", data, header.copy(), uncertainty=unc, mask=mask,
+                                     unit="adu", cleaned=True)
+            hdul = writer.fits_hdus(data, header.copy(), uncertainty=unc, mask=mask, unit="adu", cleaned=True)
+            writer.add_checksums(hdul)
+            slow = writer.write_hdus(tmp_path / f"slow{k}.fits", hdul)
+            assert fast.read_bytes() == slow.read_bytes(), (k, shape)
+            with fits.open(fast, checksum=True) as check:     # astropy verifies the checksums
+                assert np.array_equal(check[0].data, data, equal_nan=True)

@@ -182,3 +182,24 @@ def test_dates_as_capture_programs_write_them():
     split = fits.Header([("DATE-OBS", "2025-06-01"), ("TIME-OBS", "22:15:03")])
     assert abs(start_mjd(split) - base) * 86400 < 1e-3
     assert start_mjd(fits.Header([("DATE-LOC", "2025-06-02T00:15:03")])) is None
+
+
+def test_dates_convert_as_astropy_converts_them_leap_second_days_included():
+    """Issue 31: the light's time keywords are converted without astropy.time (a millisecond a
+    light); the values are astropy's to the last bit, on random dates and on leap-second days."""
+    from ccdcal.io.headers import _date_obs_mjd, _isot
+
+    rng = np.random.default_rng(31)
+    dates = []
+    for _ in range(500):
+        places = int(rng.integers(0, 7))
+        seconds = f"{rng.uniform(0, 59.9):0{3 + places if places else 2}.{places}f}"
+        dates.append(f"{int(rng.integers(1990, 2040)):04d}-{int(rng.integers(1, 13)):02d}-"
+                     f"{int(rng.integers(1, 29)):02d}T{int(rng.integers(0, 24)):02d}:"
+                     f"{int(rng.integers(0, 60)):02d}:{seconds}")
+    dates += ["2016-12-31T23:59:59.5", "2015-06-30T18:00:00", "2017-01-01T00:00:00.000", "2016-12-31 12:00:00"]
+    for date in dates:
+        mjd = _date_obs_mjd({"DATE-OBS": date})
+        assert mjd == Time(date.replace(" ", "T"), format="isot", scale="utc").mjd, date
+    for mjd in [*rng.uniform(45000, 65000, 500), 57753.4654, 57203.89, 59000.9999999999, 59001.0]:
+        assert _isot(float(mjd)) == Time(float(mjd), format="mjd", scale="utc").isot, mjd

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
+import time
 from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +169,109 @@ def write_fits(
     it since, which astropy checks as they are set): it is used as it is, not cleaned and
     verified again (two thirds of a small light's header time).
     """
-    hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit, cleaned=cleaned)
-    add_checksums(hdul)
+    hdul = _plain_hdus(data, header, uncertainty, mask, unit) if cleaned and header is not None else None
+    if hdul is None:
+        hdul = fits_hdus(data, header, uncertainty=uncertainty, mask=mask, unit=unit, cleaned=cleaned)
+        add_checksums(hdul)
     datasum = str(hdul[0].header["DATASUM"])
     return write_hdus(path, hdul, meanwhile=None if meanwhile is None else partial(meanwhile, datasum),
                       cached=cached)
+
+
+class _PlainHeader:
+    """A finished header as text (what :func:`_write_hdus_to` writes), its DATASUM kept."""
+
+    def __init__(self, text: str, datasum: str):
+        self.text, self._datasum = text, datasum
+
+    def tostring(self) -> str:
+        return self.text
+
+    def __getitem__(self, key: str) -> str:
+        if key != "DATASUM":
+            raise KeyError(key)
+        return self._datasum
+
+
+@dataclass(frozen=True)
+class _PlainHDU:
+    header: _PlainHeader
+    data: np.ndarray
+
+
+#: keywords the structure of an HDU sets: a cleaned header holding one goes through astropy
+_SET_BY_STRUCTURE = re.compile(r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|PCOUNT|GCOUNT|XTENSION|GROUPS|BSCALE|BZERO|BLANK"
+                               r"|EXTNAME|EXTVER|CHECKSUM|DATASUM)$")
+
+
+@lru_cache(maxsize=32)
+def _structure(specs: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[str, ...]:
+    """The cards astropy puts first in each HDU of an HDUList of these (dtype, shape) arrays
+    (SIMPLE or XTENSION, BITPIX, NAXIS*, EXTEND or PCOUNT/GCOUNT), as text: made once by astropy
+    per layout, so the plain path writes what astropy writes."""
+    from astropy.io import fits
+
+    arrays = [np.empty(shape, dtype) for dtype, shape in specs]
+    mark = "ZZOWNCRD"    # a card of the HDU's own header, as fits_hdus gives every HDU one
+
+    def own() -> Any:
+        return fits.Header([(mark, 0)])
+
+    hdul = fits.HDUList([fits.PrimaryHDU(arrays[0], header=own())]
+                        + [fits.ImageHDU(a, header=own()) for a in arrays[1:]])
+    hdul.update_extend()
+    texts = []
+    for hdu in hdul:
+        text = hdu.header.tostring(endcard=False, padding=False)
+        texts.append(text[: text.index(mark)])
+    return tuple(texts)
+
+
+def _plain_hdus(data: np.ndarray, header: Any, uncertainty: np.ndarray | None, mask: np.ndarray | None,
+                unit: str | None) -> list[_PlainHDU] | None:
+    """The HDUs of :func:`write_fits` for a cleaned ``header`` with their checksums, the headers
+    made as text: astropy's cards for the structure (:func:`_structure`) and for each header's
+    own cards (CHECKSUM and DATASUM placed by astropy's rules), the checksum set in the text.
+    The bytes are those :func:`fits_hdus` and :func:`add_checksums` give, without building
+    astropy HDUs (which copy each header and verify every card through astropy's configuration:
+    most of the time of writing a small light). None when the header holds a structural card."""
+    from astropy.io import fits
+
+    if any(_SET_BY_STRUCTURE.match(key) for key in header.keys()):
+        return None
+    planes = [np.ascontiguousarray(data, dtype=np.float32)]
+    own = [header]
+    if unit is not None:
+        header["BUNIT"] = (unit, "physical unit of the data")
+    if uncertainty is not None:
+        uh = fits.Header()
+        uh["UTYPE"] = ("StdDevUncertainty", "uncertainty type (astropy.nddata)")
+        if unit is not None:
+            uh["BUNIT"] = unit
+        uh["EXTNAME"] = ("UNCERT", "extension name")
+        planes.append(np.ascontiguousarray(uncertainty, dtype=np.float32))
+        own.append(uh)
+    if mask is not None:
+        mh = fits.Header()
+        mh["EXTNAME"] = ("MASK", "extension name")
+        planes.append(np.ascontiguousarray(mask, dtype=np.uint8))
+        own.append(mh)
+    if len(header) == 0 or all(card.keyword in ("COMMENT", "HISTORY", "") for card in header.cards):
+        return None   # astropy would place the checksum cards among the structure's
+    structure = _structure(tuple((plane.dtype.str, plane.shape) for plane in planes))
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+    hdus = []
+    for first, cards, plane in zip(structure, own, planes, strict=True):
+        datasum = _datasum(plane)
+        cards["CHECKSUM"] = ("0" * 16, f"HDU checksum updated {when}")
+        cards["DATASUM"] = (str(datasum), f"data unit checksum updated {when}")
+        text = first + cards.tostring(endcard=False, padding=False) + "END".ljust(80)
+        text += " " * (-len(text) % BLOCK)
+        at = text.index("CHECKSUM= '" + "0" * 16 + "'") + 11
+        hsum = _ones_complement(_header_words(text.encode("ascii")) + datasum)
+        text = text[:at] + _checksum_text(~hsum & 0xFFFFFFFF) + text[at + 16:]
+        hdus.append(_PlainHDU(_PlainHeader(text, str(datasum)), plane))
+    return hdus
 
 
 def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray | None = None,
@@ -251,22 +352,26 @@ def _header_words(text: bytes) -> int:
     return int(np.frombuffer(text, dtype=">u4").sum(dtype=np.uint64))
 
 
+def _datasum(data: np.ndarray) -> int:
+    """The FITS data checksum (ones' complement sum of the big-endian 32-bit words) of an
+    array as the file stores it: 8-bit or 32-bit values."""
+    words = data.reshape(-1)
+    if words.dtype.itemsize == 1:  # bytes: words are read big-endian from the byte stream
+        whole = words[: words.size - words.size % 4].view(np.uint32)
+        total = int(word_sum(whole, True))
+        tail = words[whole.size * 4:].tobytes() + b"\0" * (-words.nbytes % 4)
+        total += int.from_bytes(tail, "big") if tail else 0
+    else:   # 32-bit numbers: the stored big-endian word has the native word's value
+        total = int(word_sum(words.view(np.uint32), False))
+    return _ones_complement(total)
+
+
 def add_checksums(hdul: Any) -> None:
     """Set DATASUM and CHECKSUM on every HDU of ``hdul`` (the FITS checksum convention), the data
     summed as the file will store them, in numba kernels."""
-    import time
-
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     for hdu in hdul:
-        words = hdu.data.reshape(-1)
-        if words.dtype.itemsize == 1:  # bytes: words are read big-endian from the byte stream
-            whole = words[: words.size - words.size % 4].view(np.uint32)
-            total = int(word_sum(whole, True))
-            tail = words[whole.size * 4:].tobytes() + b"\0" * (-words.nbytes % 4)
-            total += int.from_bytes(tail, "big") if tail else 0
-        else:   # 32-bit numbers: the stored big-endian word has the native word's value
-            total = int(word_sum(words.view(np.uint32), False))
-        datasum = _ones_complement(total)
+        datasum = _datasum(hdu.data)
         header = hdu.header
         header["CHECKSUM"] = ("0" * 16, f"HDU checksum updated {when}")
         header["DATASUM"] = (str(datasum), f"data unit checksum updated {when}")
