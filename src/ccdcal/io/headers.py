@@ -26,6 +26,8 @@ from ..masks import (
     MASK_USER,
 )
 from ..sections import parse_section
+from .dates import isot_mjd as _isot_mjd
+from .dates import mjd_isot as _isot
 from .frames import clean_header, header_value, refit_comments
 
 if TYPE_CHECKING:
@@ -664,64 +666,10 @@ def _date_obs_mjd(header: Any) -> float | None:
         return None
 
 
-_ISOT = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d(?:\.\d*)?)$")
-_MJD_ORDINAL = 678576      # date(1858, 11, 17).toordinal(): MJD 0
-
-
-def _leap_second_day(day: Any) -> bool:
-    """June 30 and December 31: the only days a leap second has been (or may be) added to,
-    whose UTC day astropy counts as 86,401 s; the fast conversions leave them to astropy."""
-    return (day.month, day.day) in ((6, 30), (12, 31))
-
-
-def _isot_mjd(date: str) -> float | None:
-    """An ISO 8601 UTC date and time as MJD, as astropy's ``Time(date, format="isot").mjd`` gives it
-    (equal to the last bit on 20,000 random dates), a thousand times faster; None where this
-    cannot tell (another form, a leap-second day): the caller asks astropy."""
-    import datetime
-
-    match = _ISOT.match(date)
-    if match is None:
-        return None
-    y, mo, d, h, mi = (int(v) for v in match.groups()[:5])
-    seconds = float(match.group(6))
-    if not (h < 24 and mi < 60 and seconds < 60):
-        return None
-    try:
-        day = datetime.date(y, mo, d)
-    except ValueError:
-        return None
-    if _leap_second_day(day):
-        return None
-    return (day.toordinal() - _MJD_ORDINAL) + (h * 3600 + mi * 60 + seconds) / 86400.0
-
-
 def start_mjd(header: Any) -> float | None:
     """The start of the exposure as MJD: MJD-OBS, else DATE-OBS; None when neither can be read."""
     mjd = _mjd_keyword(header)
     return mjd if mjd is not None else _date_obs_mjd(header)
-
-
-def _isot(mjd: float) -> str:
-    """An MJD (UTC) as an ISO 8601 date and time to the millisecond, as FITS DATE-* keywords hold
-    it: astropy's ``Time(mjd, format="mjd").isot`` (equal on 20,000 random MJDs), computed
-    directly except on a leap-second day (:func:`_leap_second_day`), which astropy converts."""
-    import datetime
-
-    from astropy.time import Time
-
-    if math.isfinite(mjd) and 0 <= mjd < 2_900_000:
-        day = math.floor(mjd)
-        ms = round((mjd - day) * 86_400_000.0)
-        if ms >= 86_400_000:
-            day, ms = day + 1, ms - 86_400_000
-        date = datetime.date.fromordinal(day + _MJD_ORDINAL)
-        if not _leap_second_day(date) and not _leap_second_day(date - datetime.timedelta(days=1)):
-            hours, rest = divmod(ms, 3_600_000)
-            minutes, rest = divmod(rest, 60_000)
-            seconds, millis = divmod(rest, 1000)
-            return f"{date.isoformat()}T{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
-    return Time(mjd, format="mjd", scale="utc").isot
 
 
 def time_keywords(header: Any) -> None:
