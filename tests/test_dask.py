@@ -290,3 +290,25 @@ def test_many_small_items_go_in_batches_and_come_back_in_order():
         assert list(executor.map(abs, items)) == [abs(i) for i in items]
     finally:
         executor.close()
+
+
+def _fails_at_seven(i):
+    if i == 7:
+        raise ValueError("item 7")
+    return i
+
+
+def test_an_item_that_fails_in_a_batch_is_raised_at_its_place():
+    """Issue 31: the items before a failing one in its batch are still yielded (each may have
+    written an output the manifest must record), then its error is raised."""
+    from ccdcal.pipeline.executor import DaskExecutor
+
+    executor = DaskExecutor("local:1")
+    got = []
+    try:
+        with pytest.raises(ValueError, match="item 7"):
+            for value in executor.map(_fails_at_seven, range(40)):
+                got.append(value)
+    finally:
+        executor.close()
+    assert got == list(range(7))

@@ -344,3 +344,19 @@ def test_a_cleaned_header_is_written_byte_for_byte_as_through_astropy_hdus(tmp_p
             assert fast.read_bytes() == slow.read_bytes(), (k, shape)
             with fits.open(fast, checksum=True) as check:     # astropy verifies the checksums
                 assert np.array_equal(check[0].data, data, equal_nan=True)
+
+
+def test_a_commentary_card_that_quotes_a_checksum_card_is_left_alone(tmp_path):
+    """The checksum goes into the CHECKSUM card, not into a HISTORY card whose text looks like one
+    (the search is card by card); astropy verifies the file, the caller's header keeps no
+    checksum cards."""
+    from astropy.io import fits
+
+    from ccdcal.io.writer import write_fits
+
+    header = fits.Header([("HISTORY", "CHECKSUM= '0000000000000000' was reset"), ("OBJECT", "M31")])
+    path = write_fits(tmp_path / "h.fits", np.ones((4, 5), np.float32), header, cleaned=True)
+    with fits.open(path, checksum=True) as hdul:
+        assert hdul[0].header["HISTORY"][0] == "CHECKSUM= '0000000000000000' was reset"
+        assert hdul[0].header["CHECKSUM"] != "0" * 16
+    assert "CHECKSUM" not in header and "DATASUM" not in header

@@ -203,3 +203,13 @@ def test_dates_convert_as_astropy_converts_them_leap_second_days_included():
         assert mjd == Time(date.replace(" ", "T"), format="isot", scale="utc").mjd, date
     for mjd in [*rng.uniform(45000, 65000, 500), 57753.4654, 57203.89, 59000.9999999999, 59001.0]:
         assert _isot(float(mjd)) == Time(float(mjd), format="mjd", scale="utc").isot, mjd
+
+
+def test_dates_before_1972_are_left_to_astropy():
+    """UTC before 1972 had rate offsets and steps that astropy follows: those dates are its."""
+    from ccdcal.io.headers import _date_obs_mjd, _isot
+
+    for date in ["1968-01-31T12:00:00", "1965-03-01T00:00:00.5", "1971-12-31T23:59:59"]:
+        assert _date_obs_mjd({"DATE-OBS": date}) == Time(date, format="isot", scale="utc").mjd
+    for mjd in (39886.5, 41316.9, 40000.25):
+        assert _isot(mjd) == Time(mjd, format="mjd", scale="utc").isot

@@ -12,10 +12,14 @@ from typing import Any
 
 _ISOT = re.compile(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d(?:\.\d*)?)$")
 _MJD_ORDINAL = 678576      # date(1858, 11, 17).toordinal(): MJD 0
+#: UTC has counted whole SI seconds since 1972 (leap seconds only); before, astropy follows the
+#: rate offsets and steps of the 1960s, which these conversions leave to it
+_LEAP_ERA = datetime.date(1972, 1, 1)
+_LEAP_ERA_MJD = 41317
 
 
 def leap_second_day(day: Any) -> bool:
-    """June 30 and December 31: the only days a leap second has been (or may be) added to,
+    """June 30 and December 31: the only days a leap second has been (or may be) added to since 1972,
     whose UTC day astropy counts as 86,401 s; the fast conversions leave them to astropy."""
     return (day.month, day.day) in ((6, 30), (12, 31))
 
@@ -35,7 +39,7 @@ def isot_mjd(date: str) -> float | None:
         day = datetime.date(y, mo, d)
     except ValueError:
         return None
-    if leap_second_day(day):
+    if leap_second_day(day) or day < _LEAP_ERA:
         return None
     return (day.toordinal() - _MJD_ORDINAL) + (h * 3600 + mi * 60 + seconds) / 86400.0
 
@@ -46,7 +50,7 @@ def mjd_isot(mjd: float) -> str:
     directly except on a leap-second day (:func:`leap_second_day`), which astropy converts."""
     from astropy.time import Time
 
-    if math.isfinite(mjd) and 0 <= mjd < 2_900_000:
+    if math.isfinite(mjd) and _LEAP_ERA_MJD <= mjd < 2_900_000:
         day = math.floor(mjd)
         ms = round((mjd - day) * 86_400_000.0)
         if ms >= 86_400_000:

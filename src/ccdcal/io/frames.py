@@ -306,10 +306,15 @@ def _header_text(fh: Any, start: int) -> str | None:
             return None
         text += block
         for i in range(len(text) - BLOCK, len(text), 80):
-            if text[i:i + 8] == b"END     ":
+            if text[i:i + 3] == b"END":
+                if text[i:i + 80] != _END_CARD:   # END with more on its card: astropy mends it
+                    return None
                 decoded = text.decode("ascii", "replace")
                 return decoded if _printable_ascii(decoded) else None
     return None
+
+
+_END_CARD = b"END" + b" " * 77
 
 
 def _plain_image_hdus(path: Path) -> tuple[list[ImageHDU], list[str]] | None:
@@ -341,21 +346,27 @@ def _plain_image_hdus(path: Path) -> tuple[list[ImageHDU], list[str]] | None:
                     return None
                 header = fits.Header.fromstring(text)
                 data = position + len(text)
-                naxis = int(header.get("NAXIS", 0))
-                bitpix = header.get("BITPIX")
-                if bitpix not in _BITPIX_DTYPE or not 0 <= naxis <= 999:
+                naxis, bitpix = header.get("NAXIS"), header.get("BITPIX")
+                if not (_whole(naxis) and 0 <= naxis <= 999 and _whole(bitpix) and bitpix in _BITPIX_DTYPE):
                     return None
-                dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
-                span = (abs(int(bitpix)) // 8 * int(header.get("GCOUNT", 1))
-                        * (int(header.get("PCOUNT", 0)) + int(np.prod(dims, dtype=np.int64)))) if naxis else 0
+                dims = [header.get(f"NAXIS{i}", 0) for i in range(1, naxis + 1)]
+                if not all(_whole(d) and d >= 0 for d in dims) or "GROUPS" in header or (
+                        header.get("PCOUNT", 0) != 0 or header.get("GCOUNT", 1) != 1):
+                    return None     # random groups, heaps, odd values: as astropy reads them
+                span = abs(bitpix) // 8 * int(np.prod(dims, dtype=np.int64)) if naxis else 0
                 found = _plain_image_hdu(index, header, dims, data, span, size, problems)
                 if found is not None:
                     hdus.append(found)
                 position = data + -(-span // BLOCK) * BLOCK
                 index += 1
-    except (OSError, ValueError, TypeError, KeyError, IndexError, OverflowError):
+    except Exception:  # noqa: BLE001 - any surprise (astropy's VerifyError included): astropy's way
         return None
     return hdus, problems
+
+
+def _whole(value: Any) -> bool:
+    """An integer card value (not a bool, a float or a string), as FITS structure keywords hold."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _plain_image_hdu(index: int, header: Any, dims: list[int], data: int, span: int, size: int,

@@ -267,11 +267,21 @@ def _plain_hdus(data: np.ndarray, header: Any, uncertainty: np.ndarray | None, m
         cards["DATASUM"] = (str(datasum), f"data unit checksum updated {when}")
         text = first + cards.tostring(endcard=False, padding=False) + "END".ljust(80)
         text += " " * (-len(text) % BLOCK)
-        at = text.index("CHECKSUM= '" + "0" * 16 + "'") + 11
+        at = _card_at(text, "CHECKSUM= '" + "0" * 16 + "'") + 11
         hsum = _ones_complement(_header_words(text.encode("ascii")) + datasum)
         text = text[:at] + _checksum_text(~hsum & 0xFFFFFFFF) + text[at + 16:]
         hdus.append(_PlainHDU(_PlainHeader(text, str(datasum)), plane))
+    for key in ("CHECKSUM", "DATASUM"):          # the caller's header as it came (BUNIT aside)
+        header.remove(key, ignore_missing=True)
     return hdus
+
+
+def _card_at(text: str, start: str) -> int:
+    """The offset of the first card of a header's ``text`` that starts with ``start``."""
+    for at in range(0, len(text), 80):
+        if text.startswith(start, at):
+            return at
+    raise ValueError(f"no card starts with {start!r}")
 
 
 def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray | None = None,

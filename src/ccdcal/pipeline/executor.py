@@ -22,6 +22,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class DaskExecutor:
                 for value, messages in results:
                     for message in messages:  # raised on the worker: raised again here, where they are seen
                         warnings.warn(message, CcdcalWarning, stacklevel=2)
+                    if isinstance(value, _Failed):   # at its item: the ones before it are yielded
+                        raise value.error
                     yield value
         finally:
             for future in futures:
@@ -149,9 +152,23 @@ def batch_size(items: int, workers: int) -> int:
     return max(1, items // (max(1, workers) * TASKS_PER_WORKER))
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """An item of a batch that raised: raised again by :meth:`DaskExecutor.map` at its place."""
+
+    error: BaseException
+
+
 def _captured_batch(fn: Callable[..., Any], items: list[Any]) -> list[tuple[Any, list[str]]]:
-    """Run on a worker: :func:`_captured` of each item, in order."""
-    return [_captured(fn, item) for item in items]
+    """Run on a worker: :func:`_captured` of each item, in order; an item that raises does not
+    lose the others' results (each of them may have written an output the manifest must record)."""
+    out: list[tuple[Any, list[str]]] = []
+    for item in items:
+        try:
+            out.append(_captured(fn, item))
+        except Exception as exc:  # noqa: BLE001 - raised again by map, at this item
+            out.append((_Failed(exc), []))
+    return out
 
 
 def _captured(fn: Callable[..., Any], item: Any) -> tuple[Any, list[str]]:

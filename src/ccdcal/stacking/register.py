@@ -708,15 +708,19 @@ def _consensus(a: np.ndarray, b: np.ndarray, xy_f: np.ndarray, xy_r: np.ndarray,
     Proposals are tried in the order of their votes (how many proposals agree with each to
     within 0.3° of rotation, 1 % of scale and ``tolerance`` of shift: a true transform is
     proposed by many matched triangles, a chance match by one), the best voted first; the
-    search ends at a chunk whose best proposal places 80 % of the shorter control list (no
-    chance alignment does; the refinement that follows fits all the matched stars anyway)."""
+    search ends at a chunk whose best proposal places 80 % of the shorter control list of 10 or
+    more stars (no chance alignment does; the refinement that follows fits all the matched stars
+    anyway)."""
     zf = xy_f[:, 0] + 1j * xy_f[:, 1]
     key = np.column_stack([np.round(np.log(np.abs(a)) / 0.01), np.round(np.angle(a) / math.radians(0.3)),
                            np.round(b.real / tolerance), np.round(b.imag / tolerance)]).astype(np.int64)
     _, group, votes = np.unique(key, axis=0, return_inverse=True, return_counts=True)
     order = np.argsort(-votes[group.ravel()], kind="stable")
     a, b = a[order], b[order]
-    enough = max(4, math.ceil(0.8 * min(len(xy_f), len(xy_r))))
+    # short lists (under 10 control stars) are searched whole: a chance alignment of a few stars
+    # could otherwise end the search
+    shorter = min(len(xy_f), len(xy_r))
+    enough = math.ceil(0.8 * shorter) if shorter >= 10 else shorter + 1
     best_count, best_cost, best = 0, math.inf, None
     chunk = max(1, 200_000 // max(1, len(zf)))
     starts = [0, *range(min(64, len(a)), len(a), chunk)]

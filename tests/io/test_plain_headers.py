@@ -1,0 +1,92 @@
+"""Issue 31: plain FITS files have their image HDUs read from their header blocks without opening
+them in astropy; whatever that way cannot read exactly as astropy does goes through astropy."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from ccdcal.io import frames
+from ccdcal.planning.inventory import scan_file
+
+
+def _astropy_way(path):
+    """image_hdus as astropy's open reads the file (the code the fast way stands in for)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hdul = frames._open(path)
+    problems, hdus = [], []
+    try:
+        for index in range(len(hdul)):
+            found = frames._image_hdu(hdul, index, path.stat().st_size, False, problems)
+            if found is not None:
+                hdus.append(found)
+    finally:
+        hdul.close()
+    return hdus, problems
+
+
+def _write_cards(path, cards, data=b""):
+    """A file of these 80-column cards (END added), padded to whole blocks, then ``data``."""
+    text = "".join(card.ljust(80) for card in cards) + "END".ljust(80)
+    text += " " * (-len(text) % 2880)
+    path.write_bytes(text.encode("ascii") + data + b"\0" * (-len(data) % 2880))
+    return path
+
+
+def _same(path):
+    fast = frames._plain_image_hdus(path)
+    slow = _astropy_way(path)
+    if fast is None:
+        return None
+    assert fast[1] == slow[1]
+    assert [(h.index, h.shape, h.data_offset, h.header.tostring()) for h in fast[0]] == \
+        [(h.index, h.shape, h.data_offset, h.header.tostring()) for h in slow[0]]
+    return True
+
+
+def test_plain_files_read_as_astropy_reads_them(tmp_path):
+    data = np.arange(12, dtype=">i2").reshape(3, 4)
+    primary = fits.PrimaryHDU(data)
+    primary.header["OBJECT"] = ("M51", "target")
+    primary.header["HISTORY"] = "made here"
+    hdul = fits.HDUList([primary, fits.ImageHDU(data.astype(">f4"), name="UNCERT"),
+                         fits.ImageHDU(np.zeros((3, 4), np.uint8), name="MASK")])
+    hdul.writeto(tmp_path / "mef.fits")
+    fits.PrimaryHDU(np.zeros((2, 2, 3), ">f4")).writeto(tmp_path / "cube.fits")
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data)]).writeto(tmp_path / "ext.fits")
+    for name in ("mef.fits", "cube.fits", "ext.fits"):
+        assert _same(tmp_path / name), name
+
+
+@pytest.mark.parametrize("cards", [
+    ["SIMPLE  =                    T", "BITPIX  =                   16", "NAXIS   =                    2",
+     "NAXIS1  =                  4 4", "NAXIS2  =                    3"],                    # unreadable NAXIS1
+    ["SIMPLE  =                    T", "BITPIX  =                   16", "NAXIS   =                  '2'",
+     "NAXIS1  =                    4", "NAXIS2  =                    3"],                    # a string NAXIS
+    ["SIMPLE  =                    T", "BITPIX  =                 16.0", "NAXIS   =                    2",
+     "NAXIS1  =                    4", "NAXIS2  =                    3"],                    # a float BITPIX
+    ["SIMPLE  =                    T", "BITPIX  =                   16", "NAXIS   =                    2",
+     "NAXIS1  =                    0", "NAXIS2  =                    3", "GROUPS  =                    T",
+     "PCOUNT  =                    0", "GCOUNT  =                    1"],                    # random groups
+])
+def test_odd_structure_cards_go_through_astropy(tmp_path, cards):
+    path = _write_cards(tmp_path / "odd.fits", cards, b"\0" * 24)
+    assert frames._plain_image_hdus(path) is None
+    infos, skipped = scan_file(path)        # a line for the file, never a crash of the scan
+    assert isinstance(infos, list) and isinstance(skipped, list)
+
+
+def test_an_end_card_with_more_on_it_goes_through_astropy(tmp_path):
+    """An END card with text after END: astropy mends it (the fast way would keep it as a card)."""
+    cards = ["SIMPLE  =                    T", "BITPIX  =                   16", "NAXIS   =                    2",
+             "NAXIS1  =                    4", "NAXIS2  =                    3", "END     garbage"]
+    text = "".join(card.ljust(80) for card in cards)
+    path = tmp_path / "end.fits"
+    path.write_bytes((text + " " * (-len(text) % 2880)).encode("ascii") + b"\0" * 2880)
+    assert frames._plain_image_hdus(path) is None
+    hdus, _ = frames.image_hdus(path)
+    assert hdus[0].shape == (3, 4) and "END" not in hdus[0].header
