@@ -369,22 +369,27 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _shape_problem(index: int, dims: list[int]) -> str | None:
+    """Why HDU ``index`` with axes ``dims`` (NAXIS1, NAXIS2, ...) is no usable 2-D image: zero
+    size, more than 2 axes (beyond degenerate ones), more pixels than memory holds; else None."""
+    naxis = len(dims)
+    if naxis == 2 and 0 in dims:
+        return f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})"
+    if naxis != 2 and not (naxis > 2 and all(d == 1 for d in dims[2:])):  # degenerate axes: 2-D
+        return (f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
+                " (split the cube into frames first)")
+    why = _too_large(dims)
+    return f"HDU {index}: {why}" if why else None
+
+
 def _plain_image_hdu(index: int, header: Any, dims: list[int], data: int, span: int, size: int,
                      problems: list[str]) -> ImageHDU | None:
     """As :func:`_image_hdu`, for an HDU of :func:`_plain_image_hdus`."""
-    naxis = len(dims)
-    if naxis == 0:
+    if not dims:
         return None
-    if naxis == 2 and 0 in dims:
-        problems.append(f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})")
-        return None
-    if naxis != 2 and not (naxis > 2 and all(d == 1 for d in dims[2:])):
-        problems.append(f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
-                        " (split the cube into frames first)")
-        return None
-    why = _too_large(dims)
+    why = _shape_problem(index, dims)
     if why:
-        problems.append(f"HDU {index}: {why}")
+        problems.append(why)
         return None
     if data + span > size:
         problems.append(f"HDU {index} is truncated (the file holds {size - data} of {span} data bytes);"
@@ -422,16 +427,9 @@ def _image_hdu(hdul: Any, index: int, size: int, gz: bool, problems: list[str]) 
                         " (8, 16, 32, 64, -32 or -64)")
         return None
     dims = [int(header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)]
-    if naxis == 2 and 0 in dims:
-        problems.append(f"HDU {index} is a zero-size image ({dims[0]}x{dims[1]})")
-        return None
-    if naxis != 2 and not (naxis > 2 and all(d == 1 for d in dims[2:])):  # degenerate axes: 2-D
-        problems.append(f"HDU {index} is a {naxis}-D array {tuple(dims)}; ccdcal calibrates 2-D images"
-                        " (split the cube into frames first)")
-        return None
-    why = _too_large(dims)
+    why = _shape_problem(index, dims)
     if why:
-        problems.append(f"HDU {index}: {why}")
+        problems.append(why)
         return None
     offset = tile_rows = None
     if _is_compressed(hdu):

@@ -615,26 +615,28 @@ def nearest(query: np.ndarray, points: np.ndarray, bound: float) -> tuple[np.nda
     return dist, index
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _within(a: np.ndarray, i: int, b: np.ndarray, j: int, r2: float) -> bool:
+    d2 = 0.0
+    for c in range(a.shape[1]):
+        d2 += (a[i, c] - b[j, c]) ** 2
+    return d2 <= r2
+
+
 @njit(cache=True, nogil=True)
 def _pairs_within(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair (i, j) with ``|a[i] − b[j]| ≤ radius`` (rows of equal width), in order of i then j."""
+    """Every pair (i, j) with ``|a[i] − b[j]| ≤ radius`` (rows of equal width), in order of i then j:
+    counted, then filled (no list grows in the kernel)."""
     r2 = radius * radius
     count = 0
     for i in range(a.shape[0]):
         for j in range(b.shape[0]):
-            d2 = 0.0
-            for c in range(a.shape[1]):
-                d2 += (a[i, c] - b[j, c]) ** 2
-            if d2 <= r2:
-                count += 1
+            count += _within(a, i, b, j, r2)
     ia, ib = np.empty(count, np.int64), np.empty(count, np.int64)
     k = 0
     for i in range(a.shape[0]):
         for j in range(b.shape[0]):
-            d2 = 0.0
-            for c in range(a.shape[1]):
-                d2 += (a[i, c] - b[j, c]) ** 2
-            if d2 <= r2:
+            if _within(a, i, b, j, r2):
                 ia[k], ib[k] = i, j
                 k += 1
     return ia, ib

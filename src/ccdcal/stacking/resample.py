@@ -38,6 +38,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ _MIN_PARALLEL_ROWS = 8  # output rows per parallel job at the least
 _PHASES = 4096
 
 
+@lru_cache(maxsize=8)
 def kernel_table(interpolation: str, phases: int = _PHASES) -> np.ndarray:
     """The normalised weights of each sub-pixel phase: row ``q`` (position ``floor(x) + q/phases``)
     weighs taps ``floor(x) − a + 1 … floor(x) + a`` (``a`` the half-width); row 0 is the pixel
-    itself (weight 1), so whole-pixel positions copy values exactly."""
+    itself (weight 1), so whole-pixel positions copy values exactly. Made once per kind (every
+    frame and colour shares it): read-only."""
     half = _HALF[interpolation]
     f = np.arange(phases + 1)[:, None] / phases
     d = f + (half - 1) - np.arange(2 * half)[None, :]      # from each tap to the position
@@ -71,7 +74,17 @@ def kernel_table(interpolation: str, phases: int = _PHASES) -> np.ndarray:
     w /= w.sum(axis=1, keepdims=True)
     w[0] = 0.0
     w[0, half - 1] = 1.0
-    return np.ascontiguousarray(w)
+    w = np.ascontiguousarray(w)
+    w.flags.writeable = False
+    return w
+
+
+@lru_cache(maxsize=8)
+def _squared_table(interpolation: str) -> np.ndarray:
+    """:func:`kernel_table` squared (the weights of the variances), read-only."""
+    w = np.square(kernel_table(interpolation))
+    w.flags.writeable = False
+    return w
 
 
 # -- kernels ------------------------------------------------------------------------------------
@@ -456,7 +469,7 @@ class ResampledRows:
         self.interpolation = interpolation
         self._half = _HALF[interpolation]
         self._table = kernel_table(interpolation)
-        self._table2 = np.square(self._table)
+        self._table2 = _squared_table(interpolation)
         self._planes = _Planes(source)
         self.source_shape = self._planes.shape
         self.header = self._planes.header
