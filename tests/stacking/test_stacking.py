@@ -213,7 +213,7 @@ def test_real_nickel_lights_register_through_cosmic_rays(real_data, tmp_path_fac
     out = tmp_path_factory.mktemp("nickel-stack")
     reduce([real_data / "nickel-lick" / "raw"], out, options=ReduceOptions(report=False))
     for name in ("d1047", "d1048", "d1052", "d1074", "d1083"):
-        data, mask, _ = _read_frame(str(out / "calibrated" / f"{name}.fits"))
+        data, mask, _, _ = _read_frame(str(out / "calibrated" / f"{name}.fits"))
         a = (data[0:900, 0:950], mask[0:900, 0:950])
         b = (data[13:913, 7:957], mask[13:913, 7:957])
         c = (np.ascontiguousarray(a[0][::-1, ::-1]), np.ascontiguousarray(a[1][::-1, ::-1]))
@@ -262,3 +262,14 @@ def test_each_stacked_frame_states_its_weight(tmp_path):
     assert weights[3] / np.mean(weights[:3]) == pytest.approx(0.25, rel=0.15)
     header = fits.getheader(tmp_path / "stack.fits")
     assert [round(header[f"WGHT{i + 1:03d}"], 3) for i in range(4)] == [round(w, 3) for w in weights]
+
+
+def test_an_unreadable_frame_is_left_out_with_its_reason_not_the_stack(field, tmp_path):
+    """One broken file among the lights costs that file, never the stack."""
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"SIMPLE  = not a fits file" + b" " * 3000)
+    paths = [field["paths"][k] for k in ("f0_ref", "f1_shift", "f2_shift", "f7_shift")] + [broken]
+    run = stack_files(paths, tmp_path / "stack.fits", reference=field["paths"]["f0_ref"])
+    left = {v.path.split("/")[-1]: v.reason for v in run.frames if not v.used}
+    assert list(left) == ["broken.fits"] and "cannot be read" in left["broken.fits"]
+    assert run.output.exists() and sum(v.used for v in run.frames) == 4

@@ -35,7 +35,6 @@ import numpy as np
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..colour.demosaic import DebayeredRows, debayer, frame_pattern, luminance, rgb_header
 from ..errors import CcdcalWarning, InputError
-from ..io.frames import FrameSource
 from ..io.guard import refuse_overwrite
 from ..io.headers import exposure_of
 from ..io.writer import write_bytes
@@ -72,6 +71,8 @@ class FrameVerdict:
         (resampling keeps values per pixel): the frame's scale on the reference grid.
     reason : str or None
         Why it was left out (None: stacked).
+    pattern : str or None
+        Its Bayer pattern (None: mono), the frame judged and stacked in colour.
     weight : float or None
         Its weight in the stack (1/(scale·σ_bg)², the frames' mean 1: noise and transparency
         from the data; for a colour stack the green's), once stacked.
@@ -86,6 +87,7 @@ class FrameVerdict:
     reason: str | None = None
     reference: bool = False
     weight: float | None = None
+    pattern: str | None = None
 
     @property
     def used(self) -> bool:
@@ -132,8 +134,9 @@ class StackRun:
         return self.table()._repr_html_()
 
 
-def _read_frame(path: str, pattern: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any]:
-    """A frame's data, mask and header; a CFA frame (``pattern``) as the mean of its colours."""
+def _read_frame(path: str, given: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any, str | None]:
+    """A frame's data, mask, header and Bayer pattern (None: mono; ``given`` for colour frames
+    whose header names none); a colour frame's data as the mean of its colours."""
     from astropy.io import fits
 
     try:
@@ -145,50 +148,42 @@ def _read_frame(path: str, pattern: str | None = None) -> tuple[np.ndarray, np.n
         raise InputError(f"{path}: cannot be read as a calibrated frame ({exc})") from exc
     if data.ndim != 2:
         raise InputError(f"{path}: expected a 2-D image, got shape {data.shape}")
+    pattern = frame_pattern(header, data.shape, given)
     if pattern is not None:
         data, mask = luminance(debayer(data, pattern, mask=mask))
-    return data, mask, header
-
-
-def frame_patterns(paths: list[str], given: str | None = None) -> list[str | None]:
-    """Each frame's Bayer pattern (None: mono); all colour or all mono, else an InputError."""
-    patterns = []
-    for path in paths:
-        with FrameSource(path) as src:
-            patterns.append(frame_pattern(src.header, src.shape, given))
-    if len({p is None for p in patterns}) > 1:
-        colour = [Path(p).name for p, pat in zip(paths, patterns, strict=True) if pat][:3]
-        raise InputError(f"some frames are colour (a Bayer pattern: {', '.join(colour)} ...) and some mono;"
-                         " stack them apart")
-    return patterns
+    return data, mask, header, pattern
 
 
 def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
-                 progress: ProgressOption = None, patterns: list[str | None] | None = None
+                 progress: ProgressOption = None, bayer_pattern: str | None = None
                  ) -> tuple[list[FrameVerdict], list[Any]]:
     """Stars and quality of every frame, and the outliers of the group left out with the reason.
-    A colour frame (its entry in ``patterns``) is judged on the mean of its colours.
+    A colour frame (a Bayer pattern in its header, or ``bayer_pattern`` given) is judged on the
+    mean of its colours; colour and mono frames together are an InputError. A frame that cannot
+    be read is left out with the reason.
 
-    Returns the verdicts and the star lists (None where none was measured).
+    Returns the verdicts (each with its pattern) and the star lists (None where none was measured).
     """
 
     paths = [str(p) for p in paths]
-    patterns = patterns or [None] * len(paths)
-    qualities, stars, errors, exptimes = [], [], [], []
-    for path, pattern in steps(list(zip(paths, patterns, strict=True)), "finding stars", progress):
+    qualities, stars, errors, exptimes, patterns = [], [], [], [], []
+    for path in steps(paths, "finding stars", progress):
+        quality = found = error = exptime = pattern = None
         try:
-            data, mask, header = _read_frame(path, pattern)
-            exptimes.append(exposure_of(header))
+            data, mask, header, pattern = _read_frame(path, bayer_pattern)
+            exptime = exposure_of(header)
             found = detect_stars(data, mask, max_stars=max_stars)
-            qualities.append(frame_quality(found, data.shape))
-            stars.append(found)
-            errors.append(None)
+            quality = frame_quality(found, data.shape)
         except InputError as exc:
-            qualities.append(None)
-            stars.append(None)
-            errors.append(str(exc))
-            if len(exptimes) < len(errors):
-                exptimes.append(None)
+            error = str(exc)
+        for kept, value in ((qualities, quality), (stars, found), (errors, error), (exptimes, exptime),
+                            (patterns, pattern)):
+            kept.append(value)
+    read = [i for i, e in enumerate(errors) if e is None]
+    if len({patterns[i] is None for i in read}) > 1:
+        colour = [Path(paths[i]).name for i in read if patterns[i]][:3]
+        raise InputError(f"some frames are colour (a Bayer pattern: {', '.join(colour)} ...) and some mono;"
+                         " stack them apart")
     measured = [i for i, q in enumerate(qualities) if q is not None]
     flags = flag_outliers([qualities[i] for i in measured], [Path(paths[i]).name for i in measured],
                           [exptimes[i] for i in measured])
@@ -196,8 +191,8 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
     for i, flag in zip(measured, flags, strict=True):
         if flag and (not keep_all or "no stars" in flag):
             reasons[i] = flag
-    return [FrameVerdict(path=p, quality=q, reason=r) for p, q, r in zip(paths, qualities, reasons,
-                                                                         strict=True)], stars
+    return [FrameVerdict(path=p, quality=q, reason=r, pattern=b)
+            for p, q, r, b in zip(paths, qualities, reasons, patterns, strict=True)], stars
 
 
 def _pick_reference(verdicts: list[FrameVerdict], reference: Any) -> int:
@@ -314,8 +309,7 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     if output is not None:
         refuse_overwrite([*paths, *([reference] if reference is not None else [])],
                          files=[output, Path(output).with_suffix(".png")])
-    patterns = frame_patterns(paths, bayer_pattern)
-    verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, patterns=patterns)
+    verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, bayer_pattern=bayer_pattern)
     ref = _pick_reference(verdicts, reference)
     verdicts = register_verdicts(verdicts, stars, ref)
     run = StackRun(frames=verdicts)
@@ -330,17 +324,16 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     # was biased by up to 1.8 %
     matrices = [np.asarray(v.matrix).reshape(3, 3) for v in used]
     ref_used = next(k for k, v in enumerate(used) if v.reference)
-    pattern_of = dict(zip(paths, patterns, strict=True))
-    if pattern_of[used[0].path] is None:
+    if used[0].pattern is None:
         run.result = stack([v.path for v in used], matrices, reference=ref_used, reject=reject,
                            weights=weights, interpolation=interpolation, memory=memory, progress=progress)
     else:
-        run.result = _colour_stack([(v.path, pattern_of[v.path]) for v in used], matrices, ref_used,
+        run.result = _colour_stack([(v.path, v.pattern) for v in used], matrices, ref_used,
                                    dict(reject=reject, weights=weights, interpolation=interpolation, memory=memory,
                                         progress=progress), debayer)
-    run.notes.extend(n for n in run.result.notes if n not in run.notes)
-    weights = iter(np.asarray(run.result.weights, dtype=np.float64))
-    run.frames = [replace(v, weight=float(next(weights))) if v.used else v for v in run.frames]
+    run.notes = list(run.result.notes)
+    frame_weights = iter(np.asarray(run.result.weights, dtype=np.float64))
+    run.frames = [replace(v, weight=float(next(frame_weights))) if v.used else v for v in run.frames]
     if output is not None:
         run.output = run.result.write(output)
         if preview:
