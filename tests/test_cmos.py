@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from ccdcal.errors import InputError
 from ccdcal.planning.inventory import scan
 from cmosnight import DIALECTS, READ_NOISE, plain_reduction, write_night
 
@@ -274,6 +275,10 @@ def test_a_night_without_darks_is_calibrated_from_a_library_of_another_run(tmp_p
     for a, b in zip(first.plan.lights, second.plan.lights, strict=True):
         np.testing.assert_array_equal(fits.getdata(tmp_path / "first" / a.output),
                                       fits.getdata(tmp_path / "second" / b.output))
+    # the library is read, never written: a run into the folder that holds it is refused
+    for out in (tmp_path / "first", tmp_path / "first" / "masters"):
+        with pytest.raises(InputError, match="input"):
+            reduce(tonight, out, options=ReduceOptions(report=False, masters=(str(library),)))
 
 
 def test_a_library_flat_is_taken_only_within_its_age(tmp_path):

@@ -490,24 +490,28 @@ def _run_debayer(args) -> int:
     from ._shared.names import NameBook, printable, safe_part
     from .colour.demosaic import debayer_file
     from .errors import InputError
-    from .io.frames import find_fits
+    from .io.frames import file_stem, find_fits
+    from .io.guard import output_lock, refuse_overwrite
     from .ui import warn
 
     files = find_fits(args.paths)
     if not files:
         raise InputError("no FITS files found; check the path")
     out = Path(args.output)
+    # as calibrate -o: the folder holds no input (so no output can write over one), one run at a time
+    refuse_overwrite(files, folders=[out])
     out.mkdir(parents=True, exist_ok=True)
     names = NameBook()      # two inputs named alike (in two folders) get two outputs
     errors = 0
-    for path in files:
-        name = names.claim(f"{safe_part(path.name.split('.')[0])}_rgb.fits", str(path.resolve()))
-        try:
-            written = debayer_file(path, out / name, method=args.method, pattern=args.bayer_pattern)
-            print(printable(str(written)))
-        except InputError as exc:
-            warn(str(exc))
-            errors += 1
+    with output_lock(out):
+        for path in files:
+            name = names.claim(f"{safe_part(file_stem(path))}_rgb.fits", str(path.resolve()))
+            try:
+                written = debayer_file(path, out / name, method=args.method, pattern=args.bayer_pattern)
+                print(printable(str(written)))
+            except InputError as exc:
+                warn(str(exc))
+                errors += 1
     if errors == len(files):
         return EXIT_USAGE
     return EXIT_PARTIAL if errors else EXIT_OK

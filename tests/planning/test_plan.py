@@ -442,3 +442,16 @@ def test_no_function_of_the_plan_is_over_60_lines():
             if lines > 60:
                 long.append(f"{node.name}: {lines}")
     assert not long
+
+
+def test_camera_settings_in_a_master_name_are_one_safe_part():
+    """A camera setting is header text: in a master's file name it is one safe part (no path
+    separators, no spaces), and in its label printable."""
+    from ccdcal.planning.plan import PlanContext, PlanOptions, settings_text
+
+    ctx = PlanContext(options=PlanOptions(), many_geometries=True, many_cameras=True)
+    geom = ((1, 1), (100, 100), 0, None, None, (("READOUTM", "../../../../tmp/evil Mode\x1b[2J"),))
+    name = ctx.master_name("master_bias", geom, "bias")
+    assert "/" not in name and " " not in name and "\x1b" not in name and name.endswith(".fits")
+    assert name.startswith("master_bias_1x1_100x100_readoutm")
+    assert "\x1b" not in settings_text(geom[-1])

@@ -447,6 +447,44 @@ def _image_hdu(hdul: Any, index: int, size: int, gz: bool, problems: list[str]) 
     return ImageHDU(index, header.copy(), (dims[1], dims[0]), offset, tile_rows)
 
 
+def file_stem(path: str | os.PathLike) -> str:
+    """A file's name without its FITS or XISF suffixes (``d1047.fits.fz`` -> ``d1047``; other
+    dots kept: ``L_-10.00_300s.fits`` -> ``L_-10.00_300s``)."""
+    name = Path(path).name
+    for suffix in (".fz", ".gz"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    base, ext = os.path.splitext(name)
+    return base if ext.lower() in (".fits", ".fit", ".fts", ".xisf") else name
+
+
+def uncertainty_kind(header: Any) -> str:
+    """How an UNCERT extension stores the uncertainty: "std", "var" or "ivar" (astropy UTYPE)."""
+    utype = str(header.get("UTYPE", "StdDevUncertainty")) if header is not None else ""
+    return {"VarianceUncertainty": "var", "InverseVariance": "ivar"}.get(utype, "std")
+
+
+def as_sigma(values: np.ndarray, kind: str) -> np.ndarray:
+    """Uncertainties stored as ``kind`` (:func:`uncertainty_kind`) as standard deviations, in place."""
+    if kind == "var":
+        np.sqrt(values, out=values)
+    elif kind == "ivar":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(1.0, np.sqrt(values, out=values), out=values)
+    return values
+
+
+def ccddata_planes(source: FrameSource) -> tuple[ImageHDU | None, ImageHDU | None]:
+    """The ``MASK`` and ``UNCERT`` image HDUs of ``source``'s file that go with its image (same
+    shape, another HDU), as ccdcal and astropy's CCDData write them; None where there is none."""
+    planes: dict[str, ImageHDU] = {}
+    for hdu in image_hdus(source.path)[0]:
+        extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
+        if extname in ("MASK", "UNCERT") and hdu.index != source.hdu and hdu.shape == source.shape:
+            planes.setdefault(extname, hdu)
+    return planes.get("MASK"), planes.get("UNCERT")
+
+
 class FrameSource:
     """One 2-D image HDU of a FITS file, read as float32 on demand, whole or by rows.
 

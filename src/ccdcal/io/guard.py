@@ -113,12 +113,14 @@ def refuse_overwrite(inputs: Iterable[str | os.PathLike], *, files: Iterable[str
 
 def reduce_inputs(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                   input_folders: Iterable[str | os.PathLike] = (),
-                  named: Iterable[str | os.PathLike] = ()) -> list[Path]:
+                  named: Iterable[str | os.PathLike] = (),
+                  library: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """The inputs of ``reduce`` into ``out_dir``: ``files`` less what an earlier run wrote in
     the output folders (OUT/masters, OUT/calibrated, ...); refused, before any work, when an
     output folder is an input folder or holds inputs of its own (OUT itself, or a subfolder
     that is a link to elsewhere, say to RAW). Files under OUT are read only where an input
-    folder lies inside it, or where they are ``named`` (given one by one).
+    folder lies inside it, or where they are ``named`` (given one by one). ``library``: the
+    ``--masters`` folders and files, read and never written: refused the same way.
 
     Raises
     ------
@@ -143,7 +145,9 @@ def reduce_inputs(files: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     found = [Path(p) for p in files if kept(p)]
     folders = [out_dir, *(out_dir / name for name in OUTPUT_FOLDERS)]
-    refuse_overwrite(found, folders=folders, input_folders=input_folders, _real=real)
+    library = [Path(p) for p in library]
+    refuse_overwrite([*found, *(p for p in library if p.is_file())], folders=folders,
+                     input_folders=[*input_folders, *(p for p in library if p.is_dir())], _real=real)
     return found
 
 

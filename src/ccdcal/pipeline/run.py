@@ -149,7 +149,7 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
     started = time.perf_counter()
     broken: list[tuple[str, str]] = []
     files = reduce_inputs(find_fits(paths, broken), out_dir, input_folders=[p for p in paths if Path(p).is_dir()],
-                          named=[p for p in paths if Path(p).is_file()])
+                          named=[p for p in paths if Path(p).is_file()], library=options.masters or ())
     if not files:
         raise InputError("no FITS files found (.fits, .fit, .fts, .fz, .gz, .xisf); check the path")
     if dry_run:

@@ -33,7 +33,7 @@ from .._shared import _kernels, state
 from .._shared.names import printable
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..errors import CcdcalError, InputError
-from ..io.frames import FrameSource, find_fits, header_value, image_hdus, read_header
+from ..io.frames import FrameSource, file_stem, find_fits, header_value, image_hdus, read_header
 from ..io.hashing import hash_around, remember_hash
 from ..io.headers import (
     SETTEMP_KEYS,
@@ -184,13 +184,7 @@ class FrameInfo:
     @property
     def stem(self) -> str:
         """File name without FITS (or XISF) suffixes (``d1047.fits.fz`` -> ``d1047``), plus ``_hduN`` for MEF."""
-        name = self.path.name
-        for suffix in (".fz", ".gz"):
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-        base, ext = os.path.splitext(name)
-        if ext.lower() in (".fits", ".fit", ".fts", ".xisf"):
-            name = base
+        name = file_stem(self.path)
         return name if self.n_hdus == 1 else f"{name}_hdu{self.hdu}"
 
     def to_json(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._repr import plan_html
-from .._shared.names import NameBook, safe_part, unique_stem
+from .._shared.names import NameBook, printable, safe_part, unique_stem
 from .._shared.robust import MAD_TO_STD
 from ..calibration.masters import choose_dark, dark_scale_for
 from ..calibration.overscan import OverscanSpec, overscan_geometry
@@ -295,7 +295,7 @@ def _geom_text(geom: tuple, *, camera: bool = False) -> str:
 
 def settings_text(camera: tuple[tuple[str, str], ...]) -> str:
     """Camera settings as the plan names them: ``GAIN 100, OFFSET 50``."""
-    return ", ".join(f"{name} {value}" for name, value in camera)
+    return ", ".join(f"{name} {printable(value)}" for name, value in camera)
 
 
 def _settings(n: int, options: PlanOptions, *, scale: bool) -> CombineSettings:
@@ -617,7 +617,8 @@ class PlanContext:
     def master_name(self, stem: str, geom: tuple, key: Any, label: str = "") -> str:
         """``<stem>.fits`` (with the geometry when the night has several), unique to ``key``
         (the group's identity): two groups whose values make one name get two names."""
-        name = f"{stem}_{_geom_text(geom, camera=self.many_cameras)}.fits" if self.many_geometries \
+        # the camera settings are header text: one safe part of a file name, like any header value
+        name = f"{stem}_{safe_part(_geom_text(geom, camera=self.many_cameras))}.fits" if self.many_geometries \
             else f"{stem}.fits"
         return self.names.claim(f"masters/{name}", repr((geom, key)), label=label)[len("masters/"):]
 
