@@ -259,3 +259,45 @@ def test_colour_flats_without_a_bayer_pattern_are_pointed_out(tmp_path):
     assert any("look like a colour camera's" in w and "--bayer-pattern" in w for w in plain.plan.warnings)
     assert not any("colour camera" in w for w in told.plan.warnings)
     assert next(j for j in told.plan.masters if j.kind.value == "flat").cfa == "channel"
+
+
+def test_debayer_names_outputs_by_the_whole_stem_and_never_writes_into_an_input_folder(osc_stacks, tmp_path):
+    """`ccdcal debayer`: a name with dots keeps them (two frames of one target and temperature
+    stay two readable names), and an output folder that holds inputs is refused before any work."""
+    import shutil
+
+    from ccdcal.cli import main
+
+    _, out, _ = osc_stacks
+    result = out["channel"][2]
+    light = Path(result.out_dir) / result.plan.lights[0].output
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in (1, 2):
+        shutil.copy(light, inputs / f"L_M31_-10.00_300.00s_000{k}.fits")
+    assert main(["debayer", str(inputs), "-o", str(tmp_path / "rgb")]) == 0
+    assert sorted(p.name for p in (tmp_path / "rgb").glob("*.fits")) == [
+        "L_M31_-10.00_300.00s_0001_rgb.fits", "L_M31_-10.00_300.00s_0002_rgb.fits"]
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    assert main(["debayer", str(inputs), "-o", str(inputs)]) == 2
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+
+
+def test_a_variance_uncert_plane_is_read_as_variance_when_debayered(tmp_path):
+    """A foreign CFA file whose UNCERT holds variances (astropy's VarianceUncertainty): the
+    colours' σ is the square root, as the stack's own reader takes it."""
+    from ccdcal.colour.demosaic import DebayeredRows
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(1000, 5, (16, 16)).astype(np.float32)
+    header = fits.Header([("BAYERPAT", "RGGB")])
+    variance = np.full(data.shape, 25.0, np.float32)
+    fits.HDUList([fits.PrimaryHDU(data, header),
+                  fits.ImageHDU(variance, fits.Header([("UTYPE", "VarianceUncertainty")]), name="UNCERT")]
+                 ).writeto(tmp_path / "var.fits")
+    std = tmp_path / "std.fits"
+    fits.HDUList([fits.PrimaryHDU(data, header), fits.ImageHDU(np.sqrt(variance), name="UNCERT")]).writeto(std)
+    a = DebayeredRows(tmp_path / "var.fits", 1, "RGGB").read_uncertainty_rows(0, 16)
+    b = DebayeredRows(std, 1, "RGGB").read_uncertainty_rows(0, 16)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert a[0, 1] == pytest.approx(5.0) and a[1, 0] == pytest.approx(5.0)   # green measured there: σ = √25

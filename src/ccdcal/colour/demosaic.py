@@ -17,16 +17,17 @@ calibrated lights stay CFA (one plane with its pattern), as Siril and PixInsight
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import InputError
-from ..io.frames import FrameSource, clean_header, image_hdus
+from ..io.frames import FrameSource, as_sigma, ccddata_planes, clean_header, uncertainty_kind
 from ..io.guard import refuse_overwrite
 from ..io.headers import BAYER_PATTERNS, bayer_pattern
-from ..io.writer import write_atomic
+from ..io.writer import write_fits
 from ..masks import MASK_NO_DATA
 from ._kernels import MHC_FILTERS, debayer_rows
 
@@ -149,17 +150,10 @@ class DebayeredRows:
         self._data = FrameSource(self.path)
         self.shape = self._data.shape
         self.header = self._data.header
-        self._mask = self._unc = None
-        for hdu in image_hdus(self.path)[0]:
-            extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
-            if hdu.index != self._data.hdu and hdu.shape == self.shape and extname in ("MASK", "UNCERT"):
-                source = FrameSource(self.path, hdu=hdu.index)
-                if extname == "MASK":
-                    self._mask = source
-                else:
-                    self._unc = source
-        if self._unc is None:
-            self.read_uncertainty_rows = None
+        mask, unc = ccddata_planes(self._data)
+        self._mask = None if mask is None else FrameSource(self.path, hdu=mask.index)
+        self._unc = None if unc is None else FrameSource(self.path, hdu=unc.index)
+        self._unc_kind = "std" if unc is None else uncertainty_kind(unc.header)
         self._band: tuple[int, int, Debayered] | None = None
 
     def colours(self, y0: int, y1: int) -> Debayered:
@@ -171,7 +165,7 @@ class DebayeredRows:
         a, b = max(0, y0 - _MARGIN), min(self.shape[0], y1 + _MARGIN)
         data = self._data.read_rows(a, b)
         mask = self._mask.read_rows(a, b) if self._mask is not None else None
-        unc = self._unc.read_rows(a, b) if self._unc is not None else None
+        unc = as_sigma(self._unc.read_rows(a, b), self._unc_kind) if self._unc is not None else None
         colours = debayer(data, self._pattern, method=self._method, mask=mask, uncertainty=unc, row0=a,
                           only=self._only)
         inner = Debayered(colours.data[:, y0 - a:y1 - a], colours.mask[:, y0 - a:y1 - a],
@@ -185,7 +179,12 @@ class DebayeredRows:
     def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
         return np.ascontiguousarray(self.colours(y0, y1).mask[self.channel])
 
-    def read_uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
+    @property
+    def read_uncertainty_rows(self) -> Callable[[int, int], np.ndarray] | None:
+        """σ of rows ``y0:y1`` of the colour served, or None when the file has no UNCERT plane."""
+        return None if self._unc is None else self._uncertainty_rows
+
+    def _uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
         return np.ascontiguousarray(self.colours(y0, y1).uncertainty[self.channel])
 
     def close(self) -> None:
@@ -224,8 +223,6 @@ def debayer_file(path: str | os.PathLike, output: str | os.PathLike, *, method: 
 
 def _debayered_file(path: Path, output: Path | None, method: str, pattern: str | None) -> Debayered:
     """The colours of a CFA file, written as an RGB cube to ``output`` when given (once made)."""
-    from astropy.io import fits
-
     if output is not None:
         refuse_overwrite([path], files=[output])
     with FrameSource(path) as src:
@@ -238,12 +235,8 @@ def _debayered_file(path: Path, output: Path | None, method: str, pattern: str |
         return colours
     out_header = rgb_header(header)
     out_header["HISTORY"] = f"ccdcal: debayered ({method}) from {path.name}, Bayer pattern {used}"
-    hdus = [fits.PrimaryHDU(colours.data, header=out_header)]
-    if colours.uncertainty is not None:
-        unc_header = fits.Header([("UTYPE", "StdDevUncertainty", "uncertainty type (astropy.nddata)")])
-        hdus.append(fits.ImageHDU(colours.uncertainty, header=unc_header, name="UNCERT"))
-    hdus.append(fits.ImageHDU(np.where(colours.mask, np.uint8(MASK_NO_DATA), np.uint8(0)), name="MASK"))
-    write_atomic(output, lambda tmp: fits.HDUList(hdus).writeto(tmp, checksum=True, output_verify="silentfix"))
+    write_fits(output, colours.data, out_header, uncertainty=colours.uncertainty,
+               mask=np.where(colours.mask, np.uint8(MASK_NO_DATA), np.uint8(0)))
     return colours
 
 

@@ -46,7 +46,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
-from ..io.frames import FrameSource, image_hdus
+from ..io.frames import FrameSource, as_sigma, ccddata_planes, uncertainty_kind
 
 INTERPOLATIONS = ("lanczos3", "bilinear")
 _HALF = {"lanczos3": 3, "bilinear": 1}  # kernel half-width a: taps floor(x) − a + 1 … floor(x) + a
@@ -335,12 +335,6 @@ def _filler(source: Any, method: str) -> Filler:
     return fill
 
 
-def _uncertainty_kind(header: Any) -> str:
-    """How an UNCERT extension stores the uncertainty: "std", "var" or "ivar" (astropy UTYPE)."""
-    utype = str(header.get("UTYPE", "StdDevUncertainty")) if header is not None else ""
-    return {"VarianceUncertainty": "var", "InverseVariance": "ivar"}.get(utype, "std")
-
-
 class _Planes:
     """The data, mask and uncertainty planes of one source frame, by rows."""
 
@@ -364,17 +358,16 @@ class _Planes:
         self.unc_kind = "std"
         self.raw_bytes_per_row = int(getattr(source, "raw_bytes_per_row", 0) or 0)
         if isinstance(source, FrameSource):
-            hdus, _ = image_hdus(source.path)
-            for hdu in hdus:
-                extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
-                if extname in ("MASK", "UNCERT") and hdu.index != source.hdu and hdu.shape == self.shape:
-                    plane = FrameSource(source.path, hdu=hdu.index)
-                    self.owned.append(plane)
-                    self.raw_bytes_per_row = max(self.raw_bytes_per_row, plane.raw_bytes_per_row)
-                    if extname == "MASK":
-                        self.mask = _filler(plane, "read_rows")
-                    else:
-                        self.unc, self.unc_kind = _filler(plane, "read_rows"), _uncertainty_kind(hdu.header)
+            for hdu, is_mask in zip(ccddata_planes(source), (True, False), strict=True):
+                if hdu is None:
+                    continue
+                plane = FrameSource(source.path, hdu=hdu.index)
+                self.owned.append(plane)
+                self.raw_bytes_per_row = max(self.raw_bytes_per_row, plane.raw_bytes_per_row)
+                if is_mask:
+                    self.mask = _filler(plane, "read_rows")
+                else:
+                    self.unc, self.unc_kind = _filler(plane, "read_rows"), uncertainty_kind(hdu.header)
         else:
             if getattr(source, "read_mask_rows", None) is not None:
                 self.mask = _filler(source, "read_mask_rows")
@@ -579,11 +572,7 @@ class ResampledRows:
             planes.mask(lo, hi, mask, scratch)
         if planes.unc is not None:
             planes.unc(lo, hi, unc, scratch)
-            if planes.unc_kind == "var":
-                np.sqrt(unc, out=unc)
-            elif planes.unc_kind == "ivar":
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    np.divide(1.0, np.sqrt(unc, out=unc), out=unc)
+            as_sigma(unc, planes.unc_kind)
         return data, mask, unc
 
     def resample_into(self, y0: int, y1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray, *,
