@@ -83,3 +83,21 @@ def test_the_command_ends_with_its_whole_output_and_code(demo_night, tmp_path):
     proc = run("reduce", str(demo_night / "raw"), "-o", str(tmp_path / "partial"), "--gain", "-3")
     assert proc.returncode == 3 and "see the skipped inputs below" in proc.stdout   # EXIT_PARTIAL
     assert proc.stdout.replace("\n", "").rstrip().endswith("report.html")
+
+
+def test_the_commands_colour_choices_are_the_librarys():
+    """The CLI spells the Bayer patterns and debayer methods (no numpy at --help) as the library has them."""
+    from ccdcal import cli
+    from ccdcal.colour.demosaic import METHODS
+    from ccdcal.io.headers import BAYER_PATTERNS
+
+    assert cli.BAYER_PATTERNS == BAYER_PATTERNS and cli.DEBAYER_METHODS == tuple(METHODS)
+
+
+def test_calibrate_offers_no_flag_it_would_ignore(capsys):
+    """--masters, --bayer-pattern, --flat-cfa, --debayer and --flat-max-age belong to reduce's plan."""
+    from ccdcal.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "x.fits", "-o", "out", "--masters", "m"])
+    assert "unrecognized arguments: --masters" in capsys.readouterr().err

@@ -59,3 +59,24 @@ def test_reduce_without_progress_prints_nothing_and_warns(tmp_path, capsys):
     assert result.lights
     ccdcal_warnings = [w for w in caught if issubclass(w.category, CcdcalWarning)]
     assert all(str(w.message) in result.warnings for w in ccdcal_warnings)
+
+
+def test_calibrate_scale_darks_never_applies_no_dark_of_another_exposure(tmp_path):
+    """`calibrate --scale-darks never` keeps the plan's rule: a dark of another exposure is not
+    scaled onto the light (no CALDARK); `auto` scales it, as reduce does for a CCD. The demo's
+    lights are 90 s and its darks 60 s and 300 s."""
+    from ccdcal.demo import write_night
+
+    raw = write_night(tmp_path / "raw", size=64, n_bias=5, n_dark=3, n_flat=3, n_light=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = reduce([raw], tmp_path / "out", options=ReduceOptions(report=False))
+    job = result.plan.lights[0]
+    assert job.recipe.dark and job.recipe.dark_scale not in (None, 1.0)
+    masters = tmp_path / "out" / "masters"
+    for mode in ("auto", "never"):
+        out = tmp_path / mode
+        assert main(["calibrate", str(job.frame.path), "-o", str(out), "--bias", str(masters / job.recipe.bias),
+                     "--dark", str(masters / job.recipe.dark), "--scale-darks", mode]) == 0
+        header = fits.getheader(next(out.rglob("*.fits")))
+        assert (header.get("CALDARK") is None) == (mode == "never"), mode

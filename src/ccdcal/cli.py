@@ -59,6 +59,11 @@ def _run_scan(args) -> int:
     return EXIT_OK
 
 
+# the library's names (io.headers.BAYER_PATTERNS, colour.demosaic.METHODS), spelled here so that
+# `ccdcal --help` imports no numpy; tests/test_cli.py keeps them equal
+BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+DEBAYER_METHODS = ("bilinear", "mhc")
+
 # -- reduce ---------------------------------------------------------------------------------
 def _add_reduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="raw files, folders or glob patterns")
@@ -95,6 +100,16 @@ def _add_reduce(p: argparse.ArgumentParser) -> None:
                         " same paths) or local:N (a LocalCluster of N processes); needs ccdcal[dask]")
     p.add_argument("--dask-report", action="store_true", default=None,
                    help="with --scheduler: save dask's performance report as OUT/dask-report.html")
+    p.add_argument("--masters", metavar="DIR", action="append",
+                   help="masters of earlier runs (ccdcal's own or marked as masters) for what the night lacks;"
+                        " repeatable")
+    p.add_argument("--flat-max-age", type=float, metavar="DAYS",
+                   help="a flat of the --masters library further than this from a light is not used (default 30)")
+    p.add_argument("--bayer-pattern", choices=BAYER_PATTERNS,
+                   help="the Bayer pattern of colour frames whose header does not give one (BAYERPAT)")
+    p.add_argument("--flat-cfa", choices=["channel", "scalar"],
+                   help="colour flats: each CFA colour normalised to 1 (channel, default) or one level (scalar)")
+    p.add_argument("--debayer", choices=DEBAYER_METHODS, help="how colour lights are debayered for --stack")
     _add_calibration_flags(p)
 
 
@@ -383,16 +398,6 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-uncorrected", action="store_true", default=None,
                    help="calibrate lights even when no bias or dark removes their pedestal (marked UNCORR)")
     p.add_argument("--temp-tolerance", type=float, help="°C: temperatures closer than this are equal (default 2)")
-    p.add_argument("--masters", metavar="DIR", action="append",
-                   help="masters of earlier runs (ccdcal's own or marked as masters) for what the night lacks;"
-                        " repeatable")
-    p.add_argument("--flat-max-age", type=float, metavar="DAYS",
-                   help="a flat of the --masters library further than this from a light is not used (default 30)")
-    p.add_argument("--bayer-pattern", choices=["RGGB", "BGGR", "GRBG", "GBRG"],
-                   help="the Bayer pattern of colour frames whose header does not give one (BAYERPAT)")
-    p.add_argument("--flat-cfa", choices=["channel", "scalar"],
-                   help="colour flats: each CFA colour normalised to 1 (channel, default) or one level (scalar)")
-    p.add_argument("--debayer", choices=["bilinear", "mhc"], help="how colour lights are debayered for --stack")
     p.add_argument("--scale-darks", choices=["auto", "always", "never"],
                    help="scale a dark of another exposure (auto: CCDs yes, CMOS cameras no: their glow is not linear)")
 
@@ -449,9 +454,9 @@ def _add_stack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interpolation", choices=["lanczos3", "bilinear"], default="lanczos3")
     p.add_argument("--keep-all", action="store_true", help="keep frames flagged as cloudy, trailed or out of focus")
     p.add_argument("--memory", default="1GiB", help="memory budget, e.g. 256MiB (default 1GiB)")
-    p.add_argument("--debayer", choices=["bilinear", "mhc"], default="bilinear",
+    p.add_argument("--debayer", choices=DEBAYER_METHODS, default="bilinear",
                    help="how colour (CFA) frames are debayered: bilinear (default) or mhc (Malvar-He-Cutler)")
-    p.add_argument("--bayer-pattern", choices=["RGGB", "BGGR", "GRBG", "GBRG"],
+    p.add_argument("--bayer-pattern", choices=BAYER_PATTERNS,
                    help="the Bayer pattern of colour frames whose header does not give one")
     p.add_argument("--json", action="store_true", help="print the frames table as JSON")
 
@@ -478,9 +483,9 @@ def _run_stack(args) -> int:
 def _add_debayer(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="calibrated colour (CFA) frames: files, folders or globs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the RGB cubes (<name>_rgb.fits)")
-    p.add_argument("--method", choices=["bilinear", "mhc"], default="bilinear",
+    p.add_argument("--method", choices=DEBAYER_METHODS, default="bilinear",
                    help="bilinear (default) or mhc (Malvar-He-Cutler: sharper edges)")
-    p.add_argument("--bayer-pattern", choices=["RGGB", "BGGR", "GRBG", "GBRG"],
+    p.add_argument("--bayer-pattern", choices=BAYER_PATTERNS,
                    help="the pattern of frames whose header does not give one")
 
 

@@ -172,7 +172,8 @@ def master_files(bias: Any, darks: Sequence[Any], flat: Any) -> tuple[dict[str, 
     return paths, prints
 
 
-def _master_index(info: Any, bias: Any, darks: Sequence[Any], flat: Any, temp_tolerance: float) -> Any:
+def _master_index(info: Any, bias: Any, darks: Sequence[Any], flat: Any, temp_tolerance: float,
+                  scale_darks: str = "auto") -> Any:
     """Masters given by hand as the plan's MasterIndex for this frame's geometry."""
     from astropy.io import fits
 
@@ -190,7 +191,7 @@ def _master_index(info: Any, bias: Any, darks: Sequence[Any], flat: Any, temp_to
             counts[Path(path).name] = int(header.get("NCOMBINE", 1))
     flats = {geom: {info.filter: Path(flat).name}} if flat else {}
     return MasterIndex(biases={geom: biases} if biases else {}, darks={geom: dark_masters} if dark_masters else {},
-                       flats=flats, counts=counts, temp_tolerance=temp_tolerance)
+                       flats=flats, counts=counts, temp_tolerance=temp_tolerance, scale_darks=scale_darks)
 
 
 def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat: Any, options: Any,
@@ -211,7 +212,7 @@ def light_jobs(path: str | os.PathLike, *, bias: Any, darks: Sequence[Any], flat
         if steps_done(info):
             raise InputError(f"{path}: its header says it is already calibrated "
                              f"({', '.join(info.calibrated)}): not calibrated again")
-        index = _master_index(info, bias, darks, flat, options.temp_tolerance)
+        index = _master_index(info, bias, darks, flat, options.temp_tolerance, options.scale_darks)
         axis = {"row": 1, "column": 0}.get(overscan_axis or "")
         spec, trim = overscan_geometry(info.shape, biassec or info.biassec, trimsec or info.trimsec,
                                        model=overscan_model, order=overscan_order, axis=axis)
