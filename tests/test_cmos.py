@@ -452,3 +452,27 @@ def test_a_cmos_dark_scaled_on_request_shows_its_glow_residual(tmp_path):
         # the glow of a 120 s frame minus 2.5x the 120 s glow: strongly negative (in ADU)
         assert residual < -20
     assert "GLOWRES" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_master_bias_of_shifted_data_states_its_read_noise_with_the_stored_gain(tmp_path):
+    """Biases of a 14-bit camera stored x4 with EGAIN at the ADC's depth: the master bias's RDNOISE
+    (e-) is its read noise in ADU times EGAIN / 4, the gain of the stored data (as the lights')."""
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from cmosnight import STORED_GAIN
+
+    night = write_night(tmp_path / "raw", shape=(64, 96), n_dark=5, n_flat=3, n_light=2)
+    biases = tmp_path / "bias"
+    biases.mkdir()
+    rng = np.random.default_rng(8)
+    header = fits.getheader(night.files["dark"][0])
+    for i in range(5):     # zero-second frames of the same camera: the offset and read noise, x4
+        data = (np.round(rng.normal(500.0, 3.0, night.shape)) * 4).astype(np.uint16)
+        h = header.copy()
+        h["IMAGETYP"], h["EXPOSURE"], h["EXPTIME"] = "BIAS", 0.0, 0.0
+        fits.PrimaryHDU(data, h).writeto(biases / f"bias_{i}.fits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = reduce([tmp_path / "raw", biases], tmp_path / "out", options=ReduceOptions(report=False))
+    bias = next(job for job in result.plan.masters if job.kind.value == "bias")
+    master = fits.getheader(tmp_path / "out" / "masters" / bias.name)
+    assert master["RDNOISE"] == pytest.approx(master["RDNADU"] * STORED_GAIN, rel=1e-3)

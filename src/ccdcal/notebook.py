@@ -25,7 +25,14 @@ from .calibration.recipe import Recipe
 from .errors import CcdcalError, CcdcalWarning, InputError
 from .io.frames import find_fits, read_colour, read_image
 from .io.guard import output_lock, refuse_overwrite
-from .io.headers import TEMP_KEYS, exposure_of, light_header, read_temperature, resolve_detector
+from .io.headers import (
+    TEMP_KEYS,
+    adc_shift,
+    exposure_of,
+    light_header,
+    read_temperature,
+    resolve_detector,
+)
 from .pipeline.options import ReduceOptions
 from .pipeline.tasks import RunContext, calibrate_light, load_master
 from .planning.inventory import scan_file
@@ -314,7 +321,8 @@ def _calibrate_in_memory(frame: Any, bias: Any, darks: Sequence[Any], flat: Any,
     if scale is None:
         t, t_dark = exposure_of(header), (d.exptime if d is not None else None)
         scale = t / t_dark if (t and t_dark and b is not None) else 1.0
-    det = resolve_detector(header, gain=options.gain, read_noise=options.read_noise, saturation=options.saturation)
+    det = resolve_detector(header, gain=options.gain, read_noise=options.read_noise, saturation=options.saturation,
+                           shift=adc_shift(data[::7, ::7]))
     result = calibrate_frame(
         data, overscan=spec if geometry["overscan"] else None, trim=trim, bias=b, dark=d, dark_scale=scale,
         dark_optimize=options.dark_optimize, flat=f, flat_floor=options.flat_floor, gain=det.gain,

@@ -166,7 +166,7 @@ def test_egain_at_the_native_depth_is_divided_by_the_shift_of_the_stored_data():
     assert header_gain(zwo, shift=2)[0] is None                    # a setting is never e-/ADU
     det = resolve_detector(zwo, shift=2)
     assert det.gain is None and det.saturation == 65532            # saturated at the shifted maximum
-    assert resolve_detector(zwo).saturation == 65535
+    assert resolve_detector(zwo, shift=0).saturation == 65535
 
 
 def test_dates_as_capture_programs_write_them():

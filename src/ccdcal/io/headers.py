@@ -600,7 +600,7 @@ class Detector:
 def resolve_detector(header: Any, *, gain: float | None = None, read_noise: float | None = None,
                      saturation: float | None = None, frame_saturation: float | None = None,
                      measured_gain: float | None = None, measured_gain_source: str = "",
-                     bias_read_noise: float | None = None, shift: int = 0) -> Detector:
+                     bias_read_noise: float | None = None, shift: int) -> Detector:
     """The one rule for a frame's gain, read noise and saturation.
 
     Gain: the option, else a header that states it in e-/ADU (:func:`header_gain`; a camera's
@@ -608,8 +608,9 @@ def resolve_detector(header: Any, *, gain: float | None = None, read_noise: floa
     noise (ADU): the option or RDNOISE (e-) divided by that gain, else the one measured on
     the biases (or, on a night without biases, the noise of the dark's members). Saturation: the
     option, else the frame's own keyword as the scan judged it (placeholders ignored), else the
-    ADC maximum of its integer type, less the low bits a shifted ADC never sets (``shift``:
-    65532 for 14-bit data stored in 16 bits).
+    ADC maximum of its integer type, less the low bits a shifted ADC never sets (65532 for
+    14-bit data stored in 16 bits). ``shift`` (:func:`adc_shift` of the frame's data, 0 where
+    it is not shifted) is required: an EGAIN at the ADC's depth is divided by ``2**shift``.
     """
     if gain:
         g, source = float(gain), "option"

@@ -430,7 +430,7 @@ def _master_hdus(job: MasterJob, ctx: RunContext, result: Any, noise: Any, sourc
                          cfa=job.cfa)
     det = None
     if job.kind.value == "bias" and noise.read_noise_measured is not None:   # the gain of its RDNOISE
-        det = resolve_detector(sources[0].header, gain=options.gain)
+        det = resolve_detector(sources[0].header, gain=options.gain, shift=raw_shift(job.members[0]))
     levels = [s.overscan_level for s in sources if getattr(s, "overscan_level", None) is not None]
     extra = master_cards(job.kind.value, member_rejected=result.member_rejected, npix=result.data.size,
                          flat_level=done.level, flat_norm=options.flat_norm, flat_floor=options.flat_floor,
