@@ -62,3 +62,18 @@ def mjd_isot(mjd: float) -> str:
             seconds, millis = divmod(rest, 1000)
             return f"{date.isoformat()}T{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}"
     return Time(mjd, format="mjd", scale="utc").isot
+
+
+def utc_mjd(date: str) -> float | None:
+    """An ISO 8601 UTC date and time (a space allowed before the time) as MJD: :func:`isot_mjd`,
+    else astropy's reading; None when it is not such a date."""
+    from astropy.time import Time
+
+    date = date.strip().replace(" ", "T")
+    fast = isot_mjd(date)
+    if fast is not None:
+        return fast
+    try:
+        return float(Time(date, format="isot", scale="utc").mjd)
+    except ValueError:
+        return None

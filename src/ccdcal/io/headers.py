@@ -26,8 +26,8 @@ from ..masks import (
     MASK_USER,
 )
 from ..sections import parse_section
-from .dates import isot_mjd as _isot_mjd
 from .dates import mjd_isot as _isot
+from .dates import utc_mjd
 from .frames import clean_header, header_value, refit_comments
 
 if TYPE_CHECKING:
@@ -539,12 +539,23 @@ def binning(header: Any) -> tuple[int, int]:
 
 
 def read_date(header: Any) -> str | None:
-    value = header_value(header, DATE_KEYS)
+    """The observation date (:data:`DATE_KEYS`), with the time of day from TIME-OBS/UT when the
+    date keyword holds only the day."""
+    return _joined_date(header, DATE_KEYS)
+
+
+_DAY = re.compile(r"^\d{4}-\d\d-\d\d$")
+
+
+def _joined_date(header: Any, keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` as a stripped string; a day alone (``2024-03-01``) joined with the
+    time of day of TIME-OBS, TIME_OBS, UT, UTSTART or UT-START when one is given."""
+    value = header_value(header, keys)
     if not isinstance(value, str):
         return None
     value = value.strip()
     time = header_value(header, ("TIME-OBS", "TIME_OBS", "UT", "UTSTART", "UT-START"))
-    if "T" not in value and isinstance(time, str) and re.match(r"^\d{4}-\d\d-\d\d$", value):
+    if _DAY.match(value) and isinstance(time, str):
         value = f"{value}T{time.strip()}"
     return value
 
@@ -648,23 +659,8 @@ def _mjd_keyword(header: Any) -> float | None:
 def _date_obs_mjd(header: Any) -> float | None:
     """DATE-OBS (or DATE_OBS, ISO 8601 UTC with any number of decimals, a space allowed before the
     time, or a date with the time in TIME-OBS/UT) as MJD, or None. DATE-LOC (local time) never counts."""
-    from astropy.time import Time
-
-    date = header_value(header, ("DATE-OBS", "DATE_OBS"))
-    if not isinstance(date, str):
-        return None
-    time = header_value(header, ("TIME-OBS", "TIME_OBS", "UT", "UTSTART", "UT-START"))
-    date = date.strip()
-    if "T" not in date and " " not in date and isinstance(time, str) and re.match(r"^\d{4}-\d\d-\d\d$", date):
-        date = f"{date}T{time.strip()}"          # the date in DATE-OBS, the time of day in TIME-OBS
-    date = date.replace(" ", "T")
-    fast = _isot_mjd(date)
-    if fast is not None:
-        return fast
-    try:
-        return float(Time(date, format="isot", scale="utc").mjd)
-    except ValueError:
-        return None
+    date = _joined_date(header, ("DATE-OBS", "DATE_OBS"))
+    return None if date is None else utc_mjd(date)
 
 
 def start_mjd(header: Any) -> float | None:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.time import Time
 
+from ..io.dates import mjd_isot, utc_mjd
 from ..io.frames import find_fits
 from ..io.hashing import file_hash
 from ..io.headers import (
@@ -59,7 +59,7 @@ class LibraryMaster:
     bias_subtracted: bool           # a dark whose members had a bias removed
 
     def describe(self) -> str:
-        when = f", {Time(self.mjd, format='mjd').isot[:10]}" if self.mjd is not None else ""
+        when = f", {mjd_isot(self.mjd)[:10]}" if self.mjd is not None else ""
         temp = f", {self.temperature:+.1f} °C" if self.temperature is not None else ""
         return f"{self.name} (library{when}{temp})"
 
@@ -73,12 +73,7 @@ def library_key(info: FrameInfo) -> tuple:
 
 def frame_mjd(info: FrameInfo) -> float | None:
     """The frame's DATE-OBS as an MJD (None when absent or not a date)."""
-    if not info.date_obs:
-        return None
-    try:
-        return float(Time(info.date_obs.replace(" ", "T"), format="isot", scale="utc").mjd)
-    except ValueError:
-        return None
+    return utc_mjd(info.date_obs) if info.date_obs else None
 
 
 @dataclass(frozen=True)
