@@ -74,8 +74,10 @@ def test_stars_keep_their_colours_under_the_stated_flat_convention(osc_stacks):
         data, header, result = out[mode]
         flux = [_photometry(data[c], xy) for c in range(3)]
         rg, bg = flux[0] / flux[1], flux[2] / flux[1]
-        assert np.median(np.abs(rg / (night.stars[:, 3] * r_factor) - 1)) <= 0.02, mode
-        assert np.median(np.abs(bg / (night.stars[:, 4] * b_factor) - 1)) <= 0.02, mode
+        for ratio, truth in ((rg, night.stars[:, 3] * r_factor), (bg, night.stars[:, 4] * b_factor)):
+            assert np.median(np.abs(ratio / truth - 1)) <= 0.02, mode      # the bar, star by star
+            # and no colour bias beyond the median's own noise (a flat colour 2 % off shows here)
+            assert abs(np.median(ratio / truth) - 1) < 0.008, mode
         flat = next(j for j in result.plan.masters if j.kind.value == "flat")
         assert flat.cfa == mode
         fh = fits.getheader(Path(result.out_dir) / flat.output)

@@ -279,17 +279,25 @@ def _recorded(out: Path) -> int:
 def test_many_small_items_go_in_batches_and_come_back_in_order():
     """Issue 31: a night of many small lights is not one dask task per light (the scheduler's
     round trip costs as much as a small light); results still come back one per item, in order."""
-    from ccdcal.pipeline.executor import TASKS_PER_WORKER, DaskExecutor, batch_size
+    from ccdcal.pipeline.executor import DaskExecutor, batch_size
 
-    assert batch_size(10, 2) == 1                     # few items: one task each
-    assert batch_size(800, 2) == 800 // (2 * TASKS_PER_WORKER)
-    assert -(-800 // batch_size(800, 2)) >= 2 * TASKS_PER_WORKER   # every worker keeps several tasks
+    # by hand: at least 8 tasks per worker, else one item per task
+    assert (batch_size(10, 2), batch_size(16, 2), batch_size(800, 2), batch_size(100, 1)) == (1, 1, 50, 12)
     executor = DaskExecutor("local:1")
+    submitted = []
+    client_map = executor.client.map
+
+    def counting(fn, batches, **kw):
+        submitted.append(len(batches))
+        return client_map(fn, batches, **kw)
+
+    executor.client.map = counting
     try:
         items = list(range(-57, 43))
         assert list(executor.map(abs, items)) == [abs(i) for i in items]
     finally:
         executor.close()
+    assert submitted == [9]         # 100 items in tasks of 12: 9 tasks, not 100
 
 
 def _fails_at_seven(i):

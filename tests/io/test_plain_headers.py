@@ -77,7 +77,7 @@ def test_odd_structure_cards_go_through_astropy(tmp_path, cards):
     path = _write_cards(tmp_path / "odd.fits", cards, b"\0" * 24)
     assert frames._plain_image_hdus(path) is None
     infos, skipped = scan_file(path)        # a line for the file, never a crash of the scan
-    assert isinstance(infos, list) and isinstance(skipped, list)
+    assert infos or (skipped and all(s.reason for s in skipped))
 
 
 def test_an_end_card_with_more_on_it_goes_through_astropy(tmp_path):
