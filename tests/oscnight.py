@@ -7,7 +7,9 @@ the same quantum efficiency in every colour, so a star's colour in a stack whose
 normalised per CFA colour is its true colour; a single-level flat gives it the panel's tint
 inverted (R x2, B x1/0.7).
 
-The camera's pattern is ``pattern`` at its first read-out row; frames are written TOP-DOWN.
+The camera's pattern is ``pattern`` at its first read-out row; frames are written TOP-DOWN, or
+BOTTOM-UP (rows stored last read-out row first, as some capture programs write them; the truth's
+star positions are then those of the stored arrays).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _vignetting(shape: tuple[int, int]) -> np.ndarray:
 
 
 def write_night(root: Path, *, pattern: str = "RGGB", shape: tuple[int, int] = (160, 200), seed: int = 3,
-                n_bias: int = 5, n_flat: int = 5, n_light: int = 6, n_stars: int = 30) -> OscNight:
+                n_bias: int = 5, n_flat: int = 5, n_light: int = 6, n_stars: int = 30,
+                bottom_up: bool = False) -> OscNight:
     """Biases, flats (a tinted panel) and dithered lights of one field, below ``root``."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
@@ -84,7 +87,8 @@ def write_night(root: Path, *, pattern: str = "RGGB", shape: tuple[int, int] = (
     night = OscNight(shape=shape, pattern=pattern, stars=np.array(stars), shifts=[])
     colour = _colour_of(pattern, shape)
     vignetting = _vignetting(shape)
-    header = [("BAYERPAT", pattern), ("ROWORDER", "TOP-DOWN"), ("XBAYROFF", 0), ("YBAYROFF", 0),
+    header = [("BAYERPAT", pattern), ("ROWORDER", "BOTTOM-UP" if bottom_up else "TOP-DOWN"), ("XBAYROFF", 0),
+              ("YBAYROFF", 0),
               ("INSTRUME", "ZWO ASI2600MC Pro"), ("GAIN", 100, "Sensor gain"), ("SWCREATE", "N.I.N.A. 3.1")]
 
     def write(kind: str, i: int, electrons: np.ndarray, exptime: float, extra: list) -> None:
@@ -92,7 +96,8 @@ def write_night(root: Path, *, pattern: str = "RGGB", shape: tuple[int, int] = (
         path = root / f"{kind}_{i:03d}.fits"
         path.parent.mkdir(parents=True, exist_ok=True)
         h = fits.Header([("IMAGETYP", kind.upper()), ("EXPTIME", exptime), *header, *extra])
-        fits.PrimaryHDU(np.clip(np.round(data), 0, 65535).astype(np.uint16), h).writeto(path)
+        stored = np.clip(np.round(data), 0, 65535).astype(np.uint16)
+        fits.PrimaryHDU(stored[::-1] if bottom_up else stored, h).writeto(path)
         night.files.setdefault(kind, []).append(path)
 
     for i in range(n_bias):
@@ -109,4 +114,7 @@ def write_night(root: Path, *, pattern: str = "RGGB", shape: tuple[int, int] = (
                   "B": _stars_image(shape, xy, night.stars[:, 2] * night.stars[:, 4])}
         light = np.choose(colour, [planes[c] + SKY[c] for c in "RGB"]) * vignetting
         write("light", i, light, 60.0, [("FILTER", "L"), ("OBJECT", "M 13")])
+    if bottom_up:      # the truth on the stored arrays: rows reversed
+        night.stars[:, 1] = ny - 1 - night.stars[:, 1]
+        night.shifts = [(dx, -dy) for dx, dy in night.shifts]
     return night
