@@ -386,16 +386,16 @@ def noise_model(kind: str, *, n: int, gain: float | None = None, gain_source: st
                           gain_measured=gain_measured,
                           history=(f"rejection: sigma = sqrt(({rn:.3f} adu)^2 + level/{gain:.4g}{jitter}) per"
                                    f" value (gain from {gain_source})",))
-    own = floor if (kind == "dark" and keeps_black) else None   # the lights' read noise
-    if kind == "dark" and floor is not None and gain is not None and keeps_black:
-        return NoiseModel("ccdclip", gain=gain, read_noise=floor * gain, pedestal=typical, sensitivity_noise=snoise,
-                          dark_noise=own,
-                          history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + excess/{gain:.4g}{jitter}) for"
-                                   f" the excess over the typical {typical:.4g} adu (gain from {gain_source})",))
     if kind == "dark" and floor is not None:
-        return NoiseModel("ccdclip", gain=1.0, read_noise=floor, pedestal=typical, sensitivity_noise=snoise,
-                          dark_noise=own, history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + excess{jitter}) for the"
-                                   f" excess over the typical {typical:.4g} adu (gain unknown: 1 e-/adu assumed)",))
+        # the excess over the typical level: with the gain where the darks keep the black level
+        # (their floor is then the lights' read noise), else 1 e-/adu
+        known = gain if (keeps_black and gain is not None) else None
+        per = f"excess/{known:.4g}" if known else "excess"
+        source = f"gain from {gain_source}" if known else "gain unknown: 1 e-/adu assumed"
+        return NoiseModel("ccdclip", gain=known or 1.0, read_noise=floor * (known or 1.0), pedestal=typical,
+                          sensitivity_noise=snoise, dark_noise=floor if keeps_black else None,
+                          history=(f"rejection: sigma = sqrt(({floor:.3f} adu)^2 + {per}{jitter}) for the excess"
+                                   f" over the typical {typical:.4g} adu ({source})",))
     return NoiseModel("mad", gain_measured=gain_measured,
                       history=("rejection: MAD clip (no read noise and gain for a noise model)",))
 

@@ -535,12 +535,11 @@ class MasterIndex:
         flat = by_filter.get(info.filter)
         if flat is not None:
             return flat, ()
-        if not by_filter or (info.filter not in by_filter and self.library.masters):
-            found, why = self.library.flat_for(info, self.temp_tolerance, self.flat_max_age)
-            if found is not None:
-                return found.name, (f"master flat from the library: {found.describe()}",)
-            if why:
-                return None, (why,)
+        found, why = self.library.flat_for(info, self.temp_tolerance, self.flat_max_age)
+        if found is not None:
+            return found.name, (f"master flat from the library: {found.describe()}",)
+        if why:
+            return None, (why,)
         if not by_filter:
             return None, (_other_settings("flat", self.flats, info)
                           or "no flat frames for this binning/size: not flat-fielded",)
