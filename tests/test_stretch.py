@@ -226,3 +226,29 @@ def test_cli_stretch_rejects_bad_target(tmp_path, sky, capsys):
     src = write_fits(tmp_path / "sky.fits", sky)
     assert main(["stretch", str(src), "-o", str(tmp_path / "x.png"), "--target", "1.5"]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_a_colour_image_is_stretched_unlinked_by_default_and_linked_on_request(tmp_path):
+    """Unlinked: each colour's background lands on the target (a neutral background); linked:
+    one transfer for every colour (equal values stay equal, a red background stays below a
+    blue one), as PixInsight's STF link button does. Also through `ccdcal stretch --linked`."""
+    from astropy.io import fits
+
+    from ccdcal.cli import main
+    from ccdcal.stretch import stretch
+
+    rng = np.random.default_rng(9)
+    red = rng.normal(100.0, 5.0, (64, 64))
+    rgb = np.stack([red, rng.normal(200.0, 5.0, (64, 64)), red.copy()])
+    rgb[2] += 200.0                                   # blue: the red background raised by 200
+    rgb[:, 30:34, 30:34] += 5000.0                    # a star
+    unlinked = stretch(rgb, "autostf")
+    assert np.allclose(np.median(unlinked, axis=(1, 2)), 0.25, atol=0.01)
+    linked = stretch(rgb, "autostf", linked=True)
+    assert np.median(linked[0]) < np.median(linked[1]) < np.median(linked[2])
+    same = stretch(np.stack([red, red, red]), "autostf", linked=True)
+    assert np.array_equal(same[0], same[1]) and np.array_equal(same[1], same[2])
+    fits.PrimaryHDU(rgb.astype(np.float32)).writeto(tmp_path / "rgb.fits")
+    assert main(["stretch", str(tmp_path / "rgb.fits"), "-o", str(tmp_path / "a.png"), "--linked"]) == 0
+    assert main(["stretch", str(tmp_path / "rgb.fits"), "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()

@@ -241,6 +241,9 @@ def _add_stretch(p: argparse.ArgumentParser) -> None:
                    help="autostf/mtf: shadows clip, in sigma below the background (default 2.8)")
     p.add_argument("--target", type=float, default=0.25,
                    help="autostf/mtf: where the background lands, 0..1 (default 0.25)")
+    p.add_argument("--linked", action="store_true",
+                   help="autostf on a colour image: one stretch for every colour (colours as recorded);"
+                        " default: each colour its own (a neutral background)")
     p.add_argument("--softening", type=float, default=0.1, help="asinh: softening a, 0..1 (default 0.1)")
     p.add_argument("--limits", type=_pair(float), metavar="LOW,HIGH",
                    help="linear/asinh: data values mapped to black and white (default zscale)")
@@ -277,7 +280,7 @@ def _run_stretch(args) -> int:
     out = Path(args.output)
     fits_out = out.with_suffix(".fits")
     refuse_overwrite([args.path], files=[out, fits_out] if args.fits else [out])
-    stretched = stretch(data, args.method, **options)
+    stretched = stretch(data, args.method, linked=args.linked, **options)
     write_bytes(out, png_bytes(stretched, bits=args.bits, flip=not args.no_flip))
     print(f"wrote {out} ({args.method}, {args.bits}-bit)")
     if args.fits:

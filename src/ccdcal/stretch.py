@@ -157,14 +157,20 @@ def auto_stf(data: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) ->
     frames are never negatives.
     """
     x = normalize(data)
+    found = _stf(x, shadows, target)
+    return x if found is None else mtf(found[1], _rescale_shadows(x, found[0]))
+
+
+def _stf(x: np.ndarray, shadows: float, target: float) -> tuple[float, float] | None:
+    """The shadows clip ``c0`` and the midtone ``m`` of :func:`auto_stf` for normalised ``x``
+    (None without a finite value)."""
     values = x[np.isfinite(x)]
     if values.size == 0:
-        return x
+        return None
     median = float(np.median(values))
     mad = float(np.median(np.abs(values - median)))
     c0 = min(max(median - shadows * MAD_TO_STD * mad, 0.0), 1.0 - 1e-9)
-    background = (median - c0) / (1.0 - c0)
-    return mtf(midtones_balance(background, target), _rescale_shadows(x, c0))
+    return c0, midtones_balance((median - c0) / (1.0 - c0), target)
 
 
 def _linked_stf(rgb: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) -> np.ndarray:
@@ -172,15 +178,9 @@ def _linked_stf(rgb: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) 
     lum = np.nanmean(rgb, axis=0)
     values = _finite(lum)
     limits = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    x = normalize(lum, limits)
-    finite = x[np.isfinite(x)]
-    if finite.size == 0:
-        return np.stack([normalize(plane, limits) for plane in rgb])
-    median = float(np.median(finite))
-    mad = float(np.median(np.abs(finite - median)))
-    c0 = min(max(median - shadows * MAD_TO_STD * mad, 0.0), 1.0 - 1e-9)
-    m = midtones_balance((median - c0) / (1.0 - c0), target)
-    return np.stack([mtf(m, _rescale_shadows(normalize(plane, limits), c0)) for plane in rgb])
+    planes = [normalize(plane, limits) for plane in rgb]
+    found = _stf(normalize(lum, limits), shadows, target)
+    return np.stack(planes if found is None else [mtf(found[1], _rescale_shadows(x, found[0])) for x in planes])
 
 
 def zscale_limits(
