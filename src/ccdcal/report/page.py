@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 import os
@@ -280,20 +281,20 @@ def _preview(data: np.ndarray, size: int, method: str) -> tuple[bytes, int, int]
     return png_bytes(shown, compress_level=PNG_LEVEL), small.shape[1], small.shape[0]
 
 
-def _load(out_dir: Path, rel: str | None) -> tuple[np.ndarray | None, str | None]:
-    """The primary image of an output, or ``None`` and the reason it cannot be shown."""
+def _load(out_dir: Path, rel: str | None) -> tuple[np.ndarray | None, Any, str | None]:
+    """The primary image of an output and its header, or ``None`` and the reason it cannot be shown."""
     if not rel:
-        return None, "no output file recorded"
+        return None, None, "no output file recorded"
     path = Path(rel) if os.path.isabs(rel) else out_dir / rel
     if not path.exists():
-        return None, f"{rel} is missing"
+        return None, None, f"{rel} is missing"
     try:
-        data, _ = read_image(path)
+        data, header = read_image(path)
     except CcdcalError as exc:
-        return None, f"{rel} cannot be read ({exc})"
+        return None, None, f"{rel} cannot be read ({exc})"
     except Exception as exc:  # noqa: BLE001 - a broken output must not stop the report
-        return None, f"{rel} cannot be read ({type(exc).__name__}: {exc})"
-    return data, None
+        return None, None, f"{rel} cannot be read ({type(exc).__name__}: {exc})"
+    return data, header, None
 
 
 def _master_method(kind: str) -> str:
@@ -350,8 +351,7 @@ STATS_PIXELS = 1 << 18
 
 def _stats_dict(data: np.ndarray, max_pixels: int = STATS_PIXELS) -> dict[str, Any]:
     """Region statistics of the whole frame, on a regular subsample above ``max_pixels``."""
-    step = max(1, math.ceil(math.sqrt(data.size / max_pixels)))
-    return region_stats(data[::step, ::step] if step > 1 else data).to_dict()
+    return region_stats(_subsample(data, max_pixels)).to_dict()
 
 
 def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[MasterCard]:
@@ -382,7 +382,7 @@ def _masters(out_dir: Path, masters: Iterable[Mapping[str, Any]]) -> list[Master
             card.rejection = Image(_data_uri(png), f"previews/{rejection.name}", w, h)
         made = made_master_previews(out_dir, output)
         if made is None:
-            data, error = _load(out_dir, output)
+            data, _, error = _load(out_dir, output)
             if data is None:
                 card.preview.error = error
                 cards.append(card)
@@ -451,11 +451,17 @@ def _stored_image(out_dir: Path, rel: str, size: Any, digest: str, *, inline: bo
     """A PNG the previews left in the output folder, inlined (or only linked), with its (width,
     height); a ValueError when its bytes are not those its JSON recorded (the previews are
     written without fsync: after a power cut one may be empty, or older than its JSON)."""
+    payload = _checked_png(out_dir, rel, digest)
+    w, h = size
+    return Image(_data_uri(payload) if inline else None, rel, int(w), int(h))
+
+
+def _checked_png(out_dir: Path, rel: str, digest: str) -> bytes:
+    """The bytes of a preview PNG, a ValueError when they are not those its JSON recorded."""
     payload = (Path(out_dir) / rel).read_bytes()
     if _png_hash(payload) != digest:
         raise ValueError(f"{rel} is not the preview its statistics were made with")
-    w, h = size
-    return Image(_data_uri(payload) if inline else None, rel, int(w), int(h))
+    return payload
 
 
 def _png_hash(payload: bytes) -> str:
@@ -466,8 +472,6 @@ def _png_hash(payload: bytes) -> str:
 
 def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[str, int, int, str]]:
     """(member, values rejected low, high, % of its pixels) from a master's REJL/REJH keywords."""
-    from astropy.io import fits
-
     try:
         header = fits.getheader(path, 0)
     except (OSError, ValueError):
@@ -509,11 +513,12 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
             card.preview, card.thumb, card.stats = made
             cards.append(card)
             continue
-        data, error = _load(out_dir, output)
+        data, header, error = _load(out_dir, output)
         if data is None:
             card.thumb.error = card.preview.error = error
         else:
-            write_light_previews(out_dir, output, data, pattern=_pattern_of(out_dir, output, data.shape))
+            pattern = bayer_pattern(header, data.shape)[0] if header is not None else None
+            write_light_previews(out_dir, output, data, pattern=pattern)
             del data
             card.preview, card.thumb, card.stats = _made_light_previews(out_dir, output, small=small)
         cards.append(card)
@@ -590,16 +595,9 @@ def colour_stats(data: np.ndarray, pattern: str) -> dict[str, dict[str, float]]:
 
 
 def _subsample(data: np.ndarray, max_pixels: int = STATS_PIXELS // 4) -> np.ndarray:
+    """Every k-th row and column of ``data``, k the smallest that keeps at most ``max_pixels``."""
     step = max(1, math.ceil(math.sqrt(data.size / max_pixels)))
-    return data[::step, ::step]
-
-
-def _pattern_of(out_dir: Path, output: str, shape: tuple[int, int]) -> str | None:
-    """The Bayer pattern a calibrated light's header gives (None: mono, or unreadable)."""
-    try:
-        return bayer_pattern(fits.getheader(Path(out_dir) / output, 0), shape)[0]
-    except (OSError, KeyError, IndexError):
-        return None
+    return data[::step, ::step] if step > 1 else data
 
 
 def _made_light_previews(out_dir: Path, output: str, *, small: bool = False
@@ -612,28 +610,29 @@ def _made_light_previews(out_dir: Path, output: str, *, small: bool = False
         facts = _fresh_facts(out_dir, output, f"light-{stem}")
         if facts is None:
             return None
-        preview, thumb = (_stored_image(out_dir, f"previews/light-{stem}{suffix}.png", facts["sizes"][key],
-                                        facts["png"][key], inline=not small)
-                          for suffix, key in (("", "preview"), ("-thumb", "-thumb")))
+        preview = _stored_image(out_dir, f"previews/light-{stem}.png", facts["sizes"]["preview"],
+                                facts["png"]["preview"], inline=not small)
+        rel = f"previews/light-{stem}-thumb.png"
         if small:
-            thumb = _small_thumb(out_dir, thumb)
+            thumb = _small_thumb(_checked_png(out_dir, rel, facts["png"]["-thumb"]), rel)
+        else:
+            thumb = _stored_image(out_dir, rel, facts["sizes"]["-thumb"], facts["png"]["-thumb"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return preview, thumb, dict(facts["stats"])
 
 
-def _small_thumb(out_dir: Path, thumb: Image) -> Image:
-    """A thumbnail file made a :data:`TABLE_THUMB` px JPEG, inlined (2–4 KB)."""
-    import io
-
+def _small_thumb(payload: bytes, rel: str) -> Image:
+    """A thumbnail PNG (its bytes, read and checked) made a :data:`TABLE_THUMB` px JPEG,
+    inlined (2–4 KB); ``rel`` the file it links to."""
     from PIL import Image as Pil
 
-    with Pil.open(Path(out_dir) / str(thumb.file)) as png:
+    with Pil.open(io.BytesIO(payload)) as png:
         png.thumbnail((TABLE_THUMB, TABLE_THUMB))
         rgb = png.convert("RGB")
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=70)
-    return Image("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), thumb.file,
+    return Image("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), rel,
                  rgb.width, rgb.height)
 
 
