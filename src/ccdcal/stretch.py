@@ -307,17 +307,12 @@ def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True, compress_level
             raise ValueError("a colour PNG has 8 bits per colour")
         rgb = np.moveaxis(image, 0, -1)
         pil = Image.fromarray(np.ascontiguousarray(to_uint8(rgb[::-1] if flip else rgb)), mode="RGB")
-        buffer = io.BytesIO()
-        pil.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
-        return buffer.getvalue()
-    if flip:
-        image = image[::-1]
-    if bits == 8:
-        pil = Image.fromarray(np.ascontiguousarray(to_uint8(image)))  # mode L
-    elif bits == 16:
-        pil = Image.fromarray(np.ascontiguousarray(to_uint16(image)))  # mode I;16
-    else:
+    elif bits not in (8, 16):
         raise ValueError("bits must be 8 or 16")
+    else:
+        image = image[::-1] if flip else image
+        # mode L (8 bits) or I;16
+        pil = Image.fromarray(np.ascontiguousarray(to_uint8(image) if bits == 8 else to_uint16(image)))
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
     return buffer.getvalue()

@@ -273,7 +273,7 @@ def print_stack(run) -> None:
     for f in run.frames:
         if not f.used:
             console().print(printable(f"left out {Path(f.path).name}: {f.reason}"), soft_wrap=True, markup=False)
-    for note in getattr(run, "notes", []):
+    for note in run.notes:
         console().print(printable(f"note: {note}"), soft_wrap=True, markup=False)
     used = sum(1 for f in run.frames if f.used)
     console().print(printable(f"stack of {used} frames: {run.output}" + (f" (preview {run.preview})" if run.preview else "")),

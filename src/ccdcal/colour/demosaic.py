@@ -265,7 +265,7 @@ def debayer_image(obj: Any, output: str | os.PathLike | None = None, *, method: 
         raise InputError("output= needs a file input (its header goes into the RGB cube)")
     header = getattr(obj, "header", None)
     data = np.asarray(getattr(obj, "data", obj), dtype=np.float32)
-    used = frame_pattern(header, data.shape, pattern) if header is not None else (pattern.upper() if pattern else None)
+    used = frame_pattern(header, data.shape, pattern)
     if used is None:
         raise InputError("the frame's Bayer pattern is unknown: pass pattern= (RGGB, BGGR, GRBG or GBRG)")
     mask = getattr(obj, "mask", None)
