@@ -25,7 +25,7 @@ import numpy as np
 from astropy.io import fits
 
 from ..io.dates import mjd_isot, utc_mjd
-from ..io.frames import find_fits
+from ..io.frames import datasum_of, find_fits
 from ..io.hashing import file_hash
 from ..io.headers import (
     SETTEMP_KEYS,
@@ -153,7 +153,7 @@ def read_library(paths: Sequence[str | Path]) -> Library:
 
 def _library_master(path: Path) -> LibraryMaster | str:
     """The master a file holds, or why it is not taken."""
-    with fits.open(path, memmap=False) as hdul:
+    with fits.open(path, memmap=True) as hdul:       # pixels read only where sampled
         header = hdul[0].header
         typ = normalised_type(header.get("IMAGETYP", header.get("CALFRAME", "")))
         kind = _KINDS.get(typ)
@@ -180,7 +180,10 @@ def _library_master(path: Path) -> LibraryMaster | str:
 
 
 def _fraction_of_range(data: Any) -> bool:
-    values = np.asarray(data, dtype=np.float64)
+    """Whether a float master's values lie within [0, 1] (judged on a regular sample of about
+    250,000 pixels: the master is not copied whole at plan time)."""
+    step = max(1, int(np.sqrt(data.size / 250_000)))
+    values = np.asarray(data[::step, ::step], dtype=np.float64)
     finite = values[np.isfinite(values)]
     return bool(finite.size) and float(finite.min()) >= -0.5 and float(finite.max()) <= 1.5
 
@@ -195,8 +198,4 @@ def _master_mjd(header: Any) -> float | None:
 def library_print(path: Path) -> str:
     """A library master's identity in the fingerprints of what is built on it: its DATASUM (as for
     the masters built in the run), else the hash of its bytes."""
-    try:
-        datasum = fits.getval(path, "DATASUM")
-    except (KeyError, OSError):
-        datasum = None
-    return str(datasum) if datasum else file_hash(path)
+    return datasum_of(path) or file_hash(path)
