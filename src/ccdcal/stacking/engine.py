@@ -68,36 +68,55 @@ _SCALE_BIN = 8  # the transparency compares sums over bins of 8 × 8 pixels
 _MIN_SCALE_BINS = 10
 _SCALE_PRECISION = 0.002  # sample rows for the transparency until the ratios are this precise
 _SORT_INSERTION = 32  # values per pixel up to which an insertion sort is used
+_TILE = 64  # output pixels of one row gathered together (each frame's row read in order)
 
 
 # -- kernels --------------------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
-def _gather(data, bad, err, scales, zeros, r, x, vals, sig, idx):
-    """The valid, matched values of pixel (r, x) sorted into ``vals[:m]`` (σ in ``sig``, frame
-    in ``idx``); returns m. A non-finite σ becomes inf (never rejected)."""
-    m = 0
+def _gather_tile(data, bad, err, scales, zeros, r, x0, width, tv, ts, ti, tm):
+    """The valid, matched values of pixels ``x0 … x0 + width − 1`` of row ``r``, frame by frame
+    (each frame's row is read in order, not one value per frame and pixel): pixel ``t`` gets
+    ``tm[t]`` values in ``tv[t]`` (σ in ``ts``, frame in ``ti``). A non-finite σ becomes inf
+    (never rejected)."""
+    for t in range(width):
+        tm[t] = 0
     for i in range(data.shape[0]):
-        v = data[i, r, x]
-        if bad[i, r, x] or not math.isfinite(v):
-            continue
-        s = err[i, r, x] * scales[i]
-        vals[m] = v * scales[i] + zeros[i]
-        sig[m] = s if math.isfinite(s) else np.inf
-        idx[m] = i
-        m += 1
+        sc = scales[i]
+        ze = zeros[i]
+        for t in range(width):
+            v = data[i, r, x0 + t]
+            if bad[i, r, x0 + t] or not math.isfinite(v):
+                continue
+            s = err[i, r, x0 + t] * sc
+            k = tm[t]
+            tv[t, k] = v * sc + ze
+            ts[t, k] = s if math.isfinite(s) else np.inf
+            ti[t, k] = i
+            tm[t] = k + 1
+
+
+@njit(cache=True, nogil=True)
+def _sorted(tv, ts, ti, t, m, vals, sig, idx, pos):
+    """Pixel ``t``'s ``m`` gathered values sorted (stable) into ``vals[:m]``, with their σ and
+    frames in ``sig`` and ``idx``. The sort moves values and positions only."""
     if m <= _SORT_INSERTION:
-        for k in range(1, m):
-            v, s, i = vals[k], sig[k], idx[k]
+        for k in range(m):
+            v = tv[t, k]
             j = k
             while j > 0 and vals[j - 1] > v:
-                vals[j], sig[j], idx[j] = vals[j - 1], sig[j - 1], idx[j - 1]
+                vals[j] = vals[j - 1]
+                pos[j] = pos[j - 1]
                 j -= 1
-            vals[j], sig[j], idx[j] = v, s, i
+            vals[j] = v
+            pos[j] = k
     else:
-        order = np.argsort(vals[:m], kind="mergesort")
-        v2, s2, i2 = vals[:m][order], sig[:m][order], idx[:m][order]
-        vals[:m], sig[:m], idx[:m] = v2, s2, i2
-    return m
+        order = np.argsort(tv[t, :m], kind="mergesort")
+        for k in range(m):
+            pos[k] = order[k]
+            vals[k] = tv[t, order[k]]
+    for k in range(m):
+        sig[k] = ts[t, pos[k]]
+        idx[k] = ti[t, pos[k]]
 
 
 @njit(cache=True, nogil=True)
@@ -131,6 +150,35 @@ def _reject(vals, sig, idx, m, low, high, tol, level, member):
     return m, total
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _pixel(tv, ts, ti, m, t, r, x, vals, sig, idx, pos, weights, reject, low, high, tol, level, out_data,
+           out_err, out_cov, out_wsum, out_rej, member):
+    """One output pixel from its gathered values: sort, reject, weighted mean and σ."""
+    _sorted(tv, ts, ti, t, m, vals, sig, idx, pos)
+    nrej = 0
+    if reject:
+        m, nrej = _reject(vals, sig, idx, m, low, high, tol, level, member)
+    out_rej[r, x] = nrej
+    out_cov[r, x] = m
+    if m == 0:
+        out_data[r, x] = np.nan
+        out_err[r, x] = np.nan
+        out_wsum[r, x] = 0.0
+        return
+    sw = 0.0
+    swx = 0.0
+    acc = 0.0
+    for k in range(m):
+        w = weights[idx[k]]
+        sw += w
+        swx += w * vals[k]
+        e = w * sig[k]
+        acc += e * e
+    out_data[r, x] = swx / sw
+    out_err[r, x] = math.sqrt(acc) / sw
+    out_wsum[r, x] = sw
+
+
 @njit(cache=True, nogil=True)
 def _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, out_data, out_err, out_cov,
                 out_wsum, out_rej, member):
@@ -143,31 +191,18 @@ def _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, out_data
     vals = np.empty(n)
     sig = np.empty(n)
     idx = np.empty(n, np.int64)
+    pos = np.empty(n, np.int64)
+    tv = np.empty((_TILE, n))
+    ts = np.empty((_TILE, n))
+    ti = np.empty((_TILE, n), np.int64)
+    tm = np.empty(_TILE, np.int64)
     for r in range(r0, r1):
-        for x in range(nx):
-            m = _gather(data, bad, err, scales, zeros, r, x, vals, sig, idx)
-            nrej = 0
-            if reject:
-                m, nrej = _reject(vals, sig, idx, m, low, high, tol, level, member)
-            out_rej[r, x] = nrej
-            out_cov[r, x] = m
-            if m == 0:
-                out_data[r, x] = np.nan
-                out_err[r, x] = np.nan
-                out_wsum[r, x] = 0.0
-                continue
-            sw = 0.0
-            swx = 0.0
-            acc = 0.0
-            for k in range(m):
-                w = weights[idx[k]]
-                sw += w
-                swx += w * vals[k]
-                e = w * sig[k]
-                acc += e * e
-            out_data[r, x] = swx / sw
-            out_err[r, x] = math.sqrt(acc) / sw
-            out_wsum[r, x] = sw
+        for x0 in range(0, nx, _TILE):
+            width = min(_TILE, nx - x0)
+            _gather_tile(data, bad, err, scales, zeros, r, x0, width, tv, ts, ti, tm)
+            for t in range(width):
+                _pixel(tv, ts, ti, tm[t], t, r, x0 + t, vals, sig, idx, pos, weights, reject, low, high, tol,
+                       level, out_data, out_err, out_cov, out_wsum, out_rej, member)
 
 
 # -- the result -------------------------------------------------------------------------------------
