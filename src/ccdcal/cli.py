@@ -454,7 +454,8 @@ def _add_stack(p: argparse.ArgumentParser) -> None:
                    help="noise-model rejection from each frame's UNCERT (default auto)")
     p.add_argument("--weights", choices=["noise", "none"], default="noise",
                    help="inverse background variance (default) or equal")
-    p.add_argument("--interpolation", choices=["lanczos3", "bilinear"], default="lanczos3")
+    p.add_argument("--interpolation", choices=["lanczos3", "bicubic", "bilinear"], default="lanczos3",
+                   help="resampling kernel (bilinear: smoother noise, stars ~4%% wider, faster)")
     p.add_argument("--keep-all", action="store_true", help="keep frames flagged as cloudy, trailed or out of focus")
     p.add_argument("--memory", default="1GiB", help="memory budget, e.g. 256MiB (default 1GiB)")
     p.add_argument("--debayer", choices=DEBAYER_METHODS, default="bilinear",

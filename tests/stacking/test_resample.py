@@ -16,7 +16,7 @@ from starfield import catalogue, centroid, observe, rotation, shift, source_posi
 SHAPE = (128, 160)
 
 
-@pytest.mark.parametrize("interpolation", ["lanczos3", "bilinear"])
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bicubic", "bilinear"])
 def test_subpixel_shift_brings_stars_back_onto_the_reference(tmp_path, interpolation):
     stars = catalogue(SHAPE, 20, seed=2, flux=(2e4, 6e4))
     matrix = shift(0.37, -0.61)
@@ -35,7 +35,7 @@ def test_subpixel_shift_brings_stars_back_onto_the_reference(tmp_path, interpola
     assert abs(centroid(frame, fx, fy, background=1000.0)[0] - stars[0, 0]) > 0.3
 
 
-@pytest.mark.parametrize("interpolation", ["lanczos3", "bilinear"])
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bicubic", "bilinear"])
 @pytest.mark.parametrize("matrix", [shift(0.5, 0.5), shift(-3.21, 7.9), rotation(33.0, SHAPE, 1.3, -0.4),
                                     np.array([[1.01, 0.02, -1.5], [-0.015, 0.99, 2.2], [1e-6, -2e-6, 1.0]])])
 def test_a_constant_stays_constant(interpolation, matrix):
@@ -60,7 +60,7 @@ def test_identity_and_quarter_turns_copy_values_exactly():
     assert np.array_equal(data, image[::-1, ::-1]) and not mask.any()
 
 
-@pytest.mark.parametrize("interpolation", ["lanczos3", "bilinear"])
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bicubic", "bilinear"])
 def test_masked_nan_and_edge_pixels_are_masked_never_averaged(tmp_path, interpolation):
     image = np.full(SHAPE, 500.0, np.float32)
     mask = np.zeros(SHAPE, np.uint8)
@@ -171,3 +171,32 @@ def test_bad_transforms_and_names_are_input_errors():
         resample_array(image, np.eye(3), (10, 10), interpolation="cubic")
     with pytest.raises(InputError, match="infinity"):
         resample_array(image, [[1, 0, 0], [0, 1, 0], [0.2, 0, 1]], (10, 10))  # inverse: w = 1 - 0.2x
+
+
+def test_bicubic_is_keys_cubic_convolution():
+    """Keys (1981), a = −0.5: half a pixel weighs −1/16, 9/16, 9/16, −1/16, so a value midway
+    between four columns is their weighted sum; and the kernel reproduces quadratics exactly
+    (its design order), where bilinear cannot."""
+    shape = (40, 40)
+    rng = np.random.default_rng(8)
+    image = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    data, mask, unc = resample_array(image, shift(-0.5, 0.0), shape, interpolation="bicubic",
+                                     uncertainty=np.full(shape, 2.0, np.float32))
+    y, x = 20, 20                      # output x = 20 takes source x = 20.5
+    want = (-image[y, 19] + 9 * image[y, 20] + 9 * image[y, 21] - image[y, 22]) / 16
+    assert data[y, x] == pytest.approx(want, rel=1e-5)
+    assert unc[y, x] == pytest.approx(2.0 * math.sqrt((1 + 81 + 81 + 1) / 256), rel=1e-5)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    ramp = (0.3 * xx**2 - 0.2 * xx * yy + 0.1 * yy**2 + 5 * xx + 1000).astype(np.float64)
+    matrix = shift(0.37, -0.61)
+    inner = (slice(5, -5), slice(5, -5))
+    # positions are rounded to 1/8192 px: 0.0035 at this ramp's steepest (29 per px)
+    for kind, tolerance in (("bicubic", 0.006), ("bilinear", None)):
+        out, mask, _ = resample_array(ramp, matrix, shape, interpolation=kind)
+        truth = (0.3 * (xx - 0.37) ** 2 - 0.2 * (xx - 0.37) * (yy + 0.61) + 0.1 * (yy + 0.61) ** 2
+                 + 5 * (xx - 0.37) + 1000)
+        error = np.max(np.abs(out[inner] - truth[inner]))
+        if tolerance is None:
+            assert error > 0.05                    # bilinear misses the curvature: the test is not empty
+        else:
+            assert error < tolerance

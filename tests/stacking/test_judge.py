@@ -1,0 +1,136 @@
+"""Judging frames with a helper process (sep holds the GIL): the same verdicts and star lists as
+judged in this process alone, whoever judged which frame; a helper that cannot start, dies or
+talks nonsense costs nothing but its time; warnings raised while judging reach the caller."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import starfield as sf
+from ccdcal.errors import CcdcalWarning
+from ccdcal.stacking import judge
+
+SHAPE = (200, 240)
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    root = tmp_path_factory.mktemp("judge")
+    stars = sf.catalogue(SHAPE, 60, seed=3)
+    paths = []
+    for k in range(9):
+        matrix = sf.shift(*np.random.default_rng(k).uniform(-4, 4, 2))
+        data, sigma = sf.observe(SHAPE, stars, matrix, seed=20 + k)
+        paths.append(sf.write_light(root / f"l{k}.fits", data, sigma, mjd=60000.0 + k / 1440))
+    broken = root / "broken.fits"
+    broken.write_bytes(b"not a FITS file at all" * 200)
+    paths.insert(4, broken)
+    return [str(p) for p in paths]
+
+
+def _judged_here(frames):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(judge, "HELPER_MIN_FRAMES", 10**9)
+        return judge.judge_frames(frames)
+
+
+def _same(a, b) -> None:
+    (va, sa), (vb, sb) = a, b
+    assert [(v.path, v.quality, v.reason) for v in va] == [(v.path, v.quality, v.reason) for v in vb]
+    for x, y in zip(sa, sb, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            for name in ("x", "y", "flux", "fwhm", "a", "b", "theta"):
+                np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+            assert (x.background, x.background_rms) == (y.background, y.background_rms)
+
+
+def _helper_on(monkeypatch) -> list[int]:
+    """Make every judge here use the helper; returns the indices the helper judged."""
+    monkeypatch.setattr(judge, "HELPER_MIN_BYTES", 0)
+    monkeypatch.setattr(judge, "HELPER_MIN_FRAMES", 2)
+    monkeypatch.setattr(judge, "default_workers", lambda: 2)
+    monkeypatch.delenv("CCDCAL_JUDGE_HELPER", raising=False)
+    helped: list[int] = []
+    start = judge._Helper.__init__
+
+    def counting(self, take, job, done):
+        def tell(index, judged):
+            helped.append(index)
+            done(index, judged)
+        start(self, take, job, tell)
+
+    monkeypatch.setattr(judge._Helper, "__init__", counting)
+    return helped
+
+
+def test_the_helper_gives_the_verdicts_and_stars_judged_here(frames, monkeypatch):
+    alone = _judged_here(frames)
+    helped = _helper_on(monkeypatch)
+    together = judge.judge_frames(frames)
+    assert helped, "the helper judged no frame"
+    assert len(helped) < len(frames)
+    _same(together, alone)
+    verdicts = together[0]
+    assert "cannot be read" in verdicts[4].reason
+    assert sum(v.reason is None for v in verdicts) == 9
+
+
+@pytest.mark.parametrize("code", [
+    "import sys; sys.exit(3)",                                     # dies at once
+    "import sys; sys.stdin.buffer.read(10); sys.stdout.write('x' * 99)",  # talks nonsense
+    "import time; time.sleep(0.3)",                                # ends without replying
+])
+def test_a_failing_helper_costs_nothing_but_its_time(frames, monkeypatch, code):
+    alone = _judged_here(frames)
+    _helper_on(monkeypatch)
+    monkeypatch.setattr(judge, "_HELPER_CODE", code)
+    _same(judge.judge_frames(frames), alone)
+
+
+def test_a_helper_that_cannot_start_is_not_needed(frames, monkeypatch):
+    alone = _judged_here(frames)
+    _helper_on(monkeypatch)
+    monkeypatch.setattr(judge.sys, "executable", "/nonexistent/python")
+    _same(judge.judge_frames(frames), alone)
+
+
+def test_warnings_raised_while_judging_reach_the_caller(frames, monkeypatch):
+    detect = judge.detect_stars
+
+    def warning_detect(*args, **kwargs):
+        warnings.warn("a frame said something", CcdcalWarning, stacklevel=2)
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(judge, "detect_stars", warning_detect)
+    kept = judge.judge_one(frames[0], None, 300, keep_warnings=True)
+    assert kept[-1] == [(CcdcalWarning, "a frame said something")]
+    # what a helper hands back is said here, once per frame
+    said = judge.judge_one
+
+    monkeypatch.setattr(judge, "judge_one", lambda path, pattern, stars, **_: said(path, pattern, stars,
+                                                                                  keep_warnings=True))
+    monkeypatch.setattr(judge, "HELPER_MIN_FRAMES", 10**9)
+    with pytest.warns(CcdcalWarning, match="a frame said something") as record:
+        judge.judge_frames(frames[:3])
+    assert sum("a frame said something" in str(w.message) for w in record) >= 1
+
+
+def test_small_sets_are_judged_here_alone(frames, monkeypatch):
+    monkeypatch.delenv("CCDCAL_JUDGE_HELPER", raising=False)
+    assert not judge._worth_a_helper(frames)            # a few small frames: not worth a process
+    monkeypatch.setattr(judge, "HELPER_MIN_BYTES", 0)
+    monkeypatch.setattr(judge, "default_workers", lambda: 1)
+    assert not judge._worth_a_helper(frames)            # one CPU: nothing to share
+
+
+def test_a_helper_that_hangs_is_ended_and_its_frames_judged_here(frames, monkeypatch):
+    alone = _judged_here(frames)
+    _helper_on(monkeypatch)
+    monkeypatch.setattr(judge, "_HELPER_CODE", "import time; time.sleep(600)")
+    join = judge._Helper.join
+    monkeypatch.setattr(judge._Helper, "join", lambda self, timeout: join(self, 1.0))
+    _same(judge.judge_frames(frames), alone)
