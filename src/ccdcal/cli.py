@@ -469,13 +469,17 @@ def _run_stack(args) -> int:
     import json
 
     from .io.frames import find_fits
+    from .stacking.helper import start_helper
+
+    paths = find_fits(args.paths)
+    helper = start_helper([str(p) for p in paths])     # it imports while this process does
     from .stacking.workflow import stack_files
     from .ui import print_stack, track
 
-    run = stack_files(find_fits(args.paths), args.output, reference=args.reference, reject=args.reject,
+    run = stack_files(paths, args.output, reference=args.reference, reject=args.reject,
                       weights=args.weights, interpolation=args.interpolation, keep_all=args.keep_all,
                       memory=args.memory, progress=None if args.json else track, debayer=args.debayer,
-                      bayer_pattern=args.bayer_pattern)
+                      bayer_pattern=args.bayer_pattern, judge_helper=helper)
     if args.json:
         print(json.dumps({"output": str(run.output), "frames": [f.to_json() for f in run.frames]}, indent=1))
     else:

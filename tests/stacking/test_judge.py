@@ -11,7 +11,7 @@ import pytest
 
 import starfield as sf
 from ccdcal.errors import CcdcalWarning
-from ccdcal.stacking import judge
+from ccdcal.stacking import helper, judge
 
 SHAPE = (200, 240)
 
@@ -33,7 +33,7 @@ def frames(tmp_path_factory):
 
 def _judged_here(frames):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(judge, "HELPER_MIN_FRAMES", 10**9)
+        mp.setattr(helper, "HELPER_MIN_FRAMES", 10**9)
         return judge.judge_frames(frames)
 
 
@@ -50,20 +50,20 @@ def _same(a, b) -> None:
 
 def _helper_on(monkeypatch) -> list[int]:
     """Make every judge here use the helper; returns the indices the helper judged."""
-    monkeypatch.setattr(judge, "HELPER_MIN_BYTES", 0)
-    monkeypatch.setattr(judge, "HELPER_MIN_FRAMES", 2)
-    monkeypatch.setattr(judge, "default_workers", lambda: 2)
+    monkeypatch.setattr(helper, "HELPER_MIN_BYTES", 0)
+    monkeypatch.setattr(helper, "HELPER_MIN_FRAMES", 2)
+    monkeypatch.setattr(helper, "cpus", lambda: 2)
     monkeypatch.delenv("CCDCAL_JUDGE_HELPER", raising=False)
     helped: list[int] = []
-    start = judge._Helper.__init__
+    start = judge._Feeder.__init__
 
-    def counting(self, take, job, done):
+    def counting(self, process, take, job, done):
         def tell(index, judged):
             helped.append(index)
             done(index, judged)
-        start(self, take, job, tell)
+        start(self, process, take, job, tell)
 
-    monkeypatch.setattr(judge._Helper, "__init__", counting)
+    monkeypatch.setattr(judge._Feeder, "__init__", counting)
     return helped
 
 
@@ -87,14 +87,14 @@ def test_the_helper_gives_the_verdicts_and_stars_judged_here(frames, monkeypatch
 def test_a_failing_helper_costs_nothing_but_its_time(frames, monkeypatch, code):
     alone = _judged_here(frames)
     _helper_on(monkeypatch)
-    monkeypatch.setattr(judge, "_HELPER_CODE", code)
+    monkeypatch.setattr(helper, "HELPER_CODE", code)
     _same(judge.judge_frames(frames), alone)
 
 
 def test_a_helper_that_cannot_start_is_not_needed(frames, monkeypatch):
     alone = _judged_here(frames)
     _helper_on(monkeypatch)
-    monkeypatch.setattr(judge.sys, "executable", "/nonexistent/python")
+    monkeypatch.setattr(helper.sys, "executable", "/nonexistent/python")
     _same(judge.judge_frames(frames), alone)
 
 
@@ -113,7 +113,7 @@ def test_warnings_raised_while_judging_reach_the_caller(frames, monkeypatch):
 
     monkeypatch.setattr(judge, "judge_one", lambda path, pattern, stars, **_: said(path, pattern, stars,
                                                                                   keep_warnings=True))
-    monkeypatch.setattr(judge, "HELPER_MIN_FRAMES", 10**9)
+    monkeypatch.setattr(helper, "HELPER_MIN_FRAMES", 10**9)
     with pytest.warns(CcdcalWarning, match="a frame said something") as record:
         judge.judge_frames(frames[:3])
     assert sum("a frame said something" in str(w.message) for w in record) >= 1
@@ -121,16 +121,42 @@ def test_warnings_raised_while_judging_reach_the_caller(frames, monkeypatch):
 
 def test_small_sets_are_judged_here_alone(frames, monkeypatch):
     monkeypatch.delenv("CCDCAL_JUDGE_HELPER", raising=False)
-    assert not judge._worth_a_helper(frames)            # a few small frames: not worth a process
-    monkeypatch.setattr(judge, "HELPER_MIN_BYTES", 0)
-    monkeypatch.setattr(judge, "default_workers", lambda: 1)
-    assert not judge._worth_a_helper(frames)            # one CPU: nothing to share
+    assert not helper.worth_a_helper(frames)            # a few small frames: not worth a process
+    monkeypatch.setattr(helper, "HELPER_MIN_BYTES", 0)
+    assert helper.worth_a_helper(frames) == (helper.cpus() > 1)
+    monkeypatch.setattr(helper, "cpus", lambda: 1)
+    assert not helper.worth_a_helper(frames)            # one CPU: nothing to share
+    monkeypatch.setattr(helper, "cpus", lambda: 2)
+    monkeypatch.setenv("CCDCAL_JUDGE_HELPER", "0")
+    assert not helper.worth_a_helper(frames)            # the user said never
 
 
 def test_a_helper_that_hangs_is_ended_and_its_frames_judged_here(frames, monkeypatch):
     alone = _judged_here(frames)
     _helper_on(monkeypatch)
-    monkeypatch.setattr(judge, "_HELPER_CODE", "import time; time.sleep(600)")
-    join = judge._Helper.join
-    monkeypatch.setattr(judge._Helper, "join", lambda self, timeout: join(self, 1.0))
+    monkeypatch.setattr(helper, "HELPER_CODE", "import time; time.sleep(600)")
+    join = judge._Feeder.join
+    monkeypatch.setattr(judge._Feeder, "join", lambda self, timeout: join(self, 1.0))
     _same(judge.judge_frames(frames), alone)
+
+
+def test_a_helper_started_before_is_used_and_ended(frames, monkeypatch):
+    """The command line starts the helper before its imports and hands it over."""
+    alone = _judged_here(frames)
+    helped = _helper_on(monkeypatch)
+    process = helper.start_helper(frames)
+    assert process is not None
+    _same(judge.judge_frames(frames, helper=process), alone)
+    assert helped
+    assert process._proc.poll() is not None          # ended
+
+
+def test_a_helper_handed_to_a_stack_that_cannot_start_is_ended(frames, monkeypatch, tmp_path):
+    from ccdcal.errors import InputError
+    from ccdcal.stacking.workflow import stack_files
+
+    _helper_on(monkeypatch)
+    process = helper.start_helper(frames)
+    with pytest.raises(InputError):
+        stack_files(frames, frames[0], judge_helper=process)       # the output is an input
+    assert process._proc.poll() is not None

@@ -1,7 +1,7 @@
 """Judging frames before a stack: each frame's stars and quality, and the outliers of the group.
 
 Star detection (``sep``) holds the GIL, so threads cannot share it. When the frames are many and
-large, :func:`judge_frames` starts one helper process (the same interpreter and package,
+large, :func:`judge_frames` uses one helper process (:mod:`ccdcal.stacking.helper`, running
 :func:`serve_helper`) that judges frames beside this process: both take the next frame
 from one queue, so the results and their order are the same as judged alone. The helper is only
 a speed-up: if it cannot start, fails or dies, this process judges what it left. It reads and
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
 import threading
 import time
@@ -28,12 +27,9 @@ from .._shared.progress import ProgressOption, steps
 from ..colour.demosaic import debayer, frame_pattern, luminance
 from ..errors import InputError
 from ..io.headers import exposure_of
+from .helper import HelperProcess, start_helper
 from .register import detect_stars, flag_outliers, frame_quality
-from .resample import default_workers
 
-#: a helper process pays its start (~1 s of imports) back from this many bytes of frames
-HELPER_MIN_BYTES = 48 * 2**20
-HELPER_MIN_FRAMES = 6
 #: frames sent to the helper ahead of its replies
 HELPER_AHEAD = 2
 
@@ -136,43 +132,34 @@ def judge_one(path: str, bayer_pattern: str | None, max_stars: int, *, keep_warn
     return quality, found, error, exptime, pattern, said
 
 
-#: what the helper process runs: this package first on its path (argv[1]), no cwd on it (-P)
-_HELPER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                "from ccdcal.stacking.judge import serve_helper; serve_helper()")
+class _Feeder:
+    """The thread in this process that keeps a helper process fed with frames."""
 
-
-class _Helper:
-    """The helper process and the thread in this process that feeds it frames."""
-
-    def __init__(self, take: Callable[[], int | None], job: Callable[[int], tuple[Any, ...]],
+    def __init__(self, process: HelperProcess, take: Callable[[], int | None], job: Callable[[int], tuple[Any, ...]],
                  done: Callable[[int, Judged], None]):
-        self._take, self._job, self._done = take, job, done
+        self._process, self._take, self._job, self._done = process, take, job, done
         self.left: list[int] = []      # taken but not judged (the helper failed): judge them here
-        root = str(Path(__file__).resolve().parents[2])
-        self._proc = subprocess.Popen([sys.executable, "-P", "-c", _HELPER_CODE, root], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._feed, name="ccdcal-judge-helper", daemon=True)
         self._thread.start()
 
     def _feed(self) -> None:
         """Keep :data:`HELPER_AHEAD` frames sent ahead (this thread waits for the GIL while
         detection runs here, so the helper must not wait for it), take the replies in order."""
-        proc, sent = self._proc, []
+        sent: list[int] = []
         try:
             while True:
                 while len(sent) < HELPER_AHEAD and (index := self._take()) is not None:
                     sent.append(index)
-                    pickle.dump(self._job(index), proc.stdin)
-                    proc.stdin.flush()
+                    self._process.send(self._job(index))
                 if not sent:
                     break
-                got, judged = pickle.load(proc.stdout)
+                got, judged = self._process.receive()
                 if got != sent[0]:
                     raise ValueError("out of step")
                 self._done(sent.pop(0), judged)
         except Exception:  # noqa: BLE001 - any failure of the helper: this process judges what it held
             self.left.extend(sent)
-        self.close()
+        self._process.close()
 
     def join(self, timeout: float) -> None:
         """Wait for the frames the helper holds; one that takes ``timeout`` s or longer is
@@ -181,38 +168,16 @@ class _Helper:
         if self._thread.is_alive():
             self.stop()
 
-    def close(self) -> None:
-        """Let the helper end (end of its input); killed if it does not within 5 s."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc.stdout.close()
-
     def stop(self) -> None:
-        """End the helper now (this process stopped judging early) and wait for the feeding thread."""
-        self._proc.kill()
+        """End the helper now (this process stopped judging early) and wait for this thread."""
+        self._process.kill()
         self._thread.join()
 
 
-def _worth_a_helper(paths: list[str]) -> bool:
-    if len(paths) < HELPER_MIN_FRAMES or default_workers() < 2 or os.environ.get("CCDCAL_JUDGE_HELPER") == "0":
-        return False
-    try:
-        size = sum(os.stat(p).st_size for p in paths)
-    except OSError:
-        return False
-    return size >= HELPER_MIN_BYTES
-
-
-def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, results: list[Judged | None]
-               ) -> Iterator[int]:
-    """Judge every frame into ``results``, yielding each index as it is done (helper's too)."""
+def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, results: list[Judged | None],
+               process: HelperProcess | None) -> Iterator[int]:
+    """Judge every frame into ``results`` (with the helper ``process`` when given), yielding each
+    index as it is done (the helper's too)."""
     lock = threading.Lock()
     queue = iter(range(len(paths)))
     finished: list[int] = []
@@ -226,12 +191,8 @@ def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, resu
             results[index] = judged
             finished.append(index)
 
-    helper = None
-    if _worth_a_helper(paths):
-        try:
-            helper = _Helper(take, lambda i: (i, paths[i], bayer_pattern, max_stars), done)
-        except OSError:
-            helper = None
+    helper = None if process is None else _Feeder(process, take, lambda i: (i, paths[i], bayer_pattern, max_stars),
+                                                  done)
     slowest = 0.0
     try:
         while (index := take()) is not None:
@@ -253,8 +214,8 @@ def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, resu
 
 
 def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
-                 progress: ProgressOption = None, bayer_pattern: str | None = None
-                 ) -> tuple[list[FrameVerdict], list[Any]]:
+                 progress: ProgressOption = None, bayer_pattern: str | None = None,
+                 helper: HelperProcess | None = None) -> tuple[list[FrameVerdict], list[Any]]:
     """Stars and quality of every frame, and the outliers of the group left out with the reason.
     A colour frame (a Bayer pattern in its header, or ``bayer_pattern`` given) is judged on the
     mean of its colours; colour and mono frames together are an InputError. A frame that cannot
@@ -262,10 +223,15 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
 
     Returns the verdicts (each with its pattern)
     and the star lists (None where none was measured).
+
+    ``helper``: a helper process already started (:func:`ccdcal.stacking.helper.start_helper`; the
+    command line starts one before its own imports), ended here; without one, one is started
+    when it is worth it.
     """
     paths = [str(p) for p in paths]
     results: list[Judged | None] = [None] * len(paths)
-    for _ in steps(_judge_all(paths, bayer_pattern, max_stars, results), "finding stars", progress,
+    process = helper if helper is not None else start_helper(paths)
+    for _ in steps(_judge_all(paths, bayer_pattern, max_stars, results, process), "finding stars", progress,
                    total=len(paths)):
         pass
     for *_, said in results:

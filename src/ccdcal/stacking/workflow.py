@@ -39,6 +39,7 @@ from ..io.guard import refuse_overwrite
 from ..io.writer import write_bytes
 from ..stretch import downsample, png_bytes, stretch
 from .engine import StackResult, stack
+from .helper import HelperProcess
 from .judge import FrameVerdict, judge_frames
 from .register import (
     RegistrationError,
@@ -145,7 +146,7 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
                 reject: str = "auto", weights: str = "noise", interpolation: str = "lanczos3",
                 keep_all: bool = False, memory: str | int = "1GiB", preview: bool = True,
                 progress: ProgressOption = None, debayer: str = "bilinear",
-                bayer_pattern: str | None = None) -> StackRun:
+                bayer_pattern: str | None = None, judge_helper: HelperProcess | None = None) -> StackRun:
     """Judge, register and stack calibrated lights (see the module docstring).
 
     Parameters
@@ -166,6 +167,10 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         How colour (CFA) frames are debayered (see :mod:`ccdcal.colour.demosaic`).
     bayer_pattern : str, optional
         The pattern of colour frames whose header does not give one (RGGB, BGGR, GRBG, GBRG).
+    judge_helper : HelperProcess, optional
+        A helper process for finding stars, already started
+        (:func:`ccdcal.stacking.helper.start_helper`; the command line starts it before its
+        imports); by default one is started when the frames are many and large.
     progress : bool or callable, optional
         True: progress bars while stars are found and while the rows are stacked (a widget
         in Jupyter, else on stderr); False or None: silent; or a function
@@ -182,14 +187,20 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         If ``progress`` is none of the above (before any frame is read).
     """
 
-    progress = resolve_progress(progress)
-    paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    if not paths:
-        raise InputError("no frames to stack")
-    if output is not None:
-        refuse_overwrite([*paths, *([reference] if reference is not None else [])],
-                         files=[output, Path(output).with_suffix(".png")])
-    verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, bayer_pattern=bayer_pattern)
+    try:
+        progress = resolve_progress(progress)
+        paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        if not paths:
+            raise InputError("no frames to stack")
+        if output is not None:
+            refuse_overwrite([*paths, *([reference] if reference is not None else [])],
+                             files=[output, Path(output).with_suffix(".png")])
+    except BaseException:
+        if judge_helper is not None:      # not to be used: ended now
+            judge_helper.kill()
+        raise
+    verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, bayer_pattern=bayer_pattern,
+                                   helper=judge_helper)
     ref = _pick_reference(verdicts, reference)
     verdicts = register_verdicts(verdicts, stars, ref)
     run = StackRun(frames=verdicts)
