@@ -333,3 +333,59 @@ def test_a_bottom_up_gbrg_night_of_even_height_is_reduced_and_stacked_in_its_tru
         w = np.clip(green[box], 0, None)
         errors.append(np.hypot(np.sum(w * xx[box]) / w.sum() - x, np.sum(w * yy[box]) / w.sum() - y))
     assert np.median(errors) < 0.1
+
+
+def _plain_bilinear(cfa: np.ndarray, pattern: str) -> np.ndarray:
+    """Bilinear demosaicing written out with numpy (inner pixels): each colour where it was
+    measured, else the mean of its nearest measured neighbours (2 or 4)."""
+    ny, nx = cfa.shape
+    colour = {"R": 0, "G": 1, "B": 2}
+    cells = np.array([[colour[pattern[0]], colour[pattern[1]]], [colour[pattern[2]], colour[pattern[3]]]])
+    which = cells[np.arange(ny)[:, None] % 2, np.arange(nx)[None, :] % 2]
+    out = np.full((3, ny, nx), np.nan, np.float32)
+    for c in range(3):
+        have = which == c
+        for y in range(1, ny - 1):
+            for x in range(1, nx - 1):
+                if have[y, x]:
+                    out[c, y, x] = cfa[y, x]
+                    continue
+                sides = [(y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)]
+                near = [p for p in sides if have[p]] or [(y + dy, x + dx) for dy in (-1, 1) for dx in (-1, 1)
+                                                         if have[y + dy, x + dx]]
+                out[c, y, x] = np.float32(np.mean([np.float64(cfa[p]) for p in near]))
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_bilinear_debayer_is_the_mean_of_the_nearest_pixels_of_each_colour(pattern):
+    from ccdcal.colour.demosaic import debayer
+
+    rng = np.random.default_rng(5)
+    cfa = rng.normal(1000.0, 30.0, (21, 26)).astype(np.float32)
+    want = _plain_bilinear(cfa, pattern)
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    got = debayer(cfa, pattern)
+    np.testing.assert_allclose(got.data[inner], want[inner], rtol=1e-6)
+    assert not got.mask[inner].any()
+    for only in range(3):                      # one colour alone: the same values
+        alone = debayer(cfa, pattern, only=only)
+        np.testing.assert_array_equal(alone.data[only], got.data[only])
+    # a band of rows that starts on an odd row (row0 keeps the phase): the same rows
+    band = debayer(cfa[5:15], pattern, row0=5)
+    np.testing.assert_array_equal(band.data[:, 1:-1], got.data[:, 6:14])
+    # a bad pixel is never used: its own colour there is the mean of its good neighbours of that
+    # colour, and its neighbours leave it out
+    y, x = 10, 12
+    mask = np.zeros(cfa.shape, np.uint8)
+    mask[y, x] = 1
+    broken = cfa.copy()
+    broken[y, x] = 1e6
+    fixed = debayer(broken, pattern, mask=mask)
+    assert np.nanmax(fixed.data) < 2000.0
+    own = int(np.argmax([pattern[(y % 2) * 2 + (x % 2)] == name for name in "RGB"]))
+    ring = [(y + dy, x + dx) for dy in (-2, -1, 0, 1, 2) for dx in (-2, -1, 0, 1, 2) if (dy, dx) != (0, 0)]
+    same = [p for p in ring if pattern[(p[0] % 2) * 2 + (p[1] % 2)] == pattern[(y % 2) * 2 + (x % 2)]]
+    closest = min(max(abs(p[0] - y), abs(p[1] - x)) for p in same)
+    want_here = np.mean([np.float64(cfa[p]) for p in same if max(abs(p[0] - y), abs(p[1] - x)) == closest])
+    assert fixed.data[own, y, x] == pytest.approx(want_here, rel=1e-6)

@@ -79,6 +79,47 @@ def _bilinear_clean(cfa, var, has_var, chan, row0, y, x, c):
 
 
 @njit(cache=True)
+def _clean_row(cfa, var, has_var, chan, row0, r, r0, c, out, out_var, out_bad):
+    """Bilinear colour ``c`` of the inner pixels (1 … nx − 2) of row ``r``, whose 3x3 windows are
+    all inside and clean: :func:`_bilinear_clean`'s sums in the same order, the layout decided
+    once for each column parity instead of at every pixel."""
+    nx = cfa.shape[1]
+    py = (row0 + r) % 2
+    o = r - r0
+    for px in range(2):
+        start = 2 if px == 0 else 1
+        if chan[py, px] == c:                                       # the pixel itself
+            for x in range(start, nx - 1, 2):
+                out[c, o, x] = cfa[r, x]
+                out_var[c, o, x] = var[r, x] if has_var else 0.0
+        elif chan[py, 1 - px] == c and chan[1 - py, px] == c:       # green at red or blue: 4 sides
+            for x in range(start, nx - 1, 2):
+                out[c, o, x] = (cfa[r - 1, x] + cfa[r + 1, x] + cfa[r, x - 1] + cfa[r, x + 1]) * 0.25
+                if has_var:
+                    out_var[c, o, x] = (var[r - 1, x] + var[r + 1, x] + var[r, x - 1] + var[r, x + 1]) * 0.25
+                else:
+                    out_var[c, o, x] = 0.0
+        elif chan[py, 1 - px] == c:                                 # in the row
+            for x in range(start, nx - 1, 2):
+                out[c, o, x] = (cfa[r, x - 1] + cfa[r, x + 1]) * 0.5
+                out_var[c, o, x] = (var[r, x - 1] + var[r, x + 1]) * 0.5 if has_var else 0.0
+        elif chan[1 - py, px] == c:                                 # in the column
+            for x in range(start, nx - 1, 2):
+                out[c, o, x] = (cfa[r - 1, x] + cfa[r + 1, x]) * 0.5
+                out_var[c, o, x] = (var[r - 1, x] + var[r + 1, x]) * 0.5 if has_var else 0.0
+        else:                                                       # red at blue, blue at red
+            for x in range(start, nx - 1, 2):
+                out[c, o, x] = (cfa[r - 1, x - 1] + cfa[r - 1, x + 1] + cfa[r + 1, x - 1] + cfa[r + 1, x + 1]) * 0.25
+                if has_var:
+                    out_var[c, o, x] = (var[r - 1, x - 1] + var[r - 1, x + 1] + var[r + 1, x - 1]
+                                        + var[r + 1, x + 1]) * 0.25
+                else:
+                    out_var[c, o, x] = 0.0
+        for x in range(start, nx - 1, 2):
+            out_bad[c, o, x] = False
+
+
+@njit(cache=True)
 def _bilinear_value(cfa, bad, var, has_var, chan, row0, y, x, c):
     own = chan[(row0 + y) % 2, x % 2]
     if own == c and not bad[y, x]:
@@ -112,7 +153,20 @@ def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, on
     mask-aware bilinear."""
     ny, nx = cfa.shape
     for r in prange(r0, r1):
+        fast = method == 0 and 1 <= r < ny - 1      # bilinear, rows r − 1 … r + 1 without a bad pixel
+        if fast:
+            for dy in range(-1, 2):
+                for xx in range(nx):
+                    if bad[r + dy, xx]:
+                        fast = False
+                        break
+        if fast:
+            for c in range(3):
+                if only < 0 or c == only:
+                    _clean_row(cfa, var, has_var, chan, row0, r, r0, c, out, out_var, out_bad)
         for x in range(nx):
+            if fast and 1 <= x < nx - 1:
+                continue
             inside3 = 1 <= r < ny - 1 and 1 <= x < nx - 1
             clean3 = False
             if inside3:

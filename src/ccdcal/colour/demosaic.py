@@ -91,13 +91,20 @@ def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: n
     has_var = uncertainty is not None
     var = (np.asarray(uncertainty, np.float32) ** 2) if has_var else np.zeros((1, 1), np.float32)
     ny, nx = cfa.shape
-    fill = only is not None
-    out = np.full((3, ny, nx), np.nan, np.float32) if fill else np.empty((3, ny, nx), np.float32)
-    out_bad = np.ones((3, ny, nx), np.bool_) if fill else np.empty((3, ny, nx), np.bool_)
+    out = np.empty((3, ny, nx), np.float32)
+    out_bad = np.empty((3, ny, nx), np.bool_)
     out_var = np.zeros((3, ny, nx), np.float32)
+    made = range(3) if only is None else (int(only),)
+    for c in set(range(3)) - set(made):     # the colours not made: empty
+        out[c] = np.nan
+        out_bad[c] = True
     debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, _method(method), MHC_FILTERS,
                  -1 if only is None else int(only), out, out_bad, out_var)
-    sigma = np.sqrt(np.maximum(out_var, 0.0)) if has_var else None
+    sigma = None
+    if has_var:
+        sigma = np.full((3, ny, nx), np.nan, np.float32) if only is not None else np.empty((3, ny, nx), np.float32)
+        for c in made:
+            np.sqrt(np.maximum(out_var[c], 0.0), out=sigma[c])
     return Debayered(out, out_bad, sigma)
 
 
