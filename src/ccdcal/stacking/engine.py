@@ -689,7 +689,9 @@ def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, 
     if n < 3 and options.reject != "none":
         warnings.warn(f"{n} frame(s): rejection needs at least 3 values per pixel, so nothing is rejected",
                       CcdcalWarning, stacklevel=3)
-    levels = np.array([_background(s) for s in sources])
+    # each frame's own rows: read and measured in threads when each frame reads its own file
+    levels = np.array(threads.map(_background, sources) if all(s.reads_own_file for s in sources)
+                      else [_background(s) for s in sources])
     backgrounds, noise = levels[:, 0], levels[:, 1]
     notes = []
     if options.reject != "none":

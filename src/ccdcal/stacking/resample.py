@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -489,6 +489,12 @@ class ResampledRows:
         return self._planes.unc is not None
 
     @property
+    def reads_own_file(self) -> bool:
+        """Whether the source reads a file of its own (given by its path): then its rows can be
+        read in a thread beside other such sources."""
+        return bool(self._planes.owned)
+
+    @property
     def has_mask(self) -> bool:
         """Whether the source carries a mask plane."""
         return self._planes.mask is not None
@@ -702,6 +708,13 @@ class RowThreads:
                    if b > a]
         for future in futures:
             future.result()
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(item) for item in items]``, the items shared among the threads (for work that
+        releases the GIL for much of its time: reading files, numpy's sorts)."""
+        if self._pool is None or len(items) < 2:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -25,6 +25,7 @@ stacked on its own (one transform per frame for all three); the stack is an RGB 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -199,8 +200,11 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         if judge_helper is not None:      # not to be used: ended now
             judge_helper.kill()
         raise
+    warm = threading.Thread(target=_start_numba, name="ccdcal-numba-start", daemon=True)
+    warm.start()        # numba's first start (~0.45 s), while the frames are read and judged
     verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, bayer_pattern=bayer_pattern,
                                    helper=judge_helper)
+    warm.join()
     ref = _pick_reference(verdicts, reference)
     verdicts = register_verdicts(verdicts, stars, ref)
     run = StackRun(frames=verdicts)
@@ -230,6 +234,12 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         if preview:
             run.preview = write_preview(run.result.data, Path(output).with_suffix(".png"))
     return run
+
+
+def _start_numba() -> None:
+    """Load a first compiled kernel: numba starts its machinery once per process (about 0.45 s),
+    here in a thread beside the judging (whose reading and numpy work leave the GIL free)."""
+    nearest(np.zeros((1, 2)), np.zeros((1, 2)), 1.0)
 
 
 def _colour_stack(frames: list[tuple[str, str]], matrices: list[np.ndarray], reference: int,
