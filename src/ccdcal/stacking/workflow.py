@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -230,9 +231,12 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     frame_weights = iter(np.asarray(run.result.weights, dtype=np.float64))
     run.frames = [replace(v, weight=float(next(frame_weights))) if v.used else v for v in run.frames]
     if output is not None:
-        run.output = run.result.write(output)
-        if preview:
-            run.preview = write_preview(run.result.data, Path(output).with_suffix(".png"))
+        with ThreadPoolExecutor(max_workers=1) as pool:     # the preview is made while the stack is written
+            png = pool.submit(preview_png, run.result.data) if preview else None
+            run.output = run.result.write(output)
+            if png is not None:         # written after the stack, as it always was
+                run.preview = Path(output).with_suffix(".png")
+                write_bytes(run.preview, png.result())
     return run
 
 
@@ -269,9 +273,13 @@ def _colour_stack(frames: list[tuple[str, str]], matrices: list[np.ndarray], ref
                                  for n in r.notes)))
 
 
-def write_preview(data: np.ndarray, path: Path) -> Path:
+def preview_png(data: np.ndarray) -> bytes:
     """An auto-stretched PNG of the stack (ccdcal.stretch), at most 1600 px on a side; a colour
     stack in colour (each colour stretched on its own: a neutral background)."""
+    return png_bytes(stretch(downsample(data, 1600), "autostf"))
 
-    write_bytes(path, png_bytes(stretch(downsample(data, 1600), "autostf")))
+
+def write_preview(data: np.ndarray, path: Path) -> Path:
+    """:func:`preview_png` of ``data`` written to ``path``."""
+    write_bytes(path, preview_png(data))
     return path
