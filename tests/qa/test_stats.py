@@ -151,3 +151,24 @@ def test_cli_stats_csv_and_bad_region(tmp_path, image, capsys):
     assert len(lines) == 2 and '"[1:80,1:60]"' in lines[1]
     assert main(["stats", str(path), "--region", "[1:81,1:5]"]) == 2
     assert "outside the image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_clipped_statistics_match_astropy_on_awkward_samples(seed):
+    """Ties, a handful of pixels, all equal, heavy tails, outliers on one side, every maxiters."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([1, 2, 3, 4, 7, 50, 1000, 20000]))
+    kind = seed % 4
+    if kind == 0:
+        values = np.round(rng.normal(100.0, 3.0, n))                  # integers: many ties
+    elif kind == 1:
+        values = np.full(n, 42.0)                                      # all equal
+    elif kind == 2:
+        values = rng.standard_cauchy(n) * 5 + 1000                     # heavy tails
+    else:
+        values = rng.normal(0.0, 1.0, n)
+        values[: max(1, n // 20)] += 50.0                              # outliers on one side
+    image = values.reshape(1, -1).astype(np.float64)
+    for sigma, maxiters in ((3.0, 5), (2.0, 1), (2.5, 0), (1.5, 10)):
+        _assert_matches(region_stats(image, sigma=sigma, maxiters=maxiters),
+                        _reference(values, sigma=sigma, maxiters=maxiters))
