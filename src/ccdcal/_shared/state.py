@@ -180,17 +180,50 @@ def close() -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _SettledFitsConf:
+    """What ``astropy.io.fits.card`` sees as its configuration during a run: the two values it
+    reads at every card (its value and comment, its keyword), read once when the run starts,
+    and everything else from the live configuration. Each read of the live one goes through
+    configobj's validation (about 20 µs); a light's headers make thousands of them."""
+
+    def __init__(self, live: Any) -> None:
+        self._live = live
+        self.strip_header_whitespace = live.strip_header_whitespace
+        self.enable_record_valued_keyword_cards = live.enable_record_valued_keyword_cards
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live, name)
+
+
+def _settle_fits_conf(settle: bool) -> None:
+    """Give ``astropy.io.fits.card`` the settled configuration (a run starts) or its own back
+    (the run ended). A change to astropy's FITS configuration made during a run applies after it."""
+    try:
+        from astropy.io.fits import card
+    except ImportError:       # pragma: no cover - astropy is a dependency
+        return
+    if settle and not isinstance(card.conf, _SettledFitsConf):
+        card.conf = _SettledFitsConf(card.conf)
+    elif not settle and isinstance(card.conf, _SettledFitsConf):
+        card.conf = card.conf._live
+
+
 @contextlib.contextmanager
 def run_scope() -> Iterator[None]:
-    """A run's hold on the process state; leaving the outermost scope (an error included) closes it."""
+    """A run's hold on the process state; leaving the outermost scope (an error included) closes it.
+    While a run holds it, astropy's FITS cards read their configuration once (:class:`_SettledFitsConf`)."""
     with _LOCK:
         _OWNED["depth"] += 1
+        if _OWNED["depth"] == 1:
+            _settle_fits_conf(True)
     try:
         yield
     finally:
         with _LOCK:
             _OWNED["depth"] -= 1
             last = _OWNED["depth"] == 0
+            if last:
+                _settle_fits_conf(False)
         if last:
             close()
 
