@@ -160,6 +160,8 @@ def overscan_fit(strip: np.ndarray, spec: OverscanSpec) -> OverscanFit:
     strip = np.asarray(strip, dtype=np.float64)
     if spec.model == "mean":
         line = np.nanmean(strip, axis=spec.axis)
+    elif np.isfinite(strip).all():      # the usual strip: numpy's nanmedian of short lines goes through masked arrays
+        line = np.median(strip, axis=spec.axis)
     else:
         line = np.nanmedian(strip, axis=spec.axis)
     model = line.copy()
