@@ -886,15 +886,28 @@ def fit_card(card: Any) -> Any:
         return card
 
 
+def _surely_fits(card: Any) -> bool:
+    """A cheap test that ``card`` needs no refitting: commentary, no comment, or a short keyword
+    whose value and comment are short enough to fit whatever the value's formatting (it takes 20
+    columns at most after the 10 of ``KEYWORD= ``, a string its quotes more). A card that cannot
+    be read is not sure: :func:`fit_card` deals with it."""
+    from astropy.io.fits.verify import VerifyError
+
+    try:
+        comment = card.comment
+        if not comment or card.keyword in _COMMENTARY:
+            return True
+        return len(card.keyword) <= 8 and len(str(card.value)) + len(comment) < 44
+    except (ValueError, KeyError, TypeError, AttributeError, VerifyError):
+        return False
+
+
 def refit_comments(header: Any) -> Any:
     """``header`` with every comment that would not fit its card shortened (:func:`fit_card`), in
     place; a cheap length test first, so a header of fitting cards costs no card formatting."""
     for i, card in enumerate(header.cards):
-        comment = card.comment
-        if not comment or card.keyword in _COMMENTARY:
+        if _surely_fits(card):
             continue
-        if len(card.keyword) <= 8 and len(str(card.value)) + len(comment) < 44:
-            continue          # value (30 columns at most for a short value) + " / " + comment fit
         fitted = fit_card(card)
         if fitted is not card:
             header[i] = (fitted.value, fitted.comment)
@@ -916,7 +929,7 @@ def clean_header(header: Any) -> Any:
         if card.keyword in _STRUCTURAL or card.keyword.startswith(("ZNAXIS", "ZTILE", "ZNAME", "ZVAL", "TTYPE", "TFORM")):
             continue
         try:
-            out.append(fit_card(card), end=True)
+            out.append(card if _surely_fits(card) else fit_card(card), end=True)
         except (ValueError, KeyError):  # a malformed card in a raw header is left behind
             continue
     return out
