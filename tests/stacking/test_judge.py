@@ -127,6 +127,10 @@ def test_small_sets_are_judged_here_alone(frames, monkeypatch):
     monkeypatch.setattr(helper, "cpus", lambda: 1)
     assert not helper.worth_a_helper(frames)            # one CPU: nothing to share
     monkeypatch.setattr(helper, "cpus", lambda: 2)
+    monkeypatch.setattr(helper.sys, "frozen", True, raising=False)
+    assert not helper.worth_a_helper(frames)            # a frozen application: no interpreter to start
+    monkeypatch.delattr(helper.sys, "frozen")
+    assert helper.worth_a_helper(frames)
     monkeypatch.setenv("CCDCAL_JUDGE_HELPER", "0")
     assert not helper.worth_a_helper(frames)            # the user said never
 

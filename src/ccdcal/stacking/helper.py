@@ -36,8 +36,11 @@ def cpus() -> int:
 
 def worth_a_helper(paths: list[str]) -> bool:
     """Whether judging these frames is worth a helper process: enough frames and bytes, and a
-    second CPU (``CCDCAL_JUDGE_HELPER=0`` says never)."""
+    second CPU (``CCDCAL_JUDGE_HELPER=0`` says never; nor in a frozen application, whose
+    executable is not a Python interpreter)."""
     if len(paths) < HELPER_MIN_FRAMES or cpus() < 2 or os.environ.get("CCDCAL_JUDGE_HELPER") == "0":
+        return False
+    if getattr(sys, "frozen", False):
         return False
     try:
         size = sum(os.stat(p).st_size for p in paths)
