@@ -371,6 +371,13 @@ def test_bilinear_debayer_is_the_mean_of_the_nearest_pixels_of_each_colour(patte
     for only in range(3):                      # one colour alone: the same values
         alone = debayer(cfa, pattern, only=only)
         np.testing.assert_array_equal(alone.data[only], got.data[only])
+    # a made value's variance: the mean of its pixels' variances (colour/_kernels.py), on the same
+    # neighbours
+    sigma = rng.uniform(2.0, 9.0, cfa.shape).astype(np.float32)
+    with_sigma = debayer(cfa, pattern, uncertainty=sigma)
+    np.testing.assert_allclose(with_sigma.uncertainty[inner] ** 2, _plain_bilinear(sigma**2, pattern)[inner],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(with_sigma.data, got.data)
     # a band of rows that starts on an odd row (row0 keeps the phase): the same rows
     band = debayer(cfa[5:15], pattern, row0=5)
     np.testing.assert_array_equal(band.data[:, 1:-1], got.data[:, 6:14])

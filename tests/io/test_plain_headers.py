@@ -90,3 +90,14 @@ def test_an_end_card_with_more_on_it_goes_through_astropy(tmp_path):
     assert frames._plain_image_hdus(path) is None
     hdus, _ = frames.image_hdus(path)
     assert hdus[0].shape == (3, 4) and "END" not in hdus[0].header
+
+
+def test_a_card_whose_keyword_begins_with_end_is_read_the_fast_way(tmp_path):
+    """ENDTIME, ENDDATE (NINA and others write them) are cards like any other, not the END card."""
+    data = np.arange(12, dtype=">i2").tobytes()
+    path = _write_cards(tmp_path / "endtime.fits", [
+        "SIMPLE  =                    T", "BITPIX  =                   16", "NAXIS   =                    2",
+        "NAXIS1  =                    4", "NAXIS2  =                    3",
+        "ENDTIME = '2026-12-07T01:02:03' / end of the exposure"], data)
+    assert _same(path) is True
+    assert frames._plain_image_hdus(path)[0][0].header["ENDTIME"] == "2026-12-07T01:02:03"

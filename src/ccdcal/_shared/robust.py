@@ -4,11 +4,20 @@ deviation, an iteratively clipped one, and a clipped level with its spread."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 #: 1 / Φ⁻¹(3/4): the MAD of a normal distribution times this is its standard deviation.
 MAD_TO_STD = 1.482602218505602
+
+
+def median_function(values: np.ndarray) -> Callable[..., Any]:
+    """``np.median`` where every value is finite, else ``np.nanmedian``: the same values, and
+    numpy's nanmedian is slow (along a short axis it goes through masked arrays; a 4096² dark's
+    blocks take twice the time)."""
+    return np.median if bool(np.isfinite(values).all()) else np.nanmedian
 
 
 def robust_std(values: np.ndarray) -> float:
@@ -73,3 +82,32 @@ def clipped_level(values: np.ndarray, *, sigma: float = 3.0, maxiters: int = 10)
             break
         count = kept.size
     return centre, spread
+
+
+def sorted_median(ordered: np.ndarray) -> float:
+    """The median of sorted values (as numpy's: the mean of the two middle ones for an even count)."""
+    n = ordered.size
+    return float(ordered[n // 2]) if n % 2 else float(0.5 * (ordered[n // 2 - 1] + ordered[n // 2]))
+
+
+def clipped_stats_sorted(ordered: np.ndarray, sigma: float, maxiters: int | None) -> tuple[float, float, float]:
+    """astropy's ``sigma_clipped_stats`` (median centre, population std, a symmetric clip at
+    ``sigma``, inclusive bounds, survivors clipped again until nothing changes or ``maxiters``)
+    of *sorted* values: the survivors are always one run of them, so each pass costs two binary
+    searches, a median by index and one std, not a median's partition and a masked copy. As in
+    astropy, ``maxiters`` of 0 or None clips until nothing changes."""
+    lo, hi = 0, ordered.size
+    passes = 0
+    while not maxiters or passes < maxiters:
+        passes += 1
+        run = ordered[lo:hi]
+        centre, spread = sorted_median(run), float(np.std(run))
+        new_lo = lo + int(np.searchsorted(run, centre - sigma * spread, side="left"))
+        new_hi = lo + int(np.searchsorted(run, centre + sigma * spread, side="right"))
+        if (new_lo, new_hi) == (lo, hi):
+            break
+        lo, hi = new_lo, new_hi
+        if lo >= hi:
+            return math.nan, math.nan, math.nan
+    run = ordered[lo:hi]
+    return float(np.mean(run)), sorted_median(run), float(np.std(run))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._shared._kernels import block_mean
-from .._shared.robust import MAD_TO_STD, clipped_std, robust_std
+from .._shared.robust import MAD_TO_STD, clipped_std, median_function, robust_std
 from ..errors import InputError
 from ..masks import MASK_HOT, MASK_LOW_FLAT, MASK_NO_DATA
 from ._kernels import finish_planes
@@ -195,9 +195,7 @@ def dark_structure(dark: np.ndarray, centre: float, noise: float) -> tuple[np.nd
     padded = dark if (ny % size == 0 and nx % size == 0) else \
         np.pad(dark, ((0, nby * size - ny), (0, nbx * size - nx)), mode="reflect")
     blocks = padded.reshape(nby, size, nbx, size).transpose(0, 2, 1, 3).reshape(nby, nbx, size * size)
-    # numpy's median where every value is finite (the usual master dark): the same values as
-    # nanmedian's, in half the time (a 4096² dark: 1.3 s -> 0.6 s)
-    median = np.median if bool(np.isfinite(blocks).all()) else np.nanmedian
+    median = median_function(blocks)     # a 4096² dark: 1.3 s -> 0.6 s where every value is finite
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)     # an all-NaN block: the frame's values
         level = median(blocks, axis=2)

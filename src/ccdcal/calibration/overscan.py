@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._shared.robust import robust_std
+from .._shared.robust import median_function, robust_std
 from ..errors import InputError
 from ..sections import Section, parse_section
 
@@ -160,10 +160,8 @@ def overscan_fit(strip: np.ndarray, spec: OverscanSpec) -> OverscanFit:
     strip = np.asarray(strip, dtype=np.float64)
     if spec.model == "mean":
         line = np.nanmean(strip, axis=spec.axis)
-    elif np.isfinite(strip).all():      # the usual strip: numpy's nanmedian of short lines goes through masked arrays
-        line = np.median(strip, axis=spec.axis)
     else:
-        line = np.nanmedian(strip, axis=spec.axis)
+        line = median_function(strip)(strip, axis=spec.axis)
     model = line.copy()
     coefficients: tuple[float, ...] = ()
     finite = np.isfinite(line)

@@ -152,14 +152,15 @@ def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, on
     Where the 3x3 (bilinear) or 5x5 (MHC) window is inside and clean, the closed forms; else the
     mask-aware bilinear."""
     ny, nx = cfa.shape
+    row_bad = np.zeros(ny, np.bool_)        # rows holding a bad pixel, each row looked at once
+    for r in prange(max(r0 - 1, 0), min(r1 + 1, ny)):
+        for xx in range(nx):
+            if bad[r, xx]:
+                row_bad[r] = True
+                break
     for r in prange(r0, r1):
-        fast = method == 0 and 1 <= r < ny - 1      # bilinear, rows r − 1 … r + 1 without a bad pixel
-        if fast:
-            for dy in range(-1, 2):
-                for xx in range(nx):
-                    if bad[r + dy, xx]:
-                        fast = False
-                        break
+        # bilinear, rows r − 1 … r + 1 without a bad pixel
+        fast = method == 0 and 1 <= r < ny - 1 and not (row_bad[r - 1] or row_bad[r] or row_bad[r + 1])
         if fast:
             for c in range(3):
                 if only < 0 or c == only:

@@ -306,7 +306,7 @@ def _header_text(fh: Any, start: int) -> str | None:
             return None
         text += block
         for i in range(len(text) - BLOCK, len(text), 80):
-            if text[i:i + 3] == b"END":
+            if text[i:i + 8] == _END_CARD[:8]:    # the keyword END (not ENDTIME, ENDDATE ...)
                 if text[i:i + 80] != _END_CARD:   # END with more on its card: astropy mends it
                     return None
                 decoded = text.decode("ascii", "replace")
@@ -326,7 +326,7 @@ def _plain_image_hdus(path: Path) -> tuple[list[ImageHDU], list[str]] | None:
     caller opens it in astropy, which reads what it can and says why."""
     from astropy.io import fits
 
-    if path.name.lower().endswith(".gz"):
+    if path.name.lower().endswith((".gz", ".fz")):      # compressed: astropy's way
         return None
     hdus: list[ImageHDU] = []
     problems: list[str] = []

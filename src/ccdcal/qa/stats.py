@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._shared.robust import MAD_TO_STD
+from .._shared.robust import MAD_TO_STD, clipped_stats_sorted, sorted_median
 from ..errors import InputError
 from ..io.headers import saturation_problem
 from ..sections import Section, parse_section
@@ -110,12 +110,12 @@ def region_stats(
         return RegionStats(str(section), 0, nan, nan, nan, nan, nan, nan, nan, nan)
     values64 = values.astype(np.float64, copy=False)
     ordered = np.sort(values64)
-    cmean, cmedian, cstd = _clipped_stats(ordered, sigma, maxiters)
+    cmean, cmedian, cstd = clipped_stats_sorted(ordered, sigma, maxiters)
     return RegionStats(
         region=str(section),
         npix=npix,
         mean=float(np.mean(values64)),
-        median=_sorted_median(ordered),
+        median=sorted_median(ordered),
         std=float(np.std(values64)),
         min=float(ordered[0]),
         max=float(ordered[-1]),
@@ -123,35 +123,6 @@ def region_stats(
         clipped_median=float(cmedian),
         clipped_std=float(cstd),
     )
-
-
-def _sorted_median(ordered: np.ndarray) -> float:
-    """The median of sorted values (as numpy's: the mean of the two middle ones for an even count)."""
-    n = ordered.size
-    return float(ordered[n // 2]) if n % 2 else float(0.5 * (ordered[n // 2 - 1] + ordered[n // 2]))
-
-
-def _clipped_stats(ordered: np.ndarray, sigma: float, maxiters: int | None) -> tuple[float, float, float]:
-    """astropy's ``sigma_clipped_stats`` (median centre, population std, a symmetric clip at
-    ``sigma``, inclusive bounds, survivors clipped again until nothing changes or ``maxiters``)
-    of *sorted* values: the survivors are always one run of them, so each pass costs two binary
-    searches, a median by index and one std, not a median's partition and a masked copy. As in
-    astropy, ``maxiters`` of 0 or None clips until nothing changes."""
-    lo, hi = 0, ordered.size
-    passes = 0
-    while not maxiters or passes < maxiters:
-        passes += 1
-        run = ordered[lo:hi]
-        centre, spread = _sorted_median(run), float(np.std(run))
-        new_lo = lo + int(np.searchsorted(run, centre - sigma * spread, side="left"))
-        new_hi = lo + int(np.searchsorted(run, centre + sigma * spread, side="right"))
-        if (new_lo, new_hi) == (lo, hi):
-            break
-        lo, hi = new_lo, new_hi
-        if lo >= hi:
-            return math.nan, math.nan, math.nan
-    run = ordered[lo:hi]
-    return float(np.mean(run)), _sorted_median(run), float(np.std(run))
 
 
 # -- per-frame QA metrics ----------------------------------------------------------------------

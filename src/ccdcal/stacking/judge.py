@@ -237,9 +237,7 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
     for *_, said in results:
         for category, text in said:
             warnings.warn(text, category, stacklevel=3)
-    qualities, stars, errors, exptimes, patterns = (list(column) for column in zip(*(r[:5] for r in results),
-                                                                                   strict=True)) \
-        if results else ([], [], [], [], [])
+    qualities, stars, errors, exptimes, patterns = ([r[k] for r in results] for k in range(5))
     read = [i for i, e in enumerate(errors) if e is None]
     if len({patterns[i] is None for i in read}) > 1:
         colour = [Path(paths[i]).name for i in read if patterns[i]][:3]

@@ -48,6 +48,7 @@ from numba import njit
 
 from ..errors import InputError
 from ..io.frames import FrameSource, as_sigma, ccddata_planes, uncertainty_kind
+from .helper import cpus
 
 INTERPOLATIONS = ("lanczos3", "bicubic", "bilinear")
 _HALF = {"lanczos3": 3, "bicubic": 2, "bilinear": 1}  # kernel half-width a: taps floor(x) − a + 1 … floor(x) + a
@@ -682,11 +683,7 @@ class ResampledRows:
 
 def default_workers() -> int:
     """Threads for row-parallel kernels: the CPUs this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, cpus()))
 
 
 class RowThreads:
