@@ -47,7 +47,8 @@ DEFERRED = {"ccdcal.cli", "ccdcal.__init__"}
 
 # Where process state may live (see ccdcal._shared.state): the owner itself, and the flag that
 # records a process-wide allocator setting (made once by the ``ccdcal`` command, never undone).
-STATE_OWNERS = {"ccdcal._shared.state", "ccdcal._shared.memory"}
+# _shared.jit: the numba cache folders the process holds locked, empty outside a load or save
+STATE_OWNERS = {"ccdcal._shared.state", "ccdcal._shared.memory", "ccdcal._shared.jit"}
 
 MODULE_LINES = 1000
 FUNCTION_LINES = 80

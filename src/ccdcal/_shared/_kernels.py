@@ -11,7 +11,9 @@ The kernels of one subpackage live next to their users (``combining/_kernels.py`
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .jit import njit
 
 NO_BLANK = 1 << 40  # a BLANK no 16-bit value equals
 

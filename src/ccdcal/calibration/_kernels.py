@@ -6,7 +6,9 @@ per frame, no frame-sized temporaries (:mod:`ccdcal.calibration.arithmetic`,
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._shared.jit import njit
 
 
 @njit(cache=True, nogil=True)

@@ -12,7 +12,9 @@ stars (1.2 % of their flux in tests/test_colour.py)."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._shared.jit import njit
 
 # Malvar, He & Cutler (2004), "High-quality linear interpolation for demosaicing of Bayer-patterned
 # colour images", ICASSP: the filters in eighths, on a 5x5 window centred on the pixel.

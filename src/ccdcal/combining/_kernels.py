@@ -10,7 +10,7 @@ Only float32 tiles come in, so each kernel compiles once (and is cached on disk)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import overload
 
 # Codes shared with combine.py (plain ints keep the kernel signatures stable).
@@ -19,6 +19,7 @@ REJECT_NONE, SIGMA, MAD, WINSORIZED, PERCENTILE, LINEAR_FIT, CCDCLIP = 0, 1, 2, 
 CENTER_MEDIAN, CENTER_MEAN = 0, 1
 SPREAD_STD, SPREAD_MAD = 0, 1
 
+from .._shared.jit import njit  # noqa: E402
 from .._shared.robust import MAD_TO_STD  # noqa: E402 - numba reads it as a global constant
 
 MEDIAN_ERROR = 1.2533  # sqrt(pi/2): standard error of a median relative to a mean

@@ -4,7 +4,9 @@ clipped mean of a float32 frame, the levels its scales and zeros come from."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from .._shared.jit import njit
 
 _HIST_CHUNKS = 8
 

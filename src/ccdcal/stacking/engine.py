@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
 
+from .._shared.jit import njit
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from .._shared.robust import clipped_level, robust_std
 from ..combining.options import parse_memory

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
-from numba import njit
 
+from ccdcal._shared.jit import njit
 from ccdcal._shared.robust import MAD_TO_STD
 from ccdcal.errors import CcdcalError, InputError
 

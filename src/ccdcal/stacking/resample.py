@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
 
+from .._shared.jit import njit
 from ..errors import InputError
 from ..io.frames import FrameSource, as_sigma, ccddata_planes, uncertainty_kind
 from .helper import cpus
