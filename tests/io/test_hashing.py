@@ -4,6 +4,7 @@ scan read as xxhash hashes them (from the whole-night suite of issue 12)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import xxhash
@@ -58,3 +59,21 @@ def test_the_scan_hashes_the_files_it_reads_as_xxhash_hashes_them(tmp_path):
     for path, key in keys.items():
         assert hashing._HASHES.get(key) == xxhash.xxh3_128(path.read_bytes()).hexdigest()
     assert all("_hash" not in (f.metrics or {}) for f in flagged.frames)
+
+
+def test_resolved_paths_follow_links_as_path_resolve_does(tmp_path, monkeypatch):
+    from ccdcal._shared import state
+    from ccdcal.io.hashing import resolved
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "a.fits").write_bytes(b"a")
+    (real / "b.fits").write_bytes(b"b")
+    (tmp_path / "linkdir").symlink_to(real)                      # a linked folder
+    (real / "sub" / "link.fits").symlink_to(real / "b.fits")     # a linked file
+    monkeypatch.chdir(tmp_path)
+    with state.run_scope():
+        for spelling in ["linkdir/sub/a.fits", "linkdir/sub/link.fits", "linkdir/sub/../b.fits",
+                         "linkdir/sub/.", "linkdir/sub/..", str(real / "sub" / "a.fits"), "linkdir/sub/none.fits",
+                         "linkdir/sub/a.fits"]:
+            assert resolved(spelling) == str(Path(spelling).resolve()), spelling

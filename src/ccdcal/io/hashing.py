@@ -6,6 +6,7 @@ FITS writer (:mod:`ccdcal.io.writer`) both use it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,26 @@ _HASHES = state.Cache("file hashes", max_items=200_000)
 _PENDING = state.Cache("file hashes being made")
 
 
+# folders by their absolute spelling: their resolved path (symlinks followed), for this run
+_FOLDERS = state.Cache("resolved folders", max_items=10_000)
+
+
+def resolved(path: str | os.PathLike) -> str:
+    """``str(Path(path).resolve())``, the folder's part remembered for the run: a file's path
+    then costs one ``lstat`` (is it a link?), not one per component of its folder. A night's
+    lights, their masters and outputs share a few folders."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        return str(path.resolve())
+    parent = path.parent
+    folder = _FOLDERS.get_or_make(str(parent.absolute()), lambda: str(parent.resolve()))
+    target = os.path.join(folder, path.name)
+    return str(Path(target).resolve()) if os.path.islink(target) else target
+
+
 def _hash_key(path: Path) -> tuple[str, int, int]:
     st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return (resolved(path), st.st_size, st.st_mtime_ns)
 
 
 def new_digest() -> Any:
@@ -89,7 +107,7 @@ def remember_hashes(inputs: Any) -> int:
         except (OSError, KeyError, TypeError):
             continue
         if same:
-            _HASHES.put((str(path.resolve()), st.st_size, st.st_mtime_ns), str(record[HASH]))
+            _HASHES.put((resolved(path), st.st_size, st.st_mtime_ns), str(record[HASH]))
             taken += 1
     return taken
 

@@ -94,13 +94,16 @@ def _commit_while(tmp: Path, path: Path, meanwhile: Callable[[], Any], cached: b
 
 
 def write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, *, durable: bool = True,
-                  cached: bool = True) -> None:
+                  cached: bool = True, sync_folder: bool = True) -> None:
     """``write(tmp)`` under a temporary name, then fsync and rename into place: ``path`` is
     the old file or the whole new one, never a part. ``meanwhile()``, when given, runs while
     the new file is made durable (:func:`_commit_while`); the call returns once both are done.
     ``durable=False``: renamed without fsync, for a cache whose reader checks what it reads
     (after a power cut the file may be empty or old). ``cached=False``: the durable file's
-    pages are dropped from the page cache (:func:`_uncache`)."""
+    pages are dropped from the page cache (:func:`_uncache`). ``sync_folder=False``: the folder
+    (the new name in it) is not made durable here; the caller does it once for many files with
+    :func:`sync_folders` before it records them (a pipeline's lights, 800 folder fsyncs fewer on
+    a night of 800)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +133,14 @@ def write_atomic(path: Path, write, meanwhile: Callable[[], Any] | None = None, 
                 raise OutputError(f"{path.parent}: cannot write there ({exc.strerror}); choose another folder with -o") from exc
             raise OutputError(f"{path}: writing failed ({exc.strerror or exc}); rerun when fixed") from exc
         raise
-    if durable:
+    if durable and sync_folder:
         _fsync_dir(path.parent)
+
+
+def sync_folders(paths: Any) -> None:
+    """Make the names of files written with ``sync_folder=False`` durable: one fsync per folder."""
+    for folder in dict.fromkeys(Path(p).parent for p in paths):
+        _fsync_dir(folder)
 
 
 def write_fits(
@@ -145,6 +154,7 @@ def write_fits(
     meanwhile: Callable[[str], Any] | None = None,
     cached: bool = True,
     cleaned: bool = False,
+    sync_folder: bool = True,
 ) -> Path:
     """Write a float32 image (+ optional ``UNCERT`` and ``MASK`` extensions) atomically.
 
@@ -165,6 +175,8 @@ def write_fits(
     output the caller will not read again soon (a pipeline's lights): the next file written
     then reuses that memory, and the cache keeps the inputs still to be read.
 
+    ``sync_folder=False``: as for :func:`write_atomic` (the caller calls :func:`sync_folders`).
+
     ``cleaned``: ``header`` was made by :func:`ccdcal.io.frames.clean_header` (and cards set on
     it since, which astropy checks as they are set): it is used as it is, not cleaned and
     verified again (two thirds of a small light's header time).
@@ -175,7 +187,7 @@ def write_fits(
         add_checksums(hdul)
     datasum = str(hdul[0].header["DATASUM"])
     return write_hdus(path, hdul, meanwhile=None if meanwhile is None else partial(meanwhile, datasum),
-                      cached=cached)
+                      cached=cached, sync_folder=sync_folder)
 
 
 class _PlainHeader:
@@ -310,15 +322,15 @@ def fits_hdus(data: np.ndarray, header: Any = None, *, uncertainty: np.ndarray |
 
 
 def write_hdus(path: str | os.PathLike, hdul: Any, *, meanwhile: Callable[[], Any] | None = None,
-               cached: bool = True, direct: bool = False) -> Path:
+               cached: bool = True, direct: bool = False, sync_folder: bool = True) -> Path:
     """Write ``hdul`` (from :func:`fits_hdus`, with :func:`add_checksums` applied) atomically;
-    ``meanwhile`` and ``cached`` as for :func:`write_fits`. ``direct``: bypass the page cache
+    ``meanwhile``, ``cached`` and ``sync_folder`` as for :func:`write_fits`. ``direct``: bypass the page cache
     (``O_DIRECT``, :class:`_DirectFile`) where the filesystem allows it, for a file the caller
     holds in memory and writes in the background: each write then waits for the disk."""
     path = Path(path)
     digest: list[str] = []
     write_atomic(path, lambda tmp: digest.append(_write_hdus(tmp, hdul, direct)), meanwhile,
-                  cached=cached and not direct)
+                  cached=cached and not direct, sync_folder=sync_folder)
 
     remember_digest(path, digest[0])
     return path

@@ -33,6 +33,7 @@ from ..io.frames import find_fits, primary_pixels
 from ..io.guard import output_lock, reduce_inputs
 from ..io.hashing import prefetch_hashes, remember_hashes
 from ..io.manifest import Manifest, OutputRecord, VerifyResult, verify
+from ..io.writer import sync_folders
 from ..planning.inventory import Inventory, Skipped, flag_groups, scan
 from ..planning.library import library_print, read_library
 from ..planning.plan import MasterJob, Plan, build_plan
@@ -448,6 +449,9 @@ def _run_lights(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceR
         close = getattr(records, "close", None)
         if close is not None:   # after an error: the queued lights are cancelled, the running ones joined
             close()
+        # the lights were written without a folder fsync each: their names made durable here,
+        # once per folder, before any manifest lists them
+        sync_folders(ctx.out_dir / rel for rel in result.lights)
         ctx.buffers.clear()         # the frames the light tasks reused
         state.end_stage("lights")   # and what they shared of the masters
     result.timings["lights"] = time.perf_counter() - started

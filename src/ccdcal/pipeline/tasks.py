@@ -48,7 +48,7 @@ from ..combining.options import CombineOptions
 from ..combining.results import FrameFactors
 from ..errors import CcdcalError, OutputError
 from ..io.frames import FrameSource, datasum_of
-from ..io.hashing import file_hash
+from ..io.hashing import file_hash, resolved
 from ..io.headers import (
     adc_shift,
     exposure_of,
@@ -174,11 +174,12 @@ def load_master(path: str | Path, name: str | None = None, *, flat: bool = False
     from astropy.io import fits
 
     path = Path(path)
-    built = _BUILT.get((str(path.resolve()), flat))
+    where = resolved(path)
+    built = _BUILT.get((where, flat))
     if built is not None:
         return built
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, flat)
+    key = (where, st.st_size, st.st_mtime_ns, flat)
     cached = _MASTERS.get(key)
     if cached is not None:
         return cached
@@ -192,7 +193,7 @@ def forget_built(paths: Any) -> None:
     """Drop the in-memory masters :func:`write_master` kept for ``paths`` (after a failed write)."""
     for path in paths:
         for flat in (False, True):
-            _BUILT.pop((str(Path(path).resolve()), flat))
+            _BUILT.pop((resolved(path), flat))
 
 
 def _master_of(hdul: Any, name: str, *, flat: bool, flat_norm: str) -> Any:
@@ -381,7 +382,7 @@ def write_master(work: MasterWork, ctx: RunContext, tiles: list[Any], *, writer:
     # the master as load_master reads it back: header cards parsed from their text, as in the file
     header = fits.Header.fromstring(hdul[0].header.tostring())
     readback = fits.HDUList([fits.PrimaryHDU(hdul[0].data, header=header), *hdul[1:]])
-    built = {(str(path.resolve()), flat): _master_of(readback, path.name, flat=flat, flat_norm=ctx.options.flat_norm)
+    built = {(resolved(path), flat): _master_of(readback, path.name, flat=flat, flat_norm=ctx.options.flat_norm)
              for flat in ((False, True) if job.kind.value == "flat" else (False,))}
     _BUILT.update(built)
 
@@ -700,9 +701,11 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         # light's file is made durable and put in place
         previews = partial(write_light_previews, ctx.out_dir, job.output, result.data,
                            pattern=trimmed_pattern(job.frame.bayer, recipe.trim))
-    # not kept in the page cache unless the lights are stacked next (read again)
+    # not kept in the page cache unless the lights are stacked next (read again); the lights'
+    # folder is made durable once, before the manifest lists them (run._run_lights)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
-               unit=result.unit, meanwhile=previews, cached=options.stack, cleaned=True)   # light_header's
+               unit=result.unit, meanwhile=previews, cached=options.stack, cleaned=True,   # light_header's
+               sync_folder=False)
     return None
 
 
