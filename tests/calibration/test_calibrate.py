@@ -294,3 +294,16 @@ def test_nearest_master_dark_prefers_longer():
     assert choose_dark(23.0, ladder, counts={"d30": 1, "d60": 11}) == "d60"
     assert choose_dark(23.0, {**ladder, "d300": 300.0}, counts={"d30": 1, "d60": 11, "d300": 1}) == "d300"
     assert choose_dark(60.0, {**ladder, "d300": 300.0}, counts={"d30": 1, "d60": 11, "d300": 1}) == "d60"
+
+
+def test_mask_bit_counts_from_one_histogram_equal_counts_per_bit():
+    from ccdcal.calibration.arithmetic import CalibratedFrame
+
+    rng = np.random.default_rng(11)
+    mask = (rng.random((37, 53)) < 0.3).astype(np.uint8) * rng.integers(0, 256, (37, 53)).astype(np.uint8)
+    frame = CalibratedFrame.__new__(CalibratedFrame)
+    frame.mask = mask
+    bits = [1, 2, 4, 8, 16, 32, 64, 128]
+    expected = [int(((mask & b) != 0).sum()) for b in bits]      # plain numpy, bit by bit
+    assert frame.counts(bits) == expected
+    assert sum(expected) > 0 and frame.counts([]) == []

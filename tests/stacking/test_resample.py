@@ -237,3 +237,23 @@ def test_uncertainty_in_star_cores_is_the_weighted_sum_of_variances(interpolatio
     for x, y in [(10, 10), (50, 12), (12, 50)]:
         assert unc[y, x] == pytest.approx(exact(x, y), rel=1e-4)
     assert not mask[29:35, 28:34].any()
+
+
+@pytest.mark.parametrize("taps", [2, 4, 6])
+def test_footprint_counts_equal_plain_box_sums(taps):
+    # the running column sums against a box sum of each footprint, rows past the band's end
+    # counted as good, for every chunk of rows a thread may be given
+    from ccdcal.stacking.resample import _footprint_counts
+
+    rng = np.random.default_rng(taps)
+    for shape in ((1, 5), (7, 3), (40, 33), (13, 64)):
+        bad = (rng.random(shape) < 0.2).astype(np.float32)
+        padded = np.zeros((shape[0] + taps, shape[1] + taps))
+        padded[:shape[0], :shape[1]] = bad
+        box = np.array([[padded[r:r + taps, x:x + taps].sum() for x in range(shape[1])]
+                        for r in range(shape[0])])
+        for r0, r1 in ((0, shape[0]), (min(2, shape[0]), shape[0]), (0, min(3, shape[0]))):
+            near = np.full(shape, -1.0, np.float32)
+            _footprint_counts(bad, taps, near, r0, r1)
+            np.testing.assert_array_equal(near[r0:r1], box[r0:r1])
+            assert (near[:r0] == -1).all() and (near[r1:] == -1).all()

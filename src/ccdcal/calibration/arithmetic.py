@@ -468,6 +468,13 @@ class CalibratedFrame:
     def count(self, bit: int) -> int:
         return int(np.count_nonzero(self.mask & np.uint8(bit)))
 
+    def counts(self, bits: Any) -> list[int]:
+        """:meth:`count` of each of ``bits``, from one pass over the mask (a histogram of its
+        256 values)."""
+        hist = np.bincount(np.asarray(self.mask, np.uint8).ravel(), minlength=256)
+        values = np.arange(256)
+        return [int(hist[(values & bit) != 0].sum()) for bit in bits]
+
 
 def _overscan_and_trim(raw: np.ndarray, overscan: OverscanSpec | None, trim: Section | None,
                        saturation: float | None, bad_pixels: np.ndarray | None, mask_out: np.ndarray | None = None

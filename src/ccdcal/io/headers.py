@@ -296,9 +296,10 @@ def write_calibration_keywords(header: Any, result: CalibratedFrame, *, bias: Ma
         header["HISTORY"] = "UNCERT: sqrt(rn^2 + max(S,0)/gain + bias_unc^2 + (k dark_unc)^2)/flat (+flat term)"
     for note in result.notes:
         header["HISTORY"] = _ascii(note)
-    for key, bit in (("NSATUR", MASK_SATURATED), ("NHOTPIX", MASK_HOT), ("NLOWFLAT", MASK_LOW_FLAT),
-                     ("NCOSRAY", MASK_COSMIC_RAY), ("NUSERBAD", MASK_USER), ("NNODATA", MASK_NO_DATA)):
-        header[key] = (result.count(bit), f"pixels with MASK bit {bit}")
+    counted = (("NSATUR", MASK_SATURATED), ("NHOTPIX", MASK_HOT), ("NLOWFLAT", MASK_LOW_FLAT),
+               ("NCOSRAY", MASK_COSMIC_RAY), ("NUSERBAD", MASK_USER), ("NNODATA", MASK_NO_DATA))
+    for (key, bit), n in zip(counted, result.counts([bit for _, bit in counted]), strict=True):
+        header[key] = (n, f"pixels with MASK bit {bit}")
     for bit, meaning in MASK_BITS.items():
         header["COMMENT"] = f"MASK bit {bit}: {meaning}"
     return header

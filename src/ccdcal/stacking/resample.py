@@ -137,16 +137,24 @@ _FAST = {"contract", "reassoc", "arcp"}   # reorder sums (SIMD); NaN and inf sem
 def _footprint_counts(bad, taps, near, r0, r1):
     """``near[r, x]`` = bad pixels in the ``taps``² footprint whose top-left pixel is (r, x), for
     rows ``r0:r1`` of a prepared band (rows past its end count as good): a footprint with none
-    takes the sums without bad-pixel bookkeeping."""
+    takes the sums without bad-pixel bookkeeping.
+
+    The column sums over ``taps`` rows are summed once for ``r0`` and then moved down a row at
+    a time (the row that enters added, the row that leaves taken away): the values are 0.0 and
+    1.0, so the running sums are exact integers, as a fresh sum would be."""
     rows, nx = bad.shape
     col = np.zeros(nx)
+    if r0 >= r1:
+        return
+    for j in range(taps):
+        if r0 + j < rows:
+            for x in range(nx):
+                col[x] += bad[r0 + j, x]
     for r in range(r0, r1):
-        for x in range(nx):
-            total = 0.0
-            for j in range(taps):
-                if r + j < rows:
-                    total += bad[r + j, x]
-            col[x] = total
+        if r > r0:
+            enter = r + taps - 1
+            for x in range(nx):
+                col[x] += (bad[enter, x] if enter < rows else 0.0) - bad[r - 1, x]
         running = 0.0
         for x in range(min(taps, nx)):
             running += col[x]
