@@ -491,3 +491,5 @@ def test_a_master_bias_of_shifted_data_states_its_read_noise_with_the_stored_gai
     bias = next(job for job in result.plan.masters if job.kind.value == "bias")
     master = fits.getheader(tmp_path / "out" / "masters" / bias.name)
     assert master["RDNOISE"] == pytest.approx(master["RDNADU"] * STORED_GAIN, rel=1e-3)
+    # and the read noise is the one injected: 3 native ADU (+ the rounding's 1/12), stored x4
+    assert master["RDNADU"] == pytest.approx(4 * np.sqrt(3.0**2 + 1 / 12), rel=0.05)
