@@ -171,6 +171,28 @@ def test_no_frame_with_stars_is_a_one_line_error(field, tmp_path):
     assert not (tmp_path / "none.fits").exists()
 
 
+def test_colour_and_mono_frames_together_are_refused_in_one_line_even_beside_an_unreadable_one(field, tmp_path):
+    """Two frames of the field stated colour (BAYERPAT) among mono ones, and a file that is not
+    FITS: the stack says in one line that colour and mono must be stacked apart (naming the
+    colour frames), exits 2 and writes nothing; the unreadable file alone would only be left
+    out."""
+    frames = [field["paths"][name] for name in ("f0_ref", "f1_shift", "f2_shift")]
+    for k, name in enumerate(("f3_rot", "f7_shift")):
+        with fits.open(field["paths"][name]) as hdul:
+            hdul[0].header["BAYERPAT"] = "RGGB"
+            hdul.writeto(tmp_path / f"colour_{k}.fits")
+        frames.append(tmp_path / f"colour_{k}.fits")
+    (tmp_path / "junk.fits").write_bytes(b"not a FITS file at all")
+    out = tmp_path / "mixed.fits"
+    proc = subprocess.run([sys.executable, "-m", "ccdcal.cli", "stack", *map(str, frames), str(tmp_path / "junk.fits"),
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "colour" in lines[0] and "mono" in lines[0] and "colour_0.fits" in lines[0]
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
 def test_reduce_stack_makes_one_stack_per_target_and_filter_resumably(tmp_path):
     from ccdcal.demo import write_night
     from ccdcal.pipeline.run import ReduceOptions, reduce
