@@ -398,3 +398,22 @@ def test_bilinear_debayer_is_the_mean_of_the_nearest_pixels_of_each_colour(patte
     closest = min(max(abs(p[0] - y), abs(p[1] - x)) for p in same)
     want_here = np.mean([np.float64(cfa[p]) for p in same if max(abs(p[0] - y), abs(p[1] - x)) == closest])
     assert fixed.data[own, y, x] == pytest.approx(want_here, rel=1e-6)
+
+
+def test_colour_sources_are_read_in_threads_like_files(tmp_path):
+    # a debayered colour of a file reads that file itself: the stack measures such frames'
+    # backgrounds in threads, as it does for files given by their paths (arrays stay in one)
+    from ccdcal.colour.demosaic import DebayeredRows
+    from ccdcal.stacking.resample import ResampledRows
+
+    cfa = np.random.default_rng(2).normal(100, 5, (32, 40)).astype(np.float32)
+    fits.PrimaryHDU(cfa).writeto(tmp_path / "cfa.fits")
+    colour = DebayeredRows(tmp_path / "cfa.fits", 2, "RGGB")
+    try:
+        assert ResampledRows(colour, np.eye(3), (32, 40)).reads_own_file
+        from_path = ResampledRows(tmp_path / "cfa.fits", np.eye(3), (32, 40))
+        assert from_path.reads_own_file
+        from_path.close()
+        assert not ResampledRows(cfa, np.eye(3), (32, 40)).reads_own_file
+    finally:
+        colour.close()

@@ -147,6 +147,10 @@ class DebayeredRows:
     is made, unless ``all_colours`` (:meth:`colours` then holds the three).
     """
 
+    #: it opens its file itself (its own handles, its own band): one thread may read it while
+    #: others read other sources (the stack measures the frames' backgrounds so)
+    reads_own_file = True
+
     def __init__(self, path: str | os.PathLike, channel: int, pattern: str, *, method: str = "bilinear",
                  all_colours: bool = False):
         self.path = Path(path)

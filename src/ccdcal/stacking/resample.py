@@ -499,9 +499,10 @@ class ResampledRows:
 
     @property
     def reads_own_file(self) -> bool:
-        """Whether the source reads a file of its own (given by its path): then its rows can be
-        read in a thread beside other such sources."""
-        return bool(self._planes.owned)
+        """Whether the source reads a file of its own (given by its path, or a row source that
+        says so: a :class:`ccdcal.colour.demosaic.DebayeredRows`): then its rows can be read in
+        a thread beside other such sources."""
+        return bool(self._planes.owned) or getattr(self._planes.source, "reads_own_file", False) is True
 
     @property
     def has_mask(self) -> bool:
