@@ -26,6 +26,7 @@ from ..masks import (
     MASK_USER,
 )
 from ..sections import parse_section
+from .cards import CardPlan
 from .dates import mjd_isot as _isot
 from .dates import utc_mjd
 from .frames import clean_header, header_value, refit_comments
@@ -966,13 +967,15 @@ def light_header(raw_header: Any, result: CalibratedFrame, *, trim: Any = None, 
         for key, value in bayer_cards(trimmed_pattern(bayer, trim)).items():
             header[key] = value
     time_keywords(header)
-    header["BUNIT"] = "adu"
-    header["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"
+    cards = CardPlan(header)
+    cards["BUNIT"] = "adu"
+    cards["HISTORY"] = f"ccdcal {__version__}: calibrated {time.strftime('%Y-%m-%dT%H:%M:%S')}"
     if uncorrected:
-        header["UNCORR"] = (True, "pedestal NOT removed (--allow-uncorrected)")
-        header["HISTORY"] = _ascii(f"WARNING: {uncorrected}; the pedestal stays in")
-    write_calibration_keywords(header, result, bias=bias, dark=dark, flat=flat, flat_floor=flat_floor,
+        cards["UNCORR"] = (True, "pedestal NOT removed (--allow-uncorrected)")
+        cards["HISTORY"] = _ascii(f"WARNING: {uncorrected}; the pedestal stays in")
+    write_calibration_keywords(cards, result, bias=bias, dark=dark, flat=flat, flat_floor=flat_floor,
                          gain_source=gain_source)
     if dark is not None and result.dark_scale is not None:
-        header["CALDARKT"] = (dark.exptime, "[s] exposure of the master dark applied")
-    return refit_comments(header)     # cleaned and fitted: written as it is (write_fits(cleaned=True))
+        cards["CALDARKT"] = (dark.exptime, "[s] exposure of the master dark applied")
+    # cleaned and fitted: written as it is (write_fits(cleaned=True))
+    return refit_comments(*cards.apply())
