@@ -125,3 +125,20 @@ def test_combine_result_to_ccddata_and_write(tmp_path):
     out = result.write(tmp_path / "master.fits")
     back = CCDData.read(out, hdu_uncertainty="UNCERT", hdu_mask="MASK")
     np.testing.assert_array_equal(back.data, result.data)
+
+
+def test_a_long_demo_night_has_valid_start_times(tmp_path):
+    # 70 lights in each of two filters run past midnight: each DATE-OBS is a real UTC time
+    # (hour < 24, the next day after midnight), the lights two minutes apart
+    import datetime
+
+    from astropy.io import fits
+
+    from ccdcal.demo import write_night
+
+    raw = write_night(tmp_path / "raw", size=32, n_bias=1, n_dark=1, n_flat=1, n_light=70)
+    starts = sorted(datetime.datetime.fromisoformat(fits.getheader(p)["DATE-OBS"])
+                    for p in raw.glob("*.fits") if fits.getheader(p)["IMAGETYP"] == "Light Frame")
+    assert len(starts) == 140 and starts[-1] == datetime.datetime(2024, 3, 15, 0, 18)
+    steps = {b - a for a, b in zip(starts, starts[1:], strict=False)}
+    assert steps <= {datetime.timedelta(0), datetime.timedelta(minutes=2)}

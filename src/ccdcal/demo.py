@@ -10,6 +10,7 @@ truth is written to ``ROOT/truth``.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ def _header(kind: str, exptime: float, index: int, filt: str | None, size: int, 
     h["EXPTIME"] = (exptime, "[s] exposure duration")
     h["EXPOSURE"] = (exptime, "[s] exposure duration")
     minutes = {"bias": 0, "dark": 20, "flat": 90, "light": 180}[kind] + 2 * index
-    h["DATE-OBS"] = (f"2024-03-14T{19 + minutes // 60:02d}:{minutes % 60:02d}:00.000", "UT start of exposure")
+    # from 19:00 UT on, past midnight into the next day for a long night (not hour 24 and more)
+    start = datetime.datetime(2024, 3, 14, 19) + datetime.timedelta(minutes=minutes)
+    h["DATE-OBS"] = (start.strftime("%Y-%m-%dT%H:%M:%S.000"), "UT start of exposure")
     h["XBINNING"] = 1
     h["YBINNING"] = 1
     h["CCD-TEMP"] = (-10.0 + 0.1 * np.sin(index), "[C] sensor temperature")
