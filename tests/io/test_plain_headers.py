@@ -101,3 +101,33 @@ def test_a_card_whose_keyword_begins_with_end_is_read_the_fast_way(tmp_path):
         "ENDTIME = '2026-12-07T01:02:03' / end of the exposure"], data)
     assert _same(path) is True
     assert frames._plain_image_hdus(path)[0][0].header["ENDTIME"] == "2026-12-07T01:02:03"
+
+
+def test_datasum_read_from_the_header_text_is_astropys(tmp_path):
+    import gzip
+
+    from ccdcal.io.frames import datasum_of
+
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cases = {}
+    hdu = fits.PrimaryHDU(data)
+    hdu.add_checksum()
+    hdu.writeto(tmp_path / "summed.fits")                               # as ccdcal and astropy write it
+    cases["summed.fits"] = str(hdu.header["DATASUM"])
+    fits.PrimaryHDU(data).writeto(tmp_path / "none.fits")                 # no DATASUM
+    cases["none.fits"] = ""
+    odd = fits.PrimaryHDU(data)
+    odd.header["DATASUM"] = 12345                                         # a number, not a string
+    odd.writeto(tmp_path / "odd.fits")
+    cases["odd.fits"] = "12345"
+    quoted = fits.PrimaryHDU(data)
+    quoted.header["DATASUM"] = "it''s"[:3] + "'x"                          # a quote inside the value
+    quoted.writeto(tmp_path / "quoted.fits")
+    cases["quoted.fits"] = str(quoted.header["DATASUM"])
+    (tmp_path / "summed.fits.gz").write_bytes(gzip.compress((tmp_path / "summed.fits").read_bytes()))
+    cases["summed.fits.gz"] = cases["summed.fits"]
+    (tmp_path / "broken.fits").write_bytes(b"not FITS")
+    cases["broken.fits"] = ""
+    for name, expected in cases.items():
+        astropy = "" if name == "broken.fits" else str(fits.getheader(tmp_path / name).get("DATASUM", ""))
+        assert datasum_of(tmp_path / name) == expected == astropy, name

@@ -721,10 +721,32 @@ class FrameSource:
         return state
 
 
+_DATASUM_VALUE = re.compile(r"DATASUM = '([^']*)'")
+
+
 def datasum_of(path: str | os.PathLike) -> str:
-    """The DATASUM card of a FITS file's primary HDU ("" when it has none or cannot be read)."""
+    """The DATASUM card of a FITS file's primary HDU ("" when it has none or cannot be read).
+
+    Read from the header's text when it is plain (printable, a quoted value: what ccdcal and
+    astropy write), else by astropy: the report asks it of every light (1.8 ms through astropy's
+    header parsing, 800 times on a night of 800)."""
     from astropy.io import fits
 
+    try:
+        with open(path, "rb") as fh:
+            text = _header_text(fh, 0)
+    except OSError:
+        return ""
+    if text is not None:
+        for at in range(0, len(text), 80):
+            if text.startswith("DATASUM ", at):
+                card = text[at:at + 80]
+                found = _DATASUM_VALUE.match(card)
+                if found is not None and card[found.end():found.end() + 1] != "'":   # no '' inside
+                    return found.group(1).rstrip()
+                break                       # another form: astropy reads it
+            if text.startswith("END ", at):
+                return ""
     try:
         return str(fits.getheader(path, 0).get("DATASUM", ""))
     except (OSError, ValueError):
