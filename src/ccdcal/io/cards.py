@@ -62,7 +62,8 @@ class CardPlan:
     (:func:`card_image`; astropy's ``Card`` where that does not know the answer). The result
     is the header that setting them in turn gives, card for card, as astropy places them: a
     new keyword before the header's trailing commentary cards, a value set on an existing
-    keyword in its place (keeping its comment when none is given), a HISTORY or COMMENT card
+    keyword updated in place by astropy itself (its comment kept when none is given, its text
+    when the value is equal), a HISTORY or COMMENT card
     after the last card of its keyword (else last). Where astropy's rules would need more than
     that (blank cards at the end, commentary that is not text, no ``_fromcards``), the cards
     are set on the header one by one as before.
@@ -91,12 +92,12 @@ class CardPlan:
                        for op, key, value in self._ops)):
             return self._one_by_one(), set()
         keys = [card.keyword for card in cards]
-        fitting: set[int] = set()
+        # every card made here (held, so that no id is reused): (card, value, comment, from text)
+        made: dict[int, tuple[Any, Any, str | None, bool]] = {}
 
         def new_card(key: str, value: Any, comment: str | None) -> Any:
-            card, fits_ = _new_card(key, value, comment)
-            if fits_:
-                fitting.add(id(card))
+            card, from_text = _new_card(key, value, comment)
+            made[id(card)] = (card, value, comment, from_text)
             return card
 
         for op, key, value in self._ops:
@@ -114,15 +115,22 @@ class CardPlan:
                 chunks = [given[i:i + 72] for i in range(0, len(given), 72)] or [given]
                 cards[at:at] = [new_card(key, chunk, None) for chunk in chunks]
                 keys[at:at] = [key] * len(chunks)
-            elif key in keys:                       # in place, its comment kept unless given
-                at = keys.index(key)
-                cards[at] = new_card(key, given, cards[at].comment if comment is None else comment)
+            elif key in keys:                       # in place, as astropy updates a card (an equal
+                at = keys.index(key)                # value keeps its text; no comment keeps the old)
+                card = cards[at]
+                if id(card) in made:                # one set here: as astropy made it, from its value
+                    _, first, said, _ = made[id(card)]
+                    card = cards[at] = _astropy_card(key, first, said)
+                card.value = given
+                if comment is not None:
+                    card.comment = comment
             else:                                   # before the trailing commentary cards
                 at = len(keys)
                 while at > 0 and keys[at - 1] in ("", "COMMENT", "HISTORY"):
                     at -= 1
                 cards.insert(at, new_card(key, given, comment))
                 keys.insert(at, key)
+        fitting = {id(card) for card in cards if id(card) in made and made[id(card)][3]}
         return make(cards), fitting
 
     def _one_by_one(self) -> Any:
@@ -133,6 +141,12 @@ class CardPlan:
             else:
                 header[key] = value
         return header
+
+
+def _astropy_card(key: str, value: Any, comment: str | None) -> Any:
+    from astropy.io.fits import Card
+
+    return Card(key, value, comment) if comment is not None else Card(key, value)
 
 
 def _new_card(key: str, value: Any, comment: str | None) -> tuple[Any, bool]:
@@ -146,4 +160,4 @@ def _new_card(key: str, value: Any, comment: str | None) -> tuple[Any, bool]:
         # is astropy's own formatting of a valid value (a no-op check, a third of writing it)
         card._verified = True
         return card, True
-    return (Card(key, value, comment) if comment is not None else Card(key, value)), False
+    return _astropy_card(key, value, comment), False
