@@ -50,22 +50,20 @@ def lock_path(cache_path: str) -> str:
 def cache_lock(cache_path: str) -> Iterator[None]:
     """Hold the inter-process lock of one numba cache folder (re-entrant in a process)."""
     with _process_lock:
-        held = _held
-        if cache_path in held:
-            fd, depth = held[cache_path]
-            held[cache_path] = (fd, depth + 1)
+        if cache_path in _held:
+            fd, depth = _held[cache_path]
+            _held[cache_path] = (fd, depth + 1)
             try:
                 yield
             finally:
-                fd, depth = held[cache_path]
-                held[cache_path] = (fd, depth - 1)
+                _held[cache_path] = (fd, depth)
             return
         fd = _open_locked(cache_path)
-        held[cache_path] = (fd, 1)
+        _held[cache_path] = (fd, 1)
         try:
             yield
         finally:
-            del held[cache_path]
+            del _held[cache_path]
             if fd >= 0:
                 os.close(fd)  # closing the descriptor releases the flock
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from .frames import printable_ascii
+
 _PLAIN_KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}")
-_PRINTABLE = re.compile(r"[ -~]*")
 
 
 def card_image(key: str, value: Any, comment: str | None) -> str | None:
@@ -24,13 +25,14 @@ def card_image(key: str, value: Any, comment: str | None) -> str | None:
     if not _PLAIN_KEYWORD.fullmatch(key):
         return None
     if key in ("HISTORY", "COMMENT"):
-        if not isinstance(value, str) or len(value) > 72 or not _PRINTABLE.fullmatch(value):
+        if not isinstance(value, str) or len(value) > 72 or not printable_ascii(value):
             return None
         return f"{key:8}{value}".ljust(80)
     if isinstance(value, str):
-        if not _PRINTABLE.fullmatch(value):
+        if not printable_ascii(value):
             return None
-        text = "''" if value == "" else f"{chr(39) + value.replace(chr(39), chr(39) * 2):9}'".ljust(20)
+        # quoted, a quote inside doubled, at least 8 characters between the quotes
+        text = "''" if value == "" else ("'" + value.replace("'", "''").ljust(8) + "'").ljust(20)
     elif type(value) is bool:
         text = f"{'T' if value else 'F':>20}"
     elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
@@ -45,7 +47,7 @@ def card_image(key: str, value: Any, comment: str | None) -> str | None:
     else:
         return None
     if comment:
-        if not isinstance(comment, str) or not _PRINTABLE.fullmatch(comment):
+        if not isinstance(comment, str) or not printable_ascii(comment):
             return None
         text += f" / {comment}"
     image = f"{key:8}= {text}"

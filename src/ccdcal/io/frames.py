@@ -178,7 +178,8 @@ def _open(path: Path, memmap: bool = True):
 _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
-def _printable_ascii(text: str) -> bool:
+def printable_ascii(text: str) -> bool:
+    """Whether ``text`` is printable ASCII (space to tilde), as FITS header text must be."""
     return text.isascii() and text.isprintable()   # C loops: 3x a regular expression
 
 
@@ -198,11 +199,11 @@ def clean_cards(header: Any) -> list[str]:
     if cards is None:
         return []
     images = [card._image or "" for card in cards]
-    if _printable_ascii("".join(images)):
+    if printable_ascii("".join(images)):
         return []
     notes = []
     for i in reversed(range(len(images))):
-        if _printable_ascii(images[i]):
+        if printable_ascii(images[i]):
             continue
         clean = _NOT_PRINTABLE.sub("?", images[i])
         keyword = clean[:8].strip()
@@ -310,7 +311,7 @@ def _header_text(fh: Any, start: int) -> str | None:
                 if text[i:i + 80] != _END_CARD:   # END with more on its card: astropy mends it
                     return None
                 decoded = text.decode("ascii", "replace")
-                return decoded if _printable_ascii(decoded) else None
+                return decoded if printable_ascii(decoded) else None
     return None
 
 
