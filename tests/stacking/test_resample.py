@@ -257,3 +257,67 @@ def test_footprint_counts_equal_plain_box_sums(taps):
             _footprint_counts(bad, taps, near, r0, r1)
             np.testing.assert_array_equal(near[r0:r1], box[r0:r1])
             assert (near[:r0] == -1).all() and (near[r1:] == -1).all()
+
+
+def _star_image(shape, xy, flux, sigma=1.3):
+    """Gaussian stars integrated over each pixel (written here, not by the code under test)."""
+    from scipy.special import erf
+
+    ny, nx = shape
+    image = np.full(shape, 1000.0)
+    ex, ey = np.arange(nx + 1) - 0.5, np.arange(ny + 1) - 0.5
+    for (x, y), f in zip(xy, flux, strict=True):
+        px = np.diff(0.5 * (1 + erf((ex - x) / (sigma * math.sqrt(2)))))
+        py = np.diff(0.5 * (1 + erf((ey - y) / (sigma * math.sqrt(2)))))
+        image += f * np.outer(py, px)
+    return image
+
+
+def _turn(degrees, dx=3.37, dy=-4.61):
+    t = math.radians(degrees)
+    return np.array([[math.cos(t), -math.sin(t), dx], [math.sin(t), math.cos(t), dy], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("degrees", [0.3, 2.0, 5.0])
+def test_two_pass_kernel_is_as_true_as_the_direct_one(monkeypatch, degrees):
+    """Small turns take the two-pass kernel (Lanczos-3 on axes sheared by the turn): against
+    stars rendered at their true positions its error is the direct kernel's (rms within 2 %),
+    its σ within 4 % of the direct kernel's in star cores, and the same pixels are invalid
+    (masked, NaN and edge pixels)."""
+    from ccdcal.stacking import resample
+
+    rng = np.random.default_rng(2)
+    shape = (240, 260)
+    xy = np.column_stack([rng.uniform(30, 230, 40), rng.uniform(30, 210, 40)])
+    flux = rng.uniform(1e4, 5e4, 40)
+    matrix = _turn(degrees)
+    inverse = np.linalg.inv(matrix)
+    truth = _star_image(shape, xy, flux)
+    source = _star_image(shape, xy @ inverse[:2, :2].T + inverse[:2, 2], flux).astype(np.float32)
+    sigma = np.sqrt(25.0 + source).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[rng.integers(0, shape[0], 60), rng.integers(0, shape[1], 60)] = 1
+    source[7, 9] = np.nan
+    assert resample.shears_well(inverse)
+    two = resample_array(source, matrix, shape, mask=mask, uncertainty=sigma)
+    monkeypatch.setattr(resample, "shears_well", lambda minv: False)
+    direct = resample_array(source, matrix, shape, mask=mask, uncertainty=sigma)
+    assert np.array_equal(two[1], direct[1])
+    inner = (slice(25, -25), slice(25, -25))
+    good = ~direct[1][inner]
+    rms = [math.sqrt(float(np.mean((out[0][inner] - truth[inner])[good] ** 2))) for out in (two, direct)]
+    assert rms[0] == pytest.approx(rms[1], rel=0.02)
+    assert rms[1] < 3.0                                     # the comparison is not of two failures
+    assert np.max(np.abs(two[2][inner][good] / direct[2][inner][good] - 1)) < 0.04
+
+
+def test_two_pass_kernel_only_for_small_affine_turns():
+    from ccdcal.stacking.resample import shears_well
+
+    assert shears_well(np.linalg.inv(_turn(0.0))) and shears_well(np.linalg.inv(_turn(5.0)))
+    flip = np.diag([-1.0, -1.0, 1.0])
+    assert shears_well(flip)                                 # a meridian flip: exact copies either way
+    assert not shears_well(np.linalg.inv(_turn(90.0))) and not shears_well(np.linalg.inv(_turn(10.0)))
+    projective = np.eye(3)
+    projective[2, 0] = 1e-5
+    assert not shears_well(projective)

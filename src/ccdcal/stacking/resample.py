@@ -106,11 +106,18 @@ def _phase(pos, phases):
     return start, q
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _reaches(px, py, half, src_nx, src_ny):
+    """Whether a kernel of half-width ``half`` at source position (px, py) reaches the frame."""
+    return px > -half and px < src_nx - 1 + half and py > -half and py < src_ny - 1 + half
+
+
 @njit(cache=True, nogil=True)
 def _prepare_band(band, maskp, unc, flags, noise, r0, r1):
     """Rows ``r0:r1`` of a source band, in place, for the row kernels (:func:`_make_rows`): ``maskp`` becomes 1.0
     where a pixel cannot contribute (masked, NaN data or σ) and 0.0 elsewhere, ``unc`` the
-    variance, and both data and variance 0 where unusable (so sums need no branches).
+    variance, the data 0 and the variance NaN where unusable (the direct kernels' sums never
+    take such a pixel in; the two-pass kernels find it by the NaN).
 
     ``flags``: (has_mask, has_uncertainty, has_noise_model). ``noise``: (background, σ², 1/gain)
     of the model ``σ² = σ_bg² + max(v − B, 0)/gain`` used where there is no uncertainty plane.
@@ -127,7 +134,7 @@ def _prepare_band(band, maskp, unc, flags, noise, r0, r1):
                 var = noise[1] + max(v - noise[0], 0.0) * noise[2]
             maskp[r, x] = 0.0 if ok else 1.0
             band[r, x] = v if ok else 0.0
-            unc[r, x] = var if ok else 0.0
+            unc[r, x] = var if ok else np.nan
 
 
 _FAST = {"contract", "reassoc", "arcp"}   # reorder sums (SIMD); NaN and inf semantics kept
@@ -193,7 +200,7 @@ def _make_rows(taps: int) -> Callable[..., None]:
                     pw = minv[2, 0] * xf + minv[2, 1] * y + minv[2, 2]
                     px /= pw
                     py /= pw
-                if not (px > -half and px < src_nx - 1 + half and py > -half and py < src_ny - 1 + half):
+                if not _reaches(px, py, half, src_nx, src_ny):
                     out[r, x] = np.nan
                     err[r, x] = np.nan
                     out_bad[r, x] = True
@@ -262,7 +269,158 @@ def _sample_careful(band, bad, var, y0, sy, sx, src_ny, src_nx, wx, wy):
     return acc / accw, math.sqrt(accv) / accw, True
 
 
+#: the most a transform may turn the grid for the two-pass kernels (:func:`shears_well`)
+_MAX_SHEAR = 0.1
+
+
+def shears_well(minv: np.ndarray) -> bool:
+    """Whether the two-pass kernels (:func:`_make_sheared`) take this inverse transform: affine,
+    and turning the grid by at most about 6° (the rows and columns of the output meet the
+    source's at a shallow angle). Larger turns, quarter turns and projective transforms take
+    the direct kernels."""
+    if minv[2, 0] != 0.0 or minv[2, 1] != 0.0 or minv[2, 2] != 1.0:
+        return False
+    return (abs(minv[0, 0]) >= 0.5 and abs(minv[1, 1]) >= 0.5
+            and abs(minv[0, 1]) <= _MAX_SHEAR * abs(minv[1, 1]) and abs(minv[1, 0]) <= _MAX_SHEAR * abs(minv[0, 0]))
+
+
+#: the output blocks of the two-pass kernels: columns and rows
+_TILE_WIDTH = 256
+_TILE_HEIGHT = 64
+
+
+# A value the two passes cannot use is marked by a NaN variance: a prepared band's unusable pixel
+# has one (:func:`_prepare_band`), and any sum that takes it in is NaN (no ``nnan`` in the fast-math
+# flags), a zero weight included. Both passes are inlined into the kernel made for a tap count, so
+# their loops unroll (and, being module-level, the kernels stay in numba's cache).
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _sheared_first(band, var, y_off, src_nx, minv, y_out0, table, b0, b1, c0, c1, ival, ivar, taps):
+    """The first pass of :func:`_make_sheared` for output rows ``b0:b1``, columns ``c0:c1``: each
+    source row they reach interpolated along itself where each column's line crosses it
+    (variance NaN where the taps leave the frame or meet an unusable pixel). Returns the first
+    source row and the number of rows."""
+    half = taps // 2
+    phases = table.shape[0] - 1
+    a00, a01, a02 = minv[0, 0], minv[0, 1], minv[0, 2]
+    a10, a11, a12 = minv[1, 0], minv[1, 1], minv[1, 2]
+    lo_y, hi_y = np.inf, -np.inf
+    for yc in (np.float64(y_out0 + b0), np.float64(y_out0 + b1 - 1)):
+        for xc in (np.float64(c0), np.float64(c1 - 1)):
+            py = a10 * xc + a11 * yc + a12
+            lo_y, hi_y = min(lo_y, py), max(hi_y, py)
+    # a row more each side than the taps reach: positions round to the nearest phase
+    lo = max(y_off, np.int64(math.floor(max(lo_y, -1e9))) - half)
+    hi = min(y_off + band.shape[0], np.int64(math.floor(min(hi_y, 1e9))) + half + 2, lo + ival.shape[0])
+    rows = max(0, hi - lo)
+    slope = a00 - a01 * a10 / a11       # px along a source row, per output column
+    for k in range(rows):
+        br = lo + k - y_off
+        base = a01 * (np.float64(lo + k) - a12) / a11 + a02
+        for xo in range(c0, c1):
+            ix, q = _phase(slope * np.float64(xo) + base, phases)
+            x0 = ix - half + 1
+            t = xo - c0
+            if x0 < 0 or x0 + taps > src_nx:
+                ivar[k, t] = np.nan
+                continue
+            acc = 0.0
+            accv = 0.0
+            for i in range(taps):
+                w = table[q, i]
+                acc += w * band[br, x0 + i]
+                accv += w * w * var[br, x0 + i]
+            ival[k, t] = acc
+            ivar[k, t] = accv
+    return lo, rows
+
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _sheared_second(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, table, b0, b1, c0, c1, out, out_bad, err,
+                    ival, ivar, lo, rows, wx, wy, taps):
+    """The second pass of :func:`_make_sheared` for output rows ``b0:b1``, columns ``c0:c1``: down
+    each column's line at the output pixel's source row, or :func:`_sample_careful` where a
+    first-pass value is unusable."""
+    half = taps // 2
+    phases = table.shape[0] - 1
+    a00, a01, a02 = minv[0, 0], minv[0, 1], minv[0, 2]
+    a10, a11, a12 = minv[1, 0], minv[1, 1], minv[1, 2]
+    for r in range(b0, b1):
+        y = np.float64(y_out0 + r)
+        for x in range(c0, c1):
+            xf = np.float64(x)
+            px = a00 * xf + a01 * y + a02
+            py = a10 * xf + a11 * y + a12
+            if not _reaches(px, py, half, src_nx, src_ny):
+                out[r, x] = np.nan
+                err[r, x] = np.nan
+                out_bad[r, x] = True
+                continue
+            iy, qy = _phase(py, phases)
+            sy = iy - half + 1
+            k0 = sy - lo
+            t = x - c0
+            if k0 >= 0 and k0 + taps <= rows:
+                acc = 0.0
+                accv = 0.0
+                for j in range(taps):
+                    w = table[qy, j]
+                    acc += w * ival[k0 + j, t]
+                    accv += w * w * ivar[k0 + j, t]
+                if not math.isnan(accv):
+                    out[r, x] = acc
+                    err[r, x] = math.sqrt(accv)
+                    out_bad[r, x] = False
+                    continue
+            ix, qx = _phase(px, phases)
+            for k in range(taps):
+                wx[k] = table[qx, k]
+                wy[k] = table[qy, k]
+            value, sigma, ok = _sample_careful(band, bad, var, sy - y_off, sy, ix - half + 1, src_ny, src_nx,
+                                               wx, wy)
+            out[r, x] = value
+            err[r, x] = sigma
+            out_bad[r, x] = not ok
+
+
+def _make_sheared(taps: int) -> Callable[..., None]:
+    """The two-pass row kernel for an affine transform that turns the grid a little
+    (:func:`shears_well`), compiled for ``taps``.
+
+    The source position of output pixel (x, y) lies on the line that output column x draws
+    across the source. The first pass interpolates each source row along its own row at the
+    point where each output column's line crosses it (``taps`` weights); the second
+    interpolates down each column's line at the output pixel's source row (``taps`` weights).
+    The kernel is the same separable one, on axes sheared by the turn (exactly the direct
+    kernel for shifts, flips and whole-pixel positions): 2·taps multiply-adds per value
+    instead of taps². Each first-pass value uses one source row, so the values the second
+    pass combines are independent and ``Σw²σ²`` stays exact.
+
+    A pixel whose sheared taps leave the band or the frame, or meet a bad pixel, takes
+    :func:`_sample_careful` at its exact position, as the direct kernel does."""
+
+    @njit(cache=True, nogil=True, fastmath=_FAST)
+    def sheared(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, table, table2, r0, r1, out, out_bad, err):
+        nx = out.shape[1]
+        a10, a11 = minv[1, 0], minv[1, 1]
+        # blocks of output pixels whose first-pass values stay in the cache between the passes
+        span = int(math.ceil(abs(a10) * _TILE_WIDTH + abs(a11) * _TILE_HEIGHT)) + taps + 4
+        ival = np.empty((span, _TILE_WIDTH))
+        ivar = np.empty((span, _TILE_WIDTH))
+        wx = np.empty(taps)
+        wy = np.empty(taps)
+        for c0 in range(0, nx, _TILE_WIDTH):
+            c1 = min(nx, c0 + _TILE_WIDTH)
+            for b0 in range(r0, r1, _TILE_HEIGHT):
+                b1 = min(r1, b0 + _TILE_HEIGHT)
+                lo, rows = _sheared_first(band, var, y_off, src_nx, minv, y_out0, table, b0, b1, c0, c1, ival, ivar,
+                                          taps)
+                _sheared_second(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, table, b0, b1, c0, c1, out,
+                                out_bad, err, ival, ivar, lo, rows, wx, wy, taps)
+
+    return sheared
+
+
 _ROWS = {6: _make_rows(6), 4: _make_rows(4), 2: _make_rows(2)}
+_SHEARED = {6: _make_sheared(6), 4: _make_sheared(4), 2: _make_sheared(2)}
 
 
 # -- matrices and geometry ----------------------------------------------------------------------
@@ -473,6 +631,7 @@ class ResampledRows:
         self.matrix = as_matrix(matrix)
         self.inverse = np.linalg.inv(self.matrix)
         _check_projective(self.inverse, self.shape)
+        self._sheared = shears_well(self.inverse)
         self.interpolation = interpolation
         self._half = _HALF[interpolation]
         self._table = kernel_table(interpolation)
@@ -626,18 +785,26 @@ class ResampledRows:
         def count(r0: int, r1: int) -> None:
             _footprint_counts(mask, 2 * half, near, r0, r1)
 
-        kernel, table, table2 = _ROWS[2 * half], self._table, self._table2
+        table, table2 = self._table, self._table2
+        if self._sheared:
+            kernel = _SHEARED[2 * half]
 
-        def run(r0: int, r1: int) -> None:
-            kernel(band, mask, unc, near, lo, src_ny, src_nx, self.inverse, y0, table, table2, r0, r1,
-                   data, bad, err)
+            def run(r0: int, r1: int) -> None:
+                kernel(band, mask, unc, lo, src_ny, src_nx, self.inverse, y0, table, table2, r0, r1, data, bad, err)
+        else:
+            kernel = _ROWS[2 * half]
+
+            def run(r0: int, r1: int) -> None:
+                kernel(band, mask, unc, near, lo, src_ny, src_nx, self.inverse, y0, table, table2, r0, r1,
+                       data, bad, err)
 
         own = None
         if threads is None:
             threads = own = RowThreads(1 if (y1 - y0) * nx < 65536 else None)
         try:
             threads.run(prepare, hi - lo)
-            threads.run(count, hi - lo)
+            if not self._sheared:
+                threads.run(count, hi - lo)
             threads.run(run, y1 - y0)
         finally:
             if own is not None:
