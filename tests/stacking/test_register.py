@@ -317,3 +317,37 @@ def test_short_exposures_are_shallow_not_cloudy():
                              [60.0] * 8 + [3.0] * 3)
     assert verdicts[6].startswith("cloudy: 30 stars") and "background" in verdicts[7]
     assert verdicts[:6] == [None] * 6 and verdicts[8:] == [None] * 3
+
+
+def test_a_sky_sampled_on_a_quarter_of_the_pixels_finds_the_same_stars():
+    """``sampled_sky``: a large mono frame's sky measured on every other pixel of every other row
+    gives the stars of the full measurement at the same places (1/100 px) and the sky's level
+    and rms within 1 %, with a gradient and masked pixels; against the true fluxes, the stars'
+    fluxes are as true (median within 1 %, as the full measurement's: the median of 300 ratios
+    scattered by 5 % is known to 0.4 %) and at most 15 % noisier (25 % with meshes of 32
+    sampled pixels)."""
+    from starfield import catalogue, observe
+
+    shape = (1024, 1280)
+    stars = catalogue(shape, 400, seed=5)
+    data, _ = observe(shape, stars, np.eye(3), seed=3)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    data += (0.05 * xx + 0.03 * yy).astype(np.float32)          # a sky gradient of 90 ADU
+    mask = np.zeros(shape, np.uint8)
+    mask[200:203, :] = 1
+    full = detect_stars(data, mask)
+    sampled = detect_stars(data, mask, sampled_sky=True)
+    near = np.hypot(full.x[:, None] - sampled.x[None], full.y[:, None] - sampled.y[None])
+    j = near.argmin(axis=1)
+    matched = near[np.arange(len(full)), j] < 0.5
+    assert len(full) == 300 and matched.sum() >= 0.98 * len(full)
+    assert np.max(near[np.arange(len(full)), j][matched]) < 0.01
+    assert sampled.background == pytest.approx(full.background, rel=0.01)
+    assert sampled.background_rms == pytest.approx(full.background_rms, rel=0.01)
+    ratios = []
+    for found in (full, sampled):
+        k = np.hypot(stars[:, :1] - found.x[None], stars[:, 1:2] - found.y[None]).argmin(axis=0)
+        assert np.median(np.hypot(stars[k, 0] - found.x, stars[k, 1] - found.y)) < 0.05   # the stars
+        ratios.append(found.flux / stars[k, 2])
+    assert abs(np.median(ratios[0]) - 1) < 0.01 and abs(np.median(ratios[1]) - 1) < 0.01
+    assert np.std(ratios[1]) < 1.15 * np.std(ratios[0])

@@ -124,7 +124,7 @@ def judge_one(path: str, bayer_pattern: str | None, max_stars: int, *, keep_warn
         try:
             data, mask, header, pattern = read_frame(path, bayer_pattern)
             exptime = exposure_of(header)
-            found = detect_stars(data, mask, max_stars=max_stars)
+            found = detect_stars(data, mask, max_stars=max_stars, sampled_sky=pattern is None)
             quality = frame_quality(found, data.shape)
         except InputError as exc:
             error = str(exc)

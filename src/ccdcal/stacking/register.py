@@ -185,6 +185,34 @@ def _saturation_level(image: np.ndarray, bad: np.ndarray, saturation: float | No
     return None
 
 
+#: frames of at least this many pixels measure their sky on every other pixel of every other row
+_SUBSAMPLE_FROM = 2**20
+
+
+def _subtract_background(image: np.ndarray, bad: np.ndarray | None,
+                         sampled: bool) -> tuple[np.ndarray, float, float]:
+    """The image less sep's background map, the map's median and the sky's global rms.
+
+    With ``sampled``, a frame of :data:`_SUBSAMPLE_FROM` pixels or more (even sides) has its map
+    measured on every other pixel of every other row, each value serving its 2 × 2 pixels, in a
+    quarter of the time. Its meshes are 64 such pixels (128 px of the frame), so that each
+    mesh's sky comes from as many pixels as sep's default mesh of 64 px at full resolution (with
+    32, the noise of the map made faint stars' fluxes 25 % noisier); the rms stays the
+    per-pixel rms."""
+    ny, nx = image.shape
+    if not sampled or image.size < _SUBSAMPLE_FROM or ny % 2 or nx % 2:
+        bkg = sep.Background(image, mask=bad)
+        back = bkg.back().astype(image.dtype, copy=False)
+        sub = image - back
+    else:
+        bkg = sep.Background(np.ascontiguousarray(image[::2, ::2]),
+                             mask=None if bad is None else np.ascontiguousarray(bad[::2, ::2]), bw=64, bh=64)
+        back = bkg.back().astype(image.dtype, copy=False)
+        sub = (image.reshape(ny // 2, 2, nx // 2, 2) - back[:, None, :, None]).reshape(ny, nx)
+    median = float(np.median(back[:: max(1, back.shape[0] // 256), :: max(1, back.shape[1] // 256)]))
+    return sub, median, float(bkg.globalrms)
+
+
 def _extract(sub: np.ndarray, threshold: float, rms: float, bad: np.ndarray | None) -> np.ndarray:
     """``sep.extract`` with internal buffers sized for the frame (grown once on overflow)."""
     sep.set_extract_pixstack(max(sep.get_extract_pixstack(), sub.size // 20))
@@ -273,7 +301,7 @@ def _shape_outliers(fwhm: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarra
 
 
 def detect_stars(data: np.ndarray, mask: np.ndarray | None = None, *, threshold: float = 5.0,
-                 max_stars: int = 300, saturation: float | None = None) -> Stars:
+                 max_stars: int = 300, saturation: float | None = None, sampled_sky: bool = False) -> Stars:
     """Detect stars in a calibrated frame and measure them.
 
     Parameters
@@ -291,6 +319,11 @@ def detect_stars(data: np.ndarray, mask: np.ndarray | None = None, *, threshold:
         Level (ADU, in ``data``) at which a star's peak counts as saturated. Without it, a
         plateau of pixels at the image maximum is taken as the clipping level; saturated
         pixels flagged in ``mask`` are excluded either way.
+    sampled_sky : bool
+        Measure the sky of a frame of a million pixels or more on every other pixel of every
+        other row (a quarter of the time; each mesh's sky from a quarter of its pixels). Only
+        for frames whose pixels' noise does not depend on their position in a 2 × 2 cell:
+        not for a debayered or CFA frame, whose sampled pixels would all be one colour's.
 
     Returns
     -------
@@ -308,14 +341,8 @@ def detect_stars(data: np.ndarray, mask: np.ndarray | None = None, *, threshold:
     if any_bad and bad.all():
         raise InputError("detect_stars: every pixel of the image is masked or not finite")
     maskarg = bad if any_bad else None
-    bkg = sep.Background(image, mask=maskarg)
-    rms = float(bkg.globalrms)
-    back_map = bkg.back()
-    background = float(np.median(back_map[:: max(1, back_map.shape[0] // 256),
-                                          :: max(1, back_map.shape[1] // 256)]))
+    sub, background, rms = _subtract_background(image, maskarg, sampled_sky)
     level = _saturation_level(image, bad, saturation, rms, background)
-    sub = image - back_map.astype(image.dtype, copy=False)
-    del back_map
     if any_bad:
         sub[bad] = 0.0
     empty = Stars(*(np.empty(0) for _ in range(7)), background=background, background_rms=rms)
