@@ -208,7 +208,7 @@ def _subtract_background(image: np.ndarray, bad: np.ndarray | None,
         bkg = sep.Background(np.ascontiguousarray(image[::2, ::2]),
                              mask=None if bad is None else np.ascontiguousarray(bad[::2, ::2]), bw=64, bh=64)
         back = bkg.back().astype(image.dtype, copy=False)
-        sub = (image.reshape(ny // 2, 2, nx // 2, 2) - back[:, None, :, None]).reshape(ny, nx)
+        sub = (image.reshape(ny // 2, 2, nx) - np.repeat(back, 2, axis=1)[:, None, :]).reshape(ny, nx)
     median = float(np.median(back[:: max(1, back.shape[0] // 256), :: max(1, back.shape[1] // 256)]))
     return sub, median, float(bkg.globalrms)
 
