@@ -4,6 +4,7 @@ talks nonsense costs nothing but its time; warnings raised while judging reach t
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -164,3 +165,33 @@ def test_a_helper_handed_to_a_stack_that_cannot_start_is_ended(frames, monkeypat
     with pytest.raises(InputError):
         stack_files(frames, frames[0], judge_helper=process)       # the output is an input
     assert process._proc.poll() is not None
+
+
+def test_colour_frames_need_more_bytes_for_a_helper(tmp_path, monkeypatch):
+    """A first frame whose header names a Bayer pattern (read without astropy, before the imports)
+    needs HELPER_MIN_COLOUR_BYTES: its helper starts numba and the debayering kernels too."""
+    from astropy.io import fits
+
+    monkeypatch.delenv("CCDCAL_JUDGE_HELPER", raising=False)
+    monkeypatch.setattr(helper, "cpus", lambda: 2)
+    paths = {}
+    for kind, cards in (("mono", {}), ("bayer", {"BAYERPAT": "RGGB"}), ("typed", {"COLORTYP": "GRBG"}),
+                        ("late", {f"KEY{i}": i for i in range(60)} | {"BAYERPAT": "RGGB"})):
+        header = fits.Header(cards)
+        paths[kind] = []
+        for i in range(6):
+            path = tmp_path / f"{kind}{i}.fits"
+            fits.PrimaryHDU(np.zeros((64, 64), np.float32), header).writeto(path)
+            paths[kind].append(str(path))
+    (tmp_path / "short.fits").write_bytes(b"SIMPLE  =")
+    size = sum(os.stat(p).st_size for p in paths["mono"])
+    monkeypatch.setattr(helper, "HELPER_MIN_BYTES", size)
+    monkeypatch.setattr(helper, "HELPER_MIN_COLOUR_BYTES", 10 * size)
+    assert helper.worth_a_helper(paths["mono"])
+    assert not any(helper.worth_a_helper(paths[k]) for k in ("bayer", "typed", "late"))
+    assert [helper.names_a_bayer_pattern(paths[k][0]) for k in ("mono", "bayer", "typed", "late")] == \
+        [False, True, True, True]
+    assert not helper.names_a_bayer_pattern(str(tmp_path / "short.fits"))
+    assert not helper.names_a_bayer_pattern(str(tmp_path / "missing.fits"))
+    monkeypatch.setattr(helper, "HELPER_MIN_COLOUR_BYTES", size)
+    assert helper.worth_a_helper(paths["bayer"]) and helper.worth_a_helper(paths["late"])
