@@ -195,3 +195,34 @@ def test_colour_frames_need_more_bytes_for_a_helper(tmp_path, monkeypatch):
     assert not helper.names_a_bayer_pattern(str(tmp_path / "missing.fits"))
     monkeypatch.setattr(helper, "HELPER_MIN_COLOUR_BYTES", size)
     assert helper.worth_a_helper(paths["bayer"]) and helper.worth_a_helper(paths["late"])
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "GBRG"])
+@pytest.mark.parametrize("shape", [(1024, 1024), (515, 601)])
+def test_colour_frames_are_judged_on_their_cells_at_the_right_place(tmp_path, pattern, shape):
+    """A CFA frame (stars of three colours through the Bayer filter, written here) is judged on
+    the mean of its 2 × 2 cells, whose pixels lie half a pixel down and right of the frame's:
+    the stars are found at their true places (median 0.03 px, the worst 0.1 px), with odd sides
+    and with masked pixels, in a frame large enough for the sampled sky."""
+    from astropy.io import fits
+
+    stars = sf.catalogue(shape, 150, seed=4, margin=20)
+    rng = np.random.default_rng(1)
+    tint = rng.uniform(0.3, 1.5, (len(stars), 3))
+    planes = [sf.render(shape, stars[:, :2], stars[:, 2] * tint[:, c]) for c in range(3)]
+    colour = {"R": 0, "G": 1, "B": 2}
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    cfa = np.zeros(shape)
+    for k, name in enumerate(pattern):
+        cell = (yy % 2 == k // 2) & (xx % 2 == k % 2)
+        cfa[cell] = planes[colour[name]][cell]
+    cfa += 300.0 + rng.normal(0.0, 5.0, shape)
+    mask = np.zeros(shape, np.uint8)
+    mask[rng.integers(0, shape[0], 80), rng.integers(0, shape[1], 80)] = 1
+    header = fits.Header({"BAYERPAT": pattern})
+    path = sf.write_light(tmp_path / "osc.fits", cfa.astype(np.float32), mask=mask, header=header)
+    quality, found, error, _, got, _ = judge.judge_one(str(path), None, 300)
+    assert error is None and got == pattern and quality.n_stars >= 100
+    near = np.hypot(stars[:, :1] - found.x[None], stars[:, 1:2] - found.y[None])
+    miss = near.min(axis=0)
+    assert np.median(miss) < 0.03 and np.percentile(miss, 95) < 0.1

@@ -17,14 +17,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._shared.progress import ProgressOption, steps
-from ..colour.demosaic import debayer, frame_pattern, luminance
+from ..colour.demosaic import cell_luminance, frame_pattern
 from ..errors import InputError
 from ..io.headers import exposure_of
 from .helper import HelperProcess, start_helper
@@ -95,7 +95,9 @@ def _num(value: Any) -> float | None:
 
 def read_frame(path: str, given: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any, str | None]:
     """A frame's data, mask, header and Bayer pattern (None: mono; ``given`` for colour frames
-    whose header names none); a colour frame's data as the mean of its colours."""
+    whose header names none); a colour frame's data as the mean of each 2 × 2 cell
+    (:func:`ccdcal.colour.demosaic.cell_luminance`: its pixel (y, x) lies at (y + 0.5, x + 0.5)
+    of the frame)."""
     from astropy.io import fits
 
     try:
@@ -109,7 +111,7 @@ def read_frame(path: str, given: str | None = None) -> tuple[np.ndarray, np.ndar
         raise InputError(f"{path}: expected a 2-D image, got shape {data.shape}")
     pattern = frame_pattern(header, data.shape, given)
     if pattern is not None:
-        data, mask = luminance(debayer(data, pattern, mask=mask))
+        data, mask = cell_luminance(data, mask)
     return data, mask, header, pattern
 
 
@@ -124,8 +126,15 @@ def judge_one(path: str, bayer_pattern: str | None, max_stars: int, *, keep_warn
         try:
             data, mask, header, pattern = read_frame(path, bayer_pattern)
             exptime = exposure_of(header)
-            found = detect_stars(data, mask, max_stars=max_stars, sampled_sky=pattern is None)
-            quality = frame_quality(found, data.shape)
+            if pattern is None:
+                shape = data.shape
+                found = detect_stars(data, mask, max_stars=max_stars, sampled_sky=True)
+            else:           # the cells' means, even sides for the sampled sky; placed on the frame
+                shape = (data.shape[0] + 1, data.shape[1] + 1)
+                even = (slice(0, data.shape[0] // 2 * 2), slice(0, data.shape[1] // 2 * 2))
+                found = detect_stars(data[even], mask[even], max_stars=max_stars, sampled_sky=True)
+                found = replace(found, x=found.x + 0.5, y=found.y + 0.5)
+            quality = frame_quality(found, shape)
         except InputError as exc:
             error = str(exc)
     said = [(w.category, str(w.message)) for w in caught] if keep_warnings else []
