@@ -278,12 +278,13 @@ def _turn(degrees, dx=3.37, dy=-4.61):
     return np.array([[math.cos(t), -math.sin(t), dx], [math.sin(t), math.cos(t), dy], [0.0, 0.0, 1.0]])
 
 
-@pytest.mark.parametrize("degrees", [0.3, 2.0, 5.0])
-def test_two_pass_kernel_is_as_true_as_the_direct_one(monkeypatch, degrees):
-    """Small turns take the two-pass kernel (Lanczos-3 on axes sheared by the turn): against
+@pytest.mark.parametrize("interpolation", ["lanczos3", "bicubic"])
+@pytest.mark.parametrize("degrees", [0.3, 1.1])
+def test_two_pass_kernel_is_as_true_as_the_direct_one(monkeypatch, degrees, interpolation):
+    """Small turns take the two-pass kernel (the kernel on axes sheared by the turn): against
     stars rendered at their true positions its error is the direct kernel's (rms within 2 %),
-    its σ within 4 % of the direct kernel's in star cores, and the same pixels are invalid
-    (masked, NaN and edge pixels)."""
+    its σ within 1 % of the direct kernel's, and the same pixels are invalid (2 % masked
+    pixels, a NaN, the edges)."""
     from ccdcal.stacking import resample
 
     rng = np.random.default_rng(2)
@@ -295,29 +296,55 @@ def test_two_pass_kernel_is_as_true_as_the_direct_one(monkeypatch, degrees):
     truth = _star_image(shape, xy, flux)
     source = _star_image(shape, xy @ inverse[:2, :2].T + inverse[:2, 2], flux).astype(np.float32)
     sigma = np.sqrt(25.0 + source).astype(np.float32)
-    mask = np.zeros(shape, np.uint8)
-    mask[rng.integers(0, shape[0], 60), rng.integers(0, shape[1], 60)] = 1
+    mask = (rng.random(shape) < 0.02).astype(np.uint8)
     source[7, 9] = np.nan
     assert resample.shears_well(inverse)
-    two = resample_array(source, matrix, shape, mask=mask, uncertainty=sigma)
+    two = resample_array(source, matrix, shape, mask=mask, uncertainty=sigma, interpolation=interpolation)
     monkeypatch.setattr(resample, "shears_well", lambda minv: False)
-    direct = resample_array(source, matrix, shape, mask=mask, uncertainty=sigma)
+    direct = resample_array(source, matrix, shape, mask=mask, uncertainty=sigma, interpolation=interpolation)
     assert np.array_equal(two[1], direct[1])
     inner = (slice(25, -25), slice(25, -25))
     good = ~direct[1][inner]
     rms = [math.sqrt(float(np.mean((out[0][inner] - truth[inner])[good] ** 2))) for out in (two, direct)]
     assert rms[0] == pytest.approx(rms[1], rel=0.02)
-    assert rms[1] < 3.0                                     # the comparison is not of two failures
-    assert np.max(np.abs(two[2][inner][good] / direct[2][inner][good] - 1)) < 0.04
+    assert rms[1] < (3.0 if interpolation == "lanczos3" else 5.0)    # not a comparison of two failures
+    assert np.max(np.abs(two[2][inner][good] / direct[2][inner][good] - 1)) < 0.01
+
+
+def test_two_pass_kernel_invalid_pixels_match_the_direct_ones_at_the_largest_turn(monkeypatch):
+    """At the largest turn the two-pass kernel takes (tan θ = 0.02) and under flips, with 2 % bad
+    pixels, every output pixel is invalid in both kernels or in neither: a direct tap that the
+    sheared taps leave out weighs below NEGLIGIBLE (the reviewer's case: bilinear at 5° differed)."""
+    from ccdcal.stacking import resample
+
+    rng = np.random.default_rng(7)
+    shape = (200, 300)
+    source = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    mask = (rng.random(shape) < 0.02).astype(np.uint8)
+    t = math.atan(0.0199)
+    turns = [np.array([[math.cos(a), -math.sin(a), dx], [math.sin(a), math.cos(a), dy], [0, 0, 1.0]])
+             for a in (t, -t) for dx, dy in ((0.9, 0.0), (0.37, -0.61), (-2.2, 1.45))]
+    turns.append(np.array([[-1.0, 0, 299.3], [0, -1.0, 199.6], [0, 0, 1]]))
+    for interpolation in ("lanczos3", "bicubic"):
+        for matrix in turns:
+            assert resample.shears_well(np.linalg.inv(matrix))
+            two = resample_array(source, matrix, shape, mask=mask, interpolation=interpolation)[1]
+            with monkeypatch.context() as m:
+                m.setattr(resample, "shears_well", lambda minv: False)
+                direct = resample_array(source, matrix, shape, mask=mask, interpolation=interpolation)[1]
+            assert np.array_equal(two, direct), (interpolation, matrix)
 
 
 def test_two_pass_kernel_only_for_small_affine_turns():
-    from ccdcal.stacking.resample import shears_well
+    from ccdcal.stacking.resample import ResampledRows, shears_well
 
-    assert shears_well(np.linalg.inv(_turn(0.0))) and shears_well(np.linalg.inv(_turn(5.0)))
+    assert shears_well(np.linalg.inv(_turn(0.0))) and shears_well(np.linalg.inv(_turn(1.1)))
     flip = np.diag([-1.0, -1.0, 1.0])
     assert shears_well(flip)                                 # a meridian flip: exact copies either way
-    assert not shears_well(np.linalg.inv(_turn(90.0))) and not shears_well(np.linalg.inv(_turn(10.0)))
+    assert not shears_well(np.linalg.inv(_turn(90.0))) and not shears_well(np.linalg.inv(_turn(1.2)))
     projective = np.eye(3)
     projective[2, 0] = 1e-5
     assert not shears_well(projective)
+    image = np.zeros((16, 16), np.float32)
+    assert ResampledRows(image, _turn(0.3), (16, 16))._sheared
+    assert not ResampledRows(image, _turn(0.3), (16, 16), interpolation="bilinear")._sheared

@@ -269,15 +269,20 @@ def _sample_careful(band, bad, var, y0, sy, sx, src_ny, src_nx, wx, wy):
     return acc / accw, math.sqrt(accv) / accw, True
 
 
-#: the most a transform may turn the grid for the two-pass kernels (:func:`shears_well`)
-_MAX_SHEAR = 0.1
+#: the most a transform may turn the grid for the two-pass kernels (:func:`shears_well`): tan θ
+_MAX_SHEAR = 0.02
 
 
 def shears_well(minv: np.ndarray) -> bool:
     """Whether the two-pass kernels (:func:`_make_sheared`) take this inverse transform: affine,
-    and turning the grid by at most about 6° (the rows and columns of the output meet the
-    source's at a shallow angle). Larger turns, quarter turns and projective transforms take
-    the direct kernels."""
+    turning the grid by at most about 1.1° (a night's dithers; a meridian flip too).
+
+    The two-pass taps of a source row are centred up to ``tan θ · half`` px from the direct
+    kernel's; a tap of the direct footprint they leave out then weighs less than 4e-4 (Lanczos-3
+    at 2.94 px) or 8e-4 (Keys at 1.96 px), below :data:`NEGLIGIBLE`, so both kernels find the same
+    output pixels invalid. Larger turns (alt-az field rotation), quarter turns and projective
+    transforms take the direct kernels; so does bilinear (2 × 2 taps: two passes save nothing, and
+    its edge taps weigh up to ``tan θ``)."""
     if minv[2, 0] != 0.0 or minv[2, 1] != 0.0 or minv[2, 2] != 1.0:
         return False
     return (abs(minv[0, 0]) >= 0.5 and abs(minv[1, 1]) >= 0.5
@@ -383,7 +388,7 @@ def _sheared_second(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, table, 
 
 def _make_sheared(taps: int) -> Callable[..., None]:
     """The two-pass row kernel for an affine transform that turns the grid a little
-    (:func:`shears_well`), compiled for ``taps``.
+    (:func:`shears_well`), compiled for ``taps`` (4 or 6).
 
     The source position of output pixel (x, y) lies on the line that output column x draws
     across the source. The first pass interpolates each source row along its own row at the
@@ -420,7 +425,7 @@ def _make_sheared(taps: int) -> Callable[..., None]:
 
 
 _ROWS = {6: _make_rows(6), 4: _make_rows(4), 2: _make_rows(2)}
-_SHEARED = {6: _make_sheared(6), 4: _make_sheared(4), 2: _make_sheared(2)}
+_SHEARED = {6: _make_sheared(6), 4: _make_sheared(4)}   # bilinear takes the direct kernel (shears_well)
 
 
 # -- matrices and geometry ----------------------------------------------------------------------
@@ -631,9 +636,9 @@ class ResampledRows:
         self.matrix = as_matrix(matrix)
         self.inverse = np.linalg.inv(self.matrix)
         _check_projective(self.inverse, self.shape)
-        self._sheared = shears_well(self.inverse)
         self.interpolation = interpolation
         self._half = _HALF[interpolation]
+        self._sheared = self._half > 1 and shears_well(self.inverse)
         self._table = kernel_table(interpolation)
         self._table2 = _squared_table(interpolation)
         self._planes = _Planes(source)
