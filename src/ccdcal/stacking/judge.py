@@ -126,13 +126,10 @@ def judge_one(path: str, bayer_pattern: str | None, max_stars: int, *, keep_warn
         try:
             data, mask, header, pattern = read_frame(path, bayer_pattern)
             exptime = exposure_of(header)
-            if pattern is None:
-                shape = data.shape
-                found = detect_stars(data, mask, max_stars=max_stars, sampled_sky=True)
-            else:           # the cells' means, even sides for the sampled sky; placed on the frame
-                shape = (data.shape[0] + 1, data.shape[1] + 1)
-                even = (slice(0, data.shape[0] // 2 * 2), slice(0, data.shape[1] // 2 * 2))
-                found = detect_stars(data[even], mask[even], max_stars=max_stars, sampled_sky=True)
+            found = detect_stars(data, mask, max_stars=max_stars, sampled_sky=True)
+            shape = data.shape
+            if pattern is not None:     # the cells' means: placed on the frame
+                shape = (shape[0] + 1, shape[1] + 1)
                 found = replace(found, x=found.x + 0.5, y=found.y + 0.5)
             quality = frame_quality(found, shape)
         except InputError as exc:

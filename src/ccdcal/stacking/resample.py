@@ -112,6 +112,14 @@ def _reaches(px, py, half, src_nx, src_ny):
     return px > -half and px < src_nx - 1 + half and py > -half and py < src_ny - 1 + half
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _set_invalid(out, err, out_bad, r, x):
+    """Output pixel (r, x) has no value: NaN in the data and σ, True in the mask."""
+    out[r, x] = np.nan
+    err[r, x] = np.nan
+    out_bad[r, x] = True
+
+
 @njit(cache=True, nogil=True)
 def _prepare_band(band, maskp, unc, flags, noise, r0, r1):
     """Rows ``r0:r1`` of a source band, in place, for the row kernels (:func:`_make_rows`): ``maskp`` becomes 1.0
@@ -201,9 +209,7 @@ def _make_rows(taps: int) -> Callable[..., None]:
                     px /= pw
                     py /= pw
                 if not _reaches(px, py, half, src_nx, src_ny):
-                    out[r, x] = np.nan
-                    err[r, x] = np.nan
-                    out_bad[r, x] = True
+                    _set_invalid(out, err, out_bad, r, x)
                     continue
                 ix, qx = _phase(px, phases)
                 iy, qy = _phase(py, phases)
@@ -355,9 +361,7 @@ def _sheared_second(band, bad, var, y_off, src_ny, src_nx, minv, y_out0, table, 
             px = a00 * xf + a01 * y + a02
             py = a10 * xf + a11 * y + a12
             if not _reaches(px, py, half, src_nx, src_ny):
-                out[r, x] = np.nan
-                err[r, x] = np.nan
-                out_bad[r, x] = True
+                _set_invalid(out, err, out_bad, r, x)
                 continue
             iy, qy = _phase(py, phases)
             sy = iy - half + 1
