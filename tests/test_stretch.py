@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -111,6 +112,46 @@ def test_auto_stf_puts_the_median_on_target(sky):
     np.testing.assert_allclose(y, S.mtf(S.midtones_balance((med - c0) / (1 - c0)),
                                         np.clip((x - c0) / (1 - c0), 0, 1)), atol=1e-6)
     assert _is_monotone(sky, y) and y.min() == 0.0 and y.max() == pytest.approx(1.0)
+
+
+def _plain_auto_stf(data: np.ndarray) -> np.ndarray:
+    """The auto-STF in plain numpy: min..max of the finite values, infinities clipped to them,
+    median and MAD of the non-NaN values (the order of the steps as the definition gives it)."""
+    d = data.astype(np.float64)
+    finite = d[np.isfinite(d)]
+    x = np.clip((d - finite.min()) / (finite.max() - finite.min()), 0, 1)
+    kept = x[~np.isnan(x)]
+    med = np.median(kept)
+    mad_to_std = 1.0 / statistics.NormalDist().inv_cdf(0.75)       # 1.4826…
+    c0 = max(med - 2.8 * mad_to_std * np.median(np.abs(kept - med)), 0.0)
+    b = (med - c0) / (1 - c0)
+    m = b * (0.25 - 1) / (2 * b * 0.25 - 0.25 - b)
+    return _closed_mtf(m, np.clip((x - c0) / (1 - c0), 0, 1))
+
+
+@pytest.mark.parametrize("shape", [(200, 240), (199, 241)])       # even and odd counts
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<f8", "<i4"])
+def test_auto_stf_equals_a_plain_numpy_stretch_with_nan_and_infinities(sky, shape, dtype):
+    data = np.resize(sky, shape).astype(np.float64)
+    if dtype[1] == "f":
+        data[3, 4] = np.nan
+        data[7, :9] = np.inf
+        data[9, :5] = -np.inf
+    data = data.astype(dtype)
+    y = S.auto_stf(data)
+    expected = _plain_auto_stf(data)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(data.astype(np.float64)))
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    if dtype[1] == "f":
+        assert np.allclose(y[7, :9], 1.0, atol=1e-12) and (y[9, :5] == 0.0).all()    # a display clips them
+
+
+def test_to_uint8_rounds_half_to_even_as_numpy_and_clips():
+    y = np.concatenate([np.arange(256) / 255.0, (np.arange(255) + 0.5) / 255.0,
+                        [-0.3, 1.7, np.nan, np.inf, -np.inf]])
+    expected = np.round(np.nan_to_num(np.clip(y, 0, 1), nan=0.0) * 255.0).astype(np.uint8)
+    np.testing.assert_array_equal(S.to_uint8(y), expected)
+    np.testing.assert_array_equal(S.to_uint8(y.reshape(-1, 1)[::-1]), expected.reshape(-1, 1)[::-1])
 
 
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.4])

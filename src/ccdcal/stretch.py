@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from ._shared._kernels import block_mean
+from ._shared._kernels import block_mean, finite_clamped, stf_apply, unit_to_uint8
 from ._shared.robust import MAD_TO_STD
 
 METHODS = ("autostf", "mtf", "mtf-rnc", "rnc", "asinh", "linear")
@@ -156,9 +156,45 @@ def auto_stf(data: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) ->
     (median above 0.5: clip highlights instead) is not implemented: calibration
     frames are never negatives.
     """
-    x = normalize(data)
-    found = _stf(x, shadows, target)
-    return x if found is None else mtf(found[1], _rescale_shadows(x, found[0]))
+    image = np.asarray(data)
+    values = _native(image).reshape(-1)
+    kept = np.empty(values.size, np.float64)
+    count, lo, hi = finite_clamped(values, kept)
+    out = np.empty(image.shape, np.float64)
+    if count == 0:
+        out.fill(np.nan)
+        return out
+    kept = kept[:count]
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0      # a constant image: zeros
+    median = _median(kept)
+    mad = _median(np.abs(kept - median, out=kept))
+    c0, m = _stf_params((median - lo) * scale, mad * scale, shadows, target)
+    stf_apply(values, lo, scale, c0, m, out.reshape(-1))
+    return out
+
+
+def _median(values: np.ndarray) -> float:
+    """numpy's median of a 1-D array (the mean of the middle two of an even count), reordering
+    ``values`` in place: one partition (numpy's SIMD selection: 6 ms for 1.5 M values, where
+    ``np.median`` of a float64 copy of them took 60 ms)."""
+    mid = values.size // 2
+    values.partition(mid)
+    upper = float(values[mid])
+    return upper if values.size % 2 else (float(values[:mid].max()) + upper) / 2.0
+
+
+def _native(image: np.ndarray) -> np.ndarray:
+    """``image`` as a contiguous array of native float32 or float64 (what the kernels take)."""
+    if image.dtype.kind == "f" and image.dtype.isnative and image.dtype.itemsize in (4, 8):
+        return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image, dtype=np.float64)
+
+
+def _stf_params(median: float, mad: float, shadows: float, target: float) -> tuple[float, float]:
+    """The shadows clip ``c0`` and the midtone ``m`` of :func:`auto_stf` from the median and MAD
+    of the normalised values."""
+    c0 = min(max(median - shadows * MAD_TO_STD * mad, 0.0), 1.0 - 1e-9)
+    return c0, midtones_balance((median - c0) / (1.0 - c0), target)
 
 
 def _stf(x: np.ndarray, shadows: float, target: float) -> tuple[float, float] | None:
@@ -168,9 +204,7 @@ def _stf(x: np.ndarray, shadows: float, target: float) -> tuple[float, float] | 
     if values.size == 0:
         return None
     median = float(np.median(values))
-    mad = float(np.median(np.abs(values - median)))
-    c0 = min(max(median - shadows * MAD_TO_STD * mad, 0.0), 1.0 - 1e-9)
-    return c0, midtones_balance((median - c0) / (1.0 - c0), target)
+    return _stf_params(median, float(np.median(np.abs(values - median))), shadows, target)
 
 
 def _linked_stf(rgb: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) -> np.ndarray:
@@ -283,8 +317,12 @@ def downsample(data: np.ndarray, max_size: int) -> np.ndarray:
 
 
 def to_uint8(y: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to 0..255 (rounded; NaN -> 0)."""
-    return np.round(np.nan_to_num(np.clip(y, 0.0, 1.0), nan=0.0) * 255.0).astype(np.uint8)
+    """[0, 1] floats to 0..255 (rounded half to even, as numpy rounds; NaN -> 0)."""
+    image = np.asarray(y)
+    values = _native(image).reshape(-1)
+    out = np.empty(values.size, np.uint8)
+    unit_to_uint8(values, out)
+    return out.reshape(image.shape)
 
 
 def to_uint16(y: np.ndarray) -> np.ndarray:
@@ -305,8 +343,8 @@ def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True, compress_level
     if image.ndim == 3:
         if bits != 8:
             raise ValueError("a colour PNG has 8 bits per colour")
-        rgb = np.moveaxis(image, 0, -1)
-        pil = Image.fromarray(np.ascontiguousarray(to_uint8(rgb[::-1] if flip else rgb)), mode="RGB")
+        rgb = np.moveaxis(to_uint8(image), 0, -1)     # quantised first: the copy below moves bytes
+        pil = Image.fromarray(np.ascontiguousarray(rgb[::-1] if flip else rgb), mode="RGB")
     elif bits not in (8, 16):
         raise ValueError("bits must be 8 or 16")
     else:

@@ -3,7 +3,10 @@
 ``hist_be16`` (the 16-bit histogram of raw big-endian rows: a combine's flat levels and the
 inventory's pixel checks), ``block_mean`` (binning: the stretch's previews and the masters'
 statistics) and ``subtract_scaled`` (``data -= scale * other``: the calibration arithmetic, and the
-smallest parallel kernel, which :func:`ccdcal._shared.pool.kernels_threadsafe` runs as a probe).
+smallest parallel kernel, which :func:`ccdcal._shared.pool.kernels_threadsafe` runs as a probe),
+and the display stretch's ``finite_clamped``, ``stf_apply`` and ``unit_to_uint8`` (one pass
+each instead of numpy's chain of frame-sized temporaries; serial, since previews are made in the
+pipeline's threads, and numba's workqueue layer aborts when two threads run parallel kernels).
 The kernels of one subpackage live next to their users (``combining/_kernels.py``,
 ``calibration/_kernels.py``, ``io/_kernels.py``).
 """
@@ -76,3 +79,61 @@ def subtract_scaled(data, other, scale):
     rhs = other.reshape(-1)
     for i in prange(flat.size):
         flat[i] = flat[i] - np.float32(scale * rhs[i])
+
+
+@njit(cache=True)
+def finite_clamped(values, kept):
+    """The values of the 1-D ``values`` that are not NaN, copied into ``kept`` (float64, same size
+    or larger) with +inf and -inf clamped to the largest and smallest finite value (as a display
+    clips them); returns (count copied, smallest finite, largest finite), the count 0 and the
+    limits NaN when no value is finite."""
+    lo = np.inf
+    hi = -np.inf
+    for i in range(values.size):
+        v = values[i]
+        if np.isfinite(v):
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+    if lo > hi:
+        return 0, np.nan, np.nan
+    k = 0
+    for i in range(values.size):
+        v = values[i]
+        if not np.isnan(v):
+            kept[k] = np.float64(min(max(v, lo), hi))
+            k += 1
+    return k, np.float64(lo), np.float64(hi)
+
+
+@njit(cache=True)
+def stf_apply(values, lo, scale, c0, m, out):
+    """``out[i] = MTF(m, clip((clip((values[i] - lo) · scale, 0, 1) − c0) / (1 − c0), 0, 1))``
+    (the auto-STF of :mod:`ccdcal.stretch`; 1-D arrays; NaN stays NaN, and ``scale`` 0 (a
+    constant image) gives 0 where finite, NaN elsewhere, as :func:`ccdcal.stretch.normalize`)."""
+    inv = 1.0 / (1.0 - c0)
+    a = m - 1.0
+    b = 2.0 * m - 1.0
+    for i in range(values.size):
+        v = np.float64(values[i])
+        if np.isnan(v) or (scale == 0.0 and not np.isfinite(v)):
+            out[i] = np.nan
+            continue
+        x = 0.0 if scale == 0.0 else min(max((v - lo) * scale, 0.0), 1.0)
+        x = min(max((x - c0) * inv, 0.0), 1.0)
+        if m != 0.5:
+            x = min(max(a * x / (b * x - m), 0.0), 1.0)
+        out[i] = x
+
+
+@njit(cache=True)
+def unit_to_uint8(values, out):
+    """``out[i]``: ``values[i]`` in [0, 1] as 0…255, rounded half to even as numpy rounds (values
+    outside clipped, NaN 0); 1-D arrays."""
+    for i in range(values.size):
+        v = values[i]
+        if not (v >= 0.0):          # NaN and negatives
+            out[i] = 0
+            continue
+        out[i] = np.uint8(np.rint(min(np.float64(v), 1.0) * 255.0))
