@@ -417,3 +417,34 @@ def test_colour_sources_are_read_in_threads_like_files(tmp_path):
         assert not ResampledRows(cfa, np.eye(3), (32, 40)).reads_own_file
     finally:
         colour.close()
+
+
+@pytest.mark.parametrize("method", ["bilinear", "mhc"])
+def test_colours_served_by_bands_equal_the_whole_frame_debayered(tmp_path, method):
+    # the row source reuses its band buffers from band to band: every band, asked in any order
+    # and of any height, holds what debayering the whole frame gives (data, mask, σ)
+    from ccdcal.colour.demosaic import DebayeredRows, debayer
+
+    rng = np.random.default_rng(5)
+    cfa = rng.normal(100, 5, (61, 40)).astype(np.float32)
+    mask = (rng.random(cfa.shape) < 0.03).astype(np.uint8)
+    sigma = rng.uniform(1, 3, cfa.shape).astype(np.float32)
+    fits.HDUList([fits.PrimaryHDU(cfa), fits.ImageHDU(mask, name="MASK"),
+                  fits.ImageHDU(sigma, name="UNCERT")]).writeto(tmp_path / "cfa.fits")
+    whole = debayer(cfa, "GBRG", method=method, mask=mask, uncertainty=sigma)
+    for channel in range(3):
+        rows = DebayeredRows(tmp_path / "cfa.fits", channel, "GBRG", method=method)
+        out = np.empty((61, 40), np.float32)
+        try:
+            for y0, y1 in [(40, 61), (0, 7), (7, 30), (30, 40), (3, 5), (0, 61)]:
+                rows.fill_rows(y0, y1, out[: y1 - y0])
+                np.testing.assert_array_equal(out[: y1 - y0], whole.data[channel, y0:y1])
+                np.testing.assert_array_equal(rows.read_rows(y0, y1), whole.data[channel, y0:y1])
+                np.testing.assert_array_equal(rows.read_mask_rows(y0, y1), whole.mask[channel, y0:y1])
+                np.testing.assert_allclose(rows.read_uncertainty_rows(y0, y1), whole.uncertainty[channel, y0:y1],
+                                           rtol=1e-6)
+        finally:
+            rows.close()
+    only = debayer(cfa, "GBRG", method=method, mask=mask, uncertainty=sigma, only=2)   # the others: empty
+    np.testing.assert_array_equal(only.data[2], whole.data[2])
+    assert np.isnan(only.data[:2]).all() and only.mask[:2].all() and np.isnan(only.uncertainty[:2]).all()
