@@ -28,3 +28,35 @@ def test_results_in_input_order_and_warnings_still_shown_afterwards():
 
 def test_one_band_per_master_locally():
     assert LocalExecutor(2).bands((4096, 4096), 1 << 30) == [(0, 4096)]
+
+
+def _warning_task(i: int) -> int:
+    if i % 5 == 2:
+        warnings.warn(f"item {i} says so", CcdcalWarning, stacklevel=1)
+    if i == 17:
+        raise ValueError("item 17 cannot be done")
+    return i * i
+
+
+def test_worker_processes_give_results_in_order_with_their_warnings_and_errors_at_their_items():
+    from ccdcal.pipeline.executor import ProcessExecutor
+
+    executor = ProcessExecutor(2)
+    try:
+        executor.start()
+        got, said = [], []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = executor.map(_warning_task, range(40))
+            try:
+                for value in results:
+                    got.append(value)
+                    said.append([str(w.message) for w in caught])
+            except ValueError as exc:
+                error = str(exc)
+        assert got == [i * i for i in range(17)] and error == "item 17 cannot be done"
+        # each item's warnings are raised before its result is yielded (batches of more than one)
+        assert said[2] == ["item 2 says so"] and said[12][-1] == "item 12 says so" and len(said[16]) == 3
+        assert list(executor.map(_warning_task, range(3))) == [0, 1, 4]     # the pool still serves
+    finally:
+        executor.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -27,8 +28,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .._shared import _kernels
+from .._shared.memory import keep_freed_memory
 from .._shared.pool import LocalExecutor
-from ..errors import CcdcalWarning, ConfigError, InputError
+from ..errors import CcdcalWarning, ConfigError, InputError, OutputError
 
 #: bytes per output pixel a master band holds on a worker (data, uncertainty, rejection
 #: counts, mask) plus its share of the tiles: used to size the bands under ``--memory``
@@ -141,6 +144,96 @@ class DaskExecutor:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+class ProcessExecutor:
+    """Lights in worker processes of this machine: a night of many small frames is bound by
+    Python (headers, small arrays, previews: the GIL), not by pixels, so threads of one process
+    calibrate them one at a time in effect; processes use every core.
+
+    Workers fork from a server process that imported the pipeline and started numba once
+    (``forkserver``, :mod:`ccdcal.pipeline._worker`; spawn where there is none); :meth:`start`
+    starts them while this process reads the headers. Items go in batches (:func:`batch_size`), results come back in input
+    order with each item's CcdcalWarnings raised again here. The workers read the masters from
+    their files (``shares_memory`` False), as dask workers do.
+    """
+
+    shares_memory = False
+    address: str | None = None
+    dashboard: str | None = None
+
+    def __init__(self, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            context.set_forkserver_preload(["ccdcal.pipeline._worker"])
+        self.workers = max(1, int(workers))
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        self._starter: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the workers now (their imports and numba's start), not at the first task, from
+        a thread: starting a worker waits for the server's imports (1-2 s), which this process
+        need not watch."""
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._start, name="ccdcal-start-workers", daemon=True)
+            self._starter.start()
+
+    def _start(self) -> None:
+        try:
+            for future in [self._pool.submit(_start_worker) for _ in range(self.workers)]:
+                future.result()
+        except Exception:  # noqa: BLE001 - only a head start: the first task meets the same problem
+            pass
+
+    def _started(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], *, workers: int | None = None) -> Iterator[Any]:
+        """``fn(item)`` of every item in the workers, in batches; results in input order."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        items = list(items)
+        self._started()
+        size = batch_size(len(items), self.workers)
+        futures = [self._pool.submit(_captured_batch, fn, items[i:i + size]) for i in range(0, len(items), size)]
+        try:
+            for future in futures:
+                try:
+                    results = future.result()
+                except BrokenProcessPool as exc:
+                    raise OutputError("a worker process calibrating the lights died (out of memory?);"
+                                      " rerun: what was written is kept") from exc
+                for value, messages in results:
+                    for message in messages:
+                        warnings.warn(message, CcdcalWarning, stacklevel=2)
+                    if isinstance(value, _Failed):
+                        raise value.error
+                    yield value
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def close(self) -> None:
+        self._started()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker() -> None:
+    """Run first in each worker: the allocator set as the command line sets it (freed frames
+    reused, :func:`ccdcal._shared.memory.keep_freed_memory`), and one numba thread (the workers
+    are the parallelism). numba itself started in the server they forked from
+    (:mod:`ccdcal.pipeline._worker`), or here (spawned workers)."""
+    import numba
+    import numpy as np
+
+    keep_freed_memory()
+    numba.set_num_threads(1)
+    _kernels.finite_clamped(np.zeros(1, np.float32), np.zeros(1, np.float64))
 
 
 #: Tasks per worker at the least when items are batched (:meth:`DaskExecutor.map`).

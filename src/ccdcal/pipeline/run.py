@@ -25,6 +25,7 @@ from .. import __version__
 from .._repr import result_html
 from .._shared import memory as _memory
 from .._shared import pool, state
+from .._shared.machine import cpus
 from .._shared.pool import LocalExecutor
 from .._shared.progress import ProgressOption, resolve_progress, steps
 from ..combining.options import parse_memory
@@ -38,7 +39,7 @@ from ..planning.inventory import Inventory, Skipped, flag_groups, scan
 from ..planning.library import library_print, read_library
 from ..planning.plan import MasterJob, Plan, build_plan
 from ..report.page import build_report, made_master_previews
-from .executor import DaskExecutor, make_executor
+from .executor import DaskExecutor, ProcessExecutor, make_executor
 from .options import ReduceOptions
 from .tasks import (
     MasterPreviewJob,
@@ -181,7 +182,21 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
          progress: Any, caught: list[str], scheduler: Any, started: float) -> ReduceResult:
     """A reduction that writes (the caller holds the output folder's lock)."""
 
-    warming = _start_warming(files, options) if scheduler is None and not options.scheduler else None
+    local = scheduler is None and not options.scheduler
+    warming = _start_warming(files, options) if local else None
+    # started before the scan, whose Python holds one core: their imports take the other
+    processes = _start_light_processes(files, options) if local else None
+    try:
+        return _run_with(files, broken, out_dir, options, force, progress, caught, scheduler, started, warming,
+                         processes)
+    finally:
+        if processes is not None:
+            processes.close()
+
+
+def _run_with(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, options: ReduceOptions, force: bool,
+              progress: Any, caught: list[str], scheduler: Any, started: float, warming: Any,
+              processes: ProcessExecutor | None) -> ReduceResult:
     inventory = _scan(files, broken, progress)   # headers, here
     with _executor(scheduler if scheduler is not None else options.scheduler, options) as executor:
         executor.check_access(_sample_inputs(f.path for f in inventory.frames), str(out_dir))
@@ -195,6 +210,11 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
         result.timings["scan and plan"] = time.perf_counter() - started
         _announce(inventory, plan, options)
         _start_input_hashes(plan)
+        if processes is not None and not _many_small_lights(plan, options):
+            processes.close()
+            processes = None
+        if processes is not None:
+            result.executor += f"; lights in {processes.workers} worker processes"
         # the parts fixed once planned are made once; the rest is rebuilt at each write
         fixed = _manifest_fixed(options, inventory, plan)
         body = lambda: _manifest_body(fixed, result)  # noqa: E731
@@ -202,7 +222,9 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
             if warming is not None:      # done (or stopped): its block never meets the masters'
                 warming()
             ctx = _run_masters(plan, out_dir, options, manifest, result, body, progress, executor)
-            _run_lights(plan, ctx, manifest, result, progress, executor)
+            _run_lights(plan, ctx, manifest, result, progress, processes or executor)
+            if processes is not None:
+                processes.close()
             _run_stacks(plan, ctx, manifest, result, progress, executor)
     manifest.write(body())
     if options.report:
@@ -455,6 +477,46 @@ def _run_lights(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceR
         ctx.buffers.clear()         # the frames the light tasks reused
         state.end_stage("lights")   # and what they shared of the masters
     result.timings["lights"] = time.perf_counter() - started
+
+
+#: a night of at least this many lights, each of at most PROCESS_MAX_PIXELS pixels, has its
+#: lights calibrated in worker processes (:class:`~ccdcal.pipeline.executor.ProcessExecutor`):
+#: the work of a small light is mostly Python (headers, small arrays, previews), which threads
+#: of one process do one at a time. Larger lights are pixels, which numpy and numba do in
+#: threads without the GIL, and their masters would be held once per process.
+PROCESS_MIN_LIGHTS = 200
+PROCESS_MAX_PIXELS = 1 << 21
+
+
+def _light_workers(options: ReduceOptions) -> int:
+    return min(options.workers or min(4, cpus()), cpus())
+
+
+def _start_light_processes(files: list[Path], options: ReduceOptions) -> ProcessExecutor | None:
+    """Worker processes for the lights, started before the headers are read, when the inputs
+    may be a night of many small lights (enough files, none larger than such a light); the
+    plan confirms it (:func:`_many_small_lights`) or they are closed unused. None when they
+    cannot help (one core or one worker; ``CCDCAL_LIGHT_PROCESSES=0``: never)."""
+    if len(files) < PROCESS_MIN_LIGHTS or _light_workers(options) < 2:
+        return None
+    if os.environ.get("CCDCAL_LIGHT_PROCESSES") == "0":
+        return None
+    try:
+        if max(os.stat(f).st_size for f in files) > 8 * PROCESS_MAX_PIXELS + (1 << 20):
+            return None
+    except OSError:
+        return None                 # the scan says what is wrong with the file
+    processes = ProcessExecutor(_light_workers(options))
+    processes.start()
+    return processes
+
+
+def _many_small_lights(plan: Plan, options: ReduceOptions) -> bool:
+    """Whether the plan's lights are many and small, and as many of them fit ``--memory`` at
+    once as there are workers."""
+    return (len(plan.lights) >= PROCESS_MIN_LIGHTS
+            and max(int(np.prod(job.frame.shape)) for job in plan.lights) <= PROCESS_MAX_PIXELS
+            and lights_in_flight(plan, options) >= _light_workers(options))
 
 
 def _master_previews(plan: Plan, ctx: RunContext, result: ReduceResult) -> list[Any]:

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .._shared.machine import cpus
+
 #: a helper process pays its start (~0.6 s of imports on the other CPU) back from this many bytes
 #: of mono frames (measured: 12 frames of 1536×1024, 75 MB, judged in 1.3-1.65 s instead of 1.85-2.0 s)
 HELPER_MIN_BYTES = 48 * 2**20
@@ -28,13 +30,6 @@ HELPER_MIN_FRAMES = 6
 HELPER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from ccdcal.stacking.judge import serve_helper; serve_helper()")
 
-
-def cpus() -> int:
-    """The CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def worth_a_helper(paths: list[str]) -> bool:

@@ -1,0 +1,63 @@
+"""Lights calibrated in worker processes (a night of many small lights) are the lights calibrated
+in this process's threads: the same pixels, headers, fingerprints, previews, skips and warnings."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+from astropy.io import fits
+
+from ccdcal import ReduceOptions, reduce
+from ccdcal.errors import CcdcalWarning
+from ccdcal.pipeline import run as run_module
+from nightgen import make_night
+
+VOLATILE = {"DATE", "CHECKSUM"}
+
+
+def _reduce(raw, out, monkeypatch, processes: bool):
+    monkeypatch.setattr(run_module, "PROCESS_MIN_LIGHTS", 1)
+    monkeypatch.setenv("CCDCAL_LIGHT_PROCESSES", "1" if processes else "0")
+    monkeypatch.setattr(run_module, "cpus", lambda: 2)      # two workers, whatever this machine has
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = reduce([raw], out, options=ReduceOptions(workers=2))
+    return result, sorted(str(w.message) for w in caught if issubclass(w.category, CcdcalWarning))
+
+
+def _cards(header):
+    return [(c.keyword, c.value) for c in header.cards if c.keyword not in VOLATILE
+            and not (c.keyword == "HISTORY" and "calibrated 20" in str(c.value))]
+
+
+def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatch):
+    night = make_night(tmp_path / "raw", seed=2)      # 3 lights, two filters
+    lights = [tmp_path / "raw" / f"{light.name}.fits" for light in night.lights]
+    assert len(lights) >= 3
+    with fits.open(lights[0], mode="update") as hdul:     # a light that cannot be calibrated
+        hdul[0].data = np.full(hdul[0].data.shape, np.nan, np.float32)
+
+    threads, said_threads = _reduce(tmp_path / "raw", tmp_path / "threads", monkeypatch, processes=False)
+    procs, said_procs = _reduce(tmp_path / "raw", tmp_path / "procs", monkeypatch, processes=True)
+
+    assert "worker processes" in procs.executor and "worker processes" not in threads.executor
+    assert procs.lights == threads.lights and len(procs.lights) == len(lights) - 1
+    assert [(s.path, s.reason) for s in procs.skipped] == [(s.path, s.reason) for s in threads.skipped]
+    assert any("NaN" in s.reason for s in procs.skipped)
+    assert said_procs == said_threads and said_procs   # the workers' warnings raised again here
+    for rel in procs.lights:
+        with fits.open(tmp_path / "threads" / rel) as a, fits.open(tmp_path / "procs" / rel) as b:
+            assert [h.name for h in a] == [h.name for h in b]
+            for x, y in zip(a, b, strict=True):
+                assert np.array_equal(x.data, y.data, equal_nan=True), f"{rel}[{x.name}]"
+                assert _cards(x.header) == _cards(y.header), rel
+    fingerprints = [{k: v["fingerprint"] for k, v in json.loads((tmp_path / d / "manifest.json").read_text())
+                     ["outputs"].items()} for d in ("threads", "procs")]
+    assert fingerprints[0] == fingerprints[1]
+    facts = sorted((tmp_path / "procs" / "previews").glob("light-*.json"))
+    assert len(facts) == len(procs.lights)
+    for path in facts:          # the previews (made in the workers) and their statistics
+        assert json.loads(path.read_text()) == json.loads((tmp_path / "threads" / "previews" / path.name).read_text())
+    assert (tmp_path / "procs" / "report.html").exists()
