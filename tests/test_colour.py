@@ -419,7 +419,7 @@ def test_colour_sources_are_read_in_threads_like_files(tmp_path):
         colour.close()
 
 
-@pytest.mark.parametrize("method", ["bilinear", "mhc"])
+@pytest.mark.parametrize("method", ["bilinear", "mhc", "rcd"])
 def test_colours_served_by_bands_equal_the_whole_frame_debayered(tmp_path, method):
     # the row source reuses its band buffers from band to band: every band, asked in any order
     # and of any height, holds what debayering the whole frame gives (data, mask, σ)
@@ -448,3 +448,57 @@ def test_colours_served_by_bands_equal_the_whole_frame_debayered(tmp_path, metho
     only = debayer(cfa, "GBRG", method=method, mask=mask, uncertainty=sigma, only=2)   # the others: empty
     np.testing.assert_array_equal(only.data[2], whole.data[2])
     assert np.isnan(only.data[:2]).all() and only.mask[:2].all() and np.isnan(only.uncertainty[:2]).all()
+
+
+def _smooth_scene(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A scene of well-sampled stars of random colours on a coloured sky (3, ny, nx): what RCD
+    is for (structure that the colours share)."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    scene = np.empty((3, ny, nx))
+    scene[:] = np.array([180.0, 250.0, 200.0])[:, None, None]
+    for _ in range(60):
+        x, y = rng.uniform(8, nx - 8), rng.uniform(8, ny - 8)
+        star = rng.uniform(500, 5000) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.6 ** 2))
+        scene += np.array([rng.uniform(0.5, 1.5), 1.0, rng.uniform(0.5, 1.5)])[:, None, None] * star
+    return scene
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "GBRG"])
+def test_rcd_is_closer_to_the_scene_than_bilinear_and_exact_on_flat_colours(pattern):
+    from ccdcal.colour.demosaic import debayer
+
+    scene = _smooth_scene((96, 120), seed=4)
+    cfa = _sensor_frame(scene, pattern, 0, 0, 96, False).astype(np.float32)
+    inner = (slice(None), slice(6, -6), slice(6, -6))
+    err = {m: np.sqrt(np.mean((debayer(cfa, pattern, method=m).data[inner] - scene[inner]) ** 2))
+           for m in ("bilinear", "rcd")}
+    assert err["rcd"] < 0.6 * err["bilinear"], err
+    flat = np.empty((3, 40, 44))
+    flat[:] = np.array([300.0, 500.0, 200.0])[:, None, None]
+    rgb = debayer(_sensor_frame(flat, pattern, 0, 0, 40, False), pattern, method="rcd").data
+    np.testing.assert_allclose(rgb, flat, rtol=1e-6)   # colour-balanced: no zipper, no tint
+
+
+def test_rcd_does_not_depend_on_the_data_scale_or_sign_and_never_uses_a_masked_pixel():
+    from ccdcal.colour.demosaic import debayer
+
+    scene = _smooth_scene((64, 72), seed=9)
+    cfa = _sensor_frame(scene, "RGGB", 0, 0, 64, False)
+    base = debayer(cfa.astype(np.float32), "RGGB", method="rcd").data.astype(np.float64)
+    for scale in (1e-4, 1e4):
+        scaled = debayer((cfa * scale).astype(np.float32), "RGGB", method="rcd").data / scale
+        np.testing.assert_allclose(scaled, base, rtol=2e-4, atol=1e-3)
+    shifted = debayer((cfa - 1000.0).astype(np.float32), "RGGB", method="rcd").data   # negatives
+    assert np.isfinite(shifted).all()
+    # a masked pixel's value never reaches its neighbours: the same colours whatever it holds
+    mask = np.zeros(cfa.shape, np.uint8)
+    mask[30, 31] = 1
+    hot = cfa.copy()
+    hot[30, 31] = 6.0e4
+    a = debayer(cfa.astype(np.float32), "RGGB", method="rcd", mask=mask).data
+    b = debayer(hot.astype(np.float32), "RGGB", method="rcd", mask=mask).data
+    np.testing.assert_array_equal(a, b)
+    greens = cfa[[29, 29, 31, 31], [30, 32, 30, 32]]        # its four diagonal greens
+    assert b[1, 30, 31] == pytest.approx(greens.mean(), rel=1e-6)

@@ -62,7 +62,7 @@ def _run_scan(args) -> int:
 # the library's names (io.headers.BAYER_PATTERNS, colour.demosaic.METHODS), spelled here so that
 # `ccdcal --help` imports no numpy; tests/test_cli.py keeps them equal
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
-DEBAYER_METHODS = ("bilinear", "mhc")
+DEBAYER_METHODS = ("bilinear", "mhc", "rcd")
 
 # -- reduce ---------------------------------------------------------------------------------
 def _add_reduce(p: argparse.ArgumentParser) -> None:
@@ -459,7 +459,7 @@ def _add_stack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-all", action="store_true", help="keep frames flagged as cloudy, trailed or out of focus")
     p.add_argument("--memory", default="1GiB", help="memory budget, e.g. 256MiB (default 1GiB)")
     p.add_argument("--debayer", choices=DEBAYER_METHODS, default="bilinear",
-                   help="how colour (CFA) frames are debayered: bilinear (default) or mhc (Malvar-He-Cutler)")
+                   help="how colour (CFA) frames are debayered: bilinear (default), mhc (Malvar-He-Cutler) or rcd (ratio corrected: sharpest stars, slower)")
     p.add_argument("--bayer-pattern", choices=BAYER_PATTERNS,
                    help="the Bayer pattern of colour frames whose header does not give one")
     p.add_argument("--json", action="store_true", help="print the frames table as JSON")
@@ -492,7 +492,7 @@ def _add_debayer(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="calibrated colour (CFA) frames: files, folders or globs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the RGB cubes (<name>_rgb.fits)")
     p.add_argument("--method", choices=DEBAYER_METHODS, default="bilinear",
-                   help="bilinear (default) or mhc (Malvar-He-Cutler: sharper edges)")
+                   help="bilinear (default), mhc (Malvar-He-Cutler: sharper edges) or rcd (ratio corrected: sharpest, as Siril's default)")
     p.add_argument("--bayer-pattern", choices=BAYER_PATTERNS,
                    help="the pattern of frames whose header does not give one")
 

@@ -208,6 +208,12 @@ def _settle_fits_conf(settle: bool) -> None:
         card.conf = card.conf._live
 
 
+def settle_fits_conf() -> None:
+    """For a process that lives for one run (a light worker): astropy's FITS cards read their
+    configuration once from now on, as in this process during a run (:func:`run_scope`)."""
+    _settle_fits_conf(True)
+
+
 @contextlib.contextmanager
 def run_scope() -> Iterator[None]:
     """A run's hold on the process state; leaving the outermost scope (an error included) closes it.

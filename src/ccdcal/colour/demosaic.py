@@ -4,7 +4,8 @@
 its uncertainty carried through the interpolation weights and its mask honoured: a bad pixel
 (hot, saturated, a cosmic ray) is never used, and its own colour is made from good pixels of
 that colour around it (the CFA-aware cosmetic correction: a hot red pixel is replaced from red
-neighbours). Two methods: ``bilinear`` and ``mhc`` (Malvar, He and Cutler 2004: gradient-
+neighbours). Three methods: ``bilinear``, ``rcd`` (ratio corrected demosaicing, Siril's default:
+the sharpest, see :func:`ccdcal.colour._kernels.rcd_refine`) and ``mhc`` (Malvar, He and Cutler 2004: gradient-
 corrected 5x5 linear filters, sharper edges with no more noise; bilinear where a bad pixel is
 in its window). :class:`DebayeredRows` serves one colour of a CFA file by rows, so the stacker
 resamples and stacks each colour without holding a debayered frame. :func:`debayer_file` writes
@@ -29,10 +30,10 @@ from ..io.guard import refuse_overwrite
 from ..io.headers import BAYER_PATTERNS, bayer_pattern
 from ..io.writer import write_fits
 from ..masks import MASK_NO_DATA
-from ._kernels import MHC_FILTERS, debayer_rows
+from ._kernels import MHC_FILTERS, RCD_MARGIN, debayer_rows, rcd_refine
 
 CHANNELS = ("R", "G", "B")
-METHODS = {"bilinear": 0, "mhc": 1}
+METHODS = {"bilinear": 0, "mhc": 1, "rcd": 2}
 _MARGIN = 2   # rows of the CFA either side a band of colours needs (the 5x5 window)
 _RAW_SCRATCH = 4 << 20   # bytes of a file's raw rows decoded at a time
 
@@ -72,7 +73,7 @@ def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: n
         The CFA frame, calibrated (bias, dark and flat applied to the one plane first).
     pattern : str
         Its Bayer pattern at pixel (0, 0) of ``data`` (RGGB, BGGR, GRBG, GBRG).
-    method : {"bilinear", "mhc"}
+    method : {"bilinear", "mhc", "rcd"}
     mask : ndarray, optional
         Non-zero where a pixel is bad: never used; its colour made from its neighbours.
     uncertainty : ndarray, optional
@@ -127,12 +128,18 @@ def _debayer(data: np.ndarray, pattern: str, method: str, mask: np.ndarray | Non
     out_bad = plane("out_bad", (3, ny, nx), np.bool_)
     out_var = plane("out_var", (3, ny, nx), np.float32)
     made = range(3) if only is None else (int(only),)
+    code = _method(method)
+    if code == METHODS["rcd"]:      # RCD starts from the three bilinear colours
+        debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, 0, MHC_FILTERS, -1, out, out_bad,
+                     out_var)
+        rcd_refine(channel_map(pattern), row0, out, out_bad, plane("rcd", (7, ny, nx), np.float64))
+    else:
+        debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, code, MHC_FILTERS,
+                     -1 if only is None else int(only), out, out_bad, out_var)
     if work is None:
         for c in set(range(3)) - set(made):     # the colours not made: empty
             out[c] = np.nan
             out_bad[c] = True
-    debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, _method(method), MHC_FILTERS,
-                 -1 if only is None else int(only), out, out_bad, out_var)
     sigma = None
     if has_var:
         sigma = plane("sigma", (3, ny, nx), np.float32)
@@ -222,7 +229,8 @@ class DebayeredRows:
             a, _, band = self._band
             return Debayered(band.data[:, y0 - a:y1 - a], band.mask[:, y0 - a:y1 - a],
                              None if band.uncertainty is None else band.uncertainty[:, y0 - a:y1 - a])
-        a, b = max(0, y0 - _MARGIN), min(self.shape[0], y1 + _MARGIN)
+        margin = RCD_MARGIN if self._method == "rcd" else _MARGIN
+        a, b = max(0, y0 - margin), min(self.shape[0], y1 + margin)
         work = self._work
         data = work.take("cfa", (b - a, self.shape[1]), np.float32)
         self._data.fill_rows(a, b, data, work.take("raw", (_RAW_SCRATCH,), np.uint8))
@@ -244,6 +252,16 @@ class DebayeredRows:
 
     def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
         return self.colours(y0, y1).mask[self.channel].copy()
+
+    def measured_sites(self, y0: int, y1: int) -> np.ndarray:
+        """True where rows ``y0:y1`` of the colour served were measured (its pixels of the
+        pattern), False where made from neighbours."""
+        chan = channel_map(self._pattern)
+        sites = np.empty((y1 - y0, self.shape[1]), np.bool_)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                sites[dy::2, dx::2] = chan[(y0 + dy) % 2, dx] == self.channel
+        return sites
 
     @property
     def read_uncertainty_rows(self) -> Callable[[int, int], np.ndarray] | None:
@@ -318,7 +336,7 @@ def debayer_image(obj: Any, output: str | os.PathLike | None = None, *, method: 
         CCDData (its mask and uncertainty) or an array.
     output : path-like, optional
         Also write the colours as an RGB cube (:func:`debayer_file`; a file input only).
-    method : {"bilinear", "mhc"}
+    method : {"bilinear", "mhc", "rcd"}
     pattern : str, optional
         The Bayer pattern when the header does not give one (an array always needs it).
 

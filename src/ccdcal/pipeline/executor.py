@@ -31,6 +31,7 @@ from typing import Any
 from .._shared import _kernels
 from .._shared.memory import keep_freed_memory
 from .._shared.pool import LocalExecutor
+from .._shared.state import settle_fits_conf
 from ..errors import CcdcalWarning, ConfigError, InputError, OutputError
 
 #: bytes per output pixel a master band holds on a worker (data, uncertainty, rejection
@@ -225,13 +226,15 @@ class ProcessExecutor:
 
 def _start_worker() -> None:
     """Run first in each worker: the allocator set as the command line sets it (freed frames
-    reused, :func:`ccdcal._shared.memory.keep_freed_memory`), and one numba thread (the workers
-    are the parallelism). numba itself started in the server they forked from
+    reused, :func:`ccdcal._shared.memory.keep_freed_memory`), astropy's card configuration read
+    once (:func:`ccdcal._shared.state.settle_fits_conf`, as this process does during a run), and
+    one numba thread (the workers are the parallelism). numba itself started in the server they forked from
     (:mod:`ccdcal.pipeline._worker`), or here (spawned workers)."""
     import numba
     import numpy as np
 
     keep_freed_memory()
+    settle_fits_conf()
     numba.set_num_threads(1)
     _kernels.finite_clamped(np.zeros(1, np.float32), np.zeros(1, np.float64))
 

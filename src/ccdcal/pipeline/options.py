@@ -59,7 +59,7 @@ class ReduceOptions:
     dask_report: bool = _option(False, RUN)  # save dask's performance report (dask-report.html)
     stack: bool = _option(False, PLAN)  # stack the calibrated lights per target and filter
     stack_keep_all: bool = _option(False, STACK)  # keep frames flagged cloudy, trailed or out of focus
-    debayer: str = _option("bilinear", STACK)  # how colour (CFA) lights are debayered for the stack: bilinear, mhc
+    debayer: str = _option("bilinear", STACK)  # how colour (CFA) lights are debayered for the stack: bilinear, mhc, rcd
     # calibration physics (issue 4); gain in e-/ADU, read noise in e-, saturation in raw ADU
     gain: float | None = _option(None, PHYSICS)  # None: EGAIN, or GAIN stated in e-/ADU, else measured from flats
     read_noise: float | None = _option(None, PHYSICS)  # None: RDNOISE, else measured from the biases (or overscan)
@@ -131,8 +131,8 @@ class ReduceOptions:
                 raise ConfigError(f"{key} must be two non-negative numbers, got {value!r}")
         if self.bayer_pattern is not None and self.bayer_pattern.upper() not in BAYER_PATTERNS:
             raise ConfigError(f"bayer_pattern {self.bayer_pattern!r}: use one of {', '.join(BAYER_PATTERNS)}")
-        if self.debayer not in ("bilinear", "mhc"):
-            raise ConfigError(f"debayer {self.debayer!r}: use bilinear or mhc")
+        if self.debayer not in ("bilinear", "mhc", "rcd"):
+            raise ConfigError(f"debayer {self.debayer!r}: use bilinear, mhc or rcd")
         if self.flat_cfa not in ("channel", "scalar"):
             raise ConfigError(f"flat_cfa {self.flat_cfa!r}: use channel or scalar")
         if self.scale_darks not in ("auto", "always", "never"):

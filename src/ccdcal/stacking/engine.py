@@ -357,10 +357,15 @@ def _open_sources(frames: Sequence[Any], matrices: Sequence[Any], out_shape: Any
 
 # -- per-frame levels ---------------------------------------------------------------------------------
 def _background(source: ResampledRows, rows: int = 64) -> tuple[float, float]:
-    """(background, σ) of a frame from a sample of its own rows (blocks of 4 rows)."""
+    """(background, σ) of a frame from a sample of its own rows (blocks of 4 rows); of a debayered
+    colour, from its measured pixels only: made ones are averages, whose smaller scatter would
+    give every pixel of the noise model (``σ_bg``) less than a measured pixel has, and rejection
+    would then cut good values of the measured ones (1 % of the values, 3.5 % of the star SNR
+    with RCD's colours)."""
     ny = source.source_shape[0]
     starts = np.unique(np.linspace(0, max(0, ny - 4), max(1, min(rows // 4, ny // 4 or 1))).astype(int))
-    sample = np.concatenate([source.source_rows(int(y), min(ny, int(y) + 4)).ravel() for y in starts])
+    sample = np.concatenate([source.source_rows(int(y), min(ny, int(y) + 4), measured=True).ravel()
+                             for y in starts])
     level, sigma = clipped_level(sample)
     if not (math.isfinite(level) and math.isfinite(sigma)):
         raise InputError(f"{source.name}: no valid background pixels to measure; check the frame and its mask")

@@ -738,8 +738,10 @@ class ResampledRows:
         return self._planes.raw_bytes_per_row
 
     # -- reading ------------------------------------------------------------------------------
-    def source_rows(self, y0: int, y1: int) -> np.ndarray:
-        """Rows ``y0:y1`` of the source frame itself (not resampled), float32, NaN where masked."""
+    def source_rows(self, y0: int, y1: int, *, measured: bool = False) -> np.ndarray:
+        """Rows ``y0:y1`` of the source frame itself (not resampled), float32, NaN where masked;
+        ``measured``: NaN also where the source made its value rather than measured it (a
+        debayered colour's other pixels, by its ``measured_sites``)."""
         ny, nx = self.source_shape
         if not 0 <= y0 < y1 <= ny:
             raise InputError(f"{self.name}: rows {y0}:{y1} are not within the {ny} source rows")
@@ -750,6 +752,9 @@ class ResampledRows:
             mask = np.empty_like(out)
             self._planes.mask(y0, y1, mask, scratch)
             out[mask != 0] = np.nan
+        sites = getattr(self._planes.source, "measured_sites", None)
+        if measured and sites is not None:
+            out[~sites(y0, y1)] = np.nan
         return out
 
     def _read_band(self, lo: int, hi: int, buffers: InputBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

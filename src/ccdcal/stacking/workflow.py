@@ -165,7 +165,7 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
     keep_all : bool
         Keep frames flagged as outliers (clouds, trailing, focus); frames without stars or
         that cannot be registered are always left out.
-    debayer : {"bilinear", "mhc"}
+    debayer : {"bilinear", "mhc", "rcd"}
         How colour (CFA) frames are debayered (see :mod:`ccdcal.colour.demosaic`).
     bayer_pattern : str, optional
         The pattern of colour frames whose header does not give one (RGGB, BGGR, GRBG, GBRG).
