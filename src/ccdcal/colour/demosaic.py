@@ -18,6 +18,7 @@ calibrated lights stay CFA (one plane with its pattern), as Siril and PixInsight
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -90,7 +91,10 @@ def debayer(data: np.ndarray, pattern: str, *, method: str = "bilinear", mask: n
 class _Workspace:
     """Buffers of a band's debayering, reused from band to band: a fresh array of a few MiB
     costs a page fault per page each time it is made (a 132-row band of 1536 columns took
-    4.8 ms with fresh planes, 1 ms of which the kernel)."""
+    4.8 ms with fresh planes, 1 ms of which the kernel). Each colour source keeps the planes
+    it serves from (:class:`DebayeredRows`); the temporaries of a call (the CFA rows, its bad
+    pixels and variance, RCD's planes) are one set per thread (:func:`scratch`), whatever the
+    number of sources."""
 
     def __init__(self) -> None:
         self._store: dict[str, np.ndarray] = {}
@@ -103,6 +107,17 @@ class _Workspace:
         return buf[:n].reshape(shape)
 
 
+_THREAD = threading.local()
+
+
+def scratch() -> _Workspace:
+    """This thread's buffers for the temporaries of a band's debayering."""
+    work = getattr(_THREAD, "work", None)
+    if work is None:
+        work = _THREAD.work = _Workspace()
+    return work
+
+
 def _debayer(data: np.ndarray, pattern: str, method: str, mask: np.ndarray | None,
              uncertainty: np.ndarray | None, row0: int, only: int | None, work: _Workspace | None) -> Debayered:
     """:func:`debayer`; with ``work``, into its buffers (valid until its next use), and with
@@ -112,27 +127,32 @@ def _debayer(data: np.ndarray, pattern: str, method: str, mask: np.ndarray | Non
         raise InputError(f"a CFA frame has one plane; got shape {cfa.shape}")
     ny, nx = cfa.shape
 
-    def plane(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype) if work is None else work.take(name, shape, dtype)
+    def plane(name: str, shape: tuple[int, ...], dtype: Any, kept: bool = True) -> np.ndarray:
+        """A new array, or a reused one: from ``work`` if the result holds it, else from this
+        thread's scratch (used during this call only)."""
+        if work is None:
+            return np.empty(shape, dtype)
+        return (work if kept else scratch()).take(name, shape, dtype)
 
-    bad = np.isfinite(cfa, out=plane("bad", (ny, nx), np.bool_))
+    bad = np.isfinite(cfa, out=plane("bad", (ny, nx), np.bool_, kept=False))
     np.logical_not(bad, out=bad)
     if mask is not None:
         bad |= np.asarray(mask) != 0
     has_var = uncertainty is not None
     if has_var:
-        var = np.square(np.asarray(uncertainty, np.float32), out=plane("var", (ny, nx), np.float32))
+        var = np.square(np.asarray(uncertainty, np.float32), out=plane("var", (ny, nx), np.float32, kept=False))
     else:
         var = np.zeros((1, 1), np.float32)
-    out = plane("out", (3, ny, nx), np.float32)
-    out_bad = plane("out_bad", (3, ny, nx), np.bool_)
-    out_var = plane("out_var", (3, ny, nx), np.float32)
+    # made into this thread's scratch, the colours served then copied into ``work``'s planes
+    out = plane("out", (3, ny, nx), np.float32, kept=False)
+    out_bad = plane("out_bad", (3, ny, nx), np.bool_, kept=False)
+    out_var = plane("out_var", (3, ny, nx), np.float32, kept=False)
     made = range(3) if only is None else (int(only),)
     code = _method(method)
     if code == METHODS["rcd"]:      # RCD starts from the three bilinear colours
         debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, 0, MHC_FILTERS, -1, out, out_bad,
                      out_var)
-        rcd_refine(channel_map(pattern), row0, out, out_bad, plane("rcd", (7, ny, nx), np.float64))
+        rcd_refine(channel_map(pattern), row0, out, out_bad, plane("rcd", (7, ny, nx), np.float64, kept=False))
     else:
         debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, code, MHC_FILTERS,
                      -1 if only is None else int(only), out, out_bad, out_var)
@@ -142,12 +162,28 @@ def _debayer(data: np.ndarray, pattern: str, method: str, mask: np.ndarray | Non
             out_bad[c] = True
     sigma = None
     if has_var:
-        sigma = plane("sigma", (3, ny, nx), np.float32)
+        sigma = plane("sigma", (3, ny, nx), np.float32, kept=False)
         if work is None and only is not None:
             sigma.fill(np.nan)
         for c in made:
             np.sqrt(np.maximum(out_var[c], 0.0, out=out_var[c]), out=sigma[c])
-    return Debayered(out, out_bad, sigma)
+    if work is None:
+        return Debayered(out, out_bad, sigma)
+    return Debayered(*(None if planes is None else _kept(work, name, planes, made)
+                       for name, planes in (("data", out), ("mask", out_bad), ("sigma", sigma))))
+
+
+def _kept(work: _Workspace, name: str, planes: np.ndarray, made: Any) -> np.ndarray:
+    """The colours ``made`` of ``planes`` copied into ``work``'s buffer ``name``, as (3, ny, nx):
+    of one colour, a view whose three planes are that colour's (the others were not made; a
+    source holds one plane per band, not three)."""
+    if len(made) == 3:
+        kept = work.take(name, planes.shape, planes.dtype)
+        kept[...] = planes
+        return kept
+    one = work.take(name, planes.shape[1:], planes.dtype)
+    one[...] = planes[made[0]]
+    return np.lib.stride_tricks.as_strided(one, (3, *one.shape), (0, *one.strides), writeable=False)
 
 
 def superpixel(data: np.ndarray, pattern: str) -> np.ndarray:
@@ -231,12 +267,12 @@ class DebayeredRows:
                              None if band.uncertainty is None else band.uncertainty[:, y0 - a:y1 - a])
         margin = RCD_MARGIN if self._method == "rcd" else _MARGIN
         a, b = max(0, y0 - margin), min(self.shape[0], y1 + margin)
-        work = self._work
-        data = work.take("cfa", (b - a, self.shape[1]), np.float32)
-        self._data.fill_rows(a, b, data, work.take("raw", (_RAW_SCRATCH,), np.uint8))
+        temp = scratch()
+        data = temp.take("cfa", (b - a, self.shape[1]), np.float32)
+        self._data.fill_rows(a, b, data, temp.take("raw", (_RAW_SCRATCH,), np.uint8))
         mask = self._mask.read_rows(a, b) if self._mask is not None else None
         unc = as_sigma(self._unc.read_rows(a, b), self._unc_kind) if self._unc is not None else None
-        colours = _debayer(data, self._pattern, self._method, mask, unc, a, self._only, work)
+        colours = _debayer(data, self._pattern, self._method, mask, unc, a, self._only, self._work)
         inner = Debayered(colours.data[:, y0 - a:y1 - a], colours.mask[:, y0 - a:y1 - a],
                           None if unc is None else colours.uncertainty[:, y0 - a:y1 - a])
         self._band = (y0, y1, inner)
