@@ -11,7 +11,8 @@ once to benchmarks/_data/many-N. Measured as whole processes, same run, warm pag
 - with ``--dask``: ``ccdcal reduce --scheduler local:2 --no-report``.
 
 Reported: wall time, the ratio to the floor, cost per light (time less the same night's
-fixed cost, from the smallest case), peak RSS and report.html's size.
+fixed cost, from the smallest case), peak RSS (one process), the peak summed PSS of all its processes
+(worker processes included) and report.html's size.
 
     python benchmarks/many_frames.py [--lights 100,800] [--rounds 2] [--dask]
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from night import floor_command, measure, tree_size, warm  # noqa: E402
+from night import LAST_TREE_PEAK, floor_command, measure, tree_size, warm  # noqa: E402
 
 
 def make(lights: int, data: Path) -> Path:
@@ -74,8 +75,9 @@ def run_case(lights: int, data: Path, rounds: int, dask: bool) -> dict:
             wall, rss, code, tail = measure(command(o))
             if code:
                 raise SystemExit(f"{name} failed:\n{tail}")
-            best = result.setdefault(name, {"s": wall, "rss": rss})
+            best = result.setdefault(name, {"s": wall, "rss": rss, "tree": LAST_TREE_PEAK[0]})
             best["s"], best["rss"] = min(best["s"], wall), max(best["rss"], rss)
+            best["tree"] = max(best["tree"], LAST_TREE_PEAK[0])
             if name == "ccdcal":
                 report = o / "report.html"
                 best["report_mb"] = report.stat().st_size / 1e6 if report.exists() else float("nan")
@@ -95,20 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(r, flush=True)
     names = [k for k in results[0] if isinstance(results[0][k], dict)]
-    print("\n| lights | tool | wall s | × floor | peak RSS MB | report MB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| lights | tool | wall s | × floor | peak RSS MB | all processes, PSS MB | report MB |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         floor = r["floor"]["s"]
         for name in names:
             m = r[name]
             print(f"| {r['lights']} | {name} | {m['s']:.1f} | {m['s'] / floor:.2f} | {m['rss'] / 2**20:.0f} | "
-                  f"{m.get('report_mb', float('nan')):.1f} |")
+                  f"{m['tree'] / 2**20:.0f} | {m.get('report_mb', float('nan')):.1f} |")
     if len(results) > 1:
         a, b = results[0], results[-1]
         for name in names:
             per = (b[name]["s"] - a[name]["s"]) / (b["lights"] - a["lights"]) * 1000
-            print(f"{name}: {per:.1f} ms per added light; peak RSS x{b[name]['rss'] / a[name]['rss']:.2f} "
-                  f"from {a['lights']} to {b['lights']} lights")
+            tree = b[name]["tree"] / a[name]["tree"] if a[name]["tree"] else float("nan")
+            print(f"{name}: {per:.1f} ms per added light; peak RSS x{b[name]['rss'] / a[name]['rss']:.2f}, "
+                  f"all processes x{tree:.2f} from {a['lights']} to {b['lights']} lights")
     return 0
 
 

@@ -368,6 +368,58 @@ def _busy_seconds() -> float:
 OTHER_WORK: list[float] = []  # cores busy with other processes during each measured run
 
 
+#: the peak summed proportional set size (PSS) of the last measured process and its
+#: descendants (worker processes included), in bytes; 0 where /proc is unavailable
+LAST_TREE_PEAK = [0]
+
+
+class _TreeMemory:
+    """Samples (every 50 ms, in a thread) the summed PSS of a process and its descendants: a
+    child's ru_maxrss is one process's peak, and a run with worker processes has several.
+    PSS shares each shared page among the processes that map it, so the sum counts it once."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        found = []
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    found += [int(x) for x in fh.read().split()]
+        except OSError:
+            pass
+        return found
+
+    @staticmethod
+    def _pss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            tree = [self.pid]
+            for pid in tree:
+                tree += self._children(pid)
+            self.peak = max(self.peak, sum(self._pss(pid) for pid in tree))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def measure(command: list[str], cwd: Path | None = None) -> tuple[float, int, int, str]:
     """(wall seconds, peak RSS bytes, exit code, output tail) of a child process.
 
@@ -377,8 +429,10 @@ def measure(command: list[str], cwd: Path | None = None) -> tuple[float, int, in
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:  # Siril logs to stdout
         proc = subprocess.Popen(command, stdout=err, stderr=subprocess.STDOUT, cwd=cwd)
+        sampler = _TreeMemory(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        LAST_TREE_PEAK[0] = sampler.stop()
         err.seek(0)
         text = err.read().decode(errors="replace")
     other = _busy_seconds() - busy - usage.ru_utime - usage.ru_stime

@@ -61,3 +61,18 @@ def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatc
     for path in facts:          # the previews (made in the workers) and their statistics
         assert json.loads(path.read_text()) == json.loads((tmp_path / "threads" / "previews" / path.name).read_text())
     assert (tmp_path / "procs" / "report.html").exists()
+
+
+def test_worker_processes_only_where_the_memory_budget_has_room_for_them(tmp_path, monkeypatch):
+    make_night(tmp_path / "raw", seed=2)
+    monkeypatch.setattr(run_module, "PROCESS_MIN_LIGHTS", 1)
+    monkeypatch.setattr(run_module, "cpus", lambda: 2)
+    monkeypatch.delenv("CCDCAL_LIGHT_PROCESSES", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = reduce([tmp_path / "raw"], tmp_path / "small", options=ReduceOptions(workers=2, memory="256MiB",
+                                                                                      report=False))
+        roomy = reduce([tmp_path / "raw"], tmp_path / "roomy", options=ReduceOptions(workers=2, memory="1GiB",
+                                                                                      report=False))
+    # two workers of WORKER_BYTES (128 MiB) each may take half of the budget, not more
+    assert "worker processes" not in small.executor and "2 worker processes" in roomy.executor

@@ -486,6 +486,10 @@ def _run_lights(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceR
 #: threads without the GIL, and their masters would be held once per process.
 PROCESS_MIN_LIGHTS = 200
 PROCESS_MAX_PIXELS = 1 << 21
+#: what a light worker process holds of its own (measured: 110-115 MB of proportional set size
+#: each, its imports, numba's kernels and the objects its refcounts copied from the server); the
+#: workers take at most half of ``--memory``, the other half holds the frames (small here)
+WORKER_BYTES = 128 << 20
 
 
 def _light_workers(options: ReduceOptions) -> int:
@@ -496,8 +500,11 @@ def _start_light_processes(files: list[Path], options: ReduceOptions) -> Process
     """Worker processes for the lights, started before the headers are read, when the inputs
     may be a night of many small lights (enough files, none larger than such a light); the
     plan confirms it (:func:`_many_small_lights`) or they are closed unused. None when they
-    cannot help (one core or one worker; ``CCDCAL_LIGHT_PROCESSES=0``: never)."""
+    cannot help (one core or one worker), when ``--memory`` is too small for them
+    (:data:`WORKER_BYTES` each within half of it), or with ``CCDCAL_LIGHT_PROCESSES=0``."""
     if len(files) < PROCESS_MIN_LIGHTS or _light_workers(options) < 2:
+        return None
+    if _light_workers(options) * WORKER_BYTES > _budget(options) // 2:
         return None
     if os.environ.get("CCDCAL_LIGHT_PROCESSES") == "0":
         return None
