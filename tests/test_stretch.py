@@ -219,6 +219,24 @@ def test_png_roundtrip(bits, mode, top):
     np.testing.assert_array_equal(flipped, pixels[::-1])
 
 
+@pytest.mark.parametrize(("shape", "bits", "mode"), [((37, 53), 8, "L"), ((37, 53), 16, "I;16"),
+                                                    ((3, 37, 53), 8, "RGB")])
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_stored_png_decodes_to_the_pixels_pillow_writes(shape, bits, mode, flip):
+    # compress_level 0 writes the PNG itself (rows unfiltered, zlib stored): Pillow reads it back
+    # as the same pixels as its own compressed PNG of the same image
+    from PIL import Image
+
+    y = np.random.default_rng(3).random(shape)
+    stored = Image.open(io.BytesIO(S.png_bytes(y, bits=bits, flip=flip, compress_level=0)))
+    packed = Image.open(io.BytesIO(S.png_bytes(y, bits=bits, flip=flip, compress_level=6)))
+    assert stored.mode == packed.mode == mode and stored.size == (shape[-1], shape[-2])
+    np.testing.assert_array_equal(np.asarray(stored), np.asarray(packed))
+    expected = S.to_uint8(y) if bits == 8 else S.to_uint16(y)
+    expected = np.moveaxis(expected, 0, -1) if len(shape) == 3 else expected
+    np.testing.assert_array_equal(np.asarray(stored), expected[::-1] if flip else expected)
+
+
 def test_downsample_block_averages_and_ignores_nan():
     data = np.arange(16, dtype=np.float32).reshape(4, 4)
     data[0, 0] = np.nan

