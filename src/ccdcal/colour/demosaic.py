@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._shared import state
 from ..errors import InputError
 from ..io.frames import FrameSource, as_sigma, ccddata_planes, clean_header, uncertainty_kind
 from ..io.guard import refuse_overwrite
@@ -107,15 +108,13 @@ class _Workspace:
         return buf[:n].reshape(shape)
 
 
-_THREAD = threading.local()
+# one workspace per thread that debayers (by thread id; a workspace let go is simply made again)
+_SCRATCH = state.Cache("debayering scratch, per thread", until="run", max_items=8)
 
 
 def scratch() -> _Workspace:
     """This thread's buffers for the temporaries of a band's debayering."""
-    work = getattr(_THREAD, "work", None)
-    if work is None:
-        work = _THREAD.work = _Workspace()
-    return work
+    return _SCRATCH.get_or_make(threading.get_ident(), _Workspace)
 
 
 def _debayer(data: np.ndarray, pattern: str, method: str, mask: np.ndarray | None,
