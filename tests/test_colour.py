@@ -502,3 +502,29 @@ def test_rcd_does_not_depend_on_the_data_scale_or_sign_and_never_uses_a_masked_p
     np.testing.assert_array_equal(a, b)
     greens = cfa[[29, 29, 31, 31], [30, 32, 30, 32]]        # its four diagonal greens
     assert b[1, 30, 31] == pytest.approx(greens.mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("channel", [0, 1, 2])
+def test_a_colour_s_background_noise_is_its_measured_pixels_noise(tmp_path, channel):
+    # made pixels are averages (bilinear: 0.5-0.7 σ): a noise model measured on them would give
+    # every pixel less than a measured one has, and rejection would cut good values
+    from ccdcal.colour.demosaic import DebayeredRows
+    from ccdcal.stacking.engine import _background
+    from ccdcal.stacking.resample import ResampledRows
+
+    rng = np.random.default_rng(6)
+    cfa = rng.normal(200.0, 15.0, (256, 260)).astype(np.float32)
+    mask = np.zeros(cfa.shape, np.uint8)
+    mask[10:12, :] = 1
+    cfa[10:12, :] = 5.0e4                      # masked: never counted
+    fits.HDUList([fits.PrimaryHDU(cfa), fits.ImageHDU(mask, name="MASK")]).writeto(tmp_path / "cfa.fits")
+    rows = DebayeredRows(tmp_path / "cfa.fits", channel, "GRBG")
+    try:
+        measured = rows.read_measured_rows(8, 14)
+        own = (np.array([[1, 0], [2, 1]]) == channel)[np.arange(8, 14)[:, None] % 2, np.arange(260) % 2]
+        np.testing.assert_array_equal(np.isnan(measured), ~own | (mask[8:14] != 0))
+        np.testing.assert_array_equal(measured[own & (mask[8:14] == 0)], cfa[8:14][own & (mask[8:14] == 0)])
+        level, sigma = _background(ResampledRows(rows, np.eye(3), cfa.shape), rows=256)
+    finally:
+        rows.close()
+    assert level == pytest.approx(200.0, abs=1.0) and sigma == pytest.approx(15.0, rel=0.04)

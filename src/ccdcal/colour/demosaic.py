@@ -288,15 +288,19 @@ class DebayeredRows:
     def read_mask_rows(self, y0: int, y1: int) -> np.ndarray:
         return self.colours(y0, y1).mask[self.channel].copy()
 
-    def measured_sites(self, y0: int, y1: int) -> np.ndarray:
-        """True where rows ``y0:y1`` of the colour served were measured (its pixels of the
-        pattern), False where made from neighbours."""
+    def read_measured_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``y0:y1`` of the colour served where its filter measured them: the CFA's own
+        pixels of that colour, NaN at the others and where the file's MASK marks them (what a
+        colour's background and noise are measured on; nothing debayered)."""
+        rows = self._data.read_rows(y0, y1).astype(np.float32, copy=True)
         chan = channel_map(self._pattern)
-        sites = np.empty((y1 - y0, self.shape[1]), np.bool_)
         for dy in (0, 1):
             for dx in (0, 1):
-                sites[dy::2, dx::2] = chan[(y0 + dy) % 2, dx] == self.channel
-        return sites
+                if chan[(y0 + dy) % 2, dx] != self.channel:
+                    rows[dy::2, dx::2] = np.nan
+        if self._mask is not None:
+            rows[self._mask.read_rows(y0, y1) != 0] = np.nan
+        return rows
 
     @property
     def read_uncertainty_rows(self) -> Callable[[int, int], np.ndarray] | None:

@@ -358,7 +358,7 @@ def _open_sources(frames: Sequence[Any], matrices: Sequence[Any], out_shape: Any
 # -- per-frame levels ---------------------------------------------------------------------------------
 def _background(source: ResampledRows, rows: int = 64) -> tuple[float, float]:
     """(background, σ) of a frame from a sample of its own rows (blocks of 4 rows); of a debayered
-    colour, from its measured pixels only: made ones are averages, whose smaller scatter would
+    colour, from its measured pixels only (the CFA's pixels of that colour): made ones are averages, whose smaller scatter would
     give every pixel of the noise model (``σ_bg``) less than a measured pixel has, and rejection
     would then cut good values of the measured ones (1 % of the values, 3.5 % of the star SNR
     with RCD's colours)."""

@@ -740,11 +740,14 @@ class ResampledRows:
     # -- reading ------------------------------------------------------------------------------
     def source_rows(self, y0: int, y1: int, *, measured: bool = False) -> np.ndarray:
         """Rows ``y0:y1`` of the source frame itself (not resampled), float32, NaN where masked;
-        ``measured``: NaN also where the source made its value rather than measured it (a
-        debayered colour's other pixels, by its ``measured_sites``)."""
+        ``measured``: only the values the source measured, NaN where it made them (a debayered
+        colour's other pixels: its ``read_measured_rows``, the CFA's own pixels of that colour)."""
         ny, nx = self.source_shape
         if not 0 <= y0 < y1 <= ny:
             raise InputError(f"{self.name}: rows {y0}:{y1} are not within the {ny} source rows")
+        read_measured = getattr(self._planes.source, "read_measured_rows", None)
+        if measured and read_measured is not None:
+            return np.asarray(read_measured(y0, y1), np.float32)
         out = np.empty((y1 - y0, nx), np.float32)
         scratch = np.empty((y1 - y0) * self._planes.raw_bytes_per_row, np.uint8)
         self._planes.data(y0, y1, out, scratch)
@@ -752,9 +755,6 @@ class ResampledRows:
             mask = np.empty_like(out)
             self._planes.mask(y0, y1, mask, scratch)
             out[mask != 0] = np.nan
-        sites = getattr(self._planes.source, "measured_sites", None)
-        if measured and sites is not None:
-            out[~sites(y0, y1)] = np.nan
         return out
 
     def _read_band(self, lo: int, hi: int, buffers: InputBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
