@@ -63,3 +63,32 @@ def test_worker_processes_give_results_in_order_with_their_warnings_and_errors_a
             assert list(executor.map(_warning_task, range(3))) == [0, 1, 4]
     finally:
         executor.close()
+
+
+def _worker_settings(_: int) -> tuple[int, int, bool]:
+    import os
+    import time
+
+    time.sleep(0.02)            # long enough that both workers take tasks
+
+    import numba
+    from astropy.io.fits import card
+
+    from ccdcal._shared.state import _SettledFitsConf
+
+    return os.getpid(), numba.get_num_threads(), isinstance(card.conf, _SettledFitsConf)
+
+
+def test_every_worker_process_is_set_up_before_its_first_task():
+    # the initializer runs in each worker: one numba thread (the workers are the parallelism)
+    # and astropy's card configuration read once, whichever worker takes which task
+    from ccdcal.pipeline.executor import ProcessExecutor
+
+    executor = ProcessExecutor(2)
+    try:
+        executor.start()
+        seen = list(executor.map(_worker_settings, range(64)))
+    finally:
+        executor.close()
+    assert {threads for _, threads, _ in seen} == {1} and all(settled for *_, settled in seen)
+    assert len({pid for pid, _, _ in seen}) == 2

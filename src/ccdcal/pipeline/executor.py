@@ -172,7 +172,7 @@ class ProcessExecutor:
         if "forkserver" in methods:
             context.set_forkserver_preload(["ccdcal.pipeline._worker"])
         self.workers = max(1, int(workers))
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_start_worker)
         self._starter: threading.Thread | None = None
 
     def start(self) -> None:
@@ -185,7 +185,9 @@ class ProcessExecutor:
 
     def _start(self) -> None:
         try:
-            for future in [self._pool.submit(_start_worker) for _ in range(self.workers)]:
+            # a task each, submitted at once, makes the pool start every worker (each runs
+            # _start_worker first, the pool's initializer)
+            for future in [self._pool.submit(_started_worker) for _ in range(self.workers)]:
                 future.result()
         except Exception:  # noqa: BLE001 - only a head start: the first task meets the same problem
             pass
@@ -224,8 +226,13 @@ class ProcessExecutor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _started_worker() -> bool:
+    """A task that only waits for a worker to be started."""
+    return True
+
+
 def _start_worker() -> None:
-    """Run first in each worker: the allocator set as the command line sets it (freed frames
+    """Run first in each worker (the pool's initializer): the allocator set as the command line sets it (freed frames
     reused, :func:`ccdcal._shared.memory.keep_freed_memory`), astropy's card configuration read
     once (:func:`ccdcal._shared.state.settle_fits_conf`, as this process does during a run), and
     one numba thread (the workers are the parallelism). numba itself started in the server they forked from
