@@ -474,7 +474,7 @@ def test_rcd_is_closer_to_the_scene_than_bilinear_and_exact_on_flat_colours(patt
     inner = (slice(None), slice(6, -6), slice(6, -6))
     err = {m: np.sqrt(np.mean((debayer(cfa, pattern, method=m).data[inner] - scene[inner]) ** 2))
            for m in ("bilinear", "rcd")}
-    assert err["rcd"] < 0.6 * err["bilinear"], err
+    assert err["rcd"] < 0.45 * err["bilinear"], err      # measured 0.38×; MHC 0.53×
     flat = np.empty((3, 40, 44))
     flat[:] = np.array([300.0, 500.0, 200.0])[:, None, None]
     rgb = debayer(_sensor_frame(flat, pattern, 0, 0, 40, False), pattern, method="rcd").data
@@ -527,4 +527,4 @@ def test_a_colour_s_background_noise_is_its_measured_pixels_noise(tmp_path, chan
         level, sigma = _background(ResampledRows(rows, np.eye(3), cfa.shape), rows=256)
     finally:
         rows.close()
-    assert level == pytest.approx(200.0, abs=1.0) and sigma == pytest.approx(15.0, rel=0.04)
+    assert level == pytest.approx(200.0, abs=0.5) and sigma == pytest.approx(15.0, rel=0.02)

@@ -160,19 +160,28 @@ def auto_stf(data: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) ->
     """
     image = np.asarray(data)
     values = _native(image).reshape(-1)
+    out = np.empty(image.shape, np.float64)
+    found = _auto_stretch(values, shadows, target)
+    if found is None:
+        out.fill(np.nan)
+    else:
+        stf_apply(values, *found, out.reshape(-1))
+    return out
+
+
+def _auto_stretch(values: np.ndarray, shadows: float, target: float) -> tuple[float, float, float, float] | None:
+    """(lo, scale, c0, m) of :func:`auto_stf` for the 1-D native ``values``: normalisation by
+    their finite limits, then the shadows clip and midtone from the median and MAD (infinities
+    clamped to the limits, NaN left out); None when no value is finite."""
     kept = np.empty(values.size, np.float64)
     count, lo, hi = finite_clamped(values, kept)
-    out = np.empty(image.shape, np.float64)
     if count == 0:
-        out.fill(np.nan)
-        return out
+        return None
     kept = kept[:count]
     scale = 1.0 / (hi - lo) if hi > lo else 0.0      # a constant image: zeros
     median = _median(kept)
     mad = _median(np.abs(kept - median, out=kept))
-    c0, m = _stf_params((median - lo) * scale, mad * scale, shadows, target)
-    stf_apply(values, lo, scale, c0, m, out.reshape(-1))
-    return out
+    return (lo, scale, *_stf_params((median - lo) * scale, mad * scale, shadows, target))
 
 
 def _median(values: np.ndarray) -> float:
@@ -199,24 +208,17 @@ def _stf_params(median: float, mad: float, shadows: float, target: float) -> tup
     return c0, midtones_balance((median - c0) / (1.0 - c0), target)
 
 
-def _stf(x: np.ndarray, shadows: float, target: float) -> tuple[float, float] | None:
-    """The shadows clip ``c0`` and the midtone ``m`` of :func:`auto_stf` for normalised ``x``
-    (None without a finite value)."""
-    values = x[np.isfinite(x)]
-    if values.size == 0:
-        return None
-    median = float(np.median(values))
-    return _stf_params(median, float(np.median(np.abs(values - median))), shadows, target)
-
-
 def _linked_stf(rgb: np.ndarray, *, shadows: float = 2.8, target: float = 0.25) -> np.ndarray:
     """:func:`auto_stf` of the colours' mean, its limits, shadows and midtone applied to each colour."""
-    lum = np.nanmean(rgb, axis=0)
-    values = _finite(lum)
-    limits = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    planes = [normalize(plane, limits) for plane in rgb]
-    found = _stf(normalize(lum, limits), shadows, target)
-    return np.stack(planes if found is None else [mtf(found[1], _rescale_shadows(x, found[0])) for x in planes])
+    rgb = np.asarray(rgb)
+    out = np.empty(rgb.shape, np.float64)
+    found = _auto_stretch(_native(np.nanmean(rgb, axis=0)).reshape(-1), shadows, target)
+    if found is None:
+        out.fill(np.nan)
+        return out
+    for plane, into in zip(rgb, out, strict=True):
+        stf_apply(_native(plane).reshape(-1), *found, into.reshape(-1))
+    return out
 
 
 def zscale_limits(

@@ -147,13 +147,12 @@ def _debayer(data: np.ndarray, pattern: str, method: str, mask: np.ndarray | Non
     out_bad = plane("out_bad", (3, ny, nx), np.bool_, kept=False)
     out_var = plane("out_var", (3, ny, nx), np.float32, kept=False)
     made = range(3) if only is None else (int(only),)
-    code = _method(method)
+    code, chan = _method(method), channel_map(pattern)
     if code == METHODS["rcd"]:      # RCD starts from the three bilinear colours
-        debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, 0, MHC_FILTERS, -1, out, out_bad,
-                     out_var)
-        rcd_refine(channel_map(pattern), row0, out, out_bad, plane("rcd", (7, ny, nx), np.float64, kept=False))
+        debayer_rows(cfa, bad, var, has_var, chan, row0, 0, ny, 0, MHC_FILTERS, -1, out, out_bad, out_var)
+        rcd_refine(chan, row0, out, out_bad, plane("rcd", (7, ny, nx), np.float64, kept=False))
     else:
-        debayer_rows(cfa, bad, var, has_var, channel_map(pattern), row0, 0, ny, code, MHC_FILTERS,
+        debayer_rows(cfa, bad, var, has_var, chan, row0, 0, ny, code, MHC_FILTERS,
                      -1 if only is None else int(only), out, out_bad, out_var)
     if work is None:
         for c in set(range(3)) - set(made):     # the colours not made: empty

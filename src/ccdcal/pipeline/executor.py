@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import numba
+import numpy as np
 
 from .._shared import _kernels
 from .._shared.memory import keep_freed_memory
@@ -100,12 +106,7 @@ class DaskExecutor:
             for future in futures:
                 results = future.result()
                 future.release()
-                for value, messages in results:
-                    for message in messages:  # raised on the worker: raised again here, where they are seen
-                        warnings.warn(message, CcdcalWarning, stacklevel=2)
-                    if isinstance(value, _Failed):   # at its item: the ones before it are yielded
-                        raise value.error
-                    yield value
+                yield from _unpacked(results)
         finally:
             for future in futures:
                 future.cancel()
@@ -164,9 +165,6 @@ class ProcessExecutor:
     dashboard: str | None = None
 
     def __init__(self, workers: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
@@ -198,8 +196,6 @@ class ProcessExecutor:
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, workers: int | None = None) -> Iterator[Any]:
         """``fn(item)`` of every item in the workers, in batches; results in input order."""
-        from concurrent.futures.process import BrokenProcessPool
-
         items = list(items)
         self._started()
         size = batch_size(len(items), self.workers)
@@ -211,12 +207,7 @@ class ProcessExecutor:
                 except BrokenProcessPool as exc:
                     raise OutputError("a worker process calibrating the lights died (out of memory?);"
                                       " rerun: what was written is kept") from exc
-                for value, messages in results:
-                    for message in messages:
-                        warnings.warn(message, CcdcalWarning, stacklevel=2)
-                    if isinstance(value, _Failed):
-                        raise value.error
-                    yield value
+                yield from _unpacked(results)
         finally:
             for future in futures:
                 future.cancel()
@@ -237,9 +228,6 @@ def _start_worker() -> None:
     once (:func:`ccdcal._shared.state.settle_fits_conf`, as this process does during a run), and
     one numba thread (the workers are the parallelism). numba itself started in the server they forked from
     (:mod:`ccdcal.pipeline._worker`), or here (spawned workers)."""
-    import numba
-    import numpy as np
-
     keep_freed_memory()
     settle_fits_conf()
     numba.set_num_threads(1)
@@ -260,6 +248,18 @@ class _Failed:
     """An item of a batch that raised: raised again by :meth:`DaskExecutor.map` at its place."""
 
     error: BaseException
+
+
+def _unpacked(results: list[tuple[Any, list[str]]]) -> Iterator[Any]:
+    """The values of a batch run on a worker (:func:`_captured_batch`), in order, each item's
+    CcdcalWarnings raised again here (where they are seen) before its value, and an item that
+    raised raised again at its place (the ones before it yielded)."""
+    for value, messages in results:
+        for message in messages:
+            warnings.warn(message, CcdcalWarning, stacklevel=3)
+        if isinstance(value, _Failed):
+            raise value.error
+        yield value
 
 
 def _captured_batch(fn: Callable[..., Any], items: list[Any]) -> list[tuple[Any, list[str]]]:
