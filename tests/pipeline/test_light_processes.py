@@ -32,18 +32,17 @@ def _cards(header):
             and not (c.keyword == "HISTORY" and "calibrated 20" in str(c.value))]
 
 
-def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatch):
+def _night_with_a_bad_light(tmp_path):
     night = make_night(tmp_path / "raw", seed=2)      # 3 lights, two filters
     lights = [tmp_path / "raw" / f"{light.name}.fits" for light in night.lights]
     assert len(lights) >= 3
     with fits.open(lights[0], mode="update") as hdul:     # a light that cannot be calibrated
         hdul[0].data = np.full(hdul[0].data.shape, np.nan, np.float32)
+    return lights
 
-    threads, said_threads = _reduce(tmp_path / "raw", tmp_path / "threads", monkeypatch, processes=False)
-    procs, said_procs = _reduce(tmp_path / "raw", tmp_path / "procs", monkeypatch, processes=True)
 
-    assert "worker processes" in procs.executor and "worker processes" not in threads.executor
-    assert procs.lights == threads.lights and len(procs.lights) == len(lights) - 1
+def _assert_same_outputs(tmp_path, threads, procs, said_threads, said_procs, n_lights):
+    assert procs.lights == threads.lights and len(procs.lights) == n_lights - 1
     assert [(s.path, s.reason) for s in procs.skipped] == [(s.path, s.reason) for s in threads.skipped]
     assert any("NaN" in s.reason for s in procs.skipped)
     assert said_procs == said_threads and said_procs   # the workers' warnings raised again here
@@ -61,6 +60,49 @@ def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatc
     for path in facts:          # the previews (made in the workers) and their statistics
         assert json.loads(path.read_text()) == json.loads((tmp_path / "threads" / "previews" / path.name).read_text())
     assert (tmp_path / "procs" / "report.html").exists()
+
+
+def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatch):
+    lights = _night_with_a_bad_light(tmp_path)
+    threads, said_threads = _reduce(tmp_path / "raw", tmp_path / "threads", monkeypatch, processes=False)
+    procs, said_procs = _reduce(tmp_path / "raw", tmp_path / "procs", monkeypatch, processes=True)
+    assert "worker processes" in procs.executor and "worker processes" not in threads.executor
+    _assert_same_outputs(tmp_path, threads, procs, said_threads, said_procs, len(lights))
+
+
+_FORKED_RUN = """
+import json, sys, warnings
+from ccdcal import ReduceOptions, reduce
+from ccdcal.errors import CcdcalWarning
+from ccdcal.pipeline import run
+run.PROCESS_MIN_LIGHTS = 1
+run.cpus = lambda: 2
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = reduce([sys.argv[1]], sys.argv[2], options=ReduceOptions(workers=2))
+print(json.dumps({"executor": result.executor, "lights": result.lights,
+                  "skipped": [[s.path, s.reason] for s in result.skipped],
+                  "said": sorted(str(w.message) for w in caught if issubclass(w.category, CcdcalWarning))}))
+"""
+
+
+def test_lights_in_workers_forked_from_a_fresh_command_equal_lights_in_threads(tmp_path, monkeypatch):
+    # a command's process has no thread yet when the run starts: the workers fork from it
+    # (a test process has numba's pool running, and its workers fork from a server instead)
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    lights = _night_with_a_bad_light(tmp_path)
+    threads, said_threads = _reduce(tmp_path / "raw", tmp_path / "threads", monkeypatch, processes=False)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CCDCAL_LIGHT_PROCESSES"}
+    done = subprocess.run([sys.executable, "-c", _FORKED_RUN, str(tmp_path / "raw"), str(tmp_path / "procs")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "2 worker processes (fork)" in got["executor"]
+    procs = SimpleNamespace(lights=got["lights"], skipped=[SimpleNamespace(path=p, reason=r) for p, r in got["skipped"]])
+    _assert_same_outputs(tmp_path, threads, procs, said_threads, got["said"], len(lights))
 
 
 def test_worker_processes_only_where_the_memory_budget_has_room_for_them(tmp_path, monkeypatch):

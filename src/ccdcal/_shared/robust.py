@@ -93,15 +93,19 @@ def sorted_median(ordered: np.ndarray) -> float:
 def clipped_stats_sorted(ordered: np.ndarray, sigma: float, maxiters: int | None) -> tuple[float, float, float]:
     """astropy's ``sigma_clipped_stats`` (median centre, population std, a symmetric clip at
     ``sigma``, inclusive bounds, survivors clipped again until nothing changes or ``maxiters``)
-    of *sorted* values: the survivors are always one run of them, so each pass costs two binary
-    searches, a median by index and one std, not a median's partition and a masked copy. As in
+    of *sorted* float64 values: the survivors are always one run of them, so each pass costs two
+    binary searches, a median by index and one compiled mean and std
+    (:func:`ccdcal._shared._kernels.mean_std`), not a median's partition and a masked copy. As in
     astropy, ``maxiters`` of 0 or None clips until nothing changes."""
+    from ._kernels import mean_std
+
+    ordered = np.ascontiguousarray(ordered, dtype=np.float64)
     lo, hi = 0, ordered.size
     passes = 0
     while not maxiters or passes < maxiters:
         passes += 1
         run = ordered[lo:hi]
-        centre, spread = sorted_median(run), float(np.std(run))
+        centre, spread = sorted_median(run), float(mean_std(ordered, lo, hi)[1])
         new_lo = lo + int(np.searchsorted(run, centre - sigma * spread, side="left"))
         new_hi = lo + int(np.searchsorted(run, centre + sigma * spread, side="right"))
         if (new_lo, new_hi) == (lo, hi):
@@ -109,5 +113,5 @@ def clipped_stats_sorted(ordered: np.ndarray, sigma: float, maxiters: int | None
         lo, hi = new_lo, new_hi
         if lo >= hi:
             return math.nan, math.nan, math.nan
-    run = ordered[lo:hi]
-    return float(np.mean(run)), sorted_median(run), float(np.std(run))
+    mean, std = mean_std(ordered, lo, hi)
+    return float(mean), sorted_median(ordered[lo:hi]), float(std)

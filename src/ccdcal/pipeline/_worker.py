@@ -1,5 +1,5 @@
-"""Imported by the server process that light worker processes fork from
-(:class:`ccdcal.pipeline.executor.ProcessExecutor`): the pipeline's modules, and numba started
+"""Imported by the process that light worker processes fork from
+(:class:`ccdcal.pipeline.executor.ProcessExecutor`: the run's own process, or a server): the pipeline's modules, and numba started
 by one serial kernel (no threads yet, so forking stays safe), which every worker then inherits
 instead of starting numba itself (about 0.45 s each)."""
 

@@ -183,9 +183,10 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
     """A reduction that writes (the caller holds the output folder's lock)."""
 
     local = scheduler is None and not options.scheduler
-    warming = _start_warming(files, options) if local else None
-    # started before the scan, whose Python holds one core: their imports take the other
+    # started before the scan (whose Python holds one core: a server's imports take the other),
+    # and before any thread of the run (workers forked from this process copy none)
     processes = _start_light_processes(files, options) if local else None
+    warming = _start_warming(files, options) if local else None
     try:
         return _run_with(files, broken, out_dir, options, force, progress, caught, scheduler, started, warming,
                          processes)
@@ -210,13 +211,14 @@ def _run_with(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, o
         result.timings["scan and plan"] = time.perf_counter() - started
         _announce(inventory, plan, options)
         _start_input_hashes(plan)
-        if processes is not None and not _many_small_lights(plan, options):
+        if processes is not None and not _many_small_lights(plan, options, processes):
             processes.close()
             processes = None
         if processes is not None:
-            result.executor += f"; lights in {processes.workers} worker processes"
+            result.executor += f"; lights in {processes.workers} worker processes ({processes.start_method})"
         # the parts fixed once planned are made once; the rest is rebuilt at each write
         fixed = _manifest_fixed(options, inventory, plan)
+        manifest.fix(fixed)
         body = lambda: _manifest_body(fixed, result)  # noqa: E731
         with executor.report(out_dir) if options.dask_report else contextlib.nullcontext():
             if warming is not None:      # done (or stopped): its block never meets the masters'
@@ -485,6 +487,10 @@ def _run_lights(plan: Plan, ctx: RunContext, manifest: Manifest, result: ReduceR
 #: of one process do one at a time. Larger lights are pixels, which numpy and numba do in
 #: threads without the GIL, and their masters would be held once per process.
 PROCESS_MIN_LIGHTS = 200
+#: the same where the workers fork from this process (at once: no server importing the pipeline
+#: first). Measured, nights of 256² lights: 40 lights take as long either way, 100 lights
+#: 5.7-6.4 s with workers against 6.3-7.6 s without
+FORKED_MIN_LIGHTS = 64
 PROCESS_MAX_PIXELS = 1 << 21
 #: what a light worker process holds of its own (measured: 110-115 MB of proportional set size
 #: each, its imports, numba's kernels and the objects its refcounts copied from the server); the
@@ -502,7 +508,7 @@ def _start_light_processes(files: list[Path], options: ReduceOptions) -> Process
     plan confirms it (:func:`_many_small_lights`) or they are closed unused. None when they
     cannot help (one core or one worker), when ``--memory`` is too small for them
     (:data:`WORKER_BYTES` each within half of it), or with ``CCDCAL_LIGHT_PROCESSES=0``."""
-    if len(files) < PROCESS_MIN_LIGHTS or _light_workers(options) < 2:
+    if _light_workers(options) < 2 or len(files) < min(PROCESS_MIN_LIGHTS, FORKED_MIN_LIGHTS):
         return None
     if _light_workers(options) * WORKER_BYTES > _budget(options) // 2:
         return None
@@ -514,14 +520,23 @@ def _start_light_processes(files: list[Path], options: ReduceOptions) -> Process
     except OSError:
         return None                 # the scan says what is wrong with the file
     processes = ProcessExecutor(_light_workers(options))
+    if len(files) < _min_lights(processes):
+        processes.close()
+        return None
     processes.start()
     return processes
 
 
-def _many_small_lights(plan: Plan, options: ReduceOptions) -> bool:
-    """Whether the plan's lights are many and small, and as many of them fit ``--memory`` at
-    once as there are workers."""
-    return (len(plan.lights) >= PROCESS_MIN_LIGHTS
+def _min_lights(processes: ProcessExecutor) -> int:
+    """The fewest lights worth the worker processes (:data:`FORKED_MIN_LIGHTS` where they fork
+    from this process, else :data:`PROCESS_MIN_LIGHTS`)."""
+    return min(PROCESS_MIN_LIGHTS, FORKED_MIN_LIGHTS) if processes.start_method == "fork" else PROCESS_MIN_LIGHTS
+
+
+def _many_small_lights(plan: Plan, options: ReduceOptions, processes: ProcessExecutor) -> bool:
+    """Whether the plan's lights are many (for ``processes``) and small, and as many of them fit
+    ``--memory`` at once as there are workers."""
+    return (len(plan.lights) >= _min_lights(processes)
             and max(int(np.prod(job.frame.shape)) for job in plan.lights) <= PROCESS_MAX_PIXELS
             and lights_in_flight(plan, options) >= _light_workers(options))
 

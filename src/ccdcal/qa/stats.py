@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._shared._kernels import mean_std
 from .._shared.robust import MAD_TO_STD, clipped_stats_sorted, sorted_median
 from ..errors import InputError
 from ..io.headers import saturation_problem
@@ -108,15 +109,16 @@ def region_stats(
     if npix == 0:
         nan = math.nan
         return RegionStats(str(section), 0, nan, nan, nan, nan, nan, nan, nan, nan)
-    values64 = values.astype(np.float64, copy=False)
-    ordered = np.sort(values64)
+    # sorted in their own type (float32 sorts 3x faster), then widened: the same order
+    ordered = np.sort(values).astype(np.float64, copy=False)
     cmean, cmedian, cstd = clipped_stats_sorted(ordered, sigma, maxiters)
+    mean, std = mean_std(ordered, 0, npix)
     return RegionStats(
         region=str(section),
         npix=npix,
-        mean=float(np.mean(values64)),
+        mean=float(mean),
         median=sorted_median(ordered),
-        std=float(np.std(values64)),
+        std=float(std),
         min=float(ordered[0]),
         max=float(ordered[-1]),
         clipped_mean=float(cmean),
