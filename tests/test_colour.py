@@ -230,9 +230,9 @@ def test_reduce_stack_of_a_colour_night_is_in_colour_and_so_is_its_report(tmp_pa
         assert hdul["UNCERT"].data.shape == (3, 120, 160)
     previews = sorted((tmp_path / "out" / "previews").glob("light-*.png"))
     assert previews
-    import json
+    from ccdcal.report.page import light_facts
 
-    facts = json.loads(next((tmp_path / "out" / "previews").glob("light-*.json")).read_text())
+    facts = light_facts(previews[0])
     colours = facts["stats"]["colours"]                      # per-colour statistics of the CFA light
     from oscnight import SKY
 

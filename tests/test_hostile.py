@@ -228,9 +228,11 @@ def test_raw_names_that_slug_alike_get_their_own_previews(small_night, tmp_path)
 
     reduce(raw, tmp_path / "out", options=ReduceOptions())
     report = (tmp_path / "out" / "report.html").read_text()
-    previews = {p.name for p in (tmp_path / "out" / "previews").glob("light-*.json")}
+    from ccdcal.report.page import light_facts
+
+    previews = {p.name for p in (tmp_path / "out" / "previews").glob("light-*.png")}
     assert len(previews) == 4
-    stored = [json.loads((tmp_path / "out" / "previews" / n).read_text())["output"] for n in previews]
+    stored = [light_facts(tmp_path / "out" / "previews" / n)["output"] for n in previews]
     assert sorted(stored) == sorted(f"calibrated/{n}.fits" for n in ("a b", "a_b", "m51_V_001", "m51_V_002"))
     assert report.count("a_b~") >= 1
 

@@ -311,3 +311,30 @@ def test_a_colour_image_is_stretched_unlinked_by_default_and_linked_on_request(t
     assert main(["stretch", str(tmp_path / "rgb.fits"), "-o", str(tmp_path / "a.png"), "--linked"]) == 0
     assert main(["stretch", str(tmp_path / "rgb.fits"), "-o", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+
+
+def test_png_text_chunk_round_trip_and_damage():
+    """A text chunk added to a PNG is read back (by Pillow too); a file cut short, a damaged
+    chunk or a missing key is a ValueError, never a wrong text."""
+    import io
+
+    from PIL import Image
+
+    from ccdcal.stretch import png_bytes, png_text, png_with_text
+
+    for level in (0, 1):
+        png = png_with_text(png_bytes(np.linspace(0, 1, 60).reshape(6, 10), compress_level=level), "k",
+                            '{"a": [1, 2.5, NaN], "b": "x y"}')
+        assert png_text(png, "k") == '{"a": [1, 2.5, NaN], "b": "x y"}'
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.text == {"k": '{"a": [1, 2.5, NaN], "b": "x y"}'} and image.size == (10, 6)
+        with pytest.raises(ValueError, match="no text"):
+            png_text(png, "other")
+        for cut in (len(png) - 20, 40, 8):
+            with pytest.raises(ValueError):
+                png_text(png[:cut], "k")
+        at = png.index(b"tEXt") + 6                        # a byte of the text changed
+        with pytest.raises(ValueError, match="damaged"):
+            png_text(png[:at] + bytes([png[at] ^ 1]) + png[at + 1:], "k")
+    with pytest.raises(ValueError):
+        png_text(b"GIF89a", "k")

@@ -198,7 +198,9 @@ def write_night(raw_dir: str | Path, *, seed: int = 2024, size: int = 512, n_bia
     truth_dir.mkdir(parents=True, exist_ok=True)
     truth = _truth(rng, size)
 
-    drifts = iter(rng.normal(0.0, 4.0, 1000) + np.linspace(0.0, 10.0, 1000))
+    # one level drift per frame (1000 at least, so that nights of fewer frames stay as they were)
+    frames = max(1000, n_bias + n_dark * len(DARK_TIMES) + (n_flat + n_light) * len(FLAT_FILTERS))
+    drifts = iter(rng.normal(0.0, 4.0, frames) + np.linspace(0.0, 10.0, frames))
     for i in range(n_bias):
         _write(raw_dir / f"bias_{i + 1:03d}.fits", _raw(rng, truth, np.zeros((size, size)), next(drifts), size),
                _header("bias", 0.0, i, None, size))

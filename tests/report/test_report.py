@@ -17,7 +17,7 @@ from PIL import Image
 from ccdcal.errors import InputError
 from ccdcal.io.writer import write_fits
 from ccdcal.qa.stats import frame_metrics
-from ccdcal.report.page import build_report, histogram_svg
+from ccdcal.report.page import build_report, histogram_svg, light_facts
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -181,14 +181,18 @@ def test_every_master_and_light_is_in_the_report(out_dir):
 
 def test_previews_are_written_as_files(out_dir):
     build_report(out_dir)
-    names = sorted(p.name for p in (out_dir / "previews").glob("*.png"))
-    assert names == ["light-m51_1-thumb.png", "light-m51_1.png", "light-m51_2-thumb.png",
-                     "light-m51_2.png", "master-master_bias.png", "master-master_flat_V.png"]
+    names = sorted(p.name for p in (out_dir / "previews").iterdir())
+    # a light's preview is one file: its statistics and thumbnail ride in the PNG
+    assert names == ["light-m51_1.png", "light-m51_2.png", "master-master_bias.json", "master-master_bias.png",
+                     "master-master_flat_V.json", "master-master_flat_V.png"]
     for path in (out_dir / "previews").glob("*.png"):
         with Image.open(path) as image:
             assert max(image.size) <= 800
-            if path.stem.endswith("-thumb"):
-                assert max(image.size) <= 200
+            if path.name.startswith("light-"):
+                facts = light_facts(path)
+                assert facts["output"] == f"calibrated/{path.stem.removeprefix('light-')}.fits"
+                assert list(image.size) == facts["size"] and facts["stats"]["npix"] > 0
+                assert image.text["ccdcal"]          # a PNG text chunk any reader sees
     assert not list(out_dir.rglob("*.partial"))
 
 

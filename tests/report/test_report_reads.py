@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -19,6 +20,7 @@ def test_the_report_reads_no_light_or_master_the_tasks_previewed(tmp_path, monke
     from ccdcal.demo import write_night
     from ccdcal.pipeline.run import ReduceOptions, reduce
     from ccdcal.report import page as report_module
+    from ccdcal.report.page import light_facts
 
     raw = tmp_path / "raw"
     write_night(raw, size=96, seed=2)
@@ -28,11 +30,12 @@ def test_the_report_reads_no_light_or_master_the_tasks_previewed(tmp_path, monke
     monkeypatch.setattr(report_module, "_load", lambda d, rel: (loaded.append(str(rel)), original(d, rel))[1])
     result = reduce([raw], out, options=ReduceOptions())
     assert not loaded
-    made = sorted((out / "previews").glob("light-*.json"))
+    made = sorted((out / "previews").glob("light-*.png"))
     assert len(made) == len(result.lights) > 0
     made_masters = sorted((out / "previews").glob("master-*.json"))
     assert len(made_masters) == len(result.masters) > 0
     by_task = {p.name: p.read_bytes() for p in [*made, *made_masters]}
+    facts = {p.name: light_facts(p) for p in made}
     pngs = {p.name: p.read_bytes() for p in (out / "previews").glob("*.png")}
 
     def page():   # the report without its folder and time line
@@ -47,8 +50,10 @@ def test_the_report_reads_no_light_or_master_the_tasks_previewed(tmp_path, monke
     report_module.build_report(out)
     assert len([rel for rel in loaded if "calibrated" in rel]) == len(made)
     assert len([rel for rel in loaded if "masters" in rel]) == len(made_masters)
-    for p in [*made, *made_masters]:
+    for p in made_masters:
         assert json.loads(p.read_bytes()) == json.loads(by_task[p.name]), p.name
+    for p in made:
+        assert light_facts(p) == facts[p.name], p.name
     assert {p.name: p.read_bytes() for p in (out / "previews").glob("*.png")} == pngs
     assert page() == first
 
@@ -101,7 +106,7 @@ def test_previews_left_damaged_by_a_power_cut_are_made_again(tmp_path, monkeypat
     reduce([raw], out, options=ReduceOptions())
     previews = out / "previews"
     pngs = {p.name: p.read_bytes() for p in previews.glob("*.png")}
-    lights = sorted(previews.glob("light-*-thumb.png"))
+    lights = sorted(previews.glob("light-*.png"))
     masters = sorted(previews.glob("master-*.png"))
     assert len(lights) >= 2 and masters
     lights[0].write_bytes(b"")                                   # emptied
@@ -118,11 +123,10 @@ def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsam
     """The report's light statistics come from a 2^18-pixel regular subsample; against
     numpy's statistics of every pixel they are as close as report.STATS_PIXELS states
     (median to ~0.0025 σ, std to ~0.14 %: bounds at about 4x those)."""
-    import json
 
     from astropy.stats import sigma_clipped_stats
 
-    from ccdcal.report.page import STATS_PIXELS, write_light_previews
+    from ccdcal.report.page import STATS_PIXELS, light_facts, write_light_previews
 
     rng = np.random.default_rng(12)
     shape = (2048, 2048)
@@ -131,8 +135,8 @@ def test_light_statistics_of_the_report_are_within_the_precision_of_their_subsam
     y, x = rng.integers(10, 2038, (2, 300))
     for yy, xx in zip(y, x, strict=True):                 # stars: a tail the clipping must remove
         data[yy - 2:yy + 3, xx - 2:xx + 3] += rng.uniform(200, 20000)
-    write_light_previews(tmp_path, "calibrated/light.fits", data)
-    stats = json.loads((tmp_path / "previews" / "light-light.json").read_text())["stats"]
+    write_light_previews(tmp_path, "calibrated/light.fits", data, datasum="0")
+    stats = light_facts(tmp_path / "previews" / "light-light.png")["stats"]
     assert STATS_PIXELS <= stats["npix"] < 1.1 * STATS_PIXELS
     _, median, std = sigma_clipped_stats(data, sigma=3.0, maxiters=5)
     assert abs(stats["clipped_median"] - median) < 0.01 * sigma
@@ -174,3 +178,28 @@ def test_previews_of_an_output_rebuilt_within_the_timestamp_resolution_are_made_
     after = json.loads(facts_path.read_text())
     assert after["datasum"] == str(fits.getheader(path)["DATASUM"]) != before["datasum"]
     assert after["stats"]["median"] == pytest.approx(before["stats"]["median"] + 7.0, abs=1e-3)
+
+
+def test_a_tampered_light_thumbnail_never_reaches_the_page(tmp_path):
+    """A light preview whose recorded thumbnail is not a base64 JPEG is made again from the
+    output, not put into the page."""
+    from ccdcal.demo import write_night
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.report.page import FACTS_KEY, build_report, light_facts
+    from ccdcal.stretch import png_with_text
+
+    write_night(tmp_path / "raw", size=96, seed=3, n_light=31)    # a large night: the table's thumbnails
+    out = tmp_path / "out"
+    reduce([tmp_path / "raw"], out, options=ReduceOptions())
+    preview = sorted((out / "previews").glob("light-*.png"))[0]
+    facts = light_facts(preview)
+    honest = facts["table_thumb"][0]
+    for bad in ('javascript:alert(1)', 'data:image/jpeg;base64,AAAA"><script>alert(1)</script>'):
+        facts["table_thumb"][0] = bad
+        png = preview.read_bytes()
+        cut = png.index(b"tEXt") - 4                               # the old text chunk dropped
+        end = cut + 12 + int.from_bytes(png[cut:cut + 4], "big")
+        preview.write_bytes(png_with_text(png[:cut] + png[end:], FACTS_KEY, json.dumps(facts)))
+        text = build_report(out).read_text()
+        assert "alert(1)" not in text and honest in text
+        assert light_facts(preview)["table_thumb"][0] == honest   # made again from the output
