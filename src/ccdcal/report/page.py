@@ -584,10 +584,11 @@ def write_light_previews(out_dir: Path, output: str, data: np.ndarray, datasum: 
     """
     stem = _safe_stem(output)
     small = downsample(superpixel(data, pattern) if pattern else data, PREVIEW_SIZE)
-    pixels = display_pixels(stretch(small, "autostf"))
+    shown = stretch(small, "autostf")
+    pixels = display_pixels(shown)
     facts = {"output": output, "datasum": datasum if datasum is not None else _datasum(out_dir, output),
              "size": [pixels.shape[1], pixels.shape[0]], "stats": _stats_dict(data),
-             "table_thumb": _jpeg_thumb(pixels)}
+             "table_thumb": _jpeg_thumb(shown)}
     if pattern:      # a colour light: its statistics per colour too (the cells of each filter)
         facts["stats"]["colours"] = colour_stats(data, pattern)
     png = png_with_text(png_of_pixels(pixels, compress_level=LIGHT_PNG_LEVEL), FACTS_KEY,
@@ -609,14 +610,15 @@ def _facts_of(png: bytes) -> dict[str, Any]:
     return facts
 
 
-def _jpeg_thumb(pixels: np.ndarray) -> list[Any]:
-    """[data URI, width, height] of a :data:`TABLE_THUMB` px JPEG of a preview's pixels (2-4 KB)."""
+def _jpeg_thumb(shown: np.ndarray) -> list[Any]:
+    """[data URI, width, height] of a :data:`TABLE_THUMB` px JPEG (2-4 KB) of a stretched preview,
+    binned to size (:func:`~ccdcal.stretch.downsample`) and quantised as the PNG is."""
     from PIL import Image as Pil
 
+    pixels = display_pixels(downsample(shown, TABLE_THUMB))
     image = Pil.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L")
-    image.thumbnail((TABLE_THUMB, TABLE_THUMB))
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=70)
+    image.save(buffer, format="JPEG", quality=70)
     return ["data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), image.width,
             image.height]
 
