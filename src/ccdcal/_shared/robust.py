@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ._kernels import mean_std
+
 #: 1 / Φ⁻¹(3/4): the MAD of a normal distribution times this is its standard deviation.
 MAD_TO_STD = 1.482602218505602
 
@@ -97,8 +99,6 @@ def clipped_stats_sorted(ordered: np.ndarray, sigma: float, maxiters: int | None
     binary searches, a median by index and one compiled mean and std
     (:func:`ccdcal._shared._kernels.mean_std`), not a median's partition and a masked copy. As in
     astropy, ``maxiters`` of 0 or None clips until nothing changes."""
-    from ._kernels import mean_std
-
     ordered = np.ascontiguousarray(ordered, dtype=np.float64)
     lo, hi = 0, ordered.size
     passes = 0

@@ -198,8 +198,8 @@ class ProcessExecutor:
             self._starter.start()
 
     def _fork(self) -> None:
-        from . import _worker  # noqa: F401 - the pipeline imported and numba started, to be shared
-
+        # numba started by one serial kernel (no thread), as the server does, to be shared
+        _kernels.finite_clamped(np.zeros(1, np.float32), np.zeros(1, np.float64))
         # objects made so far frozen: the workers' collector never writes to (copies) their pages
         gc.freeze()
         try:
