@@ -131,3 +131,28 @@ def test_datasum_read_from_the_header_text_is_astropys(tmp_path):
     for name, expected in cases.items():
         astropy = "" if name == "broken.fits" else str(fits.getheader(tmp_path / name).get("DATASUM", ""))
         assert datasum_of(tmp_path / name) == expected == astropy, name
+
+
+def test_standard_cards_as_read_are_written_back_as_read_and_others_as_astropy_fixes_them():
+    """A raw header's standard cards go into a cleaned header unparsed and are written as read;
+    a card astropy would fix (an '=' out of place, a lower-case exponent or keyword) still is."""
+    import warnings
+
+    from astropy.io import fits
+
+    from ccdcal.io.frames import clean_header
+
+    images = ["EXPTIME =                 60.0 / exposure time [s]", "OBJECT  = 'M51 it''s'         / target",
+              "FLAG    =                    T", "COUNT   =                 -12 / n", "SMALL   =              -.5D-03",
+              "LOWER   =                1.0e5 / lower-case exponent", "EQ     =                      7 / '=' at 7",
+              "COMMENT a comment card"]
+    raw = fits.Header([fits.Card.fromstring(image) for image in images])
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        expected = [str(card) for card in fits.Header([fits.Card.fromstring(image) for image in images]).cards]
+        cleaned = clean_header(raw)
+        written = [cleaned.tostring()[i:i + 80] for i in range(0, 80 * len(images), 80)]
+    assert written == expected                     # what astropy itself writes, card for card
+    assert written[:5] == [image.ljust(80) for image in images[:5]]       # the standard ones verbatim
+    assert [cleaned[k] for k in ("EXPTIME", "OBJECT", "FLAG", "COUNT")] == [60.0, "M51 it's", True, -12]
+    assert cleaned["SMALL"] == -0.0005 and cleaned["LOWER"] == 1.0e5 and cleaned["EQ"] == 7

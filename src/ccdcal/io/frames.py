@@ -909,13 +909,38 @@ def fit_card(card: Any) -> Any:
         return card
 
 
+#: an 80-character card image of the FITS standard's fixed format that astropy writes back as it
+#: is: a keyword of capitals, digits, '-' or '_' padded to 8 columns, "= ", a string, logical,
+#: integer or real value (capital exponent), then spaces or a comment of printable ASCII
+_STANDARD_CARD = re.compile(
+    r"(?=[A-Z0-9_-]{1,8} *= )[A-Z0-9_ -]{8}= "
+    r" *(?:'(?:[ -&(-~]|'')*'|[TF]|[+-]?[0-9]+|[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[ED][+-]?[0-9]+)?)"
+    r" *(?:/[ -~]*)?")
+
+
+def _standard_as_read(card: Any) -> bool:
+    """Whether ``card`` is a card read from a file and not changed since, whose image is of the
+    standard's fixed format (:data:`_STANDARD_CARD`): written back as read, it fits, and astropy's
+    verification (which parses its value and comment again when the header is written) has
+    nothing to check. Such a card is marked verified."""
+    image = getattr(card, "_image", None)
+    if (image is None or getattr(card, "_modified", True) or len(image) != _CARD_LENGTH
+            or _STANDARD_CARD.fullmatch(image) is None):
+        return False
+    card._verified = True
+    return True
+
+
 def _surely_fits(card: Any) -> bool:
-    """A cheap test that ``card`` needs no refitting: commentary, no comment, or a short keyword
+    """A cheap test that ``card`` needs no refitting: a standard card as read
+    (:func:`_standard_as_read`, not even parsed), commentary, no comment, or a short keyword
     whose value and comment are short enough to fit whatever the value's formatting (it takes 20
     columns at most after the 10 of ``KEYWORD= ``, a string its quotes more). A card that cannot
     be read is not sure: :func:`fit_card` deals with it."""
     from astropy.io.fits.verify import VerifyError
 
+    if _standard_as_read(card):
+        return True
     try:
         comment = card.comment
         if not comment or card.keyword in _COMMENTARY:
