@@ -203,3 +203,27 @@ def test_a_tampered_light_thumbnail_never_reaches_the_page(tmp_path):
         text = build_report(out).read_text()
         assert "alert(1)" not in text and honest in text
         assert light_facts(preview)["table_thumb"][0] == honest   # made again from the output
+
+
+def test_the_runs_report_checks_its_lights_previews_by_the_datasums_it_wrote(tmp_path, monkeypatch):
+    """reduce's own report reads no light's DATASUM back (it knows what it wrote); a report made
+    later reads each file's, and a preview whose recorded DATASUM is not the file's is made again."""
+    from astropy.io import fits
+
+    from ccdcal.demo import write_night
+    from ccdcal.pipeline.run import ReduceOptions, reduce
+    from ccdcal.report import page as report_module
+
+    write_night(tmp_path / "raw", size=96, seed=2, n_light=2)
+    out = tmp_path / "out"
+    read = []
+    original = report_module._datasum
+    monkeypatch.setattr(report_module, "_datasum", lambda d, rel: (read.append(str(rel)), original(d, rel))[1])
+    result = reduce([tmp_path / "raw"], out, options=ReduceOptions())
+    assert result.lights and not [rel for rel in read if rel.startswith("calibrated/")]
+    for rel in result.lights:       # what the run recorded is the file's DATASUM
+        facts = report_module.light_facts(out / "previews" / f"light-{report_module._safe_stem(rel)}.png")
+        assert facts["datasum"] == str(fits.getheader(out / rel)["DATASUM"])
+    read.clear()
+    report_module.build_report(out)
+    assert sorted(rel for rel in read if rel.startswith("calibrated/")) == sorted(result.lights)

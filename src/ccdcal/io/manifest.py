@@ -76,6 +76,8 @@ class Manifest:
         self.previous = {} if force else self._load()
         self._fixed: dict[str, tuple[Any, str]] = {}
         self._entries: dict[str, tuple[Any, str]] = {}   # each output's entry and its JSON text
+        #: the DATASUM of each output this run wrote (in memory: what the run's report checks)
+        self.datasums: dict[str, str] = {}
 
     def _load(self) -> dict[str, dict[str, Any]]:
         path = self.out_dir / "manifest.json"
@@ -92,6 +94,8 @@ class Manifest:
     def record(self, record: OutputRecord) -> None:
         if record.skipped is not None:
             return
+        if record.datasum and not record.reused:
+            self.datasums[record.output] = record.datasum
         self.outputs[record.output] = {
             "fingerprint": record.fingerprint,
             HASH: record.hash or file_hash(self.out_dir / record.output),

@@ -232,7 +232,8 @@ def _run_with(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, o
     if options.report:
         started = time.perf_counter()
 
-        result.report = build_report(out_dir, {**body(), "outputs": manifest.outputs}, lock=False)
+        result.report = build_report(out_dir, {**body(), "outputs": manifest.outputs}, lock=False,
+                                     written=manifest.datasums)
         result.timings["report"] = time.perf_counter() - started
         manifest.write(body())
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -600,6 +599,9 @@ def light_task(item: tuple[LightJob | MasterPreviewJob, dict[str, Any] | None],
     return calibrate_light(job, ctx, item[1])
 
 
+_DATASUM = "_datasum"   # the written light's DATASUM in its facts, until its record takes it
+
+
 def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | None = None) -> OutputRecord:
     """Calibrate one light (or keep it when up to date); a problem with it becomes a skipped record."""
     recipe = job.recipe
@@ -621,8 +623,9 @@ def calibrate_light(job: LightJob, ctx: RunContext, previous: dict[str, Any] | N
     if skipped:
         return OutputRecord(output=source, kind="light", skipped=skipped)
     # the hash the writer took from the bytes as it wrote them (the file is not read back)
+    datasum = str(facts.pop(_DATASUM, ""))
     return OutputRecord(output=job.output, kind="light", fingerprint=fp, inputs=tuple(inputs),
-                        hash=file_hash(ctx.out_dir / job.output), extra=facts)
+                        hash=file_hash(ctx.out_dir / job.output), datasum=datasum, extra=facts)
 
 
 def glow_residual(data: np.ndarray, mask: np.ndarray, region: np.ndarray | None) -> float | None:
@@ -695,16 +698,19 @@ def _calibrate_and_write(job: LightJob, ctx: RunContext, raw: np.ndarray, raw_he
         if residual is not None:   # a CMOS dark scaled by exposure (asked for): what its glow left
             facts["glow_residual"] = residual
             header["GLOWRES"] = (round(residual, 3), "[adu] light in the dark's glow minus elsewhere")
-    previews = None
-    if options.report:
-        # while the pixels are in memory (the report then reads no light again), and while the
-        # light's file is made durable and put in place
-        previews = partial(write_light_previews, ctx.out_dir, job.output, result.data,
-                           pattern=trimmed_pattern(job.frame.bayer, recipe.trim))
+    pattern = trimmed_pattern(job.frame.bayer, recipe.trim)
+
+    def meanwhile(datasum: str) -> None:
+        facts[_DATASUM] = datasum          # the record's (run's report checks the previews by it)
+        if options.report:
+            # while the pixels are in memory (the report then reads no light again), and while the
+            # light's file is made durable and put in place
+            write_light_previews(ctx.out_dir, job.output, result.data, datasum, pattern=pattern)
+
     # not kept in the page cache unless the lights are stacked next (read again); the lights'
     # folder is made durable once, before the manifest lists them (run._run_lights)
     write_fits(ctx.out_dir / job.output, result.data, header, uncertainty=result.uncertainty, mask=result.mask,
-               unit=result.unit, meanwhile=previews, cached=options.stack, cleaned=True,   # light_header's
+               unit=result.unit, meanwhile=meanwhile, cached=options.stack, cleaned=True,   # light_header's
                sync_folder=False)
     return None
 

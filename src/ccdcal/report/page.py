@@ -497,7 +497,7 @@ def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[
 
 def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
             flags_by_path: Mapping[str, list[str]], outputs: Mapping[str, Any] | None = None, *,
-            small: bool = False) -> list[LightCard]:
+            small: bool = False, written: Mapping[str, str] | None = None) -> list[LightCard]:
     cards = []
     for index, item in enumerate(lights):
         source = str(item.get("input") or "")
@@ -519,7 +519,7 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
         card = LightCard(index=index, name=_display_name(output or source), output=output,
                          masters=masters, notes=notes,
                          flags=list(flags_by_path.get(source, [])), thumb=Image(), preview=Image())
-        made = _made_light_previews(out_dir, output, small=small)
+        made = _made_light_previews(out_dir, output, small=small, datasum=(written or {}).get(output))
         if made is not None:
             card.preview, card.thumb, card.stats = made
             cards.append(card)
@@ -641,14 +641,15 @@ def _subsample(data: np.ndarray, max_pixels: int = STATS_PIXELS // 4) -> np.ndar
     return data[::step, ::step] if step > 1 else data
 
 
-def _made_light_previews(out_dir: Path, output: str, *, small: bool = False
+def _made_light_previews(out_dir: Path, output: str, *, small: bool = False, datasum: str | None = None
                          ) -> tuple[Image, Image, dict[str, Any]] | None:
     """The preview, thumbnail and statistics :func:`write_light_previews` left for ``output``,
     when its file is there, whole, at least as new as the output and made from its data
     (the DATASUM recorded: a file rebuilt within the file system's time resolution, 2 s on
     FAT, is not taken for the old one); else None. ``small``: the thumbnail the small JPEG
     and the preview a link to its file (a large night's table); else both inline, the
-    thumbnail (:data:`THUMB_SIZE` px) binned from the preview."""
+    thumbnail (:data:`THUMB_SIZE` px) binned from the preview. ``datasum``: the output's, when
+    the caller knows it (else read from the file)."""
     rel = f"previews/light-{_safe_stem(output)}.png"
     target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
     try:
@@ -657,7 +658,8 @@ def _made_light_previews(out_dir: Path, output: str, *, small: bool = False
             return None
         payload = path.read_bytes()
         facts = _facts_of(payload)
-        if facts.get("output") != output or facts.get("datasum") != _datasum(out_dir, output):
+        current = datasum if datasum is not None else _datasum(out_dir, output)
+        if facts.get("output") != output or facts.get("datasum") != current:
             return None
         width, height = (int(v) for v in facts["size"])
         if small:
@@ -770,7 +772,7 @@ def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None = None, *,
-                 lock: bool = True) -> Path:
+                 lock: bool = True, written: Mapping[str, str] | None = None) -> Path:
     """Write ``OUT/previews/*.png`` and the self-contained ``OUT/report.html``.
 
     Parameters
@@ -783,6 +785,10 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
     lock : bool
         Hold the output folder's lock (:func:`ccdcal.io.guard.output_lock`) while writing; False
         only for a caller that holds it already (``reduce``).
+    written : mapping, optional
+        ``output -> DATASUM`` of outputs the caller wrote under the lock it holds (``reduce``'s
+        lights): their previews are checked against these, not against their files read again
+        (on a night of 800 lights, 800 files the writer had dropped from the page cache).
 
     Returns
     -------
@@ -805,7 +811,7 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
             inputs = [str(i.get("path")) for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]
             # OUT/previews a link into a folder of raws: the report would write beside them
             refuse_overwrite(inputs, folders=[out_dir, out_dir / "previews"])
-            return build_report(out_dir, manifest, lock=False)
+            return build_report(out_dir, manifest, lock=False, written=written)
     if manifest is None:
         manifest = load_manifest(out_dir)
     inputs = [i for i in manifest.get("inputs") or [] if isinstance(i, Mapping)]
@@ -817,7 +823,8 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
     groups = _groups(inputs, excluded)
     masters = _masters(out_dir, masters_in)
     large = len(lights_in) > LARGE_NIGHT
-    lights = _lights(out_dir, lights_in, flags_by_path, manifest.get("outputs") or {}, small=large)
+    lights = _lights(out_dir, lights_in, flags_by_path, manifest.get("outputs") or {}, small=large,
+                     written=written or {})
     plots = []
     if large:   # the statistics over the night, then the table: flagged lights first
         flagged = [bool(c.flags) for c in lights]
