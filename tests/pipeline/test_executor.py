@@ -92,3 +92,44 @@ def test_every_worker_process_is_set_up_before_its_first_task():
         executor.close()
     assert {threads for _, threads, _ in seen} == {1} and all(settled for *_, settled in seen)
     assert len({pid for pid, _, _ in seen}) == 2
+
+
+def test_headers_read_by_worker_processes_give_the_same_inventory_and_warnings(tmp_path):
+    """scan(header_executor=...) reads the headers in the light workers: the same frames, skips
+    and CcdcalWarnings (raised again here) as reading them here."""
+    import warnings
+
+    import numpy as np
+    from astropy.io import fits
+
+    from ccdcal.errors import CcdcalWarning
+    from ccdcal.pipeline.executor import ProcessExecutor
+    from ccdcal.planning.inventory import scan
+
+    for i in range(6):
+        header = fits.Header({"IMAGETYP": "Light Frame" if i % 2 else "Bias Frame", "EXPTIME": 1.0 * (i % 2)})
+        if i == 3:
+            header["OBJECT"] = "M51"
+        fits.writeto(tmp_path / f"f{i}.fits", np.zeros((8, 8), np.uint16), header)
+    raw = bytearray((tmp_path / "f3.fits").read_bytes())
+    at = raw.index(b"'M51")
+    raw[at + 1:at + 4] = b"M\xe951"[:3]                        # a byte a card may not hold
+    (tmp_path / "f3.fits").write_bytes(bytes(raw))
+    (tmp_path / "broken.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+
+    def scanned(executor):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inventory = scan([tmp_path], flag=False, header_executor=executor)
+        return inventory, sorted(str(w.message) for w in caught if issubclass(w.category, CcdcalWarning))
+
+    here, said_here = scanned(None)
+    executor = ProcessExecutor(2)
+    try:
+        executor.start()
+        there, said_there = scanned(executor)
+    finally:
+        executor.close()
+    assert there.frames == here.frames and there.skipped == here.skipped
+    assert said_there == said_here and any(s.startswith("f3.fits") for s in said_here)
+    assert len(here.frames) == 6 and any("broken.fits" in s.path for s in here.skipped)

@@ -162,9 +162,13 @@ def _reduce(paths: Any, out_dir: Path, *, options: ReduceOptions, dry_run: bool,
         return _run(files, broken, out_dir, options, force, progress, caught, scheduler, started)
 
 
-def _scan(files: list[Path], broken: list[tuple[str, str]], progress: Any) -> Inventory:
-    """The headers of ``files`` (here), with the broken links met while finding them."""
-    inventory = scan(files, progress=progress, flag=False)
+def _scan(files: list[Path], broken: list[tuple[str, str]], progress: Any,
+          processes: ProcessExecutor | None = None) -> Inventory:
+    """The headers of ``files``, with the broken links met while finding them: read here, or by
+    light workers forked from this process (ready at once, idle until the lights: 829 headers
+    took 1.2 s here)."""
+    readers = processes if processes is not None and processes.start_method == "fork" else None
+    inventory = scan(files, progress=progress, flag=False, header_executor=readers)
     return replace(inventory, skipped=(*(Skipped(w, why) for w, why in broken), *inventory.skipped))
 
 
@@ -198,7 +202,7 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
 def _run_with(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, options: ReduceOptions, force: bool,
               progress: Any, caught: list[str], scheduler: Any, started: float, warming: Any,
               processes: ProcessExecutor | None) -> ReduceResult:
-    inventory = _scan(files, broken, progress)   # headers, here
+    inventory = _scan(files, broken, progress, processes)
     with _executor(scheduler if scheduler is not None else options.scheduler, options) as executor:
         executor.check_access(_sample_inputs(f.path for f in inventory.frames), str(out_dir))
         manifest = Manifest(out_dir, force=force)

@@ -418,7 +418,8 @@ def scan_file(path: Path) -> tuple[list[FrameInfo], list[Skipped]]:
 
 
 def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: ProgressOption = None,
-         exclude: str | os.PathLike | Iterable[str | os.PathLike] | None = None, executor: Any = None) -> Inventory:
+         exclude: str | os.PathLike | Iterable[str | os.PathLike] | None = None, executor: Any = None,
+         header_executor: Any = None) -> Inventory:
     """Find and classify every image HDU under ``paths`` (files, folders, globs).
 
     Parameters
@@ -437,6 +438,9 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Pro
     executor : optional
         Where the pixel checks of the calibration frames run (:mod:`ccdcal.pipeline.executor`; default
         this thread).
+    header_executor : optional
+        Where the headers are read, file by file, results in order (``reduce``'s light worker
+        processes on a night of many small frames; default this thread).
 
     Raises
     ------
@@ -458,8 +462,8 @@ def scan(paths: Iterable[str | os.PathLike], *, flag: bool = True, progress: Pro
     frames: list[FrameInfo] = []
     skipped: list[Skipped] = [Skipped(where, why) for where, why in broken]
 
-    for path in steps(files, "scanning", progress):
-        infos, skips = scan_file(path)
+    scanned = (header_executor.map if header_executor is not None else map)(scan_file, files)
+    for path, (infos, skips) in zip(files, steps(scanned, "scanning", progress, total=len(files)), strict=True):
         skipped.extend(skips)
         for info in infos:
             if info.kind == FrameKind.UNKNOWN:
