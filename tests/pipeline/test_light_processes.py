@@ -73,7 +73,7 @@ def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatc
 
 
 _FORKED_RUN = """
-import json, sys, warnings
+import gc, json, sys, warnings
 from ccdcal import ReduceOptions, reduce
 from ccdcal.errors import CcdcalWarning
 from ccdcal.pipeline import run
@@ -82,7 +82,7 @@ run.cpus = lambda: 2
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = reduce([sys.argv[1]], sys.argv[2], options=ReduceOptions(workers=2))
-print(json.dumps({"executor": result.executor, "lights": result.lights,
+print(json.dumps({"executor": result.executor, "lights": result.lights, "frozen": gc.get_freeze_count(),
                   "skipped": [[s.path, s.reason] for s in result.skipped],
                   "said": sorted(str(w.message) for w in caught if issubclass(w.category, CcdcalWarning))}))
 """
@@ -103,6 +103,7 @@ def test_lights_in_workers_forked_from_a_fresh_command_equal_lights_in_threads(t
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert "2 worker processes (fork)" in got["executor"]
+    assert got["frozen"] == 0          # the objects frozen for the fork are collectable again
     procs = SimpleNamespace(lights=got["lights"], skipped=[SimpleNamespace(path=p, reason=r) for p, r in got["skipped"]])
     _assert_same_outputs(tmp_path, threads, procs, said_threads, got["said"], len(lights))
 
