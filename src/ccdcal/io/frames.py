@@ -909,9 +909,8 @@ def fit_card(card: Any) -> Any:
         return card
 
 
-#: an 80-character card image of the FITS standard's fixed format that astropy writes back as it
-#: is: a keyword of capitals, digits, '-' or '_' padded to 8 columns, "= ", a string, logical,
-#: integer or real value (capital exponent), then spaces or a comment of printable ASCII
+#: a card image astropy writes back as it is: a keyword of [A-Z0-9_-] padded to 8 columns, "= ", a
+#: string, logical, integer or real value (capital exponent), spaces or a printable comment
 _STANDARD_CARD = re.compile(
     r"(?=[A-Z0-9_-]{1,8} *= )[A-Z0-9_ -]{8}= "
     r" *(?:'(?:[ -&(-~]|'')*'|[TF]|[+-]?[0-9]+|[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[ED][+-]?[0-9]+)?)"
