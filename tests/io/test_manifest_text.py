@@ -33,6 +33,9 @@ def test_write_is_json_dumps_of_the_document(tmp_path: Path) -> None:
         manifest.write(body(n))
         text = (tmp_path / "manifest.json").read_text()
         assert text == _expected(body(n), dict(sorted(manifest.outputs.items())))
+    odd = {**body(3), None: 1, True: [{}], 2.5: "x"}           # names json.dumps writes its own way
+    manifest.write(odd)
+    assert (tmp_path / "manifest.json").read_text() == _expected(odd, dict(sorted(manifest.outputs.items())))
     # a fixed part replaced by another object is encoded afresh, not taken from the cache
     changed = {**body(3), "plan": {"masters": []}}
     manifest.write(changed)

@@ -133,3 +133,26 @@ def test_headers_read_by_worker_processes_give_the_same_inventory_and_warnings(t
     assert there.frames == here.frames and there.skipped == here.skipped
     assert said_there == said_here and any(s.startswith("f3.fits") for s in said_here)
     assert len(here.frames) == 6 and any("broken.fits" in s.path for s in here.skipped)
+
+
+def test_workers_fork_only_from_the_command_s_own_thread_free_process():
+    """A notebook's or a script's process (threads and libraries of its own) never forks its
+    workers; the command's process does while it has no thread but its own, not once it runs one."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "from ccdcal.pipeline.executor import fork_is_safe\n"
+            "from ccdcal._shared.memory import keep_freed_memory\n"
+            "library = fork_is_safe()\n"
+            "kept = keep_freed_memory()\n"
+            "command = fork_is_safe()\n"
+            "stop = threading.Event(); t = threading.Thread(target=stop.wait); t.start()\n"
+            "with_thread = fork_is_safe(); stop.set(); t.join()\n"
+            "print(library, kept, command, with_thread)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    library, kept, command, with_thread = done.stdout.split()
+    assert library == "False" and with_thread == "False"
+    if kept == "True" and sys.platform.startswith("linux"):       # glibc: the command's setting held
+        assert command == "True"

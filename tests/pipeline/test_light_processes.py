@@ -74,6 +74,8 @@ def test_lights_in_worker_processes_equal_lights_in_threads(tmp_path, monkeypatc
 
 _FORKED_RUN = """
 import gc, json, sys, warnings
+from ccdcal._shared.memory import keep_freed_memory
+keep_freed_memory()          # what the ccdcal command does first: its own process
 from ccdcal import ReduceOptions, reduce
 from ccdcal.errors import CcdcalWarning
 from ccdcal.pipeline import run

@@ -194,6 +194,13 @@ def test_a_tampered_light_thumbnail_never_reaches_the_page(tmp_path):
     preview = sorted((out / "previews").glob("light-*.png"))[0]
     facts = light_facts(preview)
     honest = facts["table_thumb"][0]
+    facts["stats"]["median"] = "<b>not a number</b>"             # a report still, the text escaped
+    preview_bytes = preview.read_bytes()
+    cut = preview_bytes.index(b"tEXt") - 4
+    end = cut + 12 + int.from_bytes(preview_bytes[cut:cut + 4], "big")
+    preview.write_bytes(png_with_text(preview_bytes[:cut] + preview_bytes[end:], FACTS_KEY, json.dumps(facts)))
+    assert "<b>not a number</b>" not in build_report(out).read_text()
+    facts = light_facts(preview)
     for bad in ('javascript:alert(1)', 'data:image/jpeg;base64,AAAA"><script>alert(1)</script>'):
         facts["table_thumb"][0] = bad
         png = preview.read_bytes()

@@ -128,7 +128,7 @@ class Manifest:
                 text = known[1]
             else:
                 text = _encoded(value, 1)
-            members.append(f"{json.dumps(str(key))}: {text}")
+            members.append(f"{_key_text(key)}: {text}")
         write_text(self.out_dir / "manifest.json", "{\n " + ",\n ".join(members) + "\n}")
 
     def _outputs_text(self, outputs: dict[str, dict[str, Any]]) -> str:
@@ -137,8 +137,13 @@ class Manifest:
             known = self._entries.get(rel)
             if known is None or known[0] is not entry:     # entries are never changed once made
                 known = self._entries[rel] = (entry, _encoded(entry, 2))
-            members.append(f"{json.dumps(str(rel))}: {known[1]}")
+            members.append(f"{_key_text(rel)}: {known[1]}")
         return "{\n  " + ",\n  ".join(members) + "\n }" if members else "{}"
+
+
+def _key_text(key: Any) -> str:
+    """A member's name as ``json.dumps`` writes it (a key that is not text as JSON names it)."""
+    return json.dumps(key) if isinstance(key, str) else json.dumps({key: 0})[1:-4]
 
 
 def _encoded(value: Any, depth: int) -> str:

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 
 from .._shared import _kernels
-from .._shared.memory import keep_freed_memory
+from .._shared.memory import keep_freed_memory, keeps_freed_memory
 from .._shared.pool import LocalExecutor
 from .._shared.state import settle_fits_conf
 from ..errors import CcdcalWarning, ConfigError, InputError, OutputError
@@ -204,10 +204,18 @@ class ProcessExecutor:
         # objects made so far frozen until the workers are closed: no collector, the workers' or
         # this process's, writes to (copies) the pages they share (this process's collections
         # copied ~30 MB of them more on a night of 1600 lights than on one of 800)
+        self._frozen = gc.get_freeze_count() == 0      # what this froze, this unfreezes
         gc.freeze()
-        self._frozen = True
-        # the pool forks every worker at its first task (then starts its own threads)
-        self._pool.submit(_started_worker)
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns of any second thread: numpy's BLAS pool, which stops itself
+                # around a fork (fork_is_safe admits no other)
+                warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+                # the pool forks every worker at its first task (then starts its own threads)
+                self._pool.submit(_started_worker)
+        except BaseException:
+            self.close()
+            raise
 
     def _start(self) -> None:
         try:
@@ -233,7 +241,7 @@ class ProcessExecutor:
                 try:
                     results = future.result()
                 except BrokenProcessPool as exc:
-                    raise OutputError("a worker process calibrating the lights died (out of memory?);"
+                    raise OutputError("a light worker process died (out of memory?);"
                                       " rerun: what was written is kept") from exc
                 yield from _unpacked(results)
         finally:
@@ -261,11 +269,14 @@ _THREADS_AT_IMPORT = _native_threads()
 
 
 def fork_is_safe() -> bool:
-    """Whether this process may fork workers from itself: Linux, no Python thread but this one,
-    numba's thread pool not started, and no native thread started since this module was imported
-    (``/proc/self/task``): a fork copies only the calling thread, and a lock another one held
-    would stay locked in the child."""
-    if not sys.platform.startswith("linux") or "fork" not in multiprocessing.get_all_start_methods():
+    """Whether this process may fork workers from itself: the ``ccdcal`` command's own process
+    (:func:`ccdcal._shared.memory.keeps_freed_memory`: a notebook's or a script's may run threads
+    and libraries this cannot see, OpenMP's among them), on Linux, with no Python thread but this
+    one, numba's thread pool not started, and no native thread started since this module was
+    imported (``/proc/self/task``): a fork copies only the calling thread, and a lock another one
+    held would stay locked in the child."""
+    if (not keeps_freed_memory() or not sys.platform.startswith("linux")
+            or "fork" not in multiprocessing.get_all_start_methods()):
         return False
     from numba.np.ufunc import parallel
 

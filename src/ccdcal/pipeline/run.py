@@ -190,8 +190,8 @@ def _run(files: list[Path], broken: list[tuple[str, str]], out_dir: Path, option
     # started before the scan (whose Python holds one core: a server's imports take the other),
     # and before any thread of the run (workers forked from this process copy none)
     processes = _start_light_processes(files, options) if local else None
-    warming = _start_warming(files, options) if local else None
     try:
+        warming = _start_warming(files, options) if local else None
         return _run_with(files, broken, out_dir, options, force, progress, caught, scheduler, started, warming,
                          processes)
     finally:

@@ -141,6 +141,11 @@ class Group:
         return out
 
 
+def _number(value: Any) -> float:
+    """``value`` as a float when it is a number (statistics read from a preview file), else NaN."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -829,7 +834,7 @@ def build_report(out_dir: str | os.PathLike, manifest: Mapping[str, Any] | None 
     if large:   # the statistics over the night, then the table: flagged lights first
         flagged = [bool(c.flags) for c in lights]
         for key, label in (("median", "median level"), ("clipped_std", "noise (clipped std)")):
-            plots.append(series_svg([(c.stats or {}).get(key, np.nan) for c in lights], flagged, label=label))
+            plots.append(series_svg([_number((c.stats or {}).get(key)) for c in lights], flagged, label=label))
         lights = sorted(lights, key=lambda c: (not c.flags, c.index))
     counts: dict[str, int] = {}
     for item in inputs:
