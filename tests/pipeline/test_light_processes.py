@@ -20,6 +20,7 @@ VOLATILE = {"DATE", "CHECKSUM"}
 
 def _reduce(raw, out, monkeypatch, processes: bool):
     monkeypatch.setattr(run_module, "PROCESS_MIN_LIGHTS", 1)
+    monkeypatch.setattr(run_module, "FORKED_MIN_LIGHTS", 1)
     monkeypatch.setenv("CCDCAL_LIGHT_PROCESSES", "1" if processes else "0")
     monkeypatch.setattr(run_module, "cpus", lambda: 2)      # two workers, whatever this machine has
     with warnings.catch_warnings(record=True) as caught:
@@ -79,7 +80,7 @@ keep_freed_memory()          # what the ccdcal command does first: its own proce
 from ccdcal import ReduceOptions, reduce
 from ccdcal.errors import CcdcalWarning
 from ccdcal.pipeline import run
-run.PROCESS_MIN_LIGHTS = 1
+run.PROCESS_MIN_LIGHTS = run.FORKED_MIN_LIGHTS = 1
 run.cpus = lambda: 2
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -113,6 +114,7 @@ def test_lights_in_workers_forked_from_a_fresh_command_equal_lights_in_threads(t
 def test_worker_processes_only_where_the_memory_budget_has_room_for_them(tmp_path, monkeypatch):
     make_night(tmp_path / "raw", seed=2)
     monkeypatch.setattr(run_module, "PROCESS_MIN_LIGHTS", 1)
+    monkeypatch.setattr(run_module, "FORKED_MIN_LIGHTS", 1)
     monkeypatch.setattr(run_module, "cpus", lambda: 2)
     monkeypatch.delenv("CCDCAL_LIGHT_PROCESSES", raising=False)
     with warnings.catch_warnings():

@@ -35,6 +35,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba.np.ufunc import parallel as _numba_parallel
 
 from .._shared import _kernels
 from .._shared.memory import keep_freed_memory, keeps_freed_memory
@@ -174,9 +175,7 @@ class ProcessExecutor:
     dashboard: str | None = None
 
     def __init__(self, workers: int, *, start_method: str | None = None):
-        methods = multiprocessing.get_all_start_methods()
-        if start_method is None:
-            start_method = "fork" if fork_is_safe() else "forkserver" if "forkserver" in methods else "spawn"
+        start_method = start_method or default_start_method()
         context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             context.set_forkserver_preload(["ccdcal.pipeline._worker"])
@@ -268,6 +267,14 @@ def _native_threads() -> int:
 _THREADS_AT_IMPORT = _native_threads()
 
 
+def default_start_method() -> str:
+    """How light workers start here: ``fork`` where :func:`fork_is_safe`, else ``forkserver``
+    (``spawn`` where there is none)."""
+    if fork_is_safe():
+        return "fork"
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def fork_is_safe() -> bool:
     """Whether this process may fork workers from itself: the ``ccdcal`` command's own process
     (:func:`ccdcal._shared.memory.keeps_freed_memory`: a notebook's or a script's may run threads
@@ -278,9 +285,7 @@ def fork_is_safe() -> bool:
     if (not keeps_freed_memory() or not sys.platform.startswith("linux")
             or "fork" not in multiprocessing.get_all_start_methods()):
         return False
-    from numba.np.ufunc import parallel
-
-    return (threading.active_count() == 1 and not getattr(parallel, "_is_initialized", True)
+    return (threading.active_count() == 1 and not getattr(_numba_parallel, "_is_initialized", True)
             and _native_threads() <= _THREADS_AT_IMPORT)
 
 

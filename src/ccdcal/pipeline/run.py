@@ -39,7 +39,7 @@ from ..planning.inventory import Inventory, Skipped, flag_groups, scan
 from ..planning.library import library_print, read_library
 from ..planning.plan import MasterJob, Plan, build_plan
 from ..report.page import build_report, made_master_previews
-from .executor import DaskExecutor, ProcessExecutor, make_executor
+from .executor import DaskExecutor, ProcessExecutor, default_start_method, make_executor
 from .options import ReduceOptions
 from .tasks import (
     MasterPreviewJob,
@@ -513,7 +513,8 @@ def _start_light_processes(files: list[Path], options: ReduceOptions) -> Process
     plan confirms it (:func:`_many_small_lights`) or they are closed unused. None when they
     cannot help (one core or one worker), when ``--memory`` is too small for them
     (:data:`WORKER_BYTES` each within half of it), or with ``CCDCAL_LIGHT_PROCESSES=0``."""
-    if _light_workers(options) < 2 or len(files) < min(PROCESS_MIN_LIGHTS, FORKED_MIN_LIGHTS):
+    method = default_start_method()
+    if _light_workers(options) < 2 or len(files) < _min_lights(method):
         return None
     if _light_workers(options) * WORKER_BYTES > _budget(options) // 2:
         return None
@@ -524,24 +525,21 @@ def _start_light_processes(files: list[Path], options: ReduceOptions) -> Process
             return None
     except OSError:
         return None                 # the scan says what is wrong with the file
-    processes = ProcessExecutor(_light_workers(options))
-    if len(files) < _min_lights(processes):
-        processes.close()
-        return None
+    processes = ProcessExecutor(_light_workers(options), start_method=method)
     processes.start()
     return processes
 
 
-def _min_lights(processes: ProcessExecutor) -> int:
+def _min_lights(start_method: str) -> int:
     """The fewest lights worth the worker processes (:data:`FORKED_MIN_LIGHTS` where they fork
     from this process, else :data:`PROCESS_MIN_LIGHTS`)."""
-    return min(PROCESS_MIN_LIGHTS, FORKED_MIN_LIGHTS) if processes.start_method == "fork" else PROCESS_MIN_LIGHTS
+    return FORKED_MIN_LIGHTS if start_method == "fork" else PROCESS_MIN_LIGHTS
 
 
 def _many_small_lights(plan: Plan, options: ReduceOptions, processes: ProcessExecutor) -> bool:
     """Whether the plan's lights are many (for ``processes``) and small, and as many of them fit
     ``--memory`` at once as there are workers."""
-    return (len(plan.lights) >= _min_lights(processes)
+    return (len(plan.lights) >= _min_lights(processes.start_method)
             and max(int(np.prod(job.frame.shape)) for job in plan.lights) <= PROCESS_MAX_PIXELS
             and lights_in_flight(plan, options) >= _light_workers(options))
 

@@ -147,7 +147,7 @@ def _number(value: Any) -> float:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return math.isfinite(_number(value))
 
 
 def _data_uri(png: bytes) -> str:
@@ -445,17 +445,28 @@ def made_master_previews(out_dir: Path, output: str) -> tuple[Image, str, dict[s
 
 
 def _fresh_facts(out_dir: Path, output: str, name: str) -> dict[str, Any] | None:
-    """``previews/<name>.json`` when it is there, about ``output``, at least as new as it and
-    made from its data (the DATASUM recorded: a file rebuilt within the file system's time
-    resolution, 2 s on FAT, is not taken for the old one)."""
+    """``previews/<name>.json`` when it is there, at least as new as ``output`` and made from
+    its data (:func:`_newer`, :func:`_made_from`)."""
     facts_path = Path(out_dir) / "previews" / f"{name}.json"
-    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
-    if not output or facts_path.stat().st_mtime_ns < target.stat().st_mtime_ns:
+    if not _newer(out_dir, output, facts_path):
         return None
     facts = json.loads(facts_path.read_text())
-    if facts.get("output") != output or facts.get("datasum") != _datasum(out_dir, output):
-        return None
-    return facts
+    return facts if _made_from(out_dir, output, facts) else None
+
+
+def _newer(out_dir: Path, output: str, preview: Path) -> bool:
+    """Whether the preview file is at least as new as ``output`` (relative to ``out_dir``, or
+    absolute)."""
+    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
+    return bool(output) and preview.stat().st_mtime_ns >= target.stat().st_mtime_ns
+
+
+def _made_from(out_dir: Path, output: str, facts: Mapping[str, Any], datasum: str | None = None) -> bool:
+    """Whether a preview's ``facts`` were made from ``output``'s data: its name and its DATASUM
+    (``datasum`` when the caller knows it, else read from the file): a file rebuilt within the
+    file system's time resolution, 2 s on FAT, is not taken for the old one."""
+    current = datasum if datasum is not None else _datasum(out_dir, output)
+    return facts.get("output") == output and facts.get("datasum") == current
 
 
 def _datasum(out_dir: Path, output: str) -> str:
@@ -502,7 +513,7 @@ def _member_rejections(path: Path, members: list[str], npix: int) -> list[tuple[
 
 def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
             flags_by_path: Mapping[str, list[str]], outputs: Mapping[str, Any] | None = None, *,
-            small: bool = False, written: Mapping[str, str] | None = None) -> list[LightCard]:
+            small: bool = False, written: Mapping[str, str]) -> list[LightCard]:
     cards = []
     for index, item in enumerate(lights):
         source = str(item.get("input") or "")
@@ -524,7 +535,7 @@ def _lights(out_dir: Path, lights: Iterable[Mapping[str, Any]],
         card = LightCard(index=index, name=_display_name(output or source), output=output,
                          masters=masters, notes=notes,
                          flags=list(flags_by_path.get(source, [])), thumb=Image(), preview=Image())
-        made = _made_light_previews(out_dir, output, small=small, datasum=(written or {}).get(output))
+        made = _made_light_previews(out_dir, output, small=small, datasum=written.get(output))
         if made is not None:
             card.preview, card.thumb, card.stats = made
             cards.append(card)
@@ -656,15 +667,13 @@ def _made_light_previews(out_dir: Path, output: str, *, small: bool = False, dat
     thumbnail (:data:`THUMB_SIZE` px) binned from the preview. ``datasum``: the output's, when
     the caller knows it (else read from the file)."""
     rel = f"previews/light-{_safe_stem(output)}.png"
-    target = Path(output) if os.path.isabs(output) else Path(out_dir) / output
     try:
         path = Path(out_dir) / rel
-        if not output or path.stat().st_mtime_ns < target.stat().st_mtime_ns:
+        if not _newer(out_dir, output, path):
             return None
         payload = path.read_bytes()
         facts = _facts_of(payload)
-        current = datasum if datasum is not None else _datasum(out_dir, output)
-        if facts.get("output") != output or facts.get("datasum") != current:
+        if not _made_from(out_dir, output, facts, datasum):
             return None
         width, height = (int(v) for v in facts["size"])
         if small:
