@@ -327,7 +327,7 @@ def test_a_sky_sampled_on_a_quarter_of_the_pixels_finds_the_same_stars(shape):
     true (median within 1 % of the injected ones, as the full measurement's); and its sky map is
     within 1.4× the full map's error against the injected sky (meshes of 32 sampled pixels:
     1.55×), 3 % of the pixels' noise."""
-    from ccdcal.stacking.register import _subtract_background
+    from ccdcal.stacking.stars import _subtract_background
     from starfield import catalogue, observe
 
     stars = catalogue(shape, 400, seed=5)

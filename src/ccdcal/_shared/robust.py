@@ -10,9 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._kernels import mean_std
-
-#: 1 / Φ⁻¹(3/4): the MAD of a normal distribution times this is its standard deviation.
-MAD_TO_STD = 1.482602218505602
+from .normal import MAD_TO_STD
 
 
 def median_function(values: np.ndarray) -> Callable[..., Any]:

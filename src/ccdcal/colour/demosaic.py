@@ -29,10 +29,11 @@ from .._shared import state
 from ..errors import InputError
 from ..io.frames import FrameSource, as_sigma, ccddata_planes, clean_header, uncertainty_kind
 from ..io.guard import refuse_overwrite
-from ..io.headers import BAYER_PATTERNS, bayer_pattern
+from ..io.headers import BAYER_PATTERNS
 from ..io.writer import write_fits
 from ..masks import MASK_NO_DATA
 from ._kernels import MHC_FILTERS, RCD_MARGIN, debayer_rows, rcd_refine
+from .cells import frame_pattern
 
 CHANNELS = ("R", "G", "B")
 METHODS = {"bilinear": 0, "mhc": 1, "rcd": 2}
@@ -198,32 +199,6 @@ def superpixel(data: np.ndarray, pattern: str) -> np.ndarray:
             out[c] += data[dy:ny:2, dx:nx:2]
             count[c] += 1
     return out / count[:, None, None]
-
-
-def cell_luminance(data: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The mean of each 2 × 2 cell of a CFA frame (one red, two green and one blue pixel, whatever
-    the pattern and its phase) and where it has no value (a bad or non-finite pixel in the cell):
-    what stars are found and matched on. Pixel (y, x) of it lies at (y + 0.5, x + 0.5) of the
-    frame; shape (ny − 1, nx − 1). Its noise is the same in every cell (the cells that do not
-    overlap are independent), so a sampled sky measures it as it is; a debayered colour's is not
-    (a made value's noise depends on its place in the cell)."""
-    cfa = np.asarray(data, dtype=np.float32)
-    lum = cfa[:-1, :-1] + cfa[1:, :-1]
-    lum += cfa[:-1, 1:]
-    lum += cfa[1:, 1:]
-    lum *= 0.25
-    bad = ~np.isfinite(lum)
-    if mask is not None:
-        m = np.asarray(mask) != 0
-        bad |= m[:-1, :-1] | m[1:, :-1] | m[:-1, 1:] | m[1:, 1:]
-    lum[bad] = np.nan
-    return lum, bad
-
-
-def frame_pattern(header: Any, shape: tuple[int, int], given: str | None = None) -> str | None:
-    """The pattern of a frame: its header's (:func:`ccdcal.io.headers.bayer_pattern`), else ``given``."""
-    found, _ = bayer_pattern(header, shape)
-    return found or (given.upper() if given else None)
 
 
 class DebayeredRows:

@@ -18,12 +18,11 @@ from typing import Any
 
 from .._shared.machine import cpus
 
-#: a helper process pays its start (~0.6 s of imports on the other CPU) back from this many bytes
-#: of mono frames (measured: 12 frames of 1536×1024, 75 MB, judged in 1.3-1.65 s instead of 1.85-2.0 s)
+#: a helper process pays its start (~0.45 s of imports on the other CPU: numpy, astropy's FITS and
+#: sep, no numba) back from this many bytes of frames, mono or colour (colour frames are judged on
+#: the means of their 2 × 2 cells, no debayering); measured on 12 frames of 1536×1024 (75 MB),
+#: judging ended 0.2-0.4 s sooner
 HELPER_MIN_BYTES = 48 * 2**20
-#: colour frames: the helper also starts numba and loads the debayering kernels (~0.7 s more), which
-#: 75 MB of them did not pay back (measured: no gain), 400 MB of mono frames did (1.5-3 s of 14)
-HELPER_MIN_COLOUR_BYTES = 128 * 2**20
 HELPER_MIN_FRAMES = 6
 
 #: what the helper process runs: this package first on its path (argv[1]), no cwd on it (-P)
@@ -31,10 +30,9 @@ HELPER_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
                "from ccdcal.stacking.judge import serve_helper; serve_helper()")
 
 
-
 def worth_a_helper(paths: list[str]) -> bool:
-    """Whether judging these frames is worth a helper process: enough frames and bytes (more
-    for colour frames, by the first frame's header), and a second CPU (``CCDCAL_JUDGE_HELPER=0`` says never; nor in a frozen application, whose
+    """Whether judging these frames is worth a helper process: enough frames and bytes, and a
+    second CPU (``CCDCAL_JUDGE_HELPER=0`` says never; nor in a frozen application, whose
     executable is not a Python interpreter)."""
     if len(paths) < HELPER_MIN_FRAMES or cpus() < 2 or os.environ.get("CCDCAL_JUDGE_HELPER") == "0":
         return False
@@ -44,25 +42,7 @@ def worth_a_helper(paths: list[str]) -> bool:
         size = sum(os.stat(p).st_size for p in paths)
     except OSError:
         return False
-    return size >= (HELPER_MIN_COLOUR_BYTES if names_a_bayer_pattern(paths[0]) else HELPER_MIN_BYTES)
-
-
-def names_a_bayer_pattern(path: str) -> bool:
-    """Whether the primary header of a FITS file has a BAYERPAT or COLORTYP card (read here with the
-    standard library, before the imports: a colour frame's judging costs the helper more). A
-    file that cannot be read says no."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(2880 * 12)
-    except OSError:
-        return False
-    for start in range(0, len(head) - 79, 80):
-        key = head[start:start + 8]
-        if key in (b"BAYERPAT", b"COLORTYP"):
-            return True
-        if key == b"END     ":
-            return False
-    return False
+    return size >= HELPER_MIN_BYTES
 
 
 class HelperProcess:

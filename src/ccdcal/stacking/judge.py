@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 
 from .._shared.progress import ProgressOption, steps
-from ..colour.demosaic import cell_luminance, frame_pattern
+from ..colour.cells import cell_luminance, frame_pattern
 from ..errors import InputError
 from ..io.headers import exposure_of
 from .helper import HelperProcess, start_helper
-from .register import detect_stars, flag_outliers, frame_quality
+from .stars import detect_stars, flag_outliers, frame_quality
 
 #: frames sent to the helper ahead of its replies
 HELPER_AHEAD = 2
@@ -96,10 +97,8 @@ def _num(value: Any) -> float | None:
 def read_frame(path: str, given: str | None = None) -> tuple[np.ndarray, np.ndarray | None, Any, str | None]:
     """A frame's data, mask, header and Bayer pattern (None: mono; ``given`` for colour frames
     whose header names none); a colour frame's data as the mean of each 2 × 2 cell
-    (:func:`ccdcal.colour.demosaic.cell_luminance`: its pixel (y, x) lies at (y + 0.5, x + 0.5)
+    (:func:`ccdcal.colour.cells.cell_luminance`: its pixel (y, x) lies at (y + 0.5, x + 0.5)
     of the frame)."""
-    from astropy.io import fits
-
     try:
         with fits.open(path, memmap=False) as hdul:
             data = np.asarray(hdul[0].data, dtype=np.float32)
