@@ -237,6 +237,30 @@ def test_a_stored_png_decodes_to_the_pixels_pillow_writes(shape, bits, mode, fli
     np.testing.assert_array_equal(np.asarray(stored), expected[::-1] if flip else expected)
 
 
+@pytest.mark.parametrize(("shape", "bits"), [((300, 701), 8), ((300, 701), 16), ((3, 300, 701), 8)])
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_a_large_png_deflated_in_parts_decodes_to_the_pixels(monkeypatch, shape, bits, level):
+    # large images are deflated in parts at once (one zlib stream, sync-flushed parts): Pillow and
+    # zlib itself read them back as the pixels, whatever the level, the depth and the part size
+    import zlib
+
+    from PIL import Image
+
+    monkeypatch.setattr(S, "_PARALLEL_PNG_BYTES", 1000)
+    monkeypatch.setattr(S, "_DEFLATE_PART", 50_000 + 17)     # parts end mid-row
+    monkeypatch.setattr(S, "cpus", lambda: 2)
+    y = np.random.default_rng(4).random(shape)
+    y[..., :100, :] = 0.25                                      # runs that deflate far
+    png = S.png_bytes(y, bits=bits, compress_level=level)
+    expected = S.display_pixels(y, bits=bits)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), expected)
+    start = png.index(b"IDAT") + 4
+    size = int.from_bytes(png[start - 8:start - 4], "big")
+    rows = zlib.decompress(png[start:start + size])            # checks the Adler-32 too
+    assert len(rows) == expected.shape[0] * (1 + expected[0].nbytes)
+    assert size < 0.9 * len(rows)                                 # it did deflate
+
+
 def test_downsample_block_averages_and_ignores_nan():
     data = np.arange(16, dtype=np.float32).reshape(4, 4)
     data[0, 0] = np.nan

@@ -22,10 +22,12 @@ import math
 import struct
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ._shared._kernels import block_mean, finite_clamped, stf_apply, unit_to_uint8
+from ._shared.machine import cpus
 from ._shared.robust import MAD_TO_STD
 
 METHODS = ("autostf", "mtf", "mtf-rnc", "rnc", "asinh", "linear")
@@ -363,8 +365,8 @@ def display_pixels(y: np.ndarray, *, bits: int = 8, flip: bool = True) -> np.nda
 def png_of_pixels(pixels: np.ndarray, *, compress_level: int = 6) -> bytes:
     """A PNG of :func:`display_pixels` (grey 8 or 16 bits, or RGB 8 bits); ``compress_level`` as
     for :func:`png_bytes`."""
-    if compress_level == 0:
-        return _stored_png(pixels)
+    if compress_level == 0 or pixels.nbytes >= _PARALLEL_PNG_BYTES:
+        return _plain_png(pixels, compress_level)
     from PIL import Image
 
     pil = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)  # L or I;16
@@ -414,6 +416,19 @@ def _stored_png(pixels: np.ndarray) -> bytes:
     """A PNG of ``pixels`` (ny, nx) uint8 or uint16 grey, or (ny, nx, 3) uint8 RGB, its rows
     unfiltered and stored in zlib without compression (what Pillow writes at level 0, made
     without its per-row filter search)."""
+    return _plain_png(pixels, 0)
+
+
+#: raw PNG bytes from which :func:`png_of_pixels` deflates unfiltered rows in parallel parts
+#: instead of Pillow's per-row filter search (a 1536×1024 colour stack's preview: 0.3 s → 0.05 s,
+#: ~5 % larger on noise-like previews)
+_PARALLEL_PNG_BYTES = 1 << 20
+_DEFLATE_PART = 1 << 20
+
+
+def _plain_png(pixels: np.ndarray, level: int) -> bytes:
+    """A PNG of ``pixels`` (as :func:`_stored_png`), its rows unfiltered and deflated at zlib
+    ``level`` (0: stored), in parts of :data:`_DEFLATE_PART` bytes on the CPUs at once."""
     ny, nx = pixels.shape[:2]
     colour = pixels.ndim == 3
     depth = 16 if pixels.dtype == np.uint16 else 8
@@ -422,5 +437,24 @@ def _stored_png(pixels: np.ndarray) -> bytes:
     raw[:, 1:] = rows.reshape(ny, -1).view(np.uint8)
 
     header = struct.pack(">IIBBBBB", nx, ny, depth, 2 if colour else 0, 0, 0, 0)
-    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 0))
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", _deflate(raw.tobytes(), level))
             + _png_chunk(b"IEND", b""))
+
+
+def _deflate(data: bytes, level: int) -> bytes:
+    """``zlib.compress(data, level)``'s format: a zlib stream of ``data``. Large data are deflated
+    in parts at once (zlib leaves the GIL while it works), each part a raw deflate stream of its
+    own, ended by a sync flush but the last, one after another in one zlib stream (as pigz
+    writes it): any inflater reads it as one."""
+    parts = [data[k:k + _DEFLATE_PART] for k in range(0, len(data), _DEFLATE_PART)]
+    workers = min(cpus(), len(parts))
+    if level == 0 or workers < 2:
+        return zlib.compress(data, level)
+
+    def deflate(k: int) -> bytes:
+        packer = zlib.compressobj(level, zlib.DEFLATED, -15)
+        return packer.compress(parts[k]) + packer.flush(zlib.Z_FINISH if k == len(parts) - 1 else zlib.Z_SYNC_FLUSH)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ccdcal-png") as pool:
+        body = b"".join(pool.map(deflate, range(len(parts))))
+    return b"\x78\x9c" + body + struct.pack(">I", zlib.adler32(data))
