@@ -255,6 +255,43 @@ def test_a_small_budget_gives_the_same_stack_within_its_memory(tmp_path):
     assert small.coverage.max() == 4 and small.coverage[512, 512] == 4
 
 
+@pytest.mark.parametrize("memory", ["1GiB", 3 * 2**20])
+def test_frames_resampled_one_per_thread_stack_as_one_thread_does(tmp_path, monkeypatch, memory):
+    """Files are resampled a frame per thread (reading and decoding in parallel too); the stack is
+    the one a single thread makes, value for value, whole (one band) and in bands; with frames in
+    memory (no file of their own) the rows of each frame share the threads, with the same result."""
+    from ccdcal.stacking import engine
+    from ccdcal.stacking import resample as rs
+
+    shape = (200, 230)
+    stars = catalogue(shape, 40, seed=61)
+    matrices = [np.eye(3), rotation(0.4, shape, 2.3, -1.1), shift(-3.6, 1.2), rotation(179.0, shape, 0.7, 0.2),
+                rotation(-0.8, shape, 1.5, 2.5)]
+    paths = _frames(tmp_path, stars, matrices, seed=700, shape=shape)
+    used = []
+    real = engine._Work._resample
+
+    def spy(self, y0, y1):
+        used.append(len(self.buffers))
+        return real(self, y0, y1)
+
+    monkeypatch.setattr(engine._Work, "_resample", spy)
+    results = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(rs, "default_workers", lambda workers=workers: workers)
+        results[workers] = stack(paths, matrices, memory=memory)
+        assert set(used) == {workers}
+        used.clear()
+    arrays = [fits.getdata(p).astype(np.float32) for p in paths]
+    results["memory"] = stack(arrays, matrices, memory=memory, reject="none")
+    assert set(used) == {1}                               # arrays: no file of their own
+    one, three = results[1], results[3]
+    for plane in ("data", "uncertainty", "coverage", "weight", "rejected", "mask"):
+        assert np.array_equal(getattr(one, plane), getattr(three, plane), equal_nan=True), plane
+    assert np.array_equal(one.scales, three.scales) and np.array_equal(one.zeros, three.zeros)
+    assert one.coverage.max() == 5
+
+
 @pytest.mark.filterwarnings("ignore::astropy.wcs.FITSFixedWarning")
 def test_ccddata_frames_stack_like_their_files(tmp_path):
     from astropy.nddata import CCDData

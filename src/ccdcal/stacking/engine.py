@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ REJECTS = ("auto", "noise", "none")
 WEIGHTINGS = ("noise", "none")
 _RESULT_BYTES = 4 + 4 + 2 + 4 + 2 + 1  # per pixel: data, uncertainty, coverage, weight, rejected, mask
 _BAND_BYTES = 4 + 1 + 4  # per pixel of each frame's band: data, bad, σ
+#: a frame resampled whole in one thread (its rows in no threads of their own)
+_SERIAL = RowThreads(1)
 _SCALE_BLOCK = 32  # rows of one block sampled for the transparency
 _SCALE_BIN = 8  # the transparency compares sums over bins of 8 × 8 pixels
 _MIN_SCALE_BINS = 10
@@ -402,14 +405,16 @@ class _Plan:
     raw: int     # scratch bytes of the largest input band
 
 
-def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int) -> _Plan:
+def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int, readers: int = 1) -> _Plan:
     """The tallest output band whose buffers fit the budget with the result: per band, every
-    frame's resampled rows, and one frame's source rows at a time (taller for rotated frames)."""
+    frame's resampled rows, and the source rows of ``readers`` frames at a time (taller for
+    rotated frames)."""
     ny, nx = shape
     n = len(sources)
 
     def need(h: int) -> int:
-        return ny * nx * _RESULT_BYTES + n * h * nx * _BAND_BYTES + max(s.input_bytes(h) for s in sources)
+        return (ny * nx * _RESULT_BYTES + n * h * nx * _BAND_BYTES
+                + readers * max(s.input_bytes(h) for s in sources))
 
     lo, hi = 1, ny
     if need(1) > budget:
@@ -447,11 +452,14 @@ class _Band:
 
 @dataclass
 class _Work:
-    """What every band of one stack shares."""
+    """What every band of one stack shares. With one set of ``buffers`` per thread (sources that
+    each read a file of their own), a band's frames are resampled one frame per thread at once
+    (each whole: reading, decoding and debayering included, which a frame's row chunks in
+    threads would leave to one thread); else one frame after another, its rows in threads."""
 
     sources: Sequence[ResampledRows]
     plan: _Plan
-    buffers: InputBuffers
+    buffers: list[InputBuffers]
     band: _Band
     threads: RowThreads
     _whole: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -476,8 +484,22 @@ class _Work:
 
     def _resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data, bad, err = self.band.views(y1 - y0)
-        for i, source in enumerate(self.sources):
-            source.resample_into(y0, y1, data[i], bad[i], err[i], buffers=self.buffers, threads=self.threads)
+        if len(self.buffers) == 1:
+            for i, source in enumerate(self.sources):
+                source.resample_into(y0, y1, data[i], bad[i], err[i], buffers=self.buffers[0], threads=self.threads)
+            return data, bad, err
+        free: queue.SimpleQueue[InputBuffers] = queue.SimpleQueue()
+        for buffers in self.buffers:
+            free.put(buffers)
+
+        def one(i: int) -> None:
+            buffers = free.get()
+            try:
+                self.sources[i].resample_into(y0, y1, data[i], bad[i], err[i], buffers=buffers, threads=_SERIAL)
+            finally:
+                free.put(buffers)
+
+        self.threads.map(one, range(len(self.sources)))
         return data, bad, err
 
     def frame_rows(self, i: int, b0: int, b1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray) -> None:
@@ -490,7 +512,7 @@ class _Work:
         for y0 in range(b0, b1, self.plan.rows):
             y1 = min(b1, y0 + self.plan.rows)
             self.sources[i].resample_into(y0, y1, data[y0 - b0:y1 - b0], bad[y0 - b0:y1 - b0],
-                                          err[y0 - b0:y1 - b0], buffers=self.buffers, threads=self.threads)
+                                          err[y0 - b0:y1 - b0], buffers=self.buffers[0], threads=self.threads)
 
 
 # -- transparency ---------------------------------------------------------------------------------------
@@ -595,7 +617,8 @@ def _transparency(values: np.ndarray, variances: np.ndarray, reference: int,
         keep = np.ones(ref.size, bool)
         for _ in range(5):
             s = float(ref[keep].sum() / x[keep].sum())
-            z = (s * x - ref) / np.sqrt(s * s * variances[i, ok] + variances[reference, ok])
+            with np.errstate(divide="ignore", invalid="ignore"):    # no σ known (frames in memory): z = ±inf
+                z = (s * x - ref) / np.sqrt(s * s * variances[i, ok] + variances[reference, ok])
             new = np.abs(z) <= 5.0 * max(1.0, robust_std(z))
             if new.sum() < _MIN_SCALE_BINS or np.array_equal(new, keep) or not x[new].sum() > 0:
                 break
@@ -695,15 +718,16 @@ def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, 
         warnings.warn(f"{n} frame(s): rejection needs at least 3 values per pixel, so nothing is rejected",
                       CcdcalWarning, stacklevel=3)
     # each frame's own rows: read and measured in threads when each frame reads its own file
-    levels = np.array(threads.map(_background, sources) if all(s.reads_own_file for s in sources)
-                      else [_background(s) for s in sources])
+    own_files = all(s.reads_own_file for s in sources)
+    levels = np.array(threads.map(_background, sources) if own_files else [_background(s) for s in sources])
     backgrounds, noise = levels[:, 0], levels[:, 1]
     notes = []
     if options.reject != "none":
         note = _noise_models(sources, backgrounds, noise, options.reject)
         notes += [note] if note else []
-    plan = _plan(sources, shape, budget)
-    work = _Work(sources, plan, InputBuffers(plan.pixels, plan.raw),
+    readers = threads.workers if own_files and n > 1 else 1
+    plan = _plan(sources, shape, budget, readers)
+    work = _Work(sources, plan, [InputBuffers(plan.pixels, plan.raw) for _ in range(readers)],
                  _Band(n, plan.rows, shape[1]), threads)
     factors = _factors(work, options, backgrounds, noise, reference)
     level = float(np.median(factors[0] * backgrounds + factors[1]))
