@@ -255,11 +255,12 @@ def test_a_small_budget_gives_the_same_stack_within_its_memory(tmp_path):
     assert small.coverage.max() == 4 and small.coverage[512, 512] == 4
 
 
-@pytest.mark.parametrize("memory", ["1GiB", 3 * 2**20])
-def test_frames_resampled_one_per_thread_stack_as_one_thread_does(tmp_path, monkeypatch, memory):
-    """Files are resampled a frame per thread (reading and decoding in parallel too); the stack is
-    the one a single thread makes, value for value, whole (one band) and in bands; with frames in
-    memory (no file of their own) the rows of each frame share the threads, with the same result."""
+@pytest.mark.parametrize("budget", ["whole", "two bands", "tight"])
+def test_frames_resampled_one_per_thread_stack_as_one_thread_does(tmp_path, monkeypatch, budget):
+    """Files are resampled a frame per thread (reading and decoding in parallel too) when the
+    budget gives as few bands so; the stack is the one a single thread makes, value for value,
+    whole (one band) and in bands. A budget that one reader's rows fit in fewer bands keeps one
+    reader; frames in memory (no file of their own) share the threads by rows."""
     from ccdcal.stacking import engine
     from ccdcal.stacking import resample as rs
 
@@ -268,6 +269,17 @@ def test_frames_resampled_one_per_thread_stack_as_one_thread_does(tmp_path, monk
     matrices = [np.eye(3), rotation(0.4, shape, 2.3, -1.1), shift(-3.6, 1.2), rotation(179.0, shape, 0.7, 0.2),
                 rotation(-0.8, shape, 1.5, 2.5)]
     paths = _frames(tmp_path, stars, matrices, seed=700, shape=shape)
+    sources = [rs.ResampledRows(p, m, shape) for p, m in zip(paths, matrices, strict=True)]
+
+    def bands(memory, readers):
+        plan = engine._plan(sources, shape, memory, readers)
+        return None if plan is None else -(-shape[0] // plan.rows)
+
+    sizes = range(2**20, 16 * 2**20, 2**15)
+    memory = {"whole": 2**30,
+              "two bands": next(m for m in sizes if bands(m, 3) == bands(m, 1) == 2),
+              "tight": next(m for m in sizes if bands(m, 1) is not None and bands(m, 3) != bands(m, 1))}[budget]
+    readers = 1 if budget == "tight" else 3
     used = []
     real = engine._Work._resample
 
@@ -279,8 +291,11 @@ def test_frames_resampled_one_per_thread_stack_as_one_thread_does(tmp_path, monk
     results = {}
     for workers in (1, 3):
         monkeypatch.setattr(rs, "default_workers", lambda workers=workers: workers)
-        results[workers] = stack(paths, matrices, memory=memory)
-        assert set(used) == {workers}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CcdcalWarning)        # the budget is enough: no warning
+            results[workers] = stack(paths, matrices, memory=memory)
+        assert set(used) == {min(workers, readers)}
+        assert len(used) == (1 if budget == "whole" else bands(memory, 1))
         used.clear()
     arrays = [fits.getdata(p).astype(np.float32) for p in paths]
     results["memory"] = stack(arrays, matrices, memory=memory, reject="none")
@@ -326,3 +341,59 @@ def test_the_reference_wcs_is_kept(tmp_path):
     h = result.header
     assert h["CTYPE1"] == "RA---TAN" and h["CRVAL1"] == 150.0 and h["CRPIX2"] == 32.5
     assert h["STACKREF"] == "w1.fits" and result.data.shape == shape
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 12, 13, 16])
+def test_the_sorting_network_sorts_every_zero_one_input(n):
+    """Batcher's network of n places sorts all 2^n inputs of zeros and ones, so it sorts any n
+    values (the 0-1 principle); random values with ties too, up to 32."""
+    from ccdcal.stacking.engine import sorting_network
+
+    def apply(values, pairs):       # rows of values, each through the network
+        work = np.array(values, dtype=np.float64, ndmin=2)
+        for i, j in pairs:
+            work[:, i], work[:, j] = np.minimum(work[:, i], work[:, j]), np.maximum(work[:, i], work[:, j])
+        return work
+
+    pairs = sorting_network(n)
+    assert np.all(pairs[:, 0] < pairs[:, 1]) and (n > 1 or pairs.size == 0)
+    bits = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+    assert np.all(np.diff(apply(bits, pairs), axis=1) >= 0)
+    rng = np.random.default_rng(n)
+    for size in (n, 2 * n, 32):
+        values = rng.integers(0, 5, (50, size)).astype(float)
+        assert np.array_equal(apply(values, sorting_network(size)), np.sort(values, axis=1))
+
+
+def test_the_median_by_network_rejects_what_sorting_every_pixel_does():
+    """A pixel's values are sorted only where clipping takes one (its median from the sorting
+    network otherwise): the same coverage, rejections per pixel and per frame as sorting every
+    pixel, and the same means but for the order of the sums, on values with outliers, holes,
+    ties, σ of their own, a level and signal tolerance, 3 to 12 values a pixel."""
+    from ccdcal.stacking import engine
+
+    rng = np.random.default_rng(7)
+    n, rows, nx = 12, 40, 150
+    data = (1000 + 30 * rng.standard_normal((n, rows, nx))).astype(np.float32)
+    data[:, :, :20] = np.round(data[:, :, :20] / 50) * 50            # ties
+    data[rng.random(data.shape) < 0.01] += 4000                    # cosmic rays
+    data[rng.random(data.shape) < 0.01] -= 800                     # cold values
+    data[:, 10:12, 30:60] += 20000                                  # a star
+    bad = rng.random(data.shape) < np.linspace(0, 0.7, nx)         # 0 to ~9 holes a pixel
+    err = (30 * rng.uniform(0.8, 1.2, data.shape)).astype(np.float32)
+    scales, zeros = rng.uniform(0.9, 1.1, n), rng.uniform(-20, 20, n)
+    weights = rng.uniform(0.5, 1.5, n)
+    params = np.array([3.0, 3.0, 0.05, 1000.0, 1.0])
+    out = {}
+    for name, network in (("network", engine.sorting_network(n)), ("sorted", np.empty((0, 2), np.int64))):
+        planes = (np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32), np.empty((rows, nx), np.int16),
+                  np.empty((rows, nx), np.float32), np.empty((rows, nx), np.uint16))
+        member = np.zeros((n, 2), np.int64)
+        engine._stack_rows(data, bad, err, scales, zeros, weights, params, network, 0, rows, *planes, member)
+        out[name] = (*planes, member)
+    a, b = out["network"], out["sorted"]
+    assert np.array_equal(a[2], b[2]) and np.array_equal(a[4], b[4]) and np.array_equal(a[5], b[5])
+    assert a[4].sum() > 0.01 * rows * nx and (a[2] < 3).any()     # it rejected, and some pixels had few values
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-3, equal_nan=True)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(a[3], b[3], rtol=1e-6)

@@ -154,14 +154,77 @@ def _reject(vals, sig, idx, m, low, high, tol, level, member):
     return m, total
 
 
+def sorting_network(n: int) -> np.ndarray:
+    """The compare-exchange pairs (k, 2) of Batcher's odd-even merge sort of ``n`` values (any
+    ``n``; Knuth's formulation): applied in order, each putting the smaller of its two places
+    first, they sort any ``n`` values, with no branch that depends on the values."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _pixel(tv, ts, ti, m, t, r, x, vals, sig, idx, pos, weights, reject, low, high, tol, level, out_data,
-           out_err, out_cov, out_wsum, out_rej, member):
-    """One output pixel from its gathered values: sort, reject, weighted mean and σ."""
-    _sorted(tv, ts, ti, t, m, vals, sig, idx, pos)
+def _middle(tv, t, m, network, work):
+    """The median of pixel ``t``'s ``m`` gathered values (the mean of the two middle ones when
+    ``m`` is even): the values, and +inf in the places of the frames that gave none, sorted by
+    the ``network`` (:func:`sorting_network` of the frame count: min and max, no branches) in
+    ``work``."""
+    n = work.shape[0]
+    for k in range(m):
+        work[k] = tv[t, k]
+    for k in range(m, n):
+        work[k] = np.inf
+    for c in range(network.shape[0]):
+        i = network[c, 0]
+        j = network[c, 1]
+        a = work[i]
+        b = work[j]
+        work[i] = min(a, b)
+        work[j] = max(a, b)
+    half = m // 2
+    return work[half] if m % 2 == 1 else 0.5 * (work[half - 1] + work[half])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _all_inside(tv, ts, t, m, low, high, tol, level, network, work):
+    """Whether noise-model clipping would keep every one of pixel ``t``'s ``m`` values (the first
+    pass of :func:`_reject` keeping all: nothing rejected, so nothing need be sorted)."""
+    c = _middle(tv, t, m, network, work)
+    extra = tol * max(c - level, 0.0)
+    for k in range(m):
+        s = ts[t, k]
+        w = math.sqrt(s * s + extra * extra)
+        v = tv[t, k]
+        if not (c - low * w <= v <= c + high * w):
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pixel(tv, ts, ti, m, t, r, x, vals, sig, idx, pos, weights, reject, low, high, tol, level, network, work,
+           out_data, out_err, out_cov, out_wsum, out_rej, member):
+    """One output pixel from its gathered values: reject, weighted mean and σ. The values are
+    sorted only where clipping takes one: most pixels keep all, whose median the ``network``
+    finds (none given: every pixel's values sorted)."""
     nrej = 0
-    if reject:
+    if reject and m >= 3 and (network.shape[0] == 0 or not _all_inside(tv, ts, t, m, low, high, tol, level,
+                                                                        network, work)):
+        _sorted(tv, ts, ti, t, m, vals, sig, idx, pos)
         m, nrej = _reject(vals, sig, idx, m, low, high, tol, level, member)
+    else:       # every value kept, in frame order
+        for k in range(m):
+            vals[k] = tv[t, k]
+            sig[k] = ts[t, k]
+            idx[k] = ti[t, k]
     out_rej[r, x] = nrej
     out_cov[r, x] = m
     if m == 0:
@@ -184,10 +247,11 @@ def _pixel(tv, ts, ti, m, t, r, x, vals, sig, idx, pos, weights, reject, low, hi
 
 
 @njit(cache=True, nogil=True)
-def _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, out_data, out_err, out_cov,
+def _stack_rows(data, bad, err, scales, zeros, weights, params, network, r0, r1, out_data, out_err, out_cov,
                 out_wsum, out_rej, member):
     """Rows ``r0:r1`` of a band: ``data``/``bad``/``err`` (n, rows, nx) of the resampled frames
-    into the (rows, nx) outputs. ``params``: low, high, tolerance, level, reject (0/1)."""
+    into the (rows, nx) outputs. ``params``: low, high, tolerance, level, reject (0/1);
+    ``network``: :func:`sorting_network` of n (empty: every pixel sorted)."""
     n = data.shape[0]
     nx = data.shape[2]
     low, high, tol, level = params[0], params[1], params[2], params[3]
@@ -200,13 +264,14 @@ def _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, out_data
     ts = np.empty((_TILE, n))
     ti = np.empty((_TILE, n), np.int64)
     tm = np.empty(_TILE, np.int64)
+    work = np.empty(n)
     for r in range(r0, r1):
         for x0 in range(0, nx, _TILE):
             width = min(_TILE, nx - x0)
             _gather_tile(data, bad, err, scales, zeros, r, x0, width, tv, ts, ti, tm)
             for t in range(width):
                 _pixel(tv, ts, ti, tm[t], t, r, x0 + t, vals, sig, idx, pos, weights, reject, low, high, tol,
-                       level, out_data, out_err, out_cov, out_wsum, out_rej, member)
+                       level, network, work, out_data, out_err, out_cov, out_wsum, out_rej, member)
 
 
 # -- the result -------------------------------------------------------------------------------------
@@ -405,10 +470,10 @@ class _Plan:
     raw: int     # scratch bytes of the largest input band
 
 
-def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int, readers: int = 1) -> _Plan:
+def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int, readers: int = 1) -> _Plan | None:
     """The tallest output band whose buffers fit the budget with the result: per band, every
     frame's resampled rows, and the source rows of ``readers`` frames at a time (taller for
-    rotated frames)."""
+    rotated frames). None when not even one row fits with more than one reader."""
     ny, nx = shape
     n = len(sources)
 
@@ -418,6 +483,8 @@ def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int,
 
     lo, hi = 1, ny
     if need(1) > budget:
+        if readers > 1:
+            return None
         warnings.warn(f"the memory budget ({budget / 2**20:.0f} MiB) is below what stacking these frames"
                       f" needs ({need(1) / 2**20:.0f} MiB: the result and one band of rows); using that",
                       CcdcalWarning, stacklevel=4)
@@ -725,8 +792,14 @@ def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, 
     if options.reject != "none":
         note = _noise_models(sources, backgrounds, noise, options.reject)
         notes += [note] if note else []
+    plan = _plan(sources, shape, budget)
     readers = threads.workers if own_files and n > 1 else 1
-    plan = _plan(sources, shape, budget, readers)
+    if readers > 1:     # a frame per thread when the budget gives as few bands so (a tight one: not)
+        wide = _plan(sources, shape, budget, readers)
+        if wide is not None and -(-shape[0] // wide.rows) == -(-shape[0] // plan.rows):
+            plan = wide
+        else:
+            readers = 1
     work = _Work(sources, plan, [InputBuffers(plan.pixels, plan.raw) for _ in range(readers)],
                  _Band(n, plan.rows, shape[1]), threads)
     factors = _factors(work, options, backgrounds, noise, reference)
@@ -782,6 +855,9 @@ def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarra
     scales, zeros, weights = factors
     params = np.array([options.low, options.high, options.tolerance, level,
                        0.0 if options.reject == "none" else 1.0])
+    # up to _SORT_RANK frames a pixel's median comes from a sorting network, and only a pixel that
+    # loses a value is sorted; beyond, every pixel is sorted (the network grows as n log² n)
+    network = sorting_network(n) if n <= _SORT_RANK else np.empty((0, 2), np.int64)
     out = (np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.int16),
            np.empty((ny, nx), np.float32), np.empty((ny, nx), np.uint16))
     members: list[np.ndarray] = []
@@ -792,7 +868,7 @@ def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarra
 
         def run(r0: int, r1: int, data=data, bad=bad, err=err, rows=rows) -> None:
             member = np.zeros((n, 2), np.int64)
-            _stack_rows(data, bad, err, scales, zeros, weights, params, r0, r1, *rows, member)
+            _stack_rows(data, bad, err, scales, zeros, weights, params, network, r0, r1, *rows, member)
             members.append(member)
 
         work.threads.run(run, y1 - y0)
