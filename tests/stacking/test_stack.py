@@ -397,3 +397,26 @@ def test_the_median_by_network_rejects_what_sorting_every_pixel_does():
     np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-3, equal_nan=True)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(a[3], b[3], rtol=1e-6)
+
+
+def test_rejection_costs_little_signal_to_noise_and_takes_every_cosmic_ray(tmp_path):
+    """12 frames of Gaussian noise with their exact σ: the stack's error against the truth is within
+    1 % of the plain mean's (3σ clipping about the median costs 1.9 %: a pixel loses a good value
+    when its others lie to the other side); with cosmic rays of 15-60σ in 0.5 % of the values,
+    every one is rejected and the error is that of the clean mean."""
+    shape, n, sky, sigma = (256, 256), 12, 1000.0, 10.0
+    rng = np.random.default_rng(21)
+    clean = (sky + sigma * rng.standard_normal((n, *shape))).astype(np.float32)
+    hits = rng.random(clean.shape) < 0.005
+    dirty = clean + hits * rng.uniform(15 * sigma, 60 * sigma, clean.shape).astype(np.float32)
+    plain = np.sqrt(np.mean((clean.astype(np.float64).mean(axis=0) - sky) ** 2))
+    errors = {}
+    for name, frames in (("clean", clean), ("dirty", dirty)):
+        paths = [write_light(tmp_path / f"{name}{i:02d}.fits", frames[i], np.full(shape, sigma, np.float32),
+                             exptime=60.0, mjd=60000.0 + i / 1000) for i in range(n)]
+        result = stack(paths, [np.eye(3)] * n, zero=False, scale=False, weights="none")
+        errors[name] = np.sqrt(np.mean((result.data.astype(np.float64) - sky) ** 2))
+        if name == "dirty":         # every hit pixel lost at least its hits
+            assert np.all(result.rejected >= hits.sum(axis=0))
+    assert errors["clean"] <= 1.01 * plain
+    assert errors["dirty"] <= 1.01 * plain

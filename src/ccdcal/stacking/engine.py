@@ -20,8 +20,14 @@ its resampled standard deviation:
    rejects something; a pass that would reject every value rejects none. Because σ comes
    from the noise, not from the sample, one outlier (a satellite trail, a cosmic ray) is
    rejected at any frame count from 3 up, where sample-σ clipping cannot reject one outlier
-   among n ≤ 10 values (:func:`ccdcal.combining.options.sample_sigma_can_reject`). Good values are
-   rejected at about 0.3–0.5 % per value at 3σ (the median's own noise, at small n).
+   among n ≤ 10 values (:func:`ccdcal.combining.options.sample_sigma_can_reject`). The default
+   thresholds are 3.5σ: with σ known, clipping good values costs signal to noise, because a
+   pixel loses a good value when its other values lie to the other side (the median with them),
+   and their mean is then off. For Gaussian values clipped about their median, 12 a pixel, the
+   noise of the mean grows by 1.9 % at 3σ (4 % of the pixels lose a good value) and 0.5 % at
+   3.5σ (0.9 % at 5 values, 0.4 % at 24); at 4σ/3σ or 4σ/4σ bright stars' fluxes and colours
+   lost 2 % where frames disagree in star cores (tests of ``tests/stacking`` and ``test_colour``).
+   Cosmic rays, hot pixels and trails lie far beyond.
 3. Weighted mean of the survivors ``Σ w_i x'_i / Σ w_i`` with per-frame weights
    ``w_i ∝ 1/(s_i·σ_bg,i)²`` (``weights="noise"``; normalised to a mean of 1), uncertainty
    ``sqrt(Σ (w_i σ'_i)²) / Σ w_i`` (resampling correlates neighbouring pixels: a per-pixel σ).
@@ -706,7 +712,7 @@ def stack(
     out_shape: tuple[int, int] | None = None,
     reference: int = 0,
     reject: str = "auto",
-    sigma: tuple[float, float] = (3.0, 3.0),
+    sigma: tuple[float, float] = (3.5, 3.5),
     weights: str | Sequence[float] = "noise",
     interpolation: str = "lanczos3",
     zero: bool = True,
@@ -735,7 +741,7 @@ def stack(
         Noise-model rejection with σ from the ``UNCERT`` planes (``"noise"``: every frame must
         have one; ``"auto"``: frames without one use a noise model), or none.
     sigma : (low, high)
-        Rejection thresholds in units of each value's σ.
+        Rejection thresholds in units of each value's σ (module docstring: why 3.5, not 3).
     weights : {"noise", "none"} or sequence of float
         ``1/(s_i·σ_bg,i)²``, equal, or given per frame; normalised to a mean of 1.
     interpolation : {"lanczos3", "bicubic", "bilinear"}
