@@ -528,3 +528,48 @@ def test_a_colour_s_background_noise_is_its_measured_pixels_noise(tmp_path, chan
     finally:
         rows.close()
     assert level == pytest.approx(200.0, abs=0.5) and sigma == pytest.approx(15.0, rel=0.02)
+
+
+@pytest.mark.parametrize("method", ["bilinear", "rcd"])
+@pytest.mark.parametrize("memory", ["1GiB", 6 * 2**20])
+def test_colours_stacked_together_equal_each_colour_stacked_alone(tmp_path, method, memory):
+    """stack_colours (a frame's three colours from one file and one band, debayered once for the
+    three) gives each colour's stack value for value as stacking that colour alone (its own
+    source, the colour made by itself), whole and in bands; colour_sources share one file."""
+    from ccdcal.colour.demosaic import DebayeredRows, colour_sources
+    from ccdcal.stacking.engine import stack, stack_colours
+
+    rng = np.random.default_rng(9)
+    shape, paths = (96, 120), []
+    stars = rng.uniform(8, 88, (40, 2))
+    yy, xx = np.mgrid[0:96, 0:120]
+    for i in range(5):
+        dx, dy = rng.uniform(-2, 2, 2)
+        cfa = 500 + 20 * rng.standard_normal(shape)
+        for sx, sy in stars:
+            cfa += 8000 * np.exp(-((xx - sx - dx) ** 2 + (yy - sy - dy) ** 2) / 4.0)
+        cfa[rng.random(shape) < 0.002] += 5000                 # cosmic rays
+        header = fits.Header({"BAYERPAT": "GRBG", "EXPTIME": 30.0})
+        paths.append(tmp_path / f"cfa{i}.fits")
+        fits.HDUList([fits.PrimaryHDU(cfa.astype(np.float32), header),
+                      fits.ImageHDU((rng.random(shape) < 0.01).astype(np.uint8), name="MASK")]).writeto(paths[-1])
+    matrices = [np.array([[1, 0, rng.uniform(-2, 2)], [0, 1, rng.uniform(-2, 2)], [0, 0, 1]]) for _ in paths]
+    matrices[0] = np.eye(3)
+    shared = [colour_sources(p, "GRBG", method) for p in paths]
+    assert all(c._file is s[0]._file for s in shared for c in s)
+    try:
+        together = stack_colours([[s[c] for s in shared] for c in range(3)], matrices, memory=memory)
+    finally:
+        for s in shared:
+            s[0].close()
+    for channel in range(3):
+        alone = [DebayeredRows(p, channel, "GRBG", method=method) for p in paths]
+        try:
+            one = stack(alone, matrices, memory=memory)
+        finally:
+            for source in alone:
+                source.close()
+        for plane in ("data", "uncertainty", "coverage", "weight", "rejected", "mask"):
+            assert np.array_equal(getattr(together[channel], plane), getattr(one, plane), equal_nan=True), plane
+        assert np.array_equal(together[channel].scales, one.scales)
+        assert together[channel].rejected.sum() > 0

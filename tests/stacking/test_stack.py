@@ -281,13 +281,13 @@ def test_frames_resampled_one_per_thread_stack_as_one_thread_does(tmp_path, monk
               "tight": next(m for m in sizes if bands(m, 1) is not None and bands(m, 3) != bands(m, 1))}[budget]
     readers = 1 if budget == "tight" else 3
     used = []
-    real = engine._Work._resample
+    real = engine._resample_together
 
-    def spy(self, y0, y1):
-        used.append(len(self.buffers))
-        return real(self, y0, y1)
+    def spy(works, y0, y1):
+        used.append(len(works[0].buffers))
+        return real(works, y0, y1)
 
-    monkeypatch.setattr(engine._Work, "_resample", spy)
+    monkeypatch.setattr(engine, "_resample_together", spy)
     results = {}
     for workers in (1, 3):
         monkeypatch.setattr(rs, "default_workers", lambda workers=workers: workers)

@@ -201,13 +201,37 @@ def superpixel(data: np.ndarray, pattern: str) -> np.ndarray:
     return out / count[:, None, None]
 
 
+class _CfaFile:
+    """A CFA file's planes (data, and MASK and UNCERT when present) and its last debayered band:
+    what the colour sources of one frame share (:func:`colour_sources`)."""
+
+    def __init__(self, path: Path, pattern: str, method: str, only: int | None):
+        self.pattern, self.method, self.only = pattern, method, only   # only: the one colour made (None: all)
+        self.data = FrameSource(path)
+        mask, unc = ccddata_planes(self.data)
+        self.mask = None if mask is None else FrameSource(path, hdu=mask.index)
+        self.unc = None if unc is None else FrameSource(path, hdu=unc.index)
+        self.unc_kind = "std" if unc is None else uncertainty_kind(unc.header)
+        self.band: tuple[int, int, Debayered] | None = None
+        self.work = _Workspace()
+
+    def close(self) -> None:
+        for source in (self.data, self.mask, self.unc):
+            if source is not None:
+                source.close()
+        self.band = None
+        self.work = _Workspace()
+
+
 class DebayeredRows:
     """One colour of a CFA file (its data, and its ``MASK`` and ``UNCERT`` extensions when
     present) served by rows: a row source for :func:`ccdcal.stacking.engine.stack`.
 
     Each band of rows is debayered once (with a margin of CFA rows around it) and its data,
     mask and uncertainty are served from that; reading it again costs nothing. Only ``channel``
-    is made, unless ``all_colours`` (:meth:`colours` then holds the three).
+    is made, unless ``all_colours`` (:meth:`colours` then holds the three). The three colours of
+    :func:`colour_sources` share one file and one band: a band debayered for one is served to the
+    others (used by one thread at a time).
     """
 
     #: it opens its file itself (its own handles, its own band): one thread may read it while
@@ -215,40 +239,33 @@ class DebayeredRows:
     reads_own_file = True
 
     def __init__(self, path: str | os.PathLike, channel: int, pattern: str, *, method: str = "bilinear",
-                 all_colours: bool = False):
+                 all_colours: bool = False, _file: _CfaFile | None = None):
         self.path = Path(path)
         self.channel = int(channel)
         self.name = f"{self.path.name}[{CHANNELS[self.channel]}]"
-        self._pattern, self._method = pattern, method
-        self._only: int | None = None if all_colours else self.channel   # debayer only the colour served
-        self._data = FrameSource(self.path)
-        self.shape = self._data.shape
-        self.header = self._data.header
-        mask, unc = ccddata_planes(self._data)
-        self._mask = None if mask is None else FrameSource(self.path, hdu=mask.index)
-        self._unc = None if unc is None else FrameSource(self.path, hdu=unc.index)
-        self._unc_kind = "std" if unc is None else uncertainty_kind(unc.header)
-        self._band: tuple[int, int, Debayered] | None = None
-        self._work = _Workspace()
+        self._file = _file or _CfaFile(self.path, pattern, method, None if all_colours else self.channel)
+        self.shape = self._file.data.shape
+        self.header = self._file.data.header
 
     def colours(self, y0: int, y1: int) -> Debayered:
         """The three colours of rows ``y0:y1`` (the band debayered once, then served from memory;
         the planes are valid until the next band is debayered)."""
-        if self._band is not None and self._band[0] <= y0 and y1 <= self._band[1]:
-            a, _, band = self._band
+        f = self._file
+        if f.band is not None and f.band[0] <= y0 and y1 <= f.band[1]:
+            a, _, band = f.band
             return Debayered(band.data[:, y0 - a:y1 - a], band.mask[:, y0 - a:y1 - a],
                              None if band.uncertainty is None else band.uncertainty[:, y0 - a:y1 - a])
-        margin = RCD_MARGIN if self._method == "rcd" else _MARGIN
+        margin = RCD_MARGIN if f.method == "rcd" else _MARGIN
         a, b = max(0, y0 - margin), min(self.shape[0], y1 + margin)
         temp = scratch()
         data = temp.take("cfa", (b - a, self.shape[1]), np.float32)
-        self._data.fill_rows(a, b, data, temp.take("raw", (_RAW_SCRATCH,), np.uint8))
-        mask = self._mask.read_rows(a, b) if self._mask is not None else None
-        unc = as_sigma(self._unc.read_rows(a, b), self._unc_kind) if self._unc is not None else None
-        colours = _debayer(data, self._pattern, self._method, mask, unc, a, self._only, self._work)
+        f.data.fill_rows(a, b, data, temp.take("raw", (_RAW_SCRATCH,), np.uint8))
+        mask = f.mask.read_rows(a, b) if f.mask is not None else None
+        unc = as_sigma(f.unc.read_rows(a, b), f.unc_kind) if f.unc is not None else None
+        colours = _debayer(data, f.pattern, f.method, mask, unc, a, f.only, f.work)
         inner = Debayered(colours.data[:, y0 - a:y1 - a], colours.mask[:, y0 - a:y1 - a],
                           None if unc is None else colours.uncertainty[:, y0 - a:y1 - a])
-        self._band = (y0, y1, inner)
+        f.band = (y0, y1, inner)
         return inner
 
     def read_rows(self, y0: int, y1: int) -> np.ndarray:
@@ -266,30 +283,35 @@ class DebayeredRows:
         """Rows ``y0:y1`` of the colour served where its filter measured them: the CFA's own
         pixels of that colour, NaN at the others and where the file's MASK marks them (what a
         colour's background and noise are measured on; nothing debayered)."""
-        rows = self._data.read_rows(y0, y1).astype(np.float32, copy=True)
-        chan = channel_map(self._pattern)
+        f = self._file
+        rows = f.data.read_rows(y0, y1).astype(np.float32, copy=True)
+        chan = channel_map(f.pattern)
         for dy in (0, 1):
             for dx in (0, 1):
                 if chan[(y0 + dy) % 2, dx] != self.channel:
                     rows[dy::2, dx::2] = np.nan
-        if self._mask is not None:
-            rows[self._mask.read_rows(y0, y1) != 0] = np.nan
+        if f.mask is not None:
+            rows[f.mask.read_rows(y0, y1) != 0] = np.nan
         return rows
 
     @property
     def read_uncertainty_rows(self) -> Callable[[int, int], np.ndarray] | None:
         """σ of rows ``y0:y1`` of the colour served, or None when the file has no UNCERT plane."""
-        return None if self._unc is None else self._uncertainty_rows
+        return None if self._file.unc is None else self._uncertainty_rows
 
     def _uncertainty_rows(self, y0: int, y1: int) -> np.ndarray:
         return self.colours(y0, y1).uncertainty[self.channel].copy()
 
     def close(self) -> None:
-        for source in (self._data, self._mask, self._unc):
-            if source is not None:
-                source.close()
-        self._band = None
-        self._work = _Workspace()
+        self._file.close()
+
+
+def colour_sources(path: str | os.PathLike, pattern: str, method: str = "bilinear") -> list[DebayeredRows]:
+    """The red, green and blue of a CFA file as three row sources sharing one file and one band
+    (each band debayered once for the three): for stacking the three colours together
+    (:func:`ccdcal.stacking.engine.stack_colours`), one thread at a time per file."""
+    shared = _CfaFile(Path(path), pattern, method, None)
+    return [DebayeredRows(path, c, pattern, method=method, _file=shared) for c in range(3)]
 
 
 def _all_colours(path: Path, pattern: str, method: str) -> Debayered:

@@ -44,6 +44,7 @@ per-value uncertainties, and it reports neither coverage nor the sum of weights 
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import queue
@@ -476,15 +477,17 @@ class _Plan:
     raw: int     # scratch bytes of the largest input band
 
 
-def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int, readers: int = 1) -> _Plan | None:
-    """The tallest output band whose buffers fit the budget with the result: per band, every
-    frame's resampled rows, and the source rows of ``readers`` frames at a time (taller for
-    rotated frames). None when not even one row fits with more than one reader."""
+def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int, readers: int = 1,
+          results: int = 1) -> _Plan | None:
+    """The tallest output band whose buffers fit the budget with the ``results`` (planes stacked
+    together): per band, every source's resampled rows, and the source rows of ``readers``
+    frames at a time (taller for rotated frames). None when not even one row fits with more
+    than one reader."""
     ny, nx = shape
     n = len(sources)
 
     def need(h: int) -> int:
-        return (ny * nx * _RESULT_BYTES + n * h * nx * _BAND_BYTES
+        return (results * ny * nx * _RESULT_BYTES + n * h * nx * _BAND_BYTES
                 + readers * max(s.input_bytes(h) for s in sources))
 
     lo, hi = 1, ny
@@ -556,24 +559,7 @@ class _Work:
         return self._resample(y0, y1)
 
     def _resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        data, bad, err = self.band.views(y1 - y0)
-        if len(self.buffers) == 1:
-            for i, source in enumerate(self.sources):
-                source.resample_into(y0, y1, data[i], bad[i], err[i], buffers=self.buffers[0], threads=self.threads)
-            return data, bad, err
-        free: queue.SimpleQueue[InputBuffers] = queue.SimpleQueue()
-        for buffers in self.buffers:
-            free.put(buffers)
-
-        def one(i: int) -> None:
-            buffers = free.get()
-            try:
-                self.sources[i].resample_into(y0, y1, data[i], bad[i], err[i], buffers=buffers, threads=_SERIAL)
-            finally:
-                free.put(buffers)
-
-        self.threads.map(one, range(len(self.sources)))
-        return data, bad, err
+        return _resample_together([self], y0, y1)[0]
 
     def frame_rows(self, i: int, b0: int, b1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray) -> None:
         """Frame ``i``'s resampled rows ``b0:b1`` into the given arrays (copied from the kept
@@ -586,6 +572,38 @@ class _Work:
             y1 = min(b1, y0 + self.plan.rows)
             self.sources[i].resample_into(y0, y1, data[y0 - b0:y1 - b0], bad[y0 - b0:y1 - b0],
                                           err[y0 - b0:y1 - b0], buffers=self.buffers[0], threads=self.threads)
+
+
+def _resample_together(works: Sequence[_Work], y0: int, y1: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Rows ``y0:y1`` of every frame of each of ``works`` (planes of the same frames: the colours
+    of CFA frames) into their band buffers, a frame's planes one after another (a CFA band is
+    debayered once for its three colours); with a set of buffers per thread, a frame per thread
+    (its planes in that thread), else frame after frame, the rows of each in threads."""
+    bands = [work.band.views(y1 - y0) for work in works]
+    buffers = works[0].buffers
+    n = len(works[0].sources)
+
+    def planes_of(i: int, into: InputBuffers, threads: RowThreads) -> None:
+        for work, (data, bad, err) in zip(works, bands, strict=True):
+            work.sources[i].resample_into(y0, y1, data[i], bad[i], err[i], buffers=into, threads=threads)
+
+    if len(buffers) == 1:
+        for i in range(n):
+            planes_of(i, buffers[0], works[0].threads)
+        return bands
+    free: queue.SimpleQueue[InputBuffers] = queue.SimpleQueue()
+    for into in buffers:
+        free.put(into)
+
+    def one(i: int) -> None:
+        into = free.get()
+        try:
+            planes_of(i, into, _SERIAL)
+        finally:
+            free.put(into)
+
+    works[0].threads.map(one, range(n))
+    return bands
 
 
 # -- transparency ---------------------------------------------------------------------------------------
@@ -783,42 +801,113 @@ def stack(
             source.close()
 
 
+def stack_colours(colours: Sequence[Sequence[Any]], matrices: Sequence[Any], *, memory: str | int = "1GiB",
+                  progress: ProgressOption = None, **options: Any) -> list[StackResult]:
+    """Several planes of the same frames stacked, each as :func:`stack` stacks it, together: the
+    colours of one-shot-colour frames (:func:`ccdcal.colour.demosaic.colour_sources`: a frame's
+    three colours share its file and each band of it, debayered once for the three).
+
+    Parameters
+    ----------
+    colours : sequence of sequences
+        One list of row sources per plane, each in frame order (a frame's planes are read one
+        after another by one thread).
+    matrices : sequence of array-like (3, 3)
+        One per frame, for every plane.
+    memory : str or int
+        The budget for every plane's result and bands together.
+    progress, **options
+        As :func:`stack` (``reference``, ``reject``, ``sigma``, ``weights``, ``interpolation``,
+        ``zero``, ``scale``, ``scales``, ``zeros``, ``signal_tolerance``, ``out_shape``).
+
+    Returns
+    -------
+    list of StackResult
+        One per plane, in the order given.
+    """
+    progress = resolve_progress(progress)
+    budget = parse_memory(memory)
+    groups = [list(frames) for frames in colours]
+    if not groups or len({len(g) for g in groups}) != 1:
+        raise InputError("stack_colours needs one list of frames per plane, all of the same length")
+    matrices = list(matrices)
+    reference = options.pop("reference", 0)
+    interpolation = options.pop("interpolation", "lanczos3")
+    out_shape = options.pop("out_shape", None)
+    known = {"reject", "sigma", "weights", "zero", "scale", "scales", "zeros", "signal_tolerance"}
+    if set(options) - known:
+        raise InputError(f"stack_colours: unknown option(s) {', '.join(sorted(set(options) - known))}")
+    defaults = inspect.signature(stack).parameters
+    settings = {name: options.get(name, defaults[name].default) for name in
+                ("reject", "sigma", "weights", "zero", "scale", "scales", "zeros", "signal_tolerance")}
+    parsed = _options(len(groups[0]), *settings.values())
+    opened: list[list[ResampledRows]] = []
+    try:
+        for frames in groups:
+            opened.append(_open_sources(frames, matrices, out_shape, reference, interpolation))
+        with RowThreads() as threads:
+            return _stack_planes(opened, parsed, reference, budget, threads, progress)
+    finally:
+        for sources in opened:
+            for source in sources:
+                source.close()
+
+
 def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, budget: int,
            threads: RowThreads, progress: ProgressOption = None) -> StackResult:
-    n = len(sources)
-    shape = sources[0].shape
+    return _stack_planes([sources], options, reference, budget, threads, progress)[0]
+
+
+def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, reference: int, budget: int,
+                  threads: RowThreads, progress: ProgressOption = None) -> list[StackResult]:
+    """Each group (a plane of the same frames, in frame order) stacked on its own, the groups'
+    frames read and resampled together band by band."""
+    n = len(groups[0])
+    shape = groups[0][0].shape
     if n < 3 and options.reject != "none":
         warnings.warn(f"{n} frame(s): rejection needs at least 3 values per pixel, so nothing is rejected",
-                      CcdcalWarning, stacklevel=3)
-    # each frame's own rows: read and measured in threads when each frame reads its own file
-    own_files = all(s.reads_own_file for s in sources)
-    levels = np.array(threads.map(_background, sources) if own_files else [_background(s) for s in sources])
-    backgrounds, noise = levels[:, 0], levels[:, 1]
-    notes = []
+                      CcdcalWarning, stacklevel=4)
+    every = [source for group in groups for source in group]
+    # each frame's own rows (its planes one after another): in threads when each frame reads its own file
+    own_files = all(s.reads_own_file for s in every)
+
+    def frame_levels(i: int) -> list[tuple[float, float]]:
+        return [_background(group[i]) for group in groups]
+
+    levels = np.array(threads.map(frame_levels, range(n)) if own_files else [frame_levels(i) for i in range(n)])
+    backgrounds, noise = levels[:, :, 0].T, levels[:, :, 1].T      # (groups, frames)
+    notes: list[list[str]] = [[] for _ in groups]
     if options.reject != "none":
-        note = _noise_models(sources, backgrounds, noise, options.reject)
-        notes += [note] if note else []
-    plan = _plan(sources, shape, budget)
+        for group, back, sigma, said in zip(groups, backgrounds, noise, notes, strict=True):
+            note = _noise_models(group, back, sigma, options.reject)
+            said += [note] if note else []
+    plan = _plan(every, shape, budget, results=len(groups))
     readers = threads.workers if own_files and n > 1 else 1
     if readers > 1:     # a frame per thread when the budget gives as few bands so (a tight one: not)
-        wide = _plan(sources, shape, budget, readers)
+        wide = _plan(every, shape, budget, readers, results=len(groups))
         if wide is not None and -(-shape[0] // wide.rows) == -(-shape[0] // plan.rows):
             plan = wide
         else:
             readers = 1
-    work = _Work(sources, plan, [InputBuffers(plan.pixels, plan.raw) for _ in range(readers)],
-                 _Band(n, plan.rows, shape[1]), threads)
-    factors = _factors(work, options, backgrounds, noise, reference)
-    level = float(np.median(factors[0] * backgrounds + factors[1]))
-    planes, frame_rejected = _combine_bands(work, factors, options, level, progress)
-    header = stack_header([s.header for s in sources], [s.name for s in sources], reference=reference,
-                          scales=factors[0], zeros=factors[1], weights=factors[2],
-                          how=_describe(options, sources[0].interpolation))
-    data, unc, coverage, weight, rejected = planes
-    return StackResult(data=data, uncertainty=unc, coverage=coverage, weight=weight, rejected=rejected,
-                       mask=coverage == 0, header=header, scales=factors[0], zeros=factors[1],
-                       weights=factors[2], backgrounds=backgrounds, noise=noise, frame_rejected=frame_rejected,
-                       notes=notes)
+    buffers = [InputBuffers(plan.pixels, plan.raw) for _ in range(readers)]
+    works = [_Work(group, plan, buffers, _Band(n, plan.rows, shape[1]), threads) for group in groups]
+    if works[0].one_band:       # every frame's planes resampled once, together
+        for work, whole in zip(works, _resample_together(works, 0, shape[0]), strict=True):
+            work._whole = whole
+    factors = [_factors(work, options, back, sigma, reference)
+               for work, back, sigma in zip(works, backgrounds, noise, strict=True)]
+    matched = [float(np.median(f[0] * back + f[1])) for f, back in zip(factors, backgrounds, strict=True)]
+    combined = _combine_together(works, factors, options, matched, progress)
+    results = []
+    for group, f, back, sigma, (planes, frame_rejected), said in zip(groups, factors, backgrounds, noise, combined,
+                                                                     notes, strict=True):
+        header = stack_header([s.header for s in group], [s.name for s in group], reference=reference,
+                              scales=f[0], zeros=f[1], weights=f[2], how=_describe(options, group[0].interpolation))
+        data, unc, coverage, weight, rejected = planes
+        results.append(StackResult(data=data, uncertainty=unc, coverage=coverage, weight=weight, rejected=rejected,
+                                   mask=coverage == 0, header=header, scales=f[0], zeros=f[1], weights=f[2],
+                                   backgrounds=back, noise=sigma, frame_rejected=frame_rejected, notes=said))
+    return results
 
 
 def _factors(work: _Work, options: _Options, backgrounds: np.ndarray, noise: np.ndarray,
@@ -856,30 +945,42 @@ def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarra
     """Every band of the stack: (data, uncertainty, coverage, weight, rejected) and the
     rejections per frame (n, 2). ``level`` is the matched background; ``progress`` wraps the
     bands (:mod:`ccdcal._shared.progress`)."""
-    ny, nx = work.sources[0].shape
-    n = len(work.sources)
-    scales, zeros, weights = factors
-    params = np.array([options.low, options.high, options.tolerance, level,
-                       0.0 if options.reject == "none" else 1.0])
+    return _combine_together([work], [factors], options, [level], progress)[0]
+
+
+def _combine_together(works: Sequence[_Work], factors: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      options: _Options, levels: Sequence[float], progress: ProgressOption = None
+                      ) -> list[tuple[tuple[np.ndarray, ...], np.ndarray]]:
+    """:func:`_combine_bands` of each of ``works`` (planes of the same frames), band by band:
+    each band's frames resampled for every plane together (:func:`_resample_together`)."""
+    ny, nx = works[0].sources[0].shape
+    n = len(works[0].sources)
+    params = [np.array([options.low, options.high, options.tolerance, level,
+                        0.0 if options.reject == "none" else 1.0]) for level in levels]
     # up to _SORT_RANK frames a pixel's median comes from a sorting network, and only a pixel that
     # loses a value is sorted; beyond, every pixel is sorted (the network grows as n log² n)
     network = sorting_network(n) if n <= _SORT_RANK else np.empty((0, 2), np.int64)
-    out = (np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.int16),
-           np.empty((ny, nx), np.float32), np.empty((ny, nx), np.uint16))
-    members: list[np.ndarray] = []
-    for y0 in steps(range(0, ny, work.plan.rows), "stacking", progress):
-        y1 = min(ny, y0 + work.plan.rows)
-        data, bad, err = work.resample(y0, y1)
-        rows = [plane[y0:y1] for plane in out]
+    outs = [(np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.int16),
+             np.empty((ny, nx), np.float32), np.empty((ny, nx), np.uint16)) for _ in works]
+    members: list[list[np.ndarray]] = [[] for _ in works]
+    rows_per_band = works[0].plan.rows
+    for y0 in steps(range(0, ny, rows_per_band), "stacking", progress):
+        y1 = min(ny, y0 + rows_per_band)
+        bands = ([work.resample(y0, y1) for work in works] if works[0].one_band
+                 else _resample_together(works, y0, y1))
+        for (data, bad, err), (scales, zeros, weights), param, out, member_list in zip(
+                bands, factors, params, outs, members, strict=True):
+            rows = [plane[y0:y1] for plane in out]
 
-        def run(r0: int, r1: int, data=data, bad=bad, err=err, rows=rows) -> None:
-            member = np.zeros((n, 2), np.int64)
-            _stack_rows(data, bad, err, scales, zeros, weights, params, network, r0, r1, *rows, member)
-            members.append(member)
+            def run(r0: int, r1: int, data=data, bad=bad, err=err, rows=rows, scales=scales, zeros=zeros,
+                    weights=weights, param=param, member_list=member_list) -> None:
+                member = np.zeros((n, 2), np.int64)
+                _stack_rows(data, bad, err, scales, zeros, weights, param, network, r0, r1, *rows, member)
+                member_list.append(member)
 
-        work.threads.run(run, y1 - y0)
-    frame_rejected = np.sum(members, axis=0) if members else np.zeros((n, 2), np.int64)
-    return out, frame_rejected
+            works[0].threads.run(run, y1 - y0)
+    return [(out, np.sum(member_list, axis=0) if member_list else np.zeros((n, 2), np.int64))
+            for out, member_list in zip(outs, members, strict=True)]
 
 
 # -- header ---------------------------------------------------------------------------------------------
