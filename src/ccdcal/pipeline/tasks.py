@@ -728,10 +728,10 @@ def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any]
     if len(lights) < 2:
         return OutputRecord(output=title, kind="stack", skipped=f"{len(lights)} calibrated light(s); needs 2")
     inputs = tuple(input_record(ctx.out_dir / rel, 0) for rel in lights)
-    settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "weights": "noise",
-                "interpolation": "lanczos3"}
-    if ctx.options.debayer != "bilinear":    # only then: the stacks of runs that never asked are kept
-        settings["debayer"] = ctx.options.debayer
+    # the clipping thresholds and the debayering are stated: stacks made by code whose defaults
+    # were 3σ and a bilinear debayer are made again
+    settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "sigma": [3.5, 3.5], "weights": "noise",
+                "interpolation": "lanczos3", "debayer": ctx.options.debayer}
     # by what made each light (its fingerprint), not by the folder's path, the files' times or the
     # write times in their headers: the same lights give the same stack wherever it is made
     fp = fingerprint(__version__, list(pairs), settings)
