@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/night.py
 	$(BIN)/python benchmarks/dask_scaling.py

@@ -6,11 +6,14 @@ Bayer filter with stars of several colours) and times, as whole processes:
 
 - ``ccdcal stack FILES -o OUT.fits`` (judge, register, stack; for CFA lights debayer first);
 - Siril 1.0.6's script: ``convert`` (with ``-debayer`` for CFA), ``register``, ``stack rej 3 3
-  -norm=addscale`` (its usual script).
+  -norm=addscale`` (its usual script);
+- for mono lights, when astroalign is installed (``pip install -e ".[bench]"``), the Python peer
+  ``benchmarks/peer_astroalign.py``: astroalign's registration and a numpy/astropy sigma-clipped
+  mean, as a Python user writes them.
 
 Quality, both stacks on frame 0's grid, on the same stars: star signal-to-noise, with the noise
 measured as the scatter of aperture sums at the same blank positions (pixel rms flatters
-smoothing interpolators), and the stars' FWHM. Reported as ratios ccdcal / Siril.
+smoothing interpolators), and the stars' FWHM. Reported as ratios ccdcal / Siril (and peer / Siril).
 
     python benchmarks/stacking.py [--cases mono,osc] [--n 16] [--size 1024x1536] [--repeat 1]
 """
@@ -18,6 +21,7 @@ smoothing interpolators), and the stars' FWHM. Reported as ratios ccdcal / Siril
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import shutil
@@ -183,17 +187,31 @@ def main(argv: list[str] | None = None) -> int:
                 if code == 0:
                     result["siril_s"] = min(result.get("siril_s", 1e9), wall)
                     result["siril_mb"] = rss / 2**20
+        if not colour and importlib.util.find_spec("astroalign") is not None:
+            for _ in range(args.repeat):
+                wall, rss, code = measure([sys.executable, str(ROOT / "peer_astroalign.py"), str(out / "peer.fits"),
+                                           *map(str, paths)])
+                if code == 0:
+                    result["peer_s"] = min(result.get("peer_s", 1e9), wall)
+                    result["peer_mb"] = rss / 2**20
         if "ccdcal_s" in result and "siril_s" in result:
             snr, fwhm = quality(_plane(out / "ccdcal.fits"), _plane(siril[1]))
             result.update(ratio=result["ccdcal_s"] / result["siril_s"], snr_ratio=snr, fwhm_ratio=fwhm)
+            if "peer_s" in result:
+                snr, fwhm = quality(_plane(out / "peer.fits"), _plane(siril[1]))
+                result.update(peer_ratio=result["peer_s"] / result["siril_s"], peer_snr_ratio=snr,
+                              peer_fwhm_ratio=fwhm)
         rows.append(result)
         print(result, flush=True)
-    print("\n| case | frames | size | ccdcal s | Siril s | time ratio | star SNR ratio | FWHM ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    print("\n| case | frames | size | ccdcal s | Siril s | time ratio | star SNR ratio | FWHM ratio |"
+          " astroalign+numpy s | its time ratio | its SNR ratio | its FWHM ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['frames']} | {r['size']} | {r.get('ccdcal_s', float('nan')):.1f} | "
-              f"{r.get('siril_s', float('nan')):.1f} | {r.get('ratio', float('nan')):.2f} | "
-              f"{r.get('snr_ratio', float('nan')):.3f} | {r.get('fwhm_ratio', float('nan')):.3f} |")
+        print(f"| {r['case']} | {r['frames']} | {r['size']} | {r.get('ccdcal_s', nan):.1f} | "
+              f"{r.get('siril_s', nan):.1f} | {r.get('ratio', nan):.2f} | "
+              f"{r.get('snr_ratio', nan):.3f} | {r.get('fwhm_ratio', nan):.3f} | {r.get('peer_s', nan):.1f} | "
+              f"{r.get('peer_ratio', nan):.2f} | {r.get('peer_snr_ratio', nan):.3f} | {r.get('peer_fwhm_ratio', nan):.3f} |")
     return 0
 
 
