@@ -4,6 +4,7 @@ tests/oscnight.py (independent of ccdcal)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -573,3 +574,37 @@ def test_colours_stacked_together_equal_each_colour_stacked_alone(tmp_path, meth
             assert np.array_equal(getattr(together[channel], plane), getattr(one, plane), equal_nan=True), plane
         assert np.array_equal(together[channel].scales, one.scales)
         assert together[channel].rejected.sum() > 0
+
+
+@pytest.mark.parametrize("method", ["bilinear", "mhc"])
+def test_linear_debayers_keep_each_star_s_colour_in_its_aperture(method):
+    """Bilinear and Malvar-He-Cutler are linear and keep flux: a noiseless CFA field of stars of
+    known colours (FWHM 3.2 px, as the test nights') debayered gives each star's R/G and B/G in a
+    6.5 px aperture within 0.5 % (median 0.1 %). (RCD does not: 5 % off at this FWHM, 3 % at 5 px,
+    as Siril 1.0.6's own RCD on the same frame; why the stack's default debayer is bilinear.)"""
+    from scipy.special import erf
+
+    from ccdcal.colour.demosaic import debayer
+
+    rng = np.random.default_rng(5)
+    ny, nx, sigma = 200, 300, 3.2 / 2.3548
+    stars = []
+    while len(stars) < 30:
+        x, y = rng.uniform(20, nx - 20), rng.uniform(20, ny - 20)
+        if all(math.hypot(x - a, y - b) > 16 for a, b, *_ in stars):
+            stars.append((x, y, rng.uniform(5e3, 3e4), rng.uniform(0.5, 1.6), rng.uniform(0.4, 1.4)))
+    stars = np.array(stars)
+    planes = np.full((3, ny, nx), 100.0)
+    for x, y, flux, r, b in stars:
+        x0, y0 = int(x) - 10, int(y) - 10
+        px = np.diff(0.5 * (1 + erf((np.arange(x0, x0 + 22) - 0.5 - x) / (sigma * math.sqrt(2)))))
+        py = np.diff(0.5 * (1 + erf((np.arange(y0, y0 + 22) - 0.5 - y) / (sigma * math.sqrt(2)))))
+        for c, k in enumerate((r, 1.0, b)):
+            planes[c, y0:y0 + 21, x0:x0 + 21] += flux * k * np.outer(py, px)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    cfa = np.choose(np.array([0, 1, 1, 2])[(yy % 2) * 2 + xx % 2], planes).astype(np.float32)   # RGGB
+    rgb = debayer(cfa, "RGGB", method=method).data.astype(np.float64) - 100.0
+    flux = [_photometry(rgb[c], stars[:, :2]) for c in range(3)]
+    for ratio, truth in ((flux[0] / flux[1], stars[:, 3]), (flux[2] / flux[1], stars[:, 4])):
+        error = np.abs(ratio / truth - 1)
+        assert np.max(error) < 0.005 and np.median(error) < 0.001
