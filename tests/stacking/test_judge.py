@@ -81,6 +81,34 @@ def test_the_helper_gives_the_verdicts_and_stars_judged_here(frames, monkeypatch
     assert sum(v.reason is None for v in verdicts) == 9
 
 
+@pytest.mark.parametrize("with_helper", [True, False])
+def test_work_meanwhile_runs_while_the_frames_are_judged(frames, monkeypatch, with_helper):
+    """``meanwhile`` (numba's start) runs once, before judge_frames returns, and the verdicts
+    are those judged alone: with a helper in this thread before it judges a frame (the helper
+    judges meanwhile), without one in a thread beside the judging."""
+    import threading
+
+    alone = _judged_here(frames)
+    helped = _helper_on(monkeypatch) if with_helper else []
+    if not with_helper:
+        monkeypatch.setenv("CCDCAL_JUDGE_HELPER", "0")
+    calls, here = [], []
+    one = judge.judge_one
+
+    def judging(*args, **kwargs):
+        here.append((threading.get_ident(), len(calls)))
+        return one(*args, **kwargs)
+
+    monkeypatch.setattr(judge, "judge_one", judging)
+    result = judge.judge_frames(frames, meanwhile=lambda: calls.append(threading.get_ident()))
+    _same(result, alone)
+    assert len(calls) == 1
+    main = threading.get_ident()
+    assert (calls[0] == main) == with_helper
+    if with_helper:
+        assert helped and all(count == 1 for ident, count in here if ident == main)
+
+
 @pytest.mark.parametrize("code", [
     "import sys; sys.exit(3)",                                     # dies at once
     "import sys; sys.stdin.buffer.read(10); sys.stdout.write('x' * 99)",  # talks nonsense

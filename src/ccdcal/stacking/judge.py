@@ -180,9 +180,10 @@ class _Feeder:
 
 
 def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, results: list[Judged | None],
-               process: HelperProcess | None) -> Iterator[int]:
+               process: HelperProcess | None, first: Callable[[], None] | None = None) -> Iterator[int]:
     """Judge every frame into ``results`` (with the helper ``process`` when given), yielding each
-    index as it is done (the helper's too)."""
+    index as it is done (the helper's too). ``first`` runs here once the helper has its first
+    frames, before this process takes one."""
     lock = threading.Lock()
     queue = iter(range(len(paths)))
     finished: list[int] = []
@@ -200,6 +201,8 @@ def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, resu
                                                   done)
     slowest = 0.0
     try:
+        if first is not None:
+            first()
         while (index := take()) is not None:
             start = time.perf_counter()
             done(index, judge_one(paths[index], bayer_pattern, max_stars))
@@ -220,7 +223,8 @@ def _judge_all(paths: list[str], bayer_pattern: str | None, max_stars: int, resu
 
 def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
                  progress: ProgressOption = None, bayer_pattern: str | None = None,
-                 helper: HelperProcess | None = None) -> tuple[list[FrameVerdict], list[Any]]:
+                 helper: HelperProcess | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> tuple[list[FrameVerdict], list[Any]]:
     """Stars and quality of every frame, and the outliers of the group left out with the reason.
     A colour frame (a Bayer pattern in its header, or ``bayer_pattern`` given) is judged on the
     mean of its colours; colour and mono frames together are an InputError. A frame that cannot
@@ -232,13 +236,25 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
     ``helper``: a helper process already started (:func:`ccdcal.stacking.helper.start_helper`; the
     command line starts one before its own imports), ended here; without one, one is started
     when it is worth it.
+
+    ``meanwhile``: work of this process's own (numba's start) done while the frames are judged:
+    with a helper, here before this process judges a frame (the helper judges meanwhile, and
+    this process's work and its judging do not wait on each other's turns at the interpreter);
+    else in a thread beside the judging (whose reading and numpy work leave it turns).
     """
     paths = [str(p) for p in paths]
     results: list[Judged | None] = [None] * len(paths)
     process = helper if helper is not None else start_helper(paths)
-    for _ in steps(_judge_all(paths, bayer_pattern, max_stars, results, process), "finding stars", progress,
+    beside = None
+    if meanwhile is not None and process is None:
+        beside = threading.Thread(target=meanwhile, name="ccdcal-meanwhile", daemon=True)
+        beside.start()
+    for _ in steps(_judge_all(paths, bayer_pattern, max_stars, results, process,
+                              meanwhile if process is not None else None), "finding stars", progress,
                    total=len(paths)):
         pass
+    if beside is not None:
+        beside.join()
     for *_, said in results:
         for category, text in said:
             warnings.warn(text, category, stacklevel=3)

@@ -25,7 +25,6 @@ stacked on its own (one transform per frame for all three); the stack is an RGB 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -201,11 +200,9 @@ def stack_files(paths: Any, output: str | os.PathLike | None = None, *, referenc
         if judge_helper is not None:      # not to be used: ended now
             judge_helper.kill()
         raise
-    warm = threading.Thread(target=_start_numba, name="ccdcal-numba-start", daemon=True)
-    warm.start()        # numba's first start (~0.45 s), while the frames are read and judged
+    # numba's first start (~0.45 s) while the frames are judged
     verdicts, stars = judge_frames(paths, keep_all=keep_all, progress=progress, bayer_pattern=bayer_pattern,
-                                   helper=judge_helper)
-    warm.join()
+                                   helper=judge_helper, meanwhile=_start_numba)
     ref = _pick_reference(verdicts, reference)
     verdicts = register_verdicts(verdicts, stars, ref)
     run = StackRun(frames=verdicts)
