@@ -25,19 +25,10 @@ import numpy as np
 from ccdcal._shared.jit import njit
 from ccdcal.errors import CcdcalError, InputError
 
-from .stars import FrameQuality, Stars, detect_stars, flag_outliers, frame_quality
+# the names that lived here before detection moved to .stars, importable from here still
+from .stars import FrameQuality, Stars, detect_stars, flag_outliers, frame_quality  # noqa: F401
 
-__all__ = [
-    "FrameQuality",
-    "RegistrationError",
-    "Stars",
-    "Transform",
-    "detect_stars",
-    "find_transform",
-    "flag_outliers",
-    "frame_quality",
-    "register_frames",
-]
+__all__ = ["RegistrationError", "Transform", "find_transform", "register_frames"]
 
 #: Nearest neighbours (besides the star itself) that form triangles with each control star.
 _TRIANGLE_NEIGHBOURS = 5
