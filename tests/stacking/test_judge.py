@@ -50,13 +50,19 @@ def _same(a, b) -> None:
             assert (x.background, x.background_rms) == (y.background, y.background_rms)
 
 
-def _helper_on(monkeypatch) -> list[int]:
-    """Make every judge here use the helper; returns the indices the helper judged."""
+def _helper_on(monkeypatch, wait: bool = True) -> list[int]:
+    """Make every judge here use the helper; returns the indices the helper judged. With
+    ``wait``, this process judges its first frame only once the helper is ready (or has
+    failed, or 30 s have passed): small frames are judged here faster than a helper imports,
+    and it takes frames only once ready."""
+    import time
+
     monkeypatch.setattr(helper, "HELPER_MIN_BYTES", 0)
     monkeypatch.setattr(helper, "HELPER_MIN_FRAMES", 2)
     monkeypatch.setattr(helper, "cpus", lambda: 2)
     monkeypatch.delenv("CCDCAL_JUDGE_HELPER", raising=False)
     helped: list[int] = []
+    feeders: list[judge._Feeder] = []
     start = judge._Feeder.__init__
 
     def counting(self, process, take, job, done):
@@ -64,8 +70,23 @@ def _helper_on(monkeypatch) -> list[int]:
             helped.append(index)
             done(index, judged)
         start(self, process, take, job, tell)
+        feeders.append(self)
 
     monkeypatch.setattr(judge._Feeder, "__init__", counting)
+    if wait:
+        one = judge.judge_one
+
+        waited: list[bool] = []
+
+        def after_the_helper(*args, **kwargs):
+            until = time.monotonic() + 30
+            while not waited and feeders and not feeders[-1].ready and feeders[-1]._thread.is_alive() \
+                    and time.monotonic() < until:
+                time.sleep(0.01)
+            waited.append(True)
+            return one(*args, **kwargs)
+
+        monkeypatch.setattr(judge, "judge_one", after_the_helper)
     return helped
 
 
@@ -116,7 +137,7 @@ def test_work_meanwhile_runs_while_the_frames_are_judged(frames, monkeypatch, wi
 ])
 def test_a_failing_helper_costs_nothing_but_its_time(frames, monkeypatch, code):
     alone = _judged_here(frames)
-    _helper_on(monkeypatch)
+    _helper_on(monkeypatch, wait=False)
     monkeypatch.setattr(helper, "HELPER_CODE", code)
     _same(judge.judge_frames(frames), alone)
 
@@ -165,13 +186,24 @@ def test_small_sets_are_judged_here_alone(frames, monkeypatch):
     assert not helper.worth_a_helper(frames)            # the user said never
 
 
-def test_a_helper_that_hangs_is_ended_and_its_frames_judged_here(frames, monkeypatch):
+@pytest.mark.parametrize("ready", [False, True])
+def test_a_helper_that_hangs_is_ended_and_its_frames_judged_here(frames, monkeypatch, ready):
+    """A helper that never says it is ready holds no frame and is ended as soon as this process
+    has judged them all (no wait); one that hangs holding frames is ended after the timeout, and
+    its frames are judged here."""
+    import time
+
     alone = _judged_here(frames)
-    _helper_on(monkeypatch)
-    monkeypatch.setattr(helper, "HELPER_CODE", "import time; time.sleep(600)")
+    helped = _helper_on(monkeypatch, wait=ready)
+    say = f"import pickle, sys; pickle.dump({judge.HELPER_READY!r}, sys.stdout.buffer); sys.stdout.flush(); "
+    monkeypatch.setattr(helper, "HELPER_CODE", (say if ready else "") + "import time; time.sleep(600)")
     join = judge._Feeder.join
     monkeypatch.setattr(judge._Feeder, "join", lambda self, timeout: join(self, 1.0))
+    start = time.monotonic()
     _same(judge.judge_frames(frames), alone)
+    assert not helped
+    if not ready:
+        assert time.monotonic() - start < 10
 
 
 def test_a_helper_started_before_is_used_and_ended(frames, monkeypatch):

@@ -33,6 +33,8 @@ from .stars import detect_stars, flag_outliers, frame_quality
 
 #: frames sent to the helper ahead of its replies
 HELPER_AHEAD = 2
+#: the helper's first message: its imports are done, it takes frames from now on
+HELPER_READY = "ready"
 
 # one frame judged: (quality, stars, error, exposure, pattern, warnings as (category, text))
 Judged = tuple[Any, Any, str | None, float | None, str | None, list[tuple[type[Warning], str]]]
@@ -144,14 +146,20 @@ class _Feeder:
                  done: Callable[[int, Judged], None]):
         self._process, self._take, self._job, self._done = process, take, job, done
         self.left: list[int] = []      # taken but not judged (the helper failed): judge them here
+        self.ready = False             # the helper said it is ready: it may hold frames from then on
         self._thread = threading.Thread(target=self._feed, name="ccdcal-judge-helper", daemon=True)
         self._thread.start()
 
     def _feed(self) -> None:
-        """Keep :data:`HELPER_AHEAD` frames sent ahead (this thread waits for the GIL while
-        detection runs here, so the helper must not wait for it), take the replies in order."""
+        """Once the helper says it is ready (its imports done: frames sent before would wait in
+        its pipe while this process could judge them), keep :data:`HELPER_AHEAD` frames sent
+        ahead (this thread waits for the GIL while detection runs here, so the helper must not
+        wait for it), take the replies in order."""
         sent: list[int] = []
         try:
+            if self._process.receive() != HELPER_READY:
+                raise ValueError("not a helper")
+            self.ready = True
             while True:
                 while len(sent) < HELPER_AHEAD and (index := self._take()) is not None:
                     sent.append(index)
@@ -168,7 +176,11 @@ class _Feeder:
 
     def join(self, timeout: float) -> None:
         """Wait for the frames the helper holds; one that takes ``timeout`` s or longer is
-        ended, and its frames are judged here."""
+        ended, and its frames are judged here. A helper not ready yet holds none (it takes
+        frames only once ready, and every frame is taken): it is ended now."""
+        if not self.ready:
+            self.stop()
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             self.stop()
@@ -276,16 +288,19 @@ def judge_frames(paths: Any, *, keep_all: bool = False, max_stars: int = 300,
 
 
 def serve_helper() -> None:
-    """The helper process's loop: (index, path, pattern, max stars) in, (index, judged) out,
-    until the end of its input. Only the pickles reach the pipe: anything else printed goes
-    to stderr."""
+    """The helper process's loop: :data:`HELPER_READY` out first, then (index, path, pattern,
+    max stars) in, (index, judged) out, until the end of its input, where it exits at once. Only
+    the pickles reach the pipe: anything else printed goes to stderr."""
     source = sys.stdin.buffer
     sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    pickle.dump(HELPER_READY, sink)
+    sink.flush()
     while True:
         try:
             index, path, pattern, max_stars = pickle.load(source)
-        except EOFError:
-            return
+        except EOFError:    # the end: no interpreter teardown (0.3 s of the caller's wait)
+            sink.close()
+            os._exit(0)
         pickle.dump((index, judge_one(path, pattern, max_stars, keep_warnings=True)), sink)
         sink.flush()
