@@ -420,3 +420,19 @@ def test_rejection_costs_little_signal_to_noise_and_takes_every_cosmic_ray(tmp_p
             assert np.all(result.rejected >= hits.sum(axis=0))
     assert errors["clean"] <= 1.01 * plain
     assert errors["dirty"] <= 1.01 * plain
+
+
+def test_the_stack_s_warnings_point_at_its_caller(tmp_path):
+    """Two frames (no rejection), a budget below one band and frames without bright bins warn
+    from the caller's line, for stack and stack_colours alike."""
+    from ccdcal.stacking.engine import stack_colours
+
+    rng = np.random.default_rng(3)
+    frames = [rng.normal(100, 5, (40, 50)).astype(np.float32) for _ in range(2)]
+    for call in (lambda: stack(frames, [np.eye(3)] * 2, memory=1024),
+                 lambda: stack_colours([frames], [np.eye(3)] * 2, memory=1024)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        said = [w for w in caught if issubclass(w.category, CcdcalWarning)]
+        assert len(said) == 3 and {w.filename for w in said} == {__file__}, [(w.filename, str(w.message)) for w in said]

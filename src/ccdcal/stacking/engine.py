@@ -496,7 +496,7 @@ def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int,
             return None
         warnings.warn(f"the memory budget ({budget / 2**20:.0f} MiB) is below what stacking these frames"
                       f" needs ({need(1) / 2**20:.0f} MiB: the result and one band of rows); using that",
-                      CcdcalWarning, stacklevel=4)
+                      CcdcalWarning, stacklevel=5)
         hi = 1
     while lo < hi:  # the tallest band that fits
         mid = (lo + hi + 1) // 2
@@ -718,7 +718,7 @@ def _transparency(values: np.ndarray, variances: np.ndarray, reference: int,
     if poor:
         warnings.warn(f"too few bright bins shared with the reference to measure the transparency of"
                       f" {', '.join(poor[:3])}{' ...' if len(poor) > 3 else ''}; scale 1 used (pass scales=)",
-                      CcdcalWarning, stacklevel=5)
+                      CcdcalWarning, stacklevel=6)
     return scales
 
 
@@ -846,7 +846,7 @@ def stack_colours(colours: Sequence[Sequence[Any]], matrices: Sequence[Any], *, 
         for frames in groups:
             opened.append(_open_sources(frames, matrices, out_shape, reference, interpolation))
         with RowThreads() as threads:
-            return _stack_planes(opened, parsed, reference, budget, threads, progress)
+            return _stack_groups(opened, parsed, reference, budget, threads, progress)
     finally:
         for sources in opened:
             for source in sources:
@@ -856,6 +856,12 @@ def stack_colours(colours: Sequence[Sequence[Any]], matrices: Sequence[Any], *, 
 def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, budget: int,
            threads: RowThreads, progress: ProgressOption = None) -> StackResult:
     return _stack_planes([sources], options, reference, budget, threads, progress)[0]
+
+
+def _stack_groups(groups: Sequence[Sequence[ResampledRows]], options: _Options, reference: int, budget: int,
+                  threads: RowThreads, progress: ProgressOption = None) -> list[StackResult]:
+    # as _stack for stack_colours: the warnings below point at the caller of either, one call deeper
+    return _stack_planes(groups, options, reference, budget, threads, progress)
 
 
 def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, reference: int, budget: int,
@@ -894,8 +900,9 @@ def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, 
     if works[0].one_band:       # every frame's planes resampled once, together
         for work, whole in zip(works, _resample_together(works, 0, shape[0]), strict=True):
             work._whole = whole
-    factors = [_factors(work, options, back, sigma, reference)
-               for work, back, sigma in zip(works, backgrounds, noise, strict=True)]
+    factors = []
+    for work, back, sigma in zip(works, backgrounds, noise, strict=True):    # a loop: warnings' stack depth
+        factors.append(_factors(work, options, back, sigma, reference))
     matched = [float(np.median(f[0] * back + f[1])) for f, back in zip(factors, backgrounds, strict=True)]
     combined = _combine_together(works, factors, options, matched, progress)
     results = []
