@@ -37,6 +37,10 @@ from .cells import frame_pattern
 
 CHANNELS = ("R", "G", "B")
 METHODS = {"bilinear": 0, "mhc": 1, "rcd": 2}
+#: the methods that make a band's three colours at the cost of one (RCD refines all three from
+#: the bilinear ones: 120 ms a 1536×1024 frame either way), whose colours are best stacked
+#: together (:func:`colour_sources`); bilinear and MHC make one colour for a third of the cost
+ALL_AT_ONCE = frozenset({"rcd"})
 _MARGIN = 2   # rows of the CFA either side a band of colours needs (the 5x5 window)
 _RAW_SCRATCH = 4 << 20   # bytes of a file's raw rows decoded at a time
 

@@ -64,6 +64,7 @@ from ..io.writer import add_checksums, fits_hdus, write_bytes, write_fits, write
 from ..planning.plan import LightJob, MasterJob, StackJob, member_steps
 from ..report.page import write_light_previews, write_master_previews
 from ..sections import to_slices
+from ..stacking.engine import SIGMA
 from ..stacking.workflow import stack_files, write_preview
 from ..stretch import png_bytes
 from .options import ReduceOptions
@@ -730,7 +731,7 @@ def stack_task(item: tuple[StackJob, tuple[tuple[str, str], ...], dict[str, Any]
     inputs = tuple(input_record(ctx.out_dir / rel, 0) for rel in lights)
     # the clipping thresholds and the debayering are stated: stacks made by code whose defaults
     # were 3σ and a bilinear debayer are made again
-    settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "sigma": [3.5, 3.5], "weights": "noise",
+    settings = {"keep_all": ctx.options.stack_keep_all, "reject": "auto", "sigma": list(SIGMA), "weights": "noise",
                 "interpolation": "lanczos3", "debayer": ctx.options.debayer}
     # by what made each light (its fingerprint), not by the folder's path, the files' times or the
     # write times in their headers: the same lights give the same stack wherever it is made

@@ -44,7 +44,6 @@ per-value uncertainties, and it reports neither coverage nor the sum of weights 
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import queue
@@ -71,6 +70,8 @@ REJECTS = ("auto", "noise", "none")
 WEIGHTINGS = ("noise", "none")
 _RESULT_BYTES = 4 + 4 + 2 + 4 + 2 + 1  # per pixel: data, uncertainty, coverage, weight, rejected, mask
 _BAND_BYTES = 4 + 1 + 4  # per pixel of each frame's band: data, bad, σ
+#: the default clipping thresholds (low, high) in σ (module docstring: why 3.5, not 3)
+SIGMA = (3.5, 3.5)
 #: a frame resampled whole in one thread (its rows in no threads of their own)
 _SERIAL = RowThreads(1)
 _SCALE_BLOCK = 32  # rows of one block sampled for the transparency
@@ -496,7 +497,7 @@ def _plan(sources: Sequence[ResampledRows], shape: tuple[int, int], budget: int,
             return None
         warnings.warn(f"the memory budget ({budget / 2**20:.0f} MiB) is below what stacking these frames"
                       f" needs ({need(1) / 2**20:.0f} MiB: the result and one band of rows); using that",
-                      CcdcalWarning, stacklevel=5)
+                      CcdcalWarning, stacklevel=4)
         hi = 1
     while lo < hi:  # the tallest band that fits
         mid = (lo + hi + 1) // 2
@@ -538,34 +539,28 @@ class _Work:
     buffers: list[InputBuffers]
     band: _Band
     threads: RowThreads
-    _whole: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    whole: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None   # with one_band: every row, kept
 
     @property
     def one_band(self) -> bool:
-        """Every row of the grid fits one band: each frame is resampled once, and the
+        """Every row of the grid fits one band: each frame is resampled once (``whole``), and the
         transparency and the combination read the same resampled rows."""
         return self.plan.rows >= self.sources[0].shape[0]
 
-    def resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every frame's resampled rows ``y0:y1`` (views of the band buffers, valid until the
-        next call; with :attr:`one_band`, made once and kept)."""
-        if self.one_band:
-            if self._whole is None:
-                self._whole = self._resample(0, self.sources[0].shape[0])
-            if (y0, y1) == (0, self.sources[0].shape[0]):
-                return self._whole      # C-contiguous, as the kernels are compiled for
-            data, bad, err = self._whole
-            return data[:, y0:y1], bad[:, y0:y1], err[:, y0:y1]
-        return self._resample(y0, y1)
-
-    def _resample(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _resample_together([self], y0, y1)[0]
+    def kept(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every frame's resampled rows ``y0:y1`` from ``whole`` (the whole band itself when asked
+        whole: C-contiguous, as the kernels are compiled for)."""
+        assert self.whole is not None
+        if (y0, y1) == (0, self.sources[0].shape[0]):
+            return self.whole
+        data, bad, err = self.whole
+        return data[:, y0:y1], bad[:, y0:y1], err[:, y0:y1]
 
     def frame_rows(self, i: int, b0: int, b1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray) -> None:
         """Frame ``i``'s resampled rows ``b0:b1`` into the given arrays (copied from the kept
         band with :attr:`one_band`, else resampled in bands of the plan)."""
         if self.one_band:
-            whole = self.resample(b0, b1)
+            whole = self.kept(b0, b1)
             data[:], bad[:], err[:] = whole[0][i], whole[1][i], whole[2][i]
             return
         for y0 in range(b0, b1, self.plan.rows):
@@ -718,7 +713,7 @@ def _transparency(values: np.ndarray, variances: np.ndarray, reference: int,
     if poor:
         warnings.warn(f"too few bright bins shared with the reference to measure the transparency of"
                       f" {', '.join(poor[:3])}{' ...' if len(poor) > 3 else ''}; scale 1 used (pass scales=)",
-                      CcdcalWarning, stacklevel=6)
+                      CcdcalWarning, stacklevel=5)
     return scales
 
 
@@ -730,7 +725,7 @@ def stack(
     out_shape: tuple[int, int] | None = None,
     reference: int = 0,
     reject: str = "auto",
-    sigma: tuple[float, float] = (3.5, 3.5),
+    sigma: tuple[float, float] = SIGMA,
     weights: str | Sequence[float] = "noise",
     interpolation: str = "lanczos3",
     zero: bool = True,
@@ -795,14 +790,30 @@ def stack(
     sources = _open_sources(frames, matrices, out_shape, reference, interpolation)
     try:
         with RowThreads() as threads:
-            return _stack(sources, options, reference, budget, threads, progress)
+            return _stack_planes([sources], options, reference, budget, threads, progress)[0]
     finally:
         for source in sources:
             source.close()
 
 
-def stack_colours(colours: Sequence[Sequence[Any]], matrices: Sequence[Any], *, memory: str | int = "1GiB",
-                  progress: ProgressOption = None, **options: Any) -> list[StackResult]:
+def stack_colours(
+    colours: Sequence[Sequence[Any]],
+    matrices: Sequence[Any],
+    *,
+    out_shape: tuple[int, int] | None = None,
+    reference: int = 0,
+    reject: str = "auto",
+    sigma: tuple[float, float] = SIGMA,
+    weights: str | Sequence[float] = "noise",
+    interpolation: str = "lanczos3",
+    zero: bool = True,
+    scale: bool = True,
+    scales: Sequence[float] | None = None,
+    zeros: Sequence[float] | None = None,
+    signal_tolerance: float = 0.05,
+    memory: str | int = "1GiB",
+    progress: ProgressOption = None,
+) -> list[StackResult]:
     """Several planes of the same frames stacked, each as :func:`stack` stacks it, together: the
     colours of one-shot-colour frames (:func:`ccdcal.colour.demosaic.colour_sources`: a frame's
     three colours share its file and each band of it, debayered once for the three).
@@ -816,9 +827,8 @@ def stack_colours(colours: Sequence[Sequence[Any]], matrices: Sequence[Any], *, 
         One per frame, for every plane.
     memory : str or int
         The budget for every plane's result and bands together.
-    progress, **options
-        As :func:`stack` (``reference``, ``reject``, ``sigma``, ``weights``, ``interpolation``,
-        ``zero``, ``scale``, ``scales``, ``zeros``, ``signal_tolerance``, ``out_shape``).
+    out_shape, reference, reject, sigma, weights, interpolation, zero, scale, scales, zeros, signal_tolerance, progress
+        As :func:`stack`, for every plane.
 
     Returns
     -------
@@ -831,37 +841,17 @@ def stack_colours(colours: Sequence[Sequence[Any]], matrices: Sequence[Any], *, 
     if not groups or len({len(g) for g in groups}) != 1:
         raise InputError("stack_colours needs one list of frames per plane, all of the same length")
     matrices = list(matrices)
-    reference = options.pop("reference", 0)
-    interpolation = options.pop("interpolation", "lanczos3")
-    out_shape = options.pop("out_shape", None)
-    known = {"reject", "sigma", "weights", "zero", "scale", "scales", "zeros", "signal_tolerance"}
-    if set(options) - known:
-        raise InputError(f"stack_colours: unknown option(s) {', '.join(sorted(set(options) - known))}")
-    defaults = inspect.signature(stack).parameters
-    settings = {name: options.get(name, defaults[name].default) for name in
-                ("reject", "sigma", "weights", "zero", "scale", "scales", "zeros", "signal_tolerance")}
-    parsed = _options(len(groups[0]), *settings.values())
+    options = _options(len(groups[0]), reject, sigma, weights, zero, scale, scales, zeros, signal_tolerance)
     opened: list[list[ResampledRows]] = []
     try:
         for frames in groups:
             opened.append(_open_sources(frames, matrices, out_shape, reference, interpolation))
         with RowThreads() as threads:
-            return _stack_groups(opened, parsed, reference, budget, threads, progress)
+            return _stack_planes(opened, options, reference, budget, threads, progress)
     finally:
         for sources in opened:
             for source in sources:
                 source.close()
-
-
-def _stack(sources: Sequence[ResampledRows], options: _Options, reference: int, budget: int,
-           threads: RowThreads, progress: ProgressOption = None) -> StackResult:
-    return _stack_planes([sources], options, reference, budget, threads, progress)[0]
-
-
-def _stack_groups(groups: Sequence[Sequence[ResampledRows]], options: _Options, reference: int, budget: int,
-                  threads: RowThreads, progress: ProgressOption = None) -> list[StackResult]:
-    # as _stack for stack_colours: the warnings below point at the caller of either, one call deeper
-    return _stack_planes(groups, options, reference, budget, threads, progress)
 
 
 def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, reference: int, budget: int,
@@ -872,7 +862,7 @@ def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, 
     shape = groups[0][0].shape
     if n < 3 and options.reject != "none":
         warnings.warn(f"{n} frame(s): rejection needs at least 3 values per pixel, so nothing is rejected",
-                      CcdcalWarning, stacklevel=4)
+                      CcdcalWarning, stacklevel=3)
     every = [source for group in groups for source in group]
     # each frame's own rows (its planes one after another): in threads when each frame reads its own file
     own_files = all(s.reads_own_file for s in every)
@@ -899,7 +889,7 @@ def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, 
     works = [_Work(group, plan, buffers, _Band(n, plan.rows, shape[1]), threads) for group in groups]
     if works[0].one_band:       # every frame's planes resampled once, together
         for work, whole in zip(works, _resample_together(works, 0, shape[0]), strict=True):
-            work._whole = whole
+            work.whole = whole
     factors = []
     for work, back, sigma in zip(works, backgrounds, noise, strict=True):    # a loop: warnings' stack depth
         factors.append(_factors(work, options, back, sigma, reference))
@@ -947,19 +937,14 @@ def _factors(work: _Work, options: _Options, backgrounds: np.ndarray, noise: np.
     return scales, zeros, weights / weights.mean()
 
 
-def _combine_bands(work: _Work, factors: tuple[np.ndarray, np.ndarray, np.ndarray], options: _Options,
-                   level: float, progress: ProgressOption = None) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Every band of the stack: (data, uncertainty, coverage, weight, rejected) and the
-    rejections per frame (n, 2). ``level`` is the matched background; ``progress`` wraps the
-    bands (:mod:`ccdcal._shared.progress`)."""
-    return _combine_together([work], [factors], options, [level], progress)[0]
-
-
 def _combine_together(works: Sequence[_Work], factors: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                       options: _Options, levels: Sequence[float], progress: ProgressOption = None
                       ) -> list[tuple[tuple[np.ndarray, ...], np.ndarray]]:
-    """:func:`_combine_bands` of each of ``works`` (planes of the same frames), band by band:
-    each band's frames resampled for every plane together (:func:`_resample_together`)."""
+    """Every band of each of ``works`` (planes of the same frames): per plane (data, uncertainty,
+    coverage, weight, rejected) and the rejections per frame (n, 2). ``levels`` are the matched
+    backgrounds; ``progress`` wraps the bands (:mod:`ccdcal._shared.progress`). Each band's frames
+    are resampled for every plane together (:func:`_resample_together`), or read from the kept
+    whole with one band."""
     ny, nx = works[0].sources[0].shape
     n = len(works[0].sources)
     params = [np.array([options.low, options.high, options.tolerance, level,
@@ -973,7 +958,7 @@ def _combine_together(works: Sequence[_Work], factors: Sequence[tuple[np.ndarray
     rows_per_band = works[0].plan.rows
     for y0 in steps(range(0, ny, rows_per_band), "stacking", progress):
         y1 = min(ny, y0 + rows_per_band)
-        bands = ([work.resample(y0, y1) for work in works] if works[0].one_band
+        bands = ([work.kept(y0, y1) for work in works] if works[0].one_band
                  else _resample_together(works, y0, y1))
         for (data, bad, err), (scales, zeros, weights), param, out, member_list in zip(
                 bands, factors, params, outs, members, strict=True):

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .._shared.progress import ProgressOption, resolve_progress
-from ..colour.demosaic import DebayeredRows, colour_sources, rgb_header
+from ..colour.demosaic import ALL_AT_ONCE, DebayeredRows, colour_sources, rgb_header
 from ..errors import CcdcalWarning, InputError
 from ..io.guard import refuse_overwrite
 from ..io.writer import write_bytes
@@ -248,13 +248,13 @@ def _colour_stack(frames: list[tuple[str, str]], matrices: list[np.ndarray], ref
     """Each colour of the CFA ``frames`` stacked on its own (one transform per frame), as one
     colour result: planes (3, ny, nx), the frames' factors and the header of the green stack.
 
-    RCD makes the three colours of a band at the cost of one (12 frames of 1536×1024: 120 ms a
-    frame for one colour or three), so its colours are stacked together, each band of a frame
+    RCD makes the three colours of a band at the cost of one (``ALL_AT_ONCE``; 12 frames of
+    1536×1024: 120 ms a frame for one colour or three), so its colours are stacked together, each band of a frame
     debayered once for the three (11.5 → 8.5 s). Bilinear and Malvar-He-Cutler make one colour
     at a third of the cost of three: their colours are stacked one after another, each frame's
     bands debayered for the colour stacked (as fast, and the three colours' resampled bands are
     not held at once: a peak of 690 MB against 1.19 GB)."""
-    if method == "rcd":
+    if method in ALL_AT_ONCE:
         sources = [colour_sources(path, pattern, method) for path, pattern in frames]
         try:
             results = stack_colours([[colours[c] for colours in sources] for c in range(3)], matrices,
