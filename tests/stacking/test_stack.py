@@ -365,21 +365,23 @@ def test_the_sorting_network_sorts_every_zero_one_input(n):
         assert np.array_equal(apply(values, sorting_network(size)), np.sort(values, axis=1))
 
 
-def test_the_median_by_network_rejects_what_sorting_every_pixel_does():
+@pytest.mark.parametrize("n", [3, 12, 38])
+def test_the_median_by_network_rejects_what_sorting_every_pixel_does(n):
     """A pixel's values are sorted only where clipping takes one (its median from the sorting
-    network otherwise): the same coverage, rejections per pixel and per frame as sorting every
-    pixel, and the same means but for the order of the sums, on values with outliers, holes,
-    ties, σ of their own, a level and signal tolerance, 3 to 12 values a pixel."""
+    network, run across a tile of pixels, otherwise): the same coverage, rejections per pixel
+    and per frame as sorting every pixel, and the same means but for the order of the sums, on
+    values with outliers, holes, ties, σ of their own, a level and signal tolerance, from 0 to
+    n values a pixel (38: more than ranks sort, a merge sort)."""
     from ccdcal.stacking import engine
 
-    rng = np.random.default_rng(7)
-    n, rows, nx = 12, 40, 150
+    rng = np.random.default_rng(7 + n)
+    rows, nx = 40, 150
     data = (1000 + 30 * rng.standard_normal((n, rows, nx))).astype(np.float32)
     data[:, :, :20] = np.round(data[:, :, :20] / 50) * 50            # ties
     data[rng.random(data.shape) < 0.01] += 4000                    # cosmic rays
     data[rng.random(data.shape) < 0.01] -= 800                     # cold values
     data[:, 10:12, 30:60] += 20000                                  # a star
-    bad = rng.random(data.shape) < np.linspace(0, 0.7, nx)         # 0 to ~9 holes a pixel
+    bad = rng.random(data.shape) < np.linspace(0, 1 - 2 / n, nx)     # from no hole to all values but ~2 a pixel
     err = (30 * rng.uniform(0.8, 1.2, data.shape)).astype(np.float32)
     scales, zeros = rng.uniform(0.9, 1.1, n), rng.uniform(-20, 20, n)
     weights = rng.uniform(0.5, 1.5, n)
@@ -394,6 +396,7 @@ def test_the_median_by_network_rejects_what_sorting_every_pixel_does():
     a, b = out["network"], out["sorted"]
     assert np.array_equal(a[2], b[2]) and np.array_equal(a[4], b[4]) and np.array_equal(a[5], b[5])
     assert a[4].sum() > 0.01 * rows * nx and (a[2] < 3).any()     # it rejected, and some pixels had few values
+    assert (a[4] == 0).mean() > 0.05                                # and many pixels took the network's path
     np.testing.assert_allclose(a[0], b[0], rtol=1e-12, atol=1e-3, equal_nan=True)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(a[3], b[3], rtol=1e-6)
