@@ -60,8 +60,18 @@ class Cluster:
         return distributed.Client(self.address, timeout=STARTUP, set_as_default=False)
 
     def wait_for_workers(self, n: int) -> None:
-        with self.client() as client:
-            client.wait_for_workers(n, timeout=STARTUP)
+        """Wait for ``n`` workers; a scheduler still starting may close the first connection (seen
+        on a loaded machine: CommClosedError in the handshake), so connecting is tried again."""
+        deadline = time.monotonic() + STARTUP
+        while True:
+            try:
+                with self.client() as client:
+                    client.wait_for_workers(n, timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (OSError, distributed.comm.core.CommClosedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def kill(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)

@@ -372,7 +372,7 @@ def test_the_median_by_network_rejects_what_sorting_every_pixel_does(n):
     and per frame as sorting every pixel, and the same means but for the order of the sums, on
     values with outliers, holes, ties, σ of their own, a level and signal tolerance, from 0 to
     n values a pixel (38: more than ranks sort, a merge sort)."""
-    from ccdcal.stacking import engine
+    from ccdcal.stacking import _kernels
 
     rng = np.random.default_rng(7 + n)
     rows, nx = 40, 150
@@ -387,11 +387,11 @@ def test_the_median_by_network_rejects_what_sorting_every_pixel_does(n):
     weights = rng.uniform(0.5, 1.5, n)
     params = np.array([3.0, 3.0, 0.05, 1000.0, 1.0])
     out = {}
-    for name, network in (("network", engine.sorting_network(n)), ("sorted", np.empty((0, 2), np.int64))):
+    for name, network in (("network", _kernels.sorting_network(n)), ("sorted", np.empty((0, 2), np.int64))):
         planes = (np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32), np.empty((rows, nx), np.int16),
                   np.empty((rows, nx), np.float32), np.empty((rows, nx), np.uint16))
         member = np.zeros((n, 2), np.int64)
-        engine._stack_rows(data, bad, err, scales, zeros, weights, params, network, 0, rows, *planes, member)
+        _kernels.stack_rows(data, bad, err, scales, zeros, weights, params, network, 0, rows, *planes, member)
         out[name] = (*planes, member)
     a, b = out["network"], out["sorted"]
     assert np.array_equal(a[2], b[2]) and np.array_equal(a[4], b[4]) and np.array_equal(a[5], b[5])
