@@ -620,3 +620,39 @@ def test_linear_debayers_keep_each_star_s_colour_in_its_aperture(method):
     for ratio, truth in ((flux[0] / flux[1], stars[:, 3]), (flux[2] / flux[1], stars[:, 4])):
         error = np.abs(ratio / truth - 1)
         assert np.max(error) < 0.005 and np.median(error) < 0.001
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "GRBG", "GBRG", "BGGR"])
+def test_mhc_equals_the_papers_filters_applied_by_scipy(pattern):
+    """Malvar-He-Cutler on a clean CFA equals the paper's four 5x5 filters (in eighths) applied
+    by scipy's correlation, the filter picked by each pixel's colour and its neighbours', at every
+    pixel 2 px or more inside (the rows whose windows are clean take a kernel of their own)."""
+    from scipy.ndimage import correlate
+
+    from ccdcal.colour.demosaic import debayer
+
+    g_at_rb = np.array([[0, 0, -1, 0, 0], [0, 0, 2, 0, 0], [-1, 2, 4, 2, -1], [0, 0, 2, 0, 0], [0, 0, -1, 0, 0]]) / 8
+    row = np.array([[0, 0, 0.5, 0, 0], [0, -1, 0, -1, 0], [-1, 4, 5, 4, -1], [0, -1, 0, -1, 0], [0, 0, 0.5, 0, 0]]) / 8
+    col = row.T
+    diag = np.array([[0, 0, -1.5, 0, 0], [0, 2, 0, 2, 0], [-1.5, 0, 6, 0, -1.5], [0, 2, 0, 2, 0],
+                     [0, 0, -1.5, 0, 0]]) / 8
+    rng = np.random.default_rng(11)
+    ny, nx = 40, 54
+    cfa = (1000 + 200 * rng.standard_normal((ny, nx))).astype(np.float32)
+    colour_of = {"R": 0, "G": 1, "B": 2}
+    cell = np.array([[colour_of[pattern[0]], colour_of[pattern[1]]], [colour_of[pattern[2]], colour_of[pattern[3]]]])
+    own = cell[np.arange(ny)[:, None] % 2, np.arange(nx)[None, :] % 2]
+    right = cell[np.arange(ny)[:, None] % 2, (np.arange(nx)[None, :] + 1) % 2]     # the colour beside
+    filtered = {name: correlate(cfa.astype(np.float64), k, mode="nearest")
+                for name, k in (("g", g_at_rb), ("row", row), ("col", col), ("diag", diag))}
+    expected = np.empty((3, ny, nx))
+    for c in range(3):
+        at_green_row = (own == 1) & (right == c)
+        at_green_col = (own == 1) & (right != c)
+        expected[c] = np.where(own == c, cfa,
+                               np.where(c == 1, filtered["g"],
+                                        np.where(at_green_row, filtered["row"],
+                                                 np.where(at_green_col, filtered["col"], filtered["diag"]))))
+    made = debayer(cfa, pattern, method="mhc").data
+    inner = (slice(None), slice(2, -2), slice(2, -2))
+    np.testing.assert_allclose(made[inner], expected[inner], rtol=1e-6, atol=1e-3)

@@ -28,6 +28,26 @@ _MHC_DIAG = np.array([[0, 0, -1.5, 0, 0], [0, 2, 0, 2, 0], [-1.5, 0, 6, 0, -1.5]
 MHC_FILTERS = np.stack([_MHC_G_AT_RB, _MHC_ROW, _MHC_COL, _MHC_DIAG])
 
 
+def _nonzero_taps(filters: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each filter's non-zero taps in row-major order (the order the 5x5 loops take them):
+    offsets (filters, 25, 2) as (dy, dx), weights (filters, 25) and counts (filters,)."""
+    offsets = np.zeros((len(filters), 25, 2), np.int64)
+    weights = np.zeros((len(filters), 25), np.float32)
+    counts = np.zeros(len(filters), np.int64)
+    for f, kernel in enumerate(filters):
+        for dy in range(5):
+            for dx in range(5):
+                if kernel[dy, dx] != 0:
+                    k = counts[f]
+                    offsets[f, k] = (dy - 2, dx - 2)
+                    weights[f, k] = kernel[dy, dx]
+                    counts[f] = k + 1
+    return offsets, weights, counts
+
+
+MHC_OFFSETS, MHC_WEIGHTS, MHC_COUNTS = _nonzero_taps(MHC_FILTERS)
+
+
 @njit(cache=True)
 def _mean_of_colour(cfa, bad, var, has_var, chan, row0, y, x, c, radius):
     """Mean (value, variance, count) of the good pixels of colour ``c`` within ``radius`` of (y, x),
@@ -145,6 +165,40 @@ def _mhc_filter(chan, row0, y, x, c):
     return 3
 
 
+@njit(cache=True)
+def _mhc_clean_row(cfa, var, has_var, chan, row0, r, r0, c, offsets, weights, counts, out, out_var, out_bad):
+    """Malvar–He–Cutler colour ``c`` of the pixels 2 … nx − 3 of row ``r``, whose 5x5 windows
+    are all inside and clean (rows r − 2 … r + 2 hold no bad pixel): the sums of the per-pixel
+    path over the same non-zero taps in the same order, the filter chosen once for each column
+    parity instead of at every pixel, the zero taps never visited."""
+    nx = cfa.shape[1]
+    o = r - r0
+    for start in (2, 3):
+        f = _mhc_filter(chan, row0, r, start, c)
+        if f < 0:                                                   # the pixel's own colour
+            for x in range(start, nx - 2, 2):
+                out[c, o, x] = cfa[r, x]
+                out_var[c, o, x] = var[r, x] if has_var else 0.0
+                out_bad[c, o, x] = False
+            continue
+        k = counts[f]
+        for x in range(start, nx - 2, 2):
+            value = 0.0
+            v = 0.0
+            wsum = 0.0
+            for t in range(k):
+                w = weights[f, t]
+                yy = r + offsets[f, t, 0]
+                xx = x + offsets[f, t, 1]
+                value += w * cfa[yy, xx]
+                if has_var:
+                    v += abs(w) * var[yy, xx]
+                    wsum += abs(w)
+            out[c, o, x] = value
+            out_var[c, o, x] = v / wsum if wsum > 0 else 0.0
+            out_bad[c, o, x] = False
+
+
 @njit(parallel=True, cache=True)
 def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, only, out, out_bad, out_var):
     """Colours of rows ``r0:r1`` of the CFA band ``cfa`` (whose row 0 is the image's row ``row0``,
@@ -161,14 +215,21 @@ def debayer_rows(cfa, bad, var, has_var, chan, row0, r0, r1, method, filters, on
                 row_bad[r] = True
                 break
     for r in prange(r0, r1):
-        # bilinear, rows r − 1 … r + 1 without a bad pixel
+        # bilinear, rows r − 1 … r + 1 without a bad pixel; MHC, rows r − 2 … r + 2
         fast = method == 0 and 1 <= r < ny - 1 and not (row_bad[r - 1] or row_bad[r] or row_bad[r + 1])
+        fast_mhc = method == 1 and 2 <= r < ny - 2 and not (row_bad[r - 2] or row_bad[r - 1] or row_bad[r]
+                                                            or row_bad[r + 1] or row_bad[r + 2])
         if fast:
             for c in range(3):
                 if only < 0 or c == only:
                     _clean_row(cfa, var, has_var, chan, row0, r, r0, c, out, out_var, out_bad)
+        if fast_mhc:
+            for c in range(3):
+                if only < 0 or c == only:
+                    _mhc_clean_row(cfa, var, has_var, chan, row0, r, r0, c, MHC_OFFSETS, MHC_WEIGHTS, MHC_COUNTS,
+                                   out, out_var, out_bad)
         for x in range(nx):
-            if fast and 1 <= x < nx - 1:
+            if (fast and 1 <= x < nx - 1) or (fast_mhc and 2 <= x < nx - 2):
                 continue
             inside3 = 1 <= r < ny - 1 and 1 <= x < nx - 1
             clean3 = False
