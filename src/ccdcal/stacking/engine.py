@@ -355,9 +355,11 @@ class _Work:
         data, bad, err = self.whole
         return data[:, y0:y1], bad[:, y0:y1], err[:, y0:y1]
 
-    def frame_rows(self, i: int, b0: int, b1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray) -> None:
+    def frame_rows(self, i: int, b0: int, b1: int, data: np.ndarray, bad: np.ndarray, err: np.ndarray,
+                   buffers: InputBuffers | None = None, threads: RowThreads | None = None) -> None:
         """Frame ``i``'s resampled rows ``b0:b1`` into the given arrays (copied from the kept
-        band with :attr:`one_band`, else resampled in bands of the plan)."""
+        band with :attr:`one_band`, else resampled in bands of the plan, with ``buffers`` and
+        ``threads``: by default the first set and the work's own)."""
         if self.one_band:
             whole = self.kept(b0, b1)
             data[:], bad[:], err[:] = whole[0][i], whole[1][i], whole[2][i]
@@ -365,7 +367,28 @@ class _Work:
         for y0 in range(b0, b1, self.plan.rows):
             y1 = min(b1, y0 + self.plan.rows)
             self.sources[i].resample_into(y0, y1, data[y0 - b0:y1 - b0], bad[y0 - b0:y1 - b0],
-                                          err[y0 - b0:y1 - b0], buffers=self.buffers[0], threads=self.threads)
+                                          err[y0 - b0:y1 - b0], buffers=buffers or self.buffers[0],
+                                          threads=threads or self.threads)
+
+    def each_frame(self, fn: Any) -> list[Any]:
+        """``[fn(i, buffers, threads) for i in range(n)]``: with a set of buffers per thread (sources
+        that read their own files), a frame per thread, each call with a set of its own and no
+        row threads; else frame after frame with the first set and the work's row threads."""
+        n = len(self.sources)
+        if len(self.buffers) == 1 or self.one_band:
+            return [fn(i, self.buffers[0], self.threads) for i in range(n)]
+        free: queue.SimpleQueue[InputBuffers] = queue.SimpleQueue()
+        for into in self.buffers:
+            free.put(into)
+
+        def one(i: int) -> Any:
+            into = free.get()
+            try:
+                return fn(i, into, _SERIAL)
+            finally:
+                free.put(into)
+
+        return self.threads.map(one, range(n))
 
 
 def _resample_together(works: Sequence[_Work], y0: int, y1: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -419,26 +442,43 @@ def _bin_sums(values: np.ndarray, size: int) -> np.ndarray:
     return cut.sum(axis=(2, 4), dtype=np.float64).reshape(n, by * bx)
 
 
-def _block_bins(work: _Work, b0: int, b1: int, size: int, backgrounds: np.ndarray,
-                reference: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sky-subtracted sums and variances (n, k) of the bins of rows ``b0:b1`` where the reference
-    is valid (NaN where a frame is not). The sky is each frame's median bin of the block: local
-    (gradients) and measured on the same sky for every frame. One frame's rows at a time."""
-    rows, nx = b1 - b0, work.band.nx
-    data, err, bad = np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32), np.empty((rows, nx), bool)
-    sums, variances = [], []
-    for i in range(len(work.sources)):
-        work.frame_rows(i, b0, b1, data, bad, err)
-        data[bad] = np.nan
-        sums.append(_bin_sums(data[None], size)[0])
-        variances.append(_bin_sums(np.square(err, out=err)[None], size)[0])
-    values, var = np.array(sums), np.array(variances)
-    ok = np.isfinite(values[reference])
-    values, var = values[:, ok], var[:, ok]
-    for i in range(values.shape[0]):  # the local sky: the median bin (faint sources scale with the frame)
-        valid = np.isfinite(values[i])
-        values[i] -= np.median(values[i, valid]) if valid.sum() >= 16 else size * size * backgrounds[i]
-    return values, var
+def _block_bins(works: Sequence[_Work], b0: int, b1: int, size: int, backgrounds: Sequence[np.ndarray],
+                reference: int, active: Sequence[bool]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per work (planes of the same frames; None where not ``active``): sky-subtracted sums and
+    variances (n, k) of the bins of rows ``b0:b1`` where the reference is valid (NaN where a
+    frame is not). The sky is each frame's median bin of the block: local (gradients) and
+    measured on the same sky for every frame. A frame's planes one after another (a CFA frame's
+    band debayered once for its colours), a frame per thread where each frame reads its own file
+    (:meth:`_Work.each_frame`), else one frame after another."""
+    rows, nx = b1 - b0, works[0].band.nx
+
+    def bins(i: int, buffers: InputBuffers, threads: RowThreads) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        data, err, bad = np.empty((rows, nx), np.float32), np.empty((rows, nx), np.float32), np.empty((rows, nx), bool)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for work, wanted in zip(works, active, strict=True):
+            if not wanted:
+                out.append(None)
+                continue
+            work.frame_rows(i, b0, b1, data, bad, err, buffers, threads)
+            data[bad] = np.nan
+            out.append((_bin_sums(data[None], size)[0], _bin_sums(np.square(err, out=err)[None], size)[0]))
+        return out
+
+    each = works[0].each_frame(bins)
+    found: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for w, back in enumerate(backgrounds):
+        if not active[w]:
+            found.append(None)
+            continue
+        values = np.array([frame[w][0] for frame in each])
+        var = np.array([frame[w][1] for frame in each])
+        ok = np.isfinite(values[reference])
+        values, var = values[:, ok], var[:, ok]
+        for i in range(values.shape[0]):  # the local sky: the median bin (faint sources scale with the frame)
+            valid = np.isfinite(values[i])
+            values[i] -= np.median(values[i, valid]) if valid.sum() >= 16 else size * size * back[i]
+        found.append((values, var))
+    return found
 
 
 def _precision(values: np.ndarray, variances: np.ndarray, reference: int) -> float:
@@ -454,33 +494,43 @@ def _precision(values: np.ndarray, variances: np.ndarray, reference: int) -> flo
     return worst
 
 
-def _bright_bins(work: _Work, backgrounds: np.ndarray, noise: np.ndarray,
-                 reference: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sky-subtracted sums and variances (n, k) of the ``_SCALE_BIN``² bins that hold a source in
-    every frame: the median over the frames exceeds 5σ of a mean bin and no frame is below a
-    third of that (a trail or cosmic ray in one frame selects nothing; no frame's own noise
-    selects much); NaN where a frame lacks a pixel.
+def _bright_bins(works: Sequence[_Work], backgrounds: Sequence[np.ndarray], noise: Sequence[np.ndarray],
+                 reference: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per work (planes of the same frames, each measured on its own): sky-subtracted sums and
+    variances (n, k) of the ``_SCALE_BIN``² bins that hold a source in every frame: the median
+    over the frames exceeds 5σ of a mean bin and no frame is below a third of that (a trail or
+    cosmic ray in one frame selects nothing; no frame's own noise selects much); NaN where a
+    frame lacks a pixel.
 
     Blocks of rows are read in a spread order until the ratios are known to 0.2 % (noise
     only), from 8 blocks up to half of the rows: dense fields cost little, sparse ones more.
+    A block is read for every work still measuring (a CFA frame's band debayered once for its
+    colours); a work stops taking blocks when its own ratios are known, as measured alone.
     Bins as large as several FWHM hold nearly all of a star's flux whatever the seeing and
     the interpolation's slight sharpening, which would bias ratios of single core pixels."""
-    n = len(work.sources)
-    blocks = _scale_blocks(work.sources[0].shape[0])
+    n = len(works[0].sources)
+    blocks = _scale_blocks(works[0].sources[0].shape[0])
     size = min(_SCALE_BIN, blocks[0][1] - blocks[0][0])
-    threshold = 5.0 * size * math.sqrt(float(np.sum(noise**2))) / n
-    values, variances = np.empty((n, 0)), np.empty((n, 0))
+    thresholds = [5.0 * size * math.sqrt(float(np.sum(sigma**2))) / n for sigma in noise]
+    found = [(np.empty((n, 0)), np.empty((n, 0))) for _ in works]
+    active = [True] * len(works)
     for count, (b0, b1) in enumerate(blocks, start=1):
-        data, var = _block_bins(work, b0, b1, size, backgrounds, reference)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            pick = (np.nanmedian(data, axis=0) > threshold) & ~np.any(data <= threshold / 3, axis=0)
-        values = np.concatenate([values, data[:, pick]], axis=1)
-        variances = np.concatenate([variances, var[:, pick]], axis=1)
-        if count >= max(8, len(blocks) // 2) or (
-                count >= 8 and _precision(values, variances, reference) <= _SCALE_PRECISION):
+        for w, block in enumerate(_block_bins(works, b0, b1, size, backgrounds, reference, active)):
+            if block is None:
+                continue
+            data, var = block
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                pick = (np.nanmedian(data, axis=0) > thresholds[w]) & ~np.any(data <= thresholds[w] / 3, axis=0)
+            values = np.concatenate([found[w][0], data[:, pick]], axis=1)
+            variances = np.concatenate([found[w][1], var[:, pick]], axis=1)
+            found[w] = (values, variances)
+            if count >= max(8, len(blocks) // 2) or (
+                    count >= 8 and _precision(values, variances, reference) <= _SCALE_PRECISION):
+                active[w] = False
+        if not any(active):
             break
-    return values, variances
+    return found
 
 
 def _transparency(values: np.ndarray, variances: np.ndarray, reference: int,
@@ -689,9 +739,11 @@ def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, 
     if works[0].one_band:       # every frame's planes resampled once, together
         for work, whole in zip(works, _resample_together(works, 0, shape[0]), strict=True):
             work.whole = whole
+    measured = options.scales is None and options.scale and n > 1
+    brights = _bright_bins(works, backgrounds, noise, reference) if measured else [None] * len(works)
     factors = []
-    for work, back, sigma in zip(works, backgrounds, noise, strict=True):    # a loop: warnings' stack depth
-        factors.append(_factors(work, options, back, sigma, reference))
+    for work, back, sigma, bright in zip(works, backgrounds, noise, brights, strict=True):   # a loop: warnings' depth
+        factors.append(_factors(work, options, back, sigma, reference, bright))
     matched = [float(np.median(f[0] * back + f[1])) for f, back in zip(factors, backgrounds, strict=True)]
     combined = _combine_together(works, factors, options, matched, progress)
     results = []
@@ -707,14 +759,14 @@ def _stack_planes(groups: Sequence[Sequence[ResampledRows]], options: _Options, 
 
 
 def _factors(work: _Work, options: _Options, backgrounds: np.ndarray, noise: np.ndarray,
-             reference: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-frame (scales, zeros, weights): given, measured or none (module docstring)."""
+             reference: int, bright: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame (scales, zeros, weights): given, measured (from ``bright``, the work's
+    :func:`_bright_bins`) or none (module docstring)."""
     n = len(work.sources)
     if options.scales is not None:
         scales = np.array(options.scales)
-    elif options.scale and n > 1:
-        bright, variances = _bright_bins(work, backgrounds, noise, reference)
-        scales = _transparency(bright, variances, reference, [s.name for s in work.sources])
+    elif options.scale and n > 1 and bright is not None:
+        scales = _transparency(*bright, reference, [s.name for s in work.sources])
     else:
         scales = np.ones(n)
     if options.zeros is not None:
