@@ -28,6 +28,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/night.py
 	$(BIN)/python benchmarks/dask_scaling.py
 	$(BIN)/python benchmarks/stacking.py
+	$(BIN)/python benchmarks/stacking.py --n 24 --size 2048x2048 --cases mono
+	$(BIN)/python benchmarks/stacking.py --n 38 --size 1080x1920 --cases osc \
+		--variants '--debayer mhc --interpolation bilinear;--debayer rcd'
 	$(BIN)/python benchmarks/many_frames.py --dask
 
 lint: $(STAMP)

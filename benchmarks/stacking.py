@@ -16,6 +16,7 @@ measured as the scatter of aperture sums at the same blank positions (pixel rms 
 smoothing interpolators), and the stars' FWHM. Reported as ratios ccdcal / Siril (and peer / Siril).
 
     python benchmarks/stacking.py [--cases mono,osc] [--n 16] [--size 1024x1536] [--repeat 1]
+                                  [--variants '--debayer mhc --interpolation bilinear;--debayer rcd']
 """
 
 from __future__ import annotations
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--size", default="1024x1536", help="ROWSxCOLS")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--variants", default="",
+                        help="more ccdcal settings to time against the same Siril stack, ';' between them,"
+                             " e.g. '--debayer mhc --interpolation bilinear;--debayer rcd'")
     args = parser.parse_args(argv)
     ny, nx = (int(v) for v in args.size.split("x"))
     rows = []
@@ -203,6 +207,20 @@ def main(argv: list[str] | None = None) -> int:
                               peer_fwhm_ratio=fwhm)
         rows.append(result)
         print(result, flush=True)
+        for k, variant in enumerate(v for v in args.variants.split(";") if v.strip()):
+            extra = {"case": f"{case} {variant.strip()}", "frames": args.n, "size": f"{nx}x{ny}"}
+            target = out / f"ccdcal-variant{k}.fits"
+            for _ in range(args.repeat):
+                wall, rss, code = measure([sys.executable, "-m", "ccdcal.cli", "stack", *map(str, paths), "-o",
+                                           str(target), "--reference", str(paths[0]), "--json", *variant.split()])
+                if code == 0:
+                    extra["ccdcal_s"] = min(extra.get("ccdcal_s", 1e9), wall)
+            if "ccdcal_s" in extra and "siril_s" in result:
+                snr, fwhm = quality(_plane(target), _plane(siril[1]))
+                extra.update(siril_s=result["siril_s"], ratio=extra["ccdcal_s"] / result["siril_s"], snr_ratio=snr,
+                             fwhm_ratio=fwhm)
+            rows.append(extra)
+            print(extra, flush=True)
     nan = float("nan")
     print("\n| case | frames | size | ccdcal s | Siril s | time ratio | star SNR ratio | FWHM ratio |"
           " astroalign+numpy s | its time ratio | its SNR ratio | its FWHM ratio |")
