@@ -375,7 +375,7 @@ class _Work:
         that read their own files), a frame per thread, each call with a set of its own and no
         row threads; else frame after frame with the first set and the work's row threads."""
         n = len(self.sources)
-        if len(self.buffers) == 1 or self.one_band:
+        if len(self.buffers) == 1:
             return [fn(i, self.buffers[0], self.threads) for i in range(n)]
         free: queue.SimpleQueue[InputBuffers] = queue.SimpleQueue()
         for into in self.buffers:
@@ -397,29 +397,12 @@ def _resample_together(works: Sequence[_Work], y0: int, y1: int) -> list[tuple[n
     debayered once for its three colours); with a set of buffers per thread, a frame per thread
     (its planes in that thread), else frame after frame, the rows of each in threads."""
     bands = [work.band.views(y1 - y0) for work in works]
-    buffers = works[0].buffers
-    n = len(works[0].sources)
 
     def planes_of(i: int, into: InputBuffers, threads: RowThreads) -> None:
         for work, (data, bad, err) in zip(works, bands, strict=True):
             work.sources[i].resample_into(y0, y1, data[i], bad[i], err[i], buffers=into, threads=threads)
 
-    if len(buffers) == 1:
-        for i in range(n):
-            planes_of(i, buffers[0], works[0].threads)
-        return bands
-    free: queue.SimpleQueue[InputBuffers] = queue.SimpleQueue()
-    for into in buffers:
-        free.put(into)
-
-    def one(i: int) -> None:
-        into = free.get()
-        try:
-            planes_of(i, into, _SERIAL)
-        finally:
-            free.put(into)
-
-    works[0].threads.map(one, range(n))
+    works[0].each_frame(planes_of)
     return bands
 
 
